@@ -1,0 +1,45 @@
+"""Dependencies point one way: model -> (torch, common); pipeline -> (shards, common), never model;
+eval -> (model, pipeline, shards, common), never train; shards -> common. Checked on the import
+statements of every module, so a violation fails here rather than in review."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = {"common", "shards", "pipeline", "model", "train", "eval", "tools"}
+ALLOWED = {
+    "common": {"common"},
+    "shards": {"common", "shards"},
+    "pipeline": {"common", "shards", "pipeline"},
+    "model": {"common", "model"},
+    "eval": {"common", "shards", "pipeline", "model", "eval"},
+    "train": {"common", "shards", "pipeline", "model", "train"},
+    "tools": PROJECT - {"tools"} | {"tools"},
+}
+
+
+def imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & PROJECT
+
+
+def test_dependencies_point_one_way():
+    violations = []
+    for package, allowed in ALLOWED.items():
+        for path in sorted((ROOT / package).rglob("*.py")):
+            bad = imported_packages(path) - allowed
+            if bad:
+                violations.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
+    assert not violations, "\n".join(violations)
+
+
+def test_model_does_not_use_distributed_setup():
+    # The model may all-gather through common.dist, but never initialises process groups itself.
+    for path in (ROOT / "model").rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        assert "init_process_group" not in text, path
