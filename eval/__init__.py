@@ -1,0 +1,1 @@
+"""Downstream evaluation: metrics (eval.metrics), embedding/zero-shot scoring (eval.zeroshot)."""
