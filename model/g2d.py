@@ -1,0 +1,79 @@
+"""The G2D model: image U-Net + attention pool, BERT text encoder, and both losses in one module.
+
+One forward computes everything a training step needs, so DDP wraps a single module and sees every
+parameter used on every step:
+
+    image [B,C,H,W] --ImageEncoderDecoder--> seg logits [B,1,H,W], global [B,128], attention [B,4,H/32,W/32]
+    ids/mask [B,L]  --TextEncoder----------> text [B,128]
+    VLA = InfoNCE(global, text);  target = pseudo_mask(attention, image)  (no gradient)
+    PA  = pseudo_seg_loss(seg logits, target);  loss = VLA + w * PA, w = 0 before pa_warmup_steps
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.image import ImageEncoderDecoder
+from model.losses import ContrastiveLoss, pseudo_seg_loss
+from model.pseudo_mask import pseudo_mask
+from model.text import TextEncoder
+
+
+@dataclass
+class G2DOutput:
+    loss: torch.Tensor          # [] total: vla + pa_weight * pa (pa weight 0 during warm-up)
+    vla_loss: torch.Tensor      # []
+    pa_loss: torch.Tensor       # [] computed (and loggable) during warm-up too
+    image_emb: torch.Tensor     # [B,128] L2-normalised
+    text_emb: torch.Tensor      # [B,128] L2-normalised
+    attention: torch.Tensor     # [B,heads,H/32,W/32] CLS->pixel softmax weights
+    pseudo_mask: torch.Tensor   # [B,1,H,W] {0,1} target, no gradient
+    seg_logits: torch.Tensor    # [B,1,H,W] decoder output
+
+
+class G2DModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, text_backbone: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.image = ImageEncoderDecoder(cfg)
+        self.text = TextEncoder(cfg, bert=text_backbone)
+        self.vla = ContrastiveLoss(cfg.temperature, cfg.learnable_temperature, cfg.gather_negatives, cfg.vla_reduction)
+        if cfg.pseudo_mask_mode not in ("paper", "code"):
+            raise ValueError(f"pseudo_mask_mode={cfg.pseudo_mask_mode!r}; choose 'paper' or 'code'")
+        if cfg.pa_loss not in ("paper", "code"):
+            raise ValueError(f"pa_loss={cfg.pa_loss!r}; choose 'paper' or 'code'")
+        if not 0.0 < cfg.pseudo_mask_quantile < 1.0:
+            raise ValueError(f"pseudo_mask_quantile={cfg.pseudo_mask_quantile} must be in (0, 1)")
+
+    def make_pseudo_mask(self, attention: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        return pseudo_mask(attention, image, mode=c.pseudo_mask_mode, quantile=c.pseudo_mask_quantile,
+                           body_mask=c.body_mask, smoothing=c.smoothing,
+                           sigma_space=c.bilateral_sigma_space, sigma_range=c.bilateral_sigma_range)
+
+    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, step: int) -> G2DOutput:
+        seg_logits, _dense, pooled, attention = self.image(image)
+        text = self.text(input_ids, attention_mask)
+        vla = self.vla(pooled, text)
+        target = self.make_pseudo_mask(attention, image)
+        pa = pseudo_seg_loss(seg_logits, target, self.cfg.pa_loss)
+        # A weight of 0 rather than leaving PA out keeps the decoder in the graph during warm-up, so
+        # DDP (find_unused_parameters=False) sees a gradient for every parameter on every step.
+        pa_weight = self.cfg.pa_weight if step >= self.cfg.pa_warmup_steps else 0.0
+        return G2DOutput(loss=vla + pa_weight * pa, vla_loss=vla, pa_loss=pa,
+                         image_emb=F.normalize(pooled.float(), dim=-1), text_emb=F.normalize(text.float(), dim=-1),
+                         attention=attention, pseudo_mask=target, seg_logits=seg_logits)
+
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (global [B,128] L2-normalised, dense projected map [B,128,H/32,W/32] (not normalised;
+        the map grounding compares with text by cosine), attention [B,heads,H/32,W/32]). No decoder."""
+        _features, dense, pooled, attention = self.image.encode(image)
+        return F.normalize(pooled.float(), dim=-1), dense, attention
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B,L] ids + mask -> [B,128] L2-normalised report/prompt embedding."""
+        return F.normalize(self.text(input_ids, attention_mask).float(), dim=-1)

@@ -1,0 +1,165 @@
+"""Text side of G2D: a BERT (Bio_ClinicalBERT in the paper) with its first N layers frozen, and a
+per-token projector whose [CLS] output is the report embedding.
+
+Speed: the frozen prefix of the network (the embeddings, when frozen, and the frozen layers that
+follow) runs under torch.no_grad(), so no activations are kept for it and backward stops at its
+output. That needs the embeddings frozen too (text_freeze_embeddings=True): G2D's code trains the
+embeddings, which forces autograd through every frozen layer to reach them (the frozen layers'
+weights still get no gradient, but their activations are stored and backpropagated).
+The stack is driven layer by layer (embeddings, then each `encoder.layer[i]`) with the usual
+additive attention mask, which tests/test_model.py checks against BertModel's own forward.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+_OFFLINE_HINT = ("Hub names need internet access (or an already populated Hugging Face cache). "
+                 "Pass a local directory written by save_pretrained instead, e.g. `make tiny-bert` "
+                 "-> model.text_model=runs/tiny_bert, or a downloaded Bio_ClinicalBERT directory.")
+
+
+def load_tokenizer(name_or_dir: str):
+    """AutoTokenizer for a hub name or local directory, with a clear error when it cannot be found."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_dir)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"could not load the tokenizer {name_or_dir!r}: {exc}. {_OFFLINE_HINT}") from exc
+
+
+def load_bert(name_or_dir: str) -> nn.Module:
+    from transformers import AutoModel
+
+    try:
+        # No pooler: G2D never uses it, and DDP rejects parameters that get no gradient.
+        # sdpa: the additive float mask built below is the format both sdpa and eager accept.
+        bert = AutoModel.from_pretrained(name_or_dir, add_pooling_layer=False, attn_implementation="sdpa")
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"could not load the text model {name_or_dir!r}: {exc}. {_OFFLINE_HINT}") from exc
+    if not (hasattr(bert, "embeddings") and hasattr(getattr(bert, "encoder", None), "layer")):
+        raise ValueError(f"text model {name_or_dir!r} ({type(bert).__name__}) is not BERT-like "
+                         "(needs .embeddings and .encoder.layer)")
+    return bert
+
+
+class MaskedBatchNorm1d(nn.Module):
+    """BatchNorm1d(affine=False) over [B, C, L] whose batch statistics can skip padding positions.
+
+    With mask=None it is exactly nn.BatchNorm1d (G2D's code: statistics over all 256 positions,
+    so a batch of short reports is normalised mostly by PAD tokens). With a [B, L] mask only real
+    tokens count. Masked mean/variance are plain reductions: no boolean indexing, so no host sync.
+    Buffers have nn.BatchNorm1d's names, so state dicts are interchangeable.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # [B,C,L]
+        if mask is None or not self.training:
+            return F.batch_norm(x, self.running_mean, self.running_var, training=self.training,
+                                momentum=self.momentum, eps=self.eps)
+        xf = x.float()
+        m = mask[:, None, :].to(xf.dtype)                          # [B,1,L]
+        count = m.sum().clamp_min(2.0)
+        mean = (xf * m).sum(dim=(0, 2)) / count                    # [C]
+        var = ((xf - mean[None, :, None]) ** 2 * m).sum(dim=(0, 2)) / count
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)   # unbiased, as BN
+        out = (xf - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + self.eps)
+        return out.to(x.dtype)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, bert: nn.Module | None = None):
+        super().__init__()
+        self.bert = bert if bert is not None else load_bert(cfg.text_model)
+        layers = self.bert.encoder.layer
+        if not 0 <= cfg.text_freeze_layers <= len(layers):
+            raise ValueError(f"text_freeze_layers={cfg.text_freeze_layers} not in [0, {len(layers)}]")
+        max_positions = getattr(self.bert.config, "max_position_embeddings", cfg.max_text_length)
+        if cfg.max_text_length > max_positions:
+            raise ValueError(f"max_text_length={cfg.max_text_length} exceeds {cfg.text_model!r}'s "
+                             f"max_position_embeddings={max_positions}")
+        self.bert.embeddings.requires_grad_(not cfg.text_freeze_embeddings)
+        for layer in layers[:cfg.text_freeze_layers]:
+            layer.requires_grad_(False)
+        # Stages 0 (embeddings) .. n (last layer); the first `no_grad_stages` need no autograd.
+        self.no_grad_stages = (1 + cfg.text_freeze_layers) if cfg.text_freeze_embeddings else 0
+        hidden = self.bert.config.hidden_size
+        self.proj_in = nn.Conv1d(hidden, cfg.proj_dim, 1, bias=False)
+        self.proj_bn = MaskedBatchNorm1d(cfg.proj_dim)
+        self.proj_out = nn.Conv1d(cfg.proj_dim, cfg.proj_dim, 1, bias=False)
+        self.bn_real_tokens = cfg.text_bn_real_tokens
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B,L] ids + [B,L] mask -> last hidden states [B,L,hidden]."""
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and self.no_grad_stages == 0):
+            hidden = self.bert.embeddings(input_ids=input_ids)
+        # Additive mask [B,1,1,L]: 0 where attended, dtype-min at padding (BERT's extended mask).
+        keep = attention_mask[:, None, None, :].to(hidden.dtype)
+        additive = (1.0 - keep) * torch.finfo(hidden.dtype).min
+        for i, layer in enumerate(self.bert.encoder.layer):
+            with torch.set_grad_enabled(grad and i + 1 >= self.no_grad_stages):
+                hidden = layer(hidden, additive)
+        return hidden
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """-> projected [CLS] embedding [B,128] (not normalised)."""
+        hidden = self.hidden_states(input_ids, attention_mask)           # [B,L,hidden]
+        x = self.proj_in(hidden.transpose(1, 2))                         # [B,128,L]
+        x = self.proj_bn(x, attention_mask if self.bn_real_tokens else None)
+        x = self.proj_out(F.relu(x))                                     # [B,128,L]
+        return x[:, :, 0]                                                # [CLS]
+
+
+def build_tiny_text_model(out_dir: str | Path, texts: list[str], hidden: int = 64, layers: int = 2,
+                          heads: int = 2, vocab_size: int = 2000, max_length: int = 512, seed: int = 0) -> Path:
+    """Write a small randomly initialised BERT + a WordPiece tokenizer trained on `texts` to out_dir.
+
+    For tests, demos and the synthetic corpus, where Bio_ClinicalBERT cannot be downloaded. Both
+    halves are written with save_pretrained, so AutoTokenizer/AutoModel.from_pretrained(out_dir)
+    (and model.text_model=out_dir) load them like any hub checkpoint.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    if not texts:
+        raise ValueError("build_tiny_text_model needs at least one text to train the tokenizer on")
+    out_dir = Path(out_dir)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                             show_progress=False))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    # transformers 5 ignores a vocab_file argument here; the trained object carries the vocab.
+    fast = BertTokenizerFast(tokenizer_object=tok, do_lower_case=True, model_max_length=max_length,
+                             unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                             cls_token="[CLS]", mask_token="[MASK]")
+    fast.save_pretrained(out_dir)
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=4 * hidden,
+                        max_position_embeddings=max_length, pad_token_id=tok.token_to_id("[PAD]"))
+    BertModel(config, add_pooling_layer=False).save_pretrained(out_dir)
+    return out_dir
