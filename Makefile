@@ -75,7 +75,7 @@ synth-downstream: setup
 	$(PY) -m tools.synth_downstream --out $(or $(OUT),$(DOWNSTREAM_SRC)) --n $(or $(N_DOWNSTREAM),120) --seed $(SEED)
 
 tiny-bert: setup
-	$(PY) -m tools.make_tiny_bert --corpus $(SYNTH_DIR) --out runs/tiny_bert
+	$(PY) -m tools.make_tiny_bert --shards $(SHARDS_DIR) --out runs/tiny_bert
 
 pretrain: setup
 	$(VENV)/bin/torchrun --nproc_per_node=$(NGPU) --nnodes=$(NNODES) --node_rank=$(NODE_RANK) \

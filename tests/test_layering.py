@@ -12,7 +12,7 @@ ALLOWED = {
     "pipeline": {"common", "shards", "pipeline"},
     "model": {"common", "model"},
     "eval": {"common", "shards", "pipeline", "model", "eval"},
-    "train": {"common", "shards", "pipeline", "model", "train"},
+    "train": {"common", "shards", "pipeline", "model", "eval", "train"},
     "tools": PROJECT - {"tools"} | {"tools"},
 }
 

@@ -1,0 +1,1 @@
+"""Pretraining: config, optimiser/schedule, checkpoints, the loop (train.pretrain), validation, plots."""

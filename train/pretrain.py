@@ -1,0 +1,258 @@
+"""G2D pretraining entry point: `torchrun --nproc_per_node=N -m train.pretrain --config X key=value ...`
+
+The loop is deliberately small (nanoGPT style). What each piece costs:
+- the step makes no host sync: losses are accumulated on the device and read only on log steps;
+  a non-finite loss is recorded on the device (first bad step) and acted on at the next log step;
+- frozen BERT layers run without autograd, text is padded per batch (see model/ and pipeline/);
+- AdamW(fused=True) and, with fp16, a GradScaler whose inf-check skips the step on the device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from common.config import config_to_dict, save_config
+from common.dist import DistInfo, cleanup, init_distributed
+from common.io import atomic_open, atomic_write_text
+from model.export import export_unet_state_dicts
+from model.registry import build_model
+from model.text import load_tokenizer
+from pipeline import build_loader
+from train.checkpoint import (checkpoint_path, find_resume_checkpoint, load_checkpoint, rng_state,
+                              save_checkpoint, set_rng_state)
+from train.config import PretrainConfig, load_pretrain_config
+from train.optim import build_optimizer, build_scheduler
+from train.step import TrainStep, make_scaler
+from train.validate import validate
+from train.visualize import save_attention_grid
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+
+
+class MetricsLog:
+    """`<output_dir>/metrics.jsonl`, one object per logged step (rank 0 only). On resume, lines
+    past the resumed step (logged before a crash) are dropped so the file reads as one run."""
+
+    def __init__(self, path: Path, resume_step: int, enabled: bool, tensorboard: bool):
+        self.path, self.enabled, self.tb = path, enabled, None
+        if not enabled:
+            return
+        kept = []
+        if path.is_file() and resume_step > 0:
+            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    return model.module if isinstance(model, DDP) else model
+
+
+def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
+    run, device = cfg.train, dist.device
+    out_dir = Path(run.output_dir)
+    main = dist.rank == 0
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    seed_everything(run.seed + dist.rank)
+
+    # ---- model, data, optimiser -------------------------------------------------------------
+    model = build_model(cfg.model).to(device)
+    if run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if run.sync_bn and dist.world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    tokenizer = load_tokenizer(cfg.model.text_model)
+    loader = build_loader(cfg.data, "train", dist, tokenizer=tokenizer)
+    per_step = run.batch_size_per_gpu * dist.world_size
+    accum = 1 if run.global_batch_size <= 0 else run.global_batch_size // per_step
+    if accum < 1 or accum * per_step != (run.global_batch_size or per_step):
+        raise ValueError(f"train.global_batch_size={run.global_batch_size} is not a multiple of "
+                         f"batch_size_per_gpu x world_size = {per_step}")
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"the train split yields {len(loader)} batches per rank, fewer than the "
+                         f"{accum} needed for one optimiser step; lower the batch size")
+    max_steps = run.max_steps or run.epochs * steps_per_epoch
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
+    scaler, fixed_scale = make_scaler(device, run.precision, run.nonfinite == "skip")
+
+    # ---- resume -----------------------------------------------------------------------------
+    step, epoch = 0, 0
+    found = None
+    if run.resume == "auto":
+        found = find_resume_checkpoint(out_dir)
+    elif run.resume != "none":
+        found = (Path(run.resume), load_checkpoint(run.resume))
+    if found is not None:
+        path, ckpt = found
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        loader.load_state_dict(ckpt["loader"])
+        step, epoch = int(ckpt["step"]), int(ckpt["loader"]["epoch"])
+        set_rng_state(ckpt["rng"][dist.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        if main:
+            print(f"[resume] {path} at step {step} (epoch {epoch})")
+    else:
+        loader.set_epoch(0)
+
+    if dist.world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=run.find_unused_parameters, gradient_as_bucket_view=True)
+    if run.compile:
+        model = torch.compile(model)
+    train_step = TrainStep(model, optimizer, scheduler, scaler, fixed_scale, run.precision,
+                           run.grad_clip, run.channels_last)
+    log = MetricsLog(out_dir / "metrics.jsonl", step, main, run.tensorboard)
+
+    # ---- loop -------------------------------------------------------------------------------
+    def batches():
+        nonlocal epoch
+        while True:
+            for b in loader:
+                yield b
+            epoch += 1
+            loader.set_epoch(epoch)
+
+    stream = batches()
+    sums = torch.zeros(3, device=device)          # loss, vla, pa summed since the last log step
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    skipped = torch.zeros((), dtype=torch.long, device=device)
+    n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
+    bar = tqdm(total=max_steps, initial=step, disable=not (main and run.progress), unit="step")
+    model.train()
+    while step < max_steps:
+        micro_batches = []
+        for _ in range(accum):
+            t0 = time.perf_counter()
+            micro_batches.append(next(stream))
+            wait_s += time.perf_counter() - t0
+        terms, out = train_step(micro_batches, step)
+        batch = micro_batches[-1]
+        finite = torch.isfinite(terms[0])
+        sums += torch.where(finite, terms, torch.zeros_like(terms))  # a skipped step logs as 0
+        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step + 1), first_bad)
+        skipped += (~finite).long()
+        step += 1
+        n_since += 1
+        bar.update(1)
+
+        if step % run.log_every == 0 or step == max_steps:
+            # Logging step: the one place that syncs with the device.
+            bad = int(first_bad)
+            if bad >= 0 and run.nonfinite == "stop":
+                raise NonFiniteLoss(f"non-finite loss at step {bad} (train.nonfinite=stop; set "
+                                    "train.nonfinite=skip to skip such steps)")
+            loss, vla, pa = (sums / n_since).tolist()
+            dt = time.perf_counter() - t_log
+            record = {"step": step, "epoch": epoch, "loss": loss, "vla_loss": vla, "pa_loss": pa,
+                      "lr": scheduler.get_last_lr()[0],
+                      "img_per_s": n_since * accum * per_step / dt,
+                      "data_wait_frac": wait_s / dt, "mem_mb": memory_mb(device),
+                      "skipped_steps": int(skipped), "pa_active": step - 1 >= cfg.model.pa_warmup_steps}
+            log.write(record)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            sums.zero_()
+            n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
+            if main and run.plot_every and (step % run.plot_every == 0 or step == max_steps):
+                save_attention_grid(out_dir / "plots" / f"step_{step:08d}.png", batch.image, out, batch.keys)
+
+        if run.val_every and step % run.val_every == 0 and step < max_steps:
+            _validate_and_log(cfg, unwrap(model), tokenizer, dist, log, step)
+            model.train()
+        if step % run.checkpoint_every == 0 or step == max_steps:
+            _save(cfg, model, optimizer, scheduler, scaler, loader, step, dist, out_dir)
+    bar.close()
+
+    result = _validate_and_log(cfg, unwrap(model), tokenizer, dist, log, step)
+    if main:
+        encoder_sd, unet_sd = export_unet_state_dicts(unwrap(model))
+        for name, sd in (("g2d_encoder.pth", encoder_sd), ("g2d_encoder_decoder.pth", unet_sd)):
+            with atomic_open(out_dir / name, "wb") as fh:
+                torch.save(sd, fh)
+    return {"step": step, "val": result}
+
+
+def _validate_and_log(cfg, model, tokenizer, dist, log, step) -> dict:
+    metrics = validate(model, cfg, tokenizer, dist, max_batches=cfg.train.val_batches)
+    if dist.rank == 0 and metrics:
+        log.write({"step": step, **{f"val/{k}": v for k, v in metrics.items()}})
+    return metrics
+
+
+def _save(cfg, model, optimizer, scheduler, scaler, loader, step, dist, out_dir) -> None:
+    # Every rank's RNG state is kept so a resumed multi-rank run continues each stream exactly.
+    states = [None] * dist.world_size
+    if dist.world_size > 1:
+        torch.distributed.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if dist.rank != 0:
+        return
+    payload = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+               "loader": loader.state_dict(), "rng": states, "config": config_to_dict(cfg)}
+    save_checkpoint(checkpoint_path(out_dir, step), payload, cfg.train.keep_last)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML under configs/pretrain/")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+    cfg = load_pretrain_config(args.config, args.overrides)
+    dist = init_distributed()
+    try:
+        result = train(cfg, dist)
+        if dist.rank == 0:
+            print(json.dumps({"final_step": result["step"], **result["val"]}, indent=1))
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()
