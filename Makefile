@@ -72,7 +72,7 @@ verify-shards: setup
 	$(PY) -m tools.verify_shards $(or $(OUT),$(SHARDS_DIR))
 
 synth-downstream: setup
-	$(PY) -m tools.synth_downstream --out $(or $(OUT),$(DOWNSTREAM_SRC)) --n $(or $(N_DOWNSTREAM),120) --seed $(SEED)
+	$(PY) -m tools.synth_downstream --out $(or $(OUT),$(DOWNSTREAM_SRC)) --n $(if $(filter command line,$(origin N)),$(N),120) --seed $(SEED)
 
 tiny-bert: setup
 	$(PY) -m tools.make_tiny_bert --shards $(SHARDS_DIR) --out runs/tiny_bert

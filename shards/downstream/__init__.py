@@ -1,0 +1,39 @@
+"""Downstream dataset converters: native download -> `<OUT>/<dataset>/` shards + manifest.
+
+    CONVERTERS[name](src, seed) -> DatasetIndex      (read label files, assign splits; no pixels)
+    convert(name, src, out, ...) -> manifest dict    (index + pack + subsets; see common.py for fields)
+
+Registry names are also the directory names of the synthetic fixtures (tools/synth_downstream.py)
+and of the packed output.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from shards.downstream import chestxray14, chexpert, covidx, object_cxr, rsna, siim
+from shards.downstream.common import DatasetIndex, convert_index
+
+CONVERTERS: dict[str, Callable[[Path, int], DatasetIndex]] = {
+    rsna.NAME: rsna.index_dataset,
+    siim.NAME: siim.index_dataset,
+    chexpert.NAME: chexpert.index_dataset,
+    covidx.NAME: covidx.index_dataset,
+    object_cxr.NAME: object_cxr.index_dataset,
+    chestxray14.NAME: chestxray14.index_dataset,
+}
+DATASETS = tuple(CONVERTERS)
+DEFAULT_SAMPLES_PER_SHARD = 1000
+
+
+def convert(name: str, src: str | Path, out: str | Path, max_side: int = 512, quality: int = 95,
+            workers: int = 1, seed: int = 0, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+            progress: bool = True) -> dict:
+    """Convert dataset `name` from its native root `src` into `<out>/<name>/`; returns the manifest."""
+    if name not in CONVERTERS:
+        raise KeyError(f"unknown downstream dataset {name!r}; known: {list(CONVERTERS)}")
+    src = Path(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{name}: source directory {src} not found")
+    index = CONVERTERS[name](src, seed)
+    return convert_index(index, out, max_side, quality, workers, seed, samples_per_shard, progress)

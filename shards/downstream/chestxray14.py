@@ -1,0 +1,103 @@
+"""NIH ChestX-ray14 -> shards (fine-tuned classification, 14 labels).
+
+Native layout under SRC:
+    Data_Entry_2017.csv    Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,
+                           Patient Gender,View Position,OriginalImage[Width,Height],...
+                           Finding Labels pipe-separated ("Effusion|Mass") or "No Finding"
+    train_val_list.txt, test_list.txt      one image name per line (official split)
+    images*/**/<Image Index>   PNGs (the download nests them as images_001/images/...)
+
+Labels {name: 0/1} for the 14 `LABELS`. Splits: test_list = test; train_val_list split by
+Patient ID into train/valid in 77,872 / 8,652 proportions. Data_Entry rows in neither list are counted in
+filtered["not_in_split_lists"]; a listed image without a Data_Entry row, or with an unknown finding
+name, is a recorded rejection.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from shards.downstream.common import (
+    DatasetIndex, Item, file_map, read_csv_rows, read_lines, reject, safe_key, shuffled,
+    split_by_patient,
+)
+
+NAME = "chestxray14"
+LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+          "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
+          "Hernia")
+NO_FINDING = "No Finding"
+ENTRY_CSV = "Data_Entry_2017.csv"
+LISTS = {"train_val": "train_val_list.txt", "test": "test_list.txt"}
+SPLIT_WEIGHTS = {"train": 77872, "valid": 8652}
+
+
+def parse_findings(text: str) -> dict[str, float]:
+    names = [n.strip() for n in text.split("|") if n.strip()]
+    unknown = [n for n in names if n not in LABELS and n != NO_FINDING]
+    if unknown or not names:
+        raise ValueError(f"unknown finding name(s) {unknown}" if unknown else "empty Finding Labels")
+    if NO_FINDING in names and len(names) > 1:
+        raise ValueError(f"'No Finding' combined with findings {names}")
+    return {label: float(label in names) for label in LABELS}
+
+
+def index_dataset(src: Path, seed: int) -> DatasetIndex:
+    src = Path(src)
+    rows = read_csv_rows(src / ENTRY_CSV, ("Image Index", "Finding Labels", "Patient ID"))
+    listed = {which: read_lines(src / name) for which, name in LISTS.items()}
+    entries: dict[str, tuple[int, dict]] = {}
+    rejected: list[dict] = []
+    for i, row in enumerate(rows):
+        name = row["Image Index"].strip()
+        if name in entries:
+            rejected.append(reject(safe_key(name), ENTRY_CSV, f"row {i + 2}: duplicate Image Index {name}"))
+            continue
+        entries[name] = (i, row)
+    images = file_map(src, "*.png")
+    membership: dict[str, str] = {}
+    for which, names in listed.items():
+        for name in names:
+            membership.setdefault(name, which)
+    filtered = {"not_in_split_lists": sum(1 for name in entries if name not in membership)}
+
+    # Accounting unit: a Data_Entry row, plus every list line that matches no (first) row.
+    items: dict[str, list[Item]] = {"train_val": [], "test": []}
+    unmatched_lines = 0
+    seen: set[str] = set()
+    for which, names in listed.items():
+        for name in names:
+            key = safe_key(name)
+            if name in seen:
+                unmatched_lines += 1
+                rejected.append(reject(key, LISTS[which], f"{name} listed more than once in the split lists"))
+                continue
+            seen.add(name)
+            if name not in entries:
+                unmatched_lines += 1
+                rejected.append(reject(key, LISTS[which], f"{name} has no row in {ENTRY_CSV}"))
+                continue
+            if "/" in name or "\\" in name:
+                rejected.append(reject(key, LISTS[which], f"{name!r} is not a plain file name"))
+                continue
+            order, row = entries[name]
+            try:
+                labels = parse_findings(row["Finding Labels"])
+            except ValueError as exc:
+                rejected.append(reject(key, ENTRY_CSV, f"row {order + 2} ({name}): Finding Labels: {exc}"))
+                continue
+            path = images.get(name)
+            items[which].append(Item(
+                key=key, source=str(path if path else src / name),
+                rel=str(path.relative_to(src)) if path else name, reader="image", order=order,
+                patient_id=row["Patient ID"].strip(), labels=labels, positive=any(labels.values()),
+                extra={"view": row.get("View Position", "").strip(),
+                       "follow_up": row.get("Follow-up #", "").strip()}))
+    splits = split_by_patient(items["train_val"], SPLIT_WEIGHTS, seed, NAME)
+    splits["test"] = items["test"]
+    return DatasetIndex(
+        dataset=NAME, splits={s: shuffled(v, seed, NAME + s) for s, v in splits.items()},
+        label_names=list(LABELS), label_type="multilabel", tasks=["classification"],
+        subset_style={"classification": "frac"}, has_masks=False, has_boxes=False,
+        split_policy="official test_list = test; train_val_list by Patient ID into 77872/8652 proportions",
+        input_rows=len(rows), input_images=len(rows) + unmatched_lines, rejected=rejected,
+        filtered=filtered)

@@ -1,0 +1,7 @@
+"""Synthetic stand-ins for credentialed chest X-ray datasets.
+
+render      procedural radiographs with located findings (the shared renderer and its API)
+reports     MIMIC-style report text + the CheXpert labels it implies
+mimic       the MIMIC-CXR-JPG 2.0.0 corpus generator (`make synth`)
+downstream  native-format look-alikes of the downstream datasets
+"""
