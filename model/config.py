@@ -29,6 +29,7 @@ class ModelConfig:
     text_freeze_layers: int = 9       # encoder layers 0..N-1 frozen (12 = all)
     text_freeze_embeddings: bool = False   # code trains the embeddings; True lets the frozen prefix run without autograd
     max_text_length: int = 256
+    text_pooling: Literal["cls", "mean"] = "cls"   # report embedding: [CLS] (G2D) | mean of real tokens
     text_bn_real_tokens: bool = True  # BN statistics of the text projector over real tokens only; False = all positions (code)
 
     # Vision-language alignment loss.

@@ -22,6 +22,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         image_size=128,
         text_model="runs/tiny_bert",
         text_freeze_layers=1,
+        text_pooling="mean",   # its BERT is random (no ClinicalBERT offline): [CLS] would carry ~nothing
         max_text_length=128,
         pa_warmup_steps=20,
     ),

@@ -103,6 +103,9 @@ class TextEncoder(nn.Module):
         self.proj_bn = MaskedBatchNorm1d(cfg.proj_dim)
         self.proj_out = nn.Conv1d(cfg.proj_dim, cfg.proj_dim, 1, bias=False)
         self.bn_real_tokens = cfg.text_bn_real_tokens
+        self.pooling = cfg.text_pooling
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"text_pooling={self.pooling!r}; choose 'cls' or 'mean'")
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B,L] ids + [B,L] mask -> last hidden states [B,L,hidden]."""
@@ -118,11 +121,16 @@ class TextEncoder(nn.Module):
         return hidden
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """-> projected [CLS] embedding [B,128] (not normalised)."""
+        """-> projected report embedding [B,128] (not normalised): the [CLS] position (G2D), or the
+        mean over real tokens (`text_pooling=mean`, for randomly initialised BERTs whose [CLS] output
+        carries almost no information about the report yet)."""
         hidden = self.hidden_states(input_ids, attention_mask)           # [B,L,hidden]
         x = self.proj_in(hidden.transpose(1, 2))                         # [B,128,L]
         x = self.proj_bn(x, attention_mask if self.bn_real_tokens else None)
         x = self.proj_out(F.relu(x))                                     # [B,128,L]
+        if self.pooling == "mean":
+            keep = attention_mask[:, None, :].to(x.dtype)                # [B,1,L]
+            return (x * keep).sum(dim=2) / keep.sum(dim=2).clamp_min(1.0)
         return x[:, :, 0]                                                # [CLS]
 
 

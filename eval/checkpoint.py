@@ -1,0 +1,297 @@
+"""What the evaluation starts from: pretrained weights and the architecture they belong to.
+
+    resolve_weights(spec, baseline) -> Pretrained
+
+`spec` (the CLI's --ckpt, `make eval CKPT=...`) is one of
+    None / ""          the newest pretraining checkpoint under runs/pretrain*/checkpoints/ or
+                       runs/*/pretrain*/checkpoints/ (the demo writes runs/demo/pretrain)
+    <file>.pt          a pretraining checkpoint (keys model, config, step, ...; train/checkpoint.py)
+    <run dir>          its newest checkpoints/step_*.pt, else its exported g2d_encoder_decoder.pth
+    <file>.pth         an exported smp encoder (g2d_encoder.pth) or whole U-Net (g2d_encoder_decoder.pth);
+                       the architecture comes from config.yaml beside it, else from `baseline`
+    random             the paper's "Random Init" row: `baseline`'s architecture, random weights
+    imagenet           the paper's "ImageNet Init" row: torchvision ImageNet encoder weights
+                       (downloaded, or `imagenet_weights=<local state dict>`)
+
+The architecture is always rebuilt from the checkpoint's own saved `model` config (never from the
+eval config), with `encoder_weights` forced to "none" so nothing is downloaded: the weights come from
+the file. A state dict that does not fit that architecture raises `ArchitectureMismatch` listing the
+missing, unexpected and wrong-shape keys. Files are read with torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import segmentation_models_pytorch as smp
+import torch
+import yaml
+from torch import nn
+
+from common.config import config_from_dict, config_to_dict
+from common.io import sha256_file
+from model.config import ModelConfig
+from model.g2d import G2DModel
+from model.image import ImageEncoderDecoder, encoder_state_dict, init_encoder
+from model.registry import MODEL_CONFIGS, model_config
+
+CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
+DEFAULT_RUNS_GLOBS = ("runs/pretrain*", "runs/*/pretrain*")
+EXPORT_FULL = "g2d_encoder_decoder.pth"        # what a run directory without checkpoints falls back to
+BASELINES = ("random", "imagenet")
+
+
+class ArchitectureMismatch(ValueError):
+    """Weights that do not fit the architecture they are loaded into; the message lists the keys."""
+
+
+class CheckpointNotFound(FileNotFoundError):
+    pass
+
+
+class BadCheckpoint(ValueError):
+    """A file given as CKPT that is not a readable checkpoint / state dict."""
+
+
+class NotApplicable(ValueError):
+    """The task cannot run from these weights (zero-shot from image-only weights, the encoder-decoder
+    variant without a pretrained decoder)."""
+
+
+class WeightsUnavailable(RuntimeError):
+    """CKPT=imagenet on a machine that cannot download the weights (and no local file was given)."""
+
+
+def mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, what: str) -> str:
+    """'' when `state` has exactly the keys and shapes of `own`, else a message listing every kind of
+    mismatch (missing, unexpected, wrong shape; 20 keys each)."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                   for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    if not (missing or unexpected or wrong):
+        return ""
+
+    def head(keys):
+        return f"{keys[:20]}{f' ... ({len(keys)} in all)' if len(keys) > 20 else ''}"
+    return (f"{source}: weights do not match the {what} rebuilt from its saved config: missing {head(missing)}; "
+            f"unexpected {head(unexpected)}; wrong shape {head(wrong)}")
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """load_state_dict(strict=True), raising ArchitectureMismatch with the full key report instead."""
+    problem = mismatch(module.state_dict(), state, source, what)
+    if problem:
+        raise ArchitectureMismatch(problem)
+    module.load_state_dict(state, strict=True)
+
+
+def model_config_from_saved(saved: dict, source: str) -> ModelConfig:
+    """A saved `model` section (possibly from an older run with fewer keys) -> ModelConfig, starting
+    from the registered config it names. encoder_weights is forced to 'none': weights come from the file."""
+    if not isinstance(saved, dict):
+        raise BadCheckpoint(f"{source}: the saved config has no `model` mapping")
+    name = saved.get("name", ModelConfig.name)
+    base = config_to_dict(model_config(name)) if name in MODEL_CONFIGS else {}
+    return config_from_dict(ModelConfig, {**base, **saved, "encoder_weights": "none"})
+
+
+@dataclass
+class Pretrained:
+    """Weights + architecture. `state` is the whole G2DModel state dict (pretraining checkpoints only);
+    `unet_state` an smp U-Net state dict (encoder + decoder); `encoder_state` an smp-encoder one.
+    Baselines have none of them (random) or only the ImageNet encoder."""
+    kind: str                       # checkpoint | export_unet | export_encoder | random | imagenet
+    source: str                     # path, or the baseline's name
+    sha256: str | None
+    model_cfg: ModelConfig
+    state: dict[str, torch.Tensor] | None = None
+    unet_state: dict[str, torch.Tensor] | None = None
+    encoder_state: dict[str, torch.Tensor] | None = None
+    step: int | None = None
+    data_cfg: dict | None = None        # the pretraining run's saved `data` section (its eval view)
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.unet_state is not None
+
+    @property
+    def has_text(self) -> bool:
+        return self.state is not None
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "path": self.source, "sha256": self.sha256, "step": self.step,
+                "encoder": self.model_cfg.encoder, "model_name": self.model_cfg.name}
+
+    def build_unet(self, pretrained_decoder: bool, decoder_channels: tuple[int, ...] | None = None) -> smp.Unet:
+        """An smp.Unet(encoder, classes=1) with the pretrained encoder; with `pretrained_decoder` the
+        pretrained decoder + head too (then the pretraining decoder widths are used), else a fresh
+        decoder with `decoder_channels` (default: the pretraining widths)."""
+        cfg = self.model_cfg
+        if pretrained_decoder and not self.has_decoder:
+            raise NotApplicable(f"{self.source} ({self.kind}) has no pretrained U-Net decoder; the "
+                             "encoder_decoder variant needs a pretraining checkpoint, a run directory "
+                             f"or an exported {EXPORT_FULL}")
+        widths = tuple(cfg.decoder_channels) if pretrained_decoder or not decoder_channels else tuple(decoder_channels)
+        unet = smp.Unet(cfg.encoder, encoder_weights=None, in_channels=cfg.channels, classes=1,
+                        decoder_channels=widths)
+        if pretrained_decoder:
+            load_strict(unet, self.unet_state, self.source, f"smp.Unet({cfg.encoder}, decoder {widths})")
+        else:
+            self.load_encoder(unet.encoder)
+        return unet
+
+    def load_encoder(self, encoder: nn.Module) -> None:
+        """Load the pretrained (or ImageNet) encoder weights into an smp encoder; random: leave it."""
+        if self.kind == "random":
+            return
+        state = self.encoder_state
+        if state is None:
+            state = encoder_state_dict(self.unet_state, self.source)
+        load_strict(encoder, state, self.source, f"smp {self.model_cfg.encoder} encoder")
+
+    def build_encoder(self) -> nn.Module:
+        """The smp encoder alone: forward(image [B,C,H,W]) -> 6 maps at strides 1, 2, 4, 8, 16, 32."""
+        return self.build_unet(pretrained_decoder=False).encoder
+
+    def build_g2d(self, text_model: str = ""):
+        """The whole G2DModel (zero-shot and grounding need text + projector + attention pool).
+        `text_model` replaces the saved text-model path (a tiny BERT directory that moved)."""
+        if not self.has_text:
+            raise NotApplicable(f"{self.source} ({self.kind}) holds no text encoder, projector or attention "
+                             "pool; zero-shot tasks need a pretraining checkpoint (a step_*.pt file or its run "
+                             "directory)")
+        cfg = dataclasses.replace(self.model_cfg, text_model=text_model) if text_model else self.model_cfg
+        model = G2DModel(cfg)
+        load_strict(model, self.state, self.source, f"G2DModel({cfg.name}, {cfg.encoder})")
+        return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading the weights
+
+
+def newest_checkpoint(directory: str | Path) -> Path | None:
+    """Highest-step checkpoints/step_*.pt of a run directory."""
+    ckpts = sorted(p for p in (Path(directory) / "checkpoints").glob("step_*.pt") if CKPT_RE.match(p.name))
+    return ckpts[-1] if ckpts else None
+
+
+def default_checkpoint(runs_globs: tuple[str, ...] = DEFAULT_RUNS_GLOBS, base: str | Path = ".") -> Path:
+    """The newest pretraining run's latest checkpoint: among the run directories matching `runs_globs`
+    (relative to `base`), the one whose latest checkpoint was written last."""
+    runs = {run for pattern in runs_globs for run in Path(base).glob(pattern) if run.is_dir()}
+    candidates = [c for run in sorted(runs) if (c := newest_checkpoint(run))]
+    if not candidates:
+        raise CheckpointNotFound(
+            f"no pretraining checkpoint found under {' or '.join(f'{g}/checkpoints/' for g in runs_globs)} "
+            "(run `make pretrain` or "
+            "`make demo` first, or pass CKPT=<checkpoint .pt | run dir | exported .pth | random | imagenet>)")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def _read_tensor_file(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated/corrupt/foreign file: say which one
+        raise BadCheckpoint(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from exc
+
+
+def _from_checkpoint(path: Path) -> Pretrained:
+    payload = _read_tensor_file(path)
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise BadCheckpoint(f"{path}: not a pretraining checkpoint (needs 'model' and 'config' keys; "
+                         f"has {sorted(payload) if isinstance(payload, dict) else type(payload).__name__})")
+    cfg = model_config_from_saved(payload["config"].get("model"), str(path))
+    state = {k.removeprefix("module."): v for k, v in payload["model"].items()}
+    unet = {k.removeprefix("image.unet."): v for k, v in state.items() if k.startswith("image.unet.")}
+    if not unet:
+        raise ArchitectureMismatch(f"{path}: the model state has no image.unet.* keys; "
+                                   f"first keys: {sorted(state)[:10]}")
+    step = payload.get("step")
+    return Pretrained("checkpoint", str(path), sha256_file(path), cfg, state=state, unet_state=unet,
+                      step=int(step) if step is not None else None, data_cfg=payload["config"].get("data"))
+
+
+def _from_export(path: Path, baseline: ModelConfig) -> Pretrained:
+    state = _read_tensor_file(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadCheckpoint(f"{path}: expected a flat state dict of tensors (an exported encoder or U-Net)")
+    config_yaml = path.parent / "config.yaml"
+    saved = {}
+    if config_yaml.is_file():
+        saved = yaml.safe_load(config_yaml.read_text(encoding="utf-8")) or {}
+        cfg = model_config_from_saved(saved.get("model"), str(config_yaml))
+    else:
+        cfg = dataclasses.replace(baseline, encoder_weights="none")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("decoder.") for k in state):
+        return Pretrained("export_unet", str(path), sha256_file(path), cfg, unet_state=state,
+                          data_cfg=saved.get("data"))
+    return Pretrained("export_encoder", str(path), sha256_file(path), cfg,
+                      encoder_state=encoder_state_dict(state, str(path)), data_cfg=saved.get("data"))
+
+
+def _imagenet(cfg: ModelConfig, weights: str) -> Pretrained:
+    """ImageNet encoder weights, loaded once here so that an offline machine fails before any data is read."""
+    if weights != "imagenet" and not Path(weights).is_file():
+        raise FileNotFoundError(f"model.imagenet_weights={weights!r}: no such file (give 'imagenet' to download "
+                                "torchvision's weights, or a local torchvision/smp state dict)")
+    encoder = smp.Unet(cfg.encoder, encoder_weights=None, in_channels=cfg.channels, classes=1).encoder
+    try:
+        init_encoder(encoder, cfg.encoder, weights)
+    except RuntimeError as exc:          # model.image names the URL and the local-file alternative
+        raise WeightsUnavailable(f"CKPT=imagenet: {exc} For eval, pass that file as "
+                                 "ARGS=\"model.imagenet_weights=/path/to/file.pth\".") from exc
+    source = "imagenet" if weights == "imagenet" else weights
+    return Pretrained("imagenet", source, sha256_file(weights) if weights != "imagenet" else None, cfg,
+                      encoder_state=encoder.state_dict())
+
+
+def resolve_weights(spec: str | None, baseline: ModelConfig, imagenet_weights: str = "imagenet",
+                    runs_base: str | Path = ".") -> Pretrained:
+    """See the module docstring. `baseline` is the architecture of random/imagenet and of exports
+    without a config.yaml beside them."""
+    if spec == "random":
+        return Pretrained("random", "random", None, dataclasses.replace(baseline, encoder_weights="none"))
+    if spec == "imagenet":
+        return _imagenet(dataclasses.replace(baseline, encoder_weights="none"), imagenet_weights)
+    path = Path(spec) if spec else default_checkpoint(base=runs_base)
+    if path.is_dir():
+        ckpt = newest_checkpoint(path)
+        if ckpt is not None:
+            return _from_checkpoint(ckpt)
+        if (path / EXPORT_FULL).is_file():
+            return _from_export(path / EXPORT_FULL, baseline)
+        raise CheckpointNotFound(f"{path}: a directory without checkpoints/step_*.pt or {EXPORT_FULL}")
+    if not path.is_file():
+        raise CheckpointNotFound(f"checkpoint {spec!r} not found (expected a .pt checkpoint, a run "
+                                 f"directory, an exported .pth, or one of {list(BASELINES)})")
+    if path.suffix == ".pt" or CKPT_RE.match(path.name):
+        return _from_checkpoint(path)
+    return _from_export(path, baseline)
+
+
+def check_image_architecture(pre: Pretrained) -> None:
+    """Fail early, before any data is read, when the image weights do not fit the saved architecture.
+    The reference modules are built on the meta device: shapes only, no memory, no initialisation."""
+    cfg = pre.model_cfg
+    with torch.device("meta"):
+        if pre.state is not None:
+            own = ImageEncoderDecoder(cfg).state_dict()
+            state = {k.removeprefix("image."): v for k, v in pre.state.items() if k.startswith("image.")}
+            what = f"image encoder-decoder ({cfg.encoder}, decoder {tuple(cfg.decoder_channels)})"
+        elif pre.unet_state is not None or pre.encoder_state is not None:
+            unet = smp.Unet(cfg.encoder, encoder_weights=None, in_channels=cfg.channels, classes=1,
+                            decoder_channels=tuple(cfg.decoder_channels))
+            full = pre.unet_state is not None
+            own = unet.state_dict() if full else unet.encoder.state_dict()
+            state = pre.unet_state if full else pre.encoder_state
+            what = f"smp.Unet({cfg.encoder})" if full else f"smp {cfg.encoder} encoder"
+        else:
+            return
+    problem = mismatch(own, state, pre.source, what)
+    if problem:
+        raise ArchitectureMismatch(problem)

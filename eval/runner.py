@@ -1,0 +1,257 @@
+"""Run evaluation tasks and record them.
+
+    run_eval(task, ckpt, fraction, data_root, overrides) -> record
+        writes runs/eval/<task>/<fraction>/<timestamp>/results.json + the task's PNGs
+    run_all(ckpt, fraction, data_root, overrides) -> summary
+        every task for the checkpoint (both segmentation variants when it has a decoder) and for
+        random init of the same architecture, then the paper-shaped tables (`format_tables`), written
+        to runs/eval/all/<fraction>/<timestamp>/{summary.json, tables.txt}
+
+results.json: task, family, dataset, fraction, metrics (undefined values are null), headline
+{name, value}, checkpoint {kind, path, sha256, step, encoder}, data {root, manifest, manifest_sha256,
+splits}, seed, the resolved config, device, software versions, timing and the PNG names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from common.config import config_to_dict
+from common.io import atomic_write_json, atomic_write_text, sha256_file
+from eval.checkpoint import NotApplicable, Pretrained, check_image_architecture, resolve_weights
+from eval.paper_numbers import (TABLE1_G2D, TABLE1_RANDOM, TABLE2_G2D, TABLE3_G2D, TABLE3_G2D_PER_CLASS,
+                                TABLE3_RANDOM, TABLE4_G2D, TABLE4_RANDOM)
+from eval.tasks import TASKS, TEXT_FAMILIES, applicable_overrides, get_task, load_task_config, run_task
+from eval.tasks.base import dataset_root, device_of, seed_all
+from model.registry import model_config
+from shards.schema import MANIFEST_NAME, read_manifest
+
+
+def clean_json(value):
+    """nan/inf -> None (strict JSON; null = undefined), tuples -> lists, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    return value
+
+
+def new_run_dir(root: Path) -> Path:
+    """root/<UTC timestamp>, suffixed -1, -2 ... if two runs start in the same second."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        path = root / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a fresh run directory under {root}")
+
+
+def resolve_for(cfg, ckpt: str | None) -> Pretrained:
+    return resolve_weights(ckpt, baseline=model_config(cfg.model.baseline), imagenet_weights=cfg.model.imagenet_weights)
+
+
+def run_eval(task_name: str, ckpt: str | None = None, fraction: str = "1.0", data_root: str | None = None,
+             overrides: list[str] | None = None, output_root: str | None = None,
+             weights: Pretrained | None = None, log=print) -> dict:
+    """Run one task; returns the record written to results.json (+ "results_path")."""
+    task = get_task(task_name)
+    cfg = load_task_config(task_name, fraction, data_root, overrides)
+    if output_root:
+        cfg = dataclasses.replace(cfg, output_root=str(output_root))
+    weights = weights or resolve_for(cfg, ckpt)
+    check_image_architecture(weights)           # a mismatched file fails before any data is read
+    if task.family in TEXT_FAMILIES and not weights.has_text:
+        raise NotApplicable(f"{task_name} needs the text encoder, projector and attention pool of a pretraining "
+                            f"checkpoint; {weights.source} ({weights.kind}) has only image weights")
+    manifest_path = dataset_root(cfg) / MANIFEST_NAME
+    manifest = read_manifest(dataset_root(cfg))
+    out_dir = new_run_dir(Path(cfg.output_root) / task_name / fraction)
+    device = device_of()
+    seed_all(cfg.seed)
+    variant = getattr(getattr(cfg, "segmentation", None), "variant", "")
+    log(f"[eval] {task_name}{f' ({variant})' if variant else ''} fraction {fraction} on {dataset_root(cfg)}; "
+        f"weights {weights.kind} {weights.source}; device {device}")
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result = run_task(task, cfg, weights, out_dir, device, log)
+    headline = result["headline"]
+    record = clean_json({
+        "task": task_name, "family": task.family, "dataset": task.dataset, "fraction": fraction,
+        "variant": variant, "headline": {"name": headline, "value": result["metrics"].get(headline)},
+        "metrics": result["metrics"], "checkpoint": weights.describe(),
+        "data": {"root": str(dataset_root(cfg)), "manifest": str(manifest_path),
+                 "manifest_sha256": sha256_file(manifest_path),
+                 "splits": {s: v["num_samples"] for s, v in manifest["splits"].items()},
+                 "train_subset": _subset_size(manifest, cfg, task)},
+        "seed": cfg.seed, "config": config_to_dict(cfg), "device": str(device),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "started_at": started, "seconds": time.perf_counter() - t0, "plots": result["plots"],
+    })
+    atomic_write_json(out_dir / "results.json", record)
+    log(f"[eval] {task_name}: {headline} = {_pct(record['headline']['value'])}% -> {out_dir / 'results.json'}")
+    return {**record, "results_path": str(out_dir / "results.json")}
+
+
+def _subset_size(manifest: dict, cfg, task) -> dict | None:
+    """How many training images the fraction selected (None for the tasks that do not train)."""
+    if task.family in TEXT_FAMILIES:
+        return None
+    d = cfg.data
+    table = manifest.get("task_subsets", {}).get(d.subset_task, {}) if d.subset_task else manifest.get("subsets", {})
+    keys = table.get(d.train_split, {}).get(cfg.fraction)
+    return {"task": d.subset_task or None, "fraction": cfg.fraction, "images": len(keys) if keys is not None else None}
+
+
+# ---------------------------------------------------------------------------------------------
+# every task + the paper's tables
+
+
+def run_all(ckpt: str | None = None, fraction: str = "1.0", data_root: str | None = None,
+            overrides: list[str] | None = None, output_root: str | None = None, with_random: bool = True,
+            tasks: list[str] | None = None, log=print) -> dict:
+    """Every task (or `tasks`) for the checkpoint (+ random init of its architecture). A failing task
+    is recorded with its error and the others still run; summary["failed"] lists them."""
+    overrides = list(overrides or [])
+    selected = [get_task(name) for name in (tasks or TASKS)]
+    first = load_task_config(selected[0].name, fraction, data_root, applicable_overrides(selected[0], overrides)[0])
+    root = Path(output_root or first.output_root)
+    weights = resolve_for(first, ckpt)
+    models = {"checkpoint": weights}
+    if with_random and weights.kind != "random":
+        models["random"] = dataclasses.replace(weights, kind="random", source="random", sha256=None, state=None,
+                                               unet_state=None, encoder_state=None, step=None)
+    records, failed = [], []
+    for task in selected:
+        keep, skipped = applicable_overrides(task, overrides)
+        if skipped:
+            log(f"[eval] {task.name}: overrides not used by this task: {skipped}")
+        for label, w in models.items():
+            if task.family in TEXT_FAMILIES and not w.has_text:
+                records.append({"task": task.name, "model": label, "variant": "", "status": "not applicable"})
+                continue
+            variants = [""]
+            if task.family == "segmentation":
+                variants = ["encoder", "encoder_decoder"] if (label == "checkpoint" and w.has_decoder) else ["encoder"]
+            for variant in variants:
+                extra = [f"segmentation.variant={variant}"] if variant else []
+                try:
+                    rec = run_eval(task.name, fraction=fraction, data_root=data_root, overrides=keep + extra,
+                                   output_root=str(root), weights=w, log=log)
+                    records.append({"task": task.name, "model": label, "variant": variant, "status": "ok",
+                                    "metrics": rec["metrics"], "results_path": rec["results_path"]})
+                except Exception as exc:  # one broken task must not hide the others' results
+                    log(f"[eval] {task.name} ({label}{', ' + variant if variant else ''}) FAILED: {exc}")
+                    log(traceback.format_exc(limit=3))
+                    records.append({"task": task.name, "model": label, "variant": variant, "status": "failed",
+                                    "error": f"{type(exc).__name__}: {exc}"})
+                    failed.append(f"{task.name}/{label}{'/' + variant if variant else ''}")
+    tables = format_tables(records, fraction, weights, data_root or first.data.root)
+    out_dir = new_run_dir(root / "all" / fraction)
+    summary = clean_json({"fraction": fraction, "checkpoint": weights.describe(), "records": records,
+                          "failed": failed, "tables": tables})
+    atomic_write_json(out_dir / "summary.json", summary)
+    atomic_write_text(out_dir / "tables.txt", tables + "\n")
+    log(tables)
+    log(f"[eval] summary -> {out_dir / 'summary.json'}")
+    return {**summary, "summary_path": str(out_dir / "summary.json")}
+
+
+def _pct(v) -> str:
+    """Our metrics are fractions in [0, 1]; tables print percent like the paper."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{100 * v:.1f}"
+
+
+def _paper(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _lookup(records: list[dict], task: str, model: str, variant: str = "") -> dict | None:
+    for r in records:
+        if r["task"] == task and r["model"] == model and r.get("variant", "") == variant:
+            return r
+    return None
+
+
+def _cell(rec: dict | None, keys: tuple[str, ...]) -> str:
+    if rec is None:
+        return "not run"
+    if rec["status"] != "ok":
+        return rec["status"]
+    return "/".join(_pct(rec["metrics"].get(k)) for k in keys)
+
+
+def _table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+
+    return "\n".join([title, line(header), line(tuple("-" * w for w in widths)), *map(line, rows)])
+
+
+def format_tables(records: list[dict], fraction: str, weights: Pretrained, data_root: str) -> str:
+    """Tables shaped like the paper's 1, 2, 4 and 3: our checkpoint and our random init next to the
+    paper's G2D (and Random Init) numbers, in percent."""
+    ours = f"ours: {Path(weights.source).name if weights.kind != 'random' else 'random'}"
+    out = [f"'ours' columns: measured here on DATA={data_root} (synthetic shards unless DATA points at the real "
+           f"datasets), fraction {fraction}. 'paper' columns: the G2D paper's numbers on the REAL datasets, for "
+           "orientation only: not comparable to synthetic-data results. Percent; paper '-' = below 1% or not "
+           "reported.", ""]
+    head = ("task", "metric", ours, "ours: random init", f"paper G2D ({fraction})", f"paper Random Init ({fraction})")
+
+    rows = []
+    for (task, variant), paper in TABLE1_G2D.items():
+        keys = ("map_mgca", "map") if "detection" in task else ("dice",)
+        metric = "mAP (MGCA-skip/all images)" if "detection" in task else "Dice"
+        has_random = (task, variant) in TABLE1_RANDOM
+        rows.append((f"{task} ({variant})" if variant else task, metric,
+                     _cell(_lookup(records, task, "checkpoint", variant), keys),
+                     _cell(_lookup(records, task, "random", variant), keys) if has_random else "",
+                     _paper(paper[fraction]), _paper(TABLE1_RANDOM[(task, variant)][fraction]) if has_random else ""))
+    out += [_table("Table 1: segmentation (Dice) and detection (mAP)", head, rows), ""]
+
+    rows = []
+    for task, paper in TABLE2_G2D.items():
+        keys = ("pointing", "iou", "dice") if task.startswith("grounding") else ("auc", "f1", "acc")
+        metric = "pointing/IoU/Dice" if task.startswith("grounding") else "AUC/F1/ACC"
+        rows.append((task, metric, _cell(_lookup(records, task, "checkpoint"), keys),
+                     _cell(_lookup(records, task, "random"), keys), "/".join(_paper(paper[k]) for k in keys)))
+    out += [_table("Table 2: zero-shot grounding (a) and classification (b) (no training data involved)",
+                   (*head[:4], "paper G2D"), rows), ""]
+
+    rows = []
+    for table_g2d, table_random in ((TABLE4_G2D, TABLE4_RANDOM), (TABLE3_G2D, TABLE3_RANDOM)):
+        for (task, _), paper in table_g2d.items():
+            key = "accuracy" if task == "covidx_linear" else "auroc"
+            rows.append((task, "ACC" if key == "accuracy" else "AUC",
+                         _cell(_lookup(records, task, "checkpoint"), (key,)),
+                         _cell(_lookup(records, task, "random"), (key,)),
+                         _paper(paper[fraction]), _paper(table_random[(task, "")][fraction])))
+    out += [_table("Table 4: linear classification / Table 3: ChestX-ray14 fine-tuning (mean AUC)", head, rows), ""]
+
+    per_class = {label: _lookup(records, "chestxray14_finetune", label) for label in ("checkpoint", "random")}
+    rows = []
+    for name, paper in TABLE3_G2D_PER_CLASS[fraction].items():
+        cells = []
+        for rec in per_class.values():
+            ok = rec is not None and rec["status"] == "ok"
+            cells.append(_pct(rec["metrics"]["auroc_per_class"].get(name)) if ok else "")
+        rows.append((name, "AUC", *cells, _paper(paper)))
+    out += [_table("Table 3, per class (ChestX-ray14 fine-tuning)", ("label", *head[1:4], f"paper G2D ({fraction})"),
+                   rows)]
+    return "\n".join(out)

@@ -1,0 +1,344 @@
+"""Object detection (RSNA pneumonia, Object-CXR foreign objects): MGCA's protocol, one class.
+
+    image [B,C,224,224] -> FROZEN encoder -> C3 [B,c3,28,28], C4 [B,c4,14,14], C5 [B,c5,7,7]
+      (ResNet stages 2-4, strides 8/16/32) -> YOLOv3Head -> per scale [B, 3, h, w, 5 + 1] raw
+      -> yolo_loss (training) | decode -> confidence >= 0.5 -> NMS 0.5 (evaluation)
+
+Only the head trains (AdamW wd 1e-6; lr and batch per data fraction in the task YAML), early stopping
+on the validation loss. mAP is averaged over IoU 0.40:0.05:0.75 and reported twice: `map` over every
+test image (predictions on an image without ground truth are false positives) and `map_mgca`, which
+skips images without ground-truth boxes as MGCA's scoring does.
+
+YOLOv3 parts, written from the YOLOv3 paper (Redmon & Farhadi 2018), not from any implementation:
+- Head: YOLOv3's top-down path. On C5 a set of five convs (1x1 / 3x3 alternating), a 3x3 conv and a
+  1x1 output conv; a 1x1 lateral conv upsampled x2 and concatenated with C4, the same again, then C3.
+  Widths `head_width`, /2, /4 (512/256/128 in YOLOv3). Conv + BN + LeakyReLU(0.1).
+- Anchors: YOLOv3's nine COCO priors for a 416-px input, scaled by (input size / 416) per axis.
+- Targets: each ground-truth box goes to the ONE anchor (of all nine) whose shape matches it best
+  (IoU of widths/heights with centres aligned), in the cell holding the box centre, as the YOLOv3 paper
+  assigns priors. Any other anchor whose shape IoU with a box exceeds `ignore_iou`, in that box's
+  cell, is left out of the no-object loss. Two boxes claiming one anchor and cell: the later one wins.
+- Loss (MGCA's weights xy 2.5, wh 2.5, conf 1, cls 1): MSE of sigmoid(tx, ty) against the centre's
+  offset in its cell; MSE of (tw, th) against log(box / anchor); objectness BCE = mean over positive
+  anchors + mean over no-object anchors; class BCE over positive anchors. Terms without a positive
+  anchor in the batch (only images without boxes) are 0. The normalisation is ours.
+- Decoding: centre = (cell + sigmoid(t)) * stride, size = anchor * exp(t), confidence =
+  sigmoid(objectness) * sigmoid(class); boxes clipped to the image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eval.checkpoint import Pretrained
+from eval.metrics import DEFAULT_IOU_THRESHOLDS, map_over_thresholds, nms
+from eval.tasks.base import (TaskConfig, adamw, autocast, epochs_of, fit, freeze, image_for_display,
+                             make_loader, plot_history, panel_row, save_figure, short_key)
+
+# YOLOv3's priors (w, h) at 416 px, one triple per scale: stride 8, 16, 32.
+ANCHORS_416 = (((10, 13), (16, 30), (33, 23)),
+               ((30, 61), (62, 45), (59, 119)),
+               ((116, 90), (156, 198), (373, 326)))
+
+
+def scaled_anchors(image_size: tuple[int, int]) -> torch.Tensor:
+    """[3 scales, 3 anchors, 2 (w, h)] in pixels of an image of (height, width) `image_size`."""
+    h, w = image_size
+    return torch.tensor(ANCHORS_416, dtype=torch.float32) * torch.tensor([w / 416.0, h / 416.0])
+
+
+def conv_bn(cin: int, cout: int, k: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.LeakyReLU(0.1, inplace=True))
+
+
+def conv_set(cin: int, width: int) -> nn.Sequential:
+    """YOLOv3's five-conv block: 1x1 width, 3x3 2*width, 1x1, 3x3, 1x1."""
+    return nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, 2 * width, 3), conv_bn(2 * width, width, 1),
+                         conv_bn(width, 2 * width, 3), conv_bn(2 * width, width, 1))
+
+
+class YOLOv3Head(nn.Module):
+    def __init__(self, in_channels: tuple[int, int, int], num_classes: int = 1, width: int = 512,
+                 num_anchors: int = 3):
+        super().__init__()
+        c3, c4, c5 = in_channels
+        w5, w4, w3 = width, width // 2, width // 4
+        out = num_anchors * (5 + num_classes)
+        self.num_anchors, self.num_classes = num_anchors, num_classes
+        self.set5, self.out5 = conv_set(c5, w5), nn.Sequential(conv_bn(w5, 2 * w5, 3), nn.Conv2d(2 * w5, out, 1))
+        self.lat5 = conv_bn(w5, w4, 1)
+        self.set4, self.out4 = conv_set(c4 + w4, w4), nn.Sequential(conv_bn(w4, 2 * w4, 3), nn.Conv2d(2 * w4, out, 1))
+        self.lat4 = conv_bn(w4, w3, 1)
+        self.set3, self.out3 = conv_set(c3 + w3, w3), nn.Sequential(conv_bn(w3, 2 * w3, 3), nn.Conv2d(2 * w3, out, 1))
+
+    def _shape(self, x: torch.Tensor) -> torch.Tensor:  # [B, A*(5+C), h, w] -> [B, A, h, w, 5+C]
+        b, _, h, w = x.shape
+        return x.view(b, self.num_anchors, 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2).contiguous()
+
+    def forward(self, c3: torch.Tensor, c4: torch.Tensor, c5: torch.Tensor) -> list[torch.Tensor]:
+        """-> [p8, p16, p32], each [B, 3, h, w, 5 + classes] raw (tx, ty, tw, th, obj, cls...)."""
+        x5 = self.set5(c5)
+        up5 = F.interpolate(self.lat5(x5), size=c4.shape[-2:], mode="nearest")
+        x4 = self.set4(torch.cat([up5, c4], dim=1))
+        up4 = F.interpolate(self.lat4(x4), size=c3.shape[-2:], mode="nearest")
+        x3 = self.set3(torch.cat([up4, c3], dim=1))
+        return [self._shape(self.out3(x3)), self._shape(self.out4(x4)), self._shape(self.out5(x5))]
+
+
+def _shape_iou(wh: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """[N, 2] box sizes vs [K, 2] anchor sizes, centres aligned -> [N, K] IoU."""
+    inter = torch.minimum(wh[:, None, 0], anchors[None, :, 0]) * torch.minimum(wh[:, None, 1], anchors[None, :, 1])
+    union = (wh[:, 0] * wh[:, 1])[:, None] + (anchors[:, 0] * anchors[:, 1])[None, :] - inter
+    return inter / union.clamp_min(1e-9)
+
+
+def build_targets(gt_boxes: list[torch.Tensor], grids: list[tuple[int, int]], anchors: torch.Tensor,
+                  image_size: tuple[int, int], ignore_iou: float = 0.5,
+                  device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+    """Per scale: {obj [B,A,h,w] bool, noobj [B,A,h,w] bool, txy [B,A,h,w,2], twh [B,A,h,w,2]}.
+
+    gt_boxes: per image [n_i, 4] (x1, y1, x2, y2) pixels of an image of (height, width) `image_size`.
+    grids: (h, w) per scale. anchors [S, A, 2] (w, h) pixels."""
+    n_img = len(gt_boxes)
+    n_anch = anchors.shape[1]
+    out = []
+    for (gh, gw) in grids:
+        out.append({"obj": torch.zeros(n_img, n_anch, gh, gw, dtype=torch.bool, device=device),
+                    "noobj": torch.ones(n_img, n_anch, gh, gw, dtype=torch.bool, device=device),
+                    "txy": torch.zeros(n_img, n_anch, gh, gw, 2, device=device),
+                    "twh": torch.zeros(n_img, n_anch, gh, gw, 2, device=device)})
+    boxes = [torch.as_tensor(b, dtype=torch.float32, device=device).reshape(-1, 4) for b in gt_boxes]
+    image_of = torch.cat([torch.full((len(b),), i, dtype=torch.long, device=device) for i, b in enumerate(boxes)])
+    boxes = torch.cat(boxes) if boxes else torch.zeros(0, 4, device=device)
+    if boxes.shape[0] == 0:
+        return out
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2                         # [N, 2] (x, y)
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1e-3)                 # [N, 2]
+    flat_anchors = anchors.to(device).reshape(-1, 2)                   # [S*A, 2]
+    iou = _shape_iou(wh, flat_anchors)                                 # [N, S*A]
+    best = iou.argmax(dim=1)                                           # [N]
+    height, width = image_size
+    for s, (gh, gw) in enumerate(grids):
+        t = out[s]
+        cx, cy = centre[:, 0] * gw / width, centre[:, 1] * gh / height   # in cells of this scale
+        col = cx.floor().long().clamp(0, gw - 1)
+        row = cy.floor().long().clamp(0, gh - 1)
+        for a in range(n_anch):
+            k = s * n_anch + a
+            ignore = iou[:, k] > ignore_iou
+            t["noobj"][image_of[ignore], a, row[ignore], col[ignore]] = False
+            mine = best == k                                           # may select nothing: empty writes
+            b, r, c = image_of[mine], row[mine], col[mine]
+            t["obj"][b, a, r, c] = True
+            t["noobj"][b, a, r, c] = False
+            t["txy"][b, a, r, c] = torch.stack([cx[mine] - c, cy[mine] - r], dim=1)
+            t["twh"][b, a, r, c] = torch.log(wh[mine] / flat_anchors[k])
+    return out
+
+
+LOSS_WEIGHTS = {"xy": 2.5, "wh": 2.5, "conf": 1.0, "cls": 1.0}
+
+
+def yolo_loss(predictions: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
+              weights: dict[str, float] = LOSS_WEIGHTS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """predictions: per scale [B, A, h, w, 5 + C] raw; targets from `build_targets`.
+    -> (weighted total [], {xy, wh, conf, cls} unweighted terms). Computed in float32."""
+    pos_xy, pos_wh, pos_obj, pos_cls, t_xy, t_wh, neg_obj = [], [], [], [], [], [], []
+    for p, t in zip(predictions, targets):
+        p = p.float()
+        obj, noobj = t["obj"], t["noobj"]
+        pos = p[obj]                                               # [P, 5 + C]
+        pos_xy.append(pos[:, 0:2].sigmoid())
+        pos_wh.append(pos[:, 2:4])
+        pos_obj.append(pos[:, 4])
+        pos_cls.append(pos[:, 5:])
+        t_xy.append(t["txy"][obj])
+        t_wh.append(t["twh"][obj])
+        neg_obj.append(p[..., 4][noobj])
+    pos_xy, pos_wh, pos_obj, pos_cls = map(torch.cat, (pos_xy, pos_wh, pos_obj, pos_cls))
+    t_xy, t_wh, neg_obj = map(torch.cat, (t_xy, t_wh, neg_obj))
+    n_pos = pos_obj.numel()
+    zero = predictions[0].float().sum() * 0.0                       # keeps the graph when a term is empty
+    if n_pos:
+        xy = F.mse_loss(pos_xy, t_xy)
+        wh = F.mse_loss(pos_wh, t_wh)
+        cls = F.binary_cross_entropy_with_logits(pos_cls, torch.ones_like(pos_cls))
+        conf_pos = F.binary_cross_entropy_with_logits(pos_obj, torch.ones_like(pos_obj))
+    else:
+        xy = wh = cls = conf_pos = zero
+    conf_neg = F.binary_cross_entropy_with_logits(neg_obj, torch.zeros_like(neg_obj)) if neg_obj.numel() else zero
+    conf = conf_pos + conf_neg
+    terms = {"xy": xy, "wh": wh, "conf": conf, "cls": cls}
+    total = sum(weights[k] * v for k, v in terms.items())
+    return total, terms
+
+
+@torch.no_grad()
+def decode(predictions: list[torch.Tensor], anchors: torch.Tensor,
+           image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (boxes [B, K, 4] x1y1x2y2 pixels clipped to the image, confidence [B, K]) over all anchors."""
+    height, width = image_size
+    all_boxes, all_conf = [], []
+    for s, p in enumerate(predictions):
+        p = p.float()
+        b, a, gh, gw, _ = p.shape
+        stride_y, stride_x = height / gh, width / gw
+        rows = torch.arange(gh, device=p.device, dtype=torch.float32).view(1, 1, gh, 1)
+        cols = torch.arange(gw, device=p.device, dtype=torch.float32).view(1, 1, 1, gw)
+        cx = (p[..., 0].sigmoid() + cols) * stride_x
+        cy = (p[..., 1].sigmoid() + rows) * stride_y
+        anc = anchors[s].to(p.device).view(1, a, 1, 1, 2)
+        # exp of a large raw value overflows to inf; 10 allows boxes e^10 times the anchor already.
+        w = anc[..., 0] * p[..., 2].clamp(max=10).exp()
+        h = anc[..., 1] * p[..., 3].clamp(max=10).exp()
+        conf = p[..., 4].sigmoid() * p[..., 5:].sigmoid().amax(dim=-1)
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+        all_boxes.append(boxes.reshape(b, -1, 4))
+        all_conf.append(conf.reshape(b, -1))
+    boxes = torch.cat(all_boxes, dim=1)
+    limit = torch.tensor([width, height, width, height], device=boxes.device, dtype=boxes.dtype)
+    boxes = torch.minimum(boxes.clamp_min(0), limit)
+    return boxes, torch.cat(all_conf, dim=1)
+
+
+def detect(predictions: list[torch.Tensor], anchors: torch.Tensor, image_size: tuple[int, int],
+           conf_threshold: float = 0.5, nms_iou: float = 0.5, max_candidates: int = 300
+           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image (boxes [k, 4], scores [k]) after conf >= conf_threshold and NMS at nms_iou, on CPU.
+    At most `max_candidates` highest-confidence boxes enter NMS (its cost is quadratic)."""
+    boxes, conf = decode(predictions, anchors, image_size)
+    out = []
+    for bx, cf in zip(boxes.cpu(), conf.cpu()):
+        keep = cf >= conf_threshold
+        bx, cf = bx[keep], cf[keep]
+        if cf.numel() > max_candidates:
+            top = cf.topk(max_candidates).indices
+            bx, cf = bx[top], cf[top]
+        kept = nms(bx, cf, nms_iou) if cf.numel() else torch.zeros(0, dtype=torch.long)
+        out.append((bx[kept], cf[kept]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the task
+
+
+@dataclass
+class DetectionSection:
+    head_width: int = 512               # YOLOv3's 512/256/128 for the C5/C4/C3 branches
+    conf_threshold: float = 0.5
+    nms_iou: float = 0.5
+    ignore_iou: float = 0.5
+    max_candidates: int = 300           # highest-confidence boxes per image entering NMS
+    iou_thresholds: tuple[float, ...] = DEFAULT_IOU_THRESHOLDS
+    loss_xy: float = 2.5
+    loss_wh: float = 2.5
+    loss_conf: float = 1.0
+    loss_cls: float = 1.0
+    plot_images: int = 6                # test images drawn in boxes.png (with ground truth first)
+
+
+@dataclass
+class DetectionConfig(TaskConfig):
+    detection: DetectionSection = field(default_factory=DetectionSection)
+
+
+class FrozenEncoderYOLO(nn.Module):
+    """Frozen smp encoder -> (C3, C4, C5) -> YOLOv3Head. Only `head` has trainable parameters."""
+
+    def __init__(self, encoder: nn.Module, width: int):
+        super().__init__()
+        self.encoder = freeze(encoder)
+        c3, c4, c5 = encoder.out_channels[-3:]
+        self.head = YOLOv3Head((c3, c4, c5), num_classes=1, width=width)
+
+    def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
+        with torch.no_grad():
+            feats = self.encoder(image)            # 6 maps, strides 1..32
+        return self.head(*feats[-3:])
+
+
+def _gt_boxes(batch) -> list[torch.Tensor]:
+    if batch.boxes is None:
+        raise ValueError("the loader returned no boxes (load_boxes must be on for detection)")
+    return [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in batch.boxes]
+
+
+def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
+    s, d = cfg.detection, cfg.data
+    model = FrozenEncoderYOLO(weights.build_encoder(), s.head_width).to(device)
+    weights_by_term = {"xy": s.loss_xy, "wh": s.loss_wh, "conf": s.loss_conf, "cls": s.loss_cls}
+
+    def anchors_for(image: torch.Tensor) -> torch.Tensor:      # scaled to the network input (224 in MGCA)
+        return scaled_anchors(tuple(image.shape[-2:])).to(device)
+
+    def loss_on_batch(batch):
+        preds = model(batch.image)
+        grids = [tuple(p.shape[2:4]) for p in preds]
+        targets = build_targets(_gt_boxes(batch), grids, anchors_for(batch.image), tuple(batch.image.shape[-2:]),
+                                s.ignore_iou, device)
+        return yolo_loss(preds, targets, weights_by_term)[0]
+
+    def set_train_mode():
+        model.head.train()
+        model.encoder.eval()
+
+    train = make_loader(cfg, d.train_split, device, weights, train=True, boxes=True)
+    valid = make_loader(cfg, d.valid_split, device, weights, train=False, boxes=True)
+    test = make_loader(cfg, d.test_split, device, weights, train=False, boxes=True)
+    fitted = fit(model.head, loss_on_batch, train, valid, adamw(model.head.parameters(), cfg.train),
+                 cfg.train.epochs, cfg.train.patience, set_train_mode, device, cfg.train.precision, log)
+    model.eval()
+    pred_boxes, pred_scores, gt, examples = [], [], [], []
+    with torch.no_grad():
+        for batch in epochs_of(test, 0):
+            with autocast(device, cfg.train.precision):
+                preds = model(batch.image)
+            found = detect(preds, anchors_for(batch.image), tuple(batch.image.shape[-2:]), s.conf_threshold,
+                           s.nms_iou, s.max_candidates)
+            for i, ((boxes, scores), truth) in enumerate(zip(found, _gt_boxes(batch))):
+                pred_boxes.append(boxes)
+                pred_scores.append(scores)
+                gt.append(truth.cpu())
+                if len(examples) < 4 * s.plot_images:
+                    examples.append((batch.keys[i], image_for_display(batch.image[i]), truth.cpu(), boxes, scores))
+    if not gt:
+        raise ValueError("the test split yielded no samples")
+    every = map_over_thresholds(pred_boxes, pred_scores, gt, s.iou_thresholds)
+    mgca = map_over_thresholds(pred_boxes, pred_scores, gt, s.iou_thresholds, skip_images_without_gt=True)
+    metrics = {"map": every["map"], "map_per_threshold": every["per_threshold"],
+               "map_mgca": mgca["map"], "map_mgca_per_threshold": mgca["per_threshold"],
+               "n_test": len(gt), "n_test_with_boxes": sum(int(g.shape[0] > 0) for g in gt),
+               "n_predicted_boxes": sum(int(b.shape[0]) for b in pred_boxes),
+               "conf_threshold": s.conf_threshold, "nms_iou": s.nms_iou,
+               "best_epoch": fitted.best_epoch + 1, "epochs_run": fitted.epochs_run,
+               "best_val_loss": fitted.best_val_loss, "train_seconds": fitted.seconds}
+    plots = []
+    if cfg.plots:
+        examples.sort(key=lambda e: e[2].shape[0] == 0)      # images with ground truth first
+        plots.append(plot_boxes(examples[:s.plot_images], out_dir / "boxes.png",
+                                f"{cfg.task}: ground truth (green) vs predicted (red, conf >= {s.conf_threshold})"))
+        plots.append(plot_history(fitted.history, out_dir / "loss.png", f"{cfg.task}: YOLOv3 head loss"))
+    return {"metrics": metrics, "headline": "map", "plots": plots}
+
+
+def plot_boxes(examples: list[tuple], path: Path, title: str) -> str:
+    from matplotlib.patches import Rectangle
+
+    fig, axes = panel_row(len(examples))
+    for ax, (key, img, truth, boxes, scores) in zip(axes, examples):
+        ax.imshow(img, cmap="gray")
+        for (x1, y1, x2, y2) in truth.tolist():
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", lw=1.2))
+        for (x1, y1, x2, y2), sc in zip(boxes.tolist(), scores.tolist()):
+            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", lw=0.8))
+            ax.text(x1, y1, f"{sc:.2f}", color="red", fontsize=5, va="bottom")
+        ax.set_title(short_key(key), fontsize=7)
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    return save_figure(fig, path)

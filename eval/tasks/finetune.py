@@ -1,0 +1,61 @@
+"""Fine-tuned classification (ChestX-ray14, 14 labels, KAD's protocol as G2D reports it):
+
+    image -> encoder (TRAINED, BatchNorm in train mode) -> C5 -> global average pool -> Linear(D, 14)
+
+Whole encoder + head updated with AdamW lr 1e-4, batch 64, up to 50 epochs, BCE; early stopping on the
+validation loss and the weights of the best epoch tested (KAD's exact stopping rule is not in the
+reference; this is the same rule as the linear tasks). Metric: mean AUROC over the 14 labels + per label.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from eval.checkpoint import Pretrained
+from eval.tasks.base import TaskConfig, adamw, fit, make_loader, manifest_of, plot_history
+from eval.tasks.linear import LabelSpec, plot_roc, pooled_features, predict
+
+
+@dataclass
+class FinetuneConfig(TaskConfig):
+    pass
+
+
+class EncoderClassifier(nn.Module):
+    def __init__(self, encoder: nn.Module, dim: int, outputs: int):
+        super().__init__()
+        self.encoder, self.head = encoder, nn.Linear(dim, outputs)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:     # [B,C,H,W] -> logits [B, outputs]
+        return self.head(pooled_features(self.encoder, image))
+
+
+def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
+    d = cfg.data
+    spec = LabelSpec.from_manifest(manifest_of(cfg))
+    encoder = weights.build_encoder()
+    model = EncoderClassifier(encoder, encoder.out_channels[-1], spec.outputs).to(device)
+    train = make_loader(cfg, d.train_split, device, weights, train=True)
+    valid = make_loader(cfg, d.valid_split, device, weights, train=False)
+    test = make_loader(cfg, d.test_split, device, weights, train=False)
+
+    def loss_on_batch(batch):
+        return spec.loss(model(batch.image), spec.targets(batch.meta, device))
+
+    fitted = fit(model, loss_on_batch, train, valid, adamw(model.parameters(), cfg.train), cfg.train.epochs,
+                 cfg.train.patience, model.train, device, cfg.train.precision, log)
+    model.eval()
+    scores, target, _ = predict(model, test, spec, device, cfg.train.precision)
+    metrics = spec.metrics(scores, target)
+    metrics.update({"n_test": int(len(target)), "best_epoch": fitted.best_epoch + 1,
+                    "epochs_run": fitted.epochs_run, "best_val_loss": fitted.best_val_loss,
+                    "train_seconds": fitted.seconds})
+    plots = []
+    if cfg.plots:
+        plots.append(plot_roc(scores, target, spec, out_dir / "roc.png",
+                              f"{cfg.task} ({cfg.fraction} of train): test ROC"))
+        plots.append(plot_history(fitted.history, out_dir / "loss.png", f"{cfg.task}: fine-tuning loss"))
+    return {"metrics": metrics, "headline": spec.headline, "plots": plots}

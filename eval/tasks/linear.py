@@ -1,0 +1,271 @@
+"""Linear classification on a frozen encoder: CheXpert (5 labels, BCE, macro AUROC), RSNA (binary,
+BCE, AUROC), COVIDx (3 classes, CE, accuracy). Protocol (G2D/MGCA, reference section 3):
+
+    image -> frozen encoder (eval mode) -> C5 [B,D,h,w] -> global average pool [B,D] -> Linear(D, classes)
+
+AdamW lr 5e-4, wd 1e-6, up to 50 epochs, early stopping on the validation loss, test on the head of
+the best epoch. `linear.mode`:
+- faithful (default): every epoch runs the encoder on freshly augmented training images (the
+  training transform), exactly the protocol above.
+- fast: the frozen features of every split are computed once (training images with the evaluation
+  transform, so no augmentation), then a grid of heads (linear.lrs x linear.weight_decays) is trained
+  together in one pass over the cached features, each with its own early stopping; the head with the
+  best validation metric is reported (DINOv2's linear-probe recipe). Much cheaper: one encoder pass
+  instead of one per epoch, and a whole learning-rate sweep for the price of one run.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eval.checkpoint import Pretrained
+from eval.metrics import macro_auroc, multiclass_accuracy, roc_curve
+from eval.tasks.base import (TaskConfig, adamw, autocast, epochs_of, fit, freeze, make_loader, manifest_of,
+                             plot_history, plt_agg, save_figure)
+
+
+@dataclass
+class LinearSection:
+    mode: str = "faithful"              # faithful | fast (cached features + grid of heads)
+    lrs: tuple[float, ...] = (1e-4, 5e-4, 1e-3, 5e-3)           # fast mode grid
+    weight_decays: tuple[float, ...] = (0.0, 1e-6, 1e-4)        # fast mode grid
+
+
+@dataclass
+class LinearConfig(TaskConfig):
+    linear: LinearSection = field(default_factory=LinearSection)
+
+
+# ---------------------------------------------------------------------------------------------
+# labels, losses and metrics of the three label types (shared with the fine-tuning task)
+
+
+@dataclass
+class LabelSpec:
+    kind: str                 # binary | multilabel | multiclass
+    names: list[str]          # label names (multiclass: class names by index)
+
+    @property
+    def outputs(self) -> int:
+        return len(self.names)
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> LabelSpec:
+        kind = manifest.get("label_type")
+        if kind not in ("binary", "multilabel", "multiclass"):
+            raise ValueError(f"manifest of {manifest.get('dataset')!r}: label_type {kind!r} is not "
+                             "binary, multilabel or multiclass")
+        names = manifest.get("classes") if kind == "multiclass" else manifest.get("label_names")
+        if not names:
+            raise ValueError(f"manifest of {manifest.get('dataset')!r} names no labels/classes")
+        return cls(kind, list(names))
+
+    def targets(self, meta: list[dict], device) -> torch.Tensor:
+        """multiclass: [B] class indices (json class_index); else [B, C] 0/1 floats from json labels."""
+        if self.kind == "multiclass":
+            try:
+                return torch.tensor([int(m["class_index"]) for m in meta], device=device)
+            except KeyError:
+                raise ValueError("a multiclass sample's json has no class_index") from None
+        rows = []
+        for m in meta:
+            labels = m.get("labels", {})
+            missing = [n for n in self.names if n not in labels]
+            if missing:
+                raise ValueError(f"sample {m.get('key')!r}: json labels lack {missing}")
+            rows.append([1.0 if labels[n] == 1.0 else 0.0 for n in self.names])
+        return torch.tensor(rows, device=device)
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.kind == "multiclass":
+            return F.cross_entropy(logits, target)
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.float().softmax(dim=1) if self.kind == "multiclass" else logits.float().sigmoid()
+
+    def metrics(self, scores: np.ndarray, target: np.ndarray) -> dict:
+        """multiclass: accuracy (+ one-vs-rest AUROCs); else mean AUROC + per class."""
+        if self.kind == "multiclass":
+            onehot = np.eye(self.outputs, dtype=np.int64)[target]
+            auc, per = macro_auroc(onehot, scores)
+            return {"accuracy": multiclass_accuracy(target, scores), "auroc_ovr": auc,
+                    "auroc_ovr_per_class": dict(zip(self.names, per))}
+        auc, per = macro_auroc(target.astype(np.int64), scores)
+        return {"auroc": auc, "auroc_per_class": dict(zip(self.names, per))}
+
+    @property
+    def headline(self) -> str:
+        return "accuracy" if self.kind == "multiclass" else "auroc"
+
+
+def pooled_features(encoder: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """[B,C,H,W] -> [B, D] global average of the last encoder map (D = 2048 for ResNet-50)."""
+    return encoder(image)[-1].float().mean(dim=(2, 3))
+
+
+@torch.no_grad()
+def predict(forward, loader, spec: LabelSpec, device, precision: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(scores [N, C], targets, keys) over a split; forward(image) -> logits."""
+    scores, targets, keys = [], [], []
+    for batch in epochs_of(loader, 0):
+        with autocast(device, precision):
+            logits = forward(batch.image)
+        scores.append(spec.scores(logits).cpu())
+        targets.append(spec.targets(batch.meta, "cpu"))
+        keys.extend(batch.keys)
+    if not scores:
+        raise ValueError("the test split yielded no samples")
+    return torch.cat(scores).numpy(), torch.cat(targets).numpy(), keys
+
+
+def plot_roc(scores: np.ndarray, target: np.ndarray, spec: LabelSpec, path: Path, title: str) -> str:
+    """ROC curve per class (one-vs-rest for multiclass) on the test split."""
+    plt = plt_agg()
+    fig, ax = plt.subplots(figsize=(4.8, 4.2))
+    onehot = np.eye(spec.outputs, dtype=np.int64)[target] if spec.kind == "multiclass" else target.astype(np.int64)
+    for c, name in enumerate(spec.names):
+        y = onehot[:, c]
+        if 0 < y.sum() < y.size:
+            fpr, tpr, _ = roc_curve(y, scores[:, c])
+            ax.plot(fpr, tpr, lw=1.2, label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run(cfg: LinearConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
+    spec = LabelSpec.from_manifest(manifest_of(cfg))
+    encoder = freeze(weights.build_encoder().to(device))
+    d = cfg.data
+    if cfg.linear.mode == "faithful":
+        result = _faithful(cfg, spec, encoder, weights, device, log)
+    elif cfg.linear.mode == "fast":
+        result = _fast(cfg, spec, encoder, weights, device, log)
+    else:
+        raise ValueError(f"linear.mode={cfg.linear.mode!r}; choose faithful or fast")
+    scores, target, history = result.pop("test_scores"), result.pop("test_target"), result.pop("history")
+    metrics = spec.metrics(scores, target)
+    metrics.update(result)
+    metrics["n_test"] = int(len(target))
+    plots = []
+    if cfg.plots:
+        plots.append(plot_roc(scores, target, spec, out_dir / "roc.png",
+                              f"{cfg.task} ({d.dataset}, {cfg.fraction} of train): test ROC"))
+        if history:
+            plots.append(plot_history(history, out_dir / "loss.png", f"{cfg.task}: linear head loss"))
+    return {"metrics": metrics, "headline": spec.headline, "plots": plots}
+
+
+def _faithful(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pretrained, device, log) -> dict:
+    d = cfg.data
+    train = make_loader(cfg, d.train_split, device, weights, train=True)
+    valid = make_loader(cfg, d.valid_split, device, weights, train=False)
+    test = make_loader(cfg, d.test_split, device, weights, train=False)
+    head = nn.Linear(encoder.out_channels[-1], spec.outputs).to(device)
+
+    def loss_on_batch(batch):
+        with torch.no_grad():
+            feats = pooled_features(encoder, batch.image)
+        return spec.loss(head(feats), spec.targets(batch.meta, device))
+
+    fitted = fit(head, loss_on_batch, train, valid, adamw(head.parameters(), cfg.train), cfg.train.epochs,
+                 cfg.train.patience, head.train, device, cfg.train.precision, log)
+    head.eval()
+    scores, target, _ = predict(lambda x: head(pooled_features(encoder, x)), test, spec, device, cfg.train.precision)
+    return {"test_scores": scores, "test_target": target, "history": fitted.history, "mode": "faithful",
+            "best_epoch": fitted.best_epoch + 1, "epochs_run": fitted.epochs_run,
+            "best_val_loss": fitted.best_val_loss, "train_seconds": fitted.seconds}
+
+
+@torch.no_grad()
+def _cache(encoder, loader, spec: LabelSpec, device, precision) -> tuple[torch.Tensor, torch.Tensor]:
+    feats, targets = [], []
+    for batch in epochs_of(loader, 0):
+        with autocast(device, precision):
+            feats.append(pooled_features(encoder, batch.image))
+        targets.append(spec.targets(batch.meta, device))
+    return torch.cat(feats), torch.cat(targets)
+
+
+def _fast(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pretrained, device, log) -> dict:
+    d, t = cfg.data, cfg.train
+    # Training images (the fraction's subset) go through the evaluation transform: the cache holds
+    # one view per image, so there is no augmentation in fast mode.
+    loaders = (make_loader(cfg, d.train_split, device, weights, train=True, transform=d.eval_transform,
+                           batch_size=d.eval_batch_size),
+               make_loader(cfg, d.valid_split, device, weights, train=False),
+               make_loader(cfg, d.test_split, device, weights, train=False))
+    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (_cache(encoder, ld, spec, device, t.precision) for ld in loaders)
+    grid = [(lr, wd) for lr in cfg.linear.lrs for wd in cfg.linear.weight_decays]
+    if not grid:
+        raise ValueError("linear.lrs and linear.weight_decays must be non-empty in fast mode")
+    heads = nn.ModuleList(nn.Linear(x_tr.shape[1], spec.outputs) for _ in grid).to(device)
+    opt = torch.optim.AdamW([{"params": h.parameters(), "lr": lr, "weight_decay": wd}
+                             for h, (lr, wd) in zip(heads, grid)], betas=tuple(t.betas))
+    best_loss = [math.inf] * len(grid)
+    best_state = [copy.deepcopy(h.state_dict()) for h in heads]
+    bad = [0] * len(grid)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    epochs_run = 0
+    for epoch in range(t.epochs):
+        heads.train()
+        order = torch.randperm(x_tr.shape[0], generator=gen).to(device)
+        for start in range(0, x_tr.shape[0], d.batch_size):
+            idx = order[start:start + d.batch_size]
+            x, y = x_tr[idx], y_tr[idx]
+            # Heads share no parameters, so the summed loss gives each head its own gradient.
+            loss = sum(spec.loss(h(x), y) for h in heads)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        epochs_run += 1
+        heads.eval()
+        with torch.no_grad():
+            val = [float(spec.loss(h(x_va), y_va)) for h in heads]
+        for g, v in enumerate(val):
+            if v < best_loss[g]:
+                best_loss[g], bad[g] = v, 0
+                best_state[g] = copy.deepcopy(heads[g].state_dict())
+            else:
+                bad[g] += 1
+        if min(bad) >= t.patience:
+            break
+    rows = []
+    for g, (lr, wd) in enumerate(grid):
+        heads[g].load_state_dict(best_state[g])
+        with torch.no_grad():
+            val_scores = spec.scores(heads[g](x_va)).cpu().numpy()
+        val_metric = spec.metrics(val_scores, y_va.cpu().numpy())[spec.headline]
+        rows.append({"lr": lr, "weight_decay": wd, "val_loss": best_loss[g], f"val_{spec.headline}": val_metric})
+    # The best validation metric wins; ties and undefined metrics (a one-label validation split) fall
+    # back to the lower validation loss.
+    key = f"val_{spec.headline}"
+
+    def rank(g: int) -> tuple:
+        metric = rows[g][key]
+        return (math.isnan(metric), 0.0 if math.isnan(metric) else -metric, rows[g]["val_loss"])
+
+    best = min(range(len(grid)), key=rank)
+    log(f"  fast mode: {len(grid)} heads, {epochs_run} epochs; best lr {grid[best][0]} wd {grid[best][1]}")
+    heads.eval()
+    with torch.no_grad():
+        scores = spec.scores(heads[best](x_te)).cpu().numpy()
+    return {"test_scores": scores, "test_target": y_te.cpu().numpy(), "history": [], "mode": "fast",
+            "grid": rows, "best_lr": grid[best][0], "best_weight_decay": grid[best][1],
+            "epochs_run": epochs_run, "n_train": int(x_tr.shape[0])}

@@ -1,0 +1,331 @@
+"""The evaluation suite end to end: every task family runs for one epoch on tiny synthetic downstream
+shards (packed in a tmp dir by the real converters) with a tiny G2D saved as a pretraining checkpoint;
+results.json fields and metric ranges, the YOLOv3 target assignment / decoding on a hand case,
+checkpoint resolution (run dir, exports, random, imagenet from a local file, newest default),
+unknown-task and architecture-mismatch errors, the paper-shaped tables."""
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from common.config import ConfigError, config_to_dict
+from common.io import sha256_file
+from eval.checkpoint import (ArchitectureMismatch, BadCheckpoint, CheckpointNotFound, NotApplicable,
+                             check_image_architecture, default_checkpoint, resolve_weights)
+from eval.runner import run_all, run_eval
+from eval.tasks import TASKS, UnknownTask, get_task, load_task_config
+from eval.tasks.detection import YOLOv3Head, build_targets, detect, scaled_anchors, yolo_loss
+from model.export import export_unet_state_dicts
+from model.registry import build_model, model_config
+from model.text import build_tiny_text_model
+from shards.downstream import DATASETS, convert
+from shards.synthetic.downstream import write_all
+from tools import eval as eval_cli
+from tools.eval import main as eval_main
+
+# Tiny everything: 64-px images, one epoch, in-process torch loader, the tiny architecture for baselines.
+TINY = ["train.epochs=1", "data.image_size=64", "data.crop_size=64", "data.batch_size=4", "data.eval_batch_size=8",
+        "data.num_workers=0", "data.backend=torch", "model.baseline=g2d_tiny"]
+PROMPT_TEXTS = ["no pneumonia", "there is a pneumothorax", "small pleural effusion", "the heart is enlarged",
+                "pulmonary edema", "focal consolidation", "the lungs are clear", "atelectasis"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """64-px tensors: on the 2 shared cores, intra-op threads cost more in synchronisation than they
+    save (measured ~5x slower with 2 threads when the machine is busy)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """All six datasets, ~20 images each, packed at max side 96 (about 10 s)."""
+    src, out = tmp_path_factory.mktemp("downstream_src"), tmp_path_factory.mktemp("downstream_shards")
+    write_all(src, 20, 0)
+    for name in DATASETS:
+        convert(name, src / name, out, max_side=96, workers=1, seed=0, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A fake pretraining run: checkpoint in train/checkpoint.py's format + config.yaml + both exports."""
+    root = tmp_path_factory.mktemp("pretrain_run")
+    bert = build_tiny_text_model(root / "tiny_bert", PROMPT_TEXTS * 4, hidden=32, layers=2, heads=2)
+    cfg = model_config("g2d_tiny", text_model=str(bert))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    config = {"model": config_to_dict(cfg), "data": {"eval_transform": "eval", "image_size": 64, "crop_size": 64}}
+    (root / "checkpoints").mkdir()
+    torch.save({"model": model.state_dict(), "optimizer": {}, "step": 3, "config": config},
+               root / "checkpoints" / "step_00000003.pt")
+    (root / "config.yaml").write_text(yaml.safe_dump(config))
+    encoder_sd, unet_sd = export_unet_state_dicts(model)
+    torch.save(encoder_sd, root / "g2d_encoder.pth")
+    torch.save(unet_sd, root / "g2d_encoder_decoder.pth")
+    return root
+
+
+def strict_json(path):
+    def reject(token):
+        raise ValueError(f"{path}: non-standard JSON constant {token}")
+    return json.loads(open(path, encoding="utf-8").read(), parse_constant=reject)
+
+
+def in_unit(value) -> bool:
+    return value is None or 0.0 <= value <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# errors and config
+
+
+def test_unknown_task_lists_the_valid_names(capsys):
+    with pytest.raises(UnknownTask) as err:
+        get_task("siim_segmentaton")
+    assert all(name in str(err.value) for name in TASKS)
+    assert eval_main(["--task", "nope", "--data", "/nonexistent"]) == 2
+    assert "rsna_detection" in capsys.readouterr().err
+    assert len(TASKS) == 14 and {t.family for t in TASKS.values()} == {
+        "linear", "segmentation", "detection", "finetune", "zeroshot_cls", "grounding"}
+
+
+def test_cli_runs_a_task_and_fills_only_the_default_data_root(run_dir, data_root, tmp_path, monkeypatch, capsys):
+    assert eval_main(["--task", "zeroshot_rsna", "--ckpt", str(run_dir), "--data", data_root,
+                      "--output-root", str(tmp_path / "out"), *TINY]) == 0
+    assert len(list((tmp_path / "out" / "zeroshot_rsna" / "1.0").glob("*/results.json"))) == 1
+    # A user-given root that lacks the dataset is an error saying how to pack it ...
+    assert eval_main(["--task", "covidx_linear", "--data", str(tmp_path / "elsewhere")]) == 2
+    assert "make shards DATASET=" in capsys.readouterr().err
+    # ... while the default root is generated from the synthetic look-alikes (here shrunk to 8 images).
+    monkeypatch.setattr(eval_cli, "DEFAULT_DATA", str(tmp_path / "shards"))
+    monkeypatch.setattr(eval_cli, "DEFAULT_SRC", str(tmp_path / "src"))
+    monkeypatch.setattr(eval_cli, "SYNTH_N", 8)
+    monkeypatch.setattr(eval_cli, "MAX_SIDE", 64)
+    eval_cli.ensure_data(str(tmp_path / "shards"), ["covidx"], log=lambda *_: None)
+    manifest = json.loads((tmp_path / "shards" / "covidx" / "manifest.json").read_text())
+    assert manifest["dataset"] == "covidx" and manifest["num_samples"] > 0
+
+
+def test_task_configs_carry_the_paper_hyperparameters():
+    lin = load_task_config("chexpert_linear")
+    assert (lin.train.lr, lin.train.weight_decay, lin.data.batch_size, lin.train.epochs) == (5e-4, 1e-6, 8, 50)
+    seg = load_task_config("siim_segmentation")
+    assert (seg.train.lr, seg.train.weight_decay, seg.segmentation.focal_weight, seg.segmentation.focal_gamma) == \
+        (2e-4, 0.05, 10.0, 2.0)
+    assert load_task_config("rsna_segmentation").data.batch_size == 16
+    det1, det10 = load_task_config("rsna_detection", "0.01"), load_task_config("rsna_detection", "0.1")
+    assert (det1.data.batch_size, det1.train.lr, det10.data.batch_size, det10.train.lr) == (8, 2e-4, 16, 5e-4)
+    assert det1.detection.iou_thresholds == (0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70, 0.75)
+    ft = load_task_config("chestxray14_finetune")
+    assert (ft.train.lr, ft.data.batch_size) == (1e-4, 64)
+    assert len(load_task_config("zeroshot_chestxray14").zeroshot.prompts) == 14
+    for name in TASKS:           # every YAML loads strictly
+        load_task_config(name, "0.1", overrides=["train.epochs=2"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_task_config("rsna_linear", overrides=["linear.moed=fast"])
+    with pytest.raises(ConfigError, match="fraction"):
+        load_task_config("rsna_linear", "0.5")
+
+
+# ---------------------------------------------------------------------------------------------
+# YOLOv3 on a hand-made case
+
+
+def test_yolo_target_assignment_and_decoding_hand_case():
+    size = (64, 64)                       # strides 8 / 16 / 32 -> grids 8 / 4 / 2
+    anchors = scaled_anchors(size)        # 416-px priors x 64/416
+    assert torch.allclose(anchors[2, 1], torch.tensor([156, 198]) * 64 / 416)
+    grids = [(8, 8), (4, 4), (2, 2)]
+    # Box 1: 130 x 130 at 416 (20 x 20 px here), centre (22, 27.23) -> stride-32 cell (0, 0). Shape IoU
+    # with the priors (116, 90): 0.62 (best -> scale 2, anchor 0), (156, 198): 0.55 (> 0.5: ignored),
+    # (373, 326): 0.14 (a negative).
+    big = [12, 17.23, 32, 37.23]
+    # Box 2: exactly the prior (16, 30) at 416 (scale 0, anchor 1), centre (45, 13) -> stride-8 cell row 1, col 5.
+    small = [45 - 16 * 32 / 416, 13 - 30 * 32 / 416, 45 + 16 * 32 / 416, 13 + 30 * 32 / 416]
+    targets = build_targets([torch.tensor([big, small]), torch.zeros(0, 4)], grids, anchors, size)
+    assert targets[2]["obj"].nonzero().tolist() == [[0, 0, 0, 0]]
+    assert targets[0]["obj"].nonzero().tolist() == [[0, 1, 1, 5]]
+    assert not targets[1]["obj"].any() and not targets[2]["obj"][1].any()       # image 2 has no boxes
+    assert torch.allclose(targets[2]["txy"][0, 0, 0, 0], torch.tensor([22 / 32, 27.23 / 32]))
+    assert torch.allclose(targets[2]["twh"][0, 0, 0, 0], torch.log(torch.tensor([130 / 116, 130 / 90])), atol=1e-5)
+    assert torch.allclose(targets[0]["twh"][0, 1, 1, 5], torch.zeros(2), atol=1e-5)    # exact prior shape
+    assert torch.allclose(targets[0]["txy"][0, 1, 1, 5], torch.tensor([45 / 8 - 5, 13 / 8 - 1]))
+    # No-object loss: not at the positives, not at the ignored similar prior, yes at the dissimilar ones.
+    assert targets[2]["noobj"][0, :, 0, 0].tolist() == [False, False, True]
+    assert targets[0]["noobj"][0, :, 1, 5].tolist() == [True, False, True]
+    assert int(targets[1]["noobj"].sum()) == 2 * 3 * 4 * 4 and int(targets[2]["noobj"][1].sum()) == 3 * 2 * 2
+    # Predictions that encode exactly these targets decode back to the boxes, confidently; loss ~ 0.
+    preds = [torch.full((2, 3, gh, gw, 6), -30.0) for gh, gw in grids]
+    for s, t in enumerate(targets):
+        obj = t["obj"]
+        preds[s][..., 0:2][obj] = torch.logit(t["txy"][obj])
+        preds[s][..., 2:4][obj] = t["twh"][obj]
+        preds[s][..., 4:6][obj] = 30.0
+    found = detect(preds, anchors, size, conf_threshold=0.5, nms_iou=0.5)
+    boxes, scores = found[0]
+    order = boxes[:, 0].argsort()
+    assert torch.allclose(boxes[order], torch.tensor([big, small]).clamp(0, 64), atol=1e-3)
+    assert torch.all(scores > 0.99) and found[1][0].shape == (0, 4)
+    total, terms = yolo_loss(preds, targets)
+    assert total < 1e-6 and all(float(v) < 1e-6 for v in terms.values())
+    # Shift one box centre: only the xy term reacts, with weight 2.5 in the total.
+    preds[2][0, 0, 0, 0, 0] = 0.0
+    moved, moved_terms = yolo_loss(preds, targets)
+    expected_xy = ((0.5 - 22 / 32) ** 2) / 4            # one of 2 positives x 2 coordinates
+    assert math.isclose(float(moved_terms["xy"]), expected_xy, rel_tol=1e-4)
+    assert math.isclose(float(moved), 2.5 * expected_xy, rel_tol=1e-3)
+    # The head's output layout matches the targets'.
+    head = YOLOv3Head((128, 256, 512), num_classes=1, width=32)
+    outs = head(torch.randn(2, 128, 8, 8), torch.randn(2, 256, 4, 4), torch.randn(2, 512, 2, 2))
+    assert [tuple(o.shape) for o in outs] == [(2, 3, 8, 8, 6), (2, 3, 4, 4, 6), (2, 3, 2, 2, 6)]
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def test_checkpoint_resolution_exports_and_architecture_mismatch(run_dir, tmp_path):
+    baseline = model_config("g2d_tiny")
+    ckpt = resolve_weights(str(run_dir), baseline)
+    assert ckpt.kind == "checkpoint" and ckpt.step == 3 and ckpt.has_text and ckpt.has_decoder
+    assert ckpt.sha256 == sha256_file(run_dir / "checkpoints" / "step_00000003.pt")
+    assert ckpt.model_cfg.encoder == "resnet18" and ckpt.model_cfg.encoder_weights == "none"
+    full = resolve_weights(str(run_dir / "g2d_encoder_decoder.pth"), model_config("g2d_resnet50"))
+    assert full.kind == "export_unet" and full.model_cfg.encoder == "resnet18"      # config.yaml beside it wins
+    a, b = ckpt.build_unet(pretrained_decoder=True), full.build_unet(pretrained_decoder=True)
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    enc = resolve_weights(str(run_dir / "g2d_encoder.pth"), baseline)
+    assert enc.kind == "export_encoder" and not enc.has_decoder and not enc.has_text
+    with pytest.raises(NotApplicable, match="no pretrained U-Net decoder"):
+        enc.build_unet(pretrained_decoder=True)
+
+    # A checkpoint whose saved config does not describe its weights: the error lists the keys.
+    payload = torch.load(run_dir / "checkpoints" / "step_00000003.pt", weights_only=True)
+    payload["config"]["model"]["decoder_channels"] = [64, 32, 16, 16, 8]
+    bad = tmp_path / "bad" / "checkpoints" / "step_00000009.pt"
+    bad.parent.mkdir(parents=True)
+    torch.save(payload, bad)
+    with pytest.raises(ArchitectureMismatch, match=r"wrong shape \['unet.decoder"):
+        check_image_architecture(resolve_weights(str(bad), baseline))
+    # An exported resnet18 encoder (no config.yaml beside it) into a resnet34 baseline: missing keys listed.
+    lone = tmp_path / "lone.pth"
+    torch.save(torch.load(run_dir / "g2d_encoder.pth", weights_only=True), lone)
+    with pytest.raises(ArchitectureMismatch, match=r"missing \['layer1.2.bn1"):
+        check_image_architecture(resolve_weights(str(lone), model_config("g2d_tiny", encoder="resnet34")))
+    with pytest.raises(CheckpointNotFound, match="not found"):
+        resolve_weights(str(tmp_path / "nothing.pt"), baseline)
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    with pytest.raises(BadCheckpoint, match="garbage.pt: not a readable torch file"):
+        resolve_weights(str(tmp_path / "garbage.pt"), baseline)
+
+
+def test_default_checkpoint_is_the_newest_run(tmp_path, run_dir):
+    with pytest.raises(CheckpointNotFound, match="make pretrain"):
+        default_checkpoint(base=tmp_path)
+    older = tmp_path / "runs" / "pretrain_paper" / "checkpoints" / "step_00000500.pt"
+    newer = tmp_path / "runs" / "demo" / "pretrain" / "checkpoints" / "step_00000100.pt"
+    for path in (older, newer, older.with_name("step_00000400.pt")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    now = time.time()
+    os.utime(older, (now - 100, now - 100))
+    os.utime(older.with_name("step_00000400.pt"), (now - 200, now - 200))
+    os.utime(newer, (now, now))
+    assert default_checkpoint(base=tmp_path) == newer
+    os.utime(older, (now + 10, now + 10))
+    assert default_checkpoint(base=tmp_path) == older        # highest step of the run written last
+
+
+# ---------------------------------------------------------------------------------------------
+# every family end to end
+
+FAMILY_RUNS = [
+    ("rsna_linear", []),
+    ("covidx_linear", ["linear.mode=fast", "linear.lrs=[1.0e-3,1.0e-2]", "linear.weight_decays=[0.0]"]),
+    ("siim_segmentation", ["segmentation.decoder_channels=[32,16,16,8,8]"]),
+    ("rsna_segmentation", ["segmentation.variant=encoder_decoder"]),
+    ("object_cxr_detection", ["detection.head_width=32"]),
+    ("chestxray14_finetune", ["data.batch_size=8"]),
+    ("zeroshot_chexpert", []),
+    ("grounding_siim", []),
+]
+
+
+@pytest.mark.parametrize("task,extra", FAMILY_RUNS, ids=[t for t, _ in FAMILY_RUNS])
+def test_task_runs_end_to_end_and_records_results(task, extra, data_root, run_dir, tmp_path):
+    rec = run_eval(task, str(run_dir), "1.0", data_root, TINY + extra, output_root=str(tmp_path), log=lambda *_: None)
+    path = rec["results_path"]
+    assert path.startswith(str(tmp_path / task / "1.0"))
+    saved = strict_json(path)                              # nan is written as null, never NaN
+    assert saved["task"] == task and saved["fraction"] == "1.0" and saved["seed"] == 42
+    assert saved["checkpoint"]["sha256"] == sha256_file(run_dir / "checkpoints" / "step_00000003.pt")
+    assert saved["data"]["manifest_sha256"] == sha256_file(saved["data"]["manifest"])
+    assert saved["config"]["train"]["epochs"] == 1 and saved["config"]["data"]["dataset"] == get_task(task).dataset
+    assert saved["plots"]
+    for name in saved["plots"]:
+        with open(os.path.join(os.path.dirname(path), name), "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+    m, family = saved["metrics"], get_task(task).family
+    assert in_unit(saved["headline"]["value"]) and saved["headline"]["value"] == m[saved["headline"]["name"]]
+    if family == "linear":
+        key = "accuracy" if task == "covidx_linear" else "auroc"
+        assert in_unit(m[key]) and m["n_test"] > 0
+        if "linear.mode=fast" in extra:
+            assert m["mode"] == "fast" and len(m["grid"]) == 2 and m["best_lr"] in (1e-3, 1e-2)
+    elif family == "segmentation":
+        assert all(in_unit(m[k]) for k in ("dice", "dice_positive", "iou"))
+        assert m["n_test_positive"] >= 1 and m["variant"] == saved["variant"]
+    elif family == "detection":
+        assert all(in_unit(m[k]) for k in ("map", "map_mgca")) and len(m["map_per_threshold"]) == 8
+        assert m["n_test_with_boxes"] >= 1
+    elif family == "finetune":
+        assert in_unit(m["auroc"]) and len(m["auroc_per_class"]) == 14
+    elif family == "zeroshot_cls":
+        assert all(in_unit(m[k]) for k in ("auc", "f1", "acc")) and len(m["per_class"]) == 5
+    elif family == "grounding":
+        assert all(in_unit(m[k]) for k in ("pointing", "iou", "dice", "medklip_iou", "medklip_dice"))
+        assert m["n_positive"] >= 1 and m["threshold"] == 0.5
+
+
+def test_baselines_random_and_imagenet_from_a_local_file(data_root, tmp_path):
+    quiet = dict(output_root=str(tmp_path), log=lambda *_: None)
+    rec = run_eval("rsna_linear", "random", "0.1", data_root, TINY, **quiet)
+    assert rec["checkpoint"]["kind"] == "random" and rec["checkpoint"]["sha256"] is None
+    assert rec["checkpoint"]["encoder"] == "resnet18"
+    weights = tmp_path / "resnet18_imagenet.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)   # a torchvision-layout file (fc included)
+    rec = run_eval("rsna_linear", "imagenet", "1.0", data_root, TINY + [f"model.imagenet_weights={weights}"], **quiet)
+    assert rec["checkpoint"]["kind"] == "imagenet" and in_unit(rec["metrics"]["auroc"])
+    with pytest.raises(FileNotFoundError, match="model.imagenet_weights"):
+        run_eval("rsna_linear", "imagenet", "1.0", data_root,
+                 TINY + [f"model.imagenet_weights={tmp_path / 'missing.pth'}"], **quiet)
+    with pytest.raises(NotApplicable, match="text encoder"):
+        run_eval("zeroshot_rsna", "random", "1.0", data_root, TINY, **quiet)
+
+
+def test_all_prints_paper_tables_next_to_random_init(data_root, run_dir, tmp_path):
+    overrides = TINY + ["linear.mode=fast", "segmentation.decoder_channels=[32,16,16,8,8]"]
+    summary = run_all(str(run_dir), "1.0", data_root, overrides, output_root=str(tmp_path),
+                      tasks=["siim_segmentation", "zeroshot_siim"], log=lambda *_: None)
+    assert not summary["failed"]
+    runs = {(r["task"], r["model"], r["variant"]): r["status"] for r in summary["records"]}
+    assert runs == {("siim_segmentation", "checkpoint", "encoder"): "ok",
+                    ("siim_segmentation", "checkpoint", "encoder_decoder"): "ok",
+                    ("siim_segmentation", "random", "encoder"): "ok",
+                    ("zeroshot_siim", "checkpoint", ""): "ok",
+                    ("zeroshot_siim", "random", ""): "not applicable"}
+    tables = summary["tables"]
+    for text in ("Table 1", "Table 2", "Table 4", "ours: random init", "paper G2D (1.0)", "REAL datasets",
+                 "siim_segmentation (encoder_decoder)", "68.4", "89.7/69.3/85.4", "not applicable", "not run"):
+        assert text in tables, text
+    assert os.path.isfile(summary["summary_path"])
+    assert strict_json(summary["summary_path"])["tables"] == tables

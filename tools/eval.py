@@ -1,0 +1,88 @@
+"""Downstream evaluation CLI (`make eval` / `make eval-all`).
+
+    python -m tools.eval --task rsna_segmentation [--ckpt C] [--fraction 0.01|0.1|1.0] [--data D] key=value ...
+    python -m tools.eval --task all ...       every task for C and for random init + the paper's tables
+
+--ckpt: a pretraining checkpoint (.pt), a run directory, an exported g2d_encoder*.pth, `random` or
+`imagenet`; default the newest checkpoint under runs/pretrain*/ or runs/*/pretrain*/ (see
+eval/checkpoint.py). --data: the downstream shards root; default data/shards/downstream, which is
+generated (tools.synth_downstream + shards.downstream) when a dataset is missing there. key=value
+overrides the task config (configs/eval/<task>.yaml), e.g. train.epochs=2 linear.mode=fast
+segmentation.variant=encoder_decoder. Results: runs/eval/<task>/<fraction>/<timestamp>/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from common.config import ConfigError
+from eval.checkpoint import (ArchitectureMismatch, BadCheckpoint, CheckpointNotFound, NotApplicable,
+                             WeightsUnavailable)
+from eval.runner import run_all, run_eval
+from eval.tasks import TASKS, UnknownTask, get_task
+from shards.downstream import convert
+from shards.downstream.common import format_summary
+from shards.schema import MANIFEST_NAME
+from shards.synthetic.downstream import write_all
+from shards.writer import default_workers
+
+DEFAULT_DATA = "data/shards/downstream"
+DEFAULT_SRC = "data/synthetic_downstream"
+SYNTH_N, SYNTH_SEED, MAX_SIDE = 120, 0, 512      # the Makefile's synth-downstream / shards defaults
+
+
+def ensure_data(data_root: str, datasets: list[str], log=print) -> None:
+    """Every dataset must be packed under data_root. Only the default root is filled automatically
+    (with the synthetic look-alikes); a user-given root missing a dataset is an error saying how to pack it."""
+    root = Path(data_root)
+    missing = [d for d in dict.fromkeys(datasets) if not (root / d / MANIFEST_NAME).is_file()]
+    if not missing:
+        return
+    if root.resolve() != Path(DEFAULT_DATA).resolve():
+        raise FileNotFoundError(
+            f"no packed shards for {missing} under {root} (expected {root}/<dataset>/{MANIFEST_NAME}); pack them "
+            f"with `make shards DATASET=<name> SRC=<native download> OUT={root}`, or leave DATA unset to use "
+            "the synthetic downstream shards")
+    src = Path(DEFAULT_SRC)
+    to_render = [d for d in missing if not (src / d).is_dir()]
+    if to_render:
+        log(f"[eval] writing synthetic downstream datasets {to_render} to {src} (n={SYNTH_N})")
+        write_all(src, SYNTH_N, SYNTH_SEED, workers=default_workers(), datasets=tuple(to_render))
+    for name in missing:
+        log(f"[eval] packing {src / name} -> {root / name}")
+        manifest = convert(name, src / name, root, max_side=MAX_SIDE, workers=default_workers(), seed=SYNTH_SEED)
+        log(format_summary(manifest))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS)}, or all")
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--fraction", default="1.0", choices=("0.01", "0.1", "1.0"))
+    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--output-root", default=None, help="default runs/eval (config key output_root)")
+    ap.add_argument("--no-random", action="store_true", help="--task all: skip the random-init baseline")
+    ap.add_argument("overrides", nargs="*", help="key.sub=value overrides of the task config")
+    args = ap.parse_args(argv)
+    try:
+        if args.task == "all":
+            ensure_data(args.data, [t.dataset for t in TASKS.values()])
+            summary = run_all(args.ckpt, args.fraction, args.data, args.overrides, args.output_root,
+                              with_random=not args.no_random)
+            if summary["failed"]:
+                print(f"error: {len(summary['failed'])} task run(s) failed: {summary['failed']}", file=sys.stderr)
+                return 1
+            return 0
+        task = get_task(args.task)
+        ensure_data(args.data, [task.dataset])
+        run_eval(task.name, args.ckpt, args.fraction, args.data, args.overrides, args.output_root)
+        return 0
+    except (UnknownTask, CheckpointNotFound, BadCheckpoint, ArchitectureMismatch, NotApplicable, ConfigError,
+            FileNotFoundError, WeightsUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
