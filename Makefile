@@ -82,7 +82,7 @@ pretrain: setup
 	  --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT) -m train.pretrain --config $(CONFIG) $(ARGS)
 
 eval: setup
-	$(PY) -m tools.eval --task "$(TASK)" --fraction $(FRACTION) --data $(DATA) $(if $(CKPT),--ckpt $(CKPT)) $(ARGS)
+	$(PY) -m tools.eval --task "$(TASK)" --fraction $(FRACTION) --data $(DATA) $(if $(CKPT),--ckpt $(CKPT)) $(if $(VARIANT),segmentation.variant=$(VARIANT)) $(ARGS)
 
 eval-all: setup
 	$(PY) -m tools.eval --task all --fraction $(FRACTION) --data $(DATA) $(if $(CKPT),--ckpt $(CKPT)) $(ARGS)

@@ -1,7 +1,9 @@
 """`make demo`: the whole job on the embedded synthetic MIMIC-format corpus, on CPU.
 
 synthetic corpus -> shards (+ verify) -> tiny BERT -> pretrain g2d_tiny -> evaluate the trained model
-AND the same model at random init, measured the same way -> table + plot paths.
+AND the same model at random init, measured the same way: retrieval and zero-shot AUC on the
+pretraining valid split, then small downstream tasks (zero-shot classification, grounding, a linear
+probe, a segmentation) on synthetic RSNA/SIIM look-alikes -> tables + plot paths.
 Every stage is idempotent: a rerun reuses the corpus, the shards and a finished pretraining run.
 """
 from __future__ import annotations
@@ -18,13 +20,21 @@ from common.dist import DistInfo
 from common.io import atomic_write_json
 from model.registry import build_model
 from model.text import load_tokenizer
+from eval.runner import run_all
 from tools import make_tiny_bert, pack_shards, verify_shards
+from tools.eval import ensure_data
 from train.checkpoint import list_checkpoints, load_checkpoint
 from train.config import load_pretrain_config
 from train.pretrain import seed_everything, train
 from train.validate import validate
 
 CONFIG = "configs/pretrain/demo.yaml"
+DOWNSTREAM = "data/shards/downstream"
+DEMO_TASKS = ["zeroshot_rsna", "zeroshot_siim", "grounding_rsna", "grounding_siim", "rsna_linear",
+              "siim_segmentation"]
+# Small versions of the tasks: the tiny model's resolution, a few epochs.
+DEMO_EVAL_ARGS = ["data.image_size=128", "data.crop_size=128", "train.epochs=8", "train.patience=4",
+                  "data.num_workers=0"]
 
 
 def stage(title: str) -> None:
@@ -52,28 +62,28 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = load_pretrain_config(CONFIG, args.overrides)
     shards = cfg.data.shards
-    stage("1/5 synthetic MIMIC-CXR-JPG corpus -> WebDataset shards")
+    stage("1/6 synthetic MIMIC-CXR-JPG corpus -> WebDataset shards")
     code = pack_shards.main(["--synthetic", "data/synthetic_mimic_demo", "--synth-n", str(args.studies),
                              "--synth-size", "512", "--out", shards, "--max-side", "256",
                              "--workers", str(args.workers), "--seed", "0"])
     if code:
         raise SystemExit(code)
-    stage("2/5 verify shards")
+    stage("2/6 verify shards")
     if verify_shards.main([shards]):
         raise SystemExit("shard verification failed")
-    stage("3/5 tiny BERT + WordPiece tokenizer from the training reports")
+    stage("3/6 tiny BERT + WordPiece tokenizer from the training reports")
     if not Path(cfg.model.text_model, "config.json").is_file():
         make_tiny_bert.main(["--shards", shards, "--out", cfg.model.text_model])
     else:
         print(f"using {cfg.model.text_model}")
 
-    stage("4/5 pretrain g2d_tiny (G2D: VLA + pseudo-segmentation)")
+    stage("4/6 pretrain g2d_tiny (G2D: VLA + pseudo-segmentation)")
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     train(cfg, dist)
     out_dir = Path(cfg.train.output_dir)
     checkpoint = list_checkpoints(out_dir / "checkpoints")[-1]
 
-    stage("5/5 evaluate: trained vs random init (valid split, same code path)")
+    stage("5/6 evaluate: trained vs random init (valid split, same code path)")
     trained = pretraining_metrics(cfg, dist, checkpoint)
     random_init = pretraining_metrics(cfg, dist, None)
     keys = [k for k in trained if k != "num_samples"]
@@ -85,13 +95,20 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nPretraining on the synthetic corpus, evaluated on {n} valid images "
           f"(retrieval chance level: top1 {1 / n:.3f}, top5 {min(1.0, 5 / n):.3f}; AUC chance 0.5)")
     print(table)
+
+    stage("6/6 downstream tasks on synthetic RSNA / SIIM: trained vs random init")
+    ensure_data(DOWNSTREAM, ["rsna_pneumonia", "siim_pneumothorax"])
+    downstream = run_all(ckpt=str(checkpoint), fraction="1.0", data_root=DOWNSTREAM, overrides=DEMO_EVAL_ARGS,
+                         output_root="runs/demo/eval", tasks=DEMO_TASKS)
     plots = sorted((out_dir / "plots").glob("*.png"))
     summary = {"config": config_to_dict(cfg), "checkpoint": str(checkpoint), "trained": trained,
                "random_init": random_init, "plots": [str(p) for p in plots],
+               "downstream": downstream["summary_path"],
                "exports": [str(out_dir / "g2d_encoder.pth"), str(out_dir / "g2d_encoder_decoder.pth")],
                "seconds": time.time() - t_start}
     atomic_write_json(Path("runs/demo/summary.json"), summary)
     print("\nattention / pseudo-mask plots:", *(f"  {p}" for p in plots[-3:]), sep="\n")
+    print(f"downstream results (per task results.json + PNGs): runs/demo/eval/; tables: {downstream['summary_path']}")
     print(f"metrics log: {out_dir / 'metrics.jsonl'}; summary: runs/demo/summary.json")
     print(f"exports: {summary['exports'][0]}, {summary['exports'][1]}")
     print(f"demo finished in {summary['seconds'] / 60:.1f} min")

@@ -125,6 +125,11 @@ def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
         found = (Path(run.resume), load_checkpoint(run.resume))
     if found is not None:
         path, ckpt = found
+        saved_model = ckpt["config"]["model"]
+        changed = sorted(k for k, v in config_to_dict(cfg.model).items() if saved_model.get(k) != v)
+        if changed:
+            raise ValueError(f"{path} was trained with a different model config ({', '.join(changed)}); "
+                             "use a new train.output_dir or train.resume=none")
         unwrap(model).load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
