@@ -1,0 +1,240 @@
+"""What the loader yields (`Batch`), what a backend hands the loader (`HostBatch`), the loader's
+counters (`LoaderStats`) and the per-sample CPU reading/decoding both backends share.
+
+Bad samples: a sample that cannot be read (undecodable jpg/png, text that is not UTF-8, json that is
+not an object) is removed from its batch and recorded with its shard, key and reason. In training
+(`keep_size`, i.e. drop_last) the batch is refilled to B with copies of its first good samples, so
+every rank still yields B-row batches and collectives that assume equal shapes (all_gather of
+embeddings) never see a short rank; in evaluation the batch just shrinks, so no sample is counted
+twice.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.plan import EXT_COLUMN, DatasetIndex
+
+# What PIL, json and UTF-8 decoding raise for damaged bytes (JSONDecodeError and UnicodeDecodeError
+# are ValueErrors; UnidentifiedImageError and truncated files are OSErrors).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class CorruptSampleError(RuntimeError):
+    """A sample could not be read and data.on_error is "raise"; the message names shard and key."""
+
+
+class SampleError(Exception):
+    """One sample failed; `reason` says which member and why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Batch:
+    image: torch.Tensor                      # [B, C, H, W] float32, normalised, on the device
+    keys: list[str]
+    meta: list[dict]                         # parsed <key>.json
+    texts: list[str]
+    input_ids: torch.Tensor | None = None    # [B, L] int64, L = longest report (<= max_text_length)
+    attention_mask: torch.Tensor | None = None   # [B, L] int64, 1 = real token
+    mask: torch.Tensor | None = None         # [B, 1, H, W] float32 in {0, 1}, same warp as the image
+    boxes: list[torch.Tensor] | None = None  # B x [n_i, 4] float32 (x1, y1, x2, y2) output pixels
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@dataclass
+class HostBatch:
+    """One planned batch as a backend produced it, before the loader's device step."""
+    index: int                               # batch number in the rank's epoch plan
+    gids: list[int]                          # global sample ids (pipeline/plan.py)
+    keys: list[str]
+    shards: list[str]
+    texts: list[str]
+    meta: list[dict]
+    image: torch.Tensor | None               # uint8 [n, 1, H, W] (torch) | float [n, C, H, W] normalised (dali)
+    normalised: bool = False
+    colour: torch.Tensor | None = None       # [n, 2] (brightness, contrast) still to apply
+    mask: torch.Tensor | None = None         # uint8 [n, 1, H, W] 0/255
+    boxes: list[torch.Tensor] | None = None
+    input_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+    jpeg: list[torch.Tensor] | None = None   # GPU-decode mode: undecoded bytes, uint8 [nbytes] each
+    sizes: list[tuple[int, int]] | None = None   # GPU-decode mode: stored (w, h)
+    params: list | None = None               # GPU-decode mode: SampleParams per row
+    errors: list[dict] = field(default_factory=list)   # {"gid", "key", "shard", "reason"} removed rows
+    filled: int = 0                          # rows that are copies (keep_size refill)
+    tokenize_s: float = 0.0
+    work_s: float = 0.0                      # time a worker/thread spent building it
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "HostBatch":
+        """Called by the DataLoader's pin-memory thread (CUDA only): page-locked host tensors make the
+        host->device copies asynchronous."""
+        for name in ("image", "colour", "mask", "input_ids", "attention_mask"):
+            value = getattr(self, name)
+            if value is not None and value.device.type == "cpu":
+                setattr(self, name, value.pin_memory())
+        return self
+
+    def select(self, rows: list[int]) -> "HostBatch":
+        """Keep `rows` (in that order; repeats allowed) of every row-wise field."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+
+        def take(t):
+            return None if t is None else t.index_select(0, idx.to(t.device))
+
+        def pick(seq):
+            return None if seq is None else [seq[r] for r in rows]
+
+        self.gids, self.keys, self.shards = pick(self.gids), pick(self.keys), pick(self.shards)
+        self.texts, self.meta = pick(self.texts), pick(self.meta)
+        self.image, self.colour, self.mask = take(self.image), take(self.colour), take(self.mask)
+        self.input_ids, self.attention_mask = take(self.input_ids), take(self.attention_mask)
+        self.boxes, self.jpeg, self.sizes, self.params = (pick(self.boxes), pick(self.jpeg),
+                                                          pick(self.sizes), pick(self.params))
+        return self
+
+
+def resolve_rows(ok: list[bool], keep_size: bool) -> tuple[list[int], int]:
+    """Rows to keep for a batch whose rows `ok` says are good: (rows, number of refill copies)."""
+    good = [i for i, flag in enumerate(ok) if flag]
+    if not keep_size or not good or len(good) == len(ok):
+        return good, 0
+    missing = len(ok) - len(good)
+    return good + [good[i % len(good)] for i in range(missing)], missing
+
+
+@dataclass
+class LoaderStats:
+    samples: int = 0                 # rows yielded (refill copies included)
+    batches: int = 0
+    skipped: int = 0                 # bad samples removed from batches
+    skipped_by_reason: Counter = field(default_factory=Counter)   # reason prefix ("jpg", "json", ...) -> n
+    skipped_samples: list[dict] = field(default_factory=list)     # {"key", "shard", "reason", "epoch"}
+    filled: int = 0                  # refill copies added to keep the batch size
+    data_wait_s: float = 0.0         # time the consumer spent waiting for the next batch
+    tokenize_s: float = 0.0          # summed over the batches (in workers / the prefetch thread)
+    worker_s: float = 0.0            # time spent producing batches, summed over workers/threads
+    dali_rebuilds: int = 0           # DALI pipelines rebuilt after a decode failure
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "batches": self.batches, "skipped": self.skipped,
+                "skipped_by_reason": dict(self.skipped_by_reason),
+                "skipped_samples": list(self.skipped_samples), "filled": self.filled,
+                "data_wait_s": self.data_wait_s, "tokenize_s": self.tokenize_s,
+                "tokenize_s_per_batch": self.tokenize_s / max(1, self.batches),
+                "worker_s": self.worker_s, "dali_rebuilds": self.dali_rebuilds}
+
+
+# ---- reading planned samples on the CPU -----------------------------------------------------------
+
+class SampleReader:
+    """Reads members of planned samples with pread at the offsets the index gives: tar members are
+    read in memory, never extracted, and no tar parsing happens at read time. One descriptor per
+    shard, opened lazily (so each worker process opens its own)."""
+
+    def __init__(self, index: DatasetIndex):
+        self.index = index
+        self._fds: dict[str, int] = {}
+
+    def read(self, gid: int, exts: tuple[str, ...]) -> dict[str, bytes]:
+        shard, row = self.index.locate(gid)
+        fd = self._fds.get(shard.path)
+        if fd is None:
+            fd = self._fds[shard.path] = os.open(shard.path, os.O_RDONLY)
+        out = {}
+        for ext in exts:
+            col = EXT_COLUMN[ext]
+            offset, size = int(shard.offsets[row, col]), int(shard.sizes[row, col])
+            data = os.pread(fd, size, offset)
+            if len(data) != size:
+                raise SampleError(f"{ext}: short read ({len(data)} of {size} bytes)")
+            out[ext] = data
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def decode_text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SampleError(f"txt: not UTF-8 ({exc})") from None
+
+
+def decode_meta(data: bytes) -> dict:
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except ValueError as exc:
+        raise SampleError(f"json: invalid ({exc})") from None
+    if not isinstance(meta, dict):
+        raise SampleError(f"json: expected an object, got {type(meta).__name__}")
+    return meta
+
+
+def open_gray(data: bytes, ext: str, draft_size=None) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an 8-bit grey image -> (image, stored (w, h)). `draft_size(w, h)` may return a size
+    that lets libjpeg scale by 1/2, 1/4 or 1/8 in the DCT domain while staying >= it: several times
+    cheaper than a full decode when the stored image is much larger than the output. The returned
+    image is then smaller than the stored size, which geometry must still be computed from."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        size = img.size
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("L", draft_size(*size))
+        img.load()
+        if img.mode != "L":
+            img = img.convert("L")
+    except DECODE_ERRORS as exc:
+        raise SampleError(f"{ext}: cannot decode ({type(exc).__name__}: {exc})") from None
+    return img, size
+
+
+def peek_size(data: bytes, ext: str) -> tuple[int, int]:
+    """(w, h) from the image header only (no decode)."""
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except DECODE_ERRORS as exc:
+        raise SampleError(f"{ext}: cannot decode ({type(exc).__name__}: {exc})") from None
+
+
+def check_sample(reader: SampleReader, gid: int, need_mask: bool) -> str | None:
+    """Full CPU decode of every member; the reason it is bad, or None. Finds the culprit when DALI
+    fails a whole batch."""
+    exts = ("jpg", "txt", "json") + (("png",) if need_mask else ())
+    try:
+        members = reader.read(gid, exts)
+        open_gray(members["jpg"], "jpg")
+        if need_mask:
+            open_gray(members["png"], "png")
+        decode_text(members["txt"])
+        decode_meta(members["json"])
+    except SampleError as exc:
+        return exc.reason
+    return None
+
+
+def boxes_of(meta: dict) -> np.ndarray:
+    """json "boxes" [[x1, y1, x2, y2], ...] in stored pixels -> [n, 4] (no key: no boxes)."""
+    try:
+        boxes = np.asarray(meta.get("boxes", []), dtype=np.float32).reshape(-1, 4)
+    except (TypeError, ValueError) as exc:
+        raise SampleError(f"json: bad 'boxes' ({exc})") from None
+    return boxes

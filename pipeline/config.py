@@ -1,0 +1,67 @@
+"""The data loader's config (`data:` section of a training/eval YAML).
+
+Everything the loader does is decided here, so the same YAML gives the same batches on any machine
+(up to the backend's interpolation rounding, see pipeline/transforms.py). Invalid values fail when the
+config is built, naming the key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from common.config import ConfigError
+
+TRANSFORM_NAMES = ("g2d_train", "g2d_paper", "g2d_paper_eval", "mgca_train", "mgca_eval", "eval")
+CROPPING = ("g2d_paper", "g2d_paper_eval", "mgca_train", "mgca_eval")   # output side = crop_size
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards/mimic"   # packed dataset root (holds manifest.json)
+    backend: Literal["auto", "dali", "torch"] = "auto"   # auto: dali with CUDA (if it imports), else torch
+    batch_size_per_gpu: int = 128
+    num_workers: int = 8               # torch: DataLoader worker processes; dali: CPU threads
+    prefetch: int = 2                  # batches in flight per worker (torch) / DALI queue depth
+    transform: str = "g2d_train"       # training transform, one of TRANSFORM_NAMES
+    eval_transform: str = "eval"       # used by validation/eval code that swaps it in
+    image_size: int = 256              # side of the resized (square) image
+    crop_size: int = 224               # output side of the cropping transforms (g2d_paper*, mgca_*)
+    channels: Literal[1, 3] = 3        # 3: the grey image replicated (G2D, ImageNet encoders)
+    mean: list[float] | None = None    # per channel in [0, 1] units; None: the transform's own
+    std: list[float] | None = None
+    max_text_length: int = 256         # tokens; batches are padded to their longest text, capped here
+    text_pad_multiple: int = 8         # round the padded length up to this (tensor cores); 1 = off
+    on_error: Literal["skip", "raise"] = "skip"   # a corrupt sample: skip it (recorded) or raise
+    seed: int = 0                      # shard order, sample order and augmentation draws
+    shuffle: bool = True
+    drop_last: bool = True             # training: every rank yields the same number of full batches
+    subset: str | None = None          # data-efficiency fraction, e.g. "0.01": manifest["subsets"][split]
+    subset_task: str | None = None     # take the subset from manifest["task_subsets"][task] instead
+    load_masks: bool = False           # `<key>.png` -> Batch.mask, warped like the image
+    load_boxes: bool = False           # json "boxes" -> Batch.boxes, transformed like the image
+    torch_gpu_decode: bool = False     # torch backend + CUDA: nvJPEG via torchvision.io.decode_jpeg
+    dali_decode: Literal["auto", "cpu"] = "auto"  # auto: nvJPEG ("mixed") when CUDA is available
+
+    def __post_init__(self) -> None:
+        for key in ("transform", "eval_transform"):
+            name = getattr(self, key)
+            if name not in TRANSFORM_NAMES:
+                raise ConfigError(f"data.{key}={name!r}; choose one of {TRANSFORM_NAMES}")
+            if name in CROPPING and self.crop_size > self.image_size:
+                raise ConfigError(f"data.crop_size={self.crop_size} exceeds data.image_size={self.image_size} "
+                                  f"(data.{key}={name} crops)")
+        for key in ("batch_size_per_gpu", "image_size", "crop_size", "max_text_length", "text_pad_multiple",
+                    "prefetch"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        for key in ("mean", "std"):
+            value = getattr(self, key)
+            if value is not None and len(value) not in (1, self.channels):
+                raise ConfigError(f"data.{key} has {len(value)} values; give 1 or {self.channels} "
+                                  f"(data.channels={self.channels})")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise ConfigError(f"data.std={self.std} must be positive")
+        if self.subset_task is not None and self.subset is None:
+            raise ConfigError("data.subset_task needs data.subset (the fraction, e.g. '0.01')")

@@ -1,0 +1,201 @@
+"""The sample plan: which samples each rank reads, in which order, for a given epoch.
+
+Both backends read exactly this plan, which is what makes the loader deterministic, resumable and
+backend-independent:
+
+    dataset index   every shard's DALI `.idx` parsed once at start (member offsets and sizes), checked
+                    against the manifest; a missing shard or index fails here with its path
+    epoch order     shard order permuted with (seed, epoch); the samples inside each shard permuted
+                    too. Shards are packed from an already shuffled list, so a shard is a random draw
+                    of the split; reading shard by shard keeps I/O sequential-ish and lets DALI read
+                    each shard through one index file. The subset (if any) is applied here.
+    rank blocks     the epoch order cut into `world_size` contiguous blocks. With drop_last every rank
+                    gets floor(N / world / B) full batches - the same count on every rank, so no rank
+                    waits at the epoch end in a collective the others never reach. Without drop_last
+                    (evaluation) blocks differ by at most one sample and the last batch is partial.
+    resume          state = (epoch, batches consumed); the plan is a pure function of the config, so
+                    the remaining batches are simply `batches[consumed:]`.
+
+Global sample ids number the samples shard-major in manifest order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from shards.schema import MEMBER_ORDER, ManifestError, read_manifest, split_shards
+
+EXT_COLUMN = {ext: i for i, ext in enumerate(MEMBER_ORDER)}   # jpg 0, txt 1, json 2, png 3
+REQUIRED_MEMBERS = ("jpg", "txt", "json")
+
+
+@dataclass
+class ShardIndex:
+    name: str                 # relative to the dataset root, e.g. "train/train-000003.tar"
+    path: str                 # absolute tar path
+    keys: list[str]
+    offsets: np.ndarray       # [n, len(MEMBER_ORDER)] int64 data offset of each member, -1 = absent
+    sizes: np.ndarray         # [n, len(MEMBER_ORDER)] int64 member sizes
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def parse_index(tar_path: str, idx_path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Read a wds2idx v1.2 index: `v1.2 <count>` then per sample `ext offset size name` x members."""
+    try:
+        lines = Path(idx_path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ManifestError(f"index file missing: {idx_path} (belongs to {tar_path})") from None
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
+        raise ManifestError(f"{idx_path}: not a v1.2 DALI index (first line {lines[:1]})")
+    count = int(head[1])
+    body = [ln for ln in lines[1:] if ln.strip()]
+    if len(body) != count:
+        raise ManifestError(f"{idx_path}: header says {count} samples, found {len(body)} lines")
+    offsets = np.full((count, len(MEMBER_ORDER)), -1, dtype=np.int64)
+    sizes = np.zeros((count, len(MEMBER_ORDER)), dtype=np.int64)
+    keys = []
+    for row, line in enumerate(body):
+        fields = line.split()
+        if len(fields) % 4:
+            raise ManifestError(f"{idx_path}:{row + 2}: expected 'ext offset size name' groups")
+        key = None
+        for g in range(0, len(fields), 4):
+            ext, off, size, member = fields[g:g + 4]
+            stem = member.split(".", 1)[0]
+            if key is None:
+                key = stem
+            if stem != key or ext not in EXT_COLUMN:
+                raise ManifestError(f"{idx_path}:{row + 2}: unexpected member {member!r}")
+            offsets[row, EXT_COLUMN[ext]] = int(off)
+            sizes[row, EXT_COLUMN[ext]] = int(size)
+        keys.append(key)
+    return keys, offsets, sizes
+
+
+class DatasetIndex:
+    """Every sample of one split: where its members are, and which ones the config selects."""
+
+    def __init__(self, root: str | Path, split: str, subset: str | None = None,
+                 subset_task: str | None = None, need_masks: bool = False):
+        self.root = Path(root)
+        self.split = split
+        manifest = read_manifest(self.root)
+        self.manifest = manifest
+        records = {rec["name"]: rec for rec in manifest.get("_shard_records", [])}
+        self.shards: list[ShardIndex] = []
+        for entry in split_shards(self.root, manifest, split):
+            tar = Path(entry["path"])
+            if not tar.is_file():
+                raise ManifestError(f"shard missing: {tar} (named by {self.root / 'manifest.json'})")
+            keys, offsets, sizes = parse_index(str(tar), entry["index_path"])
+            if len(keys) != entry["num_samples"]:
+                raise ManifestError(f"{entry['index_path']}: {len(keys)} samples, manifest says "
+                                    f"{entry['num_samples']}")
+            rec = records.get(entry["name"])
+            if rec is not None and rec.get("keys") is not None and rec["keys"] != keys:
+                raise ManifestError(f"{entry['index_path']}: keys differ from the manifest's record of "
+                                    f"{entry['name']} (stale index?)")
+            end = int((offsets + sizes).max())
+            if end > tar.stat().st_size:
+                raise ManifestError(f"{tar}: truncated ({tar.stat().st_size} bytes, index needs {end})")
+            for ext in REQUIRED_MEMBERS + (("png",) if need_masks else ()):
+                missing = np.flatnonzero(offsets[:, EXT_COLUMN[ext]] < 0)
+                if missing.size:
+                    hint = " (data.load_masks needs a dataset with masks)" if ext == "png" else ""
+                    raise ManifestError(f"{tar}: sample {keys[missing[0]]} has no .{ext} member{hint}")
+            self.shards.append(ShardIndex(entry["name"], str(tar), keys, offsets, sizes))
+        if not self.shards:
+            raise ManifestError(f"split {split!r} of {self.root} has no shards")
+        lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.shard_start = np.concatenate([[0], np.cumsum(lengths)])   # [S + 1] first global id
+        self.num_samples = int(self.shard_start[-1])
+        self.selected = self._subset_mask(subset, subset_task)          # [N] bool
+
+    def _subset_mask(self, subset: str | None, task: str | None) -> np.ndarray:
+        if subset is None:
+            return np.ones(self.num_samples, dtype=bool)
+        table = (self.manifest.get("task_subsets", {}).get(task, {}) if task is not None
+                 else self.manifest.get("subsets", {}))
+        where = f"manifest['task_subsets'][{task!r}]" if task is not None else "manifest['subsets']"
+        fractions = table.get(self.split, {})
+        if subset not in fractions:
+            raise ManifestError(f"{self.root / 'manifest.json'}: no subset {subset!r} for split "
+                                f"{self.split!r} in {where}; have {sorted(fractions)}")
+        wanted = set(fractions[subset])
+        mask = np.array([k in wanted for s in self.shards for k in s.keys], dtype=bool)
+        if int(mask.sum()) != len(wanted):
+            known = {k for s in self.shards for k in s.keys}
+            raise ManifestError(f"subset {subset!r} of {self.split!r} names keys that are not in the "
+                                f"shards, e.g. {sorted(wanted - known)[:3]}")
+        return mask
+
+    def locate(self, gid: int) -> tuple[ShardIndex, int]:
+        """(shard, row in shard) of a global sample id."""
+        s = int(np.searchsorted(self.shard_start, gid, side="right")) - 1
+        return self.shards[s], int(gid - self.shard_start[s])
+
+    def shard_id(self, gids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.shard_start, gids, side="right") - 1
+
+    def key(self, gid: int) -> str:
+        shard, row = self.locate(gid)
+        return shard.keys[row]
+
+    @property
+    def num_selected(self) -> int:
+        return int(self.selected.sum())
+
+
+def epoch_order(index: DatasetIndex, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """All selected global ids in this epoch's reading order: [N_selected] int64."""
+    rng = np.random.default_rng([seed, epoch])
+    shard_ids = rng.permutation(len(index.shards)) if shuffle else np.arange(len(index.shards))
+    parts = []
+    for s in shard_ids:
+        lo, hi = index.shard_start[s], index.shard_start[s + 1]
+        gids = np.arange(lo, hi, dtype=np.int64)[index.selected[lo:hi]]
+        parts.append(rng.permutation(gids) if shuffle else gids)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def rank_block(n: int, rank: int, world_size: int, batch_size: int, drop_last: bool) -> tuple[int, int]:
+    """[start, stop) of rank `rank`'s contiguous block of the n-sample epoch order."""
+    if drop_last:
+        per_rank = (n // (world_size * batch_size)) * batch_size
+        return rank * per_rank, (rank + 1) * per_rank
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def num_batches(n: int, rank: int, world_size: int, batch_size: int, drop_last: bool) -> int:
+    start, stop = rank_block(n, rank, world_size, batch_size, drop_last)
+    return -(-(stop - start) // batch_size)
+
+
+@dataclass
+class RankPlan:
+    epoch: int
+    rank: int
+    world_size: int
+    batch_size: int
+    batches: list[np.ndarray]      # per batch: [<= B] global ids, in reading order
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def make_plan(index: DatasetIndex, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+              shuffle: bool, drop_last: bool) -> RankPlan:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    order = epoch_order(index, seed, epoch, shuffle)
+    start, stop = rank_block(len(order), rank, world_size, batch_size, drop_last)
+    block = order[start:stop]
+    batches = [block[i:i + batch_size] for i in range(0, len(block), batch_size)]
+    return RankPlan(epoch, rank, world_size, batch_size, batches)

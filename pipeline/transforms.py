@@ -1,0 +1,277 @@
+"""Named image transforms, defined once and applied identically by both backends.
+
+A transform is a fixed chain; only its parameters are random:
+
+    stored jpg [h, w] --resize--> [rh, rw] --pad--> [S, S] --affine--> [S, S] --crop--> [c, c]
+                --brightness/contrast--> --normalise--> float [C, c, c]
+
+    resize   "squash": to S x S ignoring the aspect ratio (G2D's preprocessing, skimage resize to
+             256x256); "longest_pad": longer side to S, aspect kept, zero padding centred to S x S
+             (MGCA's resize_img)
+    affine   rotation and x-shear about the image centre (torchvision RandomAffine(degrees, shear))
+    crop     random (RandomCrop) or centred (CenterCrop) c x c window
+    colour   torchvision ColorJitter(brightness, contrast): x*b, then contrast about the image mean
+             (brightness and contrast commute up to clipping, so the order is fixed: one clamp)
+
+| name            | resize       | affine        | crop          | jitter    | mean/std (default)   |
+| g2d_train       | squash S     | +-15, shear 15| -             | 0.2, 0.2  | ImageNet (G2D code)  |
+| g2d_paper       | squash S     | -             | random c      | -         | 0 / 1: [0, 1] (paper)|
+| g2d_paper_eval  | squash S     | -             | centre c      | -         | 0 / 1                |
+| mgca_train      | longest_pad S| -             | random c      | -         | 0.5 / 0.5 (MGCA)     |
+| mgca_eval       | longest_pad S| -             | centre c      | -         | 0.5 / 0.5            |
+| eval            | squash S     | -             | -             | -         | ImageNet             |
+
+Randomness is drawn per sample from a hash of (seed, epoch, key) (`draw_params`), never from a
+process-global generator: the same sample gets the same augmentation whichever backend, worker count, rank count or
+resume point produced it. DALI receives the drawn parameters through an external source.
+
+Geometry: without an affine, torchvision.transforms.v2.functional resize/pad/crop on PIL images (CPU
+workers) or tensors (GPU decode); with one (g2d_train), a single warp by the composed matrix (see
+`apply_geometry`), whose affine part reproduces torchvision's RandomAffine matrix (tested). Masks use
+nearest interpolation; boxes go through the torchvision calls as tv_tensors.BoundingBoxes. DALI
+applies the same steps with fn.resize / fn.crop / fn.warp_affine (matrix scaled to the decoded size
+with fn.transforms.scale/combine).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from pipeline.config import DataConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name -> (resize mode, crop mode, degrees, shear, brightness, contrast, mean, std)
+_TABLE = {
+    "g2d_train": ("squash", None, 15.0, 15.0, 0.2, 0.2, IMAGENET_MEAN, IMAGENET_STD),
+    "g2d_paper": ("squash", "random", 0.0, 0.0, 0.0, 0.0, (0.0,), (1.0,)),
+    "g2d_paper_eval": ("squash", "centre", 0.0, 0.0, 0.0, 0.0, (0.0,), (1.0,)),
+    "mgca_train": ("longest_pad", "random", 0.0, 0.0, 0.0, 0.0, (0.5,), (0.5,)),
+    "mgca_eval": ("longest_pad", "centre", 0.0, 0.0, 0.0, 0.0, (0.5,), (0.5,)),
+    "eval": ("squash", None, 0.0, 0.0, 0.0, 0.0, IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    name: str
+    resize: str                 # "squash" | "longest_pad"
+    size: int                   # S
+    crop: int                   # c; 0 = no crop
+    random_crop: bool
+    degrees: float              # rotation range +-degrees; 0 = no affine
+    shear: float                # x-shear range +-shear (degrees)
+    brightness: float           # factor range 1 +- brightness; 0 = off
+    contrast: float
+    mean: tuple[float, ...]     # per output channel, [0, 1] intensity units
+    std: tuple[float, ...]
+    channels: int
+
+    @property
+    def out_size(self) -> int:
+        return self.crop or self.size
+
+    @property
+    def has_affine(self) -> bool:
+        return self.degrees > 0 or self.shear > 0
+
+    @property
+    def has_jitter(self) -> bool:
+        return self.brightness > 0 or self.contrast > 0
+
+
+def _per_channel(values: tuple[float, ...] | list[float], channels: int) -> tuple[float, ...]:
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    # A 3-channel default (ImageNet) for a 1-channel output: the grey image is equal in every
+    # channel, so the mean of the three constants is the closest single normalisation.
+    return (sum(values) / len(values),)
+
+
+def build_spec(cfg: DataConfig, name: str) -> TransformSpec:
+    if name not in _TABLE:
+        raise ValueError(f"unknown transform {name!r}; choose one of {sorted(_TABLE)}")
+    resize, crop_mode, degrees, shear, brightness, contrast, mean, std = _TABLE[name]
+    # An affine is applied as one warp from the decoded image (apply_geometry), which is defined for
+    # the squash resize only; every named transform with an affine squashes.
+    assert not (degrees or shear) or resize == "squash", name
+    return TransformSpec(
+        name=name, resize=resize, size=cfg.image_size,
+        crop=cfg.crop_size if crop_mode else 0, random_crop=crop_mode == "random",
+        degrees=degrees, shear=shear, brightness=brightness, contrast=contrast,
+        mean=_per_channel(cfg.mean if cfg.mean is not None else mean, cfg.channels),
+        std=_per_channel(cfg.std if cfg.std is not None else std, cfg.channels),
+        channels=cfg.channels)
+
+
+# ---- per-sample parameters ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SampleParams:
+    angle: float = 0.0          # degrees, torchvision's convention
+    shear: float = 0.0          # x-shear, degrees
+    brightness: float = 1.0
+    contrast: float = 1.0
+    crop_left: int = 0
+    crop_top: int = 0
+
+
+def _uniforms(seed: int, epoch: int, key: str) -> list[float]:
+    """Six independent U[0, 1) numbers from a keyed hash of (seed, epoch, key): ~2 us, where a seeded
+    numpy Generator costs ~50 us per sample (seconds per epoch for the DALI parameter feed)."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode("utf-8"), digest_size=24).digest()
+    return [int.from_bytes(digest[i:i + 4], "little") / 2**32 for i in range(0, 24, 4)]
+
+
+def draw_params(spec: TransformSpec, seed: int, epoch: int, key: str) -> SampleParams:
+    """The augmentation of sample `key` in `epoch`; deterministic, independent of everything else."""
+    span = spec.size - spec.crop if spec.crop else 0
+    centre = int(round(span / 2.0))                      # torchvision CenterCrop's rounding
+    if not (spec.has_affine or spec.has_jitter or spec.random_crop):
+        return SampleParams(crop_left=centre, crop_top=centre)
+    u = _uniforms(seed, epoch, key)
+    # Fixed slots, so enabling one augmentation does not change the draws of the others.
+    left, top = (min(span, int(u[4] * (span + 1))), min(span, int(u[5] * (span + 1)))) if spec.random_crop \
+        else (centre, centre)
+    return SampleParams(angle=spec.degrees * (2 * u[0] - 1), shear=spec.shear * (2 * u[1] - 1),
+                        brightness=1 + spec.brightness * (2 * u[2] - 1),
+                        contrast=1 + spec.contrast * (2 * u[3] - 1), crop_left=left, crop_top=top)
+
+
+# ---- geometry ----------------------------------------------------------------------------------
+
+def resized_size(spec: TransformSpec, width: int, height: int) -> tuple[int, int]:
+    """(rw, rh) after the resize step."""
+    if spec.resize == "squash":
+        return spec.size, spec.size
+    longer = max(width, height)
+    return (max(1, round(width * spec.size / longer)), max(1, round(height * spec.size / longer)))
+
+
+def pad_box(spec: TransformSpec, rw: int, rh: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) zero padding to S x S. The odd pixel goes left/top, which is where
+    DALI's centred fn.crop(out_of_bounds_policy="pad") puts it."""
+    dx, dy = spec.size - rw, spec.size - rh
+    return (dx + 1) // 2, (dy + 1) // 2, dx // 2, dy // 2
+
+
+def inverse_affine_matrix(size: int, angle: float, shear: float) -> np.ndarray:
+    """[2, 3] destination->source map of torchvision's affine(angle, shear=[shear, 0]) about the centre
+    of a size x size image (pixel (0, 0) covers [0, 1) x [0, 1), as in PIL and DALI's warp_affine)."""
+    rot, sx = math.radians(angle), math.radians(shear)
+    # torchvision: RSS = R(rot) * SHx(sx) (no y-shear, scale 1), inverted (det = 1).
+    a = math.cos(rot)
+    b = -(a * math.tan(sx) + math.sin(rot))
+    c = math.sin(rot)
+    d = math.cos(rot) - c * math.tan(sx)
+    inv = np.array([[d, -b], [-c, a]], dtype=np.float64)
+    centre = np.array([size * 0.5, size * 0.5])
+    return np.concatenate([inv, (centre - inv @ centre)[:, None]], axis=1)
+
+
+def warp_matrix(spec: TransformSpec, params: SampleParams) -> np.ndarray:
+    """[2, 3] map from output pixels to the S x S squashed image: crop offset, then the inverse affine.
+    Independent of the stored size, so DALI gets it before decoding and scales it in the graph."""
+    inv = np.vstack([inverse_affine_matrix(spec.size, params.angle, params.shear), [0.0, 0.0, 1.0]])
+    crop = np.array([[1.0, 0.0, params.crop_left], [0.0, 1.0, params.crop_top], [0.0, 0.0, 1.0]])
+    return (inv @ crop)[:2]
+
+
+def _warp_tensor(img: torch.Tensor, matrix: np.ndarray, out: int, nearest: bool) -> torch.Tensor:
+    """[1, h, w] uint8 -> [1, out, out] uint8 sampled at `matrix` @ (output pixel centre), zeros outside."""
+    h, w = img.shape[-2:]
+    centres = torch.arange(out, device=img.device, dtype=torch.float32) + 0.5
+    ys, xs = torch.meshgrid(centres, centres, indexing="ij")
+    m = torch.as_tensor(matrix, dtype=torch.float32, device=img.device)
+    u = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
+    v = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
+    grid = torch.stack([2 * u / w - 1, 2 * v / h - 1], dim=-1)[None]          # [1, out, out, 2]
+    res = torch.nn.functional.grid_sample(img[None].float(), grid, mode="nearest" if nearest else "bilinear",
+                                          padding_mode="zeros", align_corners=False)
+    return res[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def apply_geometry(img, spec: TransformSpec, params: SampleParams, width: int, height: int,
+                   nearest: bool = False):
+    """The geometry of one image (PIL image or [1, h, w] tensor) or mask (`nearest`).
+
+    With an affine, resize + affine + crop run as ONE bilinear warp straight from the decoded image:
+    PIL's bilinear warp costs as much as the antialiased resize, so this halves the CPU cost of
+    g2d_train. Skipping the resize's antialias filter is harmless at the <= 2x reduction of 512-px
+    shards to 256 (mean difference 0.7/255 from resize-then-warp; G2D's own resize has no antialias),
+    and the image may be a JPEG draft (smaller than width x height): the map targets its actual size.
+    Without an affine: antialiased resize, centred zero pad, crop, as torchvision would."""
+    interp = F.InterpolationMode.NEAREST if nearest else F.InterpolationMode.BILINEAR
+    if spec.has_affine:
+        tensor = isinstance(img, torch.Tensor)
+        dw, dh = (img.shape[-1], img.shape[-2]) if tensor else img.size
+        to_image = np.diag([dw / spec.size, dh / spec.size, 1.0])               # squashed image -> decoded
+        matrix = (to_image @ np.vstack([warp_matrix(spec, params), [0.0, 0.0, 1.0]]))[:2]
+        out = spec.out_size
+        if tensor:
+            return _warp_tensor(img, matrix, out, nearest)
+        resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+        return img.transform((out, out), Image.Transform.AFFINE, tuple(matrix.reshape(-1)), resample, fillcolor=0)
+    rw, rh = resized_size(spec, width, height)
+    img = F.resize(img, [rh, rw], interpolation=interp, antialias=not nearest)
+    if spec.resize == "longest_pad" and (rw, rh) != (spec.size, spec.size):
+        img = F.pad(img, list(pad_box(spec, rw, rh)), fill=0)
+    if spec.crop:
+        img = F.crop(img, params.crop_top, params.crop_left, spec.crop, spec.crop)
+    return img
+
+
+def transform_boxes(boxes, spec: TransformSpec, params: SampleParams, width: int, height: int) -> torch.Tensor:
+    """Stored-image boxes [n, 4] (x1, y1, x2, y2) -> output pixels [m, 4] float32, through the same
+    steps as the image; clipped to the output, boxes left with no area dropped."""
+    data = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
+    if data.shape[0] == 0:
+        return data
+    bb = tv_tensors.BoundingBoxes(data, format="XYXY", canvas_size=(height, width))
+    rw, rh = resized_size(spec, width, height)
+    bb = F.resize(bb, [rh, rw])
+    if spec.resize == "longest_pad":
+        bb = F.pad(bb, list(pad_box(spec, rw, rh)))
+    if spec.has_affine:
+        bb = F.affine(bb, angle=params.angle, translate=[0, 0], scale=1.0, shear=[params.shear, 0.0])
+    if spec.crop:
+        bb = F.crop(bb, params.crop_top, params.crop_left, spec.crop, spec.crop)
+    out = F.clamp_bounding_boxes(bb).as_subclass(torch.Tensor)
+    keep = (out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])
+    return out[keep].contiguous()
+
+
+# ---- colour and normalisation (torch; DALI builds the same expression in its graph) --------------
+
+def colour_normalise(images: torch.Tensor, colour: torch.Tensor | None, spec: TransformSpec,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, 1, H, W] + (brightness, contrast) [B, 2] -> normalised float32 [B, C, H, W].
+
+    b * (c * x + (1 - c) * mean(x)) is one per-sample multiply-add, clamped once; normalisation is a
+    second multiply-add that broadcasts the grey channel to C channels: two passes over the pixels.
+    Runs batched wherever the images are (the GPU in training); `out` receives the result."""
+    x = images.float()                                                  # [B, 1, H, W]
+    if spec.has_jitter and colour is not None:
+        b = colour[:, 0].view(-1, 1, 1, 1).to(x)
+        c = colour[:, 1].view(-1, 1, 1, 1).to(x)
+        m = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = torch.addcmul(b * (1 - c) * m, x, b * c).clamp_(0, 255)
+    scale = 1.0 / (255.0 * torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1))
+    shift = -torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1) / torch.tensor(
+        spec.std, device=x.device).view(1, -1, 1, 1)
+    return torch.addcmul(shift, x, scale, out=out)                      # [B, C, H, W] by broadcasting
+
+
+def colour_params(params: list[SampleParams]) -> torch.Tensor:
+    return torch.tensor([[p.brightness, p.contrast] for p in params], dtype=torch.float32).reshape(-1, 2)

@@ -1,0 +1,379 @@
+"""pipeline/: plan partitioning, backend agreement, tokenisation, resume, bad data, masks and boxes.
+
+Everything runs on tiny packed datasets (tests/pipeline_fixtures.py) with the CPU variants of both
+backends: DALI with device_id=None, torch DataLoader workers.
+"""
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from common.dist import DistInfo
+from pipeline import CorruptSampleError, CorruptSampleWarning, DataConfig, build_loader
+from pipeline.plan import DatasetIndex, make_plan, num_batches
+from pipeline.transforms import build_spec, draw_params
+from shards.schema import ManifestError
+from tests.pipeline_fixtures import all_texts, corrupt_member, pack_tiny, tiny_tokenizer
+
+CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+BACKENDS = ("torch", "dali")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    manifest = pack_tiny(root)
+    return root, manifest
+
+
+@pytest.fixture(scope="module")
+def tiny_masks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_masks")
+    return root, pack_tiny(root, n_train=24, n_valid=8, masks=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    return tiny_tokenizer(all_texts(tiny[0]))
+
+
+def config(root, **kw) -> DataConfig:
+    base = dict(shards=str(root), batch_size_per_gpu=8, num_workers=2, prefetch=2, seed=7)
+    base.update(kw)
+    return DataConfig(**base)
+
+
+def unnormalise(image: torch.Tensor, cfg: DataConfig, name: str) -> torch.Tensor:
+    spec = build_spec(cfg, name)
+    mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std).view(1, -1, 1, 1)
+    return (image.cpu() * std + mean) * 255.0                  # [B, C, H, W] in 0..255
+
+
+def collect(loader) -> list:
+    return [b for b in loader]
+
+
+# ---- plan ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_plan_partitions_epoch_into_equal_disjoint_rank_blocks(tiny, world):
+    root, _ = tiny
+    index = DatasetIndex(root, "train")
+    n, batch = index.num_selected, 4
+    for epoch in (0, 1):
+        plans = [make_plan(index, 5, epoch, r, world, batch, shuffle=True, drop_last=True) for r in range(world)]
+        counts = {len(p) for p in plans}
+        assert counts == {n // (world * batch)}                       # same batch count on every rank
+        seen = [g for p in plans for b in p.batches for g in b.tolist()]
+        assert all(len(b) == batch for p in plans for b in p.batches)
+        assert len(seen) == len(set(seen)) == (n // (world * batch)) * world * batch   # disjoint, remainder dropped
+        assert n - len(seen) < world * batch
+        again = make_plan(index, 5, epoch, world - 1, world, batch, shuffle=True, drop_last=True)
+        assert [b.tolist() for b in again.batches] == [b.tolist() for b in plans[-1].batches]   # deterministic
+    order0 = make_plan(index, 5, 0, 0, 1, batch, True, True).batches
+    order1 = make_plan(index, 5, 1, 0, 1, batch, True, True).batches
+    assert [b.tolist() for b in order0] != [b.tolist() for b in order1]          # reshuffled per epoch
+    first_shards0 = index.shard_id(np.concatenate(order0))[:: index.shards[0].offsets.shape[0]]
+    first_shards1 = index.shard_id(np.concatenate(order1))[:: index.shards[0].offsets.shape[0]]
+    assert first_shards0.tolist() != first_shards1.tolist()                      # shard order changes too
+
+
+def test_plan_without_drop_last_covers_every_sample(tiny):
+    root, _ = tiny
+    index = DatasetIndex(root, "valid")
+    n = index.num_selected
+    plans = [make_plan(index, 0, 0, r, 3, 8, shuffle=False, drop_last=False) for r in range(3)]
+    seen = [g for p in plans for b in p.batches for g in b.tolist()]
+    assert sorted(seen) == list(range(n))
+    assert [len(p) for p in plans] == [num_batches(n, r, 3, 8, False) for r in range(3)]
+
+
+def test_subset_reads_only_its_keys_with_both_backends(tiny):
+    root, manifest = tiny
+    wanted = set(manifest["subsets"]["train"]["0.5"])
+    keys = {}
+    for backend in BACKENDS:
+        cfg = config(root, backend=backend, subset="0.5", transform="eval", batch_size_per_gpu=4)
+        loader = build_loader(cfg, "train", CPU)
+        keys[backend] = [k for b in loader for k in b.keys]
+        assert len(loader) == len(wanted) // 4
+    assert keys["torch"] == keys["dali"]
+    assert set(keys["torch"]) <= wanted and len(keys["torch"]) == (len(wanted) // 4) * 4
+    with pytest.raises(ManifestError, match="no subset '0.2'"):
+        build_loader(config(root, subset="0.2"), "train", CPU)
+
+
+def test_missing_shard_or_index_fails_at_start_with_its_path(tiny, tmp_path):
+    root, _ = tiny
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    (copy / "train" / "train-000002.idx").unlink()
+    with pytest.raises(ManifestError, match="train-000002.idx"):
+        build_loader(config(copy, backend="torch"), "train", CPU)
+    (copy / "train" / "train-000001.tar").unlink()
+    with pytest.raises(ManifestError, match=r"shard missing: .*train-000001\.tar"):
+        build_loader(config(copy, backend="torch"), "train", CPU)
+
+
+# ---- backends agree ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["eval", "mgca_eval", "g2d_train"])
+def test_backends_produce_the_same_batches(tiny, tokenizer, name):
+    root, _ = tiny
+    out = {}
+    for backend in BACKENDS:
+        cfg = config(root, backend=backend, transform=name, shuffle=name == "g2d_train", drop_last=False)
+        loader = build_loader(cfg, "valid", CPU, tokenizer=tokenizer)
+        loader.set_epoch(2)
+        out[backend] = collect(loader)
+    t, d = out["torch"], out["dali"]
+    assert [b.keys for b in t] == [b.keys for b in d]
+    assert [b.texts for b in t] == [b.texts for b in d]
+    assert [m["labels"] for b in t for m in b.meta] == [m["labels"] for b in d for m in b.meta]
+    for bt, bd in zip(t, d):
+        assert torch.equal(bt.input_ids, bd.input_ids) and torch.equal(bt.attention_mask, bd.attention_mask)
+        assert bt.image.shape == bd.image.shape
+    ti = unnormalise(torch.cat([b.image for b in t]), cfg, name)
+    di = unnormalise(torch.cat([b.image for b in d]), cfg, name)
+    size = 224 if name.startswith("mgca") else 256
+    assert ti.shape == (sum(len(b) for b in t), 3, size, size)
+    mad = (ti - di).abs().mean().item()
+    assert mad < 2.0, f"{name}: mean abs difference {mad:.3f}/255 between backends"
+
+
+def test_eval_transform_is_a_squash_resize_with_imagenet_normalisation(tiny):
+    root, _ = tiny
+    cfg = config(root, backend="torch", transform="eval", shuffle=False, drop_last=False, image_size=96,
+                 eval_transform="eval")
+    batch = next(iter(build_loader(cfg, "valid", CPU)))
+    assert batch.image.shape == (8, 3, 96, 96) and batch.image.dtype == torch.float32
+    img = unnormalise(batch.image, cfg, "eval")
+    assert torch.allclose(img[:, 0], img[:, 1], atol=1e-3) and torch.allclose(img[:, 0], img[:, 2], atol=1e-3)
+    assert img.min() >= -1e-3 and img.max() <= 255 + 1e-3
+    paper = config(root, backend="torch", transform="g2d_paper", channels=1, shuffle=False, drop_last=False)
+    batch = next(iter(build_loader(paper, "valid", CPU)))
+    assert batch.image.shape == (8, 1, 224, 224)
+    assert batch.image.min() >= 0 and batch.image.max() <= 1                     # intensities in [0, 1]
+
+
+def test_affine_matrix_reproduces_torchvision_random_affine():
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    from pipeline.transforms import inverse_affine_matrix
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    img = Image.fromarray(((np.sin(xx / 5.0) * np.cos(yy / 7.0) + 1) * 120).astype(np.uint8))
+    for angle, shear in [(12.3, -7.7), (-15.0, 15.0), (3.0, 0.0)]:
+        ours = img.transform((64, 64), Image.Transform.AFFINE, tuple(inverse_affine_matrix(64, angle, shear).reshape(-1)),
+                             Image.Resampling.BILINEAR, fillcolor=0)
+        theirs = F.affine(img, angle=angle, translate=[0, 0], scale=1.0, shear=[shear, 0.0],
+                          interpolation=F.InterpolationMode.BILINEAR, fill=0)
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs))
+
+
+def test_augmentation_draws_depend_on_seed_epoch_and_key_only(tiny):
+    root, _ = tiny
+    spec = build_spec(config(root), "g2d_train")
+    a = draw_params(spec, 7, 3, "tr0001")
+    assert a == draw_params(spec, 7, 3, "tr0001")
+    assert a != draw_params(spec, 7, 4, "tr0001") and a != draw_params(spec, 7, 3, "tr0002")
+    assert abs(a.angle) <= 15 and abs(a.shear) <= 15 and 0.8 <= a.brightness <= 1.2 and 0.8 <= a.contrast <= 1.2
+
+
+# ---- tokenisation --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tokens_are_padded_per_batch_and_capped(tiny, tokenizer, backend):
+    root, _ = tiny
+    cfg = config(root, backend=backend, transform="eval", max_text_length=32, shuffle=False, drop_last=False)
+    loader = build_loader(cfg, "train", CPU, tokenizer=tokenizer)
+    lengths = set()
+    for batch in loader:
+        own = [len(tokenizer(t, truncation=True, max_length=32)["input_ids"]) for t in batch.texts]
+        width = batch.input_ids.shape[1]
+        assert width == min(32, -(-max(own) // 8) * 8)                      # longest, rounded to 8, capped
+        assert batch.attention_mask.sum(1).tolist() == own
+        assert batch.input_ids.dtype == torch.int64
+        lengths.add(width)
+    assert 32 in lengths and len(lengths) > 1            # long reports truncated, short batches stay short
+    stats = loader.stats.as_dict()
+    assert stats["tokenize_s"] > 0 and stats["tokenize_s_per_batch"] > 0 and stats["data_wait_s"] > 0
+    assert stats["batches"] == len(loader) and stats["samples"] == 52 and stats["skipped"] == 0
+
+
+# ---- determinism and resume ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_mid_epoch_yields_the_tail_of_the_uninterrupted_epoch(tiny, tokenizer, backend):
+    root, _ = tiny
+    cfg = config(root, backend=backend, transform="g2d_train", batch_size_per_gpu=3)
+    full_loader = build_loader(cfg, "valid", CPU, tokenizer=tokenizer)
+    full_loader.set_epoch(1)
+    full = collect(full_loader)
+    assert len(full) == len(full_loader) == 20 // 3
+
+    first = build_loader(cfg, "valid", CPU, tokenizer=tokenizer)
+    first.set_epoch(1)
+    it = iter(first)
+    head = [next(it) for _ in range(2)]
+    state = first.state_dict()
+    it.close()
+    assert state["epoch"] == 1 and state["batches"] == 2
+
+    # Resume in a "new process" with a different worker count: same plan, same draws.
+    resumed = build_loader(DataConfig(**{**cfg.__dict__, "num_workers": 1}), "valid", CPU, tokenizer=tokenizer)
+    resumed.load_state_dict(state)
+    tail = collect(resumed)
+    assert [b.keys for b in head + tail] == [b.keys for b in full]
+    for got, want in zip(head + tail, full):
+        assert torch.allclose(got.image, want.image, atol=1e-5)
+        assert torch.equal(got.input_ids, want.input_ids)
+    assert resumed.state_dict()["batches"] == len(resumed)
+
+    done = build_loader(cfg, "valid", CPU)
+    done.load_state_dict(resumed.state_dict())
+    assert collect(done) == []                          # resumed at the epoch end: nothing left
+    done.set_epoch(2)
+    assert len(collect(done)) == len(done)
+
+
+def test_epochs_reshuffle_and_worker_count_does_not_change_batches(tiny):
+    root, _ = tiny
+    keys = {}
+    for workers in (1, 2):
+        cfg = config(root, backend="torch", transform="g2d_train", num_workers=workers, batch_size_per_gpu=4)
+        loader = build_loader(cfg, "valid", CPU)
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            batches = collect(loader)
+            keys[workers, epoch] = [b.keys for b in batches]
+            if epoch == 1:
+                keys[workers, "image"] = torch.cat([b.image for b in batches])
+                assert [b.keys for b in collect(loader)] == keys[workers, 1]    # a finished pass replays
+    assert keys[1, 0] == keys[2, 0] and keys[1, 1] == keys[2, 1]
+    assert torch.equal(keys[1, "image"], keys[2, "image"])
+    assert keys[1, 0] != keys[1, 1]
+
+
+# ---- bad data --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_samples_are_skipped_and_counted_or_raise(tiny, tokenizer, tmp_path, backend):
+    root, manifest = tiny
+    copy = tmp_path / "corrupt"
+    shutil.copytree(root, copy)
+    bad_jpg = corrupt_member(copy, manifest, "tr0009", "jpg")                  # header destroyed
+    corrupt_member(copy, manifest, "tr0030", "json", b"{not json")
+
+    cfg = config(copy, backend=backend, transform="g2d_train", batch_size_per_gpu=4)
+    loader = build_loader(cfg, "train", CPU, tokenizer=tokenizer)
+    with pytest.warns(CorruptSampleWarning) as record:
+        batches = collect(loader)
+    assert len(batches) == len(loader) and all(len(b) == 4 for b in batches)  # drop_last: refilled to B
+    assert all(b.image.shape[0] == 4 and b.input_ids.shape[0] == 4 for b in batches)
+    seen = {k for b in batches for k in b.keys}
+    assert "tr0009" not in seen and "tr0030" not in seen
+    stats = loader.stats.as_dict()
+    assert stats["skipped"] == 2 and stats["filled"] == 2
+    assert stats["skipped_by_reason"] == {"jpg": 1, "json": 1}
+    assert {s["key"] for s in stats["skipped_samples"]} == {"tr0009", "tr0030"}
+    assert {str(w.message).split()[3] for w in record} == {"tr0009", "tr0030"}
+
+    # A second epoch knows the bad samples up front (no DALI rebuild), and keeps counting them.
+    rebuilds = loader.stats.dali_rebuilds
+    loader.set_epoch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CorruptSampleWarning)                   # warned once per sample
+        assert len(collect(loader)) == len(loader)
+    assert loader.stats.skipped == 4 and loader.stats.dali_rebuilds == rebuilds
+
+    strict = build_loader(DataConfig(**{**cfg.__dict__, "on_error": "raise"}), "train", CPU)
+    with pytest.raises(CorruptSampleError, match=rf"{bad_jpg.split('/')[1]}.*tr0009|tr0030"):
+        collect(strict)
+
+    # Evaluation (no drop_last): the bad samples are dropped, never duplicated.
+    ev = build_loader(DataConfig(**{**cfg.__dict__, "drop_last": False, "shuffle": False}), "train", CPU)
+    with pytest.warns(CorruptSampleWarning):
+        keys = [k for b in ev for k in b.keys]
+    assert len(keys) == len(set(keys)) == 50
+
+
+# ---- dense targets -------------------------------------------------------------------------------
+
+def _box_of(mask: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(mask)
+    return [xs.min(), ys.min(), xs.max() + 1.0, ys.max() + 1.0]
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.mark.parametrize("name", ["g2d_train", "mgca_train"])
+def test_masks_and_boxes_follow_the_image_geometry(tiny_masks, name):
+    root, _ = tiny_masks
+    out = {}
+    for backend in BACKENDS:
+        cfg = config(root, backend=backend, transform=name, load_masks=True, load_boxes=True, batch_size_per_gpu=6)
+        loader = build_loader(cfg, "train", CPU)
+        loader.set_epoch(1)
+        out[backend] = collect(loader)
+    for backend, batches in out.items():
+        for batch in batches:
+            assert batch.mask.shape == (len(batch), 1) + batch.image.shape[2:]
+            masks = batch.mask[:, 0].numpy()                                 # [B, H, W]
+            assert set(np.unique(masks).tolist()) <= {0.0, 1.0}
+            image = unnormalise(batch.image, cfg, name)[:, 0].numpy()
+            for i in range(len(batch)):
+                m = masks[i] > 0
+                if m.sum() < 20:
+                    continue                                       # rectangle cropped away
+                assert image[i][m].mean() > image[i][~m].mean() + 60   # bright rectangle under the mask
+                assert batch.boxes[i].shape == (1, 4)
+                assert _iou(batch.boxes[i][0].tolist(), _box_of(m)) > 0.8, (backend, batch.keys[i])
+    masks_t = torch.cat([b.mask for b in out["torch"]])
+    masks_d = torch.cat([b.mask for b in out["dali"]])
+    agree = (masks_t == masks_d).float().mean().item()
+    assert agree > 0.995
+    boxes_t = [b for batch in out["torch"] for b in batch.boxes]
+    boxes_d = [b for batch in out["dali"] for b in batch.boxes]
+    assert all(torch.allclose(a, b) for a, b in zip(boxes_t, boxes_d))
+
+
+def test_masks_required_when_requested(tiny):
+    root, _ = tiny
+    with pytest.raises(ManifestError, match="no .png member"):
+        build_loader(config(root, load_masks=True), "train", CPU)
+
+
+@pytest.mark.parametrize("name", ["mgca_train", "g2d_train"])
+def test_gpu_decode_path_matches_the_pil_path(tiny, name):
+    """The torch_gpu_decode code path (decode_jpeg + geometry on tensors), run on the CPU."""
+    from pipeline.batch import SampleReader
+    from pipeline.torch_backend import EpochBatches, gpu_decode
+
+    root, _ = tiny
+    cfg = config(root, transform=name)
+    index = DatasetIndex(root, "valid")
+    plan = make_plan(index, 7, 0, 0, 1, 8, shuffle=True, drop_last=True)
+    spec = build_spec(cfg, name)
+    common = dict(index=index, batches=plan.batches, first=0, spec=spec, seed=7, epoch=0, tokenizer=None,
+                  keep_size=True, bad={}, load_masks=False, load_boxes=False, normalise=False)
+    reader = SampleReader(index)
+    pil = EpochBatches(gpu_decode=False, **common).build(1, reader)
+    raw = EpochBatches(gpu_decode=True, **common).build(1, reader)
+    reader.close()
+    assert raw.image is None and len(raw.jpeg) == 8
+    assert gpu_decode(raw, spec, torch.device("cpu"), keep_size=True) == []
+    side = spec.out_size
+    assert raw.keys == pil.keys and raw.image.shape == pil.image.shape == (8, 1, side, side)
+    assert (raw.image.float() - pil.image.float()).abs().mean() < 2.0
