@@ -36,6 +36,8 @@ Manifest (`manifest.json`):
                                                       "num_samples", "bytes", "sha256"}]}},
      "rejected": [{"key", "source", "reason"}],
      "filtered": {rule: count},            # rows removed by a documented rule, not errors
+     "counts": {"input_rows", "packed", "rejected", "filtered"}  # MIMIC: rows = packed + rejected + filtered
+     "report_problems": [{"key", "source", "reason"}]           # MIMIC: unusable report files
      "subsets": {split: {fraction: [keys]}}  # downstream data-efficiency subsets (optional)
      "config": {...}}                       # the packing config that produced it
 """

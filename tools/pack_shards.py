@@ -1,0 +1,79 @@
+"""`make shards`: pack MIMIC-CXR-JPG (real, or the synthetic stand-in) into WebDataset shards.
+
+    python -m tools.pack_shards --mimic /data/mimic-cxr-jpg/2.0.0 --out data/shards/mimic
+    python -m tools.pack_shards --mimic ROOT --reports /data/mimic-cxr-reports/files --out ...
+    python -m tools.pack_shards --mimic ROOT --master-csv /data/mgca/master.csv --out ...
+    python -m tools.pack_shards --synthetic data/synthetic_mimic --synth-n 400 --synth-size 1024 --out ...
+
+Reruns keep every shard whose bytes still match the manifest (same inputs and parameters).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from shards.master import METADATA_CSV
+from shards.mimic import DEFAULT_SAMPLES_PER_SHARD, SYNTHETIC_SAMPLES_PER_SHARD, pack_mimic
+from shards.synthetic.mimic import CORPUS_NAME, generate_mimic
+from shards.writer import default_workers
+
+
+def ensure_synthetic(root: Path, n: int, size: int, seed: int, workers: int) -> Path:
+    """Generate the synthetic MIMIC-CXR-JPG tree at `root` unless one is already there (an existing
+    corpus is packed as it is, even if made with other parameters: regenerating is `make synth`'s job)."""
+    marker = root / CORPUS_NAME
+    if (root / METADATA_CSV).is_file():
+        made = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+        if (made.get("n_studies"), made.get("size"), made.get("seed")) != (n, size, seed):
+            print(f"synthetic corpus: {root} exists (n={made.get('n_studies')}, size={made.get('size')}, "
+                  f"seed={made.get('seed')}); packing it as it is")
+        return root
+    print(f"synthetic corpus: generating {n} studies at {size} px in {root}")
+    summary = generate_mimic(root, n=n, seed=seed, size=size, workers=workers)
+    print(f"synthetic corpus: {summary['images']} images in {summary['seconds']:.1f} s")
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--mimic", type=Path, help="MIMIC-CXR-JPG 2.0.0 root (csvs + files/)")
+    source.add_argument("--synthetic", type=Path, help="synthetic corpus dir (generated if absent)")
+    parser.add_argument("--reports", type=Path, help="report tree (default: <root>/files, as MGCA expects)")
+    parser.add_argument("--master-csv", type=Path, help="use this MGCA master.csv instead of the csvs + reports")
+    parser.add_argument("--synth-n", type=int, default=400, help="synthetic studies to generate")
+    parser.add_argument("--synth-size", type=int, default=1024, help="synthetic image longer side")
+    parser.add_argument("--out", type=Path, default=Path("data/shards/mimic"))
+    parser.add_argument("--max-side", type=int, default=512, help="stored images' longer side")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of stored images")
+    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--seed", type=int, default=42, help="shuffle seed (also the synthetic corpus seed)")
+    parser.add_argument("--samples-per-shard", type=int, default=None,
+                        help=f"default {DEFAULT_SAMPLES_PER_SHARD} (real) / {SYNTHETIC_SAMPLES_PER_SHARD} (synthetic)")
+    parser.add_argument("--keep-test", action="store_true", help="keep `test` as its own split (MGCA merges it into valid)")
+    parser.add_argument("--crop-threshold", type=int, default=0, help="pixels <= this count as black border")
+    args = parser.parse_args(argv)
+
+    if args.synthetic is not None:
+        root = ensure_synthetic(args.synthetic, args.synth_n, args.synth_size, args.seed, args.workers)
+        per_shard = args.samples_per_shard or SYNTHETIC_SAMPLES_PER_SHARD
+    else:
+        root = args.mimic
+        per_shard = args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
+    try:
+        manifest = pack_mimic(root, args.out, reports_dir=args.reports, master_csv=args.master_csv,
+                              max_side=args.max_side, quality=args.quality, samples_per_shard=per_shard,
+                              workers=args.workers, seed=args.seed, keep_test=args.keep_test,
+                              crop_threshold=args.crop_threshold)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"pack_shards: {exc}", file=sys.stderr)
+        return 2
+    print(f"pack_shards: {manifest['num_samples']} samples in {args.out} "
+          f"({len(manifest['rejected'])} rejected, listed in {args.out / 'manifest.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
