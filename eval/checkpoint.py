@@ -112,6 +112,7 @@ class Pretrained:
     encoder_state: dict[str, torch.Tensor] | None = None
     step: int | None = None
     data_cfg: dict | None = None        # the pretraining run's saved `data` section (its eval view)
+    random_text: bool = False           # random init of a pretraining run's architecture, text tower included
 
     @property
     def has_decoder(self) -> bool:
@@ -119,7 +120,9 @@ class Pretrained:
 
     @property
     def has_text(self) -> bool:
-        return self.state is not None
+        # Random init of a known architecture is the whole G2D model before pretraining (its text
+        # tower as the pretraining run started it), so zero-shot tasks have a random-init baseline.
+        return self.state is not None or (self.kind == "random" and self.random_text)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": self.source, "sha256": self.sha256, "step": self.step,
@@ -165,6 +168,8 @@ class Pretrained:
                              "directory)")
         cfg = dataclasses.replace(self.model_cfg, text_model=text_model) if text_model else self.model_cfg
         model = G2DModel(cfg)
+        if self.kind == "random":
+            return model
         load_strict(model, self.state, self.source, f"G2DModel({cfg.name}, {cfg.encoder})")
         return model
 

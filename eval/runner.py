@@ -132,7 +132,8 @@ def run_all(ckpt: str | None = None, fraction: str = "1.0", data_root: str | Non
     models = {"checkpoint": weights}
     if with_random and weights.kind != "random":
         models["random"] = dataclasses.replace(weights, kind="random", source="random", sha256=None, state=None,
-                                               unet_state=None, encoder_state=None, step=None)
+                                               unet_state=None, encoder_state=None, step=None,
+                                               random_text=weights.has_text)
     records, failed = [], []
     for task in selected:
         keep, skipped = applicable_overrides(task, overrides)
