@@ -33,6 +33,9 @@ DOWNSTREAM = "data/shards/downstream"
 DEMO_TASKS = ["zeroshot_rsna", "zeroshot_siim", "grounding_rsna", "grounding_siim", "rsna_linear",
               "siim_segmentation"]
 # Small versions of the tasks: the tiny model's resolution, a few epochs.
+HEADLINES = {"zeroshot_rsna": ("auc", "f1"), "zeroshot_siim": ("auc", "f1"),
+             "grounding_rsna": ("pointing", "iou", "dice"), "grounding_siim": ("pointing", "iou", "dice"),
+             "rsna_linear": ("auroc",), "siim_segmentation": ("dice", "dice_positive")}
 DEMO_EVAL_ARGS = ["data.image_size=128", "data.crop_size=128", "train.epochs=8", "train.patience=4",
                   "data.num_workers=0"]
 
@@ -51,11 +54,31 @@ def pretraining_metrics(cfg, dist: DistInfo, checkpoint: Path | None) -> dict:
     return validate(model, cfg, tokenizer, dist)
 
 
+def downstream_table(records: list[dict]) -> str:
+    """task | metrics | random init | trained, from run_all's records (percent)."""
+    def cell(task, model, variant, keys):
+        rec = next((r for r in records if (r["task"], r["model"], r["variant"]) == (task, model, variant)), None)
+        if rec is None or rec["status"] != "ok":
+            return "-" if rec is None else rec["status"]
+        return "/".join("nan" if rec["metrics"].get(k) is None else f"{100 * rec['metrics'][k]:.1f}" for k in keys)
+
+    rows = [f"{'task':<36} {'metric':<24} {'random init':>16} {'G2D trained':>16}"]
+    for task, keys in HEADLINES.items():
+        variants = ["encoder", "encoder_decoder"] if task.endswith("segmentation") else [""]
+        for v in variants:
+            name = f"{task} ({v})" if v else task
+            random_cell = cell(task, "random", v, keys) if v != "encoder_decoder" else "-"
+            rows.append(f"{name:<36} {'/'.join(keys):<24} {random_cell:>16} {cell(task, 'checkpoint', v, keys):>16}")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=800, help="synthetic studies to render")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("overrides", nargs="*", help="pretraining overrides, e.g. train.epochs=2")
+    parser.add_argument("overrides", nargs="*",
+                        help="pretraining overrides, e.g. train.epochs=2, or the Table 5a ablation: "
+                             "model.pa_weight=0 train.output_dir=runs/demo/pretrain_no_pa")
     args = parser.parse_args(argv)
     t_start = time.time()
     torch.set_num_threads(max(1, args.workers))
@@ -98,18 +121,21 @@ def main(argv: list[str] | None = None) -> None:
 
     stage("6/6 downstream tasks on synthetic RSNA / SIIM: trained vs random init")
     ensure_data(DOWNSTREAM, ["rsna_pneumonia", "siim_pneumothorax"])
+    eval_root = out_dir.parent / f"eval_{out_dir.name}"
     downstream = run_all(ckpt=str(checkpoint), fraction="1.0", data_root=DOWNSTREAM, overrides=DEMO_EVAL_ARGS,
-                         output_root="runs/demo/eval", tasks=DEMO_TASKS)
+                         output_root=str(eval_root), tasks=DEMO_TASKS)
+    print("\nDownstream tasks on synthetic RSNA/SIIM (percent; test splits of 24/18 images):")
+    print(downstream_table(downstream["records"]))
     plots = sorted((out_dir / "plots").glob("*.png"))
     summary = {"config": config_to_dict(cfg), "checkpoint": str(checkpoint), "trained": trained,
                "random_init": random_init, "plots": [str(p) for p in plots],
                "downstream": downstream["summary_path"],
                "exports": [str(out_dir / "g2d_encoder.pth"), str(out_dir / "g2d_encoder_decoder.pth")],
                "seconds": time.time() - t_start}
-    atomic_write_json(Path("runs/demo/summary.json"), summary)
+    atomic_write_json(out_dir / "demo_summary.json", summary)
     print("\nattention / pseudo-mask plots:", *(f"  {p}" for p in plots[-3:]), sep="\n")
-    print(f"downstream results (per task results.json + PNGs): runs/demo/eval/; tables: {downstream['summary_path']}")
-    print(f"metrics log: {out_dir / 'metrics.jsonl'}; summary: runs/demo/summary.json")
+    print(f"downstream results (per task results.json + PNGs): {eval_root}/; tables: {downstream['summary_path']}")
+    print(f"metrics log: {out_dir / 'metrics.jsonl'}; summary: {out_dir / 'demo_summary.json'}")
     print(f"exports: {summary['exports'][0]}, {summary['exports'][1]}")
     print(f"demo finished in {summary['seconds'] / 60:.1f} min")
     print(json.dumps({"top1_trained": trained.get("retrieval_top1"),
