@@ -67,13 +67,14 @@ def reduce_array(gray: np.ndarray, max_side: int, crop_threshold: int = 0) -> Re
 
 def decode_gray(data: bytes, max_side: int | None = None) -> tuple[np.ndarray, float]:
     """Decode image bytes to [H, W] uint8 gray. With `max_side`, JPEG DCT-domain downscaling
-    (`Image.draft`) may shrink by 2/4/8 while keeping >= 2*max_side, which is several times faster
-    than a full decode. Returns (array, factor) with factor = decoded pixels per source pixel."""
+    (`Image.draft`) shrinks by 2/4/8 while keeping the longer side >= max_side (the antialiased resize
+    that follows does the rest): a 3000-px MIMIC image decodes at 1/4 scale, ~10x less IDCT work than
+    a full decode. Returns (array, factor) with factor = decoded pixels per source pixel."""
     img = Image.open(io.BytesIO(data))
     full_w, _ = img.size
     if max_side is not None and img.format == "JPEG":
         w, h = img.size
-        img.draft("L", (max(1, w * 2 * max_side // max(w, h)), max(1, h * 2 * max_side // max(w, h))))
+        img.draft("L", (max(1, -(-w * max_side // max(w, h))), max(1, -(-h * max_side // max(w, h)))))
     img.load()
     if img.mode != "L":
         img = img.convert("L")
