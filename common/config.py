@@ -159,10 +159,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_merge(base[k], v)
+            deep_merge(base[k], v)
         else:
             base[k] = v
     return base
@@ -180,8 +180,8 @@ def read_yaml(path: str | Path) -> dict:
     parents = data.pop("defaults", []) or []
     merged: dict = {}
     for parent in parents:
-        _deep_merge(merged, read_yaml(path.parent / parent))
-    return _deep_merge(merged, data)
+        deep_merge(merged, read_yaml(path.parent / parent))
+    return deep_merge(merged, data)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:

@@ -20,8 +20,6 @@ import time
 import warnings
 from typing import Iterator
 
-import torch
-
 from common.dist import DistInfo
 from pipeline.batch import Batch, CorruptSampleError, HostBatch, LoaderStats
 from pipeline.config import DataConfig

@@ -14,7 +14,6 @@ Results: bench/results/train.json and the "## Training step" section of docs/per
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import statistics

@@ -15,7 +15,7 @@ import importlib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from common.config import ConfigError, apply_overrides, config_from_dict, read_yaml
+from common.config import ConfigError, apply_overrides, config_from_dict, deep_merge, read_yaml
 from eval.tasks.base import FRACTIONS
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
@@ -95,7 +95,7 @@ def load_task_config(name: str, fraction: str = "1.0", data_root: str | None = N
     unknown = sorted(set(per_fraction) - set(FRACTIONS))
     if unknown:
         raise ConfigError(f"{task.config_path}: fraction_overrides keys {unknown} are not in {list(FRACTIONS)}")
-    _merge(raw, per_fraction.get(fraction, {}) or {})
+    deep_merge(raw, per_fraction.get(fraction, {}) or {})
     raw["task"], raw["fraction"] = name, fraction
     raw.setdefault("data", {})["dataset"] = task.dataset
     if data_root:
@@ -104,15 +104,6 @@ def load_task_config(name: str, fraction: str = "1.0", data_root: str | None = N
     if raw.get("task") != name or raw["data"].get("dataset") != task.dataset:
         raise ConfigError("task and data.dataset are fixed by the task name; pick another task instead")
     return config_from_dict(config_class(task), raw)
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 def run_task(task: Task, cfg, weights, out_dir: Path, device, log=print) -> dict:
