@@ -30,6 +30,7 @@ class DataConfig:
     mean: list[float] | None = None    # per channel in [0, 1] units; None: the transform's own
     std: list[float] | None = None
     max_text_length: int = 256         # tokens; batches are padded to their longest text, capped here
+    text_padding: Literal["longest", "max_length"] = "longest"   # per batch | always max_length (G2D code)
     text_pad_multiple: int = 8         # round the padded length up to this (tensor cores); 1 = off
     on_error: Literal["skip", "raise"] = "skip"   # a corrupt sample: skip it (recorded) or raise
     seed: int = 0                      # shard order, sample order and augmentation draws

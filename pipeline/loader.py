@@ -38,7 +38,8 @@ class Loader:
         self.device = dist.device
         self.index = DatasetIndex(cfg.shards, split, cfg.subset, cfg.subset_task, need_masks=cfg.load_masks)
         self.spec = build_spec(cfg, cfg.transform)
-        self.tokenizer = BatchTokenizer(tokenizer, cfg.max_text_length, cfg.text_pad_multiple) if tokenizer else None
+        self.tokenizer = BatchTokenizer(tokenizer, cfg.max_text_length, cfg.text_pad_multiple,
+                                        cfg.text_padding) if tokenizer else None
         self.backend = self._choose_backend(cfg.backend, dist.device.type == "cuda")
         self.stats = LoaderStats()
         self.epoch = 0

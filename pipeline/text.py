@@ -18,7 +18,7 @@ import torch
 
 
 class BatchTokenizer:
-    def __init__(self, tokenizer, max_length: int, pad_multiple: int = 8):
+    def __init__(self, tokenizer, max_length: int, pad_multiple: int = 8, padding: str = "longest"):
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; the loader "
                              "needs one to batch-encode without holding the GIL")
@@ -27,6 +27,7 @@ class BatchTokenizer:
         # each call sets its truncation/padding state.
         self.tokenizer = copy.deepcopy(tokenizer)
         self.max_length = max_length
+        self.padding = padding  # "longest" (per batch) | "max_length" (G2D's code; benchmarks)
         # pad_to_multiple_of is applied after truncation, so it may only be used where the rounded
         # length stays within max_length.
         self.pad_multiple = pad_multiple if pad_multiple > 1 and max_length % pad_multiple == 0 else None
@@ -34,7 +35,7 @@ class BatchTokenizer:
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, float]:
         """texts -> input_ids [B, L] int64, attention_mask [B, L] int64, seconds spent."""
         t0 = time.perf_counter()
-        enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=self.max_length,
+        enc = self.tokenizer(texts, padding=self.padding, truncation=True, max_length=self.max_length,
                              pad_to_multiple_of=self.pad_multiple, return_attention_mask=True,
                              return_token_type_ids=False, return_tensors="pt")
         ids = enc["input_ids"].to(torch.int64)

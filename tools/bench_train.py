@@ -50,7 +50,9 @@ def arm_settings(arm: str, device: torch.device) -> dict:
 
 def make_step(model_name: str, text_model: str, arm: str, device: torch.device):
     s = arm_settings(arm, device)
-    cfg = model_config(model_name, text_model=text_model, text_freeze_embeddings=s["freeze_embeddings"])
+    # G2D's max_length of 256 for both arms: ours pads each batch to its longest report instead.
+    cfg = model_config(model_name, text_model=text_model, text_freeze_embeddings=s["freeze_embeddings"],
+                       max_text_length=256)
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     if s["channels_last"]:
@@ -65,18 +67,6 @@ def make_step(model_name: str, text_model: str, arm: str, device: torch.device):
     return TrainStep(model, optim, None, scaler, fixed, s["precision"], 0.0, s["channels_last"]), cfg, s
 
 
-class PadToMaxLength:
-    """Tokenizer wrapper for the official arm: pads every report to max_length (G2D's
-    padding='max_length'), whatever padding the loader asks for. Picklable for loader workers."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def __call__(self, texts, **kwargs):
-        kwargs["padding"] = "max_length"
-        return self.tokenizer(texts, **kwargs)
-
-
 def synthetic_batch(cfg, tokenizer, texts: list[str], batch_size: int, pad: str, device):
     from pipeline import Batch
 
@@ -85,7 +75,7 @@ def synthetic_batch(cfg, tokenizer, texts: list[str], batch_size: int, pad: str,
     image = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, device=device)
     return Batch(image=image, input_ids=tok["input_ids"].to(device),
                  attention_mask=tok["attention_mask"].to(device), keys=[""] * batch_size,
-                 meta=[{}] * batch_size)
+                 meta=[{}] * batch_size, texts=texts[:batch_size])
 
 
 def sync(device):
@@ -120,10 +110,10 @@ def bench_model(model_name: str, text_model: str, batch_size: int, shards: str |
         row = {"settings": s, "data_excluded": {"steps_per_s": 1 / sec, "img_per_s": batch_size / sec}}
         if shards:
             data_cfg = DataConfig(shards=shards, batch_size_per_gpu=batch_size, transform="g2d_train",
-                                  image_size=cfg.image_size, max_text_length=cfg.max_text_length)
+                                  image_size=cfg.image_size, max_text_length=cfg.max_text_length,
+                                  text_padding=s["pad"], num_workers=2)
             dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-            tok = PadToMaxLength(tokenizer) if s["pad"] == "max_length" else tokenizer
-            loader = build_loader(data_cfg, "train", dist, tokenizer=tok)
+            loader = build_loader(data_cfg, "train", dist, tokenizer=tokenizer)
 
             def endless():
                 epoch = 0
