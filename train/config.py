@@ -61,11 +61,14 @@ def build_pretrain_config(raw: dict) -> PretrainConfig:
     base = model_config(model_raw.get("name", ModelConfig.name))
     merged_model = config_to_dict(base)
     merged_model.update(model_raw)
-    data_raw = raw.get("data") or {}
-    for key, owner in (("batch_size_per_gpu", "train.batch_size_per_gpu"), ("seed", "train.seed")):
-        if key in data_raw:
-            raise ConfigError(f"data.{key} is set from {owner}; set that instead")
     cfg = config_from_dict(PretrainConfig, {**raw, "model": merged_model})
+    # One source of truth: the loader's batch size and seed come from the train section (a saved
+    # resolved config repeats them; a different value there is a conflict).
+    data_raw = raw.get("data") or {}
+    for key in ("batch_size_per_gpu", "seed"):
+        if key in data_raw and data_raw[key] != getattr(cfg.train, key):
+            raise ConfigError(f"data.{key}={data_raw[key]} conflicts with train.{key}="
+                              f"{getattr(cfg.train, key)}; data.{key} is set from train.{key}")
     cfg.data = dataclasses.replace(cfg.data, batch_size_per_gpu=cfg.train.batch_size_per_gpu,
                                    seed=cfg.train.seed)
     for key, allowed in VALID.items():
