@@ -16,10 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shards.downstream.common import (
-    DatasetIndex, Item, file_map, read_csv_rows, read_lines, reject, safe_key, shuffled,
-    split_by_patient,
-)
+from shards.downstream.common import (DatasetIndex, Item, file_map, official_test_splits,
+                                      read_csv_rows, read_lines, reject, safe_key)
 
 NAME = "chestxray14"
 LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -92,10 +90,8 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
                 patient_id=row["Patient ID"].strip(), labels=labels, positive=any(labels.values()),
                 extra={"view": row.get("View Position", "").strip(),
                        "follow_up": row.get("Follow-up #", "").strip()}))
-    splits = split_by_patient(items["train_val"], SPLIT_WEIGHTS, seed, NAME)
-    splits["test"] = items["test"]
     return DatasetIndex(
-        dataset=NAME, splits={s: shuffled(v, seed, NAME + s) for s, v in splits.items()},
+        dataset=NAME, splits=official_test_splits(items["train_val"], items["test"], SPLIT_WEIGHTS, seed, NAME),
         label_names=list(LABELS), label_type="multilabel", tasks=["classification"],
         subset_style={"classification": "frac"}, has_masks=False, has_boxes=False,
         split_policy="official test_list = test; train_val_list by Patient ID into 77872/8652 proportions",

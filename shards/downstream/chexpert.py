@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from shards.downstream.common import (
-    DatasetIndex, Item, SourceError, read_csv_rows, reject, shuffled, split_by_patient,
-)
+from shards.downstream.common import (DatasetIndex, Item, SourceError, official_test_splits,
+                                      read_csv_rows, reject)
 
 NAME = "chexpert"
 LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -105,10 +104,8 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
     filtered: dict[str, int] = {}
     train_items, n_train = _items(root, "train.csv", 0, rejected, filtered)
     test_items, n_valid = _items(root, "valid.csv", n_train, rejected, filtered)
-    splits = split_by_patient(train_items, SPLIT_WEIGHTS, seed, NAME)
-    splits["test"] = test_items
     return DatasetIndex(
-        dataset=NAME, splits={s: shuffled(v, seed, NAME + s) for s, v in splits.items()},
+        dataset=NAME, splits=official_test_splits(train_items, test_items, SPLIT_WEIGHTS, seed, NAME),
         label_names=list(LABELS), label_type="multilabel", tasks=["classification"],
         subset_style={"classification": "frac"}, has_masks=False, has_boxes=False,
         split_policy="official valid.csv = test; train.csv by patient into 186027/5000 proportions",

@@ -221,6 +221,15 @@ def shuffled(items: Sequence[Item], seed: int, salt: str) -> list[Item]:
 # ---------------------------------------------------------------------------------------------
 # Subsets
 
+def official_test_splits(train_items: Sequence[Item], test_items: Sequence[Item], weights: dict[str, float],
+                         seed: int, name: str) -> dict[str, list[Item]]:
+    """The datasets whose official held-out list is our test split: the training list is split by
+    patient into `weights` (train/valid), the official list becomes `test`, each split shuffled."""
+    splits = split_by_patient(train_items, weights, seed, name)
+    splits["test"] = list(test_items)
+    return {s: shuffled(v, seed, name + s) for s, v in splits.items()}
+
+
 def subset_indices(n: int, fraction: float, style: str, positive: Sequence[bool],
                    seed: int = SUBSET_SEED) -> list[int]:
     """Indices (into a list in file order) of one data-efficiency subset; see module docstring."""

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shards.downstream.common import (
-    DatasetIndex, Item, SourceError, read_lines, reject, safe_key, shuffled, split_by_patient,
-)
+from shards.downstream.common import (DatasetIndex, Item, SourceError, official_test_splits,
+                                      read_lines, reject, safe_key)
 
 NAME = "covidx"
 CLASSES = ("normal", "pneumonia", "COVID-19")
@@ -58,10 +57,8 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
     rejected: list[dict] = []
     train_items, n_train = _items(src, "train", 0, rejected)
     test_items, n_test = _items(src, "test", n_train, rejected)
-    splits = split_by_patient(train_items, SPLIT_WEIGHTS, seed, NAME)
-    splits["test"] = test_items
     return DatasetIndex(
-        dataset=NAME, splits={s: shuffled(v, seed, NAME + s) for s, v in splits.items()},
+        dataset=NAME, splits=official_test_splits(train_items, test_items, SPLIT_WEIGHTS, seed, NAME),
         label_names=list(CLASSES), label_type="multiclass", classes=list(CLASSES),
         tasks=["classification"], subset_style={"classification": "frac"}, has_masks=False,
         has_boxes=False, split_policy="test list = test; train list by patient 80/20 into train/valid",

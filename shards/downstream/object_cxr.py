@@ -15,9 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shards.downstream.common import (
-    DatasetIndex, Item, SourceError, read_csv_rows, reject, safe_key, shuffled, split_by_patient,
-)
+from shards.downstream.common import (DatasetIndex, Item, SourceError, official_test_splits,
+                                      read_csv_rows, reject, safe_key)
 
 NAME = "object_cxr"
 LABEL = "Foreign object"
@@ -79,10 +78,8 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
     rejected: list[dict] = []
     train_items, n_train = _items(src, "train", 0, rejected)
     test_items, n_dev = _items(src, "dev", n_train, rejected)
-    splits = split_by_patient(train_items, SPLIT_WEIGHTS, seed, NAME)
-    splits["test"] = test_items
     return DatasetIndex(
-        dataset=NAME, splits={s: shuffled(v, seed, NAME + s) for s, v in splits.items()},
+        dataset=NAME, splits=official_test_splits(train_items, test_items, SPLIT_WEIGHTS, seed, NAME),
         label_names=[LABEL], label_type="binary", tasks=["detection"],
         subset_style={"detection": "choice"}, has_masks=False, has_boxes=True,
         split_policy="dev.csv = test; train.csv seeded 6400/1600 proportions into train/valid (per image)",
