@@ -5,8 +5,12 @@ backends: DALI with device_id=None, torch DataLoader workers.
 """
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -377,3 +381,29 @@ def test_gpu_decode_path_matches_the_pil_path(tiny, name):
     side = spec.out_size
     assert raw.keys == pil.keys and raw.image.shape == pil.image.shape == (8, 1, side, side)
     assert (raw.image.float() - pil.image.float()).abs().mean() < 2.0
+
+
+def test_workers_do_not_deadlock_after_the_parent_used_opencv(tiny, tmp_path):
+    """OpenCV's thread pool, once created in a process, deadlocks forked children that reconfigure it;
+    pipeline.transforms fixes the thread count at import so the parent never creates one. The loader
+    runs in a subprocess, so a regression fails on the timeout instead of hanging the suite."""
+    script = tmp_path / "fork_after_warp.py"
+    script.write_text(f"""
+import numpy as np, torch
+from common.dist import DistInfo
+from pipeline import DataConfig, build_loader
+from pipeline.transforms import _warp_array
+big = (np.random.default_rng(0).random((900, 900)) * 255).astype(np.uint8)
+for _ in range(10):
+    _warp_array(big, np.array([[0.9, 0.2, 5.0], [-0.2, 0.95, 3.0]]), 800, False)   # parent warps first
+cfg = DataConfig(shards={str(tiny[0])!r}, backend="torch", batch_size_per_gpu=8, num_workers=2, transform="g2d_train")
+loader = build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+loader.set_epoch(0)
+print("batches", sum(1 for _ in loader))
+""")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == f"batches {52 // 8}"
