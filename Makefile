@@ -12,10 +12,14 @@ export PYTHONPATH := $(CURDIR)
 SYNTH_DIR ?= data/synthetic_mimic
 N ?= 400
 SEED ?= 0
-SIZE ?= 1024
+SIZE ?= 2048
 WORKERS ?= $(shell nproc)
-MAX_SIDE ?= 512
-QUALITY ?= 95
+# Stored image size: pretraining shards 256 px / q90 (what G2D trains on), downstream shards 512 px /
+# q95 (segmentation/detection labels live at that scale). MAX_SIDE= / QUALITY= override either.
+PRETRAIN_MAX_SIDE := $(or $(MAX_SIDE),256)
+PRETRAIN_QUALITY := $(or $(QUALITY),90)
+DOWNSTREAM_MAX_SIDE := $(or $(MAX_SIDE),512)
+DOWNSTREAM_QUALITY := $(or $(QUALITY),95)
 SHARDS_DIR ?= data/shards/mimic
 DOWNSTREAM_SRC ?= data/synthetic_downstream
 DOWNSTREAM_SHARDS ?= data/shards/downstream
@@ -61,11 +65,11 @@ synth: setup
 shards: setup
 ifdef DATASET
 	$(PY) -m tools.pack_downstream --dataset $(DATASET) --src $(or $(SRC),$(DOWNSTREAM_SRC)/$(DATASET)) \
-	  --out $(or $(OUT),$(DOWNSTREAM_SHARDS)) --max-side $(MAX_SIDE) --quality $(QUALITY) --workers $(WORKERS) --seed $(SEED)
+	  --out $(or $(OUT),$(DOWNSTREAM_SHARDS)) --max-side $(DOWNSTREAM_MAX_SIDE) --quality $(DOWNSTREAM_QUALITY) --workers $(WORKERS) --seed $(SEED)
 else
 	$(PY) -m tools.pack_shards $(if $(MIMIC),--mimic $(MIMIC),--synthetic $(SYNTH_DIR) --synth-n $(N) --synth-size $(SIZE)) \
-	  $(if $(REPORTS),--reports $(REPORTS)) --out $(or $(OUT),$(SHARDS_DIR)) --max-side $(MAX_SIDE) \
-	  --quality $(QUALITY) --workers $(WORKERS) --seed $(SEED)
+	  $(if $(REPORTS),--reports $(REPORTS)) --out $(or $(OUT),$(SHARDS_DIR)) --max-side $(PRETRAIN_MAX_SIDE) \
+	  --quality $(PRETRAIN_QUALITY) --workers $(WORKERS) --seed $(SEED)
 endif
 
 verify-shards: setup

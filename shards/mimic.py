@@ -40,6 +40,11 @@ from shards.writer import PackedSample, Rejected, pack_splits
 
 # ~2000 reduced (512 px, q95) radiographs of ~60-100 KB make ~120-200 MB shards on real data.
 DEFAULT_SAMPLES_PER_SHARD = 2000
+# Stored pretraining images: G2D trains at 256 px (its npy holds 256x256), so nothing larger is ever
+# read; at JPEG q90 a whole sample (image + report + labels) is ~1/5.6 of the npy's 64 KB image
+# (docs/performance.md). `--max-side 512 --quality 95` keeps more for other recipes.
+DEFAULT_MAX_SIDE = 256
+DEFAULT_QUALITY = 90
 # The synthetic corpus (400 studies by default) has ~400 usable images, ~10% of them in valid:
 # 16 per shard still gives valid several shards (and train ~20).
 SYNTHETIC_SAMPLES_PER_SHARD = 16
@@ -148,7 +153,7 @@ def _fingerprint(split_items: dict[str, list[MimicItem]]) -> str:
 
 
 def pack_mimic(root: str | Path, out: str | Path, reports_dir: str | Path | None = None,
-               master_csv: str | Path | None = None, max_side: int = 512, quality: int = 95,
+               master_csv: str | Path | None = None, max_side: int = DEFAULT_MAX_SIDE, quality: int = DEFAULT_QUALITY,
                samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, workers: int = 1, seed: int = 42,
                keep_test: bool = False, crop_threshold: int = 0, progress: bool = True) -> dict:
     """Pack a MIMIC-CXR-JPG root into `out` and return the manifest (also at `out/manifest.json`).

@@ -14,7 +14,7 @@ from PIL import Image
 
 from shards.image import reduce_image_bytes
 from shards.master import MASTER_COLUMNS
-from shards.mimic import pack_mimic
+from shards.mimic import DEFAULT_MAX_SIDE, pack_mimic
 from shards.schema import CHEXPERT_LABELS, read_manifest, split_shards
 from shards.verify import ShardError, verify_dataset
 from tools.verify_shards import main as verify_main
@@ -146,7 +146,7 @@ def test_every_good_row_packed_once_with_its_metadata(corpus):
     assert samples[key]["txt"].decode() == "No acute process 0. Study 0 lungs clear. Heart size 0.5 cm."
     # The stored image is the reduced source: crop box from the black border, never upscaled here.
     src = (corpus["root"] / "files/p10/p10000000/s50000000" / f"{key}.jpg").read_bytes()
-    red = reduce_image_bytes(src, 512)
+    red = reduce_image_bytes(src, DEFAULT_MAX_SIDE)
     assert meta["crop_box"] == red.crop_box and meta["stored_size"] == red.stored_size
     assert meta["orig_size"] == [240, 300]
     # The 24-column / 25-row black border is cropped (to within JPEG ringing at its edge).

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from common.io import atomic_write_json
-from shards.mimic import pack_mimic
+from shards.mimic import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, pack_mimic
 from shards.writer import default_workers
 from tools.pack_shards import ensure_synthetic
 from tools.perfdoc import update_section
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "num_images": n,
         "seconds": {"workers_1": round(t1, 3), f"workers_{args.workers}": round(tn, 3),
                     "best_of": args.repeats},
-        "corpus": {"studies": args.n, "source_longer_side": args.size, "stored_max_side": 512,
+        "corpus": {"studies": args.n, "source_longer_side": args.size, "stored_max_side": DEFAULT_MAX_SIDE, "stored_quality": DEFAULT_QUALITY,
                    "samples_per_shard": args.samples_per_shard},
         "machine": {"cpu_count": cores, "cpu_model": cpu_model(), "python": platform.python_version(),
                     "platform": platform.platform(), "load_avg_1min": round(os.getloadavg()[0], 2)},
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(args.results, result)
     body = (
         f"`make bench-shards` ({time.strftime('%Y-%m-%d')}): `pack_mimic` on the synthetic corpus, "
-        f"{args.n} studies, {n} frontal images at {args.size} px longer side -> 512 px JPEG q95, "
+        f"{args.n} studies, {n} frontal images at {args.size} px longer side -> {DEFAULT_MAX_SIDE} px JPEG "
+        f"q{DEFAULT_QUALITY} (the `make shards` defaults), "
         f"timed end to end (sectioning, decode with JPEG draft, crop/resize, encode, tar + index + sha256), "
         f"best of {args.repeats} runs from scratch per setting.\n\n"
         f"| workers | seconds | images/s | images/s per worker |\n|---|---|---|---|\n"

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     shards = cfg.data.shards
     stage("1/6 synthetic MIMIC-CXR-JPG corpus -> WebDataset shards")
     code = pack_shards.main(["--synthetic", "data/synthetic_mimic_demo", "--synth-n", str(args.studies),
-                             "--synth-size", "512", "--out", shards, "--max-side", "256",
+                             "--synth-size", "512", "--out", shards, "--max-side", "256", "--quality", "95",
                              "--workers", str(args.workers), "--seed", "0"])
     if code:
         raise SystemExit(code)

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from shards.master import METADATA_CSV
-from shards.mimic import DEFAULT_SAMPLES_PER_SHARD, SYNTHETIC_SAMPLES_PER_SHARD, pack_mimic
+from shards.mimic import (DEFAULT_MAX_SIDE, DEFAULT_QUALITY, DEFAULT_SAMPLES_PER_SHARD, SYNTHETIC_SAMPLES_PER_SHARD,
+                          pack_mimic)
 from shards.synthetic.mimic import CORPUS_NAME, generate_mimic
 from shards.writer import default_workers
 
@@ -44,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reports", type=Path, help="report tree (default: <root>/files, as MGCA expects)")
     parser.add_argument("--master-csv", type=Path, help="use this MGCA master.csv instead of the csvs + reports")
     parser.add_argument("--synth-n", type=int, default=400, help="synthetic studies to generate")
-    parser.add_argument("--synth-size", type=int, default=1024, help="synthetic image longer side")
+    parser.add_argument("--synth-size", type=int, default=2048, help="synthetic image longer side")
     parser.add_argument("--out", type=Path, default=Path("data/shards/mimic"))
-    parser.add_argument("--max-side", type=int, default=512, help="stored images' longer side")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG quality of stored images")
+    parser.add_argument("--max-side", type=int, default=DEFAULT_MAX_SIDE, help="stored images' longer side")
+    parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality of stored images")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--seed", type=int, default=42, help="shuffle seed (also the synthetic corpus seed)")
     parser.add_argument("--samples-per-shard", type=int, default=None,

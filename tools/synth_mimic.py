@@ -1,6 +1,6 @@
 """`make synth`: render a synthetic corpus in the exact MIMIC-CXR-JPG 2.0.0 layout.
 
-    python -m tools.synth_mimic --out data/synthetic_mimic --n 400 --seed 0 [--size 1024] [--workers N]
+    python -m tools.synth_mimic --out data/synthetic_mimic --n 400 --seed 0 [--size 2048] [--workers N]
 
 Same arguments -> byte-identical tree, whatever --workers; see shards/synthetic/mimic.py for the layout.
 """
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="corpus root to create")
     parser.add_argument("--n", type=int, required=True, help="number of studies")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=1024, help=f"image longer side, 64..{MAX_SIZE}")
+    parser.add_argument("--size", type=int, default=2048, help=f"image longer side, 64..{MAX_SIZE}")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--overwrite", action="store_true", help="replace an existing synthetic corpus")
     args = parser.parse_args(argv)
