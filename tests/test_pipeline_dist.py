@@ -17,7 +17,8 @@ def test_two_ranks_read_disjoint_equal_parts_of_each_epoch(tmp_path):
     shards = tmp_path / "shards"
     manifest = pack_tiny(shards, n_train=46, n_valid=4)
     all_keys = {k for rec in manifest["_shard_records"] if rec["name"].startswith("train/") for k in rec["keys"]}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2",
                            str(ROOT / "tests" / "pipeline_dist_worker.py"), str(shards), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=240)

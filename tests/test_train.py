@@ -33,7 +33,8 @@ def overrides(shards, bert, out, **extra) -> list[str]:
 
 
 def run_pretrain(args: list[str], nproc: int = 0, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
     if nproc:
         cmd = [str(Path(PY).parent / "torchrun"), f"--nproc_per_node={nproc}", "--master_port=29561",
                "-m", "train.pretrain"]
