@@ -1,4 +1,4 @@
-"""Image side of G2D: an smp U-Net whose encoder feeds two heads.
+r"""Image side of G2D: an smp U-Net whose encoder feeds two heads.
 
     image [B,C,H,W] -> smp encoder -> pyramid (stride 1..32) -> U-Net decoder -> seg logits [B,1,H,W]
                                    \-> C5 [B,2048,H/32,W/32] -> projector -> dense [B,128,H/32,W/32]
