@@ -124,9 +124,9 @@ def bench_model(model_name: str, text_model: str, batch_size: int, shards: str |
                     loader.set_epoch(epoch)
                     yield from loader
                     epoch += 1
-            # Windows of ~2 epochs (capped at 60 steps), so each includes its share of epoch startups
+            # Windows of ~2 epochs (capped at 40 steps), so each includes its share of epoch startups
             # (DALI pipeline build / worker forks) instead of landing between two of them.
-            steps = min(60, max(n_steps, 2 * len(loader)))
+            steps = min(40, max(n_steps, 2 * len(loader)))
             sec = time_steps(step_fn, endless, steps, 2, device)
             row["data_included"] = {"steps_per_s": 1 / sec, "img_per_s": batch_size / sec, "window_steps": steps,
                                     "batches_per_epoch": len(loader), "backend": loader.backend}

@@ -71,5 +71,5 @@ run_phase() {
 run_phase pipeline bench_pipeline.log 300 $PY -m tools.bench_pipeline --device cuda --shards data/shards/mimic \
   --batch-size 64 --epochs 2 --runs 3 --also-shards data/bench/pipeline/shards512 --workers "$CORES"
 run_phase tests test_gpu.log 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
-run_phase train bench_train.log 200 $PY -m tools.bench_train --shards data/shards/mimic --steps 5
+run_phase train bench_train.log 240 $PY -m tools.bench_train --shards data/shards/mimic --steps 5
 phase done
