@@ -1,8 +1,9 @@
-"""bench-pipeline: the steady-rate bookkeeping and the results file's contract, on a tiny dataset."""
+"""bench-pipeline's steady-rate bookkeeping and results contract; profile_dali's graph cuts (tiny data, CPU)."""
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from tests.pipeline_fixtures import pack_tiny
@@ -41,3 +42,19 @@ def test_bench_pipeline_writes_the_promised_results(tmp_path):
     assert out["setup"]["train_images"] == 48 and out["machine"]["cpu_count"] >= 1
     text = doc.read_text()
     assert "## Data pipeline" in text and "G2D npy memmap" in text and "(target >= 5x" in text
+
+
+def test_profile_dali_times_each_cut_of_the_graph(tmp_path):
+    from pipeline.dali_backend import dali_available
+    from tools.profile_dali import main as profile_main
+
+    if not dali_available():
+        pytest.skip("nvidia-dali not installed")
+    shards = tmp_path / "shards"
+    pack_tiny(shards, n_train=24, n_valid=8)
+    out = tmp_path / "profile.json"
+    assert profile_main(["--shards", str(shards), "--device", "cpu", "--batch-size", "8", "--threads", "1",
+                         "--warmup", "1", "--iters", "2", "--stages", "read", "warp", "full",
+                         "--out", str(out)]) == 0
+    stages = json.loads(out.read_text())["stages"]
+    assert list(stages) == ["read", "warp", "full"] and all(v["img_per_s"] > 0 for v in stages.values())

@@ -2,21 +2,24 @@
 # GPU checks in one prepared run, for a machine with a CUDA GPU and the project's packages importable
 # (no venv needed: run it with the python that has torch). Every phase has its own time limit and
 # log, so one failure does not cost the others; results land in OUT_DIR:
-#   env.txt               GPU, driver, package versions, DALI / nvJPEG smoke test
+#   setup.log             GPU, driver, package versions, DALI / nvJPEG smoke test; corpus + packing
 #   pipeline_gpu.json     bench-pipeline with batches delivered on the GPU (tools/bench_pipeline.py)
+#   profile_dali.log      tools/profile_dali.py: our DALI graph cut after each stage (JSON last line)
 #   test_gpu.log          tests/test_gpu.py (DALI mixed + torchvision GPU decode agree with the CPU
 #                         path; the trainer in bf16 / fp16 on the GPU)
 #   train_gpu.json        bench-train: g2d_resnet50 at batch 64/128, ours vs the official recipe
 #   performance.md        docs/performance.md with the GPU sections written
-# Usage: [PHASES="pipeline tests train"] tools/device_check.sh OUT_DIR [STUDIES]
+#   bench_pipeline.log, bench_train.log   the two benchmarks' output
+# (eight files: the most a lent machine's run brings back)
+# Usage: [PHASES="pipeline profile tests train"] tools/device_check.sh OUT_DIR [STUDIES]
 #   STUDIES: synthetic corpus size (default 4000, ~3,600 train images: at batch 64 an epoch has 56
 #   batches, enough for 16 workers x 2 prefetch in flight to leave a steady state to measure);
-#   PHASES: which of the three to run (default all). The 1,500-study run took 6 min 15 s on an H200.
+#   PHASES: which of the four to run (default all). The 1,500-study run took 6 min 15 s on an H200.
 set -u
 OUT_DIR=${1:?usage: tools/device_check.sh OUT_DIR [STUDIES]}
 STUDIES=${2:-4000}
 PY=${PY:-python3}
-PHASES=${PHASES:-pipeline tests train}
+PHASES=${PHASES:-pipeline profile tests train}
 want() { [[ " $PHASES " == *" $1 "* ]]; }
 CORES=$(nproc)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -50,15 +53,15 @@ try:
 except Exception as exc:  # reported, the run goes on: DALI phases will say they were skipped
     print("dali unavailable:", repr(exc))
 EOF
-} > "$OUT_DIR/env.txt" 2>&1
-cat "$OUT_DIR/env.txt"
+} > "$OUT_DIR/setup.log" 2>&1
+cat "$OUT_DIR/setup.log"
 
 phase "data: $STUDIES synthetic studies at 2048 px -> 256-px shards (make shards defaults) + 512-px shards"
 timeout 240 $PY -m tools.pack_shards --synthetic data/synthetic_gpu --synth-n "$STUDIES" --synth-size 2048 \
-  --out data/shards/mimic --workers "$CORES" --seed 0 > "$OUT_DIR/data.log" 2>&1 &&
+  --out data/shards/mimic --workers "$CORES" --seed 0 >> "$OUT_DIR/setup.log" 2>&1 &&
 timeout 60 $PY -m tools.pack_shards --synthetic data/synthetic_gpu --synth-n "$STUDIES" --synth-size 2048 \
-  --out data/bench/pipeline/shards512 --max-side 512 --quality 95 --workers "$CORES" --seed 0 >> "$OUT_DIR/data.log" 2>&1
-echo "data rc=$?"; tail -3 "$OUT_DIR/data.log"
+  --out data/bench/pipeline/shards512 --max-side 512 --quality 95 --workers "$CORES" --seed 0 >> "$OUT_DIR/setup.log" 2>&1
+echo "data rc=$?"; tail -3 "$OUT_DIR/setup.log"
 
 # run_phase NAME LOG SECONDS CMD...: the phase's output to OUT_DIR/LOG, its tail and exit status here.
 run_phase() {
@@ -70,6 +73,7 @@ run_phase() {
 }
 run_phase pipeline bench_pipeline.log 300 $PY -m tools.bench_pipeline --device cuda --shards data/shards/mimic \
   --batch-size 64 --epochs 2 --runs 3 --also-shards data/bench/pipeline/shards512 --workers "$CORES"
+run_phase profile profile_dali.log 150 $PY -m tools.profile_dali --device cuda --shards data/shards/mimic
 run_phase tests test_gpu.log 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
 run_phase train bench_train.log 240 $PY -m tools.bench_train --shards data/shards/mimic --steps 5
 phase done

@@ -1,0 +1,167 @@
+"""Where does our DALI graph spend its time? Throughput of the graph cut after each stage.
+
+bench-pipeline measures the whole DALI graph at ~6.7k images/s on an H200 (256-px shards), against 99k
+for plain libjpeg decoding on 16 cores. This tool finds the stage that costs it: it builds the graph
+of `pipeline/dali_backend.py` (g2d_train: decode, per-sample warp, jitter, normalise, plus the
+text/json/key outputs) cut after each stage, and times each cut in steady state (the reader loops over
+the shards; `--iters` iterations after `--warmup`). Each row adds one stage to the previous:
+
+    read         fn.readers.webdataset, the jpg member only
+    decode       + fn.decoders.image (mixed = nvJPEG with a GPU, CPU otherwise), grey
+    warp_const   + fn.warp_affine with one constant matrix (the GPU kernel alone)
+    warp         the warp as ours: per-sample matrices from an external source, scaled to each decoded
+                 shape with fn.transforms.scale / combine (CPU-side argument ops)
+    jitter       + brightness / contrast about the image mean (fn.reductions.mean + arithmetic)
+    normalise    + grey -> 3 channels + crop_mirror_normalize: our image output
+    full         + the key (source_info), report and json members padded as byte tensors: our graph
+
+Usage: python -m tools.profile_dali [--shards data/shards/mimic] [--device cuda|cpu] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.io import atomic_write_json
+from pipeline.config import DataConfig
+from pipeline.plan import DatasetIndex
+from pipeline.transforms import build_spec
+
+STAGES = ("read", "decode", "warp_const", "warp", "jitter", "normalise", "full")
+
+
+class RandomMatrices:
+    """Per-sample [2, 3] warp matrices (and colour factors), drawn in Python per batch as ours are."""
+
+    def __init__(self, batch_size: int, size: int, colour: bool, seed: int = 0):
+        self.batch_size, self.size, self.colour = batch_size, size, colour
+        self.rng = np.random.default_rng(seed)
+
+    def __call__(self, info):
+        n = self.batch_size
+        angle = np.radians(self.rng.uniform(-15, 15, n))
+        c, s = np.cos(angle), np.sin(angle)
+        half = self.size / 2
+        matrix = np.zeros((n, 2, 3), dtype=np.float32)
+        matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1] = c, s, -s, c
+        matrix[:, 0, 2] = half - c * half - s * half
+        matrix[:, 1, 2] = half + s * half - c * half
+        if not self.colour:
+            return (matrix,)
+        colour = self.rng.uniform(0.8, 1.2, (2, n)).astype(np.float32)
+        return matrix, colour[0], colour[1]
+
+
+def build(stage: str, index: DatasetIndex, batch_size: int, threads: int, device_id: int | None, size: int):
+    from nvidia.dali import Pipeline, fn, types
+    import nvidia.dali.math as dmath
+
+    spec = build_spec(DataConfig(shards=str(index.root), transform="g2d_train", image_size=size), "g2d_train")
+    gpu = device_id is not None
+    level = STAGES.index(stage)
+    pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=2, seed=0)
+    with pipe:
+        exts = ["jpg", "txt", "json"] if level >= STAGES.index("full") else ["jpg"]
+        members = fn.readers.webdataset(paths=[s.path for s in index.shards],
+                                        index_paths=[str(Path(s.path).with_suffix(".idx")) for s in index.shards],
+                                        ext=exts, missing_component_behavior="error", random_shuffle=False,
+                                        name="reader")
+        jpg = members[0] if isinstance(members, (list, tuple)) else members
+        outputs = [jpg]
+        if level >= STAGES.index("decode"):
+            img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.GRAY)
+            outputs = [img]
+        if level == STAGES.index("warp_const"):
+            outputs = [fn.warp_affine(img, matrix=[1.1, 0.1, 2.0, -0.1, 1.1, 3.0], size=[spec.out_size] * 2,
+                                      fill_value=0, interp_type=types.INTERP_LINEAR, inverse_map=True)]
+        if level >= STAGES.index("warp"):
+            colour = level >= STAGES.index("jitter")
+            params = fn.external_source(source=RandomMatrices(batch_size, spec.size, colour),
+                                        num_outputs=3 if colour else 1, batch=True, batch_info=True)
+            matrix = params[0]
+            hw = fn.cast(img.shape(), dtype=types.FLOAT)
+            to_image = fn.transforms.scale(scale=fn.stack(hw[1] / spec.size, hw[0] / spec.size))
+            img = fn.warp_affine(img, matrix=fn.transforms.combine(matrix, to_image), size=[spec.out_size] * 2,
+                                 fill_value=0, interp_type=types.INTERP_LINEAR, inverse_map=True)
+            outputs = [img]
+        if level >= STAGES.index("jitter"):
+            b, c = params[1], params[2]
+            if gpu:   # arithmetic operands must share the image's device
+                b, c = b.gpu(), c.gpu()
+            mean = fn.reductions.mean(img)
+            img = dmath.clamp(b * (c * img + (1.0 - c) * mean), 0.0, 255.0)
+            outputs = [img]
+        if level >= STAGES.index("normalise"):
+            img = fn.cat(img, img, img, axis=2)
+            img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
+                                           mean=[255.0 * m for m in spec.mean], std=[255.0 * s for s in spec.std])
+            outputs = [img]
+        if level >= STAGES.index("full"):
+            info = fn.get_property(jpg, key="source_info")
+            txt, js = members[1], members[2]
+            outputs = [img, fn.pad(info, fill_value=0), info.shape(), fn.pad(txt, fill_value=0), txt.shape(),
+                       fn.pad(js, fill_value=0), js.shape()]
+        pipe.set_outputs(*outputs)
+    pipe.build()
+    return pipe
+
+
+def time_stage(stage: str, index: DatasetIndex, batch_size: int, threads: int, device_id: int | None,
+               size: int, warmup: int, iters: int) -> dict:
+    t0 = time.perf_counter()
+    pipe = build(stage, index, batch_size, threads, device_id, size)
+    build_s = time.perf_counter() - t0
+    for _ in range(warmup):
+        pipe.run()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = pipe.run()
+    if device_id is not None:
+        out[0].as_cpu()          # the last batch's data are on the host: every queued iteration finished
+    seconds = time.perf_counter() - t0
+    del pipe
+    return {"img_per_s": round(iters * batch_size / seconds, 1), "build_s": round(build_s, 3)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=Path, default=Path("data/shards/mimic"))
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device_id = 0 if cuda else None
+    index = DatasetIndex(args.shards, args.split)
+    rows = {}
+    for stage in args.stages:
+        rows[stage] = time_stage(stage, index, args.batch_size, args.threads, device_id, args.image_size,
+                                 args.warmup, args.iters)
+        print(f"{stage:>10}: {rows[stage]['img_per_s']:9.1f} img/s (build {rows[stage]['build_s']:.2f} s)",
+              flush=True)
+    result = {"stages": rows, "setup": {"shards": str(args.shards), "images": index.num_samples,
+                                        "batch_size": args.batch_size, "threads": args.threads,
+                                        "device": "cuda" if cuda else "cpu", "iters": args.iters},
+              "machine": {"cpu_count": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+                          "gpu": torch.cuda.get_device_name(0) if cuda else None}}
+    if args.out:
+        atomic_write_json(args.out, result)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
