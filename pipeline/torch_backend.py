@@ -33,7 +33,7 @@ from pipeline.batch import (HostBatch, SampleError, SampleReader, boxes_of, deco
 from pipeline.plan import DatasetIndex
 from pipeline.text import BatchTokenizer
 from pipeline.transforms import (TransformSpec, apply_geometry, colour_normalise, colour_params, draw_params,
-                                 resized_size, transform_boxes)
+                                 geometry_matrix, resized_size, transform_boxes, warp_tensors)
 
 
 class EpochBatches(IterableDataset):
@@ -194,8 +194,14 @@ def gpu_decode(hb: HostBatch, spec: TransformSpec, device: torch.device, keep_si
     keep, filled = resolve_rows([i not in failed for i in range(len(hb))], keep_size)
     hb.select(keep)
     hb.filled += filled
-    out = [apply_geometry(decoded[i], spec, p, *size) for i, p, size in zip(keep, hb.params, hb.sizes)]
-    hb.image = (torch.stack(out) if out else
-                torch.empty(0, 1, spec.out_size, spec.out_size, dtype=torch.uint8, device=device))
+    if not keep:
+        hb.image = torch.empty(0, 1, spec.out_size, spec.out_size, dtype=torch.uint8, device=device)
+    elif spec.has_affine:      # g2d_train: the whole batch in one warp
+        images = [decoded[i] for i in keep]
+        matrices = np.stack([geometry_matrix(spec, p, x.shape[-1], x.shape[-2]) for x, p in zip(images, hb.params)])
+        hb.image = warp_tensors(images, matrices, spec.out_size)          # [B, 1, out, out] uint8
+    else:
+        hb.image = torch.stack([apply_geometry(decoded[i], spec, p, *size)
+                                for i, p, size in zip(keep, hb.params, hb.sizes)])
     hb.jpeg = None
     return errors

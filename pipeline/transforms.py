@@ -193,22 +193,36 @@ def warp_matrix(spec: TransformSpec, params: SampleParams) -> np.ndarray:
     return (inv @ crop)[:2]
 
 
-def _warp_tensor(img: torch.Tensor, matrix: np.ndarray, out: int, nearest: bool) -> torch.Tensor:
-    """[1, h, w] uint8 -> [1, out, out] uint8 sampled at `matrix` @ (output pixel centre), zeros outside."""
-    h, w = img.shape[-2:]
-    centres = torch.arange(out, device=img.device, dtype=torch.float32) + 0.5
+def warp_tensors(images: list[torch.Tensor], matrices: np.ndarray, out: int, nearest: bool = False) -> torch.Tensor:
+    """[1, h_i, w_i] uint8 images -> [B, 1, out, out] uint8, image i sampled at matrices[i] @ (output
+    pixel centre), zeros outside. One grid_sample for the whole batch (on the GPU: a handful of kernels
+    instead of a handful per sample): the images are zero-padded to a common canvas, which changes
+    nothing, since the padding is the zeros the warp fills with anyway."""
+    device = images[0].device
+    hmax, wmax = max(int(x.shape[-2]) for x in images), max(int(x.shape[-1]) for x in images)
+    canvas = torch.zeros(len(images), 1, hmax, wmax, dtype=torch.float32, device=device)
+    for i, x in enumerate(images):
+        canvas[i, :, :x.shape[-2], :x.shape[-1]] = x
+    centres = torch.arange(out, device=device, dtype=torch.float32) + 0.5
     ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-    m = torch.as_tensor(matrix, dtype=torch.float32, device=img.device)
-    u = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
-    v = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
-    grid = torch.stack([2 * u / w - 1, 2 * v / h - 1], dim=-1)[None]          # [1, out, out, 2]
-    res = torch.nn.functional.grid_sample(img[None].float(), grid, mode="nearest" if nearest else "bilinear",
+    pix = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)                  # [out, out, 3]
+    m = torch.as_tensor(np.asarray(matrices, dtype=np.float32), device=device)   # [B, 2, 3]
+    uv = torch.einsum("bij,yxj->byxi", m, pix)                                # [B, out, out, 2] source px
+    scale = torch.tensor([2.0 / wmax, 2.0 / hmax], device=device)
+    res = torch.nn.functional.grid_sample(canvas, uv * scale - 1, mode="nearest" if nearest else "bilinear",
                                           padding_mode="zeros", align_corners=False)
-    return res[0].round_().clamp_(0, 255).to(torch.uint8)
+    return res.round_().clamp_(0, 255).to(torch.uint8)                       # [B, 1, out, out]
+
+
+def geometry_matrix(spec: TransformSpec, params: SampleParams, decoded_w: int, decoded_h: int) -> np.ndarray:
+    """[2, 3] map from output pixels to the decoded image's pixels (which may be a JPEG draft smaller
+    than the stored size): the resize to S x S, the affine and the crop composed (g2d_train)."""
+    to_image = np.diag([decoded_w / spec.size, decoded_h / spec.size, 1.0])  # squashed image -> decoded
+    return (to_image @ np.vstack([warp_matrix(spec, params), [0.0, 0.0, 1.0]]))[:2]
 
 
 def _warp_array(img: np.ndarray, matrix: np.ndarray, out: int, nearest: bool) -> np.ndarray:
-    """[h, w] uint8 -> [out, out] uint8, the same map as `_warp_tensor`, by OpenCV's warpAffine: 5x
+    """[h, w] uint8 -> [out, out] uint8, the same map as `warp_tensors`, by OpenCV's warpAffine: 5x
     faster than PIL's affine transform (0.26 vs 1.34 ms at 256 px), which was half of a g2d_train
     sample's CPU cost. OpenCV puts pixel centres at integer coordinates, PIL/DALI/torchvision at +0.5:
     the translation moves by A @ (0.5, 0.5) - 0.5. Bilinear weights are 1/32-pixel fixed point."""
@@ -230,14 +244,10 @@ def apply_geometry(img, spec: TransformSpec, params: SampleParams, width: int, h
     Without an affine: antialiased resize, centred zero pad, crop, as torchvision would."""
     interp = F.InterpolationMode.NEAREST if nearest else F.InterpolationMode.BILINEAR
     if spec.has_affine:
-        tensor = isinstance(img, torch.Tensor)
-        dw, dh = (img.shape[-1], img.shape[-2]) if tensor else img.size
-        to_image = np.diag([dw / spec.size, dh / spec.size, 1.0])               # squashed image -> decoded
-        matrix = (to_image @ np.vstack([warp_matrix(spec, params), [0.0, 0.0, 1.0]]))[:2]
-        out = spec.out_size
-        if tensor:
-            return _warp_tensor(img, matrix, out, nearest)
-        return _warp_array(np.asarray(img), matrix, out, nearest)
+        if isinstance(img, torch.Tensor):
+            matrix = geometry_matrix(spec, params, img.shape[-1], img.shape[-2])
+            return warp_tensors([img], matrix[None], spec.out_size, nearest)[0]
+        return _warp_array(np.asarray(img), geometry_matrix(spec, params, *img.size), spec.out_size, nearest)
     rw, rh = resized_size(spec, width, height)
     img = F.resize(img, [rh, rw], interpolation=interp, antialias=True)   # no-op for nearest (masks)
     if spec.resize == "longest_pad" and (rw, rh) != (spec.size, spec.size):
