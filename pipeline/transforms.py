@@ -27,7 +27,8 @@ resume point produced it. DALI receives the drawn parameters through an external
 
 Geometry: without an affine, torchvision.transforms.v2.functional resize/pad/crop on PIL images (CPU
 workers) or tensors (GPU decode); with one (g2d_train), a single warp by the composed matrix (see
-`apply_geometry`; OpenCV's warpAffine in the CPU workers, grid_sample on GPU tensors), whose affine part reproduces torchvision's RandomAffine matrix (tested). Masks use
+`apply_geometry`; OpenCV's warpAffine in the CPU workers, one batched grid_sample for GPU-decoded
+tensors), whose affine part reproduces torchvision's RandomAffine matrix (tested). Masks use
 nearest interpolation; boxes go through the torchvision calls as tv_tensors.BoundingBoxes. DALI
 applies the same steps with fn.resize / fn.crop / fn.warp_affine (matrix scaled to the decoded size
 with fn.transforms.scale/combine).

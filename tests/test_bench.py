@@ -36,8 +36,9 @@ def test_bench_pipeline_writes_the_promised_results(tmp_path):
         assert out["img_per_s"][key] > 0, key
     assert set(out["disk_bytes"]) == {"shards", "g2d_npy", "mgca_files"}
     # G2D's side counts its npy (48 x 256 x 256 bytes + header) plus the report csv it reads.
-    assert out["disk_bytes"]["g2d_npy"] == out["disk_bytes_detail"]["g2d_npy_images"] + out["disk_bytes_detail"]["reports_csv"]
-    assert out["disk_bytes_detail"]["g2d_npy_images"] >= 48 * 256 * 256
+    detail = out["disk_bytes_detail"]
+    assert out["disk_bytes"]["g2d_npy"] == detail["g2d_npy_images"] + detail["reports_csv"]
+    assert detail["g2d_npy_images"] >= 48 * 256 * 256
     assert out["rate_basis"] in ("steady", "with startup")
     assert out["setup"]["train_images"] == 48 and out["machine"]["cpu_count"] >= 1
     text = doc.read_text()
