@@ -7,6 +7,7 @@ the sample's box (json "boxes") and, with masks, its png mask.
 from __future__ import annotations
 
 import json
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,15 @@ import numpy as np
 
 from shards.image import encode_jpeg, encode_png
 from shards.writer import PackedSample, pack_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a test's subprocess: the repo importable, ahead of (not instead of) the caller's
+    PYTHONPATH, which may hold the packages themselves (as on the lent GPU machine)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
 
 WORDS = ("no acute cardiopulmonary process heart size normal lungs clear pleural effusion small left "
          "right basilar atelectasis mild pulmonary edema stable cardiomegaly pneumothorax is seen "

@@ -5,12 +5,10 @@ backends: DALI with device_id=None, torch DataLoader workers.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +19,7 @@ from pipeline import CorruptSampleError, CorruptSampleWarning, DataConfig, build
 from pipeline.plan import DatasetIndex, make_plan, num_batches
 from pipeline.transforms import build_spec, draw_params
 from shards.schema import ManifestError
-from tests.pipeline_fixtures import all_texts, corrupt_member, pack_tiny, tiny_tokenizer
+from tests.pipeline_fixtures import ROOT, all_texts, child_env, corrupt_member, pack_tiny, tiny_tokenizer
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 BACKENDS = ("torch", "dali")
@@ -401,9 +399,7 @@ loader = build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0,
 loader.set_epoch(0)
 print("batches", sum(1 for _ in loader))
 """)
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=child_env(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == f"batches {52 // 8}"

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from tests.pipeline_fixtures import pack_tiny
+from tests.pipeline_fixtures import ROOT, child_env, pack_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
@@ -17,8 +15,7 @@ def test_two_ranks_read_disjoint_equal_parts_of_each_epoch(tmp_path):
     shards = tmp_path / "shards"
     manifest = pack_tiny(shards, n_train=46, n_valid=4)
     all_keys = {k for rec in manifest["_shard_records"] if rec["name"].startswith("train/") for k in rec["keys"]}
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node=2",
                            str(ROOT / "tests" / "pipeline_dist_worker.py"), str(shards), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=240)

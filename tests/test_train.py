@@ -3,7 +3,6 @@ two gloo ranks under torchrun, non-finite loss handling, config errors."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,9 +15,9 @@ import torch
 
 from common.config import ConfigError
 from common.dist import DistInfo
+from tests.pipeline_fixtures import ROOT, child_env
 from train.config import load_pretrain_config
 
-ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
 
@@ -33,8 +32,7 @@ def overrides(shards, bert, out, **extra) -> list[str]:
 
 
 def run_pretrain(args: list[str], nproc: int = 0, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     if nproc:
         cmd = [str(Path(PY).parent / "torchrun"), f"--nproc_per_node={nproc}", "--master_port=29561",
                "-m", "train.pretrain"]
