@@ -11,6 +11,8 @@ is removed before `main` sees argv) or `G2D_DEBUG=1` re-raises user errors too, 
 """
 from __future__ import annotations
 
+import argparse
+import errno
 import os
 import sys
 from typing import Callable, Sequence
@@ -23,6 +25,17 @@ class UserError(Exception):
 # Raised by our loaders for bad input; each message names the file/key/path at fault.
 USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError,
                                                  IsADirectoryError, PermissionError)
+# OSErrors about where the output goes, not about the code: a full disk or quota, a read-only
+# filesystem. strerror and the file name say all there is to say.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (bad value, missing or unknown argument) raise `UserError`, so
+    `run_main` prints them as the same one line `error: ...` (exit 2) as every other user error."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see --help)")
 
 
 def debug_enabled(argv: Sequence[str] | None = None) -> bool:
@@ -40,6 +53,11 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
         code = main(argv)
     except USER_ERRORS + extra_errors as exc:
         if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if debug or exc.errno not in ENVIRONMENT_ERRNOS:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -62,6 +62,21 @@ def _check_decodable(path: Path, ts: UID) -> None:
                          f"handler can decode it (would need: {missing})")
 
 
+def percentile_window(values: np.ndarray) -> np.ndarray:
+    """High-bit-depth values [H, W] -> [0, 1] between their 0.5th and 99.5th percentiles, so a few
+    hot or dead pixels do not compress the whole range. The one rescale for every source without a
+    display window: 12-16-bit DICOMs and 16-bit PNG/TIFF files (shards.image.decode_gray); never a
+    clip to 0..255, which saturates most of a 16-bit image."""
+    values = np.asarray(values, dtype=np.float64)
+    lo, hi = np.percentile(values, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    return np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+
+
+def unit_to_uint8(unit: np.ndarray) -> np.ndarray:
+    """[0, 1] float -> uint8 by rounding (values outside are clipped first)."""
+    return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def _window_linear(values: np.ndarray, center: float, width: float) -> np.ndarray:
     """PS3.3 C.11.2.1.2.1 linear VOI function, output in [0, 1]."""
     # width 1 is legal and means a hard threshold at center - 0.5
@@ -76,8 +91,9 @@ def _first(value) -> float:
     return float(value)
 
 
-def read_dicom(path: str | Path) -> DicomImage:
-    """Read one single-frame grayscale DICOM as [H, W] uint8 (see module docstring for the window)."""
+def read_dicom(path: str | Path, limits=None) -> DicomImage:
+    """Read one single-frame grayscale DICOM as [H, W] uint8 (see module docstring for the window).
+    `limits` (a `shards.image.ImageLimits`) is checked on Rows x Columns before pixels are decoded."""
     path = Path(path)
     if not path.is_file():
         raise DicomError(f"{path}: DICOM file not found")
@@ -97,6 +113,11 @@ def read_dicom(path: str | Path) -> DicomImage:
         raise DicomError(f"{path}: PhotometricInterpretation {photometric!r} is not grayscale")
     if int(ds.get("NumberOfFrames", 1) or 1) != 1:
         raise DicomError(f"{path}: multi-frame DICOM ({ds.NumberOfFrames} frames)")
+    if limits is not None:
+        try:
+            limits.check(int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))
+        except ValueError as exc:
+            raise DicomError(f"{path}: {exc}") from exc
     try:
         stored = ds.pixel_array                                        # [H, W] int
     except Exception as exc:  # pydicom raises many types from its handlers; all mean "cannot decode"
@@ -125,13 +146,10 @@ def read_dicom(path: str | Path) -> DicomImage:
     elif bits <= 8 and not has_rescale:
         unit, window = stored.astype(np.float64) / 255.0, "identity"
     else:
-        values = np.asarray(modality, dtype=np.float64)
-        lo, hi = np.percentile(values, [LOW_PERCENTILE, HIGH_PERCENTILE])
-        unit = np.clip((values - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
-        window = "percentile"
+        unit, window = percentile_window(modality), "percentile"
     if photometric == "MONOCHROME1":
         unit = 1.0 - unit
-    gray = np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
+    gray = unit_to_uint8(unit)
     return DicomImage(gray, photometric, bits, ts.name, window, str(ds.get("PatientID", "")))
 
 

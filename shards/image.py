@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from shards.dicom import percentile_window, unit_to_uint8
+
 JPEG_SUBSAMPLING_GRAY = 0  # ignored for "L" images, kept explicit for reproducibility
 
 
@@ -65,31 +67,93 @@ def reduce_array(gray: np.ndarray, max_side: int, crop_threshold: int = 0) -> Re
                    [int(gray.shape[1]), int(gray.shape[0])])
 
 
-def decode_gray(data: bytes, max_side: int | None = None) -> tuple[np.ndarray, float]:
+# Sources smaller than this on either side are rejected (a 1x1 or 10x4000 "radiograph" is a broken
+# export, and the model crops 224 px); larger than `DEFAULT_MAX_PIXELS` are rejected from the header,
+# before any pixel is decoded (a few-KB PNG can claim 60000x60000 and ask for 3.6 GB). 50 M pixels
+# is ~3x the largest MIMIC/CheXpert radiograph (4280x3520) and below PIL's own 89 M warning.
+DEFAULT_MIN_SIDE = 32
+DEFAULT_MAX_PIXELS = 50_000_000
+# PIL modes of sources with more than 8 bits per pixel: rescaled by the percentile window, never
+# `convert("L")`, which clips 16-bit values to 255 (two thirds of a 16-bit radiograph saturate).
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+class ImageRejected(ValueError):
+    """A decodable image outside the configured bounds; the message is the rejection reason."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    min_side: int = DEFAULT_MIN_SIDE
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def check(self, width: int, height: int) -> None:
+        """Raise `ImageRejected` when a `width` x `height` source is out of bounds."""
+        if width * height > self.max_pixels:
+            raise ImageRejected(f"image too large: {width}x{height} = {width * height} pixels "
+                                f"> max_pixels {self.max_pixels}")
+        if min(width, height) < self.min_side:
+            raise ImageRejected(f"image too small: {width}x{height}, a side < min_side {self.min_side}")
+
+    def check_content(self, crop_box: list[int]) -> None:
+        """Raise `ImageRejected` when the non-black area (the crop) is below `min_side`: a black
+        frame with a few bright pixels would otherwise be stored as a 1-3 px image."""
+        width, height = crop_box[2] - crop_box[0], crop_box[3] - crop_box[1]
+        if min(width, height) < self.min_side:
+            raise ImageRejected(f"image content too small: the non-black area is {width}x{height}, "
+                                f"a side < min_side {self.min_side}")
+
+
+@dataclass
+class Decoded:
+    gray: np.ndarray            # [h, w] uint8, possibly DCT-downscaled (see decode_gray)
+    orig_size: tuple[int, int]  # (W, H) of the source image
+    window: str                 # "" (8-bit source, values kept) | "percentile" (high-bit source)
+
+    @property
+    def factors(self) -> tuple[float, float]:
+        """(fx, fy): decoded pixels per source pixel on each axis (a draft rounds each axis up on
+        its own, so one ratio for both would misplace the geometry by a few pixels)."""
+        return self.gray.shape[1] / self.orig_size[0], self.gray.shape[0] / self.orig_size[1]
+
+
+def decode_gray(data: bytes, max_side: int | None = None, limits: ImageLimits | None = None) -> Decoded:
     """Decode image bytes to [H, W] uint8 gray. With `max_side`, JPEG DCT-domain downscaling
     (`Image.draft`) shrinks by 2/4/8 while keeping the longer side >= max_side (the antialiased resize
     that follows does the rest): a 3000-px MIMIC image decodes at 1/4 scale, ~10x less IDCT work than
-    a full decode. Returns (array, factor) with factor = decoded pixels per source pixel."""
-    img = Image.open(io.BytesIO(data))
-    full_w, _ = img.size
+    a full decode. High-bit-depth sources go through `shards.dicom.percentile_window`; `limits` are
+    checked on the header's size before decoding."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:   # PIL's own cap (2x MAX_IMAGE_PIXELS), same cause
+        raise ImageRejected(f"image too large: {exc}") from exc
+    full_w, full_h = img.size
+    (limits or ImageLimits()).check(full_w, full_h)
     if max_side is not None and img.format == "JPEG":
         w, h = img.size
         img.draft("L", (max(1, -(-w * max_side // max(w, h))), max(1, -(-h * max_side // max(w, h)))))
     img.load()
+    if img.mode in HIGH_BIT_MODES:
+        return Decoded(unit_to_uint8(percentile_window(np.asarray(img))), (full_w, full_h), "percentile")
     if img.mode != "L":
         img = img.convert("L")
-    return np.asarray(img), img.size[0] / full_w
+    return Decoded(np.asarray(img), (full_w, full_h), "")
 
 
-def reduce_image_bytes(data: bytes, max_side: int, crop_threshold: int = 0) -> Reduced:
+def reduce_image_bytes(data: bytes, max_side: int, crop_threshold: int = 0,
+                       limits: ImageLimits | None = None) -> Reduced:
     """Decode (with draft when much larger than needed), crop, shrink. Geometry in source pixels."""
-    gray, factor = decode_gray(data, max_side)
-    red = reduce_array(gray, max_side, crop_threshold)
-    if factor != 1.0:
+    decoded = decode_gray(data, max_side, limits)
+    red = reduce_array(decoded.gray, max_side, crop_threshold)
+    fx, fy = decoded.factors
+    if (fx, fy) != (1.0, 1.0):
         # Express the geometry in the source image's pixels, not the drafted ones.
-        red.crop_box = [round(v / factor) for v in red.crop_box]
-        red.orig_size = [round(v / factor) for v in red.orig_size]
-        red.scale = [s * factor for s in red.scale]
+        x0, y0, x1, y1 = red.crop_box
+        red.crop_box = [min(round(x0 / fx), decoded.orig_size[0]), min(round(y0 / fy), decoded.orig_size[1]),
+                        min(round(x1 / fx), decoded.orig_size[0]), min(round(y1 / fy), decoded.orig_size[1])]
+        red.scale = [red.scale[0] * fx, red.scale[1] * fy]
+    red.orig_size = list(decoded.orig_size)
+    (limits or ImageLimits()).check_content(red.crop_box)
     return red
 
 

@@ -23,13 +23,15 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from common.cli import UserError
 from common.io import atomic_open
 from shards.schema import CHEXPERT_LABELS, FRONTAL_VIEWS
-from shards.sections import section_reports, training_text, write_sectioned_csv
+from shards.sections import DEFAULT_MAX_REPORT_BYTES, section_reports, training_text, write_sectioned_csv
 
 METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
@@ -40,6 +42,11 @@ MASTER_COLUMNS = ("Path", "dicom_id", "subject_id", "study_id", "ViewPosition", 
 # In the order they are applied; a row is counted under the first rule that removes it.
 FILTER_RULES = ("not_frontal", "no_report", "no_text", "not_in_split", "empty_after_cleaning")
 SPLIT_MAP = {"train": "train", "validate": "valid", "valid": "valid", "test": "valid"}
+
+
+class DataError(UserError, ValueError):
+    """A source csv is unusable as a whole (missing column, bad value): the message names the file,
+    line and column; entry points print it as one `error:` line (exit 2)."""
 
 
 @dataclass
@@ -86,13 +93,20 @@ def _open_text(path: Path) -> io.TextIOWrapper:
     return io.TextIOWrapper(raw, encoding="utf-8", newline="")
 
 
+# What reading a damaged csv raises: not UTF-8, a NUL byte or bad quoting, a damaged .gz.
+_CSV_READ_ERRORS = (UnicodeDecodeError, csv.Error, EOFError, gzip.BadGzipFile, zlib.error)
+
+
 def check_columns(path: Path, required: tuple[str, ...]) -> None:
     """Fail, naming the file and the columns, if the csv header lacks any of `required`."""
-    with _open_text(path) as fh:
-        header = next(csv.reader(fh), [])
+    try:
+        with _open_text(path) as fh:
+            header = next(csv.reader(fh), [])
+    except _CSV_READ_ERRORS as exc:
+        raise DataError(f"{path}: not a readable UTF-8 csv ({type(exc).__name__}: {exc})") from exc
     missing = [c for c in required if c not in header]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; has {header}")
+        raise DataError(f"{path}: missing column(s) {missing}; has {header}")
 
 
 def read_csv(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
@@ -100,8 +114,16 @@ def read_csv(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[
     check_columns(path, required)
     with _open_text(path) as fh:
         reader = csv.DictReader(fh)
-        for row in reader:
-            yield reader.line_num, row
+        try:
+            for row in reader:
+                short = [c for c in required if row.get(c) is None]
+                if short:
+                    raise DataError(f"{path} line {reader.line_num}: row has no value for column(s) "
+                                    f"{short} (too few fields)")
+                yield reader.line_num, row
+        except _CSV_READ_ERRORS as exc:
+            raise DataError(f"{path} line {reader.line_num}: not a readable UTF-8 csv "
+                            f"({type(exc).__name__}: {exc})") from exc
 
 
 def _digits(value: str, prefix: str, column: str, path: Path, line: int) -> str:
@@ -112,7 +134,7 @@ def _digits(value: str, prefix: str, column: str, path: Path, line: int) -> str:
     if text.endswith(".0"):
         text = text[:-2]
     if not text.isdigit():
-        raise ValueError(f"{path} line {line}: {column} {value!r} is not a number")
+        raise DataError(f"{path} line {line}: {column} {value!r} is not a number")
     return text
 
 
@@ -140,12 +162,12 @@ def read_split_csv(path: Path, keep_test: bool) -> dict[tuple[str, str, str], st
     for line, row in read_csv(path, ("dicom_id", "subject_id", "study_id", "split")):
         raw = row["split"].strip()
         if raw not in SPLIT_MAP:
-            raise ValueError(f"{path} line {line}: split {raw!r} is not one of {sorted(SPLIT_MAP)}")
+            raise DataError(f"{path} line {line}: split {raw!r} is not one of {sorted(SPLIT_MAP)}")
         split = "test" if (keep_test and raw == "test") else SPLIT_MAP[raw]
         key = (row["dicom_id"].strip(), _digits(row["subject_id"], "p", "subject_id", path, line),
                _digits(row["study_id"], "s", "study_id", path, line))
         if out.setdefault(key, split) != split:
-            raise ValueError(f"{path} line {line}: {key[0]} listed with two splits "
+            raise DataError(f"{path} line {line}: {key[0]} listed with two splits "
                              f"({out[key]!r} and {split!r})")
     return out
 
@@ -165,7 +187,7 @@ def read_chexpert_labels(path: Path) -> dict[tuple[str, str], dict[str, float | 
             except ValueError:
                 value = float("nan")
             if value not in (1.0, 0.0, -1.0):
-                raise ValueError(f"{path} line {line}: {name} = {raw!r}, expected 1.0, 0.0, -1.0 or blank")
+                raise DataError(f"{path} line {line}: {name} = {raw!r}, expected 1.0, 0.0, -1.0 or blank")
             labels[name] = value
         key = (_digits(row["subject_id"], "p", "subject_id", path, line),
                _digits(row["study_id"], "s", "study_id", path, line))
@@ -195,7 +217,8 @@ def _mark_duplicates(rows: list[MasterRow], source: str) -> None:
 
 
 def build_master(root: str | Path, reports_dir: str | Path | None = None, keep_test: bool = False,
-                 sectioned_csv: str | Path | None = None) -> MasterResult:
+                 sectioned_csv: str | Path | None = None,
+                 max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES) -> MasterResult:
     """Master rows from a MIMIC-CXR-JPG root (metadata + split csvs) and its reports.
 
     Reports are read from `reports_dir` or, as MGCA expects, from `<root>/files`. With
@@ -212,9 +235,9 @@ def build_master(root: str | Path, reports_dir: str | Path | None = None, keep_t
     check_columns(metadata_path, METADATA_COLUMNS)
     splits = read_split_csv(split_path, keep_test)
     if sectioned_csv is not None:
-        sections, problems = write_sectioned_csv(reports_root, sectioned_csv)
+        sections, problems = write_sectioned_csv(reports_root, sectioned_csv, max_report_bytes)
     else:
-        sections, problems = section_reports(reports_root)
+        sections, problems = section_reports(reports_root, max_report_bytes)
     bad_reports = {p["key"]: p for p in problems if p["key"] not in sections}
 
     filtered = {rule: 0 for rule in FILTER_RULES}
@@ -280,7 +303,7 @@ def read_master_csv(path: str | Path, keep_test: bool = False) -> MasterResult:
             continue
         raw_split = rec["split"].strip()
         if raw_split not in SPLIT_MAP:
-            raise ValueError(f"{path} line {line}: split {raw_split!r} is not one of {sorted(SPLIT_MAP)}")
+            raise DataError(f"{path} line {line}: split {raw_split!r} is not one of {sorted(SPLIT_MAP)}")
         split = "test" if (keep_test and raw_split == "test") else SPLIT_MAP[raw_split]
         subject = _digits(rec["subject_id"], "p", "subject_id", path, line)
         study = _digits(rec["study_id"], "s", "study_id", path, line)

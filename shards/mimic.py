@@ -13,15 +13,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import ImageFile, UnidentifiedImageError
 
 from common.io import atomic_write_json
-from shards.image import encode_jpeg, reduce_image_bytes
+from shards.image import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits, ImageRejected, encode_jpeg,
+                          reduce_image_bytes)
 from shards.master import (
     CHEXPERT_CSV,
     MasterResult,
@@ -34,9 +34,10 @@ from shards.master import (
     read_master_csv,
     write_master_csv,
 )
+from shards.paths import outside_root
 from shards.schema import CHEXPERT_LABELS, FRONTAL_VIEWS, MANIFEST_NAME, check_key
-from shards.sections import clean_section
-from shards.writer import PackedSample, Rejected, pack_splits
+from shards.sections import DEFAULT_MAX_REPORT_BYTES, clean_section
+from shards.writer import PackedSample, Rejected, check_pack_params, output_lock, pack_splits
 
 # ~2000 reduced (512 px, q95) radiographs of ~60-100 KB make ~120-200 MB shards on real data.
 DEFAULT_SAMPLES_PER_SHARD = 2000
@@ -72,13 +73,16 @@ class MimicItem:
 def _image_error(exc: Exception) -> str:
     if isinstance(exc, UnidentifiedImageError):
         return "corrupt image: not a decodable image format"
-    # PIL messages may quote an object address; keep reasons byte-stable across runs.
-    return "corrupt image: " + re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(exc).__name__}: {exc}")
+    # PIL messages may quote an object address; the writer strips it (clean_reason) from every reason.
+    return f"corrupt image: {type(exc).__name__}: {exc}"
 
 
-def build_sample(item: MimicItem, max_side: int, quality: int, crop_threshold: int) -> PackedSample | Rejected:
+def build_sample(item: MimicItem, max_side: int, quality: int, crop_threshold: int,
+                 limits: ImageLimits = ImageLimits(), image_roots: tuple[str, ...] = (),
+                 max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES) -> PackedSample | Rejected:
     """Read, check and reduce one image; the full decode catches truncated or corrupt JPEGs
-    (PIL raises on truncation while ImageFile.LOAD_TRUNCATED_IMAGES is False, its default)."""
+    (PIL raises on truncation while ImageFile.LOAD_TRUNCATED_IMAGES is False, its default).
+    `image_roots`: the image must resolve inside one of them (symlinks out are refused)."""
     if item.reject:
         return Rejected(item.key, item.reject_source, item.reject)
     try:
@@ -87,6 +91,17 @@ def build_sample(item: MimicItem, max_side: int, quality: int, crop_threshold: i
         return Rejected(item.key, item.image, str(exc))
     if item.view not in FRONTAL_VIEWS:
         return Rejected(key, item.image, f"unknown view {item.view!r} (expected PA or AP)")
+    text_bytes = len(item.text.encode("utf-8"))
+    if text_bytes > max_report_bytes:
+        return Rejected(key, item.image, f"report too large: training text {text_bytes} bytes "
+                                         f"> max_report_bytes {max_report_bytes}")
+    if image_roots:
+        outside = outside_root(Path(item.image), *map(Path, image_roots))
+        if outside:
+            return Rejected(key, item.image, outside)
+    if Path(item.image).exists() and not Path(item.image).is_file():
+        # A folder, FIFO or device named like an image: reading a FIFO would block the packer forever.
+        return Rejected(key, item.image, "image path is not a regular file")
     try:
         data = Path(item.image).read_bytes()
     except FileNotFoundError:
@@ -96,8 +111,10 @@ def build_sample(item: MimicItem, max_side: int, quality: int, crop_threshold: i
     if not data:
         return Rejected(key, item.image, "image file is empty (0 bytes)")
     try:
-        red = reduce_image_bytes(data, max_side, crop_threshold)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        red = reduce_image_bytes(data, max_side, crop_threshold, limits)
+    except ImageRejected as exc:
+        return Rejected(key, item.image, str(exc))
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return Rejected(key, item.image, _image_error(exc))
     meta = {
         "dataset": "mimic_cxr",
@@ -155,29 +172,44 @@ def _fingerprint(split_items: dict[str, list[MimicItem]]) -> str:
 def pack_mimic(root: str | Path, out: str | Path, reports_dir: str | Path | None = None,
                master_csv: str | Path | None = None, max_side: int = DEFAULT_MAX_SIDE, quality: int = DEFAULT_QUALITY,
                samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, workers: int = 1, seed: int = 42,
-               keep_test: bool = False, crop_threshold: int = 0, progress: bool = True) -> dict:
+               keep_test: bool = False, crop_threshold: int = 0, progress: bool = True,
+               min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES) -> dict:
     """Pack a MIMIC-CXR-JPG root into `out` and return the manifest (also at `out/manifest.json`).
 
     root         MIMIC-CXR-JPG 2.0.0 root (csvs, plain or .gz, and `files/`)
     reports_dir  report tree (`s<study>.txt` files); default `<root>/files` as MGCA expects
     master_csv   use this MGCA master.csv instead of metadata + split csvs + reports
+    min_side, max_pixels, max_report_bytes   bounds: sources outside them are recorded rejections
     Writes `out/master.csv` and `out/mimic_cxr_sectioned.csv` when built from the reports.
     Output bytes depend on the inputs and these parameters only (not on `workers`).
+    Holds `out`'s packer lock for the whole run (a second packer on `out` fails at once).
     """
-    if samples_per_shard < 1 or not 1 <= quality <= 100 or max_side < 1:
-        raise ValueError(f"bad packing parameters: samples_per_shard={samples_per_shard}, "
-                         f"quality={quality}, max_side={max_side}")
+    check_pack_params(samples_per_shard=samples_per_shard, quality=quality, max_side=max_side,
+                      workers=workers, min_side=min_side, max_pixels=max_pixels,
+                      max_report_bytes=max_report_bytes, crop_threshold=crop_threshold)
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated JPEGs would be packed "
                            "instead of rejected; leave it False while packing")
     root = check_root(root)
     out = Path(out)
+    with output_lock(out):
+        return _pack_mimic_locked(root, out, reports_dir, master_csv, max_side, quality, samples_per_shard,
+                                  workers, seed, keep_test, crop_threshold, progress,
+                                  ImageLimits(min_side, max_pixels), max_report_bytes)
+
+
+def _pack_mimic_locked(root: Path, out: Path, reports_dir: str | Path | None, master_csv: str | Path | None,
+                       max_side: int, quality: int,
+                       samples_per_shard: int, workers: int, seed: int, keep_test: bool, crop_threshold: int,
+                       progress: bool, limits: ImageLimits, max_report_bytes: int) -> dict:
     chexpert_path = find_csv(root, CHEXPERT_CSV)
     check_columns(chexpert_path, ("subject_id", "study_id") + CHEXPERT_LABELS)
     if master_csv is not None:
         master = read_master_csv(master_csv, keep_test)
     else:
-        master = build_master(root, reports_dir, keep_test, sectioned_csv=out / SECTIONED_CSV_NAME)
+        master = build_master(root, reports_dir, keep_test, sectioned_csv=out / SECTIONED_CSV_NAME,
+                              max_report_bytes=max_report_bytes)
         write_master_csv(master.rows, out / MASTER_CSV_NAME)
     labels = read_chexpert_labels(chexpert_path)
     split_items = shuffle_splits(_items(master, root, labels), seed, keep_test)
@@ -193,10 +225,15 @@ def pack_mimic(root: str | Path, out: str | Path, reports_dir: str | Path | None
         "seed": seed,
         "keep_test": keep_test,
         "crop_threshold": crop_threshold,
+        "min_side": limits.min_side,
+        "max_pixels": limits.max_pixels,
+        "max_report_bytes": max_report_bytes,
         "inputs_sha256": _fingerprint(split_items),
     }
     builder = functools.partial(build_sample, max_side=max_side, quality=quality,
-                                crop_threshold=crop_threshold)
+                                crop_threshold=crop_threshold, limits=limits,
+                                image_roots=(str(root), str(root / "files")),
+                                max_report_bytes=max_report_bytes)
     extra = {"filtered": master.filtered, "report_problems": master.report_problems}
     manifest = pack_splits(out, split_items, builder, samples_per_shard, workers, config,
                            extra_manifest=extra, progress=progress)

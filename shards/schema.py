@@ -37,7 +37,8 @@ Manifest (`manifest.json`):
      "splits": {split: {"num_samples": n, "shards": [{"name": "<split>/<split>-000000.tar",
                                                       "index": "<split>/<split>-000000.idx",
                                                       "num_samples", "bytes", "sha256"}]}},
-     "rejected": [{"key", "source", "reason"}],
+     "rejected": [{"key", "source", "reason", "shard"}],   # each once; "shard": where the item was
+                                           # to go (absent for rows rejected before packing)
      "filtered": {rule: count},            # rows removed by a documented rule, not errors
      "counts": {"input_rows", "packed", "rejected", "filtered"}  # MIMIC: rows = packed + rejected + filtered
      "report_problems": [{"key", "source", "reason"}]           # MIMIC: unusable report files
@@ -47,9 +48,12 @@ Manifest (`manifest.json`):
 from __future__ import annotations
 
 import json
+import os
 import re
 import zlib
 from pathlib import Path
+
+from common.cli import UserError
 
 FORMAT_VERSION = "g2d-shards/1"
 MANIFEST_NAME = "manifest.json"
@@ -99,6 +103,36 @@ def check_member_crcs(meta: dict, members: dict[str, bytes]) -> str | None:
     return None
 
 
+# USTAR: every member is one 512-byte header block, then its data (padded to 512). The writer's
+# names are short, so the header sits exactly one block before the offset the index records.
+TAR_BLOCK = 512
+
+
+def check_member_header(header: bytes, member: str, size: int) -> str | None:
+    """Compare the USTAR header block just before an indexed offset with the member the index names
+    there. None when name and size match, else what the header says instead (a stale index: the tar
+    was rewritten after its index, or the index belongs to another packing)."""
+    if len(header) != TAR_BLOCK:
+        return f"no tar header before {member} (file too short)"
+    name = header[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    field = header[124:136].split(b"\0", 1)[0].strip()
+    try:
+        found = int(field, 8) if field else -1
+    except ValueError:
+        found = -1
+    if name == member and found == size:
+        return None
+    return f"the tar has {name!r} ({found} bytes) where the index puts {member!r} ({size} bytes)"
+
+
+STALE_INDEX = "stale index for "
+
+
+def stale_index_message(shard: str, detail: str) -> str:
+    """The one wording of a stale index, whoever detects it (index load, torch reader, DALI unpacking)."""
+    return f"{STALE_INDEX}{shard}: run make verify-shards / repack ({detail})"
+
+
 def shard_name(split: str, index: int) -> str:
     """Relative path of shard `index` of `split` under the dataset root."""
     return f"{split}/{split}-{index:06d}.tar"
@@ -117,7 +151,7 @@ def check_key(key: str) -> str:
     return key
 
 
-class ManifestError(RuntimeError):
+class ManifestError(UserError, RuntimeError):
     """The manifest or a shard it names is missing or inconsistent."""
 
 
@@ -143,7 +177,19 @@ def split_shards(root: str | Path, manifest: dict, split: str) -> list[dict]:
     out = []
     for entry in splits[split]["shards"]:
         item = dict(entry)
-        item["path"] = str(Path(root) / entry["name"])
-        item["index_path"] = str(Path(root) / entry.get("index", index_name(entry["name"])))
+        item["path"] = _inside_root(root, entry["name"], split)
+        item["index_path"] = _inside_root(root, entry.get("index", index_name(entry["name"])), split)
         out.append(item)
     return out
+
+
+def _inside_root(root: str | Path, name: str, split: str) -> str:
+    """`root / name`, refused when the manifest's name leaves the root ("../", an absolute path): a
+    manifest must not make the loader read arbitrary files. Checked lexically, so a shard the user
+    symlinked in from another disk is still read."""
+    base = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.join(base, name))
+    if os.path.commonpath([base, path]) != base or path == base:
+        raise ManifestError(f"{Path(root) / MANIFEST_NAME}: split {split!r} names {name!r}, which resolves to "
+                            f"{path}, outside the shard root {base}")
+    return path

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 
 from common.io import atomic_open
+from shards.paths import outside_root
 
 SECTIONED_COLUMNS = ("study", "impression", "findings", "last_paragraph", "comparison")
 
@@ -138,9 +139,26 @@ def section_report(text: str) -> dict[str, str]:
     return out
 
 
-def read_report(path: Path) -> tuple[str | None, str]:
-    """(text, "") for a usable report, (None, reason) for an empty or non-UTF-8 one."""
-    data = path.read_bytes()
+# A MIMIC report is 1-3 KB (the longest few ~15 KB); a 10.8 MB "report" was once packed and cost
+# 13 s of tokenisation every epoch. Larger files are rejected unread (`--max-report-bytes`).
+DEFAULT_MAX_REPORT_BYTES = 64 * 1024
+
+
+def read_report(path: Path, root: Path | None = None,
+                max_bytes: int = DEFAULT_MAX_REPORT_BYTES) -> tuple[str | None, str]:
+    """(text, "") for a usable report, (None, reason) for an empty, non-UTF-8 or too large one, or
+    (with `root`) one whose symlinks lead outside `root`."""
+    if root is not None:
+        outside = outside_root(path, root)
+        if outside:
+            return None, outside
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            return None, f"report too large: {size} bytes > max_report_bytes {max_bytes}"
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"report unreadable: {exc.strerror or type(exc).__name__}"
     if not data.strip():
         return None, "empty report" if data else "empty report (0 bytes)"
     try:
@@ -159,12 +177,13 @@ def report_files(reports_root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.stem, str(p)))
 
 
-def section_reports(reports_root: str | Path) -> tuple[dict[str, dict[str, str]], list[dict]]:
+def section_reports(reports_root: str | Path, max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES
+                    ) -> tuple[dict[str, dict[str, str]], list[dict]]:
     """Section every report under `reports_root`.
 
     Returns (sections by study "s<digits>", problems) where each problem is
-    {"key": study, "source": path, "reason": ...} for an empty, non-UTF-8 or duplicated report;
-    such studies are absent from the first dict.
+    {"key": study, "source": path, "reason": ...} for an empty, non-UTF-8, too large, duplicated or
+    outside-the-root (symlinked) report; such studies are absent from the first dict.
     """
     sections: dict[str, dict[str, str]] = {}
     problems: list[dict] = []
@@ -174,7 +193,7 @@ def section_reports(reports_root: str | Path) -> tuple[dict[str, dict[str, str]]
             problems.append({"key": study, "source": str(path),
                              "reason": "duplicate report for this study (first one kept)"})
             continue
-        text, reason = read_report(path)
+        text, reason = read_report(path, Path(reports_root), max_report_bytes)
         if text is None:
             problems.append({"key": study, "source": str(path), "reason": reason})
             continue
@@ -182,10 +201,12 @@ def section_reports(reports_root: str | Path) -> tuple[dict[str, dict[str, str]]
     return sections, problems
 
 
-def write_sectioned_csv(reports_root: str | Path, out_csv: str | Path) -> tuple[dict[str, dict[str, str]], list[dict]]:
+def write_sectioned_csv(reports_root: str | Path, out_csv: str | Path,
+                        max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES
+                        ) -> tuple[dict[str, dict[str, str]], list[dict]]:
     """Write `mimic_cxr_sectioned.csv` (columns `SECTIONED_COLUMNS`, one row per usable report,
     sorted by study) atomically. Returns what `section_reports` returns."""
-    sections, problems = section_reports(reports_root)
+    sections, problems = section_reports(reports_root, max_report_bytes)
     with atomic_open(out_csv, "w") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(SECTIONED_COLUMNS)

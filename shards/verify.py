@@ -2,8 +2,11 @@
 
 Per shard: the tar's size and sha256 match the manifest; the tar parses (read in memory, nothing
 extracted); members come grouped per sample in MEMBER_ORDER with valid keys; every sample has its
-jpg, txt and json; the jpg fully decodes; the txt is UTF-8; the json parses to an object; the
-sample count matches; the `.idx` equals the index rebuilt from the tar's own headers.
+jpg, txt and json; the json parses to an object and its `crc32` matches every member (damage inside
+a JPEG's scan data decodes without complaint: only the checksum sees it); the jpg fully decodes; the
+txt is UTF-8; the sample count matches; the `.idx` equals the index rebuilt from the tar's own
+headers. When the size or sha256 is wrong the tar is still read, so that the message names the
+damaged sample (`sample <key>: jpg: crc32 mismatch`) and not only the shard.
 Per dataset: split and total counts match, no key appears twice, and `counts` (when present) add up.
 The first failure (in manifest order) raises `ShardError` naming the shard and the problem.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from shards.schema import KEY_RE, MEMBER_ORDER, ManifestError, read_manifest, split_shards
+from shards.schema import KEY_RE, MEMBER_ORDER, ManifestError, check_member_crcs, read_manifest, split_shards
 from shards.writer import DALI_INDEX_VERSION
 
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
@@ -41,6 +44,15 @@ def _check_sample(key: str, members: dict[str, bytes]) -> str:
     if missing:
         return f"sample {key}: missing member(s) {missing}"
     try:
+        meta = json.loads(members["json"].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"sample {key}: json does not parse ({exc})"
+    if not isinstance(meta, dict):
+        return f"sample {key}: json is not an object"
+    crc_problem = check_member_crcs(meta, {ext: data for ext, data in members.items() if ext != "json"})
+    if crc_problem:
+        return f"sample {key}: {crc_problem}"
+    try:
         with Image.open(io.BytesIO(members["jpg"])) as img:
             img.load()
     except Exception as exc:  # any decoder failure is a bad sample, reported with its type
@@ -55,12 +67,6 @@ def _check_sample(key: str, members: dict[str, bytes]) -> str:
         members["txt"].decode("utf-8")
     except UnicodeDecodeError as exc:
         return f"sample {key}: txt is not UTF-8 ({exc.reason} at byte {exc.start})"
-    try:
-        meta = json.loads(members["json"].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        return f"sample {key}: json does not parse ({exc})"
-    if not isinstance(meta, dict):
-        return f"sample {key}: json is not an object"
     return ""
 
 
@@ -71,12 +77,23 @@ def check_shard(tar_path: str, idx_path: str, expected: dict) -> ShardCheck:
     if not path.is_file():
         return ShardCheck(name, "file missing", [])
     data = path.read_bytes()
+    whole_file = ""
     if len(data) != expected["bytes"]:
-        return ShardCheck(name, f"size {len(data)} bytes, manifest says {expected['bytes']}", [])
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != expected["sha256"]:
-        return ShardCheck(name, f"sha256 {digest[:16]}... does not match the manifest's "
-                                f"{expected['sha256'][:16]}...", [])
+        whole_file = f"size {len(data)} bytes, manifest says {expected['bytes']}"
+    else:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected["sha256"]:
+            whole_file = (f"sha256 {digest[:16]}... does not match the manifest's "
+                          f"{expected['sha256'][:16]}...")
+    check = _check_members(name, data, idx_path, expected)
+    if whole_file:
+        # The members' own checks usually say which sample is damaged; the file-level one says less.
+        return ShardCheck(name, f"{check.error} ({whole_file})" if check.error else whole_file, check.keys)
+    return check
+
+
+def _check_members(name: str, data: bytes, idx_path: str, expected: dict) -> ShardCheck:
+    """Parse the tar `data` and check every sample, the count and the index (see module docstring)."""
     keys: list[str] = []
     samples: list[tuple[str, dict[str, bytes]]] = []
     index_lines: list[str] = []
@@ -100,8 +117,8 @@ def check_shard(tar_path: str, idx_path: str, expected: dict) -> ShardCheck:
                 members[ext] = tar.extractfile(member).read()
                 entry = f"{ext} {member.offset_data} {member.size} {member.name}"
                 index_lines[-1] = f"{index_lines[-1]} {entry}" if index_lines[-1] else entry
-    except tarfile.TarError as exc:
-        return ShardCheck(name, f"tar does not parse ({exc})", keys)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        return ShardCheck(name, f"tar does not parse ({type(exc).__name__}: {exc})", keys)
     for key, members in samples:
         problem = _check_sample(key, members)
         if problem:
@@ -121,11 +138,34 @@ def _check_job(args: tuple[str, str, dict]) -> ShardCheck:
     return check_shard(*args)
 
 
+# Fields of a manifest that verification reads, with their types (a hand-edited or foreign
+# manifest fails here naming the field, not with a KeyError inside a worker).
+_SHARD_FIELDS = {"name": str, "num_samples": int, "bytes": int, "sha256": str}
+
+
+def _check_manifest_shape(root: Path, manifest: dict) -> None:
+    where = root / "manifest.json"
+    if not isinstance(manifest.get("num_samples"), int) or not isinstance(manifest.get("rejected", []), list) \
+            or not isinstance(manifest["splits"], dict):
+        raise ManifestError(f"{where}: num_samples, splits or rejected has the wrong type")
+    for split, rec in manifest["splits"].items():
+        if not isinstance(rec, dict) or not isinstance(rec.get("num_samples"), int) \
+                or not isinstance(rec.get("shards"), list):
+            raise ManifestError(f"{where}: split {split!r} needs num_samples (int) and shards (list)")
+        for i, entry in enumerate(rec["shards"]):
+            bad = [f for f, kind in _SHARD_FIELDS.items()
+                   if not isinstance(entry, dict) or not isinstance(entry.get(f), kind)]
+            if bad:
+                raise ManifestError(f"{where}: split {split!r} shard {i}: field(s) {bad} missing or of the "
+                                    f"wrong type")
+
+
 def verify_dataset(root: str | Path, workers: int = 1) -> dict:
     """Verify every shard under `root`; raise ShardError (first bad shard) or ManifestError.
     Returns a summary {"num_samples", "bytes", "splits": {split: {"shards", "num_samples"}}}."""
     root = Path(root)
     manifest = read_manifest(root)
+    _check_manifest_shape(root, manifest)
     jobs: list[tuple[str, str, dict]] = []
     for split in manifest["splits"]:
         for entry in split_shards(root, manifest, split):

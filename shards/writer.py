@@ -8,31 +8,110 @@ Two layers:
   a `PackedSample` or a `Rejected`. Items are cut into shards by position *before* any work is done,
   so shard i always holds the same items whatever the worker count: output is byte-identical for 1 or
   N workers. A rerun keeps shards whose bytes still match the previous manifest and rebuilds the rest.
+
+The writer also adds the sample json's `crc32` field (shards/schema.py) so every converter gets it,
+stores each rejection once (in the manifest's `rejected`, tagged with the shard its item belonged
+to; a shard record keeps only the count), and strips object addresses from reasons so that two
+identical runs write identical manifests. `output_lock(root)` makes a packer the only writer of its
+output directory and removes the temp files of killed writers before anything is written.
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
+import re
+import sys
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from common.io import atomic_open, atomic_write_json, sha256_file
+from common.cli import UserError
+from common.io import atomic_open, atomic_write_json, remove_stale_temp_files, sha256_file
 from shards.schema import (
     FORMAT_VERSION,
     MANIFEST_NAME,
+    MEMBER_CRC_FIELD,
     MEMBER_ORDER,
     check_key,
     index_name,
+    member_crc32,
     shard_name,
 )
 
 DALI_INDEX_VERSION = "v1.2"
+# Recorded in the manifest's config: a rerun reuses only shards written by this writer version
+# (2: member crc32 in the sample json, rejections stored once).
+WRITER_VERSION = 2
+LOCK_NAME = ".pack.lock"
+_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+class OutputLocked(UserError):
+    """Another packer holds the output directory's lock."""
+
+
+def clean_reason(reason: str) -> str:
+    """A rejection reason without object addresses (`<_io.BytesIO object at 0x7f...>`), which
+    differ between runs and would make identical runs write different manifests."""
+    return _ADDRESS_RE.sub("", reason)
+
+
+_HELD_LOCKS: dict[Path, int] = {}   # resolved output dir -> nesting depth, in this process
+
+
+@contextmanager
+def output_lock(root: str | Path) -> Iterator[None]:
+    """Hold an exclusive `fcntl.flock` on `<root>/.pack.lock` for the block; a second packer on the
+    same directory fails at once with `OutputLocked` naming the holder's pid. Re-entrant within one
+    process (pack_mimic holds it around pack_splits, which takes it too). The kernel drops the lock
+    when its holder dies, so a killed packer never leaves the directory locked; on entry the temp
+    files its writes left (`.<name>.*.tmp` in root and its split folders) are removed. The lock file
+    stays (deleting it would race with a packer that just opened it) and is emptied on release, so
+    identical runs leave identical trees."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"output {root} exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    real = root.resolve()
+    if real in _HELD_LOCKS:
+        _HELD_LOCKS[real] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[real] -= 1
+        return
+    fh = open(real / LOCK_NAME, "a+", encoding="ascii")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise OutputLocked(f"{root} is locked by pid {holder}: another packer is writing there "
+                           f"(wait for it to finish, or stop it)") from None
+    _HELD_LOCKS[real] = 1
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        stale = [p for d in [real, *sorted(c for c in real.iterdir() if c.is_dir() and not c.is_symlink())]
+                 for p in remove_stale_temp_files(d)]
+        if stale:
+            print(f"{root}: removed {len(stale)} temp file(s) left by an interrupted run", file=sys.stderr)
+        yield
+    finally:
+        del _HELD_LOCKS[real]
+        fh.seek(0)
+        fh.truncate()
+        fh.close()                  # closing the descriptor releases the flock
 
 
 @dataclass
@@ -72,6 +151,33 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def check_pack_params(**params: int) -> None:
+    """Packing parameters as the user gave them: one `UserError` naming every bad one."""
+    lower = {"samples_per_shard": 1, "quality": 1, "max_side": 1, "workers": 1, "min_side": 1,
+             "max_pixels": 1, "max_report_bytes": 1, "crop_threshold": 0}
+    upper = {"quality": 100, "crop_threshold": 254}
+    bad = [f"{name}={value}" for name, value in params.items()
+           if value < lower[name] or value > upper.get(name, value)]
+    if bad:
+        raise UserError(f"bad packing parameter(s): {', '.join(bad)} (quality 1..100, crop_threshold "
+                        f"0..254, the others >= 1)")
+
+
+def with_member_crcs(sample: PackedSample) -> dict[str, bytes]:
+    """The sample's members with `crc32` {ext: CRC-32} of every non-json member added to its json
+    (compact, key order kept: the bytes depend on the sample only, not on the worker)."""
+    if "json" not in sample.members:
+        raise ValueError(f"sample {sample.key}: no json member")
+    meta = json.loads(sample.members["json"].decode("utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError(f"sample {sample.key}: json member is not an object")
+    meta[MEMBER_CRC_FIELD] = {ext: member_crc32(sample.members[ext]) for ext in MEMBER_ORDER
+                              if ext in sample.members and ext != "json"}
+    members = dict(sample.members)
+    members["json"] = json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return members
+
+
 def write_shard(path: str | Path, samples: Iterable[PackedSample]) -> tuple[int, list[str]]:
     """Write samples to `path` (a .tar) and its `.idx`; returns (num_samples, keys). Atomic."""
     path = Path(path)
@@ -87,10 +193,11 @@ def write_shard(path: str | Path, samples: Iterable[PackedSample]) -> tuple[int,
                 if unknown:
                     raise ValueError(f"sample {sample.key}: unknown member type(s) {sorted(unknown)}")
                 parts = []
+                members = with_member_crcs(sample)
                 for ext in MEMBER_ORDER:
-                    if ext not in sample.members:
+                    if ext not in members:
                         continue
-                    payload = sample.members[ext]
+                    payload = members[ext]
                     member = f"{sample.key}.{ext}"
                     info = _tarinfo(member, len(payload))
                     header_offset = tar.offset
@@ -121,7 +228,8 @@ def _run_shard_job(job: _ShardJob) -> ShardResult:
     for item in job.items:
         out = job.build_sample(item)
         if isinstance(out, Rejected):
-            rejected.append({"key": out.key, "source": out.source, "reason": out.reason})
+            rejected.append({"key": out.key, "source": out.source, "reason": clean_reason(out.reason),
+                             "shard": job.name})
         else:
             samples.append(out)
     path = Path(job.root) / job.name
@@ -135,7 +243,8 @@ def _run_shard_job(job: _ShardJob) -> ShardResult:
 
 
 def _previous_shards(root: Path, config: dict) -> dict[str, dict]:
-    """Shard records of an earlier run with the same config (for skip-if-intact), else {}."""
+    """Shard records of an earlier run with the same config (for skip-if-intact), else {}; each
+    record gets back its rejections (stored once, in the manifest's `rejected`, tagged by shard)."""
     path = root / MANIFEST_NAME
     if not path.is_file():
         return {}
@@ -143,9 +252,25 @@ def _previous_shards(root: Path, config: dict) -> dict[str, dict]:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
-    if old.get("config") != config:
+    # A damaged or hand-edited manifest only costs a rebuild: anything unexpected is not reused.
+    if not isinstance(old, dict) or old.get("config") != config:
         return {}
-    return {rec["name"]: rec for rec in old.get("_shard_records", [])}
+    by_shard: dict[str, list[dict]] = {}
+    for rej in old.get("rejected", []) if isinstance(old.get("rejected"), list) else []:
+        if isinstance(rej, dict) and isinstance(rej.get("shard"), str):
+            by_shard.setdefault(rej["shard"], []).append(rej)
+    records = {}
+    for rec in old.get("_shard_records", []) if isinstance(old.get("_shard_records"), list) else []:
+        if not (isinstance(rec, dict) and all(isinstance(rec.get(f), kind) for f, kind in _RECORD_FIELDS.items())):
+            continue
+        rejected = by_shard.get(rec["name"], [])
+        if len(rejected) == rec["num_rejected"]:
+            records[rec["name"]] = {**rec, "rejected": rejected}
+    return records
+
+
+_RECORD_FIELDS = {"name": str, "num_items": int, "num_samples": int, "bytes": int, "sha256": str,
+                  "keys": list, "num_rejected": int}
 
 
 def _is_intact(root: Path, rec: dict) -> bool:
@@ -172,8 +297,14 @@ def pack_splits(
     `build_sample` must be a picklable top-level callable (it runs in worker processes).
     Returns the manifest dict. The manifest's `rejected` lists every rejected item with its reason.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
+    with output_lock(root):
+        return _pack_splits_locked(Path(root), split_items, build_sample, samples_per_shard, workers,
+                                   {**config, "shard_writer": WRITER_VERSION}, extra_manifest, progress)
+
+
+def _pack_splits_locked(root: Path, split_items: dict[str, Sequence[Any]],
+                        build_sample: Callable[[Any], PackedSample | Rejected], samples_per_shard: int,
+                        workers: int, config: dict, extra_manifest: dict | None, progress: bool) -> dict:
     previous = _previous_shards(root, config)
     jobs: list[_ShardJob] = []
     kept: dict[str, ShardResult] = {}
@@ -215,7 +346,7 @@ def pack_splits(
             num_items = len(items[i * samples_per_shard:(i + 1) * samples_per_shard])
             records.append({"name": name, "num_items": num_items, "num_samples": res.num_samples,
                             "bytes": res.bytes, "sha256": res.sha256, "keys": res.keys,
-                            "rejected": res.rejected})
+                            "num_rejected": len(res.rejected)})
             if res.num_samples:
                 entries.append(res.manifest_entry())
                 total += res.num_samples

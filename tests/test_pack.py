@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,8 @@ def test_every_good_row_packed_once_with_its_metadata(corpus):
     key = corpus["good"][0]
     meta = json.loads(samples[key]["json"])
     assert set(meta) == {"dataset", "dicom_id", "subject_id", "study_id", "view", "split", "labels",
-                         "impression", "findings", "orig_size", "crop_box", "scale", "stored_size"}
+                         "impression", "findings", "orig_size", "crop_box", "scale", "stored_size", "crc32"}
+    assert meta["crc32"] == {ext: zlib.crc32(samples[key][ext]) for ext in ("jpg", "txt")}
     assert meta["dicom_id"] == key and meta["view"] == "AP" and meta["split"] == "valid"
     assert len(meta["study_id"]) == 8 and not meta["study_id"].startswith("s")
     assert list(meta["labels"]) == list(CHEXPERT_LABELS)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from common.cli import run_main
 from shards.schema import CHEXPERT_LABELS
 from shards.synthetic.mimic import (
     CHEXPERT_HEADER,
@@ -309,6 +310,13 @@ def test_rle_round_trip():
         decode_mask_rle({"size": [2, 2], "counts": [1, 2]})
 
 
+def _cli_status(argv: list[str]) -> int:
+    """Exit status of the synth_mimic entry point as `python -m` runs it (user errors: 2)."""
+    with pytest.raises(SystemExit) as exc:
+        run_main(synth_mimic.main, argv)
+    return exc.value.code
+
+
 def test_cli_summary_rerun_and_refusals(tmp_path, capsys):
     out = tmp_path / "corpus"
     assert synth_mimic.main(["--out", str(out), "--n", "4", "--seed", "1", "--size", "128", "--workers", "1"]) == 0
@@ -319,7 +327,7 @@ def test_cli_summary_rerun_and_refusals(tmp_path, capsys):
     before = _hashes(out)
     assert synth_mimic.main(["--out", str(out), "--n", "4", "--seed", "1", "--size", "128"]) == 0
     assert "already holds" in capsys.readouterr().out and _hashes(out) == before
-    assert synth_mimic.main(["--out", str(out), "--n", "5", "--seed", "1", "--size", "128"]) == 2
+    assert _cli_status(["--out", str(out), "--n", "5", "--seed", "1", "--size", "128"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert synth_mimic.main(["--out", str(out), "--n", "5", "--seed", "1", "--size", "128", "--overwrite",
                              "--workers", "1"]) == 0
@@ -327,7 +335,7 @@ def test_cli_summary_rerun_and_refusals(tmp_path, capsys):
     other = tmp_path / "precious"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    assert synth_mimic.main(["--out", str(other), "--n", "2", "--overwrite"]) == 2
+    assert _cli_status(["--out", str(other), "--n", "2", "--overwrite"]) == 2
     assert (other / "keep.txt").read_text() == "x"
-    assert synth_mimic.main(["--out", str(tmp_path / "big"), "--n", "2", "--size", "5000"]) == 2
+    assert _cli_status(["--out", str(tmp_path / "big"), "--n", "2", "--size", "5000"]) == 2
     assert not list(tmp_path.glob(".*tmp*"))

@@ -5,18 +5,21 @@
     python -m tools.pack_shards --mimic ROOT --master-csv /data/mgca/master.csv --out ...
     python -m tools.pack_shards --synthetic data/synthetic_mimic --synth-n 400 --synth-size 1024 --out ...
 
-Reruns keep every shard whose bytes still match the manifest (same inputs and parameters).
+Reruns keep every shard whose bytes still match the manifest (same inputs and parameters). Bad
+samples are recorded rejections; a missing root/csv/column, a damaged csv, a bad argument, another
+packer holding --out, or nothing packed at all end in one line `error: ...` and exit status 2.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
+from common.cli import ArgumentParser, UserError, run_main
+from shards.image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from shards.master import METADATA_CSV
 from shards.mimic import (DEFAULT_MAX_SIDE, DEFAULT_QUALITY, DEFAULT_SAMPLES_PER_SHARD, SYNTHETIC_SAMPLES_PER_SHARD,
                           pack_mimic)
+from shards.sections import DEFAULT_MAX_REPORT_BYTES
 from shards.synthetic.mimic import CORPUS_NAME, generate_mimic
 from shards.writer import default_workers
 
@@ -26,19 +29,26 @@ def ensure_synthetic(root: Path, n: int, size: int, seed: int, workers: int) -> 
     corpus is packed as it is, even if made with other parameters: regenerating is `make synth`'s job)."""
     marker = root / CORPUS_NAME
     if (root / METADATA_CSV).is_file():
-        made = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+        try:
+            made = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            made = {}                     # a damaged marker only loses this informational line
+        made = made if isinstance(made, dict) else {}
         if (made.get("n_studies"), made.get("size"), made.get("seed")) != (n, size, seed):
             print(f"synthetic corpus: {root} exists (n={made.get('n_studies')}, size={made.get('size')}, "
                   f"seed={made.get('seed')}); packing it as it is")
         return root
     print(f"synthetic corpus: generating {n} studies at {size} px in {root}")
-    summary = generate_mimic(root, n=n, seed=seed, size=size, workers=workers)
+    try:
+        summary = generate_mimic(root, n=n, seed=seed, size=size, workers=workers)
+    except FileExistsError as exc:          # a non-empty folder that is not a corpus: never replaced
+        raise UserError(str(exc)) from exc
     print(f"synthetic corpus: {summary['images']} images in {summary['seconds']:.1f} s")
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--mimic", type=Path, help="MIMIC-CXR-JPG 2.0.0 root (csvs + files/)")
     source.add_argument("--synthetic", type=Path, help="synthetic corpus dir (generated if absent)")
@@ -55,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"default {DEFAULT_SAMPLES_PER_SHARD} (real) / {SYNTHETIC_SAMPLES_PER_SHARD} (synthetic)")
     parser.add_argument("--keep-test", action="store_true", help="keep `test` as its own split (MGCA merges it into valid)")
     parser.add_argument("--crop-threshold", type=int, default=0, help="pixels <= this count as black border")
+    parser.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE,
+                        help="reject source images with a side shorter than this (pixels)")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help="reject source images with more pixels than this (checked before decoding)")
+    parser.add_argument("--max-report-bytes", type=int, default=DEFAULT_MAX_REPORT_BYTES,
+                        help="reject reports (and training texts) larger than this")
     args = parser.parse_args(argv)
+    if args.synth_n < 1 or args.synth_size < 1:
+        raise UserError(f"--synth-n {args.synth_n} / --synth-size {args.synth_size}: both must be >= 1")
 
     if args.synthetic is not None:
         root = ensure_synthetic(args.synthetic, args.synth_n, args.synth_size, args.seed, args.workers)
@@ -63,18 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         root = args.mimic
         per_shard = args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
-    try:
-        manifest = pack_mimic(root, args.out, reports_dir=args.reports, master_csv=args.master_csv,
-                              max_side=args.max_side, quality=args.quality, samples_per_shard=per_shard,
-                              workers=args.workers, seed=args.seed, keep_test=args.keep_test,
-                              crop_threshold=args.crop_threshold)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"pack_shards: {exc}", file=sys.stderr)
-        return 2
+    manifest = pack_mimic(root, args.out, reports_dir=args.reports, master_csv=args.master_csv,
+                          max_side=args.max_side, quality=args.quality, samples_per_shard=per_shard,
+                          workers=args.workers, seed=args.seed, keep_test=args.keep_test,
+                          crop_threshold=args.crop_threshold, min_side=args.min_side,
+                          max_pixels=args.max_pixels, max_report_bytes=args.max_report_bytes)
+    if manifest["num_samples"] == 0:
+        raise UserError(f"nothing packed from {root}: {len(manifest['rejected'])} rows rejected, "
+                        f"{sum(manifest.get('filtered', {}).values())} filtered (reasons in "
+                        f"{args.out / 'manifest.json'})")
     print(f"pack_shards: {manifest['num_samples']} samples in {args.out} "
           f"({len(manifest['rejected'])} rejected, listed in {args.out / 'manifest.json'})")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -6,16 +6,15 @@ Same arguments -> byte-identical tree, whatever --workers; see shards/synthetic/
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 
+from common.cli import ArgumentParser, UserError, run_main
 from shards.synthetic.mimic import MAX_SIZE, generate_mimic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="corpus root to create")
     parser.add_argument("--n", type=int, required=True, help="number of studies")
     parser.add_argument("--seed", type=int, default=0)
@@ -24,11 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing synthetic corpus")
     args = parser.parse_args(argv)
     try:
-        s = generate_mimic(args.out, n=args.n, seed=args.seed, size=args.size, workers=max(1, args.workers),
+        s = generate_mimic(args.out, n=args.n, seed=args.seed, size=args.size, workers=args.workers,
                            overwrite=args.overwrite)
-    except (ValueError, FileExistsError) as exc:
-        print(f"synth_mimic: {exc}", file=sys.stderr)
-        return 2
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from exc
     if s["reused"]:
         print(f"synth_mimic: {args.out} already holds this corpus (n={args.n}, seed={args.seed}, size={args.size})")
         return 0
@@ -44,4 +42,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -5,7 +5,8 @@ Native layout under SRC:
                            Patient Gender,View Position,OriginalImage[Width,Height],...
                            Finding Labels pipe-separated ("Effusion|Mass") or "No Finding"
     train_val_list.txt, test_list.txt      one image name per line (official split)
-    images*/**/<Image Index>   PNGs (the download nests them as images_001/images/...)
+    images*/**/<Image Index>   PNGs (the download nests them as images_001/images/...; folders
+                           symlinked into SRC are followed while they resolve inside SRC)
 
 Labels {name: 0/1} for the 14 `LABELS`. Splits: test_list = test; train_val_list split by
 Patient ID into train/valid in 77,872 / 8,652 proportions. Data_Entry rows in neither list are counted in
@@ -84,9 +85,12 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
                 rejected.append(reject(key, ENTRY_CSV, f"row {order + 2} ({name}): Finding Labels: {exc}"))
                 continue
             path = images.get(name)
+            if path is None:
+                rejected.append(reject(key, f"**/{name}", f"{name}: no such PNG under {src} (looked in every "
+                                                          f"folder, symlinked folders inside it too)"))
+                continue
             items[which].append(Item(
-                key=key, source=str(path if path else src / name),
-                rel=str(path.relative_to(src)) if path else name, reader="image", order=order,
+                key=key, source=str(path), rel=str(path.relative_to(src)), reader="image", order=order,
                 patient_id=row["Patient ID"].strip(), labels=labels, positive=any(labels.values()),
                 extra={"view": row.get("View Position", "").strip(),
                        "follow_up": row.get("Follow-up #", "").strip()}))

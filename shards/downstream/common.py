@@ -48,12 +48,15 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from common.cli import UserError
 from common.io import atomic_write_json
-from shards.dicom import HIGH_PERCENTILE, LOW_PERCENTILE, DicomError, read_dicom, rle_decode
-from shards.image import encode_jpeg, encode_png, reduce_array, transform_boxes, transform_mask
-from shards.writer import PackedSample, Rejected, pack_splits
+from shards.dicom import DicomError, read_dicom, rle_decode
+from shards.image import (ImageLimits, ImageRejected, decode_gray, encode_jpeg, encode_png, reduce_array,
+                          transform_boxes, transform_mask)
+from shards.paths import find_files, outside_root
+from shards.writer import PackedSample, Rejected, clean_reason, output_lock, pack_splits
 
 FRACTIONS = ("0.01", "0.1", "1.0")
 SUBSET_SEED = 42
@@ -62,7 +65,7 @@ SUBSET_SEED = 42
 BOX_TOLERANCE = 0.01
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A structural problem with a dataset's label files (missing file or column): stop, name it."""
 
 
@@ -153,9 +156,10 @@ def safe_key(raw: str) -> str:
 
 def file_map(root: Path, pattern: str) -> dict[str, Path]:
     """file name -> path for every file under `root` matching `pattern` (first in sorted order wins;
-    the real SIIM/NIH trees nest images a few levels down)."""
+    the real SIIM/NIH trees nest images a few levels down). Symlinked folders inside `root` are
+    followed (shards.paths.find_files)."""
     out: dict[str, Path] = {}
-    for path in sorted(root.rglob(pattern)):
+    for path in find_files(root, pattern):
         out.setdefault(path.name, path)
     return out
 
@@ -260,18 +264,11 @@ def balanced_keys(keys: Sequence[str], positive: Sequence[bool], seed: int = SUB
 # ---------------------------------------------------------------------------------------------
 # Building one sample (runs in worker processes)
 
-def read_image_file(path: Path) -> tuple[np.ndarray, dict]:
-    """A PNG/JPEG file as [H, W] uint8. RGB(A) -> luminance; 16-bit -> percentile window."""
-    with Image.open(path) as img:
-        img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            values = np.asarray(img, dtype=np.float64)
-            lo, hi = np.percentile(values, [LOW_PERCENTILE, HIGH_PERCENTILE])
-            gray = np.rint(np.clip((values - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
-            return gray, {"window": "percentile"}
-        if img.mode != "L":
-            img = img.convert("L")
-        return np.asarray(img), {}
+def read_image_file(path: Path, limits: ImageLimits | None = None) -> tuple[np.ndarray, dict]:
+    """A PNG/JPEG file as [H, W] uint8 (shards.image.decode_gray: RGB(A) -> luminance, 16-bit ->
+    percentile window, size bounds checked on the header)."""
+    decoded = decode_gray(path.read_bytes(), None, limits)
+    return decoded.gray, ({"window": decoded.window} if decoded.window else {})
 
 
 def validate_boxes(boxes: Sequence[Sequence[float]], width: int, height: int) -> tuple[np.ndarray, str]:
@@ -303,21 +300,33 @@ class SampleBuilder:
     max_side: int
     quality: int
     with_mask: bool
+    src_root: str = ""                # images must resolve inside it ("" = not checked)
+    limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __call__(self, item: Item) -> PackedSample | Rejected:
+        if self.src_root:
+            outside = outside_root(Path(item.source), Path(self.src_root))
+            if outside:
+                return Rejected(item.key, item.rel, outside)
+        source = Path(item.source)
+        if source.exists() and not source.is_file():
+            # A folder, FIFO or device named like an image: reading a FIFO would block forever.
+            return Rejected(item.key, item.rel, f"{item.source}: not a regular file")
         try:
             if item.reader == "dicom":
-                dcm = read_dicom(item.source)
+                dcm = read_dicom(item.source, self.limits)
                 gray = dcm.gray
                 info = {"dicom": {"photometric": dcm.photometric, "bits_stored": dcm.bits_stored,
                                   "transfer_syntax": dcm.transfer_syntax, "window": dcm.window}}
             else:
-                gray, info = read_image_file(Path(item.source))
+                gray, info = read_image_file(Path(item.source), self.limits)
         except DicomError as exc:
             return Rejected(item.key, item.rel, str(exc))
         except FileNotFoundError:
-            return Rejected(item.key, item.rel, f"{item.source}: image file not found")
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            return Rejected(item.key, item.rel, f"image file not found: looked for {item.source}")
+        except ImageRejected as exc:
+            return Rejected(item.key, item.rel, f"{item.source}: {exc}")
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
             return Rejected(item.key, item.rel, f"{item.source}: unreadable image ({exc})")
         height, width = gray.shape
         boxes, err = validate_boxes(item.boxes, width, height)
@@ -336,6 +345,10 @@ class SampleBuilder:
                 mask = rasterise_boxes(boxes, width, height)
 
         red = reduce_array(gray, self.max_side)
+        try:
+            self.limits.check_content(red.crop_box)
+        except ImageRejected as exc:
+            return Rejected(item.key, item.rel, f"{item.source}: {exc}")
         stored_boxes = transform_boxes(boxes, red) if len(boxes) else np.zeros((0, 4))
         if len(stored_boxes) and not ((stored_boxes[:, 2] > stored_boxes[:, 0])
                                       & (stored_boxes[:, 3] > stored_boxes[:, 1])).all():
@@ -397,13 +410,27 @@ def drop_duplicate_keys(index: DatasetIndex) -> None:
 
 
 def convert_index(index: DatasetIndex, out: str | Path, max_side: int, quality: int, workers: int,
-                  seed: int, samples_per_shard: int, progress: bool = True) -> dict:
-    """Pack `index` into `<out>/<dataset>/` and return the final manifest."""
+                  seed: int, samples_per_shard: int, progress: bool = True, src_root: str | Path | None = None,
+                  limits: ImageLimits = ImageLimits()) -> dict:
+    """Pack `index` into `<out>/<dataset>/` and return the final manifest. With `src_root`, an
+    image resolving outside it (a symlink out of the dataset) is a recorded rejection. Holds the
+    output directory's packer lock throughout."""
     root = Path(out) / index.dataset
+    with output_lock(root):
+        return _convert_index_locked(index, root, max_side, quality, workers, seed, samples_per_shard,
+                                     progress, src_root, limits)
+
+
+def _convert_index_locked(index: DatasetIndex, root: Path, max_side: int, quality: int, workers: int,
+                          seed: int, samples_per_shard: int, progress: bool, src_root: str | Path | None,
+                          limits: ImageLimits) -> dict:
     drop_duplicate_keys(index)
+    index.rejected = [{**rej, "reason": clean_reason(rej["reason"])} for rej in index.rejected]
     config = {"dataset": index.dataset, "max_side": max_side, "quality": quality, "seed": seed,
-              "samples_per_shard": samples_per_shard, "index_sha256": _index_fingerprint(index)}
-    builder = SampleBuilder(index.dataset, max_side, quality, index.has_masks)
+              "samples_per_shard": samples_per_shard, "min_side": limits.min_side,
+              "max_pixels": limits.max_pixels, "index_sha256": _index_fingerprint(index)}
+    builder = SampleBuilder(index.dataset, max_side, quality, index.has_masks,
+                            "" if src_root is None else str(src_root), limits)
     manifest = pack_splits(root, index.splits, builder, samples_per_shard, workers, config,
                            progress=progress)
 

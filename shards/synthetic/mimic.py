@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.cli import UserError
 from shards.master import CHEXPERT_CSV, METADATA_CSV, SPLIT_CSV
 from shards.schema import CHEXPERT_LABELS
 from shards.synthetic.render import KIND_LOCATIONS, FindingSpec, encode_mask_rle, render_radiograph
@@ -268,6 +269,26 @@ def _params(n: int, seed: int, size: int) -> dict:
     return {"format": FORMAT, "n_studies": n, "seed": seed, "size": size}
 
 
+class SynthParamError(UserError, ValueError):
+    """Bad generator arguments or a damaged existing corpus: one `error:` line from the entry point."""
+
+
+def _remove_dead_temp_trees(out: Path) -> None:
+    """Delete `.<name>.tmp-<pid>` / `.old-<pid>` trees next to `out` whose writer process is gone
+    (a killed generator leaves them; a live one's are kept)."""
+    for tree in out.parent.glob(f".{out.name}.*-*") if out.parent.is_dir() else ():
+        kind, _, pid = tree.name[len(out.name) + 2:].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or not tree.is_dir() or tree.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue                              # its writer is still running
+        except ProcessLookupError:
+            shutil.rmtree(tree, ignore_errors=True)
+        except PermissionError:
+            continue                              # another user's live process
+
+
 def generate_mimic(out: str | Path, n: int, seed: int = 0, size: int = 1024, workers: int = 1,
                    overwrite: bool = False) -> dict:
     """Write the corpus (module docstring) and return its summary; "seconds" is added, not stored.
@@ -276,12 +297,18 @@ def generate_mimic(out: str | Path, n: int, seed: int = 0, size: int = 1024, wor
     non-empty `out` is an error unless `overwrite` is set and `out` is itself a synthetic corpus."""
     out = Path(out)
     if n < 1:
-        raise ValueError(f"synthetic MIMIC: n must be >= 1 studies, got {n}")
+        raise SynthParamError(f"synthetic MIMIC: n must be >= 1 studies, got {n}")
     if not 64 <= size <= MAX_SIZE:
-        raise ValueError(f"synthetic MIMIC: size {size} outside 64..{MAX_SIZE}")
+        raise SynthParamError(f"synthetic MIMIC: size {size} outside 64..{MAX_SIZE}")
+    if workers < 1:
+        raise SynthParamError(f"synthetic MIMIC: workers must be >= 1, got {workers}")
     marker = out / CORPUS_NAME
+    _remove_dead_temp_trees(out)
     if out.exists() and any(out.iterdir()):
-        previous = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+        try:
+            previous = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SynthParamError(f"{marker}: damaged corpus marker ({exc}); delete {out} to regenerate") from exc
         if previous is not None and all(previous.get(k) == v for k, v in _params(n, seed, size).items()) \
                 and not overwrite:
             return {**previous, "seconds": 0.0, "reused": True}
