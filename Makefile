@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-REQ_HASH := $(shell sha256sum requirements.txt | cut -c1-16)
+REQ_HASH := $(shell cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)
 STAMP := $(VENV)/.setup-$(REQ_HASH)
 export PYTHONPATH := $(CURDIR)
 
@@ -37,32 +37,32 @@ CKPT ?=
 FRACTION ?= 1.0
 DATA ?= $(DOWNSTREAM_SHARDS)
 
-.PHONY: setup synth shards verify-shards synth-downstream tiny-bert pretrain eval eval-all demo test \
-        bench-shards bench-pipeline bench-train clean help
+.PHONY: setup synth shards verify-shards synth-downstream tiny-bert pretrain eval eval-all compare demo test \
+        lint format bench-shards bench-pipeline bench-train clean help
 
-help:
-	@echo "make demo | make test | make setup | make synth | make shards | make verify-shards"
-	@echo "make pretrain NGPU=8 CONFIG=... ARGS='train.lr=2e-4' | make eval TASK=... | make eval-all"
-	@echo "make bench-shards | make bench-pipeline | make bench-train"
+# Every target's rule line carries a `## ` description; `make help` lists them in file order.
+help:  ## list every target with a one-line description
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-setup: $(STAMP)
+setup: $(STAMP)  ## create .venv with the pinned runtime + dev requirements (instant when up to date)
 
-$(STAMP): requirements.txt
+# One pip call for both files, so the resolver sees every pin at once.
+$(STAMP): requirements.txt requirements-dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
 	@rm -f $(VENV)/.setup-*
 	@touch $@
 	@echo "setup: $(VENV) ready (requirements $(REQ_HASH))"
 
 # `make synth OUT=<dir> N=<studies> SEED=<int> SIZE=<longer side>`
-synth: setup
+synth: setup  ## render a synthetic MIMIC-CXR-JPG corpus: OUT= N= SEED= SIZE=
 	$(PY) -m tools.synth_mimic --out $(or $(OUT),$(SYNTH_DIR)) --n $(N) --seed $(SEED) --size $(SIZE) --workers $(WORKERS)
 
 # `make shards` packs the synthetic corpus (generated if absent);
 # `make shards MIMIC=<root> OUT=<dir> [REPORTS=<dir>]` packs a real MIMIC-CXR-JPG root;
 # `make shards DATASET=<name> SRC=<root> OUT=<dir>` converts a downstream dataset.
-shards: setup
+shards: setup  ## pack the synthetic corpus, a MIMIC=<root> or a DATASET=<name> SRC=<root> into shards
 ifdef DATASET
 	$(PY) -m tools.pack_downstream --dataset $(DATASET) --src $(or $(SRC),$(DOWNSTREAM_SRC)/$(DATASET)) \
 	  --out $(or $(OUT),$(DOWNSTREAM_SHARDS)) --max-side $(DOWNSTREAM_MAX_SIDE) --quality $(DOWNSTREAM_QUALITY) --workers $(WORKERS) --seed $(SEED)
@@ -72,39 +72,53 @@ else
 	  --quality $(PRETRAIN_QUALITY) --workers $(WORKERS) --seed $(SEED)
 endif
 
-verify-shards: setup
+verify-shards: setup  ## re-hash, checksum and decode every shard of OUT= against its manifest
 	$(PY) -m tools.verify_shards $(or $(OUT),$(SHARDS_DIR))
 
-synth-downstream: setup
+synth-downstream: setup  ## render look-alikes of the six downstream datasets in their formats: OUT= N=
 	$(PY) -m tools.synth_downstream --out $(or $(OUT),$(DOWNSTREAM_SRC)) --n $(if $(filter command line,$(origin N)),$(N),120) --seed $(SEED)
 
-tiny-bert: setup
+tiny-bert: setup  ## tiny BERT + WordPiece tokenizer from the pretraining shards' reports -> runs/tiny_bert
 	$(PY) -m tools.make_tiny_bert --shards $(SHARDS_DIR) --out runs/tiny_bert
 
-pretrain: setup
+pretrain: setup  ## pretrain with torchrun: NGPU= CONFIG= ARGS= (NNODES= NODE_RANK= MASTER_ADDR= multi-node)
 	$(VENV)/bin/torchrun --nproc_per_node=$(NGPU) --nnodes=$(NNODES) --node_rank=$(NODE_RANK) \
 	  --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT) -m train.pretrain --config $(CONFIG) $(ARGS)
 
-eval: setup
+eval: setup  ## one downstream task: TASK= [CKPT=] [DATA=] [FRACTION=] [VARIANT=] [ARGS=]
 	$(PY) -m tools.eval --task "$(TASK)" --fraction $(FRACTION) --data $(DATA) $(if $(CKPT),--ckpt $(CKPT)) $(if $(VARIANT),segmentation.variant=$(VARIANT)) $(ARGS)
 
-eval-all: setup
+eval-all: setup  ## every downstream task + tables shaped like the paper's: [CKPT=] [FRACTION=]
 	$(PY) -m tools.eval --task all --fraction $(FRACTION) --data $(DATA) $(if $(CKPT),--ckpt $(CKPT)) $(ARGS)
 
-demo: setup
+# `make compare A=<eval run dir or checkpoint> B=<...> TASK=<task>`: B - A per metric with its 95%
+# paired-bootstrap interval; a checkpoint is evaluated on TASK first (ARGS go to those runs).
+compare: setup  ## B - A per metric with its 95% paired-bootstrap interval: A= B= TASK=
+	$(PY) -m tools.compare --a "$(A)" --b "$(B)" --task "$(TASK)" --fraction $(FRACTION) --data $(DATA) $(ARGS)
+
+demo: setup  ## set up, then run the whole job on the embedded synthetic corpus
 	$(PY) -m tools.demo
 
-test: setup
+test: setup  ## the CPU test suite (what CI runs)
 	$(PY) -m pytest -q tests
 
-bench-shards: setup
+lint: setup  ## ruff check + ruff format --check (config in pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Safe fixes only; what remains is listed (exit 0) and fails `make lint` until fixed by hand.
+format: setup  ## apply ruff's safe fixes (imports, pyupgrade, ...) and format the tree
+	$(VENV)/bin/ruff check --fix --exit-zero .
+	$(VENV)/bin/ruff format .
+
+bench-shards: setup  ## packing benchmark -> bench/results/shards.json, docs/performance.md
 	$(PY) -m tools.bench_shards --workers $(WORKERS)
 
-bench-pipeline: setup
+bench-pipeline: setup  ## loader benchmark (DALI/torch) -> bench/results/pipeline*.json: [SHARDS=]
 	$(PY) -m tools.bench_pipeline $(if $(SHARDS),--shards $(SHARDS))
 
-bench-train: setup
+bench-train: setup  ## training-step benchmark -> bench/results/train*.json
 	$(PY) -m tools.bench_train
 
-clean:
+clean:  ## remove data/, runs/ and .pytest_cache
 	rm -rf data runs .pytest_cache

@@ -7,11 +7,14 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
+from pydicom.uid import RLELossless
 
 from common.cli import run_main
 from shards.schema import CHEXPERT_LABELS
+from shards.synthetic.downstream import write_dicom
 from shards.synthetic.mimic import (
     CHEXPERT_HEADER,
     CORPUS_NAME,
@@ -22,6 +25,8 @@ from shards.synthetic.mimic import (
 )
 from shards.synthetic.render import (
     FINDING_KINDS,
+    FRONTAL_EFFECTS,
+    LATERAL_EFFECTS,
     LATERAL_KINDS,
     FindingSpec,
     decode_mask_rle,
@@ -131,7 +136,8 @@ def test_layout_ids_and_images(corpus):
             gray = np.asarray(im)
         assert gray[0].max() <= 8 and gray[:, 0].max() <= 8, "black border expected"
         assert gray.mean() > 40
-        assert re.fullmatch(r"2[12][0-9]{6}", row["StudyDate"]) and re.fullmatch(r"[0-9]{6}\.[0-9]{3}", row["StudyTime"])
+        assert re.fullmatch(r"2[12][0-9]{6}", row["StudyDate"])
+        assert re.fullmatch(r"[0-9]{6}\.[0-9]{3}", row["StudyTime"])
     assert [(r["dicom_id"], r["study_id"], r["subject_id"]) for r in split] == \
         [(r["dicom_id"], r["study_id"], r["subject_id"]) for r in meta]
     assert [r["dicom_id"] for r in regions] == [r["dicom_id"] for r in meta]
@@ -294,6 +300,42 @@ def test_renderer_api_details():
         render_radiograph(rng, [FindingSpec("unicorn")], 100, 100)
     with pytest.raises(ValueError, match="side"):
         render_radiograph(rng, [FindingSpec("cardiomegaly", side="left")], 100, 100)
+
+
+# sha256 over every finding kind rendered once per view family (96x112, seed = kind index): images,
+# region metadata and packed masks. Recorded with the single-module renderer (commit 28be5d6) before it
+# was split by concern; a refactor must keep it, a deliberate change of the drawing updates it here.
+RENDER_DIGEST = "6622fba988f6324844d2644c1cd40575962c2a28dfc3f4a7b02366c2bfb7a27b"
+
+
+def test_renderer_output_is_unchanged():
+    digest = hashlib.sha256()
+    for i, kind in enumerate(FINDING_KINDS):
+        for view in ("PA", "LATERAL"):
+            out = render_radiograph(np.random.default_rng(i), [FindingSpec(kind)], 96, 112, view)
+            digest.update(out.image.tobytes())
+            for r in out.regions:
+                digest.update(repr((r.finding, r.side, r.zone, r.box, r.shape, r.points)).encode())
+                digest.update(np.packbits(r.mask).tobytes())
+    assert digest.hexdigest() == RENDER_DIGEST
+
+
+def test_every_kind_has_an_effect_builder():
+    # A kind missing from a table would raise KeyError only when a corpus happens to draw it.
+    assert set(FRONTAL_EFFECTS) == set(FINDING_KINDS)
+    assert set(LATERAL_EFFECTS) == set(LATERAL_KINDS)
+
+
+def test_rle_dicom_is_reproducible_and_keeps_its_uid(tmp_path):
+    # pydicom's compress() would otherwise stamp a random SOP Instance UID into every RLE file.
+    gray = (np.arange(48 * 40) % 251).astype(np.uint8).reshape(48, 40)
+    paths = [tmp_path / f"{i}.dcm" for i in range(2)]
+    for path in paths:
+        write_dicom(path, gray, patient_id="p1", sop_uid="1.2.3.4", transfer_syntax=RLELossless)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    ds = pydicom.dcmread(paths[0])
+    assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID == "1.2.3.4"
+    np.testing.assert_array_equal(ds.pixel_array, gray)
 
 
 def test_rle_round_trip():

@@ -119,7 +119,9 @@ def write_dicom(path: str | Path, gray: np.ndarray, *, patient_id: str, sop_uid:
     else:
         ds.PixelData = stored.tobytes()
         if transfer_syntax == RLELossless:
-            ds.compress(RLELossless)
+            # pydicom gives a compressed dataset a fresh random SOP Instance UID by default: keep ours,
+            # so the file matches its name (as in SIIM) and the corpus is byte-identical for a seed.
+            ds.compress(RLELossless, generate_instance_uid=False)
         elif transfer_syntax != ExplicitVRLittleEndian:
             raise ValueError(f"write_dicom cannot encode {UID(transfer_syntax).name}")
     with atomic_open(path, "wb") as fh:
