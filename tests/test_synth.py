@@ -305,7 +305,19 @@ def test_renderer_api_details():
 # sha256 over every finding kind rendered once per view family (96x112, seed = kind index): images,
 # region metadata and packed masks. Recorded with the single-module renderer (commit 28be5d6) before it
 # was split by concern; a refactor must keep it, a deliberate change of the drawing updates it here.
-RENDER_DIGEST = "6622fba988f6324844d2644c1cd40575962c2a28dfc3f4a7b02366c2bfb7a27b"
+# Updated once since: the right lung of a bilateral effusion got its own meniscus (closure fix).
+RENDER_DIGEST = "6199e57459cb32e9ba95341ceaf434db7d87a6e154d16e633d46759e27bd94c3"
+
+
+def test_bilateral_effusion_draws_each_side_like_a_one_sided_one():
+    # Each side's fluid level is its own: the right half of a bilateral effusion is the right-only one.
+    both = render_radiograph(np.random.default_rng(1), [FindingSpec("pleural_effusion", side="bilateral")],
+                             256, 256, "PA")
+    right = render_radiograph(np.random.default_rng(1), [FindingSpec("pleural_effusion", side="right")],
+                              256, 256, "PA")
+    masks = {r.side: r.mask for r in both.regions}
+    assert set(masks) == {"left", "right"}
+    np.testing.assert_array_equal(masks["right"], right.regions[0].mask)
 
 
 def test_renderer_output_is_unchanged():

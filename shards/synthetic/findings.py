@@ -151,10 +151,12 @@ def _effusion(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]
             a = sg * g.U
             return (level - 0.09 * np.clip((a - 0.2) * (1 / 0.45), 0.0, 1.0) ** 1.5) - g.V
 
-        def dist(g, sg=sg):
+        # Default arguments bind this side's fluid_d: a plain closure would see the last side's
+        # (the right lung of a bilateral effusion then had no meniscus).
+        def dist(g, sg=sg, fluid_d=fluid_d):
             return np.maximum(fluid_d(g), anat.lung_eff_d(g.U, g.V, sg))
 
-        def delta(g, sg=sg):
+        def delta(g, sg=sg, fluid_d=fluid_d):
             hemi = (sg * g.U > 0).astype(np.float32)
             return ramp(fluid_d(g), 0.025) * hemi * np.minimum(g.tex("lung_dark") * 12.0, 1.0), g.tex("tissue")
         side = _side_name(sg) if spec.side == "bilateral" else spec.side
