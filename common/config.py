@@ -17,14 +17,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from common.cli import UserError
 from common.io import atomic_write_text
 
 T = TypeVar("T")
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-class ConfigError(ValueError):
-    """A config file or override does not match the dataclass schema."""
+class ConfigError(UserError, ValueError):
+    """A config file or override does not match the dataclass schema (a user error: one line, exit 2)."""
 
 
 def _type_name(tp: Any) -> str:
@@ -138,7 +139,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"override {text!r} has an empty key")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
     # YAML 1.1 reads 2e-4 as a string (no dot before the exponent); accept it as a float.
     if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
         value = float(value)
@@ -168,19 +172,60 @@ def deep_merge(base: dict, extra: dict) -> dict:
     return base
 
 
-def read_yaml(path: str | Path) -> dict:
+class _NoDuplicateKeysLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last one
+    silently, so `lr: 1e-3` ... `lr: 2e-4` further down a section would quietly override."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)):   # keys of a config; others are left to the schema
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
+                                                            key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: `line N, column M: problem` (PyYAML's own text spans several lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML mapping with its `defaults:` parents merged in; every error names the file (and line)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    with path.open("r", encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+        via = f" (in the defaults of {_chain[-1]})" if _chain else ""
+        what = "is a directory, not a config file" if path.is_dir() else "not found"
+        raise ConfigError(f"config file {what}: {path}{via}")
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{path}: `defaults:` includes itself ({cycle})")
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            data = yaml.load(fh, Loader=_NoDuplicateKeysLoader)   # safe: a SafeLoader subclass
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:   # syntax errors and python/object tags (safe_load refuses them)
+        raise ConfigError(f"{path}: {_yaml_problem(exc)}") from None
+    if data is None:
+        # An empty file is far more often a truncated copy or the wrong path than a wish for defaults.
+        raise ConfigError(f"{path} is empty; a config file needs at least one key")
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+        raise ConfigError(f"{path}: top level must be a mapping, got a {type(data).__name__}")
     # `defaults: [other.yaml]` lets a config extend another one (paths relative to this file).
-    parents = data.pop("defaults", []) or []
+    parents = data.pop("defaults", None) or []
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise ConfigError(f"{path}: `defaults:` must be a file name or a list of file names, got {parents!r}")
     merged: dict = {}
     for parent in parents:
-        deep_merge(merged, read_yaml(path.parent / parent))
+        deep_merge(merged, read_yaml(path.parent / parent, (*_chain, path.resolve())))
     return deep_merge(merged, data)
 
 

@@ -8,10 +8,16 @@ group): it then does nothing, so the same training/eval code runs on a laptop an
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from common.cli import UserError
 
 
 @dataclass
@@ -29,7 +35,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError as exc:
-        raise ValueError(f"environment variable {name}={raw!r} is not an integer") from exc
+        raise UserError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
 def is_initialized() -> bool:
@@ -67,6 +73,35 @@ def init_distributed(backend: str | None = None) -> DistInfo:
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def exit_with_launcher(poll_s: float = 1.0, grace_s: float = 30.0) -> threading.Thread | None:
+    """Under torchrun, stop this worker when its launcher dies; returns the watchdog thread.
+
+    torchrun starts workers in their own session, so a SIGKILLed launcher (or a closed terminal)
+    leaves them training and writing checkpoints with nobody to stop them. A daemon thread polls
+    the parent pid (one getppid per `poll_s`, nothing measurable) and, once the worker has been
+    re-parented, sends it SIGTERM, which the entry point turns into a clean unwind. If the main
+    thread is stuck in C code (a collective waiting for a dead peer) it exits hard after `grace_s`.
+    Polling rather than prctl(PR_SET_PDEATHSIG): that signal fires when the parent THREAD that
+    spawned the worker exits, which need not be the launcher's death.
+    Not under torchrun (no TORCHELASTIC_RUN_ID): nothing, so `nohup python -m ...` keeps working.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll_s)
+        print(f"error: the launcher (pid {launcher}) is gone; stopping this worker", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(128 + signal.SIGTERM)
+
+    thread = threading.Thread(target=watch, name="launcher-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 def is_main() -> bool:

@@ -11,41 +11,104 @@ additive attention mask, which tests/test_model.py checks against BertModel's ow
 """
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.cli import UserError
 from model.config import ModelConfig
 
-_OFFLINE_HINT = ("Hub names need internet access (or an already populated Hugging Face cache). "
-                 "Pass a local directory written by save_pretrained instead, e.g. `make tiny-bert` "
-                 "-> model.text_model=runs/tiny_bert, or a downloaded Bio_ClinicalBERT directory.")
+_OFFLINE_HINT = ("Offline, pass a local directory written by save_pretrained (`make tiny-bert` -> "
+                 "model.text_model=runs/tiny_bert, or a downloaded Bio_ClinicalBERT directory), or set "
+                 "HF_HUB_OFFLINE=1 to use the Hugging Face cache.")
+_TINY_HINT = ("`make tiny-bert` builds the tiny stand-in at runs/tiny_bert; otherwise point "
+              "model.text_model at a directory written by save_pretrained")
+# What a hub repo id can look like: `name` or `owner/name`.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class TextModelError(UserError, RuntimeError):
+    """model.text_model cannot be loaded (missing directory, unreachable hub, not a BERT).
+    Also a RuntimeError, what load_bert raised before, so existing handlers still catch it."""
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_unreachable(url: str) -> str | None:
+    """None when one HEAD request to `url` gets any HTTP answer, else why not (asked once per process)."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(url, timeout=10.0)
+    except Exception as exc:  # the transport's error types differ between huggingface_hub versions
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _from_pretrained_args(name_or_dir: str) -> tuple[str, dict]:
+    """(what to pass to from_pretrained, extra kwargs), decided before transformers tries, so a missing model fails at once:
+    huggingface_hub retries an unreachable hub 5 times with back-off, about 45 s per file here.
+
+    An existing directory loads as is. A name that cannot be a hub id (absolute, ./, ~, two slashes)
+    or whose first folder exists here (runs/tiny_bert with runs/ present) is a missing directory.
+    A hub id gets one HEAD request: if the hub is unreachable, the Hugging Face cache is used when it
+    holds the model (local_files_only) and otherwise the error says how to run offline.
+    """
+    from huggingface_hub import constants, hf_hub_url, try_to_load_from_cache
+
+    path = Path(name_or_dir).expanduser()
+    if path.is_dir():
+        return str(path), {}
+    first = Path(name_or_dir).parts[0] if "/" in name_or_dir else ""
+    if not _HUB_ID.match(name_or_dir) or (first and Path(first).is_dir()):
+        raise TextModelError(f"text model directory {name_or_dir!r} does not exist; {_TINY_HINT}")
+    if constants.HF_HUB_OFFLINE:
+        return name_or_dir, {"local_files_only": True}
+    why = _hub_unreachable(hf_hub_url(name_or_dir, "config.json"))
+    if why is None:
+        return name_or_dir, {}
+    if isinstance(try_to_load_from_cache(name_or_dir, "config.json"), str):
+        return name_or_dir, {"local_files_only": True}
+    raise TextModelError(f"text model {name_or_dir!r} is not a local directory and the Hugging Face hub is "
+                         f"unreachable ({why}). {_OFFLINE_HINT}")
 
 
 def load_tokenizer(name_or_dir: str):
     """AutoTokenizer for a hub name or local directory, with a clear error when it cannot be found."""
     from transformers import AutoTokenizer
 
+    source, kwargs = _from_pretrained_args(name_or_dir)
     try:
-        return AutoTokenizer.from_pretrained(name_or_dir)
+        return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise RuntimeError(f"could not load the tokenizer {name_or_dir!r}: {exc}. {_OFFLINE_HINT}") from exc
+        raise TextModelError(f"could not load the tokenizer {name_or_dir!r}: {' '.join(str(exc).split())} "
+                             f"{_OFFLINE_HINT}") from exc
 
 
-def load_bert(name_or_dir: str) -> nn.Module:
+def load_bert(name_or_dir: str, attn_implementation: str = "sdpa") -> nn.Module:
     from transformers import AutoModel
 
+    # transformers 5's BERT also offers flash_attention_2 / flex_attention, but those take a 2-D
+    # padding mask, not the additive [B,1,1,L] mask TextEncoder passes layer by layer.
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"model.text_attn_implementation={attn_implementation!r}; choose 'sdpa' or 'eager'")
+
+    source, kwargs = _from_pretrained_args(name_or_dir)
     try:
         # No pooler: G2D never uses it, and DDP rejects parameters that get no gradient.
-        # sdpa: the additive float mask built below is the format both sdpa and eager accept.
-        bert = AutoModel.from_pretrained(name_or_dir, add_pooling_layer=False, attn_implementation="sdpa")
+        # sdpa (F.scaled_dot_product_attention: fused kernels) or eager (matmul + softmax): the
+        # additive float mask built below is the format both accept; results agree to rounding.
+        bert = AutoModel.from_pretrained(source, add_pooling_layer=False,
+                                         attn_implementation=attn_implementation, **kwargs)
     except (OSError, ValueError) as exc:
-        raise RuntimeError(f"could not load the text model {name_or_dir!r}: {exc}. {_OFFLINE_HINT}") from exc
+        raise TextModelError(f"could not load the text model {name_or_dir!r}: {' '.join(str(exc).split())} "
+                             f"{_OFFLINE_HINT}") from exc
     if not (hasattr(bert, "embeddings") and hasattr(getattr(bert, "encoder", None), "layer")):
-        raise ValueError(f"text model {name_or_dir!r} ({type(bert).__name__}) is not BERT-like "
-                         "(needs .embeddings and .encoder.layer)")
+        raise TextModelError(f"text model {name_or_dir!r} ({type(bert).__name__}) is not BERT-like "
+                             "(needs .embeddings and .encoder.layer)")
     return bert
 
 
@@ -85,7 +148,7 @@ class MaskedBatchNorm1d(nn.Module):
 class TextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig, bert: nn.Module | None = None):
         super().__init__()
-        self.bert = bert if bert is not None else load_bert(cfg.text_model)
+        self.bert = bert if bert is not None else load_bert(cfg.text_model, cfg.text_attn_implementation)
         layers = self.bert.encoder.layer
         if not 0 <= cfg.text_freeze_layers <= len(layers):
             raise ValueError(f"text_freeze_layers={cfg.text_freeze_layers} not in [0, {len(layers)}]")

@@ -85,7 +85,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(mimic_shards, tiny_
     finish(run_pretrain(overrides(mimic_shards, tiny_bert, ref, **{"train.max_steps": steps})))
 
     out = tmp_path / "killed"
-    proc = run_pretrain(overrides(mimic_shards, tiny_bert, out, **{"train.max_steps": steps}))
+    # keep_last=1 next to an unreadable step_*.pt sorting last: each save used to prune the checkpoint
+    # it had just written, so the resume below restarted at step 0.
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000099.pt").write_bytes(b"garbage")
+    killed_args = overrides(mimic_shards, tiny_bert, out, **{"train.max_steps": steps, "train.keep_last": 1})
+    proc = run_pretrain(killed_args)
     deadline = time.time() + 240
     while not (out / "checkpoints" / "step_00000004.pt").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before its first checkpoint"
@@ -94,8 +99,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(mimic_shards, tiny_
     proc.communicate()
     killed_at = max(losses(out))
     assert killed_at < steps, "the run finished before it could be killed"
-    text = finish(run_pretrain(overrides(mimic_shards, tiny_bert, out, **{"train.max_steps": steps})))
+    text = finish(run_pretrain(killed_args))
     assert "[resume]" in text and "at step 4" in text
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000010.pt", "step_00000099.pt"]
     got, want = losses(out), losses(ref)
     assert sorted(got) == list(range(1, steps + 1))
     for s in range(1, steps + 1):

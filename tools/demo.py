@@ -8,13 +8,13 @@ Every stage is idempotent: a rerun reuses the corpus, the shards and a finished 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from common.cli import ArgumentParser, run_main
 from common.config import config_to_dict
 from common.dist import DistInfo
 from common.io import atomic_write_json
@@ -23,7 +23,7 @@ from model.text import load_tokenizer
 from eval.runner import run_all
 from tools import make_tiny_bert, pack_shards, verify_shards
 from tools.eval import ensure_data
-from train.checkpoint import list_checkpoints, load_checkpoint
+from train.checkpoint import checkpoint_path, load_checkpoint
 from train.config import load_pretrain_config
 from train.pretrain import seed_everything, train
 from train.validate import validate
@@ -55,25 +55,30 @@ def pretraining_metrics(cfg, dist: DistInfo, checkpoint: Path | None) -> dict:
 
 
 def downstream_table(records: list[dict]) -> str:
-    """task | metrics | random init | trained, from run_all's records (percent)."""
-    def cell(task, model, variant, keys):
+    """task | metric | random init | trained, from run_all's records: percent with the 95% bootstrap
+    interval of each value (the test splits are small: an interval that overlaps the other column's
+    value is no difference at all)."""
+    def cell(task, model, variant, key):
         rec = next((r for r in records if (r["task"], r["model"], r["variant"]) == (task, model, variant)), None)
         if rec is None or rec["status"] != "ok":
             return "-" if rec is None else rec["status"]
-        return "/".join("nan" if rec["metrics"].get(k) is None else f"{100 * rec['metrics'][k]:.1f}" for k in keys)
+        value, ci = rec["metrics"].get(key), (rec.get("ci95") or {}).get(key)
+        text = "nan" if value is None else f"{100 * value:.1f}"
+        return f"{text} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else text
 
-    rows = [f"{'task':<36} {'metric':<24} {'random init':>16} {'G2D trained':>16}"]
+    rows = [f"{'task':<32} {'metric':<14} {'random init':>20} {'G2D trained':>20}"]
     for task, keys in HEADLINES.items():
         variants = ["encoder", "encoder_decoder"] if task.endswith("segmentation") else [""]
         for v in variants:
             name = f"{task} ({v})" if v else task
-            random_cell = cell(task, "random", v, keys) if v != "encoder_decoder" else "-"
-            rows.append(f"{name:<36} {'/'.join(keys):<24} {random_cell:>16} {cell(task, 'checkpoint', v, keys):>16}")
+            for key in keys:
+                random_cell = cell(task, "random", v, key) if v != "encoder_decoder" else "-"
+                rows.append(f"{name:<32} {key:<14} {random_cell:>20} {cell(task, 'checkpoint', v, key):>20}")
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=800, help="synthetic studies to render")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("overrides", nargs="*",
@@ -102,9 +107,8 @@ def main(argv: list[str] | None = None) -> None:
 
     stage("4/6 pretrain g2d_tiny (G2D: VLA + pseudo-segmentation)")
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    train(cfg, dist)
     out_dir = Path(cfg.train.output_dir)
-    checkpoint = list_checkpoints(out_dir / "checkpoints")[-1]
+    checkpoint = checkpoint_path(out_dir, train(cfg, dist)["step"])   # this run's own last checkpoint
 
     stage("5/6 evaluate: trained vs random init (valid split, same code path)")
     trained = pretraining_metrics(cfg, dist, checkpoint)
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_root = out_dir.parent / f"eval_{out_dir.name}"
     downstream = run_all(ckpt=str(checkpoint), fraction="1.0", data_root=DOWNSTREAM, overrides=DEMO_EVAL_ARGS,
                          output_root=str(eval_root), tasks=DEMO_TASKS)
-    print("\nDownstream tasks on synthetic RSNA/SIIM (percent; test splits of 24/18 images):")
+    print("\nDownstream tasks on synthetic RSNA/SIIM (percent [95% bootstrap interval]; small test splits):")
     print(downstream_table(downstream["records"]))
     plots = sorted((out_dir / "plots").glob("*.png"))
     summary = {"config": config_to_dict(cfg), "checkpoint": str(checkpoint), "trained": trained,
@@ -143,4 +147,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

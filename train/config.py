@@ -8,14 +8,15 @@ from that saved `model` section alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, read_yaml
 from model.config import ModelConfig
-from model.registry import model_config
+from model.registry import MODEL_CONFIGS, model_config
 from pipeline.config import DataConfig
-from train.optim import OptimConfig
+from train.optim import OPTIMIZERS, SCHEDULES, OptimConfig
 
 
 @dataclass
@@ -29,13 +30,15 @@ class RunConfig:
     precision: str = "bf16"            # bf16 | fp16 (GradScaler) | fp32
     grad_clip: float = 0.0             # max global grad norm; 0 = off (G2D does not clip)
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = False              # torch.compile of the image tower, BERT layers and losses (in place, inside DDP)
+    cuda_graphs: bool = False          # CUDA only (compile mode reduce-overhead); on a CPU a logged no-op
+    peak_tflops: float = 0.0           # device peak for MFU; 0 = train/flops.py's table (CPU: an estimate)
     sync_bn: bool = False              # G2D: plain per-GPU BatchNorm
     find_unused_parameters: bool = False
-    checkpoint_every: int = 500
-    keep_last: int = 3
+    checkpoint_every: int = 500        # >= 1; the last step is always saved too
+    keep_last: int = 3                 # >= 1 of this run's checkpoints are kept
     resume: str = "auto"               # auto | none | path to a checkpoint
-    log_every: int = 10
+    log_every: int = 10                # >= 1; the last step is always logged too
     plot_every: int = 500              # PNG grid of images + attention + pseudo-masks; 0 = off
     val_every: int = 1000              # retrieval + zero-shot AUC on the valid split; 0 = only at end
     val_batches: int = 50
@@ -54,26 +57,98 @@ class PretrainConfig:
 
 VALID = {"precision": ("bf16", "fp16", "fp32"), "nonfinite": ("stop", "skip")}
 
+# Numeric domains checked when the config loads, so a bad value fails before any model is built
+# (checkpoint_every=0 used to die with ZeroDivisionError after step 1; epochs=0 trained nothing and
+# exited 0). (section.key, test, what the value must be). Every float must also be finite.
+RULES: tuple[tuple[str, object, str], ...] = (
+    ("train.epochs", lambda v: v >= 1, ">= 1"),
+    ("train.max_steps", lambda v: v >= 0, ">= 0 (0 = epochs x steps per epoch)"),
+    ("train.batch_size_per_gpu", lambda v: v >= 1, ">= 1"),
+    ("train.global_batch_size", lambda v: v >= 0, ">= 0 (0 = no gradient accumulation)"),
+    ("train.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train.checkpoint_every", lambda v: v >= 1, ">= 1"),
+    ("train.keep_last", lambda v: v >= 1, ">= 1"),
+    ("train.log_every", lambda v: v >= 1, ">= 1"),
+    ("train.plot_every", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("train.val_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    ("train.val_batches", lambda v: v >= 0, ">= 0 (0 = the whole valid split)"),
+    ("optim.name", lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
+    ("optim.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
+    ("optim.lr", lambda v: v > 0, "> 0"),
+    ("optim.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("optim.betas", lambda v: all(0 <= b < 1 for b in v), "two values in [0, 1)"),
+    ("optim.eps", lambda v: v > 0, "> 0"),
+    ("optim.warmup_steps", lambda v: v >= 0, ">= 0 (0 = 3% of the steps)"),
+    ("optim.min_lr", lambda v: v >= 0, ">= 0"),
+    ("optim.restart_period", lambda v: v >= 1, ">= 1"),
+    ("model.image_size", lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32"),
+    ("model.channels", lambda v: v in (1, 3), "1 or 3"),
+    ("model.proj_dim", lambda v: v >= 1, ">= 1"),
+    ("model.attn_pool_heads", lambda v: v >= 1, ">= 1"),
+    ("model.text_freeze_layers", lambda v: v >= 0, ">= 0"),
+    ("model.max_text_length", lambda v: v >= 2, ">= 2 ([CLS] and [SEP])"),
+    ("model.temperature", lambda v: v > 0, "> 0"),
+    ("model.pseudo_mask_quantile", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("model.bilateral_sigma_space", lambda v: v > 0, "> 0"),
+    ("model.bilateral_sigma_range", lambda v: v > 0, "> 0"),
+    ("model.pa_weight", lambda v: v >= 0, ">= 0"),
+    ("model.pa_warmup_steps", lambda v: v >= 0, ">= 0"),
+)
+
+
+def validate_pretrain_config(cfg: PretrainConfig) -> None:
+    """Raise ConfigError naming the first key outside its domain (see RULES) or a non-finite float."""
+    if not cfg.train.output_dir.strip():
+        # Path("") is the current directory: checkpoints would land wherever the command ran.
+        raise ConfigError("train.output_dir is empty; name the run's folder, e.g. runs/pretrain")
+    for section in ("train", "optim", "model"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+                raise ConfigError(f"{section}.{f.name}={value} must be a finite number")
+    for key, ok, domain in RULES:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{key}={value!r} must be {domain}")
+
+
+def _section(raw: dict, name: str) -> dict:
+    """raw[name] as a dict; a scalar where a section belongs (`model=5`) is a ConfigError."""
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name}: expected a mapping of {name}.* keys, got {value!r}")
+    return value
+
 
 def build_pretrain_config(raw: dict) -> PretrainConfig:
     raw = dict(raw)
-    model_raw = dict(raw.pop("model", {}) or {})
-    base = model_config(model_raw.get("name", ModelConfig.name))
+    model_raw = dict(_section(raw, "model"))
+    raw.pop("model", None)
+    name = model_raw.get("name", ModelConfig.name)
+    if not isinstance(name, str) or name not in MODEL_CONFIGS:
+        raise ConfigError(f"model.name={name!r} is not a registered model; choose one of {sorted(MODEL_CONFIGS)}")
+    base = model_config(name)
     merged_model = config_to_dict(base)
     merged_model.update(model_raw)
     cfg = config_from_dict(PretrainConfig, {**raw, "model": merged_model})
     # One source of truth: the loader's batch size and seed come from the train section (a saved
     # resolved config repeats them; a different value there is a conflict).
-    data_raw = raw.get("data") or {}
+    data_raw = _section(raw, "data")
     for key in ("batch_size_per_gpu", "seed"):
         if key in data_raw and data_raw[key] != getattr(cfg.train, key):
             raise ConfigError(f"data.{key}={data_raw[key]} conflicts with train.{key}="
                               f"{getattr(cfg.train, key)}; data.{key} is set from train.{key}")
-    cfg.data = dataclasses.replace(cfg.data, batch_size_per_gpu=cfg.train.batch_size_per_gpu,
-                                   seed=cfg.train.seed)
     for key, allowed in VALID.items():
         if getattr(cfg.train, key) not in allowed:
             raise ConfigError(f"train.{key}={getattr(cfg.train, key)!r}; choose one of {allowed}")
+    # Before the copy into the data section, whose own check would blame data.batch_size_per_gpu.
+    validate_pretrain_config(cfg)
+    cfg.data = dataclasses.replace(cfg.data, batch_size_per_gpu=cfg.train.batch_size_per_gpu,
+                                   seed=cfg.train.seed)
     return cfg
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.cli import UserError
+
 
 @dataclass
 class OptimConfig:
@@ -30,6 +32,8 @@ class OptimConfig:
     restart_period: int = 200        # T_0 of CosineAnnealingWarmRestarts, in optimiser steps
 
 
+OPTIMIZERS = ("adamw", "apex_fused_adam", "apex_fused_lamb")
+SCHEDULES = ("warmup_cosine", "cosine_restarts", "constant")
 NO_DECAY_HINTS = ("bias", "norm", "bn", "embed", "positional", "pos_emb", "logit_scale", "temperature")
 
 
@@ -56,7 +60,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         try:
             from apex.optimizers import FusedAdam, FusedLAMB
         except ImportError as exc:
-            raise RuntimeError(
+            raise UserError(
                 f"optim.name={cfg.name} needs NVIDIA apex (built from source with --cuda_ext; the PyPI "
                 "package named 'apex' is unrelated). Use optim.name=adamw (fused torch AdamW).") from exc
         cls = FusedAdam if cfg.name == "apex_fused_adam" else FusedLAMB

@@ -5,13 +5,19 @@ The loop is deliberately small (nanoGPT style). What each piece costs:
   a non-finite loss is recorded on the device (first bad step) and acted on at the next log step;
 - frozen BERT layers run without autograd, text is padded per batch (see model/ and pipeline/);
 - AdamW(fused=True) and, with fp16, a GradScaler whose inf-check skips the step on the device.
+
+Stopping: SIGTERM and SIGINT (Ctrl-C, or torchrun forwarding either) unwind the run, so a checkpoint
+being written is dropped whole (its temp file deleted) and every finished one stays; under torchrun a
+worker also stops when its launcher dies (common.dist.exit_with_launcher). One run per output_dir at
+a time (a lock), and a fresh run refuses a folder holding another run's checkpoints.
 """
 from __future__ import annotations
 
-import argparse
+import itertools
 import json
 import random
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,18 +27,21 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common.config import config_to_dict, save_config
-from common.dist import DistInfo, cleanup, init_distributed
+from common.cli import ArgumentParser, UserError, run_main
+from common.config import ConfigError, config_to_dict, save_config
+from common.dist import DistInfo, cleanup, exit_with_launcher, init_distributed
 from common.io import atomic_open, atomic_write_text
 from model.export import export_unet_state_dicts
 from model.registry import build_model
 from model.text import load_tokenizer
 from pipeline import build_loader
-from train.checkpoint import (checkpoint_path, find_resume_checkpoint, load_checkpoint, rng_state,
-                              save_checkpoint, set_rng_state)
+from train.checkpoint import (LEGACY_RUN_ID, CheckpointError, RunDirLock, checkpoint_path,
+                              claim_checkpoint_dir, find_resume_checkpoint, load_checkpoint, new_run_id,
+                              rng_state, save_checkpoint, set_rng_state)
 from train.config import PretrainConfig, load_pretrain_config
 from train.optim import build_optimizer, build_scheduler
-from train.step import TrainStep, make_scaler
+from train.flops import count_step_flops, mfu, peak_flops
+from train.step import TrainStep, compile_for_speed, make_scaler
 from train.validate import validate
 from train.visualize import save_attention_grid
 
@@ -54,7 +63,8 @@ def memory_mb(device: torch.device) -> float:
 
 class MetricsLog:
     """`<output_dir>/metrics.jsonl`, one object per logged step (rank 0 only). On resume, lines
-    past the resumed step (logged before a crash) are dropped so the file reads as one run."""
+    past the resumed step (logged before a crash) are dropped so the file reads as one run, and so
+    is a line cut short by a kill in the middle of an append (it is not JSON)."""
 
     def __init__(self, path: Path, resume_step: int, enabled: bool, tensorboard: bool):
         self.path, self.enabled, self.tb = path, enabled, None
@@ -62,8 +72,16 @@ class MetricsLog:
             return
         kept = []
         if path.is_file() and resume_step > 0:
-            kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                if not ln.strip():
+                    continue
+                try:
+                    record = json.loads(ln)
+                except json.JSONDecodeError:
+                    print(f"[resume] dropping a cut-off line of {path}: {ln[:60]!r}")
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    kept.append(ln)
         atomic_write_text(path, "".join(ln + "\n" for ln in kept))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -86,11 +104,54 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
-    run, device = cfg.train, dist.device
-    out_dir = Path(run.output_dir)
-    main = dist.rank == 0
-    if main:
+    """Run (or resume) pretraining; rank 0 holds the output folder's lock for the whole run."""
+    out_dir = Path(cfg.train.output_dir).expanduser()   # YAML does not expand ~ the way a shell does
+    for folder in (out_dir, out_dir / "checkpoints"):   # found now, not at the first save
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{folder} exists and is not a directory (train.output_dir={out_dir})")
+    lock = None
+    if dist.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunDirLock(out_dir)
+        if lock.stale:
+            print(f"[start] removed {len(lock.stale)} temp file(s) left by a killed writer: "
+                  + ", ".join(p.name for p in lock.stale[:5]))
+    try:
+        return _train(cfg, dist, out_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resume_source(cfg: PretrainConfig, out_dir: Path) -> tuple[str, tuple[Path, dict] | None]:
+    """(run id, (path, checkpoint) or None): the checkpoint this run continues and whose run it is.
+    Checked before any model is built, so a bad or foreign checkpoint fails in seconds."""
+    run = cfg.train
+    found = None
+    if run.resume == "auto":
+        found = find_resume_checkpoint(out_dir)
+    elif run.resume != "none":
+        found = (Path(run.resume).expanduser(), load_checkpoint(Path(run.resume).expanduser()))
+    run_id, step = new_run_id(), 0
+    if found is not None:
+        path, ckpt = found
+        saved = ckpt["config"].get("model") if isinstance(ckpt["config"], dict) else None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path} has no saved model config; it cannot resume a run")
+        changed = sorted(k for k, v in config_to_dict(cfg.model).items() if saved.get(k) != v)
+        if changed:
+            raise CheckpointError(f"{path} was trained with a different model config ({', '.join(changed)}); "
+                                  "use a new train.output_dir or train.resume=none")
+        run_id, step = str(ckpt.get("run_id", LEGACY_RUN_ID)), ckpt["step"]
+    claim_checkpoint_dir(out_dir / "checkpoints", run_id, step)
+    return run_id, found
+
+
+def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
+    run, device = cfg.train, dist.device
+    main = dist.rank == 0
+    run_id, found = _resume_source(cfg, out_dir)
+    if main:
         save_config(cfg, out_dir / "config.yaml")
     seed_everything(run.seed + dist.rank)
 
@@ -105,12 +166,12 @@ def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
     per_step = run.batch_size_per_gpu * dist.world_size
     accum = 1 if run.global_batch_size <= 0 else run.global_batch_size // per_step
     if accum < 1 or accum * per_step != (run.global_batch_size or per_step):
-        raise ValueError(f"train.global_batch_size={run.global_batch_size} is not a multiple of "
-                         f"batch_size_per_gpu x world_size = {per_step}")
+        raise ConfigError(f"train.global_batch_size={run.global_batch_size} is not a multiple of "
+                          f"batch_size_per_gpu x world_size = {per_step}")
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
-        raise ValueError(f"the train split yields {len(loader)} batches per rank, fewer than the "
-                         f"{accum} needed for one optimiser step; lower the batch size")
+        raise UserError(f"the train split of {cfg.data.shards} yields {len(loader)} batches per rank, "
+                        f"fewer than the {accum} needed for one optimiser step; lower the batch size")
     max_steps = run.max_steps or run.epochs * steps_per_epoch
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
@@ -118,25 +179,21 @@ def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
 
     # ---- resume -----------------------------------------------------------------------------
     step, epoch = 0, 0
-    found = None
-    if run.resume == "auto":
-        found = find_resume_checkpoint(out_dir)
-    elif run.resume != "none":
-        found = (Path(run.resume), load_checkpoint(run.resume))
     if found is not None:
         path, ckpt = found
-        saved_model = ckpt["config"]["model"]
-        changed = sorted(k for k, v in config_to_dict(cfg.model).items() if saved_model.get(k) != v)
-        if changed:
-            raise ValueError(f"{path} was trained with a different model config ({', '.join(changed)}); "
-                             "use a new train.output_dir or train.resume=none")
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        loader.load_state_dict(ckpt["loader"])
-        step, epoch = int(ckpt["step"]), int(ckpt["loader"]["epoch"])
-        set_rng_state(ckpt["rng"][dist.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        try:
+            unwrap(model).load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            loader.load_state_dict(ckpt["loader"])
+            step, epoch = int(ckpt["step"]), int(ckpt["loader"]["epoch"])
+            set_rng_state(ckpt["rng"][dist.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+            # A checkpoint with the right keys but contents that do not fit (edited, or written by
+            # another version): name it instead of a deep traceback from load_state_dict.
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"could not restore the run from {path}: {first}") from exc
         if main:
             print(f"[resume] {path} at step {step} (epoch {epoch})")
     else:
@@ -145,8 +202,6 @@ def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
     if dist.world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=run.find_unused_parameters, gradient_as_bucket_view=True)
-    if run.compile:
-        model = torch.compile(model)
     train_step = TrainStep(model, optimizer, scheduler, scaler, fixed_scale, run.precision,
                            run.grad_clip, run.channels_last)
     log = MetricsLog(out_dir / "metrics.jsonl", step, main, run.tensorboard)
@@ -161,6 +216,21 @@ def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
             loader.set_epoch(epoch)
 
     stream = batches()
+    # Model FLOPs per sample, counted once on the run's first batch (its padded text length) with the
+    # plain model, before compiling; state is restored, so the run is unchanged (train/flops.py).
+    flops_per_sample, flops_len = 0.0, 0
+    if step < max_steps:
+        first = next(stream)
+        stream = itertools.chain([first], stream)
+        flops_per_sample = count_step_flops(unwrap(model), first, step, train_step.autocast,
+                                            run.channels_last) / first.image.shape[0]
+        flops_len = first.input_ids.shape[1]
+    peak, peak_source = peak_flops(device, run.precision, run.peak_tflops)
+    train_step.cuda_graphs, compiled = compile_for_speed(model, run.compile, run.cuda_graphs, device)
+    if main:
+        print(f"[step] {flops_per_sample / 1e9:.2f} GFLOP per sample (forward + backward, text padded to "
+              f"{flops_len}); peak {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown'} ({peak_source})"
+              + (f"; {compiled}" if compiled else ""))
     sums = torch.zeros(3, device=device)          # loss, vla, pa summed since the last log step
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     skipped = torch.zeros((), dtype=torch.long, device=device)
@@ -196,8 +266,16 @@ def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
                       "img_per_s": n_since * accum * per_step / dt,
                       "data_wait_frac": wait_s / dt, "mem_mb": memory_mb(device),
                       "skipped_steps": int(skipped), "pa_active": step - 1 >= cfg.model.pa_warmup_steps}
+            # MFU per device: samples/s on this rank x counted FLOPs / the device's peak.
+            record["mfu"] = mfu(flops_per_sample, record["img_per_s"] / dist.world_size, peak)
+            record["gflops_per_sample"] = flops_per_sample / 1e9
+            record["mem_mb_per_sample"] = record["mem_mb"] / run.batch_size_per_gpu
             log.write(record)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            mfu_text = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
+            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['img_per_s']:.1f}", mfu=mfu_text)
+            if main and not run.progress:
+                print(f"step {step} loss {loss:.4f} img/s {record['img_per_s']:.1f} mfu {mfu_text} "
+                      f"mem/sample {record['mem_mb_per_sample']:.1f} MiB", flush=True)
             sums.zero_()
             n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
             if main and run.plot_every and (step % run.plot_every == 0 or step == max_steps):
@@ -207,7 +285,7 @@ def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
             _validate_and_log(cfg, unwrap(model), tokenizer, dist, log, step)
             model.train()
         if step % run.checkpoint_every == 0 or step == max_steps:
-            _save(cfg, model, optimizer, scheduler, scaler, loader, step, dist, out_dir)
+            _save(cfg, model, optimizer, scheduler, scaler, loader, step, dist, out_dir, run_id)
     bar.close()
 
     result = _validate_and_log(cfg, unwrap(model), tokenizer, dist, log, step)
@@ -226,7 +304,7 @@ def _validate_and_log(cfg, model, tokenizer, dist, log, step) -> dict:
     return metrics
 
 
-def _save(cfg, model, optimizer, scheduler, scaler, loader, step, dist, out_dir) -> None:
+def _save(cfg, model, optimizer, scheduler, scaler, loader, step, dist, out_dir, run_id) -> None:
     # Every rank's RNG state is kept so a resumed multi-rank run continues each stream exactly.
     states = [None] * dist.world_size
     if dist.world_size > 1:
@@ -237,18 +315,28 @@ def _save(cfg, model, optimizer, scheduler, scaler, loader, step, dist, out_dir)
         return
     payload = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-               "loader": loader.state_dict(), "rng": states, "config": config_to_dict(cfg)}
+               "loader": loader.state_dict(), "rng": states, "config": config_to_dict(cfg), "run_id": run_id}
     save_checkpoint(checkpoint_path(out_dir, step), payload, cfg.train.keep_last)
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    # Raised in the main thread between bytecodes: `atomic_open` deletes a half-written checkpoint
+    # and the finally blocks run (lock, process group), as for Ctrl-C's KeyboardInterrupt.
+    print(f"error: stopped by {signal.Signals(signum).name}; every finished checkpoint is intact, "
+          "resume with train.resume=auto", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML under configs/pretrain/")
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
     cfg = load_pretrain_config(args.config, args.overrides)
-    dist = init_distributed()
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)   # restored below for in-process callers
+    exit_with_launcher()
     try:
+        dist = init_distributed()
         result = train(cfg, dist)
         if dist.rank == 0:
             print(json.dumps({"final_step": result["step"], **result["val"]}, indent=1))
@@ -257,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(3)
     finally:
         cleanup()
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
