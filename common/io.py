@@ -1,13 +1,14 @@
 """Atomic writes: a reader never sees a half-written file (temp file in the same dir + rename)."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def current_umask() -> int:
@@ -59,6 +60,35 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+class DirectoryLock:
+    """Exclusive `fcntl.flock` on `<directory>/<name>` for one writer of a directory (a packer's
+    output, a training run's folder). A second holder fails at once with `busy_error(pid)`; the
+    holder's pid is written into the lock file and the file is emptied on release (identical runs leave
+    identical trees). The kernel drops the lock when its holder dies, so a killed writer never leaves
+    the directory locked. The file itself stays: deleting it would race with a writer that just
+    opened it. Under the lock, `remove_stale_temp_files` can run safely."""
+
+    def __init__(self, directory: str | Path, name: str, busy_error: Callable[[str], Exception]):
+        self.path = Path(directory) / name
+        self._fh = open(self.path, "a+", encoding="ascii")
+        try:
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.seek(0)
+            holder = self._fh.read().strip() or "unknown"
+            self._fh.close()
+            raise busy_error(holder) from None
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.write(f"{os.getpid()}\n")
+        self._fh.flush()
+
+    def release(self) -> None:
+        self._fh.seek(0)
+        self._fh.truncate()
+        self._fh.close()                  # closing the descriptor releases the flock
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

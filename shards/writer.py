@@ -17,7 +17,6 @@ output directory and removes the temp files of killed writers before anything is
 """
 from __future__ import annotations
 
-import fcntl
 import io
 import json
 import os
@@ -33,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 from common.cli import UserError
-from common.io import atomic_open, atomic_write_json, remove_stale_temp_files, sha256_file
+from common.io import DirectoryLock, atomic_open, atomic_write_json, remove_stale_temp_files, sha256_file
 from shards.schema import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -69,12 +68,10 @@ _HELD_LOCKS: dict[Path, int] = {}   # resolved output dir -> nesting depth, in t
 @contextmanager
 def output_lock(root: str | Path) -> Iterator[None]:
     """Hold an exclusive `fcntl.flock` on `<root>/.pack.lock` for the block; a second packer on the
-    same directory fails at once with `OutputLocked` naming the holder's pid. Re-entrant within one
-    process (pack_mimic holds it around pack_splits, which takes it too). The kernel drops the lock
-    when its holder dies, so a killed packer never leaves the directory locked; on entry the temp
-    files its writes left (`.<name>.*.tmp` in root and its split folders) are removed. The lock file
-    stays (deleting it would race with a packer that just opened it) and is emptied on release, so
-    identical runs leave identical trees."""
+    same directory fails at once with `OutputLocked` naming the holder's pid (common.io.DirectoryLock).
+    Re-entrant within one process (pack_mimic holds it around pack_splits, which takes it too); on
+    entry the temp files a killed packer left (`.<name>.*.tmp` in root and its split folders) are
+    removed."""
     root = Path(root)
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"output {root} exists and is not a directory")
@@ -87,21 +84,10 @@ def output_lock(root: str | Path) -> Iterator[None]:
         finally:
             _HELD_LOCKS[real] -= 1
         return
-    fh = open(real / LOCK_NAME, "a+", encoding="ascii")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "unknown"
-        fh.close()
-        raise OutputLocked(f"{root} is locked by pid {holder}: another packer is writing there "
-                           f"(wait for it to finish, or stop it)") from None
+    lock = DirectoryLock(real, LOCK_NAME, lambda pid: OutputLocked(
+        f"{root} is locked by pid {pid}: another packer is writing there (wait for it to finish, or stop it)"))
     _HELD_LOCKS[real] = 1
     try:
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"{os.getpid()}\n")
-        fh.flush()
         stale = [p for d in [real, *sorted(c for c in real.iterdir() if c.is_dir() and not c.is_symlink())]
                  for p in remove_stale_temp_files(d)]
         if stale:
@@ -109,9 +95,7 @@ def output_lock(root: str | Path) -> Iterator[None]:
         yield
     finally:
         del _HELD_LOCKS[real]
-        fh.seek(0)
-        fh.truncate()
-        fh.close()                  # closing the descriptor releases the flock
+        lock.release()
 
 
 @dataclass

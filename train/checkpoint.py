@@ -13,8 +13,6 @@ checkpoint itself are never what goes. `claim_checkpoint_dir` refuses to mix two
 """
 from __future__ import annotations
 
-import fcntl
-import os
 import pickle
 import random
 import re
@@ -26,7 +24,7 @@ import numpy as np
 import torch
 
 from common.cli import UserError
-from common.io import atomic_open, remove_stale_temp_files
+from common.io import DirectoryLock, atomic_open, remove_stale_temp_files
 
 CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
 # What `train.pretrain` stores; a file without these keys (an exported encoder, another project's
@@ -203,26 +201,14 @@ def claim_checkpoint_dir(directory: Path, run_id: str, step: int = 0) -> None:
             "into a new train.output_dir")
 
 
-class RunDirLock:
+class RunDirLock(DirectoryLock):
     """Exclusive lock on `<output_dir>/.lock` for the life of a run (rank 0): a second trainer on the
     same folder fails at once naming the holder's pid, instead of the two pruning each other's
-    checkpoints. The kernel drops the lock when the process dies, so a killed run never leaves it
-    stuck. Under the lock the temp files of killed writers are removed."""
+    checkpoints. Under the lock the temp files of killed writers are removed (`self.stale`)."""
 
     def __init__(self, output_dir: Path):
-        self.path = Path(output_dir) / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(self.fd, 32).decode("ascii", "replace").strip() or "unknown"
-            os.close(self.fd)
-            raise CheckpointError(f"{output_dir} is in use by another training run (pid {holder}); wait for "
-                                  "it or choose a new train.output_dir") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        super().__init__(output_dir, ".lock", lambda pid: CheckpointError(
+            f"{output_dir} is in use by another training run (pid {pid}); wait for it or choose a new "
+            "train.output_dir"))
         self.stale = [p for sub in ("", "checkpoints", "plots")
                       for p in remove_stale_temp_files(Path(output_dir) / sub)]
-
-    def release(self) -> None:
-        os.close(self.fd)
