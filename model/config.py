@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from common.config import config_to_dict
+
+# Fields that change how the model runs, not what it computes or which weights it has: a run may resume
+# (or a checkpoint be evaluated) with another value.
+RUNTIME_ONLY_FIELDS = frozenset({"text_attn_implementation"})
+
 
 @dataclass
 class ModelConfig:
@@ -29,6 +35,7 @@ class ModelConfig:
     text_freeze_layers: int = 9       # encoder layers 0..N-1 frozen (12 = all)
     text_freeze_embeddings: bool = False   # code trains the embeddings; True lets the frozen prefix run without autograd
     max_text_length: int = 256
+    text_attn_implementation: Literal["sdpa", "eager"] = "sdpa"   # BERT attention: fused SDPA kernels | matmul+softmax
     text_pooling: Literal["cls", "mean"] = "cls"   # report embedding: [CLS] (G2D) | mean of real tokens
     text_bn_real_tokens: bool = True  # BN statistics of the text projector over real tokens only; False = all positions (code)
 
@@ -50,3 +57,14 @@ class ModelConfig:
     pa_loss: Literal["paper", "code"] = "paper"   # 0.5*(soft Dice + BCE) | (1 - Dice on logits) + 0.2*BCE
     pa_weight: float = 1.0
     pa_warmup_steps: int = 200        # PA enters the total loss from this step on (code); 0 = from the start (paper)
+
+
+def changed_fields(saved: dict, current: ModelConfig) -> list[str]:
+    """Names of the fields in which `current` differs from a checkpoint's saved model config.
+
+    A field absent from `saved` was added after the checkpoint was written: it counts as its default
+    (new fields default to the behaviour that existed before them). Runtime-only fields are ignored.
+    """
+    now, defaults = config_to_dict(current), config_to_dict(ModelConfig())
+    return sorted(k for k, v in now.items()
+                  if k not in RUNTIME_ONLY_FIELDS and saved.get(k, defaults[k]) != v)

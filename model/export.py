@@ -15,8 +15,8 @@ from torch import nn
 from model.image import load_encoder_state
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under any torch.compile (`._orig_mod`) and DDP (`.module`) wrappers."""
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -28,7 +28,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def export_unet_state_dicts(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """G2DModel (possibly wrapped) -> (encoder_sd, encoder_decoder_sd), detached CPU copies."""
-    unet = _unwrap(model).image.unet
+    unet = unwrap(model).image.unet
     encoder_sd = {k: v.detach().cpu().clone() for k, v in unet.encoder.state_dict().items()}
     encoder_decoder_sd = {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}
     return encoder_sd, encoder_decoder_sd

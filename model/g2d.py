@@ -48,6 +48,22 @@ class G2DModel(nn.Module):
             raise ValueError(f"pa_loss={cfg.pa_loss!r}; choose 'paper' or 'code'")
         if not 0.0 < cfg.pseudo_mask_quantile < 1.0:
             raise ValueError(f"pseudo_mask_quantile={cfg.pseudo_mask_quantile} must be in (0, 1)")
+        self.pa_loss_fn = pseudo_seg_loss      # replaced by its compiled version in compile_parts()
+
+    def compile_parts(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """torch.compile, in place, the parts that carry the step's work: the image tower (U-Net +
+        projector + attention pool: fused BN+ReLU, fewer kernels), every BERT layer (frozen ones run
+        under no_grad: their own graph) and the PA loss (sigmoid/Dice/BCE over full-resolution maps:
+        memory-bound, what fusion pays for). The contrastive loss stays eager: a [B,B] matmul whose
+        all-gather with gradient is a collective inside an autograd Function. In place
+        (`Module.compile`), so state dict keys stay unprefixed and DDP wraps the module as before.
+        mode="reduce-overhead" adds CUDA-graph capture on a GPU. Costs: compile time at the first
+        step of each new shape (bucket text lengths to keep that to a few), none afterwards."""
+        kw = {"mode": mode, "backend": backend}
+        self.image.compile(**kw)
+        for layer in self.text.bert.encoder.layer:
+            layer.compile(**kw)
+        self.pa_loss_fn = torch.compile(pseudo_seg_loss, **kw)
 
     def make_pseudo_mask(self, attention: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         c = self.cfg
@@ -60,13 +76,22 @@ class G2DModel(nn.Module):
         text = self.text(input_ids, attention_mask)
         vla = self.vla(pooled, text)
         target = self.make_pseudo_mask(attention, image)
-        pa = pseudo_seg_loss(seg_logits, target, self.cfg.pa_loss)
+        pa = self.pa_loss_fn(seg_logits, target, self.cfg.pa_loss)
         # A weight of 0 rather than leaving PA out keeps the decoder in the graph during warm-up, so
-        # DDP (find_unused_parameters=False) sees a gradient for every parameter on every step.
+        # DDP (find_unused_parameters=False) sees a gradient for every parameter on every step. Those
+        # zero gradients must not reach the optimiser (AdamW would count warm-up steps of state and
+        # decay the weights): train.step.TrainStep drops the grads of `pa_parameters()` until then.
         pa_weight = self.cfg.pa_weight if step >= self.cfg.pa_warmup_steps else 0.0
         return G2DOutput(loss=vla + pa_weight * pa, vla_loss=vla, pa_loss=pa,
                          image_emb=F.normalize(pooled.float(), dim=-1), text_emb=F.normalize(text.float(), dim=-1),
                          attention=attention, pseudo_mask=target, seg_logits=seg_logits)
+
+    def pa_parameters(self) -> list[nn.Parameter]:
+        """The parameters only the PA loss trains (U-Net decoder + segmentation head). During the PA
+        warm-up G2D's code gives them no gradient at all, so AdamW leaves them (and their state) alone."""
+        unet = self.image.unet
+        params = (*unet.decoder.parameters(), *unet.segmentation_head.parameters())
+        return [p for p in params if p.requires_grad]
 
     def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (global [B,128] L2-normalised, dense projected map [B,128,H/32,W/32] (not normalised;

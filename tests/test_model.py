@@ -240,3 +240,48 @@ def test_exported_state_dicts_load_strictly_into_plain_smp_unets(tiny_bert):
     assert torch.equal(fresh.encoder.layer4[2].conv3.weight, model.image.unet.encoder.layer4[2].conv3.weight)
     with pytest.raises(ValueError, match="missing"):
         load_encoder_into_unet(encoder_sd, smp.Unet("resnet18", encoder_weights=None))
+
+
+def test_code_mode_config_pads_to_256_so_text_embeddings_equal_the_official_ones(tiny_bert):
+    """G2D's code pads every report to 256 tokens and its projector BN normalises over all positions;
+    configs/pretrain/g2d_code.yaml must feed exactly that, or the BN statistics follow the batch."""
+    from transformers import AutoTokenizer
+
+    from pipeline.text import BatchTokenizer
+    from train.config import load_pretrain_config
+
+    cfg = load_pretrain_config("configs/pretrain/g2d_code.yaml", [f"model.text_model={tiny_bert}",
+                                                                  "model.encoder_weights=none", "model.text_freeze_layers=1"])
+    assert cfg.model.text_bn_real_tokens is False
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    ids, mask, _ = BatchTokenizer(tok, cfg.data.max_text_length, cfg.data.text_pad_multiple, cfg.data.text_padding)(REPORTS)
+    assert ids.shape == (4, 256)
+    torch.manual_seed(0)
+    encoder = TextEncoder(cfg.model).train()
+    encoder.bert.eval()                                        # dropout off; the projector BN stays in training mode
+    # The official computation: BertModel over 256-padded tokens, then Conv1d -> BatchNorm1d over all positions.
+    ref = tok(REPORTS, padding="max_length", truncation=True, max_length=256, return_tensors="pt")
+    bn = nn.BatchNorm1d(cfg.model.proj_dim, affine=False).train()
+    with torch.no_grad():
+        hidden = encoder.bert(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).last_hidden_state
+        official = encoder.proj_out(torch.relu(bn(encoder.proj_in(hidden.transpose(1, 2)))))[:, :, 0]
+        ours = encoder(ids, mask)
+        short = BatchTokenizer(tok, 256, 8, "longest")(REPORTS)   # what the config used to feed
+        per_batch = encoder(short[0], short[1])
+    assert torch.allclose(ours, official, atol=1e-4)
+    assert not torch.allclose(per_batch, official, atol=1e-2)   # the pad length does change the embedding
+
+
+def test_resume_check_treats_missing_fields_as_defaults_and_ignores_runtime_only_ones():
+    # A checkpoint written before a field existed (or with another attention kernel) still matches;
+    # a field that changes what the model computes does not.
+    from common.config import config_to_dict
+    from model.config import ModelConfig, changed_fields
+
+    current = ModelConfig()
+    saved = config_to_dict(current)
+    saved.pop("text_attn_implementation")
+    saved.pop("pa_weight")
+    assert changed_fields(saved, current) == []
+    assert changed_fields({**saved, "text_attn_implementation": "eager"}, current) == []
+    assert changed_fields({**saved, "pa_weight": 0.0, "proj_dim": 64}, current) == ["pa_weight", "proj_dim"]

@@ -8,7 +8,7 @@ the official code uses:
     official  fp16 autocast + GradScaler (fp32 on CPU), plain (for-loop) AdamW, NCHW, text padded to 256 tokens,
               embeddings trained (autograd through every frozen layer), DDP find_unused_parameters=True
 Lever arms (`--arms`) are "ours" plus one change each: compile (torch.compile of the image tower,
-BERT layers and losses), graphs (compile + CUDA graphs + text lengths bucketed to 16; CUDA only),
+BERT layers and PA loss), graphs (compile + CUDA graphs + text lengths bucketed to 16; CUDA only),
 bucket16, eager_attn (BERT attention without SDPA, to see what SDPA pays). Every arm reports model
 FLOPs per sample (FlopCounterMode, once), MFU against the device's peak (train/flops.py) and, on a
 GPU, peak memory per sample; `--max-batch` finds the largest batch per GPU that fits (binary search
@@ -44,7 +44,8 @@ from tools.make_tiny_bert import shard_texts
 from tools.perfdoc import update_section
 from train.flops import count_step_flops, mfu, peak_flops
 from train.optim import OptimConfig, build_optimizer
-from train.step import TrainStep, compile_for_speed, make_scaler, unwrap
+from model.export import unwrap
+from train.step import TrainStep, compile_for_speed, make_scaler
 
 RESULTS = {"cpu": Path("bench/results/train.json"), "cuda": Path("bench/results/train_gpu.json")}
 SECTION = {"cpu": "Training step", "cuda": "Training step on a GPU"}
@@ -70,8 +71,8 @@ def arm_settings(arm: str, device: torch.device) -> dict:
         raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
     # On a CPU, fp16 autocast is emulated and would exaggerate the gap: both arms run fp32 there.
     # Eager BERT attention: the transformers of G2D's code had no SDPA path for BERT.
-    return {"precision": "fp16" if device.type == "cuda" else "fp32", "fused": False, "channels_last": False, "pad": "max_length",
-            "pad_multiple": 1, "freeze_embeddings": False, "find_unused": True, "attn": "eager",
+    return {"precision": "fp16" if device.type == "cuda" else "fp32", "fused": False, "channels_last": False,
+            "pad": "max_length", "pad_multiple": 1, "freeze_embeddings": False, "find_unused": True, "attn": "eager",
             "compile": False, "cuda_graphs": False}
 
 
@@ -134,7 +135,8 @@ def prepare_arm(model_name: str, text_model: str, arm: str, batch_size: int, dev
     step_fn, cfg, s = make_step(model_name, text_model, arm, device)
     fixed = synthetic_batch(cfg, tokenizer, texts, batch_size, s["pad"], device, s["pad_multiple"])
     flops = count_step_flops(unwrap(step_fn.model), fixed, 1000, step_fn.autocast, s["channels_last"]) / batch_size
-    step_fn.cuda_graphs, note = compile_for_speed(step_fn.model, s["compile"], s["cuda_graphs"], device, compile_backend)
+    step_fn.cuda_graphs, note = compile_for_speed(step_fn.model, s["compile"], s["cuda_graphs"], device,
+                                                  compile_backend)
     return step_fn, cfg, s, fixed, flops, note
 
 
@@ -194,7 +196,7 @@ def bench_model(model_name: str, text_model: str, batch_size: int, shards: str |
         result[arm] = row
         if on_arm is not None:
             on_arm(result)
-        del step_fn, fixed
+        step_fn = fixed = None          # free this arm's model and batch before the next arm
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for key in ("data_excluded", "data_included"):
@@ -219,25 +221,34 @@ def fits(step_fn, cfg, s, tokenizer, texts, batch_size: int, device) -> bool:
         torch.cuda.empty_cache()
 
 
+def search_max_batch(fits_fn, start: int, limit: int) -> tuple[int, int | None, list]:
+    """Largest batch for which `fits_fn(batch)` holds: doubling from `start` to the first failure,
+    then bisection to within ~6%, below `start` too if that fails (each probe costs two training
+    steps). -> (largest that fits (0: none), smallest that failed (None: none up to `limit`),
+    [(size, fits), ...])."""
+    good, bad, probes = 0, None, []
+    size = start
+    while bad is None and size <= limit:
+        ok = fits_fn(size)
+        probes.append((size, ok))
+        good, bad, size = (size, None, size * 2) if ok else (good, size, size)
+    while bad is not None and bad - good > max(1, good // 16):
+        mid = (good + bad) // 2
+        ok = fits_fn(mid)
+        probes.append((mid, ok))
+        good, bad = (mid, bad) if ok else (good, mid)
+    return good, bad, probes
+
+
 def max_batch(model_name: str, text_model: str, arm: str, device, texts: list[str], start: int = 64,
               limit: int = 8192) -> dict:
-    """Largest batch per GPU that trains (doubling from `start` to the first OOM, then bisection).
+    """Largest batch per GPU that trains (`search_max_batch` over out-of-memory errors).
     CUDA only: a CPU has no fixed memory budget to search against."""
     if device.type != "cuda":
         return {"arm": arm, "max_batch": None, "note": "n/a: CUDA only"}
     tokenizer = load_tokenizer(text_model)
     step_fn, cfg, s = make_step(model_name, text_model, arm, device)
-    good, bad, probes = 0, None, []
-    size = start
-    while bad is None and size <= limit:
-        ok = fits(step_fn, cfg, s, tokenizer, texts, size, device)
-        probes.append((size, ok))
-        good, bad, size = (size, None, size * 2) if ok else (good, size, size)
-    while bad is not None and bad - good > max(1, good // 16):   # within ~6%
-        mid = (good + bad) // 2
-        ok = fits(step_fn, cfg, s, tokenizer, texts, mid, device)
-        probes.append((mid, ok))
-        good, bad = (mid, bad) if ok else (good, mid)
+    good, bad, probes = search_max_batch(lambda b: fits(step_fn, cfg, s, tokenizer, texts, b, device), start, limit)
     return {"arm": arm, "max_batch": good, "first_oom": bad, "probes": probes,
             "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
 
@@ -329,7 +340,9 @@ def main(argv: list[str] | None = None) -> None:
             bert = berts[name]()
             sizes = [args.tiny_batch] if name == "g2d_tiny" else [int(b) for b in args.batch_sizes.split(",")]
             for bs in sizes:
-                save = lambda partial: atomic_write_json(results, {"runs": [*runs, partial], "partial": True})
+                def save(partial: dict) -> None:
+                    atomic_write_json(results, {"runs": [*runs, partial], "partial": True})
+
                 runs.append(bench_model(name, bert, bs, shards, args.steps, device, texts, arms,
                                         args.compile_backend, on_arm=save))
                 print(f"[bench-train] {name} batch {bs}: " + ", ".join(
@@ -344,8 +357,10 @@ def main(argv: list[str] | None = None) -> None:
             step_fn, _, _, fixed, _, _ = prepare_arm(last[0], last[1], "ours", last[2], device, tokenizer, texts)
             stem = results_dir / f"train_profile_{'gpu' if cuda else 'cpu'}"
             summary = profile_step(step_fn, fixed, device, stem)
-            extra["profile"] = {"model": last[0], "batch_size": last[2], "files": [str(stem) + ".json", str(stem) + ".txt"],
-                                **{k: v for k, v in summary.items() if k != "top_ops"}, "top_ops": summary["top_ops"][:10]}
+            extra["profile"] = {"model": last[0], "batch_size": last[2],
+                                "files": [str(stem) + ".json", str(stem) + ".txt"],
+                                **{k: v for k, v in summary.items() if k != "top_ops"},
+                                "top_ops": summary["top_ops"][:10]}
             print(f"[bench-train] profile of one step: {stem}.txt")
     tdist.destroy_process_group()
     machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,

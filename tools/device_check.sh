@@ -7,19 +7,24 @@
 #   profile_dali.log      tools/profile_dali.py: our DALI graph cut after each stage (JSON last line)
 #   test_gpu.log          tests/test_gpu.py (DALI mixed + torchvision GPU decode agree with the CPU
 #                         path; the trainer in bf16 / fp16 on the GPU)
-#   train_gpu.json        bench-train: g2d_resnet50 at batch 64/128, ours vs the official recipe
+#   train_gpu.json        bench-train: g2d_resnet50 at batch 128/256, ours vs the official recipe, data
+#                         excluded and included, MFU, peak memory per sample, the largest batch per GPU,
+#                         a torch.profiler summary of one step ("profile"), and the lever arms
+#                         ("levers": compile, CUDA graphs + length buckets, eager attention) merged in
 #   performance.md        docs/performance.md with the GPU sections written
-#   bench_pipeline.log, bench_train.log   the two benchmarks' output
+#   bench_pipeline.log, bench_train.log   the benchmarks' output (+ the profiler table, the levers' log)
 # (eight files: the most a lent machine's run brings back)
-# Usage: [PHASES="pipeline profile tests train"] tools/device_check.sh OUT_DIR [STUDIES]
-#   STUDIES: synthetic corpus size (default 4000, ~3,600 train images: at batch 64 an epoch has 56
-#   batches, enough for 16 workers x 2 prefetch in flight to leave a steady state to measure);
-#   PHASES: which of the four to run (default all). The 1,500-study run took 6 min 15 s on an H200.
+# Usage: [PHASES="pipeline profile tests train levers"] tools/device_check.sh OUT_DIR [STUDIES]
+#   STUDIES: synthetic corpus size (default 15000 at 384 px -> 256-px shards: ~13,500 train images,
+#   >= 100 batches per epoch at batch 128, so epoch start-up is amortised as in a real run);
+#   PHASES: which of the five to run (default all). Phase limits are ceilings summing to ~8.5 minutes
+#   (env ~10 s, data 100 (~40 ms of CPU per 384-px study), pipeline 40, profile 30, tests 100,
+#   train 150, levers 90); a phase cut by its limit keeps what it wrote so far.
 set -u
 OUT_DIR=${1:?usage: tools/device_check.sh OUT_DIR [STUDIES]}
-STUDIES=${2:-4000}
+STUDIES=${2:-15000}
 PY=${PY:-python3}
-PHASES=${PHASES:-pipeline profile tests train}
+PHASES=${PHASES:-pipeline profile tests train levers}
 want() { [[ " $PHASES " == *" $1 "* ]]; }
 CORES=$(nproc)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -56,11 +61,11 @@ EOF
 } > "$OUT_DIR/setup.log" 2>&1
 cat "$OUT_DIR/setup.log"
 
-phase "data: $STUDIES synthetic studies at 2048 px -> 256-px shards (make shards defaults) + 512-px shards"
-timeout 240 $PY -m tools.pack_shards --synthetic data/synthetic_gpu --synth-n "$STUDIES" --synth-size 2048 \
-  --out data/shards/mimic --workers "$CORES" --seed 0 >> "$OUT_DIR/setup.log" 2>&1 &&
-timeout 60 $PY -m tools.pack_shards --synthetic data/synthetic_gpu --synth-n "$STUDIES" --synth-size 2048 \
-  --out data/bench/pipeline/shards512 --max-side 512 --quality 95 --workers "$CORES" --seed 0 >> "$OUT_DIR/setup.log" 2>&1
+# 384-px sources: the shards store 256 px either way, and generating 15,000 studies at 2048 px would
+# take most of the budget.
+phase "data: $STUDIES synthetic studies at 384 px -> 256-px shards"
+timeout 100 $PY -m tools.pack_shards --synthetic data/synthetic_gpu --synth-n "$STUDIES" --synth-size 384 \
+  --out data/shards/mimic --workers "$CORES" --seed 0 >> "$OUT_DIR/setup.log" 2>&1
 echo "data rc=$?"; tail -3 "$OUT_DIR/setup.log"
 
 # run_phase NAME LOG SECONDS CMD...: the phase's output to OUT_DIR/LOG, its tail and exit status here.
@@ -71,9 +76,28 @@ run_phase() {
   timeout "$limit" "$@" > "$OUT_DIR/$log" 2>&1
   echo "$name rc=$?"; tail -25 "$OUT_DIR/$log"; collect
 }
-run_phase pipeline bench_pipeline.log 300 $PY -m tools.bench_pipeline --device cuda --shards data/shards/mimic \
-  --batch-size 64 --epochs 2 --runs 3 --also-shards data/bench/pipeline/shards512 --workers "$CORES"
-run_phase profile profile_dali.log 150 $PY -m tools.profile_dali --device cuda --shards data/shards/mimic
-run_phase tests test_gpu.log 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
-run_phase train bench_train.log 240 $PY -m tools.bench_train --shards data/shards/mimic --steps 5
+run_phase pipeline bench_pipeline.log 40 $PY -m tools.bench_pipeline --device cuda --shards data/shards/mimic \
+  --batch-size 64 --epochs 1 --runs 2 --workers "$CORES"
+run_phase profile profile_dali.log 30 $PY -m tools.profile_dali --device cuda --shards data/shards/mimic
+run_phase tests test_gpu.log 100 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+# ours vs official at 128, data excluded + included; the largest batch per GPU; one profiled step.
+run_phase train bench_train.log 150 $PY -m tools.bench_train --models g2d_resnet50 --batch-sizes 128 \
+  --shards data/shards/mimic --steps 5 --max-batch --profile
+if want train; then cat bench/results/train_profile_gpu.txt >> "$OUT_DIR/bench_train.log" 2>/dev/null; fi
+# The levers at batch 256, data excluded, cheap arms first (compile time counts against this phase
+# only; results are saved after every arm): merged into train_gpu.json as "levers".
+if want levers; then
+  phase levers
+  timeout 90 $PY -m tools.bench_train --models g2d_resnet50 --batch-sizes 256 --shards none --steps 5 \
+    --arms ours,eager_attn,bucket16,compile,graphs --no-doc --results-dir bench/results/levers >> "$OUT_DIR/bench_train.log" 2>&1
+  echo "levers rc=$?"; tail -12 "$OUT_DIR/bench_train.log"
+  $PY - <<'EOF'
+import json, pathlib
+main, levers = pathlib.Path("bench/results/train_gpu.json"), pathlib.Path("bench/results/levers/train_gpu.json")
+if main.is_file() and levers.is_file():
+    data = json.loads(main.read_text()); data["levers"] = json.loads(levers.read_text())["runs"]
+    main.write_text(json.dumps(data, indent=1))
+EOF
+  collect
+fi
 phase done

@@ -30,7 +30,7 @@ class RunConfig:
     precision: str = "bf16"            # bf16 | fp16 (GradScaler) | fp32
     grad_clip: float = 0.0             # max global grad norm; 0 = off (G2D does not clip)
     channels_last: bool = True
-    compile: bool = False              # torch.compile of the image tower, BERT layers and losses (in place, inside DDP)
+    compile: bool = False              # torch.compile of image tower, BERT layers, PA loss (in place, inside DDP)
     cuda_graphs: bool = False          # CUDA only (compile mode reduce-overhead); on a CPU a logged no-op
     peak_tflops: float = 0.0           # device peak for MFU; 0 = train/flops.py's table (CPU: an estimate)
     sync_bn: bool = False              # G2D: plain per-GPU BatchNorm

@@ -31,7 +31,8 @@ from common.cli import ArgumentParser, UserError, run_main
 from common.config import ConfigError, config_to_dict, save_config
 from common.dist import DistInfo, cleanup, exit_with_launcher, init_distributed
 from common.io import atomic_open, atomic_write_text
-from model.export import export_unet_state_dicts
+from model.config import changed_fields
+from model.export import export_unet_state_dicts, unwrap
 from model.registry import build_model
 from model.text import load_tokenizer
 from pipeline import build_loader
@@ -39,8 +40,8 @@ from train.checkpoint import (LEGACY_RUN_ID, CheckpointError, RunDirLock, checkp
                               claim_checkpoint_dir, find_resume_checkpoint, load_checkpoint, new_run_id,
                               rng_state, save_checkpoint, set_rng_state)
 from train.config import PretrainConfig, load_pretrain_config
-from train.optim import build_optimizer, build_scheduler
 from train.flops import count_step_flops, mfu, peak_flops
+from train.optim import build_optimizer, build_scheduler
 from train.step import TrainStep, compile_for_speed, make_scaler
 from train.validate import validate
 from train.visualize import save_attention_grid
@@ -98,11 +99,6 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, record["step"])
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
-    return model.module if isinstance(model, DDP) else model
-
-
 def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
     """Run (or resume) pretraining; rank 0 holds the output folder's lock for the whole run."""
     out_dir = Path(cfg.train.output_dir).expanduser()   # YAML does not expand ~ the way a shell does
@@ -138,7 +134,7 @@ def _resume_source(cfg: PretrainConfig, out_dir: Path) -> tuple[str, tuple[Path,
         saved = ckpt["config"].get("model") if isinstance(ckpt["config"], dict) else None
         if not isinstance(saved, dict):
             raise CheckpointError(f"{path} has no saved model config; it cannot resume a run")
-        changed = sorted(k for k, v in config_to_dict(cfg.model).items() if saved.get(k) != v)
+        changed = changed_fields(saved, cfg.model)
         if changed:
             raise CheckpointError(f"{path} was trained with a different model config ({', '.join(changed)}); "
                                   "use a new train.output_dir or train.resume=none")
