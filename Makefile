@@ -38,7 +38,7 @@ FRACTION ?= 1.0
 DATA ?= $(DOWNSTREAM_SHARDS)
 
 .PHONY: setup synth shards verify-shards synth-downstream tiny-bert pretrain eval eval-all compare demo test \
-        lint format bench-shards bench-pipeline bench-train clean help
+        lint format bench-shards bench-pipeline bench-train bench-quality clean help
 
 # Every target's rule line carries a `## ` description; `make help` lists them in file order.
 help:  ## list every target with a one-line description
@@ -119,6 +119,12 @@ bench-pipeline: setup  ## loader benchmark (DALI/torch) -> bench/results/pipelin
 
 bench-train: setup  ## training-step benchmark -> bench/results/train*.json
 	$(PY) -m tools.bench_train
+
+# `make bench-quality [SCALE=full|smoke] [OUT=<dir>] [SEEDS=0,1] [STUDIES=<n>]`: ~4 h on 2 CPU cores at
+# full scale (docs/quality.md); a killed run continues where it stopped when started again.
+bench-quality: setup  ## G2D vs VLA-only vs random init, every task, 95% CIs -> bench/results/quality.json
+	$(PY) -m tools.bench_quality --scale $(or $(SCALE),full) --seeds $(or $(SEEDS),0) --workers $(WORKERS) \
+	  $(if $(OUT),--out $(OUT)) $(if $(STUDIES),--studies $(STUDIES)) $(ARGS)
 
 clean:  ## remove data/, runs/ and .pytest_cache
 	rm -rf data runs .pytest_cache

@@ -7,8 +7,14 @@
                        runs/*/pretrain*/checkpoints/ (the demo writes runs/demo/pretrain)
     <file>.pt          a pretraining checkpoint (keys model, config, step, ...; train/checkpoint.py)
     <run dir>          its newest checkpoints/step_*.pt, else its exported g2d_encoder_decoder.pth
-    <file>.pth         an exported smp encoder (g2d_encoder.pth) or whole U-Net (g2d_encoder_decoder.pth);
-                       the architecture comes from config.yaml beside it, else from `baseline`
+    <file>.pth         an exported smp encoder (g2d_encoder.pth) or whole U-Net (g2d_encoder_decoder.pth),
+                       or another model's plain ResNet state dict in torchvision layout (its `fc.*`
+                       classifier dropped); the architecture comes from config.yaml beside it, else
+                       from `baseline` (model.baseline: g2d_resnet50 = ResNet-50)
+    <file> + prefix    any checkpoint holding the image encoder under a key prefix (MGCA / Lightning:
+                       {"state_dict": {"img_encoder_q.model.conv1.weight": ...}}, `ckpt.prefix=
+                       img_encoder_q.model.`): the keys under the prefix, stripped, are the encoder
+                       (or U-Net, with decoder.* keys); everything else is dropped and counted
     random             the paper's "Random Init" row: `baseline`'s architecture, random weights
     imagenet           the paper's "ImageNet Init" row: torchvision ImageNet encoder weights
                        (downloaded, or `imagenet_weights=<local state dict>`)
@@ -21,6 +27,7 @@ missing, unexpected and wrong-shape keys. Files are read with torch.load(weights
 from __future__ import annotations
 
 import dataclasses
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +120,7 @@ class Pretrained:
     step: int | None = None
     data_cfg: dict | None = None        # the pretraining run's saved `data` section (its eval view)
     random_text: bool = False           # random init of a pretraining run's architecture, text tower included
+    keys: dict | None = None            # foreign files: {prefix, kept, dropped, dropped_examples}
 
     @property
     def has_decoder(self) -> bool:
@@ -125,8 +133,11 @@ class Pretrained:
         return self.state is not None or (self.kind == "random" and self.random_text)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self.source, "sha256": self.sha256, "step": self.step,
-                "encoder": self.model_cfg.encoder, "model_name": self.model_cfg.name}
+        out = {"kind": self.kind, "path": self.source, "sha256": self.sha256, "step": self.step,
+               "encoder": self.model_cfg.encoder, "model_name": self.model_cfg.name}
+        if self.keys is not None:
+            out["keys"] = self.keys
+        return out
 
     def build_unet(self, pretrained_decoder: bool, decoder_channels: tuple[int, ...] | None = None) -> smp.Unet:
         """An smp.Unet(encoder, classes=1) with the pretrained encoder; with `pretrained_decoder` the
@@ -198,17 +209,34 @@ def default_checkpoint(runs_globs: tuple[str, ...] = DEFAULT_RUNS_GLOBS, base: s
 
 
 def _read_tensor_file(path: Path) -> dict:
+    """torch.load(weights_only=True): tensors and plain containers only, so a file cannot run code.
+    Any failure (truncated, not a torch file, pickled Python objects) -> BadCheckpoint, one line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:     # weights_only refused a Python object, or garbage bytes
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next((line for line in lines if line.startswith(("Unsupported", "WeightsUnpickler error:"))
+                       and not line.endswith(":")), lines[-1] if lines else "")
+        raise BadCheckpoint(f"{path}: not a readable torch file (torch.load(weights_only=True) refused it: "
+                            f"{reason.split('. ')[0][:200]})") from exc
     except Exception as exc:  # a truncated/corrupt/foreign file: say which one
-        raise BadCheckpoint(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from exc
+        reason = " ".join(str(exc).split())[:200]
+        raise BadCheckpoint(f"{path}: not a readable torch file ({type(exc).__name__}: {reason})") from exc
+
+
+def _top_prefixes(keys, n: int = 8) -> list[str]:
+    """The distinct 'first.second.' key prefixes, to suggest a ckpt.prefix."""
+    return sorted({".".join(k.split(".")[:2]) + "." for k in keys})[:n]
 
 
 def _from_checkpoint(path: Path) -> Pretrained:
     payload = _read_tensor_file(path)
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        raise BadCheckpoint(f"{path}: a Lightning-style checkpoint ('state_dict'); name the image encoder's key "
+                            f"prefix with ckpt.prefix=..., e.g. one of {_top_prefixes(payload['state_dict'])}")
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise BadCheckpoint(f"{path}: not a pretraining checkpoint (needs 'model' and 'config' keys; "
-                         f"has {sorted(payload) if isinstance(payload, dict) else type(payload).__name__})")
+                         f"has {sorted(payload)[:20] if isinstance(payload, dict) else type(payload).__name__})")
     cfg = model_config_from_saved(payload["config"].get("model"), str(path))
     state = {k.removeprefix("module."): v for k, v in payload["model"].items()}
     unet = {k.removeprefix("image.unet."): v for k, v in state.items() if k.startswith("image.unet.")}
@@ -222,8 +250,13 @@ def _from_checkpoint(path: Path) -> Pretrained:
 
 def _from_export(path: Path, baseline: ModelConfig) -> Pretrained:
     state = _read_tensor_file(path)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        raise BadCheckpoint(f"{path}: a Lightning-style checkpoint ('state_dict'); name the image encoder's key "
+                            f"prefix with ckpt.prefix=..., e.g. one of {_top_prefixes(state['state_dict'])}")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BadCheckpoint(f"{path}: expected a flat state dict of tensors (an exported encoder or U-Net)")
+        raise BadCheckpoint(f"{path}: expected a flat state dict of tensors (an exported encoder or U-Net, or a "
+                            "torchvision-layout ResNet); for a checkpoint holding the encoder under a key prefix "
+                            "give ckpt.prefix=...")
     config_yaml = path.parent / "config.yaml"
     saved = {}
     if config_yaml.is_file():
@@ -237,6 +270,30 @@ def _from_export(path: Path, baseline: ModelConfig) -> Pretrained:
                           data_cfg=saved.get("data"))
     return Pretrained("export_encoder", str(path), sha256_file(path), cfg,
                       encoder_state=encoder_state_dict(state, str(path)), data_cfg=saved.get("data"))
+
+
+def _from_prefixed(path: Path, prefix: str, baseline: ModelConfig) -> Pretrained:
+    """Another model's checkpoint: the tensors under `prefix` (in payload["state_dict"] when there is
+    one, Lightning's layout; else in payload["model"]; else the payload itself), prefix stripped."""
+    payload = _read_tensor_file(path)
+    if not isinstance(payload, dict):
+        raise BadCheckpoint(f"{path}: expected a dict of tensors, got {type(payload).__name__}")
+    for key in ("state_dict", "model"):
+        if isinstance(payload.get(key), dict):
+            payload = payload[key]
+            break
+    tensors = {k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}
+    kept = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+    if not kept:
+        raise BadCheckpoint(f"{path}: no tensor key starts with ckpt.prefix={prefix!r}; its keys start with "
+                            f"{_top_prefixes(tensors)}")
+    dropped = sorted(k for k in payload if not k.startswith(prefix))
+    keys = {"prefix": prefix, "kept": len(kept), "dropped": len(dropped), "dropped_examples": dropped[:5]}
+    cfg = dataclasses.replace(baseline, encoder_weights="none")
+    if any(k.startswith("decoder.") for k in kept):
+        return Pretrained("foreign_unet", str(path), sha256_file(path), cfg, unet_state=kept, keys=keys)
+    return Pretrained("foreign_encoder", str(path), sha256_file(path), cfg,
+                      encoder_state=encoder_state_dict(kept, f"{path} (ckpt.prefix={prefix!r})"), keys=keys)
 
 
 def _imagenet(cfg: ModelConfig, weights: str) -> Pretrained:
@@ -256,9 +313,9 @@ def _imagenet(cfg: ModelConfig, weights: str) -> Pretrained:
 
 
 def resolve_weights(spec: str | None, baseline: ModelConfig, imagenet_weights: str = "imagenet",
-                    runs_base: str | Path = ".") -> Pretrained:
+                    runs_base: str | Path = ".", prefix: str = "") -> Pretrained:
     """See the module docstring. `baseline` is the architecture of random/imagenet and of exports
-    without a config.yaml beside them."""
+    without a config.yaml beside them; `prefix` (ckpt.prefix) selects a foreign checkpoint's encoder."""
     if spec == "random":
         return Pretrained("random", "random", None, dataclasses.replace(baseline, encoder_weights="none"))
     if spec == "imagenet":
@@ -274,6 +331,8 @@ def resolve_weights(spec: str | None, baseline: ModelConfig, imagenet_weights: s
     if not path.is_file():
         raise CheckpointNotFound(f"checkpoint {spec!r} not found (expected a .pt checkpoint, a run "
                                  f"directory, an exported .pth, or one of {list(BASELINES)})")
+    if prefix:
+        return _from_prefixed(path, prefix, baseline)
     if path.suffix == ".pt" or CKPT_RE.match(path.name):
         return _from_checkpoint(path)
     return _from_export(path, baseline)

@@ -1,11 +1,14 @@
 """Every evaluation metric of the project, each implemented once.
 
 - Classification (numpy, float64): `roc_auc`, `macro_auroc`, `roc_curve`, `precision_recall_f1_curve`,
-  `best_f1`, `accuracy_at_threshold`, `zero_shot_metrics` (MedKLIP-style summary), `multiclass_accuracy`.
+  `best_f1`, `accuracy_at_threshold` (strict >, MedKLIP's), `zero_shot_metrics` (MedKLIP-style
+  summary), `multiclass_accuracy`.
 - Segmentation (torch, any device): `dice_score`, `dice_positive_only`, `iou_score`, `segmentation_summary`.
-- Zero-shot grounding (torch): `pointing_game`, `grounding_summary` (+ `MEDKLIP_GROUNDING` rule).
+- Zero-shot grounding (torch): `pointing_game` (full-resolution maps), `grid_peak_hits` (the peak of
+  the feature-grid map scored at its cell centre), `grounding_summary` (+ `MEDKLIP_GROUNDING` rule).
 - Detection (torch for boxes, numpy for the ranking): `box_iou`, `nms`, `average_precision`,
-  `map_over_thresholds`.
+  `map_over_thresholds` (VOC all-point), `coco_matches` + `coco_map` (COCO 101-point, numpy, with
+  per-image weights for the bootstrap), `map_torchmetrics` (MGCA's exact metric call).
 
 Conventions: a score s predicts positive when s >= threshold for the classification curves (the
 threshold is one of the observed scores), while probability maps and heatmaps are binarised with
@@ -150,9 +153,11 @@ def best_f1(y_true, scores) -> tuple[float, float]:
 
 
 def accuracy_at_threshold(y_true, scores, threshold: float) -> float:
-    """Fraction of samples with (s >= threshold) == label."""
+    """Fraction of samples with (s > threshold) == label. STRICT `>`: MedKLIP/KAD take the best-F1
+    threshold from the precision-recall curve (where s >= t is positive) and then call positive only
+    the scores above it, so the samples AT the threshold count as negative (a 1/n bias against `>=`)."""
     y, s = _binary_pair(y_true, scores)
-    return float(np.mean((s >= threshold) == (y == 1)))
+    return float(np.mean((s > threshold) == (y == 1)))
 
 
 def zero_shot_metrics(Y, S) -> dict:
@@ -272,67 +277,133 @@ def pointing_game(heatmaps, masks) -> float:
     return float(hit.double().mean())
 
 
+def grid_peak_hits(grid_maps, masks) -> torch.Tensor:
+    """grid_maps: [N, h, w] scores on the feature grid, masks: [N, H, W] ground truth -> bool [N].
+
+    The pointing game scored where the peak really is: the first argmax CELL of the low-resolution
+    map, mapped to the image pixel under that cell's centre ((j + 0.5) * W / w, same for rows).
+    Why not the argmax of the upsampled map: bilinear upsampling (align_corners=False) spreads a
+    border cell's value flat out to the image edge, and the first argmax of that plateau is the edge
+    pixel, not the cell, so a peak in a border cell used to be scored at the image border."""
+    grid_maps, masks = torch.as_tensor(grid_maps), torch.as_tensor(masks)
+    if grid_maps.dim() != 3 or masks.dim() != 3 or grid_maps.shape[0] != masks.shape[0]:
+        raise ValueError(f"grid_maps {tuple(grid_maps.shape)} and masks {tuple(masks.shape)} must be [N, h, w] "
+                         "and [N, H, W] with the same N")
+    if torch.isnan(grid_maps).any():
+        raise ValueError("grid_maps contain nan")
+    n, h, w = grid_maps.shape
+    big_h, big_w = masks.shape[1:]
+    peak = grid_maps.reshape(n, -1).argmax(1)                          # [N], first maximum
+    row = (((peak // w).double() + 0.5) * big_h / h).floor().long().clamp(0, big_h - 1)
+    col = (((peak % w).double() + 0.5) * big_w / w).floor().long().clamp(0, big_w - 1)
+    target = _flat_mask(masks, "masks").reshape(n, big_h, big_w)
+    return target[torch.arange(n), row, col]
+
+
+def grid_peak_cell_overlaps(grid_maps, masks) -> torch.Tensor:
+    """bool [N]: the first argmax CELL of the feature-grid map [N, h, w] contains any pixel of the mask
+    [N, H, W] (cell j spans pixels floor(j * W / w) .. floor((j + 1) * W / w) - 1). A lenient
+    diagnostic at the map's own resolution, not the pointing game: a region smaller than a cell can
+    be found by the right cell and still miss its centre pixel."""
+    grid_maps, masks = torch.as_tensor(grid_maps), torch.as_tensor(masks)
+    n, h, w = grid_maps.shape
+    big_h, big_w = masks.shape[1:]
+    target = _flat_mask(masks, "masks").reshape(n, big_h, big_w)
+    peak = grid_maps.reshape(n, -1).argmax(1)
+    out = torch.zeros(n, dtype=torch.bool)
+    for i, (r, c) in enumerate(zip((peak // w).tolist(), (peak % w).tolist())):
+        out[i] = target[i, r * big_h // h:(r + 1) * big_h // h, c * big_w // w:(c + 1) * big_w // w].any()
+    return out
+
+
 # MedKLIP's grounding rule: the raw similarity map thresholded at > 0.008, no normalisation.
 MEDKLIP_GROUNDING = {"threshold": 0.008, "normalize": False}
 
 
-def grounding_summary(heatmaps, masks, threshold: float = 0.5, normalize: bool = True) -> dict:
-    """Zero-shot grounding scored on positive images only (non-empty mask; the others are dropped).
-    heatmaps, masks: [N, H, W]. pointing = `pointing_game`; iou and dice are means over images of the
-    map thresholded at heatmap > threshold. normalize=True first min-max scales each map to [0, 1]
-    (a constant map becomes all 0); `grounding_summary(h, m, **MEDKLIP_GROUNDING)` is MedKLIP's rule.
-    Returns {pointing, iou, dice, n_images} (nan metrics when no image is positive)."""
+def grounding_per_image(heatmaps, masks, grid_maps=None, threshold: float = 0.5,
+                        normalize: bool = True) -> dict[str, torch.Tensor]:
+    """Per image (float64 [N]; nan on images with an empty mask, which grounding does not score):
+    pointing (1/0: `grid_peak_hits` when the feature-grid maps are given, else the argmax pixel of
+    the full map), iou and dice of the map thresholded at > threshold (after a per-image min-max
+    scaling to [0, 1] with `normalize`; a constant map becomes all 0). heatmaps, masks: [N, H, W];
+    grid_maps: [N, h, w]. Also `positive` (bool [N]) and, with grid maps, `pointing_cell`
+    (`grid_peak_cell_overlaps`)."""
     heatmaps, masks = _same_shape(heatmaps, masks, "heatmaps and masks")
+    if torch.isnan(heatmaps).any():
+        raise ValueError("heatmaps contain nan")
+    n = heatmaps.shape[0]
     positive = _flat_mask(masks, "masks").any(1)
-    heatmaps, masks = heatmaps[positive], masks[positive]
-    n = int(positive.sum())
-    if n == 0:
-        return {"pointing": math.nan, "iou": math.nan, "dice": math.nan, "n_images": 0}
     maps = heatmaps.double()
-    if normalize:
+    if normalize and n:
         flat = maps.reshape(n, -1)
         lo, hi = flat.min(1).values, flat.max(1).values
         span = (hi - lo).clamp_min(torch.finfo(torch.float64).tiny)
         maps = ((flat - lo[:, None]) / span[:, None]).reshape(maps.shape)
+    extra = {}
+    if grid_maps is not None:
+        hits = grid_peak_hits(grid_maps, masks)
+        extra["pointing_cell"] = torch.where(positive, grid_peak_cell_overlaps(grid_maps, masks).double(),
+                                             torch.full((n,), math.nan, dtype=torch.float64))
+    else:
+        peak = heatmaps.reshape(n, -1).argmax(1, keepdim=True)
+        hits = _flat_mask(masks, "masks").gather(1, peak)[:, 0]
+    nan = torch.full((n,), math.nan, dtype=torch.float64)
     pred = maps > threshold
-    return {"pointing": pointing_game(heatmaps, masks),
-            "iou": float(iou_score(pred, masks).mean()),
-            "dice": float(dice_score(pred, masks).mean()),
-            "n_images": n}
+    return {"pointing": torch.where(positive, hits.double(), nan),
+            "iou": torch.where(positive, iou_score(pred, masks), nan),
+            "dice": torch.where(positive, dice_score(pred, masks), nan),
+            "positive": positive, **extra}
+
+
+def grounding_summary(heatmaps, masks, threshold: float = 0.5, normalize: bool = True, grid_maps=None) -> dict:
+    """Zero-shot grounding scored on positive images only (non-empty mask; the others are dropped):
+    the means of `grounding_per_image`. `grounding_summary(h, m, **MEDKLIP_GROUNDING)` is MedKLIP's
+    threshold rule. Returns {pointing, iou, dice, n_images} (nan metrics when no image is positive)."""
+    per = grounding_per_image(heatmaps, masks, grid_maps, threshold, normalize)
+    n = int(per["positive"].sum())
+    if n == 0:
+        return {"pointing": math.nan, "iou": math.nan, "dice": math.nan, "n_images": 0}
+    keep = per["positive"]
+    return {"pointing": float(per["pointing"][keep].mean()), "iou": float(per["iou"][keep].mean()),
+            "dice": float(per["dice"][keep].mean()), "n_images": n}
 
 
 # ----------------------------------------------------------------------------------------------------
 # detection: boxes are (x1, y1, x2, y2) in pixels, one class
 
 
-def box_iou(a, b) -> torch.Tensor:
-    """a: [N, 4], b: [M, 4] -> [N, M] IoU. Area is (x2 - x1) * (y2 - y1) (no +1), as torchvision.
-    Two zero-area boxes have IoU 0."""
+def box_iou(a, b, plus_one: bool = False) -> torch.Tensor:
+    """a: [N, 4], b: [M, 4] -> [N, M] IoU. Area is (x2 - x1) * (y2 - y1) (as torchvision and
+    pycocotools), or with `plus_one` (x2 - x1 + 1) * (y2 - y1 + 1), the pixel-inclusive convention of
+    the YOLOv3 code MGCA's NMS uses. Two zero-area boxes have IoU 0."""
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     if a.dim() != 2 or a.shape[1] != 4 or b.dim() != 2 or b.shape[1] != 4:
         raise ValueError(f"box_iou: boxes must be [N, 4] and [M, 4], got {tuple(a.shape)}, {tuple(b.shape)}")
     a, b = a.to(torch.promote_types(a.dtype, torch.float32)), b.to(torch.promote_types(b.dtype, torch.float32))
-    area_a = (a[:, 2] - a[:, 0]).clamp_min(0) * (a[:, 3] - a[:, 1]).clamp_min(0)  # [N]
-    area_b = (b[:, 2] - b[:, 0]).clamp_min(0) * (b[:, 3] - b[:, 1]).clamp_min(0)  # [M]
+    one = 1.0 if plus_one else 0.0
+    area_a = (a[:, 2] - a[:, 0] + one).clamp_min(0) * (a[:, 3] - a[:, 1] + one).clamp_min(0)  # [N]
+    area_b = (b[:, 2] - b[:, 0] + one).clamp_min(0) * (b[:, 3] - b[:, 1] + one).clamp_min(0)  # [M]
     top_left = torch.maximum(a[:, None, :2], b[None, :, :2])                      # [N, M, 2]
     bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])                  # [N, M, 2]
-    wh = (bottom_right - top_left).clamp_min(0)
+    wh = (bottom_right - top_left + one).clamp_min(0)
     inter = wh[..., 0] * wh[..., 1]
     union = area_a[:, None] + area_b[None, :] - inter
     return torch.where(union > 0, inter / union.clamp_min(torch.finfo(union.dtype).tiny),
                        torch.zeros_like(inter))
 
 
-def nms(boxes, scores, iou_threshold: float) -> torch.Tensor:
+def nms(boxes, scores, iou_threshold: float, plus_one: bool = False) -> torch.Tensor:
     """Greedy non-maximum suppression: visit boxes by decreasing score, keep one unless it overlaps an
-    already kept box with IoU > iou_threshold. Returns int64 indices of the kept boxes, by decreasing
-    score (same contract as torchvision.ops.nms). Builds the full [N, N] IoU matrix, so run it after
-    the confidence filter (a few hundred boxes), not on raw YOLO outputs."""
+    already kept box with IoU > iou_threshold (`box_iou`'s `plus_one` convention). Returns int64
+    indices of the kept boxes, by decreasing score (same contract as torchvision.ops.nms). Builds
+    the full [N, N] IoU matrix, so run it after the confidence filter (a few hundred boxes), not on
+    raw YOLO outputs.
+    """
     boxes, scores = torch.as_tensor(boxes), torch.as_tensor(scores)
     if boxes.dim() != 2 or boxes.shape[1] != 4 or scores.shape != (boxes.shape[0],):
         raise ValueError(f"nms: boxes {tuple(boxes.shape)} must be [N, 4] and scores {tuple(scores.shape)} [N]")
     order = scores.argsort(descending=True, stable=True)
-    overlaps = (box_iou(boxes[order], boxes[order]) > iou_threshold).cpu()  # [N, N], loop runs on CPU
+    overlaps = (box_iou(boxes[order], boxes[order], plus_one) > iou_threshold).cpu()  # [N, N], loop runs on CPU
     suppressed = torch.zeros(order.numel(), dtype=torch.bool)
     keep = []
     for i in range(order.numel()):
@@ -344,83 +415,127 @@ def nms(boxes, scores, iou_threshold: float) -> torch.Tensor:
 
 
 DEFAULT_IOU_THRESHOLDS = (0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70, 0.75)
+COCO_RECALLS = np.linspace(0.0, 1.0, 101)   # COCO's 101 recall points (pycocotools' recThrs)
+COCO_MAX_DETECTIONS = 100                   # per image: torchmetrics' largest max_detection_threshold
 
 
-def _detection_inputs(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image,
-                      skip_images_without_gt: bool, skip_images_without_predictions: bool):
-    """Per image: (scores [K] float64, IoU with its ground truth [K, G] float64, G), after skipping."""
+def keep_image(n_pred: int, n_gt: int, skip: str) -> bool:
+    """skip="mgca": an image enters mAP only if the detector returned a box AND it has ground truth
+    (MGCA's evaluation loop skips the others); skip="none": every image enters."""
+    if skip not in ("mgca", "none"):
+        raise ValueError(f"skip={skip!r}; choose 'mgca' or 'none'")
+    return skip == "none" or (n_pred > 0 and n_gt > 0)
+
+
+def _detection_lists(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image):
     n = len(gt_boxes_per_image)
     if len(pred_boxes_per_image) != n or len(pred_scores_per_image) != n:
         raise ValueError(f"detection: {len(pred_boxes_per_image)} pred box lists, {len(pred_scores_per_image)} "
                          f"score lists and {n} ground-truth lists must have one entry per image")
-    images = []
+    out = []
     for i, (boxes, scores, gt) in enumerate(zip(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image)):
         boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
         gt = torch.as_tensor(gt, dtype=torch.float64).reshape(-1, 4)
         scores = _scores(scores, f"pred_scores_per_image[{i}]").reshape(-1)
         if scores.size != boxes.shape[0]:
             raise ValueError(f"image {i}: {boxes.shape[0]} predicted boxes but {scores.size} scores")
-        if (skip_images_without_gt and gt.shape[0] == 0) or (skip_images_without_predictions and scores.size == 0):
+        out.append((boxes, scores, gt))
+    return out
+
+
+def map_torchmetrics(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image,
+                     thresholds=DEFAULT_IOU_THRESHOLDS, skip: str = "mgca") -> dict:
+    """mAP exactly as MGCA computes it: torchmetrics' MeanAveragePrecision (pycocotools backend; xyxy
+    boxes, COCO 101-point interpolation, <= 100 detections per image, all areas) over IoU `thresholds`,
+    one class, fed only the images `keep_image(.., skip)` admits. Pass the OBJECTNESS as scores (MGCA).
+    Returns {map, per_threshold {t: AP}, n_images_scored}; map is nan when no image is scored or no
+    ground truth is left (torchmetrics' -1)."""
+    from torchmetrics.detection import MeanAveragePrecision   # imported here: ~2 s, detection only
+
+    metric = MeanAveragePrecision(iou_thresholds=[float(t) for t in thresholds], backend="pycocotools",
+                                  extended_summary=True)
+    n_scored = 0
+    for boxes, scores, gt in _detection_lists(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image):
+        if not keep_image(scores.size, gt.shape[0], skip):
             continue
-        images.append((scores, box_iou(boxes, gt).numpy(), gt.shape[0]))
-    return images
+        n_scored += 1
+        metric.update([{"boxes": boxes.float(), "scores": torch.from_numpy(scores).float(),
+                        "labels": torch.zeros(scores.size, dtype=torch.long)}],
+                      [{"boxes": gt.float(), "labels": torch.zeros(gt.shape[0], dtype=torch.long)}])
+    per_threshold = {round(float(t), 4): math.nan for t in thresholds}
+    if n_scored == 0:
+        return {"map": math.nan, "per_threshold": per_threshold, "n_images_scored": 0}
+    out = metric.compute()
+    precision = out["precision"].double()       # [T, R=101, K=1 class, A=4 areas, M=3 max-dets]
+    for i, t in enumerate(per_threshold):
+        p = precision[i, :, 0, 0, -1]            # area "all", 100 detections
+        per_threshold[t] = float(p.mean()) if (p > -1).all() else math.nan
+    value = float(out["map"])
+    return {"map": value if value > -1 else math.nan, "per_threshold": per_threshold, "n_images_scored": n_scored}
 
 
-def _ap_from_matches(images, iou_threshold: float) -> float:
-    scores, is_tp, n_gt = [], [], 0
-    for image_scores, ious, g in images:
-        n_gt += g
-        # Greedy matching inside the image, by decreasing score: each prediction takes the unmatched
-        # ground truth it overlaps most, if that IoU >= threshold; otherwise it is a false positive.
-        tp = np.zeros(image_scores.size, dtype=bool)
-        free = np.ones(g, dtype=bool)
-        for k in np.argsort(-image_scores, kind="stable"):
-            if not free.any():
-                break
-            candidates = np.where(free, ious[k], -1.0)
-            best = int(np.argmax(candidates))
-            if candidates[best] >= iou_threshold:
-                tp[k], free[best] = True, False
-        scores.append(image_scores)
-        is_tp.append(tp)
-    if n_gt == 0:
-        return math.nan
-    if not scores or sum(s.size for s in scores) == 0:
-        return 0.0
-    order = np.argsort(-np.concatenate(scores), kind="stable")  # ties keep image order
-    tp = np.concatenate(is_tp)[order]
-    tp_cum = np.cumsum(tp)
-    recall = tp_cum / n_gt
-    precision = tp_cum / np.arange(1, tp.size + 1)
-    # All-point interpolation (VOC 2010+): precision at recall r is the best precision at any
-    # recall >= r; AP is the area under that step curve.
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]
-    recall_steps = np.diff(np.r_[0.0, recall])
-    return float(np.sum(recall_steps * envelope))
+def coco_matches(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image,
+                 thresholds=DEFAULT_IOU_THRESHOLDS, skip: str = "mgca",
+                 max_detections: int = COCO_MAX_DETECTIONS) -> dict[str, np.ndarray]:
+    """Per-detection true/false positive flags under COCO's matching, computed once so that mAP can be
+    recomputed for any reweighting of the images (`coco_map`, the bootstrap). Per image: the
+    `max_detections` highest scores (stable order), each in turn takes the unmatched ground truth of
+    highest IoU >= t (ties: the later box, as pycocotools). Images not admitted by `skip` are dropped
+    (n_gt 0, no detections). Returns {score [K], image [K], tp [T, K] bool, n_gt [N]} (K = all kept
+    detections in image order)."""
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    scores, images, tps, n_gt = [], [], [], []
+    for i, (boxes, s, gt) in enumerate(_detection_lists(pred_boxes_per_image, pred_scores_per_image,
+                                                        gt_boxes_per_image)):
+        if not keep_image(s.size, gt.shape[0], skip):
+            n_gt.append(0)
+            continue
+        n_gt.append(gt.shape[0])
+        order = np.argsort(-s, kind="stable")[:max_detections]
+        ious = box_iou(boxes[order], gt).numpy() if gt.shape[0] else np.zeros((order.size, 0))  # [k, G]
+        tp = np.zeros((thresholds.size, order.size), dtype=bool)
+        for ti, t in enumerate(thresholds):
+            free = np.ones(gt.shape[0], dtype=bool)
+            for k in range(order.size):
+                candidates = np.where(free & (ious[k] >= min(t, 1 - 1e-10)), ious[k], -1.0)
+                if candidates.size and candidates.max() >= 0:
+                    g = candidates.size - 1 - int(np.argmax(candidates[::-1]))   # last of equal IoUs
+                    tp[ti, k], free[g] = True, False
+        scores.append(s[order])
+        images.append(np.full(order.size, i))
+        tps.append(tp)
+    cat = (lambda xs, empty: np.concatenate(xs, axis=-1) if xs else empty)
+    return {"score": cat(scores, np.zeros(0)), "image": cat(images, np.zeros(0, dtype=np.int64)),
+            "tp": cat(tps, np.zeros((thresholds.size, 0), dtype=bool)), "n_gt": np.asarray(n_gt, dtype=np.int64)}
 
 
-def average_precision(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image,
-                      iou_threshold: float, skip_images_without_gt: bool = False,
-                      skip_images_without_predictions: bool = False) -> float:
-    """Single-class AP over a data set, all-point interpolated (VOC style).
+def coco_map(matches: dict[str, np.ndarray], weights: np.ndarray | None = None, chunk: int = 64) -> np.ndarray:
+    """COCO 101-point AP per IoU threshold from `coco_matches`, for each row of image weights.
 
-    pred_boxes_per_image: list of [K_i, 4]; pred_scores_per_image: list of [K_i]; gt_boxes_per_image:
-    list of [G_i, 4] (G_i = 0 for a normal image). Predictions of all images are ranked together by
-    score; within an image they are matched greedily by score (see `_ap_from_matches`). By default a
-    prediction on an image without ground truth is a false positive and an image with ground truth but
-    no prediction contributes misses. The skip flags drop such images, as MGCA's evaluation does
-    (it skips both). nan when no ground-truth box is left; 0.0 when there are boxes but no predictions."""
-    images = _detection_inputs(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image,
-                               skip_images_without_gt, skip_images_without_predictions)
-    return _ap_from_matches(images, iou_threshold)
-
-
-def map_over_thresholds(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image,
-                        thresholds=DEFAULT_IOU_THRESHOLDS, skip_images_without_gt: bool = False,
-                        skip_images_without_predictions: bool = False) -> dict:
-    """`average_precision` at each IoU threshold (default 0.40:0.05:0.75) and their mean.
-    Returns {map: float, per_threshold: {threshold rounded to 4 places: AP}}. IoUs are computed once."""
-    images = _detection_inputs(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image,
-                               skip_images_without_gt, skip_images_without_predictions)
-    per_threshold = {round(float(t), 4): _ap_from_matches(images, float(t)) for t in thresholds}
-    return {"map": float(np.mean(list(per_threshold.values()))), "per_threshold": per_threshold}
+    weights: [B, N] non-negative counts per image (a bootstrap resample repeats an image w times:
+    its detections and ground truth count w times); None = every image once (B = 1).
+    Returns [B, T] AP (nan where a row has no ground truth). The mAP is the mean over T.
+    Vectorised over the rows (`chunk` rows at a time bound the [rows, K] work arrays)."""
+    n_img = matches["n_gt"].size
+    weights = np.ones((1, n_img)) if weights is None else np.asarray(weights, dtype=np.float64)
+    order = np.argsort(-matches["score"], kind="stable")      # pycocotools: mergesort over image order
+    image, tp = matches["image"][order], matches["tp"][:, order]   # [K], [T, K]
+    out = np.full((weights.shape[0], tp.shape[0]), math.nan)
+    for start in range(0, weights.shape[0], chunk):
+        w = weights[start:start + chunk]                       # [b, N]
+        n_gt = w @ matches["n_gt"]                             # [b]
+        w_det = w[:, image]                                    # [b, K]
+        for t in range(tp.shape[0]):
+            ctp = np.cumsum(w_det * tp[t], axis=1)
+            cfp = np.cumsum(w_det * ~tp[t], axis=1)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                precision = np.where(ctp + cfp > 0, ctp / (ctp + cfp), 0.0)
+                recall = ctp / n_gt[:, None]
+            envelope = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]
+            for r in range(w.shape[0]):
+                if n_gt[r] == 0:
+                    continue
+                idx = np.searchsorted(recall[r], COCO_RECALLS, side="left")
+                hit = idx < envelope.shape[1]
+                out[start + r, t] = np.where(hit, envelope[r, np.minimum(idx, envelope.shape[1] - 1)], 0.0).mean()
+    return out

@@ -7,29 +7,37 @@
         random init of the same architecture, then the paper-shaped tables (`format_tables`), written
         to runs/eval/all/<fraction>/<timestamp>/{summary.json, tables.txt}
 
-results.json: task, family, dataset, fraction, metrics (undefined values are null), headline
-{name, value}, checkpoint {kind, path, sha256, step, encoder}, data {root, manifest, manifest_sha256,
-splits}, seed, the resolved config, device, software versions, timing and the PNG names.
+results.json: task, family, dataset, fraction, metrics (undefined values are null), ci95 {metric:
+[low, high]} (95% bootstrap intervals, eval/bootstrap.py), headline {name, value, ci95}, checkpoint
+{kind, path, sha256, step, encoder}, data {root, manifest, manifest_sha256, splits, views: the image
+view each split really used}, seed, the resolved config, device, software versions, timing and the
+PNG names. Beside it, predictions.npz: the test samples' keys, patient ids, targets and the model's
+scores (per family, eval/bootstrap.py reads them), from which every metric can be recomputed.
+A run that fails leaves no run directory behind.
 """
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import platform
+import shutil
 import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from common.config import config_to_dict
-from common.io import atomic_write_json, atomic_write_text, sha256_file
+from common.io import atomic_open, atomic_write_json, atomic_write_text, sha256_file
+from eval.bootstrap import N_RESAMPLES, confidence_intervals
 from eval.checkpoint import NotApplicable, Pretrained, check_image_architecture, resolve_weights
 from eval.paper_numbers import (TABLE1_G2D, TABLE1_RANDOM, TABLE2_G2D, TABLE3_G2D, TABLE3_G2D_PER_CLASS,
                                 TABLE3_RANDOM, TABLE4_G2D, TABLE4_RANDOM)
 from eval.tasks import TASKS, TEXT_FAMILIES, applicable_overrides, get_task, load_task_config, run_task
-from eval.tasks.base import dataset_root, device_of, seed_all
+from eval.tasks.base import CHECKPOINT_VIEW, dataset_root, device_of, make_deterministic, resolved_view
 from model.registry import model_config
 from shards.schema import MANIFEST_NAME, read_manifest
 
@@ -60,7 +68,8 @@ def new_run_dir(root: Path) -> Path:
 
 
 def resolve_for(cfg, ckpt: str | None) -> Pretrained:
-    return resolve_weights(ckpt, baseline=model_config(cfg.model.baseline), imagenet_weights=cfg.model.imagenet_weights)
+    return resolve_weights(ckpt, baseline=model_config(cfg.model.baseline), imagenet_weights=cfg.model.imagenet_weights,
+                           prefix=cfg.ckpt.prefix)
 
 
 def run_eval(task_name: str, ckpt: str | None = None, fraction: str = "1.0", data_root: str | None = None,
@@ -79,30 +88,88 @@ def run_eval(task_name: str, ckpt: str | None = None, fraction: str = "1.0", dat
     manifest_path = dataset_root(cfg) / MANIFEST_NAME
     manifest = read_manifest(dataset_root(cfg))
     out_dir = new_run_dir(Path(cfg.output_root) / task_name / fraction)
+    try:
+        record = _run_in(out_dir, task, cfg, weights, manifest, manifest_path, log)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)   # no half-written run directory survives a failure
+        for parent in (out_dir.parent, out_dir.parent.parent):   # <task>/<fraction>/ if this run made them
+            try:
+                parent.rmdir()
+            except OSError:                          # not empty: other runs live there
+                break
+        raise
+    log(f"[eval] {task_name}: {record['headline']['name']} = {_pct(record['headline']['value'])}% "
+        f"{_ci_text(record['headline']['ci95'])} -> {out_dir / 'results.json'}")
+    return {**record, "results_path": str(out_dir / "results.json")}
+
+
+def _run_in(out_dir: Path, task, cfg, weights: Pretrained, manifest: dict, manifest_path: Path, log) -> dict:
     device = device_of()
-    seed_all(cfg.seed)
+    make_deterministic(cfg.seed)
     variant = getattr(getattr(cfg, "segmentation", None), "variant", "")
-    log(f"[eval] {task_name}{f' ({variant})' if variant else ''} fraction {fraction} on {dataset_root(cfg)}; "
+    log(f"[eval] {task.name}{f' ({variant})' if variant else ''} fraction {cfg.fraction} on {dataset_root(cfg)}; "
         f"weights {weights.kind} {weights.source}; device {device}")
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result = run_task(task, cfg, weights, out_dir, device, log)
+    # Wall-clock time is not a metric: same seed, same machine must give identical `metrics`.
+    train_seconds = result["metrics"].pop("train_seconds", None)
+    predictions = result["predictions"]
+    save_predictions(out_dir / PREDICTIONS_NAME, predictions)
+    t_ci = time.perf_counter()
+    ci95 = confidence_intervals(task.family, predictions, seed=cfg.seed)
+    log(f"[eval] {task.name}: 95% bootstrap intervals ({N_RESAMPLES} resamples) in {time.perf_counter() - t_ci:.1f} s")
     headline = result["headline"]
+    d = cfg.data
+    views = {"test": resolved_view(cfg, weights, d.eval_transform)}
+    if task.family not in TEXT_FAMILIES:
+        views["train"] = resolved_view(cfg, weights, d.train_transform)
     record = clean_json({
-        "task": task_name, "family": task.family, "dataset": task.dataset, "fraction": fraction,
-        "variant": variant, "headline": {"name": headline, "value": result["metrics"].get(headline)},
-        "metrics": result["metrics"], "checkpoint": weights.describe(),
+        "task": task.name, "family": task.family, "dataset": task.dataset, "fraction": cfg.fraction,
+        "variant": variant, "headline": {"name": headline, "value": result["metrics"].get(headline),
+                                         "ci95": ci95.get(headline)},
+        "metrics": result["metrics"], "ci95": ci95,
+        "bootstrap": {"resamples": N_RESAMPLES, "seed": cfg.seed,
+                      "unit": "patient" if _has_patients(predictions) else "image"},
+        "checkpoint": weights.describe(),
         "data": {"root": str(dataset_root(cfg)), "manifest": str(manifest_path),
                  "manifest_sha256": sha256_file(manifest_path),
                  "splits": {s: v["num_samples"] for s, v in manifest["splits"].items()},
-                 "train_subset": _subset_size(manifest, cfg, task)},
+                 "train_subset": _subset_size(manifest, cfg, task),
+                 "views": views, "checkpoint_view": d.eval_transform == CHECKPOINT_VIEW},
         "seed": cfg.seed, "config": config_to_dict(cfg), "device": str(device),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "started_at": started, "seconds": time.perf_counter() - t0, "plots": result["plots"],
+        "started_at": started, "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
+        "plots": result["plots"], "predictions": PREDICTIONS_NAME,
     })
     atomic_write_json(out_dir / "results.json", record)
-    log(f"[eval] {task_name}: {headline} = {_pct(record['headline']['value'])}% -> {out_dir / 'results.json'}")
-    return {**record, "results_path": str(out_dir / "results.json")}
+    return record
+
+
+PREDICTIONS_NAME = "predictions.npz"
+
+
+def save_predictions(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """predictions.npz, written atomically; plain arrays only (strings as numpy unicode), so
+    np.load(path) reads it without allow_pickle."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    with atomic_open(path, "wb") as fh:
+        fh.write(buffer.getvalue())
+
+
+def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _has_patients(predictions: dict) -> bool:
+    ids = np.asarray(predictions.get("patient_ids", []), dtype=str)
+    return bool(ids.size) and not (ids == "").any()
+
+
+def _ci_text(ci) -> str:
+    return "" if not ci else f"[{_pct(ci[0])}, {_pct(ci[1])}]"
 
 
 def _subset_size(manifest: dict, cfg, task) -> dict | None:
@@ -121,18 +188,18 @@ def _subset_size(manifest: dict, cfg, task) -> dict | None:
 
 def run_all(ckpt: str | None = None, fraction: str = "1.0", data_root: str | None = None,
             overrides: list[str] | None = None, output_root: str | None = None, with_random: bool = True,
-            tasks: list[str] | None = None, log=print) -> dict:
+            tasks: list[str] | None = None, log=print, weights: Pretrained | None = None) -> dict:
     """Every task (or `tasks`) for the checkpoint (+ random init of its architecture). A failing task
     is recorded with its error and the others still run; summary["failed"] lists them."""
     overrides = list(overrides or [])
     selected = [get_task(name) for name in (tasks or TASKS)]
     first = load_task_config(selected[0].name, fraction, data_root, applicable_overrides(selected[0], overrides)[0])
     root = Path(output_root or first.output_root)
-    weights = resolve_for(first, ckpt)
+    weights = weights or resolve_for(first, ckpt)
     models = {"checkpoint": weights}
     if with_random and weights.kind != "random":
         models["random"] = dataclasses.replace(weights, kind="random", source="random", sha256=None, state=None,
-                                               unet_state=None, encoder_state=None, step=None,
+                                               unet_state=None, encoder_state=None, step=None, keys=None,
                                                random_text=weights.has_text)
     records, failed = [], []
     for task in selected:
@@ -152,7 +219,8 @@ def run_all(ckpt: str | None = None, fraction: str = "1.0", data_root: str | Non
                     rec = run_eval(task.name, fraction=fraction, data_root=data_root, overrides=keep + extra,
                                    output_root=str(root), weights=w, log=log)
                     records.append({"task": task.name, "model": label, "variant": variant, "status": "ok",
-                                    "metrics": rec["metrics"], "results_path": rec["results_path"]})
+                                    "metrics": rec["metrics"], "ci95": rec["ci95"],
+                                    "results_path": rec["results_path"]})
                 except Exception as exc:  # one broken task must not hide the others' results
                     log(f"[eval] {task.name} ({label}{', ' + variant if variant else ''}) FAILED: {exc}")
                     log(traceback.format_exc(limit=3))
@@ -189,11 +257,13 @@ def _lookup(records: list[dict], task: str, model: str, variant: str = "") -> di
 
 
 def _cell(rec: dict | None, keys: tuple[str, ...]) -> str:
+    """'value [low, high]' per key (percent, 95% bootstrap interval), joined by ' / '."""
     if rec is None:
         return "not run"
     if rec["status"] != "ok":
         return rec["status"]
-    return "/".join(_pct(rec["metrics"].get(k)) for k in keys)
+    ci = rec.get("ci95") or {}
+    return " / ".join(f"{_pct(rec['metrics'].get(k))} {_ci_text(ci.get(k))}".rstrip() for k in keys)
 
 
 def _table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
@@ -210,15 +280,15 @@ def format_tables(records: list[dict], fraction: str, weights: Pretrained, data_
     paper's G2D (and Random Init) numbers, in percent."""
     ours = f"ours: {Path(weights.source).name if weights.kind != 'random' else 'random'}"
     out = [f"'ours' columns: measured here on DATA={data_root} (synthetic shards unless DATA points at the real "
-           f"datasets), fraction {fraction}. 'paper' columns: the G2D paper's numbers on the REAL datasets, for "
-           "orientation only: not comparable to synthetic-data results. Percent; paper '-' = below 1% or not "
-           "reported.", ""]
+           f"datasets), fraction {fraction}, as value [95% bootstrap interval]. 'paper' columns: the G2D paper's "
+           "numbers on the REAL datasets, for orientation only: not comparable to synthetic-data results. Percent; "
+           "paper '-' = below 1% or not reported.", ""]
     head = ("task", "metric", ours, "ours: random init", f"paper G2D ({fraction})", f"paper Random Init ({fraction})")
 
     rows = []
     for (task, variant), paper in TABLE1_G2D.items():
-        keys = ("map_mgca", "map") if "detection" in task else ("dice",)
-        metric = "mAP (MGCA-skip/all images)" if "detection" in task else "Dice"
+        keys = ("map_mgca", "map_all_images") if "detection" in task else ("dice",)
+        metric = "mAP (MGCA rule / all images)" if "detection" in task else "Dice"
         has_random = (task, variant) in TABLE1_RANDOM
         rows.append((f"{task} ({variant})" if variant else task, metric,
                      _cell(_lookup(records, task, "checkpoint", variant), keys),

@@ -8,6 +8,7 @@ import math
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -17,7 +18,8 @@ from common.config import ConfigError, config_to_dict
 from common.io import sha256_file
 from eval.checkpoint import (ArchitectureMismatch, BadCheckpoint, CheckpointNotFound, NotApplicable,
                              check_image_architecture, default_checkpoint, resolve_weights)
-from eval.runner import run_all, run_eval
+from eval.bootstrap import family_metrics
+from eval.runner import load_predictions, run_all, run_eval
 from eval.tasks import TASKS, UnknownTask, get_task, load_task_config
 from eval.tasks.detection import YOLOv3Head, build_targets, detect, scaled_anchors, yolo_loss
 from model.export import export_unet_state_dicts
@@ -26,7 +28,16 @@ from model.text import build_tiny_text_model
 from shards.downstream import DATASETS, convert
 from shards.synthetic.downstream import write_all
 from tools import eval as eval_cli
-from tools.eval import main as eval_main
+from common.cli import run_main
+from tools.eval import EVAL_USER_ERRORS
+from tools.eval import main as eval_cli_main
+
+
+def eval_main(argv) -> int:
+    """The CLI as `python -m tools.eval` runs it: user errors -> one line on stderr, exit status 2."""
+    with pytest.raises(SystemExit) as done:
+        run_main(eval_cli_main, list(argv), extra_errors=EVAL_USER_ERRORS)
+    return done.value.code
 
 # Tiny everything: 64-px images, one epoch, in-process torch loader, the tiny architecture for baselines.
 TINY = ["train.epochs=1", "data.image_size=64", "data.crop_size=64", "data.batch_size=4", "data.eval_batch_size=8",
@@ -103,7 +114,8 @@ def test_cli_runs_a_task_and_fills_only_the_default_data_root(run_dir, data_root
                       "--output-root", str(tmp_path / "out"), *TINY]) == 0
     assert len(list((tmp_path / "out" / "zeroshot_rsna" / "1.0").glob("*/results.json"))) == 1
     # A user-given root that lacks the dataset is an error saying how to pack it ...
-    assert eval_main(["--task", "covidx_linear", "--data", str(tmp_path / "elsewhere")]) == 2
+    assert eval_main(["--task", "covidx_linear", "--ckpt", "random", "--data", str(tmp_path / "elsewhere"),
+                      "model.baseline=g2d_tiny"]) == 2
     assert "make shards DATASET=" in capsys.readouterr().err
     # ... while the default root is generated from the synthetic look-alikes (here shrunk to 8 images).
     monkeypatch.setattr(eval_cli, "DEFAULT_DATA", str(tmp_path / "shards"))
@@ -145,25 +157,30 @@ def test_yolo_target_assignment_and_decoding_hand_case():
     anchors = scaled_anchors(size)        # 416-px priors x 64/416
     assert torch.allclose(anchors[2, 1], torch.tensor([156, 198]) * 64 / 416)
     grids = [(8, 8), (4, 4), (2, 2)]
-    # Box 1: 130 x 130 at 416 (20 x 20 px here), centre (22, 27.23) -> stride-32 cell (0, 0). Shape IoU
-    # with the priors (116, 90): 0.62 (best -> scale 2, anchor 0), (156, 198): 0.55 (> 0.5: ignored),
-    # (373, 326): 0.14 (a negative).
+    # MGCA assigns per scale: every box is positive once at EACH scale, at that scale's best prior.
+    # Box 1: 130 x 130 at 416 (20 x 20 px here), centre (22, 27.23). Shape IoUs per scale:
+    #   stride 8  (10,13) .008 (16,30) .028 (33,23) .045 -> anchor 2, cell row 3 col 2
+    #   stride 16 (30,61) .108 (62,45) .165 (59,119) .415 -> anchor 2, cell row 1 col 1
+    #   stride 32 (116,90) .62 -> anchor 0; (156,198) .55 > .5: ignored; (373,326) .14; cell (0, 0)
     big = [12, 17.23, 32, 37.23]
-    # Box 2: exactly the prior (16, 30) at 416 (scale 0, anchor 1), centre (45, 13) -> stride-8 cell row 1, col 5.
+    # Box 2: exactly the prior (16, 30) at 416, centre (45, 13):
+    #   stride 8 anchor 1 (IoU 1) cell (1, 5); stride 16 (30,61) .26 best -> anchor 0 cell (0, 2);
+    #   stride 32 (116,90) .046 best -> anchor 0 cell (0, 1).
     small = [45 - 16 * 32 / 416, 13 - 30 * 32 / 416, 45 + 16 * 32 / 416, 13 + 30 * 32 / 416]
     targets = build_targets([torch.tensor([big, small]), torch.zeros(0, 4)], grids, anchors, size)
-    assert targets[2]["obj"].nonzero().tolist() == [[0, 0, 0, 0]]
-    assert targets[0]["obj"].nonzero().tolist() == [[0, 1, 1, 5]]
-    assert not targets[1]["obj"].any() and not targets[2]["obj"][1].any()       # image 2 has no boxes
+    assert targets[0]["obj"].nonzero().tolist() == [[0, 1, 1, 5], [0, 2, 3, 2]]
+    assert targets[1]["obj"].nonzero().tolist() == [[0, 0, 0, 2], [0, 2, 1, 1]]
+    assert targets[2]["obj"].nonzero().tolist() == [[0, 0, 0, 0], [0, 0, 0, 1]]
     assert torch.allclose(targets[2]["txy"][0, 0, 0, 0], torch.tensor([22 / 32, 27.23 / 32]))
     assert torch.allclose(targets[2]["twh"][0, 0, 0, 0], torch.log(torch.tensor([130 / 116, 130 / 90])), atol=1e-5)
     assert torch.allclose(targets[0]["twh"][0, 1, 1, 5], torch.zeros(2), atol=1e-5)    # exact prior shape
     assert torch.allclose(targets[0]["txy"][0, 1, 1, 5], torch.tensor([45 / 8 - 5, 13 / 8 - 1]))
-    # No-object loss: not at the positives, not at the ignored similar prior, yes at the dissimilar ones.
+    # No-object mask: not at the positives, not at the ignored similar prior, yes at the dissimilar ones.
     assert targets[2]["noobj"][0, :, 0, 0].tolist() == [False, False, True]
     assert targets[0]["noobj"][0, :, 1, 5].tolist() == [True, False, True]
-    assert int(targets[1]["noobj"].sum()) == 2 * 3 * 4 * 4 and int(targets[2]["noobj"][1].sum()) == 3 * 2 * 2
-    # Predictions that encode exactly these targets decode back to the boxes, confidently; loss ~ 0.
+    assert int(targets[1]["noobj"].sum()) == 2 * 3 * 4 * 4 - 2 and int(targets[2]["noobj"][1].sum()) == 3 * 2 * 2
+    # Predictions that encode exactly these targets decode back to the boxes (the three per box are
+    # one box: NMS keeps one), objectness ~1.
     preds = [torch.full((2, 3, gh, gw, 6), -30.0) for gh, gw in grids]
     for s, t in enumerate(targets):
         obj = t["obj"]
@@ -175,14 +192,26 @@ def test_yolo_target_assignment_and_decoding_hand_case():
     order = boxes[:, 0].argsort()
     assert torch.allclose(boxes[order], torch.tensor([big, small]).clamp(0, 64), atol=1e-3)
     assert torch.all(scores > 0.99) and found[1][0].shape == (0, 4)
+    # Loss forms: BCE on the centre offsets bottoms out at the targets' binary entropy (each term a mean
+    # over all B*A*h*w entries of its scale); wh, conf and cls vanish at these predictions.
     total, terms = yolo_loss(preds, targets)
-    assert total < 1e-6 and all(float(v) < 1e-6 for v in terms.values())
-    # Shift one box centre: only the xy term reacts, with weight 2.5 in the total.
+
+    def entropy(p):
+        return -(p * p.log() + (1 - p) * (1 - p).log())
+    floor_xy = sum(float(entropy(t["txy"][t["obj"]]).sum()) / t["obj"].numel() for t in targets)
+    assert math.isclose(float(terms["xy"]), floor_xy, rel_tol=1e-4)
+    assert all(float(terms[k]) < 1e-6 for k in ("wh", "conf", "cls"))
+    # Shift one box centre to sigmoid 0 -> 0.5: the xy term grows by (log 2 - H(22/32)) / 24 (stride-32
+    # tensor: 2 x 3 x 2 x 2 entries), 2.5 x that in the total.
     preds[2][0, 0, 0, 0, 0] = 0.0
     moved, moved_terms = yolo_loss(preds, targets)
-    expected_xy = ((0.5 - 22 / 32) ** 2) / 4            # one of 2 positives x 2 coordinates
-    assert math.isclose(float(moved_terms["xy"]), expected_xy, rel_tol=1e-4)
-    assert math.isclose(float(moved), 2.5 * expected_xy, rel_tol=1e-3)
+    delta = (math.log(2) - float(entropy(torch.tensor(22 / 32, dtype=torch.float64)))) / 24
+    assert math.isclose(float(moved_terms["xy"]) - float(terms["xy"]), delta, rel_tol=1e-4)
+    assert math.isclose(float(moved - total), 2.5 * delta, rel_tol=1e-3)
+    # The no-object term carries 0.5: objectness 0.5 in an empty cell costs 0.5 x log 2 / 96 entries.
+    preds[1][1, 0, 0, 0, 4] = 0.0
+    empty_cell, _ = yolo_loss(preds, targets)
+    assert math.isclose(float(empty_cell - moved), 0.5 * math.log(2) / 96, rel_tol=1e-3)
     # The head's output layout matches the targets'.
     head = YOLOv3Head((128, 256, 512), num_classes=1, width=32)
     outs = head(torch.randn(2, 128, 8, 8), torch.randn(2, 256, 4, 4), torch.randn(2, 512, 2, 2))
@@ -285,15 +314,34 @@ def test_task_runs_end_to_end_and_records_results(task, extra, data_root, run_di
         assert all(in_unit(m[k]) for k in ("dice", "dice_positive", "iou"))
         assert m["n_test_positive"] >= 1 and m["variant"] == saved["variant"]
     elif family == "detection":
-        assert all(in_unit(m[k]) for k in ("map", "map_mgca")) and len(m["map_per_threshold"]) == 8
-        assert m["n_test_with_boxes"] >= 1
+        assert all(in_unit(m[k]) for k in ("map_all_images", "map_mgca")) and len(m["map_all_images_per_threshold"]) == 8
+        assert m["n_test_with_boxes"] >= 1 and "best_val_map_mgca" in m
     elif family == "finetune":
         assert in_unit(m["auroc"]) and len(m["auroc_per_class"]) == 14
     elif family == "zeroshot_cls":
         assert all(in_unit(m[k]) for k in ("auc", "f1", "acc")) and len(m["per_class"]) == 5
     elif family == "grounding":
-        assert all(in_unit(m[k]) for k in ("pointing", "iou", "dice", "medklip_iou", "medklip_dice"))
+        assert all(in_unit(m[k]) for k in ("pointing", "pointing_cell", "iou", "dice", "medklip_iou", "medklip_dice"))
         assert m["n_positive"] >= 1 and m["threshold"] == 0.5
+    # predictions.npz beside results.json recomputes every metric; every metric has its interval.
+    pred = load_predictions(os.path.join(os.path.dirname(path), saved["predictions"]))
+    assert len(pred["keys"]) == len(pred["patient_ids"]) == m["n_test"]
+    point = family_metrics(family, pred)
+    assert set(point) == set(saved["ci95"])
+    for name, value in point.items():
+        recorded = m
+        for part in name.split(".", 1) if "per_threshold" in name else name.split("."):
+            recorded = recorded[part]
+        assert (recorded is None and math.isnan(value[0])) or value[0] == pytest.approx(recorded, abs=1e-9), name
+        ci = saved["ci95"][name]
+        assert ci is None or (ci[0] <= ci[1] and (recorded is None or ci[0] - 1e-9 <= recorded <= ci[1] + 1e-9
+                                                   or family == "detection")), name
+    assert saved["headline"]["ci95"] == saved["ci95"][saved["headline"]["name"]]
+    assert saved["bootstrap"] == {"resamples": 1000, "seed": 42, "unit": "patient"}
+    assert saved["data"]["views"]["test"]["transform"] == ("eval" if family in ("zeroshot_cls", "grounding")
+                                                           else saved["config"]["data"]["eval_transform"])
+    if family in ("zeroshot_cls", "grounding"):      # the checkpoint's own view, not the config's 256/224
+        assert saved["data"]["views"]["test"]["image_size"] == 64 and "train" not in saved["data"]["views"]
 
 
 def test_baselines_random_and_imagenet_from_a_local_file(data_root, tmp_path):
@@ -329,3 +377,127 @@ def test_all_prints_paper_tables_next_to_random_init(data_root, run_dir, tmp_pat
         assert text in tables, text
     assert os.path.isfile(summary["summary_path"])
     assert strict_json(summary["summary_path"])["tables"] == tables
+
+
+# ---------------------------------------------------------------------------------------------
+# other people's encoders, bad checkpoint files, failed runs, reproducibility
+
+
+def _torchvision_resnet18_state(seed: int = 3) -> dict:
+    torch.manual_seed(seed)
+    return torchvision.models.resnet18().state_dict()       # conv1..layer4 + fc: torchvision's layout
+
+
+def test_foreign_encoders_plain_torchvision_and_prefixed_lightning(data_root, tmp_path):
+    quiet = dict(output_root=str(tmp_path / "out"), log=lambda *_: None)
+    state = _torchvision_resnet18_state()
+    plain = tmp_path / "resnet18_other_method.pth"
+    torch.save(state, plain)
+    # MGCA keeps its image encoder under img_encoder_q.model. inside Lightning's {"state_dict": ...}.
+    lightning = tmp_path / "mgca_style.ckpt"
+    torch.save({"epoch": 7, "state_dict": {**{f"img_encoder_q.model.{k}": v for k, v in state.items()},
+                                           "text_encoder_q.embeddings.weight": torch.zeros(4, 2)}}, lightning)
+    # The loaded encoder IS the file's weights, in both layouts; the image-only families run unchanged
+    # on them (one family per run here to keep the file fast: linear, segmentation, detection).
+    prefixed = ["ckpt.prefix=img_encoder_q.model."]
+    for ckpt, prefix in ((plain, ""), (lightning, "img_encoder_q.model.")):
+        loaded = resolve_weights(str(ckpt), model_config("g2d_tiny"), prefix=prefix).build_encoder().state_dict()
+        assert set(loaded) == set(state) - {"fc.weight", "fc.bias"}
+        assert all(torch.equal(loaded[k], state[k]) for k in loaded)
+    fast = ["linear.mode=fast", "linear.lrs=[1.0e-3]", "linear.weight_decays=[0.0]"]
+    for ckpt, task, more in ((plain, "rsna_linear", fast),
+                             (plain, "siim_segmentation", ["segmentation.decoder_channels=[32,16,16,8,8]"]),
+                             (lightning, "rsna_detection", ["detection.head_width=32", *prefixed])):
+        rec = run_eval(task, str(ckpt), "1.0", data_root, TINY + more, **quiet)
+        assert in_unit(rec["headline"]["value"]) and rec["checkpoint"]["path"] == str(ckpt)
+    assert rec["checkpoint"]["kind"] == "foreign_encoder"
+    assert rec["checkpoint"]["keys"] == {"prefix": "img_encoder_q.model.", "kept": len(state), "dropped": 1,
+                                         "dropped_examples": ["text_encoder_q.embeddings.weight"]}
+    with pytest.raises(NotApplicable, match="text encoder"):
+        run_eval("zeroshot_rsna", str(plain), "1.0", data_root, TINY, **quiet)
+    # Without the prefix, the Lightning file says what to do; a wrong prefix lists the real ones.
+    with pytest.raises(BadCheckpoint, match=r"ckpt.prefix=\.\.\., e.g. one of \['img_encoder_q.model.'"):
+        resolve_weights(str(lightning), model_config("g2d_tiny"))
+    with pytest.raises(BadCheckpoint, match="no tensor key starts with ckpt.prefix='encoder.'"):
+        resolve_weights(str(lightning), model_config("g2d_tiny"), prefix="encoder.")
+    # Strict: a missing and an unexpected key are both listed, before any data is read.
+    broken = dict(state)
+    broken["layer9.weight"] = broken.pop("layer1.0.conv1.weight")
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(ArchitectureMismatch, match=r"missing \['layer1.0.conv1.weight'\]; unexpected \['layer9.weight'\]"):
+        run_eval("rsna_linear", str(tmp_path / "broken.pth"), "1.0", data_root, TINY, **quiet)
+
+
+class _Payload:
+    """Unpickling this would run code (create a marker file): weights_only=True must refuse it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_bad_checkpoint_files_are_one_line_errors_before_any_data(tmp_path, run_dir, capsys, monkeypatch):
+    def no_data(*_a, **_k):
+        raise AssertionError("data was rendered/packed before the checkpoint was checked")
+    monkeypatch.setattr(eval_cli, "ensure_data", no_data)
+    real = (run_dir / "checkpoints" / "step_00000003.pt").read_bytes()
+    marker = tmp_path / "pwned"
+    files = {"missing.pt": None, "truncated.pt": real[: len(real) // 2], "foreign.pth": b'{"a json": "file"}',
+             "list.pth": None, "malicious.pt": None}
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    torch.save({"model": _Payload(marker), "config": {}}, tmp_path / "malicious.pt")
+    for name, content in files.items():
+        if content is not None:
+            (tmp_path / name).write_bytes(content)
+        out = tmp_path / "out"
+        assert eval_main(["--task", "rsna_linear", "--ckpt", str(tmp_path / name), "--data", str(tmp_path / "no_data"),
+                          "--output-root", str(out), "model.baseline=g2d_tiny"]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and name in err, (name, err)
+        assert not out.exists()
+    assert not marker.exists()
+
+
+def test_failed_run_leaves_no_run_directory(data_root, run_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="segmentation.augment='sideways'"):
+        run_eval("siim_segmentation", str(run_dir), "1.0", data_root, TINY + ["segmentation.augment=sideways"],
+                 output_root=str(out), log=lambda *_: None)
+    assert not (out / "siim_segmentation").exists()
+
+
+@pytest.mark.parametrize("task,extra", [("siim_segmentation", ["segmentation.decoder_channels=[32,16,16,8,8]"]),
+                                        ("rsna_detection", ["detection.head_width=32"])])
+def test_same_seed_same_results(task, extra, data_root, run_dir, tmp_path):
+    """Two runs, same seed, same machine: identical metrics and intervals (augmentation included)."""
+    runs = [run_eval(task, str(run_dir), "1.0", data_root, TINY + extra, output_root=str(tmp_path / str(i)),
+                     log=lambda *_: None) for i in range(2)]
+    assert runs[0]["metrics"] == runs[1]["metrics"] and runs[0]["ci95"] == runs[1]["ci95"]
+    a, b = (load_predictions(os.path.join(os.path.dirname(r["results_path"]), "predictions.npz")) for r in runs)
+    assert all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") for k in a)
+
+
+def test_compare_two_runs_with_a_paired_interval(data_root, run_dir, tmp_path, capsys):
+    from tools.compare import main as compare_main
+    fast = ["linear.mode=fast", "linear.lrs=[1.0e-3]", "linear.weight_decays=[0.0]"]
+    rec = run_eval("rsna_linear", str(run_dir), "1.0", data_root, TINY + fast, output_root=str(tmp_path / "ev"),
+                   log=lambda *_: None)
+    run_a = os.path.dirname(rec["results_path"])
+    # B is a checkpoint spec: evaluated here first, then compared on the same test images.
+    with pytest.raises(SystemExit) as done:
+        run_main(compare_main, ["--a", run_a, "--b", "random", "--task", "rsna_linear", "--data", data_root,
+                                "--output-root", str(tmp_path / "ev"), "--out", str(tmp_path / "cmp"), *TINY, *fast],
+                 extra_errors=EVAL_USER_ERRORS)
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "B - A, 95% paired-bootstrap interval (1000 resamples of patients)" in out and "auroc" in out
+    saved = strict_json(tmp_path / "cmp" / "compare.json")
+    d = saved["metrics"]["auroc"]
+    assert d["diff"] == pytest.approx(d["b"] - d["a"]) and d["ci95"][0] <= d["ci95"][1]
+    assert d["a"] == pytest.approx(rec["metrics"]["auroc"]) and saved["b"]["checkpoint"]["kind"] == "random"
+    # A run of another task is refused with one line.
+    with pytest.raises(SystemExit) as done:
+        run_main(compare_main, ["--a", run_a, "--b", run_a, "--task", "covidx_linear"], extra_errors=EVAL_USER_ERRORS)
+    assert done.value.code == 2 and "is a 'rsna_linear' run" in capsys.readouterr().err

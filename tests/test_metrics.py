@@ -85,15 +85,29 @@ def test_best_f1_and_curve_match_sklearn(seed):
     np.testing.assert_array_equal(thresholds, sk_t_all[::-1])
     np.testing.assert_allclose(precision, sk_p[:-1][::-1], atol=1e-12)
     np.testing.assert_allclose(recall, sk_r[:-1][::-1], atol=1e-12)
-    assert M.accuracy_at_threshold(y, s, t) == pytest.approx(skm.accuracy_score(y, s >= t))
+    assert M.accuracy_at_threshold(y, s, t) == pytest.approx(skm.accuracy_score(y, s > t))
 
 
 def test_best_f1_tie_takes_lowest_threshold():
     # t=0.9: TP 1, FP 0 -> F1 = 2/(1+0+2) = 2/3; t=0.5: TP 2, FP 2 -> 4/(2+2+2) = 2/3; t=0.1: 4/(2+3+2)
     y, s = [1, 0, 0, 1, 0], [0.9, 0.5, 0.5, 0.5, 0.1]
     assert M.best_f1(y, s) == (pytest.approx(2 / 3), 0.5)
-    # at 0.5: predictions 1,1,1,1,0 vs labels 1,0,0,1,0 -> 3 of 5 right
-    assert M.accuracy_at_threshold(y, s, 0.5) == pytest.approx(3 / 5)
+    # strict > 0.5 (MedKLIP): predictions 1,0,0,0,0 vs labels 1,0,0,1,0 -> 4 of 5 right (>= would give 3)
+    assert M.accuracy_at_threshold(y, s, 0.5) == pytest.approx(4 / 5)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_zero_shot_accuracy_is_medklips_formula(seed):
+    # MedKLIP/KAD's test script, re-done with scikit-learn: F1 over precision_recall_curve, its argmax
+    # threshold, then accuracy of pred > threshold.
+    y, s = tied_binary(seed, 60)
+    p, r, t = skm.precision_recall_curve(y, s)
+    f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) != 0)
+    threshold = t[np.argmax(f1)]
+    out = M.zero_shot_metrics(y[:, None], s[:, None])
+    assert out["f1"] == pytest.approx(np.max(f1), abs=1e-12)
+    assert out["threshold_per_class"][0] == threshold
+    assert out["acc"] == pytest.approx(np.mean((s > threshold) == y), abs=1e-12)
 
 
 def test_zero_shot_metrics_per_class_and_macro():
@@ -108,7 +122,7 @@ def test_zero_shot_metrics_per_class_and_macro():
         f1, t = sklearn_best_f1(Y[:, c], S[:, c])
         assert out["f1_per_class"][c] == pytest.approx(f1, abs=1e-12)
         assert out["threshold_per_class"][c] == t
-        assert out["acc_per_class"][c] == pytest.approx(skm.accuracy_score(Y[:, c], S[:, c] >= t))
+        assert out["acc_per_class"][c] == pytest.approx(skm.accuracy_score(Y[:, c], S[:, c] > t))
     assert out["f1"] == pytest.approx(np.mean(out["f1_per_class"]))
     assert out["acc"] == pytest.approx(np.mean(out["acc_per_class"]))
 
@@ -216,64 +230,127 @@ def test_nms_matches_torchvision(seed, iou_threshold):
     assert M.nms(boxes[:0], scores[:0], 0.5).numel() == 0
 
 
-# Hand-worked case (IoUs chosen off the threshold grid so no comparison sits on an edge):
-#   image A: gt G1 = (0,0,100,100); P1 = (0,0,100,72) score 0.9, IoU 0.72; P2 = G1 itself, score 0.6, IoU 1
-#   image B: gt G2 = (200,200,300,300); P3 = (200,200,300,252) score 0.8, IoU 0.52
-#   ranking P1, P3, P2; 2 ground-truth boxes.
-#   t in 0.40..0.50: P1 TP, P3 TP, P2 FP (G1 taken)  -> precision 1, 1, 2/3 at recall .5, 1, 1 -> AP 1
-#   t in 0.55..0.70: P1 TP, P3 FP, P2 FP (G1 taken)  -> recall .5 reached at precision 1       -> AP 1/2
-#   t = 0.75:        P1 FP, P3 FP, P2 TP (G1 free)   -> recall .5 reached at precision 1/3     -> AP 1/6
-#   mAP = (3 * 1 + 4 * 1/2 + 1/6) / 8 = 31/48
-# Add normal image C (no gt) with P4 = (0,0,50,50) score 0.85, ranked second:
-#   t <= 0.50: TP, FP, TP, FP -> precision 1, 1/2, 2/3, 1/2 at recall .5, .5, 1, 1;
-#              envelope 1 up to recall .5, 2/3 up to 1                                  -> AP 1/2 + 1/3 = 5/6
-#   t in 0.55..0.70: first prediction TP at recall .5 with precision 1                  -> AP 1/2
-#   t = 0.75: P2 is the 4th prediction, TP: precision 1/4 at recall .5                  -> AP 1/8
-#   mAP = (3 * 5/6 + 4 * 1/2 + 1/8) / 8 = 37/64 when C is scored; 31/48 when it is skipped.
-A_GT = [[0.0, 0, 100, 100]]
-A_PRED, A_SCORES = [[0.0, 0, 100, 72], [0, 0, 100, 100]], [0.9, 0.6]
-B_GT = [[200.0, 200, 300, 300]]
-B_PRED, B_SCORES = [[200.0, 200, 300, 252]], [0.8]
-C_PRED, C_SCORES = [[0.0, 0, 50, 50]], [0.85]
-NO_BOXES = torch.zeros(0, 4)
+def _reference_coco_map(preds, scores, gts, thresholds, skip):
+    """COCO 101-point mAP written from the definition (not from eval.metrics): per image the 100 best
+    detections in score order each take the free ground truth of highest IoU >= t (ties: the later
+    one); all detections ranked by score; interpolated precision at recall r = best precision at any
+    recall >= r (0 if r is never reached); AP = mean over r in 0, 0.01, ..., 1."""
+    aps = []
+    for t in thresholds:
+        dets, n_gt = [], 0
+        for b, s, g in zip(preds, scores, gts):
+            b = torch.as_tensor(b, dtype=torch.float64).reshape(-1, 4)
+            g = torch.as_tensor(g, dtype=torch.float64).reshape(-1, 4)
+            if skip == "mgca" and (len(s) == 0 or len(g) == 0):
+                continue
+            n_gt += len(g)
+            iou = torchvision.ops.box_iou(b, g) if len(g) else torch.zeros(len(s), 0)
+            used = set()
+            for k in sorted(range(len(s)), key=lambda k: -s[k])[:100]:
+                ok = [j for j in range(len(g)) if j not in used and iou[k, j] >= t]
+                best = max(ok, key=lambda j: (float(iou[k, j]), j)) if ok else None
+                if best is not None:
+                    used.add(best)
+                dets.append((s[k], best is not None))
+        dets.sort(key=lambda d: -d[0])
+        tp = np.cumsum([d[1] for d in dets])
+        recall = tp / n_gt
+        precision = tp / np.arange(1, len(dets) + 1)
+        aps.append(np.mean([max([p for p, r in zip(precision, recall) if r >= rt], default=0.0)
+                            for rt in np.linspace(0, 1, 101)]))
+    return float(np.mean(aps)), aps
 
 
-def test_map_hand_example():
-    out = M.map_over_thresholds([A_PRED, B_PRED], [A_SCORES, B_SCORES], [A_GT, B_GT])
-    expected = {0.4: 1, 0.45: 1, 0.5: 1, 0.55: 0.5, 0.6: 0.5, 0.65: 0.5, 0.7: 0.5, 0.75: 1 / 6}
-    assert out["per_threshold"] == pytest.approx(expected)
-    assert out["map"] == pytest.approx(31 / 48)
-    assert M.average_precision([A_PRED, B_PRED], [A_SCORES, B_SCORES], [A_GT, B_GT], 0.75) == pytest.approx(1 / 6)
+def _random_detections(seed, n_images=24):
+    rng = np.random.default_rng(seed)
+    preds, scores, gts = [], [], []
+    for _ in range(n_images):
+        g = []
+        for _ in range(rng.integers(0, 3)):
+            x, y = rng.uniform(0, 150, 2)
+            g.append([x, y, x + rng.uniform(10, 60), y + rng.uniform(10, 60)])
+        p = []
+        for box in g:                           # near-hits of varying quality
+            if rng.random() < 0.7:
+                p.append(list(np.asarray(box) + rng.normal(0, 6, 4)))
+        for _ in range(rng.integers(0, 3)):     # false positives
+            x, y = rng.uniform(0, 150, 2)
+            p.append([x, y, x + rng.uniform(10, 60), y + rng.uniform(10, 60)])
+        preds.append(torch.tensor(p, dtype=torch.float32).reshape(-1, 4))
+        scores.append(rng.uniform(0.5, 1.0, len(p)).astype(np.float32))
+        gts.append(torch.tensor(g, dtype=torch.float32).reshape(-1, 4))
+    return preds, scores, gts
 
 
-def test_map_normal_image_false_positive_depends_on_skip_flag():
-    preds, scores, gts = [A_PRED, B_PRED, C_PRED], [A_SCORES, B_SCORES, C_SCORES], [A_GT, B_GT, NO_BOXES]
-    counted = M.map_over_thresholds(preds, scores, gts)
-    assert counted["per_threshold"][0.5] == pytest.approx(5 / 6)
-    assert counted["per_threshold"][0.75] == pytest.approx(1 / 8)
-    assert counted["map"] == pytest.approx(37 / 64)
-    skipped = M.map_over_thresholds(preds, scores, gts, skip_images_without_gt=True)
-    assert skipped["map"] == pytest.approx(31 / 48)
+@pytest.mark.parametrize("seed", SEEDS[:3])
+@pytest.mark.parametrize("skip", ["mgca", "none"])
+def test_map_torchmetrics_and_numpy_coco_match_reference(seed, skip):
+    preds, scores, gts = _random_detections(seed)
+    ref, ref_per_t = _reference_coco_map(preds, scores, gts, M.DEFAULT_IOU_THRESHOLDS, skip)
+    tm = M.map_torchmetrics(preds, scores, gts, skip=skip)
+    assert tm["map"] == pytest.approx(ref, abs=1e-6)
+    assert list(tm["per_threshold"].values()) == pytest.approx(ref_per_t, abs=1e-6)
+    # The numpy version (used by the bootstrap) gives the same number from its per-detection matches.
+    ours = M.coco_map(M.coco_matches(preds, scores, gts, skip=skip))
+    assert ours[0] == pytest.approx(ref_per_t, abs=1e-9)
+    n_scored = sum(M.keep_image(len(s), len(g), skip) for s, g in zip(scores, gts))
+    assert tm["n_images_scored"] == n_scored
 
 
-def test_map_image_without_predictions_counts_misses_unless_skipped():
-    # Image D has a ground-truth box and no prediction: 3 gt boxes, so at t=0.5 recall tops out at 2/3
-    # (precision 1 all the way) -> AP 2/3.
-    preds, scores = [A_PRED, B_PRED, NO_BOXES], [A_SCORES, B_SCORES, []]
-    gts = [A_GT, B_GT, [[10.0, 10, 20, 20]]]
-    assert M.average_precision(preds, scores, gts, 0.5) == pytest.approx(2 / 3)
-    assert M.average_precision(preds, scores, gts, 0.5, skip_images_without_predictions=True) == pytest.approx(1)
-    assert M.average_precision([NO_BOXES], [[]], [A_GT], 0.5) == 0.0
-    assert math.isnan(M.average_precision([C_PRED], [C_SCORES], [NO_BOXES], 0.5))
-    with pytest.raises(ValueError, match="one entry per image"):
-        M.average_precision([A_PRED], [A_SCORES, B_SCORES], [A_GT], 0.5)
+def test_mgca_skip_rule_hand_case():
+    gt = torch.tensor([[0.0, 0, 100, 100]])
+    hit = torch.tensor([[0.0, 0, 100, 100]])
+    empty = torch.zeros(0, 4)
+    preds = [hit, empty, torch.tensor([[10.0, 10, 20, 20]])]
+    scores = [[0.9], [], [0.8]]
+    gts = [gt, gt, empty]   # image 2: no ground truth, one (false) box; image 1: ground truth, no box
+    # MGCA: only image 0 is scored -> perfect.
+    assert M.map_torchmetrics(preds, scores, gts, skip="mgca")["map"] == pytest.approx(1.0)
+    # All images: recall stops at 1/2; the FP (0.8) ranks after the TP -> AP = 51 points of 101 at precision 1.
+    every = M.map_torchmetrics(preds, scores, gts, skip="none")
+    assert every["map"] == pytest.approx(51 / 101)
+    assert every["n_images_scored"] == 3
+    assert math.isnan(M.map_torchmetrics([empty], [[]], [gt], skip="mgca")["map"])
 
 
-def test_matching_falls_back_to_the_best_free_ground_truth():
-    # One image, gts Ga = (0,0,100,100), Gb = (0,50,100,150). Q1 = Ga (score .9) takes Ga.
-    # Q2 = (0,10,100,110) (score .8): IoU with Ga 9000/11000 = .82 (taken), with Gb 6000/14000 = .43.
-    # At t = 0.4 Q2 matches Gb -> 2 TP, AP 1; at t = 0.5 Q2 is a FP -> recall 1/2 at precision 1, AP 1/2.
-    preds, scores = [[[0.0, 0, 100, 100], [0, 10, 100, 110]]], [[0.9, 0.8]]
-    gts = [[[0.0, 0, 100, 100], [0, 50, 100, 150]]]
-    assert M.average_precision(preds, scores, gts, 0.4) == pytest.approx(1.0)
-    assert M.average_precision(preds, scores, gts, 0.5) == pytest.approx(0.5)
+def test_coco_map_weights_equal_repeated_images():
+    preds, scores, gts = _random_detections(11, 10)
+    weights = np.array([[2, 0, 1, 3, 1, 0, 1, 1, 2, 1]])
+    repeat = [i for i, w in enumerate(weights[0]) for _ in range(w)]
+    repeated = M.coco_map(M.coco_matches([preds[i] for i in repeat], [scores[i] for i in repeat],
+                                         [gts[i] for i in repeat]))
+    weighted = M.coco_map(M.coco_matches(preds, scores, gts), weights)
+    np.testing.assert_allclose(weighted, repeated, atol=1e-12)
+
+
+def test_nms_plus_one_convention():
+    # Two 10x10-pixel boxes (x2 - x1 = 9) shifted by 5: IoU 40/140 without +1, 50/150 with it.
+    boxes = torch.tensor([[0.0, 0, 9, 9], [5, 0, 14, 9]])
+    assert float(M.box_iou(boxes[:1], boxes[1:], plus_one=True)) == pytest.approx(50 / 150)
+    assert M.nms(boxes, torch.tensor([0.9, 0.8]), 0.3, plus_one=True).tolist() == [0]
+    assert M.nms(boxes, torch.tensor([0.9, 0.8]), 0.34).tolist() == [0, 1]
+
+
+def test_pointing_game_at_the_peak_cell_not_the_image_edge():
+    # A 4x4 feature grid over a 32x32 image: each cell is 8x8 px; cell (0, 0)'s centre is pixel (4, 4).
+    grid = torch.zeros(3, 4, 4)
+    grid[0, 0, 0] = 1.0          # peak in the top-left border cell
+    grid[1, 3, 3] = 1.0          # peak in the bottom-right border cell
+    grid[2, 1, 2] = 1.0          # interior peak, cell centre (row 12, col 20)
+    masks = torch.zeros(3, 32, 32, dtype=torch.bool)
+    masks[0, 2:7, 2:7] = True    # around cell (0,0)'s centre, not touching the image corner
+    masks[1, 0:4, 0:4] = True    # the wrong corner -> miss
+    masks[2, 12, 20] = True
+    assert M.grid_peak_hits(grid, masks).tolist() == [True, False, True]
+    # The old rule (argmax of the bilinearly upsampled map) lands on the corner pixel (0, 0): a miss.
+    up = torch.nn.functional.interpolate(grid[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    assert M.pointing_game(up[:1], masks[:1]) == 0.0
+    per = M.grounding_per_image(up, masks, grid_maps=grid)
+    assert per["pointing"].tolist() == [1.0, 0.0, 1.0]
+    # The lenient cell rule: a region inside the peak cell that misses its centre pixel still counts.
+    masks[0] = False
+    masks[0, 0:2, 6:8] = True    # in cell (0, 0) (pixels 0-7), away from its centre (4, 4)
+    assert M.grid_peak_hits(grid[:1], masks[:1]).tolist() == [False]
+    assert M.grid_peak_cell_overlaps(grid, masks).tolist() == [True, False, True]
+    empty = torch.zeros(1, 32, 32, dtype=torch.bool)
+    assert math.isnan(float(M.grounding_per_image(up[:1], empty, grid_maps=grid[:1])["pointing"][0]))

@@ -34,7 +34,8 @@ DEMO_TASKS = ["zeroshot_rsna", "zeroshot_siim", "grounding_rsna", "grounding_sii
               "siim_segmentation"]
 # Small versions of the tasks: the tiny model's resolution, a few epochs.
 HEADLINES = {"zeroshot_rsna": ("auc", "f1"), "zeroshot_siim": ("auc", "f1"),
-             "grounding_rsna": ("pointing", "iou", "dice"), "grounding_siim": ("pointing", "iou", "dice"),
+             "grounding_rsna": ("pointing", "pointing_cell", "iou", "dice"),
+             "grounding_siim": ("pointing", "pointing_cell", "iou", "dice"),
              "rsna_linear": ("auroc",), "siim_segmentation": ("dice", "dice_positive")}
 DEMO_EVAL_ARGS = ["data.image_size=128", "data.crop_size=128", "train.epochs=8", "train.patience=4",
                   "data.num_workers=0"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from contextlib import nullcontext
@@ -19,6 +20,7 @@ from typing import Callable, Iterable, Literal
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from common.dist import DistInfo
 from common.io import atomic_open
@@ -52,7 +54,7 @@ class DataSection:
 @dataclass
 class TrainSection:
     epochs: int = 50
-    patience: int = 10                  # early stopping: epochs without a lower val loss (ours; the papers give none)
+    patience: int = 10                  # early stopping: epochs without a better validation loss (detection: mAP); MGCA: 10
     lr: float = 5e-4
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.9, 0.999)
@@ -67,6 +69,12 @@ class ModelSection:
 
 
 @dataclass
+class CkptSection:
+    prefix: str = ""                    # strip-and-select key prefix of a foreign checkpoint's image encoder,
+                                        # e.g. img_encoder_q.model. (MGCA); "" = our own layouts / plain torchvision
+
+
+@dataclass
 class TaskConfig:
     task: str = ""
     fraction: str = "1.0"               # training-data fraction: 0.01 | 0.1 | 1.0 (manifest subsets)
@@ -76,6 +84,7 @@ class TaskConfig:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     train: TrainSection = field(default_factory=TrainSection)
+    ckpt: CkptSection = field(default_factory=CkptSection)
 
 
 FRACTIONS = ("0.01", "0.1", "1.0")
@@ -119,10 +128,7 @@ def make_loader(cfg: TaskConfig, split: str, device: torch.device, weights: Pret
     with the image. Training loaders shuffle, use the training transform and the fraction's subset;
     the others run once, in order, over the whole split. The channel count follows the model."""
     d = cfg.data
-    name = transform or (d.train_transform if train else d.eval_transform)
-    view = {"transform": name, "image_size": d.image_size, "crop_size": d.crop_size, "mean": d.mean, "std": d.std}
-    if name == CHECKPOINT_VIEW:
-        view = checkpoint_view(weights)
+    view = resolved_view(cfg, weights, transform or (d.train_transform if train else d.eval_transform))
     subset = cfg.fraction if (train and split == d.train_split) else None
     data_cfg = DataConfig(
         shards=str(dataset_root(cfg)), backend=d.backend,
@@ -137,6 +143,28 @@ def make_loader(cfg: TaskConfig, split: str, device: torch.device, weights: Pret
     return build_loader(data_cfg, split, dist)
 
 
+def resolved_view(cfg: TaskConfig, weights: Pretrained, name: str) -> dict:
+    """The image view a loader really uses: transform name, sizes and mean/std (None = the
+    transform's default). `checkpoint` resolves to the pretraining run's own view, so zero-shot and
+    grounding record e.g. 128 px `eval`, not the task config's 256/224."""
+    d = cfg.data
+    if name == CHECKPOINT_VIEW:
+        return checkpoint_view(weights)
+    return {"transform": name, "image_size": d.image_size, "crop_size": d.crop_size, "mean": d.mean, "std": d.std}
+
+
+def make_deterministic(seed: int) -> None:
+    """Same seed, same machine -> the same numbers: seeds Python/numpy/torch, asks torch for
+    deterministic kernels (warn_only: an op without a deterministic CUDA kernel warns instead of
+    failing; docs/method.md names the ones we hit) and pins cuDNN's algorithm choice. CPU kernels are
+    deterministic at a fixed thread count, which a machine keeps from run to run."""
+    seed_all(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS reductions
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def checkpoint_view(weights: Pretrained) -> dict:
     """The evaluation view the pretraining run used (its saved data config), so zero-shot embeddings
     see images the way they were trained; without a saved config: `eval` at the model's size."""
@@ -146,6 +174,13 @@ def checkpoint_view(weights: Pretrained) -> dict:
             "crop_size": saved.get("crop_size", size), "mean": saved.get("mean"), "std": saved.get("std")}
 
 
+def sample_ids(keys: list[str], meta: list[dict]) -> dict[str, np.ndarray]:
+    """predictions.npz's first two arrays: sample keys [n] and patient ids [n] ("" where the dataset
+    has none; the bootstrap then resamples images instead of patients)."""
+    return {"keys": np.asarray(keys, dtype=str),
+            "patient_ids": np.asarray([str(m.get("patient_id") or "") for m in meta], dtype=str)}
+
+
 def epochs_of(loader, epoch: int) -> Iterable:
     """The loader positioned at the start of `epoch` (training shuffles and augments per epoch)."""
     loader.set_epoch(epoch)
@@ -153,7 +188,7 @@ def epochs_of(loader, epoch: int) -> Iterable:
 
 
 # ---------------------------------------------------------------------------------------------
-# training with early stopping on the validation loss
+# training with early stopping on the validation loss (or a validation score)
 
 
 @dataclass
@@ -163,23 +198,35 @@ class FitResult:
     epochs_run: int
     history: list[dict]
     seconds: float
+    best_val_score: float | None = None     # the selection score of the kept epoch, when one is used
+
+
+def progress(iterable, total: int | None, desc: str):
+    """A tqdm bar with rate and ETA on an interactive terminal (stderr); a plain iterator in logs and
+    tests (tqdm's disable=None), where the per-epoch log line says the same."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
 
 
 def fit(trainable: nn.Module, loss_on_batch: Callable, train_loader, val_loader, optimizer: torch.optim.Optimizer,
         epochs: int, patience: int, set_train_mode: Callable[[], None], device: torch.device,
-        precision: str, log: Callable[[str], None] = print) -> FitResult:
-    """Train for up to `epochs`, keep the weights of `trainable` from the epoch with the lowest
-    validation loss, stop after `patience` epochs without improvement, and restore the best weights.
+        precision: str, log: Callable[[str], None] = print,
+        val_score: Callable[[], float] | None = None, score_name: str = "score") -> FitResult:
+    """Train for up to `epochs`, keep the weights of `trainable` from the best epoch, stop after
+    `patience` epochs without improvement, and restore the best weights. Best = lowest validation
+    loss, or with `val_score` (called after each epoch, modules in eval mode) the highest score (nan
+    ranks lowest; ties keep the earlier epoch), e.g. detection's validation mAP (MGCA's rule).
 
     loss_on_batch(batch) -> scalar loss tensor (mean over the batch's samples). set_train_mode()
     puts the modules in the right train/eval mix (a frozen encoder stays in eval mode)."""
-    best_loss, best_epoch, best_state, bad, history = math.inf, -1, None, 0, []
+    best_key, best_epoch, best_state, bad, history = -math.inf, -1, None, 0, []
+    best_loss, best_score = math.inf, None
     t0 = time.perf_counter()
     for epoch in range(epochs):
         set_train_mode()
         train_sum = torch.zeros((), device=device)
         n_train = 0
-        for batch in epochs_of(train_loader, epoch):
+        total = len(train_loader) if hasattr(train_loader, "__len__") else None
+        for batch in progress(epochs_of(train_loader, epoch), total, f"epoch {epoch + 1}/{epochs}"):
             with autocast(device, precision):
                 loss = loss_on_batch(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -189,20 +236,34 @@ def fit(trainable: nn.Module, loss_on_batch: Callable, train_loader, val_loader,
             n_train += batch.image.shape[0]
         val_loss = evaluate_loss(trainable, loss_on_batch, val_loader, device, precision)
         train_loss = float(train_sum) / max(n_train, 1)
-        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss})
-        log(f"  epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-        if val_loss < best_loss or best_state is None:
-            best_loss, best_epoch, bad = val_loss, epoch, 0
+        entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
+        line = f"  epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+        if val_score is not None:
+            was = trainable.training
+            trainable.eval()
+            score = float(val_score())
+            trainable.train(was)
+            entry[f"val_{score_name}"] = score
+            line += f", val {score_name} {score:.4f}"
+            key = -math.inf if math.isnan(score) else score
+        else:
+            key = -val_loss
+        history.append(entry)
+        log(line)
+        if key > best_key or best_state is None:
+            best_key, best_epoch, bad = key, epoch, 0
+            best_loss, best_score = val_loss, entry.get(f"val_{score_name}")
             best_state = copy.deepcopy(trainable.state_dict())
         else:
             bad += 1
             if bad >= patience:
-                log(f"  early stop: no lower validation loss for {patience} epochs (best epoch {best_epoch + 1})")
+                what = f"validation {score_name}" if val_score is not None else "validation loss"
+                log(f"  early stop: no better {what} for {patience} epochs (best epoch {best_epoch + 1})")
                 break
     if best_state is None:
         raise ValueError("no training epoch ran (train.epochs must be >= 1)")
     trainable.load_state_dict(best_state)
-    return FitResult(best_epoch, best_loss, len(history), history, time.perf_counter() - t0)
+    return FitResult(best_epoch, best_loss, len(history), history, time.perf_counter() - t0, best_score)
 
 
 @torch.no_grad()

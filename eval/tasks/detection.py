@@ -2,42 +2,48 @@
 
     image [B,C,224,224] -> FROZEN encoder -> C3 [B,c3,28,28], C4 [B,c4,14,14], C5 [B,c5,7,7]
       (ResNet stages 2-4, strides 8/16/32) -> YOLOv3Head -> per scale [B, 3, h, w, 5 + 1] raw
-      -> yolo_loss (training) | decode -> confidence >= 0.5 -> NMS 0.5 (evaluation)
+      -> yolo_loss (training) | decode -> objectness >= 0.5 -> NMS 0.5 (evaluation)
 
-Only the head trains (AdamW wd 1e-6; lr and batch per data fraction in the task YAML), early stopping
-on the validation loss. mAP is averaged over IoU 0.40:0.05:0.75 and reported twice: `map` over every
-test image (predictions on an image without ground truth are false positives) and `map_mgca`, which
-skips images without ground-truth boxes as MGCA's scoring does.
+Only the head trains (AdamW wd 1e-6; lr and batch per data fraction in the task YAML). Model
+selection and early stopping on the VALIDATION mAP (MGCA's rule, patience from the config). Test
+metrics (eval.metrics.map_torchmetrics: torchmetrics' MeanAveragePrecision, COCO 101-point, IoU
+0.40:0.05:0.75, scores = objectness): `map_mgca` scores only the images with a predicted box AND a
+ground-truth box (MGCA's loop skips the rest; the headline), `map_all_images` scores every test
+image (a box on a normal image is a false positive, an image with ground truth and no box
+contributes misses).
 
-YOLOv3 parts, written from the YOLOv3 paper (Redmon & Farhadi 2018), not from any implementation:
+YOLOv3 parts as MGCA trains them (facts in ../shared/reference/eval-protocols.md; written from those
+facts and the YOLOv3 paper, not from any implementation):
 - Head: YOLOv3's top-down path. On C5 a set of five convs (1x1 / 3x3 alternating), a 3x3 conv and a
   1x1 output conv; a 1x1 lateral conv upsampled x2 and concatenated with C4, the same again, then C3.
   Widths `head_width`, /2, /4 (512/256/128 in YOLOv3). Conv + BN + LeakyReLU(0.1).
 - Anchors: YOLOv3's nine COCO priors for a 416-px input, scaled by (input size / 416) per axis.
-- Targets: each ground-truth box goes to the ONE anchor (of all nine) whose shape matches it best
-  (IoU of widths/heights with centres aligned), in the cell holding the box centre, as the YOLOv3 paper
-  assigns priors. Any other anchor whose shape IoU with a box exceeds `ignore_iou`, in that box's
-  cell, is left out of the no-object loss. Two boxes claiming one anchor and cell: the later one wins.
-- Loss (MGCA's weights xy 2.5, wh 2.5, conf 1, cls 1): MSE of sigmoid(tx, ty) against the centre's
-  offset in its cell; MSE of (tw, th) against log(box / anchor); objectness BCE = mean over positive
-  anchors + mean over no-object anchors; class BCE over positive anchors. Terms without a positive
-  anchor in the batch (only images without boxes) are 0. The normalisation is ours.
-- Decoding: centre = (cell + sigmoid(t)) * stride, size = anchor * exp(t), confidence =
-  sigmoid(objectness) * sigmoid(class); boxes clipped to the image.
+- Targets, per scale and independently: a ground-truth box goes to the cell holding its centre and
+  to the best of THAT scale's three anchors by shape IoU (centres aligned), so every box has one
+  positive per scale. Anchors of that cell with shape IoU > `ignore_iou` leave the no-object mask.
+  Two boxes claiming one anchor and cell: the later one wins.
+- Loss per scale, summed over scales: BCE of sigmoid(tx), sigmoid(ty) against the centre's offset in
+  its cell; MSE of raw (tw, th) against log(box / anchor); objectness BCE on positives + 0.5 x BCE
+  on no-object anchors; class BCE on positives. Every term is a mean over the WHOLE [B, A, h, w]
+  tensor (masked entries count as zeros), weights xy 2.5, wh 2.5, conf 1, cls 1.
+- Decoding: centre = (cell + sigmoid(t)) * stride, size = anchor * exp(t), boxes clipped to the
+  image; confidence = sigmoid(objectness) (MGCA thresholds, sorts, runs NMS and ranks by it); NMS
+  IoU with the "+1 pixel" convention.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from eval.checkpoint import Pretrained
-from eval.metrics import DEFAULT_IOU_THRESHOLDS, map_over_thresholds, nms
+from eval.metrics import DEFAULT_IOU_THRESHOLDS, map_torchmetrics, nms
 from eval.tasks.base import (TaskConfig, adamw, autocast, epochs_of, fit, freeze, image_for_display,
-                             make_loader, plot_history, panel_row, save_figure, short_key)
+                             make_loader, plot_history, panel_row, sample_ids, save_figure, short_key)
 
 # YOLOv3's priors (w, h) at 416 px, one triple per scale: stride 8, 16, 32.
 ANCHORS_416 = (((10, 13), (16, 30), (33, 23)),
@@ -103,7 +109,7 @@ def build_targets(gt_boxes: list[torch.Tensor], grids: list[tuple[int, int]], an
     """Per scale: {obj [B,A,h,w] bool, noobj [B,A,h,w] bool, txy [B,A,h,w,2], twh [B,A,h,w,2]}.
 
     gt_boxes: per image [n_i, 4] (x1, y1, x2, y2) pixels of an image of (height, width) `image_size`.
-    grids: (h, w) per scale. anchors [S, A, 2] (w, h) pixels."""
+    grids: (h, w) per scale. anchors [S, A, 2] (w, h) pixels. Every box is positive once per scale."""
     n_img = len(gt_boxes)
     n_anch = anchors.shape[1]
     out = []
@@ -119,25 +125,22 @@ def build_targets(gt_boxes: list[torch.Tensor], grids: list[tuple[int, int]], an
         return out
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2                         # [N, 2] (x, y)
     wh = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1e-3)                 # [N, 2]
-    flat_anchors = anchors.to(device).reshape(-1, 2)                   # [S*A, 2]
-    iou = _shape_iou(wh, flat_anchors)                                 # [N, S*A]
-    best = iou.argmax(dim=1)                                           # [N]
     height, width = image_size
     for s, (gh, gw) in enumerate(grids):
         t = out[s]
+        scale_anchors = anchors[s].to(device)                          # [A, 2]
+        iou = _shape_iou(wh, scale_anchors)                            # [N, A]
+        best = iou.argmax(dim=1)                                       # [N]: this scale's best anchor
         cx, cy = centre[:, 0] * gw / width, centre[:, 1] * gh / height   # in cells of this scale
         col = cx.floor().long().clamp(0, gw - 1)
         row = cy.floor().long().clamp(0, gh - 1)
         for a in range(n_anch):
-            k = s * n_anch + a
-            ignore = iou[:, k] > ignore_iou
+            ignore = iou[:, a] > ignore_iou
             t["noobj"][image_of[ignore], a, row[ignore], col[ignore]] = False
-            mine = best == k                                           # may select nothing: empty writes
-            b, r, c = image_of[mine], row[mine], col[mine]
-            t["obj"][b, a, r, c] = True
-            t["noobj"][b, a, r, c] = False
-            t["txy"][b, a, r, c] = torch.stack([cx[mine] - c, cy[mine] - r], dim=1)
-            t["twh"][b, a, r, c] = torch.log(wh[mine] / flat_anchors[k])
+        t["obj"][image_of, best, row, col] = True
+        t["noobj"][image_of, best, row, col] = False
+        t["txy"][image_of, best, row, col] = torch.stack([cx - col, cy - row], dim=1)
+        t["twh"][image_of, best, row, col] = torch.log(wh / scale_anchors[best])
     return out
 
 
@@ -147,33 +150,23 @@ LOSS_WEIGHTS = {"xy": 2.5, "wh": 2.5, "conf": 1.0, "cls": 1.0}
 def yolo_loss(predictions: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
               weights: dict[str, float] = LOSS_WEIGHTS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """predictions: per scale [B, A, h, w, 5 + C] raw; targets from `build_targets`.
-    -> (weighted total [], {xy, wh, conf, cls} unweighted terms). Computed in float32."""
-    pos_xy, pos_wh, pos_obj, pos_cls, t_xy, t_wh, neg_obj = [], [], [], [], [], [], []
+    -> (weighted total [], {xy, wh, conf, cls} unweighted terms summed over scales), in float32.
+    Each term is a sum over masked entries divided by ALL entries of the scale's tensor (MGCA's mean
+    over the masked-to-zero tensor), so a batch without boxes still trains the no-object term."""
+    terms = {"xy": 0.0, "wh": 0.0, "conf": 0.0, "cls": 0.0}
     for p, t in zip(predictions, targets):
         p = p.float()
-        obj, noobj = t["obj"], t["noobj"]
-        pos = p[obj]                                               # [P, 5 + C]
-        pos_xy.append(pos[:, 0:2].sigmoid())
-        pos_wh.append(pos[:, 2:4])
-        pos_obj.append(pos[:, 4])
-        pos_cls.append(pos[:, 5:])
-        t_xy.append(t["txy"][obj])
-        t_wh.append(t["twh"][obj])
-        neg_obj.append(p[..., 4][noobj])
-    pos_xy, pos_wh, pos_obj, pos_cls = map(torch.cat, (pos_xy, pos_wh, pos_obj, pos_cls))
-    t_xy, t_wh, neg_obj = map(torch.cat, (t_xy, t_wh, neg_obj))
-    n_pos = pos_obj.numel()
-    zero = predictions[0].float().sum() * 0.0                       # keeps the graph when a term is empty
-    if n_pos:
-        xy = F.mse_loss(pos_xy, t_xy)
-        wh = F.mse_loss(pos_wh, t_wh)
-        cls = F.binary_cross_entropy_with_logits(pos_cls, torch.ones_like(pos_cls))
-        conf_pos = F.binary_cross_entropy_with_logits(pos_obj, torch.ones_like(pos_obj))
-    else:
-        xy = wh = cls = conf_pos = zero
-    conf_neg = F.binary_cross_entropy_with_logits(neg_obj, torch.zeros_like(neg_obj)) if neg_obj.numel() else zero
-    conf = conf_pos + conf_neg
-    terms = {"xy": xy, "wh": wh, "conf": conf, "cls": cls}
+        obj, noobj = t["obj"].float(), t["noobj"].float()              # [B, A, h, w]
+        cells = obj.numel()
+        bce_xy = F.binary_cross_entropy_with_logits(p[..., 0:2], t["txy"], reduction="none")      # [B,A,h,w,2]
+        se_wh = (p[..., 2:4] - t["twh"]) ** 2
+        bce_obj = F.binary_cross_entropy_with_logits(p[..., 4], obj, reduction="none")            # [B,A,h,w]
+        bce_cls = F.binary_cross_entropy_with_logits(p[..., 5:], torch.ones_like(p[..., 5:]), reduction="none")
+        # x and y (w and h) are two terms, each a mean over [B, A, h, w]: their sum is sum / cells.
+        terms["xy"] = terms["xy"] + (bce_xy * obj[..., None]).sum() / cells
+        terms["wh"] = terms["wh"] + (se_wh * obj[..., None]).sum() / cells
+        terms["conf"] = terms["conf"] + (bce_obj * obj).sum() / cells + 0.5 * (bce_obj * noobj).sum() / cells
+        terms["cls"] = terms["cls"] + (bce_cls * obj[..., None]).sum() / bce_cls.numel()
     total = sum(weights[k] * v for k, v in terms.items())
     return total, terms
 
@@ -181,7 +174,7 @@ def yolo_loss(predictions: list[torch.Tensor], targets: list[dict[str, torch.Ten
 @torch.no_grad()
 def decode(predictions: list[torch.Tensor], anchors: torch.Tensor,
            image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (boxes [B, K, 4] x1y1x2y2 pixels clipped to the image, confidence [B, K]) over all anchors."""
+    """-> (boxes [B, K, 4] x1y1x2y2 pixels clipped to the image, objectness [B, K]) over all anchors."""
     height, width = image_size
     all_boxes, all_conf = [], []
     for s, p in enumerate(predictions):
@@ -196,7 +189,7 @@ def decode(predictions: list[torch.Tensor], anchors: torch.Tensor,
         # exp of a large raw value overflows to inf; 10 allows boxes e^10 times the anchor already.
         w = anc[..., 0] * p[..., 2].clamp(max=10).exp()
         h = anc[..., 1] * p[..., 3].clamp(max=10).exp()
-        conf = p[..., 4].sigmoid() * p[..., 5:].sigmoid().amax(dim=-1)
+        conf = p[..., 4].sigmoid()                     # MGCA: objectness alone (not obj x class)
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
         all_boxes.append(boxes.reshape(b, -1, 4))
         all_conf.append(conf.reshape(b, -1))
@@ -209,8 +202,9 @@ def decode(predictions: list[torch.Tensor], anchors: torch.Tensor,
 def detect(predictions: list[torch.Tensor], anchors: torch.Tensor, image_size: tuple[int, int],
            conf_threshold: float = 0.5, nms_iou: float = 0.5, max_candidates: int = 300
            ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per image (boxes [k, 4], scores [k]) after conf >= conf_threshold and NMS at nms_iou, on CPU.
-    At most `max_candidates` highest-confidence boxes enter NMS (its cost is quadratic)."""
+    """Per image (boxes [k, 4], objectness [k]) after objectness >= conf_threshold and NMS at nms_iou
+    (+1-pixel IoU), on CPU. At most `max_candidates` highest-objectness boxes enter NMS (its cost is
+    quadratic; MGCA has no cap: 300 is far above the boxes left after NMS)."""
     boxes, conf = decode(predictions, anchors, image_size)
     out = []
     for bx, cf in zip(boxes.cpu(), conf.cpu()):
@@ -219,7 +213,7 @@ def detect(predictions: list[torch.Tensor], anchors: torch.Tensor, image_size: t
         if cf.numel() > max_candidates:
             top = cf.topk(max_candidates).indices
             bx, cf = bx[top], cf[top]
-        kept = nms(bx, cf, nms_iou) if cf.numel() else torch.zeros(0, dtype=torch.long)
+        kept = nms(bx, cf, nms_iou, plus_one=True) if cf.numel() else torch.zeros(0, dtype=torch.long)
         out.append((bx[kept], cf[kept]))
     return out
 
@@ -269,6 +263,11 @@ def _gt_boxes(batch) -> list[torch.Tensor]:
     return [torch.as_tensor(b, dtype=torch.float32).reshape(-1, 4) for b in batch.boxes]
 
 
+def _image_index(per_image: list[torch.Tensor]) -> np.ndarray:
+    """[sum n_i] the image number of every row of the concatenated per-image tensors."""
+    return np.concatenate([np.full(len(x), i, dtype=np.int64) for i, x in enumerate(per_image)])
+
+
 def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
     s, d = cfg.detection, cfg.data
     model = FrozenEncoderYOLO(weights.build_encoder(), s.head_width).to(device)
@@ -288,43 +287,64 @@ def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.
         model.head.train()
         model.encoder.eval()
 
+    def predict_split(loader, n_examples: int = 0):
+        """Objectness-ranked boxes per image after NMS, ground truth, keys, meta, plot examples."""
+        out = {"boxes": [], "scores": [], "gt": [], "keys": [], "meta": [], "examples": []}
+        with torch.no_grad():
+            for batch in epochs_of(loader, 0):
+                with autocast(device, cfg.train.precision):
+                    preds = model(batch.image)
+                found = detect(preds, anchors_for(batch.image), tuple(batch.image.shape[-2:]), s.conf_threshold,
+                               s.nms_iou, s.max_candidates)
+                for i, ((boxes, scores), truth) in enumerate(zip(found, _gt_boxes(batch))):
+                    out["boxes"].append(boxes)
+                    out["scores"].append(scores)
+                    out["gt"].append(truth.cpu())
+                    if len(out["examples"]) < n_examples:
+                        out["examples"].append((batch.keys[i], image_for_display(batch.image[i]), truth.cpu(),
+                                                boxes, scores))
+                out["keys"].extend(batch.keys)
+                out["meta"].extend(batch.meta)
+        return out
+
+    def val_map() -> float:      # MGCA selects the head and stops early on this
+        v = predict_split(valid)
+        return map_torchmetrics(v["boxes"], v["scores"], v["gt"], s.iou_thresholds, skip="mgca")["map"]
+
     train = make_loader(cfg, d.train_split, device, weights, train=True, boxes=True)
     valid = make_loader(cfg, d.valid_split, device, weights, train=False, boxes=True)
     test = make_loader(cfg, d.test_split, device, weights, train=False, boxes=True)
     fitted = fit(model.head, loss_on_batch, train, valid, adamw(model.head.parameters(), cfg.train),
-                 cfg.train.epochs, cfg.train.patience, set_train_mode, device, cfg.train.precision, log)
+                 cfg.train.epochs, cfg.train.patience, set_train_mode, device, cfg.train.precision, log,
+                 val_score=val_map, score_name="map_mgca")
     model.eval()
-    pred_boxes, pred_scores, gt, examples = [], [], [], []
-    with torch.no_grad():
-        for batch in epochs_of(test, 0):
-            with autocast(device, cfg.train.precision):
-                preds = model(batch.image)
-            found = detect(preds, anchors_for(batch.image), tuple(batch.image.shape[-2:]), s.conf_threshold,
-                           s.nms_iou, s.max_candidates)
-            for i, ((boxes, scores), truth) in enumerate(zip(found, _gt_boxes(batch))):
-                pred_boxes.append(boxes)
-                pred_scores.append(scores)
-                gt.append(truth.cpu())
-                if len(examples) < 4 * s.plot_images:
-                    examples.append((batch.keys[i], image_for_display(batch.image[i]), truth.cpu(), boxes, scores))
+    found = predict_split(test, 4 * s.plot_images)
+    pred_boxes, pred_scores, gt, examples = found["boxes"], found["scores"], found["gt"], found["examples"]
     if not gt:
         raise ValueError("the test split yielded no samples")
-    every = map_over_thresholds(pred_boxes, pred_scores, gt, s.iou_thresholds)
-    mgca = map_over_thresholds(pred_boxes, pred_scores, gt, s.iou_thresholds, skip_images_without_gt=True)
-    metrics = {"map": every["map"], "map_per_threshold": every["per_threshold"],
-               "map_mgca": mgca["map"], "map_mgca_per_threshold": mgca["per_threshold"],
+    mgca = map_torchmetrics(pred_boxes, pred_scores, gt, s.iou_thresholds, skip="mgca")
+    every = map_torchmetrics(pred_boxes, pred_scores, gt, s.iou_thresholds, skip="none")
+    metrics = {"map_mgca": mgca["map"], "map_mgca_per_threshold": mgca["per_threshold"],
+               "map_all_images": every["map"], "map_all_images_per_threshold": every["per_threshold"],
                "n_test": len(gt), "n_test_with_boxes": sum(int(g.shape[0] > 0) for g in gt),
+               "n_scored_mgca": mgca["n_images_scored"],
                "n_predicted_boxes": sum(int(b.shape[0]) for b in pred_boxes),
                "conf_threshold": s.conf_threshold, "nms_iou": s.nms_iou,
                "best_epoch": fitted.best_epoch + 1, "epochs_run": fitted.epochs_run,
-               "best_val_loss": fitted.best_val_loss, "train_seconds": fitted.seconds}
+               "best_val_map_mgca": fitted.best_val_score, "best_val_loss": fitted.best_val_loss,
+               "train_seconds": fitted.seconds}
+    predictions = {**sample_ids(found["keys"], found["meta"]),
+                   "pred_boxes": torch.cat(pred_boxes).reshape(-1, 4).numpy(),
+                   "pred_scores": torch.cat(pred_scores).numpy(), "pred_image": _image_index(pred_scores),
+                   "gt_boxes": torch.cat(gt).reshape(-1, 4).numpy(), "gt_image": _image_index(gt),
+                   "iou_thresholds": np.asarray(s.iou_thresholds, dtype=np.float64)}
     plots = []
     if cfg.plots:
         examples.sort(key=lambda e: e[2].shape[0] == 0)      # images with ground truth first
         plots.append(plot_boxes(examples[:s.plot_images], out_dir / "boxes.png",
-                                f"{cfg.task}: ground truth (green) vs predicted (red, conf >= {s.conf_threshold})"))
+                                f"{cfg.task}: ground truth (green) vs predicted (red, objectness >= {s.conf_threshold})"))
         plots.append(plot_history(fitted.history, out_dir / "loss.png", f"{cfg.task}: YOLOv3 head loss"))
-    return {"metrics": metrics, "headline": "map", "plots": plots}
+    return {"metrics": metrics, "headline": "map_mgca", "plots": plots, "predictions": predictions}
 
 
 def plot_boxes(examples: list[tuple], path: Path, title: str) -> str:

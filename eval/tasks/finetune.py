@@ -48,7 +48,7 @@ def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.d
     fitted = fit(model, loss_on_batch, train, valid, adamw(model.parameters(), cfg.train), cfg.train.epochs,
                  cfg.train.patience, model.train, device, cfg.train.precision, log)
     model.eval()
-    scores, target, _ = predict(model, test, spec, device, cfg.train.precision)
+    scores, target, ids = predict(model, test, spec, device, cfg.train.precision)
     metrics = spec.metrics(scores, target)
     metrics.update({"n_test": int(len(target)), "best_epoch": fitted.best_epoch + 1,
                     "epochs_run": fitted.epochs_run, "best_val_loss": fitted.best_val_loss,
@@ -58,4 +58,5 @@ def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.d
         plots.append(plot_roc(scores, target, spec, out_dir / "roc.png",
                               f"{cfg.task} ({cfg.fraction} of train): test ROC"))
         plots.append(plot_history(fitted.history, out_dir / "loss.png", f"{cfg.task}: fine-tuning loss"))
-    return {"metrics": metrics, "headline": spec.headline, "plots": plots}
+    return {"metrics": metrics, "headline": spec.headline, "plots": plots,
+            "predictions": spec.predictions(ids, scores, target)}

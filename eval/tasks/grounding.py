@@ -4,8 +4,13 @@
     the text embedding) -> cosine with the prompt embedding at every position -> [B,h,w]
     -> bilinear upsampling to the image [B,H,W] = heatmap
 
-Scored on the images whose ground-truth mask is non-empty (eval.metrics.grounding_summary):
-- pointing: the heatmap's argmax pixel lies inside the mask (what G2D's "Recall" most likely is);
+Scored on the images whose ground-truth mask is non-empty (eval.metrics.grounding_per_image):
+- pointing: the peak of the similarity map lies inside the mask (what G2D's "Recall" most likely
+  is), taken on the feature grid and scored at the peak cell's centre pixel (eval.metrics.grid_peak_hits):
+  the argmax of the upsampled map would put a border-cell peak on the image edge;
+- pointing_cell (a lenient diagnostic, not a paper metric): the peak CELL contains any pixel of the
+  region, i.e. the pointing game at the map's own resolution (a 4x4 grid at 128 px has 32-px cells,
+  larger than many lesions);
 - iou / dice of the thresholded heatmap, OUR rule: each map is min-max scaled to [0, 1] and
   thresholded at `grounding.threshold` (0.5). Why: a cosine map has a model-dependent offset and
   spread (a fixed raw cut keeps everything for one checkpoint and nothing for another), while the
@@ -25,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from eval.checkpoint import Pretrained
-from eval.metrics import MEDKLIP_GROUNDING, grounding_summary
+from eval.metrics import MEDKLIP_GROUNDING, grounding_per_image
 from eval.tasks.base import (TaskConfig, autocast, epochs_of, image_for_display, make_loader, panel_row,
-                             save_figure, short_key)
+                             sample_ids, save_figure, short_key)
 from eval.tasks.segmentation import binary_mask
 from eval.zeroshot import prompt_embeddings
 from model.text import load_tokenizer
@@ -47,19 +52,11 @@ class GroundingConfig(TaskConfig):
     grounding: GroundingSection = field(default_factory=GroundingSection)
 
 
-def similarity_maps(dense: torch.Tensor, text: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """dense [B,D,h,w], text [D] -> cosine heatmaps [B,H,W] (bilinear upsampling to `size`)."""
+def similarity_maps(dense: torch.Tensor, text: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """dense [B,D,h,w], text [D] -> (cosine on the feature grid [B,h,w], bilinearly upsampled to
+    `size` [B,H,W])."""
     sim = torch.einsum("bdhw,d->bhw", F.normalize(dense.float(), dim=1), F.normalize(text.float(), dim=0))
-    return F.interpolate(sim[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def _weighted(acc: dict, part: dict) -> None:
-    n = part["n_images"]
-    if n == 0:
-        return
-    for k in ("pointing", "iou", "dice"):
-        acc[k] = acc.get(k, 0.0) + part[k] * n
-    acc["n_images"] = acc.get("n_images", 0) + n
+    return sim, F.interpolate(sim[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
 def run(cfg: GroundingConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
@@ -70,41 +67,58 @@ def run(cfg: GroundingConfig, weights: Pretrained, out_dir: Path, device: torch.
     tokenizer = load_tokenizer(model.cfg.text_model)
     text = prompt_embeddings(model, tokenizer, list(g.prompts), device).to(device)     # [128]
     loader = make_loader(cfg, d.test_split, device, weights, train=False, masks=True)
-    ours, medklip, examples, n_test = {}, {}, [], 0
+    per_image: dict[str, list[torch.Tensor]] = {k: [] for k in ("pointing", "pointing_cell", "iou", "dice",
+                                                                "medklip_iou", "medklip_dice", "positive")}
+    examples, keys, meta = [], [], []
     with torch.no_grad():
         for batch in epochs_of(loader, 0):
             with autocast(device, cfg.train.precision):
                 _global, dense, _attn = model.encode_image(batch.image)
-            heat = similarity_maps(dense, text, tuple(batch.image.shape[-2:])).cpu()   # [B,H,W]
+            grid, heat = similarity_maps(dense, text, tuple(batch.image.shape[-2:]))
+            grid, heat = grid.cpu(), heat.cpu()                                       # [B,h,w], [B,H,W]
             mask = binary_mask(batch)[:, 0].cpu() > 0.5
-            n_test += mask.shape[0]
-            _weighted(ours, grounding_summary(heat, mask, threshold=g.threshold, normalize=g.normalize))
-            _weighted(medklip, grounding_summary(heat, mask, **MEDKLIP_GROUNDING))
+            ours = grounding_per_image(heat, mask, grid, threshold=g.threshold, normalize=g.normalize)
+            medklip = grounding_per_image(heat, mask, grid, **MEDKLIP_GROUNDING)
+            for k in ("pointing", "pointing_cell", "iou", "dice", "positive"):
+                per_image[k].append(ours[k])
+            per_image["medklip_iou"].append(medklip["iou"])
+            per_image["medklip_dice"].append(medklip["dice"])
+            keys.extend(batch.keys)
+            meta.extend(batch.meta)
             for i in range(mask.shape[0]):
                 if mask[i].any() and len(examples) < g.heatmap_images:
-                    examples.append((batch.keys[i], image_for_display(batch.image[i]), heat[i], mask[i]))
-    n = ours.get("n_images", 0)
+                    examples.append((batch.keys[i], image_for_display(batch.image[i]), heat[i], mask[i], grid[i]))
+    if not keys:
+        raise ValueError("the test split yielded no samples")
+    arrays = {k: torch.cat(v).numpy() for k, v in per_image.items()}
+    positive = arrays["positive"]
+    n = int(positive.sum())
     nan = float("nan")
-    metrics = {"pointing": ours["pointing"] / n if n else nan, "iou": ours["iou"] / n if n else nan,
-               "dice": ours["dice"] / n if n else nan,
-               "medklip_iou": medklip["iou"] / n if n else nan, "medklip_dice": medklip["dice"] / n if n else nan,
+
+    def mean(k: str) -> float:
+        return float(arrays[k][positive].mean()) if n else nan
+    metrics = {"pointing": mean("pointing"), "pointing_cell": mean("pointing_cell"), "iou": mean("iou"),
+               "dice": mean("dice"),
+               "medklip_iou": mean("medklip_iou"), "medklip_dice": mean("medklip_dice"),
                "threshold": g.threshold, "normalize": g.normalize,
-               "medklip_threshold": MEDKLIP_GROUNDING["threshold"], "n_test": n_test, "n_positive": n}
+               "medklip_threshold": MEDKLIP_GROUNDING["threshold"], "n_test": len(keys), "n_positive": n,
+               "pointing_rule": "peak cell centre"}
+    predictions = {**sample_ids(keys, meta), **arrays}
     plots = []
     if cfg.plots:
         plots.append(plot_heatmaps(examples, out_dir / "heatmaps.png",
-                                   f"{cfg.task}: prompt-image cosine (ground truth in white)"))
-    return {"metrics": metrics, "headline": "pointing", "plots": plots}
+                                   f"{cfg.task}: prompt-image cosine (ground truth in white, + = peak cell centre)"))
+    return {"metrics": metrics, "headline": "pointing", "plots": plots, "predictions": predictions}
 
 
 def plot_heatmaps(examples: list[tuple], path: Path, title: str) -> str:
     fig, axes = panel_row(len(examples))
-    for ax, (key, img, heat, mask) in zip(axes, examples):
+    for ax, (key, img, heat, mask, grid) in zip(axes, examples):
         ax.imshow(img, cmap="gray")
         ax.imshow(heat, cmap="jet", alpha=0.45)
         ax.contour(mask.float(), levels=[0.5], colors="white", linewidths=1)
-        peak = int(heat.argmax())
-        ax.plot(peak % heat.shape[1], peak // heat.shape[1], "w+", ms=8)
+        peak, (h, w), (big_h, big_w) = int(grid.argmax()), grid.shape, heat.shape
+        ax.plot((peak % w + 0.5) * big_w / w, (peak // w + 0.5) * big_h / h, "w+", ms=8)   # scored point
         ax.set_title(short_key(key), fontsize=7)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.9))

@@ -4,7 +4,8 @@ BCE, AUROC), COVIDx (3 classes, CE, accuracy). Protocol (G2D/MGCA, reference sec
     image -> frozen encoder (eval mode) -> C5 [B,D,h,w] -> global average pool [B,D] -> Linear(D, classes)
 
 AdamW lr 5e-4, wd 1e-6, up to 50 epochs, early stopping on the validation loss, test on the head of
-the best epoch. `linear.mode`:
+the best epoch. `linear.augment: moco_v2` (CheXpert, as MGCA) adds MoCo-v2's colour jitter, blur and
+flip to the training batches after the pipeline's random crop (eval/augment.py). `linear.mode`:
 - faithful (default): every epoch runs the encoder on freshly augmented training images (the
   training transform), exactly the protocol above.
 - fast: the frozen features of every split are computed once (training images with the evaluation
@@ -25,15 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.augment import moco_v2_colour
 from eval.checkpoint import Pretrained
 from eval.metrics import macro_auroc, multiclass_accuracy, roc_curve
 from eval.tasks.base import (TaskConfig, adamw, autocast, epochs_of, fit, freeze, make_loader, manifest_of,
-                             plot_history, plt_agg, save_figure)
+                             plot_history, plt_agg, sample_ids, save_figure)
 
 
 @dataclass
 class LinearSection:
     mode: str = "faithful"              # faithful | fast (cached features + grid of heads)
+    augment: str = "none"               # training-batch augmentation after the pipeline: none | moco_v2 (faithful mode)
     lrs: tuple[float, ...] = (1e-4, 5e-4, 1e-3, 5e-3)           # fast mode grid
     weight_decays: tuple[float, ...] = (0.0, 1e-6, 1e-4)        # fast mode grid
 
@@ -102,6 +105,11 @@ class LabelSpec:
         auc, per = macro_auroc(target.astype(np.int64), scores)
         return {"auroc": auc, "auroc_per_class": dict(zip(self.names, per))}
 
+    def predictions(self, ids: dict[str, np.ndarray], scores: np.ndarray, target: np.ndarray) -> dict:
+        """predictions.npz of a classification task: ids + label kind, names, targets, scores [n, C]."""
+        return {**ids, "kind": np.asarray(self.kind), "names": np.asarray(self.names, dtype=str),
+                "targets": target, "scores": scores}
+
     @property
     def headline(self) -> str:
         return "accuracy" if self.kind == "multiclass" else "auroc"
@@ -113,18 +121,19 @@ def pooled_features(encoder: nn.Module, image: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def predict(forward, loader, spec: LabelSpec, device, precision: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(scores [N, C], targets, keys) over a split; forward(image) -> logits."""
-    scores, targets, keys = [], [], []
+def predict(forward, loader, spec: LabelSpec, device, precision: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(scores [N, C], targets, sample_ids) over a split; forward(image) -> logits."""
+    scores, targets, keys, meta = [], [], [], []
     for batch in epochs_of(loader, 0):
         with autocast(device, precision):
             logits = forward(batch.image)
         scores.append(spec.scores(logits).cpu())
         targets.append(spec.targets(batch.meta, "cpu"))
         keys.extend(batch.keys)
+        meta.extend(batch.meta)
     if not scores:
         raise ValueError("the test split yielded no samples")
-    return torch.cat(scores).numpy(), torch.cat(targets).numpy(), keys
+    return torch.cat(scores).numpy(), torch.cat(targets).numpy(), sample_ids(keys, meta)
 
 
 def plot_roc(scores: np.ndarray, target: np.ndarray, spec: LabelSpec, path: Path, title: str) -> str:
@@ -153,6 +162,8 @@ def run(cfg: LinearConfig, weights: Pretrained, out_dir: Path, device: torch.dev
     spec = LabelSpec.from_manifest(manifest_of(cfg))
     encoder = freeze(weights.build_encoder().to(device))
     d = cfg.data
+    if cfg.linear.augment not in ("none", "moco_v2"):
+        raise ValueError(f"linear.augment={cfg.linear.augment!r}; choose none or moco_v2")
     if cfg.linear.mode == "faithful":
         result = _faithful(cfg, spec, encoder, weights, device, log)
     elif cfg.linear.mode == "fast":
@@ -160,8 +171,11 @@ def run(cfg: LinearConfig, weights: Pretrained, out_dir: Path, device: torch.dev
     else:
         raise ValueError(f"linear.mode={cfg.linear.mode!r}; choose faithful or fast")
     scores, target, history = result.pop("test_scores"), result.pop("test_target"), result.pop("history")
+    ids = result.pop("test_ids")
     metrics = spec.metrics(scores, target)
     metrics.update(result)
+    # What ran: fast mode caches one un-augmented view per image, whatever linear.augment says.
+    metrics["augment"] = cfg.linear.augment if cfg.linear.mode == "faithful" else "none"
     metrics["n_test"] = int(len(target))
     plots = []
     if cfg.plots:
@@ -169,7 +183,8 @@ def run(cfg: LinearConfig, weights: Pretrained, out_dir: Path, device: torch.dev
                               f"{cfg.task} ({d.dataset}, {cfg.fraction} of train): test ROC"))
         if history:
             plots.append(plot_history(history, out_dir / "loss.png", f"{cfg.task}: linear head loss"))
-    return {"metrics": metrics, "headline": spec.headline, "plots": plots}
+    return {"metrics": metrics, "headline": spec.headline, "plots": plots,
+            "predictions": spec.predictions(ids, scores, target)}
 
 
 def _faithful(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pretrained, device, log) -> dict:
@@ -178,29 +193,37 @@ def _faithful(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: P
     valid = make_loader(cfg, d.valid_split, device, weights, train=False)
     test = make_loader(cfg, d.test_split, device, weights, train=False)
     head = nn.Linear(encoder.out_channels[-1], spec.outputs).to(device)
+    generator = torch.Generator().manual_seed(cfg.seed)
 
     def loss_on_batch(batch):
+        image = batch.image
+        if head.training and cfg.linear.augment == "moco_v2":                # training batches only
+            image = moco_v2_colour(image, train.spec.mean, train.spec.std, generator)
         with torch.no_grad():
-            feats = pooled_features(encoder, batch.image)
+            feats = pooled_features(encoder, image)
         return spec.loss(head(feats), spec.targets(batch.meta, device))
 
     fitted = fit(head, loss_on_batch, train, valid, adamw(head.parameters(), cfg.train), cfg.train.epochs,
                  cfg.train.patience, head.train, device, cfg.train.precision, log)
     head.eval()
-    scores, target, _ = predict(lambda x: head(pooled_features(encoder, x)), test, spec, device, cfg.train.precision)
-    return {"test_scores": scores, "test_target": target, "history": fitted.history, "mode": "faithful",
+    scores, target, ids = predict(lambda x: head(pooled_features(encoder, x)), test, spec, device, cfg.train.precision)
+    return {"test_scores": scores, "test_target": target, "test_ids": ids, "history": fitted.history,
+            "mode": "faithful",
             "best_epoch": fitted.best_epoch + 1, "epochs_run": fitted.epochs_run,
             "best_val_loss": fitted.best_val_loss, "train_seconds": fitted.seconds}
 
 
 @torch.no_grad()
-def _cache(encoder, loader, spec: LabelSpec, device, precision) -> tuple[torch.Tensor, torch.Tensor]:
-    feats, targets = [], []
+def _cache(encoder, loader, spec: LabelSpec, device, precision) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(features [N, D], targets, sample_ids) of a split, one evaluation-transform view per image."""
+    feats, targets, keys, meta = [], [], [], []
     for batch in epochs_of(loader, 0):
         with autocast(device, precision):
             feats.append(pooled_features(encoder, batch.image))
         targets.append(spec.targets(batch.meta, device))
-    return torch.cat(feats), torch.cat(targets)
+        keys.extend(batch.keys)
+        meta.extend(batch.meta)
+    return torch.cat(feats), torch.cat(targets), sample_ids(keys, meta)
 
 
 def _fast(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pretrained, device, log) -> dict:
@@ -211,7 +234,8 @@ def _fast(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pretr
                            batch_size=d.eval_batch_size),
                make_loader(cfg, d.valid_split, device, weights, train=False),
                make_loader(cfg, d.test_split, device, weights, train=False))
-    (x_tr, y_tr), (x_va, y_va), (x_te, y_te) = (_cache(encoder, ld, spec, device, t.precision) for ld in loaders)
+    (x_tr, y_tr, _), (x_va, y_va, _), (x_te, y_te, test_ids) = (_cache(encoder, ld, spec, device, t.precision)
+                                                                for ld in loaders)
     grid = [(lr, wd) for lr in cfg.linear.lrs for wd in cfg.linear.weight_decays]
     if not grid:
         raise ValueError("linear.lrs and linear.weight_decays must be non-empty in fast mode")
@@ -266,6 +290,7 @@ def _fast(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pretr
     heads.eval()
     with torch.no_grad():
         scores = spec.scores(heads[best](x_te)).cpu().numpy()
-    return {"test_scores": scores, "test_target": y_te.cpu().numpy(), "history": [], "mode": "fast",
+    return {"test_scores": scores, "test_target": y_te.cpu().numpy(), "test_ids": test_ids, "history": [],
+            "mode": "fast",
             "grid": rows, "best_lr": grid[best][0], "best_weight_decay": grid[best][1],
             "epochs_run": epochs_run, "n_train": int(x_tr.shape[0])}

@@ -7,9 +7,13 @@
 - encoder_decoder: the whole pretrained U-Net (encoder + the decoder G2D pretrained with its
   pseudo-segmentation loss + head), encoder frozen, decoder fine-tuned (G2D "encoder-decoder").
 Loss 10 * focal(gamma 2) - log(soft Dice); AdamW lr 2e-4 wd 0.05; early stopping on the validation
-loss; the decoder of the best epoch is tested. Metrics on the test split at probability > 0.5:
-Dice per image with MGCA's rule (empty ground truth + empty prediction = 1, averaged over all images),
-Dice over the images with a non-empty ground truth only, and IoU (same empty rule).
+loss; the decoder of the best epoch is tested. Training images (not validation/test) get MGCA's
+ShiftScaleRotate(shift 0, scale +-0.1, rotate +-10 degrees, p=0.5, black border), image and mask
+together (eval/augment.py; `segmentation.augment: none` turns it off). MGCA warps before its resize
+to 224, we after the pipeline's resize: the same geometry, one resampling less. Metrics on the test
+split at probability > 0.5: Dice per image with MGCA's rule (empty ground truth + empty prediction =
+1, averaged over all images), Dice over the images with a non-empty ground truth only, and IoU (same
+empty rule).
 
 Our loss details (the reference gives only the formula): focal = mean over pixels of
 (1 - p_t)^gamma * BCE; soft Dice over the whole batch flattened, with +1 smoothing in numerator and
@@ -24,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from eval.augment import shift_scale_rotate
 from eval.checkpoint import Pretrained
 from eval.metrics import dice_score, iou_score
 from eval.tasks.base import (TaskConfig, adamw, autocast, epochs_of, fit, freeze, image_for_display,
-                             make_loader, plot_history, panel_row, save_figure, short_key)
+                             make_loader, plot_history, panel_row, sample_ids, save_figure, short_key)
 
 VARIANTS = ("encoder", "encoder_decoder")
 
@@ -39,6 +44,8 @@ class SegmentationSection:
     focal_weight: float = 10.0
     focal_gamma: float = 2.0
     threshold: float = 0.5              # probability > threshold is foreground
+    augment: str = "shift_scale_rotate"  # training augmentation: shift_scale_rotate (MGCA) | none
+    augment_p: float = 0.5
     overlay_images: int = 6             # test images drawn in overlays.png (positives first)
 
 
@@ -84,30 +91,41 @@ def run(cfg: SegmentationConfig, weights: Pretrained, out_dir: Path, device: tor
         trainable.train()
         unet.encoder.eval()
 
-    def loss_on_batch(batch):
-        return segmentation_loss(unet(batch.image), binary_mask(batch), s.focal_weight, s.focal_gamma)
-
+    if s.augment not in ("shift_scale_rotate", "none"):
+        raise ValueError(f"segmentation.augment={s.augment!r}; choose shift_scale_rotate or none")
     train = make_loader(cfg, d.train_split, device, weights, train=True, masks=True)
+    black = -torch.tensor(train.spec.mean) / torch.tensor(train.spec.std)       # [C] normalised value of 0
+    generator = torch.Generator().manual_seed(cfg.seed)
+
+    def loss_on_batch(batch):
+        image, mask = batch.image, binary_mask(batch)
+        if trainable.training and s.augment == "shift_scale_rotate":          # training batches only
+            image, mask = shift_scale_rotate(image, mask, black, generator, p=s.augment_p)
+        return segmentation_loss(unet(image), mask, s.focal_weight, s.focal_gamma)
+
     valid = make_loader(cfg, d.valid_split, device, weights, train=False, masks=True)
     test = make_loader(cfg, d.test_split, device, weights, train=False, masks=True)
     fitted = fit(trainable, loss_on_batch, train, valid, adamw(trainable.parameters(), cfg.train),
                  cfg.train.epochs, cfg.train.patience, set_train_mode, device, cfg.train.precision, log)
     unet.eval()
-    metrics, examples = _test(unet, test, s, device, cfg.train.precision)
-    metrics.update({"variant": s.variant, "best_epoch": fitted.best_epoch + 1, "epochs_run": fitted.epochs_run,
+    metrics, examples, predictions = _test(unet, test, s, device, cfg.train.precision)
+    metrics.update({"variant": s.variant, "augment": s.augment, "best_epoch": fitted.best_epoch + 1,
+                    "epochs_run": fitted.epochs_run,
                     "best_val_loss": fitted.best_val_loss, "train_seconds": fitted.seconds})
     plots = []
     if cfg.plots:
         plots.append(plot_overlays(examples, out_dir / "overlays.png",
                                    f"{cfg.task} ({s.variant}): ground truth (green) vs prediction (red)"))
         plots.append(plot_history(fitted.history, out_dir / "loss.png", f"{cfg.task} ({s.variant}): loss"))
-    return {"metrics": metrics, "headline": "dice", "plots": plots}
+    return {"metrics": metrics, "headline": "dice", "plots": plots, "predictions": predictions}
 
 
 @torch.no_grad()
-def _test(unet: nn.Module, loader, s: SegmentationSection, device, precision: str) -> tuple[dict, list]:
-    dice_all, dice_raw, iou_all, positive = [], [], [], []
+def _test(unet: nn.Module, loader, s: SegmentationSection, device, precision: str) -> tuple[dict, list, dict]:
+    """(metrics, overlay examples, predictions.npz arrays: ids, per-image dice/iou/positive/areas)."""
+    dice_all, dice_raw, iou_all, positive, gt_area, pred_area = [], [], [], [], [], []
     examples: list[tuple] = []
+    keys, meta = [], []
     for batch in epochs_of(loader, 0):
         with autocast(device, precision):
             logits = unet(batch.image)
@@ -119,6 +137,10 @@ def _test(unet: nn.Module, loader, s: SegmentationSection, device, precision: st
         iou_all.append(iou_score(pred, target).cpu())
         pos = target.flatten(1).any(1).cpu()
         positive.append(pos)
+        gt_area.append(target.flatten(1).sum(1).cpu())
+        pred_area.append(pred.flatten(1).sum(1).cpu())
+        keys.extend(batch.keys)
+        meta.extend(batch.meta)
         for i in range(prob.shape[0]):
             examples.append((bool(pos[i]), batch.keys[i], image_for_display(batch.image[i]),
                              target[i].cpu(), pred[i].cpu()))
@@ -129,11 +151,14 @@ def _test(unet: nn.Module, loader, s: SegmentationSection, device, precision: st
         raise ValueError("the test split yielded no samples")
     dice_all, dice_raw, iou_all, positive = map(torch.cat, (dice_all, dice_raw, iou_all, positive))
     n_pos = int(positive.sum())
+    predictions = {**sample_ids(keys, meta), "dice": dice_all.numpy(), "dice_raw": dice_raw.numpy(),
+                   "iou": iou_all.numpy(), "positive": positive.numpy(),
+                   "gt_area": torch.cat(gt_area).numpy(), "pred_area": torch.cat(pred_area).numpy()}
     return {"dice": float(dice_all.mean()),
             "dice_positive": float(dice_all[positive].mean()) if n_pos else float("nan"),
             "dice_negative_images": float(dice_all[~positive].mean()) if n_pos < positive.numel() else float("nan"),
             "iou": float(iou_all.mean()),
-            "threshold": s.threshold, "n_test": int(positive.numel()), "n_test_positive": n_pos}, examples
+            "threshold": s.threshold, "n_test": int(positive.numel()), "n_test_positive": n_pos}, examples, predictions
 
 
 def plot_overlays(examples: list[tuple], path: Path, title: str) -> str:

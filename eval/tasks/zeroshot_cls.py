@@ -6,7 +6,8 @@
 
 Templates live in configs/eval/zeroshot_<dataset>.yaml (several per class, their normalised embeddings
 averaged, CheXzero style; the paper's exact strings are not published). Metrics per class (MedKLIP's):
-AUROC, best F1 over thresholds, accuracy at that threshold; then the macro mean of each.
+AUROC, best F1 over thresholds, accuracy at that threshold with MedKLIP's strict score > threshold;
+then the macro mean of each.
 Images go through the pretraining run's own evaluation view (data.eval_transform: checkpoint), the
 view its embeddings were validated on; the paper's "resize 256, centre crop 224, [0, 1]" is
 `data.eval_transform=g2d_paper_eval`.
@@ -21,7 +22,7 @@ import torch
 
 from eval.checkpoint import Pretrained
 from eval.metrics import zero_shot_metrics
-from eval.tasks.base import TaskConfig, make_loader
+from eval.tasks.base import TaskConfig, make_loader, sample_ids
 from eval.tasks.linear import LabelSpec, plot_roc
 from eval.zeroshot import embed_loader, zeroshot_probabilities
 from model.text import load_tokenizer
@@ -81,4 +82,6 @@ def run(cfg: ZeroShotConfig, weights: Pretrained, out_dir: Path, device: torch.d
     if cfg.plots:
         plots.append(plot_roc(scores, labels, LabelSpec("multilabel", names), out_dir / "roc.png",
                               f"{cfg.task}: zero-shot ROC (test split)"))
-    return {"metrics": metrics, "headline": "auc", "plots": plots}
+    predictions = {**sample_ids(emb.keys, emb.meta), "names": np.asarray(names, dtype=str),
+                   "targets": labels, "scores": scores}
+    return {"metrics": metrics, "headline": "auc", "plots": plots, "predictions": predictions}
