@@ -1,0 +1,233 @@
+"""`make bench-quality`: a quality benchmark that can tell G2D from its ablations (docs/quality.md).
+
+    python -m tools.bench_quality --scale full|smoke [--out DIR] [--seeds 0,1] [--studies N]
+                                  [--results quality.json] [--doc docs/quality.md] [scale.key=value ...]
+
+synthetic MIMIC corpus -> shards (+ verify) -> tiny BERT -> synthetic RSNA/SIIM look-alikes -> pretrain
+the G2D and VLA-only arms (subprocesses of train.pretrain, equal compute) -> every downstream task for
+G2D, VLA-only and random init -> retrieval and pseudo-mask IoU on the pretraining valid split ->
+quality.json (per arm/task: headline metric with its 95% CI; paired differences with CIs) + a table.
+Every stage writes a done-marker under <out>/stages/ when it finishes: a killed run, started again
+with the same arguments, continues with the first unfinished stage (pretraining from its checkpoints).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from common.cli import ArgumentParser, UserError, run_main
+from common.config import ConfigError, config_to_dict
+from common.io import atomic_write_json, atomic_write_text
+from eval.checkpoint import newest_checkpoint
+from eval.pseudo_mask_quality import pseudo_mask_predictions, pseudo_mask_summary
+from eval.quality import (
+    ARMS,
+    TRAINED_ARMS,
+    Stage,
+    arm_weights,
+    assemble,
+    evaluate_run,
+    fingerprint,
+    load_scale,
+    markdown_table,
+    parse_run,
+    pretrain_command,
+    retrieval_predictions,
+    retrieval_summary,
+    run_label,
+    run_stages,
+    stage_seconds,
+    variants_for,
+)
+from eval.runner import load_predictions, save_predictions
+from shards.downstream import convert
+from shards.schema import read_manifest
+from shards.synthetic.downstream import write_all
+from tools import make_tiny_bert, pack_shards, perfdoc, verify_shards
+from tools.eval import EVAL_USER_ERRORS
+
+ROOT = Path(__file__).resolve().parents[1]
+DOWNSTREAM = ("rsna_pneumonia", "siim_pneumothorax")
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds {text!r}: give one or more distinct seeds")
+    return seeds
+
+
+def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch.device) -> list[Stage]:
+    corpus, shards, bert = out / "synthetic_mimic", out / "shards" / "mimic", out / "tiny_bert"
+    src, data = out / "downstream_src", out / "shards" / "downstream"
+    # What each stage's result depends on (its done-marker's fingerprint): change one and the stage
+    # and everything downstream of it runs again. Evaluations depend on every scale key but `runs`.
+    size_inputs = {"studies": scale.studies, "synth_size": scale.synth_size}
+    data_inputs = {k: v for k, v in config_to_dict(scale).items() if k not in ("runs", "name")}
+
+    def make_corpus(_done):
+        code = pack_shards.main(["--synthetic", str(corpus), "--synth-n", str(scale.studies), "--synth-size",
+                                 str(scale.synth_size), "--out", str(shards), "--max-side", "256", "--quality", "95",
+                                 "--workers", str(workers), "--seed", "0"])
+        if code or verify_shards.main([str(shards)]):
+            raise UserError(f"packing or verifying {shards} failed (see above)")
+        splits = read_manifest(shards)["splits"]
+        return {"shards": str(shards), "splits": {s: v["num_samples"] for s, v in splits.items()}}
+
+    def make_bert(_done):
+        make_tiny_bert.main(["--shards", str(shards), "--out", str(bert)])
+        return {"text_model": str(bert)}
+
+    def make_downstream(_done):
+        splits = {}
+        for name, n in (("rsna_pneumonia", scale.rsna_images), ("siim_pneumothorax", scale.siim_images)):
+            write_all(src, n, seed=0, workers=workers, datasets=(name,))
+            manifest = convert(name, src / name, data, max_side=scale.downstream_max_side, workers=workers, seed=0,
+                               progress=False)
+            splits[name] = {s: v["num_samples"] for s, v in manifest["splits"].items()}
+        return {"data": str(data), "splits": splits}
+
+    stages = [Stage("corpus", make_corpus, size_inputs), Stage("tiny_bert", make_bert, size_inputs),
+              Stage("downstream", make_downstream, {"rsna": scale.rsna_images, "siim": scale.siim_images,
+                                                    "max_side": scale.downstream_max_side})]
+
+    def pretrain(arm: str, seed: int):
+        inputs = {**size_inputs, "overrides": scale.pretrain_overrides, "seed": seed}
+        # The fingerprint in the folder name: a changed recipe starts a fresh run instead of resuming
+        # (train.resume=auto) a checkpoint trained with the old one.
+        run_dir = out / "pretrain" / f"{arm}_s{seed}_{fingerprint(inputs)[:8]}"
+
+        def run(_done):
+            cmd = pretrain_command(sys.executable, arm, seed, scale, str(shards), str(bert), str(run_dir))
+            print("[bench-quality] $ " + " ".join(cmd), flush=True)
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+            ckpt = newest_checkpoint(run_dir)
+            if code or ckpt is None:
+                raise UserError(f"pretraining arm {arm} (seed {seed}) failed with exit status {code}; "
+                                f"log: {run_dir}/metrics.jsonl; re-run to resume it")
+            return {"checkpoint": str(ckpt), "run_dir": str(run_dir)}
+        return Stage(f"pretrain/{arm}/s{seed}", run, inputs)
+
+    for seed in seeds:
+        stages += [pretrain(arm, seed) for arm in TRAINED_ARMS]
+
+    def checkpoint_of(done: dict, arm: str, seed: int) -> str:
+        # The random arm takes the G2D checkpoint's architecture (and random weights).
+        return done[f"pretrain/{'g2d' if arm == 'random' else arm}/s{seed}"]["checkpoint"]
+
+    def evaluation(arm: str, seed: int, task: str, fraction: str, variant: str):
+        def run(done):
+            weights = arm_weights(checkpoint_of(done, arm, seed), arm, task, fraction, str(data))
+            return evaluate_run(task, fraction, variant, weights, str(data), scale.eval_overrides,
+                                str(out / "eval" / f"{arm}_s{seed}"))
+        name = f"eval/{arm}/s{seed}/{run_label(task, fraction, variant)}"
+        return Stage(name, run, {**data_inputs, "seed": seed})
+
+    def per_image(kind: str, arm: str, seed: int):
+        """retrieval ranks / pseudo-mask IoU of one arm on the pretraining valid split -> an npz."""
+        path = out / kind / f"{arm}_s{seed}.npz"
+
+        def run(done):
+            ckpt = checkpoint_of(done, arm, seed)
+            weights = arm_weights(ckpt, arm, "zeroshot_rsna", "1.0", str(data))
+            pretrain_data = arm_weights(checkpoint_of(done, "g2d", seed), "g2d", "zeroshot_rsna", "1.0",
+                                        str(data)).data_cfg
+            if kind == "retrieval":
+                arrays = retrieval_predictions(weights, pretrain_data, str(bert), device)
+            else:
+                arrays = pseudo_mask_predictions(weights, pretrain_data, str(bert), corpus, device)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_predictions(path, arrays)
+            return {"predictions": str(path), "images": int(len(arrays["keys"]))}
+        return Stage(f"{kind}/{arm}/s{seed}", run, {**size_inputs, "pretrain": scale.pretrain_overrides, "seed": seed})
+
+    for seed in seeds:
+        arms = ARMS if seed == seeds[0] else TRAINED_ARMS    # random init does not depend on the seed
+        for spec in scale.runs:
+            task, fraction = parse_run(spec)
+            for arm in arms:
+                stages += [evaluation(arm, seed, task, fraction, v) for v in variants_for(task, arm)]
+        stages += [per_image(kind, arm, seed) for kind in ("retrieval", "pseudo_mask") for arm in arms]
+    return stages
+
+
+def per_image_arrays(done: dict, kind: str, arm: str, seed: int, first_seed: int) -> dict:
+    """The npz a retrieval / pseudo_mask stage wrote (random init ran once, under the first seed)."""
+    return load_predictions(done[f"{kind}/{arm}/s{first_seed if arm == 'random' else seed}"]["predictions"])
+
+
+def report(scale, seeds: list[int], done: dict, state_dir: Path) -> dict:
+    """quality.json from the finished stages (random init, run once, joins every seed)."""
+    evals, retrieval, pseudo = {}, {}, {}
+    first = seeds[0]
+    for seed in seeds:
+        evals[seed] = {}
+        for name, result in done.items():
+            parts = name.split("/", 3)
+            if parts[0] != "eval":
+                continue
+            arm, run_seed, label = parts[1], int(parts[2][1:]), parts[3]
+            if run_seed == seed or (arm == "random" and run_seed == first):
+                evals[seed].setdefault(label, {})[arm] = result
+        retrieval[seed] = retrieval_summary({arm: per_image_arrays(done, "retrieval", arm, seed, first)
+                                             for arm in ARMS})
+        pseudo[seed] = pseudo_mask_summary({arm: per_image_arrays(done, "pseudo_mask", arm, seed, first)
+                                            for arm in ARMS})
+    arms = {f"{arm}/s{seed}": done[f"pretrain/{arm}/s{seed}"]["checkpoint"] for seed in seeds for arm in TRAINED_ARMS}
+    data = {k: done[k] for k in ("corpus", "downstream")}
+    timing = stage_seconds(state_dir, list(done))
+    return {**assemble(scale, seeds, evals, retrieval, pseudo, arms, timing), "data": data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", default="full", help="smoke | full (configs/quality/<scale>.yaml) or a YAML path")
+    ap.add_argument("--out", default=None, help="working directory (default runs/bench_quality/<scale>)")
+    ap.add_argument("--seeds", default="0", help="pretraining seeds, comma-separated (each adds two arms)")
+    ap.add_argument("--studies", type=int, default=None, help="synthetic training corpus size (overrides the scale)")
+    ap.add_argument("--results", default=None,
+                    help="quality.json (default bench/results/quality.json at full scale, else <out>/quality.json)")
+    ap.add_argument("--doc", default=None, help="markdown file whose '## Results' section gets the table "
+                                                "(default: docs/quality.md at full scale, none otherwise)")
+    ap.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
+    ap.add_argument("overrides", nargs="*", help="scale overrides, e.g. eval_overrides=[train.epochs=2]")
+    args = ap.parse_args(argv)
+    overrides = list(args.overrides) + ([f"studies={args.studies}"] if args.studies is not None else [])
+    scale = load_scale(args.scale, overrides)
+    if scale.studies < 20:
+        raise UserError(f"studies={scale.studies}: at least 20 (every split needs a study)")
+    seeds = parse_seeds(args.seeds)
+    full = scale.name == "full"
+    # Absolute: the pretraining subprocesses run from the repository root, whatever our cwd is.
+    out = Path(args.out or f"runs/bench_quality/{scale.name}").resolve()
+    results = Path(args.results or ("bench/results/quality.json" if full else out / "quality.json"))
+    doc = args.doc or ("docs/quality.md" if full else None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(max(1, args.workers))
+    state_dir = out / "stages"
+    done = run_stages(build_stages(scale, seeds, out, args.workers, device), state_dir)
+    quality = report(scale, seeds, done, state_dir)
+    quality["device"] = str(device)
+    atomic_write_json(results, quality)
+    table = markdown_table(quality)
+    if doc:
+        if not Path(doc).is_file():          # update_section would start it with performance.md's header
+            atomic_write_text(Path(doc), "# Quality benchmark results (`make bench-quality`)\n")
+        perfdoc.update_section(Path(doc), f"Results ({scale.name} scale)", table)
+    total = sum(quality["timing_seconds"].values())
+    print("\n" + table)
+    print(f"[bench-quality] {results} ({len(done)} stages, {total / 60:.1f} min of stage time)"
+          + (f"; table -> {doc}" if doc else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main, extra_errors=EVAL_USER_ERRORS + (ConfigError,))
