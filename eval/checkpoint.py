@@ -132,6 +132,12 @@ class Pretrained:
         # tower as the pretraining run started it), so zero-shot tasks have a random-init baseline.
         return self.state is not None or (self.kind == "random" and self.random_text)
 
+    def random_like(self) -> "Pretrained":
+        """The same architecture at random init, text tower included where this one has it: the
+        baseline every trained checkpoint is compared with."""
+        return dataclasses.replace(self, kind="random", source="random", sha256=None, state=None, unet_state=None,
+                                   encoder_state=None, step=None, keys=None, random_text=self.has_text)
+
     def describe(self) -> dict:
         out = {"kind": self.kind, "path": self.source, "sha256": self.sha256, "step": self.step,
                "encoder": self.model_cfg.encoder, "model_name": self.model_cfg.name}

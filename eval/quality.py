@@ -175,17 +175,11 @@ def pretrain_command(python: str, arm: str, seed: int, scale: BenchScale, shards
 # Evaluation of one arm
 
 
-def random_like(weights: Pretrained) -> Pretrained:
-    """The same architecture at random init, text tower included (eval/runner.run_all's baseline)."""
-    return dataclasses.replace(weights, kind="random", source="random", sha256=None, state=None, unet_state=None,
-                               encoder_state=None, step=None, keys=None, random_text=weights.has_text)
-
-
 def arm_weights(checkpoint: str, arm: str, task: str, fraction: str, data_root: str) -> Pretrained:
     """Weights of `arm`: its own checkpoint, or random init of `checkpoint`'s architecture."""
     cfg = load_task_config(task, fraction, data_root)
     weights = resolve_for(cfg, checkpoint)
-    return random_like(weights) if arm == "random" else weights
+    return weights.random_like() if arm == "random" else weights
 
 
 def variants_for(task: str, arm: str) -> list[str]:

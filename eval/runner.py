@@ -198,9 +198,7 @@ def run_all(ckpt: str | None = None, fraction: str = "1.0", data_root: str | Non
     weights = weights or resolve_for(first, ckpt)
     models = {"checkpoint": weights}
     if with_random and weights.kind != "random":
-        models["random"] = dataclasses.replace(weights, kind="random", source="random", sha256=None, state=None,
-                                               unet_state=None, encoder_state=None, step=None, keys=None,
-                                               random_text=weights.has_text)
+        models["random"] = weights.random_like()
     records, failed = [], []
     for task in selected:
         keep, skipped = applicable_overrides(task, overrides)
