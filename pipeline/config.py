@@ -35,6 +35,7 @@ class DataConfig:
     on_error: Literal["skip", "raise"] = "skip"   # a corrupt sample: skip it (recorded) or raise
     seed: int = 0                      # shard order, sample order and augmentation draws
     shuffle: bool = True
+    shard_mix: int = 0                 # shuffle within windows of k shards (0: the whole split); plan.py
     drop_last: bool = True             # training: every rank yields the same number of full batches
     subset: str | None = None          # data-efficiency fraction, e.g. "0.01": manifest["subsets"][split]
     subset_task: str | None = None     # take the subset from manifest["task_subsets"][task] instead
@@ -55,6 +56,8 @@ class DataConfig:
                     "prefetch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
+        if self.shard_mix < 0:
+            raise ConfigError(f"data.shard_mix={self.shard_mix} must be >= 0 (0: shuffle the whole split)")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
         for key in ("mean", "std"):

@@ -1,56 +1,61 @@
-"""DALI backend: fn.readers.webdataset over per-epoch trimmed indexes, decode + augment in the graph.
+"""DALI backend: our external source feeds the planned samples' encoded bytes; decode + augment in the graph.
 
-Reading exactly the plan: for every (epoch, rank, resume point) the backend writes small wds2idx v1.2
-index files (`v1.2 <count>`, then one `ext offset size name ...` line per sample) into a temp dir,
-one per run of consecutive planned samples from the same shard, listing only those samples in plan
-order, and hands DALI the shard paths with these indexes. DALI reads samples in index order at the
-given offsets (verified: order, subsets and repeats are honoured), so the manifest's shards are read
-in place - no copies for subsets, no index building by DALI, no reader-side shuffling or sharding
-(shard_id/num_shards stay 0/1: the plan already is this rank's part).
+The feed: for every DALI iteration, `_Feed` reads the planned batch's members with the torch
+backend's checked read (`SampleReader.read`: one pread per sample, reads sorted by shard and offset,
+tar headers compared with the index, then `text_and_meta`: json, the CRC-32s it records for jpg, txt
+and png, text) and hands DALI the encoded jpg (and png) bytes with the sample's augmentation
+parameters. So DALI decodes exactly the bytes that were checked, in exactly the plan's order, from
+any mix of shards (a batch draws from many, pipeline/plan.py), and nothing else reads the tars: no
+reader, no per-epoch index files, no reader-side shuffling or sharding (the plan already is this
+rank's part). A sample that fails a check (or is already known bad) is replaced in its slot by the
+batch's first good sample, or by a tiny blank placeholder image when none is, and dropped again when
+the batch is unpacked.
 
 Graph (one sample; S = image_size, c = crop_size; "mixed" = nvJPEG when CUDA is available, else CPU
 with device_id=None):
 
-    reader -> jpg, txt, json (, png)
+    feed -> jpg bytes (, png bytes), matrix | crop position, brightness, contrast
     jpg --decoders.image(GRAY)--> [h, w, 1] u8
         --resize (squash | longer side + centred pad via crop)--> [S, S, 1] --crop(pos)--> [c, c, 1] u8
-        or, with an affine: --warp_affine(matrix x scale(decoded shape))--> [c, c, 1] u8 (one warp)
+        or, with an affine: --warp_affine(matrix)--> [c, c, 1] u8 (one warp)
         --x*b, contrast about reductions.mean, clamp--> --cat x3--> --crop_mirror_normalize--> [C, c, c] f32
-    txt/json -> fn.pad (byte tensors, zero padded) + shapes (lengths); source_info -> the key
 
-Per-sample parameters (affine matrix, crop position, brightness, contrast) come from
-`transforms.draw_params(seed, epoch, key)` through an external source, so DALI applies exactly the
-augmentation the torch backend would, and a resumed epoch continues with the same draws (DALI's own
-RNG could do neither). The affine/crop part of the matrix is therefore computed in numpy
-(`transforms.warp_matrix`, torchvision's formula); fn.transforms.scale/combine append the
-size-dependent part in the graph. Contrast is an arithmetic expression instead of
+Per-sample parameters come from `transforms.draw_params(seed, epoch, key)`, so DALI applies exactly
+the augmentation the torch backend would, and a resumed epoch continues with the same draws (DALI's
+own RNG could do neither). The whole warp matrix (resize to S x S, torchvision's affine, crop:
+`transforms.geometry_matrix`) is computed in numpy by the feed, with the decoded size read from the
+JPEG header (~20 us), so the graph runs no per-sample argument operators (shape, cast, stack,
+transforms.scale/combine: several small CPU ops per sample before). Contrast is an arithmetic expression instead of
 fn.brightness_contrast because torchvision centres contrast on the image mean, and on the GPU that
 mean is a GPU tensor, which cannot feed a (CPU-only) argument input.
 
-Decode failures: a DALI error on batch j is diagnosed by decoding that batch's planned samples on the
-CPU; the culprits are recorded (or raised with shard and key), and the pipeline is rebuilt from batch
-j with them removed from every later plan. Text/json problems are caught while unpacking the batch.
+One pipeline for the loader's lifetime: the graph does not depend on the epoch, so a new pass only
+points the feed at the new batches and resets the iterator (no pipeline build, 0.2-0.65 s, per
+epoch); a pass abandoned early is drained first (at most `prefetch` batches DALI ran ahead on).
 
-Batches are unpacked, tokenised and queued by a background thread (`prefetch` deep), so the training
-thread only dequeues ready batches.
+Decode failures: a DALI error on batch j is diagnosed by decoding that batch's planned samples on the
+CPU (and those DALI may have been running ahead on); the culprits are recorded (or raised with shard
+and key), and a new pipeline continues from batch j with them replaced.
+
+Batches are unpacked, tokenised and queued by a background thread (`prefetch` deep), which is also
+the thread DALI calls the feed from: the training thread only dequeues ready batches.
 """
 from __future__ import annotations
 
+import io
 import queue
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from pipeline.batch import (CorruptSampleError, HostBatch, SampleError, SampleReader, boxes_of, check_sample,
-                            decode_meta, decode_text, resolve_rows)
-from pipeline.plan import EXT_COLUMN, DatasetIndex, RankPlan
+from pipeline.batch import (CorruptSampleError, HostBatch, LoaderStats, SampleError, SampleReader, boxes_of, check_sample,
+                            peek_size, resolve_rows, text_and_meta)
+from pipeline.plan import DatasetIndex, RankPlan
 from pipeline.text import BatchTokenizer
-from pipeline.transforms import TransformSpec, draw_params, transform_boxes, warp_matrix
+from pipeline.transforms import SampleParams, TransformSpec, draw_params, geometry_matrix, transform_boxes
 
 
 def dali_available() -> bool:
@@ -62,48 +67,109 @@ def dali_available() -> bool:
     return True
 
 
-class _Slots:
-    """One planned batch as DALI will read it: bad samples replaced by placeholders (a good sample of
-    the same batch, dropped again after the run) so every batch still has its planned length."""
+def _placeholder(fmt: str) -> np.ndarray:
+    """A blank 8x8 grey image in `fmt`: fills the slot of a batch whose every sample failed its checks
+    (the row is dropped again on unpacking)."""
+    from PIL import Image
 
-    def __init__(self, index: int, gids: list[int], ok: list[bool]):
-        self.index, self.gids, self.ok = index, gids, ok
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format=fmt)
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
 
 
-class _ParamSource:
-    """External source: the drawn parameters of iteration k's samples (batch_info=True), only the
-    ones the transform uses (`names`). Drawn on demand, in DALI's prefetch, not all up front."""
+class _Fed:
+    """What the feed read for one DALI iteration, for the unpacking step."""
 
-    def __init__(self, slots: list[_Slots], index: DatasetIndex, spec: TransformSpec, seed: int, epoch: int,
-                 batch_size: int):
-        self.slots, self.index, self.spec, self.seed, self.epoch = slots, index, spec, seed, epoch
-        self.batch_size = batch_size
-        self.names = ((["matrix"] if spec.has_affine else [])
+    def __init__(self, j: int, gids: list[int], keys: list[str], shards: list[str], params: list[SampleParams],
+                 texts: list[str], metas: list[dict], reasons: list[str | None]):
+        self.j, self.gids, self.keys, self.shards, self.params = j, gids, keys, shards, params
+        self.texts, self.metas, self.reasons = texts, metas, reasons
+
+
+class _Feed:
+    """External source (batch=True): for each DALI iteration, the next planned batch's encoded images
+    and the drawn parameters of the columns the transform uses (`names`). Called by DALI in order,
+    from the thread that runs the pipeline; `fed` keeps what the unpacking step needs, in order."""
+
+    def __init__(self, index: DatasetIndex, spec: TransformSpec, seed: int, bad: dict[int, str], load_masks: bool):
+        self.index, self.spec, self.seed, self.bad, self.load_masks = index, spec, seed, bad, load_masks
+        self.exts = ("jpg", "txt", "json") + (("png",) if load_masks else ())
+        self.names = (["jpg"] + (["png"] if load_masks else []) + (["matrix"] if spec.has_affine else [])
                       + (["crop_x", "crop_y"] if spec.crop and not spec.has_affine else [])   # else in the matrix
                       + (["brightness", "contrast"] if spec.has_jitter else []))
+        self.reader = SampleReader(index)
+        self.plan: RankPlan | None = None
+        self.next_batch = 0
+        self.fed: list[_Fed] = []
+        self._blank = {"jpg": _placeholder("JPEG"), "png": _placeholder("PNG")}
 
-    def params(self, k: int) -> list:
-        return [draw_params(self.spec, self.seed, self.epoch, self.index.key(g)) for g in self.slots[k].gids]
+    def start(self, plan: RankPlan, first: int) -> None:
+        self.plan, self.next_batch, self.fed = plan, first, []
+
+    def stop(self) -> None:
+        """No more batches: DALI's next call ends the pass."""
+        self.next_batch = len(self.plan) if self.plan is not None else 0
 
     def __call__(self, info):
-        # DALI prefetches past the last batch (the reader wraps); any valid parameters do there.
-        params = self.params(min(info.iteration, len(self.slots) - 1))
-        params = params + [params[-1]] * (self.batch_size - len(params))   # reader pads by repetition
+        if self.plan is None or self.next_batch >= len(self.plan):
+            raise StopIteration
+        j = self.next_batch
+        self.next_batch += 1
+        batch = self.plan.batches[j]
+        gids = batch.tolist()
+        sids = self.index.shard_id(batch).tolist()                        # one search for the batch
+        located = [(self.index.shards[s], g - int(self.index.shard_start[s])) for s, g in zip(sids, gids)]
+        epoch = self.plan.epoch
+        members: list[dict | None] = [None] * len(gids)
+        texts, metas, reasons = [""] * len(gids), [{} for _ in gids], [self.bad.get(g) for g in gids]
+        for i in sorted(range(len(gids)), key=gids.__getitem__):       # reads in shard/offset order
+            if reasons[i] is not None:
+                continue
+            try:
+                members[i] = self.reader.read_row(*located[i], self.exts)
+                texts[i], metas[i] = text_and_meta(members[i])
+            except SampleError as exc:
+                reasons[i] = exc.reason
+        params = [draw_params(self.spec, self.seed, epoch, shard.keys[row]) for shard, row in located]
+        good = next((i for i, r in enumerate(reasons) if r is None), None)
+        self.fed.append(_Fed(j, gids, [shard.keys[row] for shard, row in located],
+                             [shard.name for shard, _ in located], params, texts, metas, reasons))
+
+        def encoded(ext: str) -> list[np.ndarray]:
+            def one(i: int) -> np.ndarray:
+                src = i if reasons[i] is None else good
+                return self._blank[ext] if src is None else np.frombuffer(members[src][ext], dtype=np.uint8)
+            return [one(i) for i in range(len(gids))]
+
+        # A placeholder row gets its donor's parameters too (any valid values would do: it is dropped).
+        used = [p if r is None or good is None else params[good] for p, r in zip(params, reasons)]
+
+        def matrices() -> np.ndarray:
+            """[B, 2, 3] output -> decoded-image pixels, the whole warp (`geometry_matrix`): the decoded
+            size comes from the JPEG header here, so the graph runs no per-sample argument ops."""
+            sizes = [peek_size(members[good if r is not None else i]["jpg"], "jpg") if good is not None
+                     else (8, 8) for i, r in enumerate(reasons)]
+            return np.stack([geometry_matrix(s, p, w, h) for p, (w, h) in zip(used, sizes)]).astype(np.float32)
+
         s = self.spec
         span = max(1, s.size - s.crop)
         columns = {
-            "matrix": lambda: np.stack([warp_matrix(s, p) for p in params]).astype(np.float32),   # [B, 2, 3]
-            "crop_x": lambda: np.array([p.crop_left / span for p in params], dtype=np.float32),   # [B]
-            "crop_y": lambda: np.array([p.crop_top / span for p in params], dtype=np.float32),
-            "brightness": lambda: np.array([p.brightness for p in params], dtype=np.float32),
-            "contrast": lambda: np.array([p.contrast for p in params], dtype=np.float32),
+            "jpg": lambda: encoded("jpg"),                                                      # B x [nbytes]
+            "png": lambda: encoded("png"),
+            "matrix": matrices,                                                                 # [B, 2, 3]
+            "crop_x": lambda: np.array([p.crop_left / span for p in used], dtype=np.float32),   # [B]
+            "crop_y": lambda: np.array([p.crop_top / span for p in used], dtype=np.float32),
+            "brightness": lambda: np.array([p.brightness for p in used], dtype=np.float32),
+            "contrast": lambda: np.array([p.contrast for p in used], dtype=np.float32),
         }
         return tuple(columns[name]() for name in self.names)
 
+    def close(self) -> None:
+        self.reader.close()
 
-def _build_pipeline(paths: list[str], index_paths: list[str], source: _ParamSource, spec: TransformSpec,
-                    batch_size: int, num_threads: int, device_id: int | None, prefetch: int, seed: int,
-                    with_mask: bool):
+
+def _build_pipeline(feed: _Feed, spec: TransformSpec, batch_size: int, num_threads: int, device_id: int | None,
+                    prefetch: int, seed: int, with_mask: bool):
     from nvidia.dali import Pipeline, fn, types
     import nvidia.dali.math as dmath
 
@@ -111,24 +177,14 @@ def _build_pipeline(paths: list[str], index_paths: list[str], source: _ParamSour
     pipe = Pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
                     prefetch_queue_depth=prefetch, seed=seed)
     with pipe:
-        exts = ["jpg", "txt", "json"] + (["png"] if with_mask else [])
-        members = fn.readers.webdataset(paths=paths, index_paths=index_paths, ext=exts, name="reader",
-                                        missing_component_behavior="error", pad_last_batch=True,
-                                        random_shuffle=False)
-        jpg, txt, js = members[:3]
-        info = fn.get_property(jpg, key="source_info")          # b"<tar path>:<offset>:<key>.jpg"
-        p = {}
-        if source.names:
-            p = dict(zip(source.names, fn.external_source(source=source, num_outputs=len(source.names),
-                                                          batch=True, batch_info=True)))
+        params = dict(zip(feed.names, fn.external_source(source=feed, num_outputs=len(feed.names), batch=True,
+                                                         batch_info=True)))
+        jpg, png = params.pop("jpg"), params.pop("png", None)
 
         def geometry(x, interp):
             if spec.has_affine:
-                # One warp from the decoded image, as in transforms.apply_geometry: the per-sample
-                # output->squashed-image matrix, then squashed image -> decoded pixels (its shape).
-                hw = fn.cast(x.shape(), dtype=types.FLOAT)          # (h, w, 1), on the CPU
-                to_image = fn.transforms.scale(scale=fn.stack(hw[1] / spec.size, hw[0] / spec.size))
-                return fn.warp_affine(x, matrix=fn.transforms.combine(p["matrix"], to_image),
+                # One warp from the decoded image, as in transforms.apply_geometry (the feed's matrix).
+                return fn.warp_affine(x, matrix=params["matrix"],
                                       size=[spec.out_size, spec.out_size], fill_value=0, interp_type=interp,
                                       inverse_map=True)               # [out, out, 1] uint8
             if spec.resize == "squash":
@@ -140,7 +196,7 @@ def _build_pipeline(paths: list[str], index_paths: list[str], source: _ParamSour
                 x = fn.crop(x, crop=[spec.size, spec.size], crop_pos_x=0.5, crop_pos_y=0.5,
                             out_of_bounds_policy="pad", fill_values=0)
             if spec.crop:
-                x = fn.crop(x, crop=[spec.crop, spec.crop], crop_pos_x=p["crop_x"], crop_pos_y=p["crop_y"])
+                x = fn.crop(x, crop=[spec.crop, spec.crop], crop_pos_x=params["crop_x"], crop_pos_y=params["crop_y"])
             return x                                                # [c, c, 1] uint8
 
         decode_device = "mixed" if gpu else "cpu"
@@ -148,7 +204,7 @@ def _build_pipeline(paths: list[str], index_paths: list[str], source: _ParamSour
         stored = img.shape()                                        # (h, w, 1), on the CPU
         img = geometry(img, types.INTERP_LINEAR)
         if spec.has_jitter:
-            b, c = p["brightness"], p["contrast"]
+            b, c = params["brightness"], params["contrast"]
             if gpu:   # arithmetic operands must share the image's device
                 b, c = b.gpu(), c.gpu()
             mean = fn.reductions.mean(img)                          # per-sample scalar, float
@@ -157,10 +213,9 @@ def _build_pipeline(paths: list[str], index_paths: list[str], source: _ParamSour
             img = fn.cat(img, img, img, axis=2)                     # grey replicated: [c, c, 3]
         img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
                                        mean=[255.0 * m for m in spec.mean], std=[255.0 * s for s in spec.std])
-        outputs = [img, stored, fn.pad(info, fill_value=0), info.shape(), fn.pad(txt, fill_value=0),
-                   txt.shape(), fn.pad(js, fill_value=0), js.shape()]
+        outputs = [img, stored]
         if with_mask:
-            mask = fn.decoders.image(members[3], device=decode_device, output_type=types.GRAY)
+            mask = fn.decoders.image(png, device=decode_device, output_type=types.GRAY)
             mask = geometry(mask, types.INTERP_NN)
             outputs.append(fn.transpose(mask, perm=[2, 0, 1]))      # [1, c, c] uint8 0/255
         pipe.set_outputs(*outputs)
@@ -168,128 +223,83 @@ def _build_pipeline(paths: list[str], index_paths: list[str], source: _ParamSour
     return pipe
 
 
-OUTPUT_NAMES = ["image", "stored", "info", "info_len", "txt", "txt_len", "json", "json_len"]
+OUTPUT_NAMES = ["image", "stored"]
 
 
-def _strings(data: torch.Tensor, lengths: torch.Tensor) -> list[bytes]:
-    data, lengths = data.cpu().numpy(), lengths.reshape(-1).cpu().numpy()
-    return [data[i, :lengths[i]].tobytes() for i in range(len(lengths))]
+class DaliBatches:
+    """The loader's DALI pipeline and its prefetch thread; `iterate(plan, first)` is one pass, yielding
+    HostBatch in plan order."""
 
-
-class DaliEpoch:
-    """Iterates batches `first..` of a rank plan through DALI; yields HostBatch in plan order."""
-
-    def __init__(self, index: DatasetIndex, plan: RankPlan, first: int, spec: TransformSpec, seed: int,
-                 tokenizer: BatchTokenizer | None, keep_size: bool, bad: dict[int, str], on_error: str,
-                 num_threads: int, prefetch: int, device: torch.device, use_gpu: bool,
-                 load_masks: bool, load_boxes: bool, on_rebuild):
-        self.index, self.plan, self.first, self.spec, self.seed = index, plan, first, spec, seed
-        self.tokenizer, self.keep_size, self.bad, self.on_error = tokenizer, keep_size, bad, on_error
-        self.num_threads, self.prefetch, self.device = num_threads, prefetch, device
+    def __init__(self, index: DatasetIndex, spec: TransformSpec, seed: int, tokenizer: BatchTokenizer | None,
+                 keep_size: bool, bad: dict[int, str], on_error: str, num_threads: int, prefetch: int,
+                 batch_size: int, device: torch.device, use_gpu: bool, load_masks: bool, load_boxes: bool,
+                 stats: LoaderStats | None):
+        self.index, self.spec, self.seed, self.tokenizer = index, spec, seed, tokenizer
+        self.keep_size, self.bad, self.on_error = keep_size, bad, on_error
+        self.num_threads, self.prefetch, self.batch_size, self.device = num_threads, prefetch, batch_size, device
         self.device_id = None
         if use_gpu and device.type == "cuda":
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
-        self.load_masks, self.load_boxes, self.on_rebuild = load_masks, load_boxes, on_rebuild
-        self._skipped: list[HostBatch] = []     # batches whose every sample is bad (eval only)
+        # The loader's counters, not a callback into the loader: a Loader <-> DaliBatches cycle would
+        # leave the pipeline to the garbage collector, which a forked worker may then run (segfault).
+        self.load_masks, self.load_boxes, self.stats = load_masks, load_boxes, stats
+        self.feed = _Feed(index, spec, seed, bad, load_masks)
+        self._pipe = self._it = None
+        self._open = False          # the iterator has run a pass (reset needed before the next)
+        self.builds = 0             # pipelines built: 1 for the loader's lifetime unless DALI failed
 
-    # ---- plan -> slots -> index files -> pipeline --------------------------------------------
-    def _slots(self, start: int) -> list[_Slots]:
-        """Slots of batches start.. (batches with no readable sample go to `_skipped` instead)."""
-        self._skipped = []
-        out = []
-        for j in range(start, len(self.plan)):
-            gids = self.plan.batches[j].tolist()
-            ok = [g not in self.bad for g in gids]
-            if not any(ok):
-                if self.keep_size:
-                    raise CorruptSampleError(self._all_bad_message(j, gids))
-                self._skipped.append(self._empty_batch(j, gids))
-                continue
-            first_good = gids[ok.index(True)]
-            out.append(_Slots(j, [g if flag else first_good for g, flag in zip(gids, ok)], ok))
-        return out
-
-    def _all_bad_message(self, j: int, gids: list[int]) -> str:
-        first = self.index.locate(gids[0])
-        return (f"every sample of batch {j} is unreadable (e.g. {first[0].name} key {first[0].keys[first[1]]}: "
-                f"{self.bad.get(gids[0])}); cannot refill it")
-
-    def _empty_batch(self, j: int, gids: list[int]) -> HostBatch:
-        errors = []
-        for g in gids:
-            shard, row = self.index.locate(g)
-            errors.append({"gid": g, "key": shard.keys[row], "shard": shard.name, "reason": self.bad[g]})
-        return HostBatch(index=j, gids=[], keys=[], shards=[], texts=[], meta=[], image=None, errors=errors)
-
-    def _write_indexes(self, slots: list[_Slots], tmp: Path) -> tuple[list[str], list[str]]:
-        flat = np.array([g for s in slots for g in s.gids], dtype=np.int64)
-        shard_ids = self.index.shard_id(flat)
-        cuts = np.flatnonzero(np.diff(shard_ids)) + 1
-        paths, index_paths = [], []
-        for r, run in enumerate(np.split(np.arange(len(flat)), cuts)):
-            shard = self.index.shards[int(shard_ids[run[0]])]
-            lines = []
-            for gid in flat[run].tolist():
-                row = gid - int(self.index.shard_start[shard_ids[run[0]]])
-                key = shard.keys[row]
-                lines.append(" ".join(f"{ext} {shard.offsets[row, col]} {shard.sizes[row, col]} {key}.{ext}"
-                                      for ext, col in EXT_COLUMN.items() if shard.offsets[row, col] >= 0))
-            path = tmp / f"run-{r:06d}.idx"
-            path.write_text(f"v1.2 {len(lines)}\n" + "\n".join(lines) + "\n", encoding="utf-8")
-            paths.append(shard.path)
-            index_paths.append(str(path))
-        return paths, index_paths
-
-    def _start(self, slots: list[_Slots], tmp: Path):
+    # ---- the pipeline -------------------------------------------------------------------------
+    def _iterator(self):
+        """The pipeline's iterator, built on first use and after a failure, reset between passes."""
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        paths, index_paths = self._write_indexes(slots, tmp)
-        source = _ParamSource(slots, self.index, self.spec, self.seed, self.plan.epoch, self.plan.batch_size)
-        pipe = _build_pipeline(paths, index_paths, source, self.spec, self.plan.batch_size, self.num_threads,
-                               self.device_id, self.prefetch, self.seed, self.load_masks)
-        names = OUTPUT_NAMES + (["mask"] if self.load_masks else [])
-        it = DALIGenericIterator([pipe], names, reader_name="reader", auto_reset=False,
-                                 last_batch_policy=LastBatchPolicy.PARTIAL, prepare_first_batch=False)
-        return pipe, it, source
+        if self._it is None:
+            self.builds += 1
+            self._pipe = _build_pipeline(self.feed, self.spec, self.batch_size, self.num_threads, self.device_id,
+                                         self.prefetch, self.seed, self.load_masks)
+            names = OUTPUT_NAMES + (["mask"] if self.load_masks else [])
+            # No reader: the pass ends when the feed raises StopIteration.
+            self._it = DALIGenericIterator([self._pipe], names, auto_reset=False, prepare_first_batch=False,
+                                           last_batch_policy=LastBatchPolicy.PARTIAL)
+        elif self._open:
+            self._it.reset()      # schedules the first iterations of the new pass (feed already pointed)
+        return self._it
+
+    def _drain(self) -> None:
+        """End the current pass early: DALI has run up to `prefetch` iterations ahead."""
+        self.feed.stop()
+        try:
+            for _ in self._it:
+                pass
+        except RuntimeError:
+            self._discard()
+
+    def _discard(self) -> None:
+        self._it = self._pipe = None
+        self._open = False
 
     # ---- one DALI batch -> HostBatch ----------------------------------------------------------
-    def _unpack(self, out: dict, slot: _Slots, params: list | None) -> HostBatch:
+    def _unpack(self, out: dict, fed: _Fed) -> HostBatch:
         t0 = time.perf_counter()
-        infos = _strings(out["info"], out["info_len"])
-        texts_raw = _strings(out["txt"], out["txt_len"])
-        metas_raw = _strings(out["json"], out["json_len"])
         stored = out["stored"].cpu().numpy()                    # [n, 3] (h, w, 1)
-        keys, shards, texts, metas, boxes, errors, ok = [], [], [], [], [], [], list(slot.ok)
-        planned_gids = self.plan.batches[slot.index].tolist()
-        for i, gid in enumerate(slot.gids):
-            shard, row = self.index.locate(gid)
-            got = infos[i].decode("utf-8", "replace").rsplit(":", 1)[-1].split(".", 1)[0]
-            if got != shard.keys[row]:
-                raise RuntimeError(f"DALI reader out of step with the plan in batch {slot.index}: row {i} "
-                                   f"is {got!r}, planned {shard.keys[row]!r} ({shard.name})")
-            planned = self.index.locate(planned_gids[i])
-            keys.append(planned[0].keys[planned[1]])
-            shards.append(planned[0].name)
-            texts.append("")
-            metas.append({})
+        keys, shards, boxes, errors = fed.keys, fed.shards, [], []
+        ok = [r is None for r in fed.reasons]
+        for i, gid in enumerate(fed.gids):
             boxes.append(None)
-            if not slot.ok[i]:
-                errors.append({"gid": planned_gids[i], "key": keys[-1], "shard": shards[-1],
-                               "reason": self.bad[planned_gids[i]]})
-                continue
-            try:
-                texts[-1] = decode_text(texts_raw[i])
-                metas[-1] = decode_meta(metas_raw[i])
-                if self.load_boxes:
+            if fed.reasons[i] is not None:
+                self.bad.setdefault(gid, fed.reasons[i])
+                errors.append({"gid": gid, "key": keys[i], "shard": shards[i], "reason": fed.reasons[i]})
+            elif self.load_boxes:
+                try:
                     h, w = int(stored[i, 0]), int(stored[i, 1])
-                    boxes[-1] = transform_boxes(boxes_of(metas[-1]), self.spec, params[i], w, h)
-            except SampleError as exc:
-                ok[i] = False
-                self.bad[gid] = exc.reason
-                errors.append({"gid": gid, "key": keys[-1], "shard": shards[-1], "reason": exc.reason})
+                    boxes[-1] = transform_boxes(boxes_of(fed.metas[i]), self.spec, fed.params[i], w, h)
+                except SampleError as exc:
+                    ok[i] = False
+                    self.bad[gid] = exc.reason
+                    errors.append({"gid": gid, "key": keys[i], "shard": shards[i], "reason": exc.reason})
         keep, filled = resolve_rows(ok, self.keep_size)
-        hb = HostBatch(index=slot.index, gids=planned_gids, keys=keys, shards=shards, texts=texts, meta=metas,
+        hb = HostBatch(index=fed.j, gids=fed.gids, keys=keys, shards=shards, texts=fed.texts, meta=fed.metas,
                        image=out["image"], normalised=True, mask=out.get("mask"),
                        boxes=boxes if self.load_boxes else None, errors=errors)
         hb.select(keep)
@@ -299,15 +309,15 @@ class DaliEpoch:
         hb.work_s = time.perf_counter() - t0
         return hb
 
-    def _diagnose(self, slots: list[_Slots], k: int, exc: Exception) -> None:
-        """DALI failed fetching slots[k]: find the bad samples on the CPU (that batch first, then the
+    def _diagnose(self, plan: RankPlan, j: int, exc: Exception) -> None:
+        """DALI failed fetching batch j: find the bad samples on the CPU (that batch first, then the
         ones DALI may have been running ahead on) and record them; re-raise if none is found."""
         reader = SampleReader(self.index)
         try:
-            for s in slots[k:k + self.prefetch + 1]:
+            for batch in plan.batches[j:j + self.prefetch + 1]:
                 found = {}
-                for gid, flag in zip(s.gids, s.ok):
-                    if flag and gid not in found:
+                for gid in batch.tolist():
+                    if gid not in self.bad and gid not in found:
                         reason = check_sample(reader, gid, self.load_masks)
                         if reason is not None:
                             found[gid] = reason
@@ -320,44 +330,39 @@ class DaliEpoch:
                     return
         finally:
             reader.close()
-        batch = slots[k]
-        names = sorted({self.index.locate(g)[0].name for g in batch.gids})
-        raise RuntimeError(f"DALI failed on batch {batch.index} (shards {names}) but every sample of it "
+        names = sorted({self.index.locate(g)[0].name for g in plan.batches[j].tolist()})
+        raise RuntimeError(f"DALI failed on batch {j} (shards {names}) but every sample of it "
                            f"decodes on the CPU: {exc}") from exc
 
-    def _produce(self) -> Iterator[HostBatch]:
-        start = self.first
-        while start < len(self.plan):
-            yield from self._flush_skipped(start)
-            slots = self._slots(start)
-            if not slots:
-                break
-            with tempfile.TemporaryDirectory(prefix="g2d-dali-idx-") as tmp:
-                pipe, it, source = self._start(slots, Path(tmp))
-                k = 0
+    def _produce(self, plan: RankPlan, first: int) -> Iterator[HostBatch]:
+        j = first
+        while j < len(plan):
+            self.feed.start(plan, j)
+            it = self._iterator()
+            self._open = True
+            while j < len(plan):
                 try:
-                    while k < len(slots):
-                        try:
-                            out = next(it)[0]
-                        except StopIteration:
-                            raise RuntimeError(f"DALI stopped after {k} of {len(slots)} planned batches") from None
-                        except RuntimeError as exc:
-                            self._diagnose(slots, k, exc)
-                            self.on_rebuild()
-                            break
-                        yield from self._flush_skipped(slots[k].index)
-                        yield self._unpack(out, slots[k], source.params(k) if self.load_boxes else None)
-                        k += 1
-                finally:
-                    del it, pipe
-            start = len(self.plan) if k == len(slots) else slots[k].index
-        yield from self._flush_skipped(float("inf"))
+                    out = next(it)[0]
+                except StopIteration:
+                    raise RuntimeError(f"DALI stopped at batch {j} of {len(plan)} planned batches") from None
+                except RuntimeError as exc:
+                    self._discard()
+                    self._diagnose(plan, j, exc)
+                    if self.stats is not None:
+                        self.stats.dali_rebuilds += 1
+                    break                   # a new pipeline continues from batch j
+                fed = self.feed.fed.pop(0)
+                yield self._unpack(out, fed)
+                j = fed.j + 1
+        if self._it is not None:
+            # The feed ended the pass on DALI's next call: collect that end, so the next pass starts clean.
+            try:
+                next(self._it)
+            except StopIteration:
+                return
+            raise RuntimeError("DALI produced a batch beyond the plan")
 
-    def _flush_skipped(self, before: float) -> Iterator[HostBatch]:
-        while self._skipped and self._skipped[0].index < before:
-            yield self._skipped.pop(0)
-
-    def __iter__(self) -> Iterator[HostBatch]:
+    def iterate(self, plan: RankPlan, first: int) -> Iterator[HostBatch]:
         """Run `_produce` in a background thread, `prefetch` batches ahead of the consumer."""
         q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
         stop = threading.Event()
@@ -366,7 +371,7 @@ class DaliEpoch:
             if self.device.type == "cuda":
                 torch.cuda.set_device(self.device)
             try:
-                for hb in self._produce():
+                for hb in self._produce(plan, first):
                     while not stop.is_set():
                         try:
                             q.put(("batch", hb), timeout=0.1)
@@ -374,8 +379,11 @@ class DaliEpoch:
                         except queue.Full:
                             continue
                     if stop.is_set():
-                        return
-                q.put(("end", None))
+                        break
+                else:
+                    q.put(("end", None))
+                    return
+                self._drain()
             except BaseException as exc:  # forwarded to the consumer, which re-raises it
                 q.put(("error", exc))
 
@@ -399,3 +407,6 @@ class DaliEpoch:
                     pass
             thread.join()
 
+    def close(self) -> None:
+        self._discard()
+        self.feed.close()

@@ -4,11 +4,17 @@ Both backends read exactly this plan, which is what makes the loader determinist
 backend-independent:
 
     dataset index   every shard's DALI `.idx` parsed once at start (member offsets and sizes), checked
-                    against the manifest; a missing shard or index fails here with its path
-    epoch order     shard order permuted with (seed, epoch); the samples inside each shard permuted
-                    too. Shards are packed from an already shuffled list, so a shard is a random draw
-                    of the split; reading shard by shard keeps I/O sequential-ish and lets DALI read
-                    each shard through one index file. The subset (if any) is applied here.
+                    against the manifest and, for the first and last sample, against the tar headers
+                    (a stale index fails here); a missing shard or index, or a member name outside
+                    `<key>.<ext>`, fails here with its path
+    epoch order     with shuffle, a permutation of the whole split drawn from (seed, epoch), as G2D's
+                    and MGCA's own loaders shuffle: every batch draws from many shards, so in-batch
+                    contrastive negatives come from the whole corpus, not from one shard's ~2,000
+                    samples. `data.shard_mix` = k > 0 permutes within windows of k shards instead
+                    (shard order permuted first): each batch then draws from ~k shards, and a pass
+                    holds only k shards open at a time (for storage where random reads across
+                    the whole split are slow). Readers sort each batch's reads by shard and offset.
+                    Without shuffle (evaluation): manifest order. The subset (if any) is applied here.
     rank blocks     the epoch order cut into `world_size` contiguous blocks. With drop_last every rank
                     gets floor(N / world / B) full batches - the same count on every rank, so no rank
                     waits at the epoch end in a collective the others never reach. Without drop_last
@@ -25,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.schema import MEMBER_ORDER, ManifestError, read_manifest, split_shards
+from shards.schema import (KEY_RE, MEMBER_ORDER, TAR_BLOCK, ManifestError, check_member_header, read_manifest,
+                           split_shards, stale_index_message)
 
 EXT_COLUMN = {ext: i for i, ext in enumerate(MEMBER_ORDER)}   # jpg 0, txt 1, json 2, png 3
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
@@ -66,7 +73,12 @@ def parse_index(tar_path: str, idx_path: str) -> tuple[list[str], np.ndarray, np
         key = None
         for g in range(0, len(fields), 4):
             ext, off, size, member = fields[g:g + 4]
-            stem = member.split(".", 1)[0]
+            stem, _, member_ext = member.partition(".")
+            if not KEY_RE.match(stem) or member_ext != ext:
+                # Keys name batches, errors and DALI's source_info; a name outside the pattern (a path,
+                # a dot in the key) would be read as something else downstream.
+                raise ManifestError(f"{idx_path}:{row + 2}: member {member!r} of shard {tar_path} is not "
+                                    f"<key>.{ext} with a key of [A-Za-z0-9_-]")
             if key is None:
                 key = stem
             if stem != key or ext not in EXT_COLUMN:
@@ -75,6 +87,25 @@ def parse_index(tar_path: str, idx_path: str) -> tuple[list[str], np.ndarray, np
             sizes[row, EXT_COLUMN[ext]] = int(size)
         keys.append(key)
     return keys, offsets, sizes
+
+
+def check_headers(shard: ShardIndex, rows) -> None:
+    """Check the tar headers of every member of `rows` against the index (name and size at the
+    indexed offset): run on the first and last sample of each shard at start, a few small reads per
+    shard, it catches an index left from another packing at once, with the right cause (reading on
+    would report "txt: not UTF-8" or "json invalid" sample after sample). The readers check every
+    sample they read the same way (pipeline/batch.py)."""
+    with open(shard.path, "rb") as fh:
+        for row in rows:
+            for ext, col in EXT_COLUMN.items():
+                offset, size = int(shard.offsets[row, col]), int(shard.sizes[row, col])
+                if offset < 0:
+                    continue
+                fh.seek(max(0, offset - TAR_BLOCK))
+                problem = check_member_header(fh.read(TAR_BLOCK) if offset >= TAR_BLOCK else b"",
+                                              f"{shard.keys[row]}.{ext}", size)
+                if problem is not None:
+                    raise ManifestError(stale_index_message(shard.name, problem))
 
 
 class DatasetIndex:
@@ -108,7 +139,9 @@ class DatasetIndex:
                 if missing.size:
                     hint = " (data.load_masks needs a dataset with masks)" if ext == "png" else ""
                     raise ManifestError(f"{tar}: sample {keys[missing[0]]} has no .{ext} member{hint}")
-            self.shards.append(ShardIndex(entry["name"], str(tar), keys, offsets, sizes))
+            shard = ShardIndex(entry["name"], str(tar), keys, offsets, sizes)
+            check_headers(shard, (0, len(shard) - 1))
+            self.shards.append(shard)
         if not self.shards:
             raise ManifestError(f"split {split!r} of {self.root} has no shards")
         lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
@@ -151,15 +184,21 @@ class DatasetIndex:
         return int(self.selected.sum())
 
 
-def epoch_order(index: DatasetIndex, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """All selected global ids in this epoch's reading order: [N_selected] int64."""
+def epoch_order(index: DatasetIndex, seed: int, epoch: int, shuffle: bool, shard_mix: int = 0) -> np.ndarray:
+    """All selected global ids in this epoch's reading order: [N_selected] int64.
+
+    shuffle: the shard order is permuted, then the samples of each window of `shard_mix` consecutive
+    shards (0: all of them) are permuted together, so every batch draws from the whole window."""
     rng = np.random.default_rng([seed, epoch])
-    shard_ids = rng.permutation(len(index.shards)) if shuffle else np.arange(len(index.shards))
+    if not shuffle:
+        return np.flatnonzero(index.selected).astype(np.int64)
+    shard_ids = rng.permutation(len(index.shards))
+    window = shard_mix if shard_mix > 0 else len(shard_ids)
     parts = []
-    for s in shard_ids:
-        lo, hi = index.shard_start[s], index.shard_start[s + 1]
-        gids = np.arange(lo, hi, dtype=np.int64)[index.selected[lo:hi]]
-        parts.append(rng.permutation(gids) if shuffle else gids)
+    for w in range(0, len(shard_ids), window):
+        gids = [np.arange(index.shard_start[s], index.shard_start[s + 1], dtype=np.int64) for s in shard_ids[w:w + window]]
+        gids = np.concatenate(gids)
+        parts.append(rng.permutation(gids[index.selected[gids]]))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
@@ -191,11 +230,33 @@ class RankPlan:
 
 
 def make_plan(index: DatasetIndex, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-              shuffle: bool, drop_last: bool) -> RankPlan:
+              shuffle: bool, drop_last: bool, shard_mix: int = 0) -> RankPlan:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    order = epoch_order(index, seed, epoch, shuffle)
+    order = epoch_order(index, seed, epoch, shuffle, shard_mix)
     start, stop = rank_block(len(order), rank, world_size, batch_size, drop_last)
     block = order[start:stop]
     batches = [block[i:i + batch_size] for i in range(0, len(block), batch_size)]
     return RankPlan(epoch, rank, world_size, batch_size, batches)
+
+
+@dataclass(frozen=True)
+class PlanArgs:
+    """Everything a rank's plan depends on besides the index and the epoch: what a worker process
+    needs to compute the plan of any epoch itself."""
+    seed: int
+    rank: int
+    world_size: int
+    batch_size: int
+    shuffle: bool
+    drop_last: bool
+    shard_mix: int = 0
+
+    def make(self, index: DatasetIndex, epoch: int) -> RankPlan:
+        return make_plan(index, self.seed, epoch, self.rank, self.world_size, self.batch_size, self.shuffle,
+                         self.drop_last, self.shard_mix)
+
+
+def distinct_shards(index: DatasetIndex, plan: RankPlan) -> np.ndarray:
+    """[batches] how many shards each batch of the plan draws from (the in-batch negatives' spread)."""
+    return np.array([len(np.unique(index.shard_id(b))) for b in plan.batches], dtype=np.int64)

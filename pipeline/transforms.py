@@ -299,5 +299,31 @@ def colour_normalise(images: torch.Tensor, colour: torch.Tensor | None, spec: Tr
     return torch.addcmul(shift, x, scale, out=out)                      # [B, C, H, W] by broadcasting
 
 
+def colour_normalise_cpu(images: torch.Tensor, colour: torch.Tensor | None, spec: TransformSpec) -> torch.Tensor:
+    """`colour_normalise` for a CPU device: uint8 [B, 1, H, W] + (brightness, contrast) [B, 2] ->
+    float32 [B, C, H, W], the same values (float rounding aside).
+
+    Jitter and normalisation are a function of the pixel value alone once the image mean is known, so
+    they become one 256-entry table per sample and channel, applied by cv2.LUT (uint8 in, float32
+    out): one read of the uint8 image and one write per output channel, where the float passes of
+    `colour_normalise` read and write float images several times (0.55 -> ~0.12 ms per 256-px image
+    on one core, the largest single cost of a CPU-only sample)."""
+    n = images.shape[0]
+    out = torch.empty((n, spec.channels) + tuple(images.shape[2:]), dtype=torch.float32)
+    pixels, target = images.numpy(), out.numpy()
+    values = np.broadcast_to(np.arange(256, dtype=np.float64), (n, 256))          # [B, 256]
+    if spec.has_jitter and colour is not None:
+        bc = colour.numpy().astype(np.float64)                                     # [B, 2]
+        means = np.array([cv2.mean(pixels[i, 0])[0] for i in range(n)])[:, None]
+        b, c = bc[:, :1], bc[:, 1:]
+        values = np.clip(b * (c * values + (1.0 - c) * means), 0.0, 255.0)
+    mean, std = np.asarray(spec.mean)[None, :, None], np.asarray(spec.std)[None, :, None]
+    luts = ((values[:, None, :] / 255.0 - mean) / std).astype(np.float32)          # [B, C, 256]
+    for i in range(n):
+        for ch in range(spec.channels):
+            cv2.LUT(pixels[i, 0], luts[i, ch], dst=target[i, ch])
+    return out                                                          # [B, C, H, W] float32
+
+
 def colour_params(params: list[SampleParams]) -> torch.Tensor:
     return torch.tensor([[p.brightness, p.contrast] for p in params], dtype=torch.float32).reshape(-1, 2)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.image import encode_jpeg, encode_png
+from shards.schema import MEMBER_CRC_FIELD, MEMBER_ORDER, member_crc32
 from shards.writer import PackedSample, pack_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,13 +66,16 @@ def build_sample(item: Item) -> PackedSample:
     meta = {"dataset": "tiny", "key": item.key, "index": item.seed, "stored_size": [w, h],
             "labels": {"Pleural Effusion": float(item.seed % 2), "Edema": float(item.seed % 3 == 0)},
             "boxes": [box]}
-    members = {"jpg": encode_jpeg(img, quality=95), "txt": report(item.seed).encode(),
-               "json": json.dumps(meta).encode()}
+    members = {"jpg": encode_jpeg(img, quality=95), "txt": report(item.seed).encode()}
     if item.masks:
         mask = np.zeros_like(img)
         mask[box[1]:box[3], box[0]:box[2]] = 255
         members["png"] = encode_png(mask)
-    return PackedSample(item.key, members)
+    # The per-member CRCs the shard writer records (shards/schema.py), set here so that the read-side
+    # checks are tested whichever writer packed the fixture.
+    meta[MEMBER_CRC_FIELD] = {ext: member_crc32(data) for ext, data in members.items()}
+    members["json"] = json.dumps(meta).encode()
+    return PackedSample(item.key, {ext: members[ext] for ext in MEMBER_ORDER if ext in members})
 
 
 def pack_tiny(root: Path, n_train: int = 52, n_valid: int = 20, per_shard: int = 8, masks: bool = False,

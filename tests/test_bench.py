@@ -41,8 +41,19 @@ def test_bench_pipeline_writes_the_promised_results(tmp_path):
     assert detail["g2d_npy_images"] >= 48 * 256 * 256
     assert out["rate_basis"] in ("steady", "with startup")
     assert out["setup"]["train_images"] == 48 and out["machine"]["cpu_count"] >= 1
+    # Issue #12's measurements, from the same run: stages vs the floor, CRC price, shard mixing.
+    stages = out["cpu_breakdown_ms_per_img"]
+    assert set(stages) >= {"read", "check", "decode", "warp", "jitter_normalise", "tokenise", "collate", "other"}
+    assert stages["decode"] > 0 and stages["warp"] > 0 and stages["tokenise"] > 0 and stages["total"] > 0
+    ratio = out["torch_cpu_ms_per_img"] / out["floor_ms_per_img"]
+    assert out["floor_ms_per_img"] > 0 and out["torch_vs_floor"] == pytest.approx(ratio, rel=0.02)
+    assert 0 < out["crc_us_per_sample"] < 1000
+    assert set(out["mixing_cost"]) == {"dali", "torch", "torch_cpu"}
+    mixed = out["shards_per_batch"]["mixed (shard_mix=0)"]
+    assert mixed["shards"] == 6 and mixed["mean"] > out["shards_per_batch"]["one shard at a time (shard_mix=1)"]["mean"]
     text = doc.read_text()
     assert "## Data pipeline" in text and "G2D npy memmap" in text and "(target >= 5x" in text
+    assert "| decode | " in text and "goal <= 1.5x" in text and "distinct shards per batch" in text
 
 
 def test_profile_dali_times_each_cut_of_the_graph(tmp_path):

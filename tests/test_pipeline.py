@@ -361,18 +361,20 @@ def test_masks_required_when_requested(tiny):
 def test_gpu_decode_path_matches_the_pil_path(tiny, name):
     """The torch_gpu_decode code path (decode_jpeg + geometry on tensors), run on the CPU."""
     from pipeline.batch import SampleReader
+    from pipeline.plan import PlanArgs
     from pipeline.torch_backend import EpochBatches, gpu_decode
 
     root, _ = tiny
     cfg = config(root, transform=name)
     index = DatasetIndex(root, "valid")
-    plan = make_plan(index, 7, 0, 0, 1, 8, shuffle=True, drop_last=True)
+    args = PlanArgs(seed=7, rank=0, world_size=1, batch_size=8, shuffle=True, drop_last=True)
+    plan = args.make(index, 0)
     spec = build_spec(cfg, name)
-    common = dict(index=index, batches=plan.batches, first=0, spec=spec, seed=7, epoch=0, tokenizer=None,
-                  keep_size=True, bad={}, load_masks=False, load_boxes=False, normalise=False)
+    common = dict(index=index, plan_args=args, spec=spec, tokenizer=None, keep_size=True, load_masks=False,
+                  load_boxes=False)
     reader = SampleReader(index)
-    pil = EpochBatches(gpu_decode=False, **common).build(1, reader)
-    raw = EpochBatches(gpu_decode=True, **common).build(1, reader)
+    pil = EpochBatches(gpu_decode=False, **common).build(plan, 1, reader)
+    raw = EpochBatches(gpu_decode=True, **common).build(plan, 1, reader)
     reader.close()
     assert raw.image is None and len(raw.jpeg) == 8
     assert gpu_decode(raw, spec, torch.device("cpu"), keep_size=True) == []
@@ -420,3 +422,64 @@ def test_batched_tensor_warp_matches_one_image_at_a_time():
     diff = (batch.int() - single.int()).abs()
     assert diff.max() <= 1 and diff.float().mean() < 0.01
     assert torch.equal(batch[2, 0], images[2][0, :72, :72])      # the identity map copies pixels
+
+
+# ---- batches across shards, epoch boundaries, CPU colour step ----------------------------------------
+
+def test_batches_draw_from_many_shards_and_shard_mix_bounds_the_window(tmp_path):
+    from pipeline.plan import PlanArgs, distinct_shards
+
+    root = tmp_path / "many"
+    pack_tiny(root, n_train=96, n_valid=8, per_shard=6)                        # 16 train shards
+    index = DatasetIndex(root, "train")
+    counts = {}
+    for mix in (0, 4, 1):
+        args = PlanArgs(seed=1, rank=0, world_size=2, batch_size=16, shuffle=True, drop_last=True, shard_mix=mix)
+        counts[mix] = np.concatenate([distinct_shards(index, args.make(index, e)) for e in range(3)])
+    assert counts[0].mean() >= 8                     # min(8, shards per rank) with the whole split mixed
+    # A batch of 16 spans at most two windows of 4 x 6 samples, or four single 6-sample shards.
+    assert counts[4].max() <= 8 and counts[1].max() <= 4
+    assert counts[0].mean() > counts[1].mean() + 4
+    with pytest.raises(Exception, match="shard_mix"):
+        DataConfig(shards=str(root), shard_mix=-1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_workers_and_pipeline_outlive_epochs_and_early_stops(tiny, tokenizer, backend):
+    """One worker pool / one DALI pipeline for the loader's lifetime: epochs and an abandoned pass
+    start no new ones, and a pass after an early stop is still exactly the planned one."""
+    root, _ = tiny
+    cfg = config(root, backend=backend, transform="g2d_train", batch_size_per_gpu=4)
+    loader = build_loader(cfg, "train", CPU, tokenizer=tokenizer)
+    loader.set_epoch(0)
+    first = [b.keys for b in loader]
+    pool = loader._workers
+    ids = ([p.pid for p in pool.loader._iterator._workers] if backend == "torch" else pool.builds)
+    loader.set_epoch(1)
+    it = iter(loader)
+    next(it)
+    it.close()                                                   # stop early, mid-epoch
+    loader.set_epoch(0)
+    again = [b.keys for b in loader]
+    assert again == first and loader._workers is pool
+    if backend == "torch":
+        assert [p.pid for p in pool.loader._iterator._workers] == ids
+    else:
+        assert pool.builds == ids == 1
+    loader.close()
+    assert loader._workers is None
+
+
+def test_cpu_colour_step_matches_the_batched_float_path():
+    from pipeline.transforms import colour_normalise, colour_normalise_cpu
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 1, 32, 24), dtype=torch.uint8, generator=gen)
+    colour = 0.8 + 0.4 * torch.rand(5, 2, generator=gen)
+    for name in ("g2d_train", "eval", "mgca_eval"):
+        for channels in (1, 3):
+            spec = build_spec(DataConfig(channels=channels), name)
+            want = colour_normalise(images, colour if spec.has_jitter else None, spec)
+            got = colour_normalise_cpu(images, colour if spec.has_jitter else None, spec)
+            assert got.shape == want.shape == (5, channels, 32, 24)
+            assert torch.allclose(got, want, atol=1e-5), name

@@ -1,19 +1,20 @@
 """Where does our DALI graph spend its time? Throughput of the graph cut after each stage.
 
-bench-pipeline measures the whole DALI graph at ~6.7k images/s on an H200 (256-px shards), against 99k
-for plain libjpeg decoding on 16 cores. This tool finds the stage that costs it: it builds the graph
-of `pipeline/dali_backend.py` (g2d_train: decode, per-sample warp, jitter, normalise, plus the
-text/json/key outputs) cut after each stage, and times each cut in steady state (the reader loops over
-the shards; `--iters` iterations after `--warmup`). Each row adds one stage to the previous:
+bench-pipeline measures the whole DALI loader on an H200 (256-px shards) against plain libjpeg
+decoding on 16 cores. This tool finds the stage that costs it: it builds the graph of
+`pipeline/dali_backend.py` (g2d_train), fed by the backend's own external source (`_Feed`: checked
+reads of the planned samples, per-sample parameters and warp matrices, looping over the plan), cut
+after each stage, and times each cut in steady state (`--iters` iterations after `--warmup`). Each row
+adds one stage to the previous:
 
-    read         fn.readers.webdataset, the jpg member only
+    read         the feed alone: checked reads (tar headers, CRCs, json, text), drawn parameters,
+                 warp matrices (the decoded size from the JPEG header); the jpg bytes as output
     decode       + fn.decoders.image (mixed = nvJPEG with a GPU, CPU otherwise), grey
     warp_const   + fn.warp_affine with one constant matrix (the GPU kernel alone)
-    warp         the warp as ours: per-sample matrices from an external source, scaled to each decoded
-                 shape with fn.transforms.scale / combine (CPU-side argument ops)
+    warp         the warp as ours: the feed's per-sample matrices
     jitter       + brightness / contrast about the image mean (fn.reductions.mean + arithmetic)
     normalise    + grey -> 3 channels + crop_mirror_normalize: our image output
-    full         + the key (source_info), report and json members padded as byte tensors: our graph
+    full         `dali_backend._build_pipeline` itself (adds the decoded-shape output)
 
 Usage: python -m tools.profile_dali [--shards data/shards/mimic] [--device cuda|cpu] [--out FILE]
 """
@@ -26,38 +27,27 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from common.io import atomic_write_json
 from pipeline.config import DataConfig
-from pipeline.plan import DatasetIndex
+from pipeline.dali_backend import _build_pipeline, _Feed
+from pipeline.plan import DatasetIndex, PlanArgs
 from pipeline.transforms import build_spec
 
 STAGES = ("read", "decode", "warp_const", "warp", "jitter", "normalise", "full")
 
 
-class RandomMatrices:
-    """Per-sample [2, 3] warp matrices (and colour factors) from a Python external source every batch,
-    as ours come; drawn vectorised here (ours hash each key, ~30 us per sample), so a cut times DALI."""
-
-    def __init__(self, batch_size: int, size: int, colour: bool, seed: int = 0):
-        self.batch_size, self.size, self.colour = batch_size, size, colour
-        self.rng = np.random.default_rng(seed)
+class LoopingFeed(_Feed):
+    """The backend's feed over one epoch's plan, started again at its end, so a cut runs any number
+    of iterations; nothing is kept for unpacking."""
 
     def __call__(self, info):
-        n = self.batch_size
-        angle = np.radians(self.rng.uniform(-15, 15, n))
-        c, s = np.cos(angle), np.sin(angle)
-        half = self.size / 2
-        matrix = np.zeros((n, 2, 3), dtype=np.float32)
-        matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 1, 0], matrix[:, 1, 1] = c, s, -s, c
-        matrix[:, 0, 2] = half - c * half - s * half
-        matrix[:, 1, 2] = half + s * half - c * half
-        if not self.colour:
-            return (matrix,)
-        colour = self.rng.uniform(0.8, 1.2, (2, n)).astype(np.float32)
-        return matrix, colour[0], colour[1]
+        if self.next_batch >= len(self.plan):
+            self.next_batch = 0
+        out = super().__call__(info)
+        self.fed.clear()
+        return out
 
 
 def build(stage: str, index: DatasetIndex, batch_size: int, threads: int, device_id: int | None, size: int):
@@ -65,16 +55,18 @@ def build(stage: str, index: DatasetIndex, batch_size: int, threads: int, device
     import nvidia.dali.math as dmath
 
     spec = build_spec(DataConfig(shards=str(index.root), transform="g2d_train", image_size=size), "g2d_train")
+    feed = LoopingFeed(index, spec, 0, {}, load_masks=False)
+    feed.start(PlanArgs(seed=0, rank=0, world_size=1, batch_size=batch_size, shuffle=True,
+                        drop_last=True).make(index, 0), 0)
     gpu = device_id is not None
+    if stage == "full":
+        return _build_pipeline(feed, spec, batch_size, threads, device_id, 2, 0, with_mask=False)
     level = STAGES.index(stage)
     pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=2, seed=0)
     with pipe:
-        exts = ["jpg", "txt", "json"] if level >= STAGES.index("full") else ["jpg"]
-        members = fn.readers.webdataset(paths=[s.path for s in index.shards],
-                                        index_paths=[str(Path(s.path).with_suffix(".idx")) for s in index.shards],
-                                        ext=exts, missing_component_behavior="error", random_shuffle=False,
-                                        name="reader")
-        jpg = members[0] if isinstance(members, (list, tuple)) else members
+        params = dict(zip(feed.names, fn.external_source(source=feed, num_outputs=len(feed.names), batch=True,
+                                                         batch_info=True)))
+        jpg = params["jpg"]
         outputs = [jpg]
         if level >= STAGES.index("decode"):
             img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.GRAY)
@@ -83,17 +75,11 @@ def build(stage: str, index: DatasetIndex, batch_size: int, threads: int, device
             outputs = [fn.warp_affine(img, matrix=[1.1, 0.1, 2.0, -0.1, 1.1, 3.0], size=[spec.out_size] * 2,
                                       fill_value=0, interp_type=types.INTERP_LINEAR, inverse_map=True)]
         if level >= STAGES.index("warp"):
-            colour = level >= STAGES.index("jitter")
-            params = fn.external_source(source=RandomMatrices(batch_size, spec.size, colour),
-                                        num_outputs=3 if colour else 1, batch=True, batch_info=True)
-            matrix = params[0]
-            hw = fn.cast(img.shape(), dtype=types.FLOAT)
-            to_image = fn.transforms.scale(scale=fn.stack(hw[1] / spec.size, hw[0] / spec.size))
-            img = fn.warp_affine(img, matrix=fn.transforms.combine(matrix, to_image), size=[spec.out_size] * 2,
-                                 fill_value=0, interp_type=types.INTERP_LINEAR, inverse_map=True)
+            img = fn.warp_affine(img, matrix=params["matrix"], size=[spec.out_size] * 2, fill_value=0,
+                                 interp_type=types.INTERP_LINEAR, inverse_map=True)
             outputs = [img]
         if level >= STAGES.index("jitter"):
-            b, c = params[1], params[2]
+            b, c = params["brightness"], params["contrast"]
             if gpu:   # arithmetic operands must share the image's device
                 b, c = b.gpu(), c.gpu()
             mean = fn.reductions.mean(img)
@@ -104,11 +90,6 @@ def build(stage: str, index: DatasetIndex, batch_size: int, threads: int, device
             img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
                                            mean=[255.0 * m for m in spec.mean], std=[255.0 * s for s in spec.std])
             outputs = [img]
-        if level >= STAGES.index("full"):
-            info = fn.get_property(jpg, key="source_info")
-            txt, js = members[1], members[2]
-            outputs = [img, fn.pad(info, fill_value=0), info.shape(), fn.pad(txt, fill_value=0), txt.shape(),
-                       fn.pad(js, fill_value=0), js.shape()]
         pipe.set_outputs(*outputs)
     pipe.build()
     return pipe
