@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+from tqdm import tqdm
 
 from shards.schema import KEY_RE, MEMBER_ORDER, ManifestError, check_member_crcs, read_manifest, split_shards
 from shards.writer import DALI_INDEX_VERSION
@@ -170,11 +171,14 @@ def verify_dataset(root: str | Path, workers: int = 1) -> dict:
     for split in manifest["splits"]:
         for entry in split_shards(root, manifest, split):
             jobs.append((entry["path"], entry["index_path"], entry))
+    # A bar with an ETA (stderr; tqdm hides it when stderr is not a terminal): a full MIMIC check
+    # reads every byte of ~400 GB.
+    bar = dict(total=len(jobs), unit="shard", desc=f"verifying {root.name}", disable=None)
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(_check_job, jobs))
+            results = list(tqdm(pool.map(_check_job, jobs), **bar))
     else:
-        results = [_check_job(job) for job in jobs]
+        results = [_check_job(job) for job in tqdm(jobs, **bar)]
     by_name = {}
     for res in results:  # manifest order: the first failure reported is the first bad shard
         if res.error:

@@ -400,7 +400,7 @@ def test_cut_off_metrics_line_does_not_block_resume(tmp_path, capsys):
                                              '{"step": 3, "loss": 1.8}\n{"step": 4, "lo')   # killed mid-append
     MetricsLog(path, resume_step=2, enabled=True, tensorboard=False)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n'
-    assert "dropping a cut-off line" in capsys.readouterr().out
+    assert "dropping a cut-off line" in capsys.readouterr().err   # a logging WARNING (stderr)
 
 
 def test_full_disk_or_read_only_filesystem_is_one_line(pretrain_main, capsys, tmp_path, monkeypatch):

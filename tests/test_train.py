@@ -56,13 +56,26 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 def test_smoke_run_writes_every_artefact(mimic_shards, tiny_bert, tmp_path):
     out = tmp_path / "run"
     text = finish(run_pretrain(overrides(mimic_shards, tiny_bert, out, **{"train.max_steps": 5,
-                                                                        "train.plot_every": 5})))
+                                                                        "train.plot_every": 5,
+                                                                        "train.tensorboard": "true"})))
     assert "retrieval_top1" in text
+    # Logging: console lines come from `logging` and the rank's file holds the same step lines.
+    assert "INFO [rank 0] g2d.train: step 5 loss" in text
+    assert "step 5 loss" in (out / "logs" / "rank0.log").read_text()
+    assert (out / "plots" / "loss_curves.png").stat().st_size > 1000
+    # TensorBoard: event files that hold the logged scalars at the logged steps.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for tag in ("loss", "vla_loss", "pa_loss", "lr", "img_emb_std", "pos_cos", "val/retrieval_top1"):
+        assert tag in events.Tags()["scalars"], tag
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5]
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     for r in steps:
-        for key in ("loss", "vla_loss", "pa_loss", "lr", "img_per_s", "data_wait_frac", "mem_mb"):
+        for key in ("loss", "vla_loss", "pa_loss", "lr", "img_per_s", "data_wait_frac", "mem_mb",
+                    "img_emb_std", "txt_emb_std", "pos_cos", "neg_cos"):
             assert isinstance(r[key], float) and r[key] == r[key], key
     assert steps[0]["pa_active"] is False and steps[-1]["pa_active"] is True
     assert any("val/retrieval_top5" in r for r in rows)
@@ -113,6 +126,13 @@ def test_two_gloo_ranks_under_torchrun(mimic_shards, tiny_bert, tmp_path):
     text = finish(run_pretrain(overrides(mimic_shards, tiny_bert, out, **{"train.max_steps": 3}), nproc=2))
     assert "final_step" in text
     assert max(losses(out)) == 3
+    # Both ranks log to their own file, and the losses there are the mean over ranks: the ranks see
+    # different samples, so equal lines show the all-reduce happened.
+    def loss_lines(rank: int) -> list[str]:
+        text = (out / "logs" / f"rank{rank}.log").read_text()
+        return [ln.split(": ", 1)[1].split(" img/s")[0] for ln in text.splitlines() if ": step " in ln]
+    lines = {r: loss_lines(r) for r in (0, 1)}
+    assert len(lines[0]) == 3 and lines[0] == lines[1], lines
     # `make pretrain NGPU=2` is this same torchrun command.
     dry = subprocess.run(["make", "-n", "pretrain", "NGPU=2", "ARGS=train.max_steps=3"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
@@ -160,3 +180,47 @@ def test_config_errors():
     for name in ("g2d_paper", "g2d_code", "demo"):
         cfg = load_pretrain_config(f"configs/pretrain/{name}.yaml", [])
         assert cfg.data.batch_size_per_gpu == cfg.train.batch_size_per_gpu
+
+
+@pytest.mark.parametrize("name", ["demo", "g2d_code", "g2d_paper"])
+def test_model_view_is_derived_from_data_and_configs_keep_their_meaning(name):
+    import yaml
+
+    from common.config import config_to_dict
+    from model.registry import model_config
+
+    path = f"configs/pretrain/{name}.yaml"
+    raw = yaml.safe_load(Path(ROOT, path).read_text())
+    # As it resolved before: the registry base updated with the YAML's model keys.
+    before = {**config_to_dict(model_config(raw["model"]["name"])), **raw["model"]}
+    cfg = load_pretrain_config(path, [])
+    after = config_to_dict(cfg.model)
+    changed = {k: (before[k], after[k]) for k in after if before[k] != after[k]}
+    # The one intended change: the paper recipe's model is built for the 224 crop it receives.
+    assert changed == ({"image_size": (256, 224)} if name == "g2d_paper" else {}), changed
+    side = cfg.data.crop_size if name == "g2d_paper" else cfg.data.image_size
+    assert cfg.model.image_size == side and cfg.model.max_text_length == cfg.data.max_text_length
+    assert (cfg.data.batch_size_per_gpu, cfg.data.seed) == (cfg.train.batch_size_per_gpu, cfg.train.seed)
+
+
+def test_conflicting_duplicated_knobs_name_both_keys(tmp_path):
+    from common.config import save_config
+
+    demo, paper = "configs/pretrain/demo.yaml", "configs/pretrain/g2d_paper.yaml"
+    with pytest.raises(ConfigError, match=r"model.image_size=64 conflicts with data.image_size=128"):
+        load_pretrain_config(demo, ["model.image_size=64"])
+    with pytest.raises(ConfigError, match=r"model.image_size=256 conflicts with data.crop_size=224 "
+                                          r"\(data.transform=g2d_paper crops\)"):
+        load_pretrain_config(paper, ["model.image_size=256"])
+    with pytest.raises(ConfigError, match=r"model.max_text_length=64 conflicts with data.max_text_length=128"):
+        load_pretrain_config(demo, ["model.max_text_length=64"])
+    with pytest.raises(ConfigError, match=r"data.image_size=100 must be a multiple of 32"):
+        load_pretrain_config(demo, ["data.image_size=100"])
+    with pytest.raises(ConfigError, match=r"data.seed=1 conflicts with train.seed=42"):
+        load_pretrain_config(demo, ["data.seed=1"])
+    # One knob moves both; the saved resolved config shows the derived values and loads back as is.
+    cfg = load_pretrain_config(demo, ["data.image_size=96", "data.max_text_length=64", "train.seed=7"])
+    assert (cfg.model.image_size, cfg.model.max_text_length, cfg.data.seed) == (96, 64, 7)
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = load_pretrain_config(tmp_path / "config.yaml", [])
+    assert (saved.model.image_size, saved.model.max_text_length) == (96, 64) and saved == cfg

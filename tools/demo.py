@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> None:
                "exports": [str(out_dir / "g2d_encoder.pth"), str(out_dir / "g2d_encoder_decoder.pth")],
                "seconds": time.time() - t_start}
     atomic_write_json(out_dir / "demo_summary.json", summary)
-    print("\nattention / pseudo-mask plots:", *(f"  {p}" for p in plots[-3:]), sep="\n")
+    steps_png = [p for p in plots if p.name.startswith("step_")]
+    print("\nattention / pseudo-mask plots:", *(f"  {p}" for p in steps_png[-3:]), sep="\n")
+    print(f"loss curves (each term + lr vs step): {out_dir / 'plots' / 'loss_curves.png'}")
     print(f"downstream results (per task results.json + PNGs): {eval_root}/; tables: {downstream['summary_path']}")
     print(f"metrics log: {out_dir / 'metrics.jsonl'}; summary: {out_dir / 'demo_summary.json'}")
     print(f"exports: {summary['exports'][0]}, {summary['exports'][1]}")

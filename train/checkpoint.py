@@ -25,6 +25,9 @@ import torch
 
 from common.cli import UserError
 from common.io import DirectoryLock, atomic_open, remove_stale_temp_files
+from common.log import get_logger
+
+logger = get_logger("train")
 
 CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
 # What `train.pretrain` stores; a file without these keys (an exported encoder, another project's
@@ -177,7 +180,7 @@ def find_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict] | None:
         try:
             return path, load_checkpoint(path)
         except CheckpointError as exc:  # a truncated or corrupt file: fall back to the previous one
-            print(f"[resume] skipping {exc}")
+            logger.warning("[resume] skipping %s", exc)
     return None
 
 

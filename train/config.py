@@ -15,7 +15,7 @@ from pathlib import Path
 from common.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, read_yaml
 from model.config import ModelConfig
 from model.registry import MODEL_CONFIGS, model_config
-from pipeline.config import DataConfig
+from pipeline.config import CROPPING, DataConfig
 from train.optim import OPTIMIZERS, SCHEDULES, OptimConfig
 
 
@@ -42,7 +42,13 @@ class RunConfig:
     plot_every: int = 500              # PNG grid of images + attention + pseudo-masks; 0 = off
     val_every: int = 1000              # retrieval + zero-shot AUC on the valid split; 0 = only at end
     val_batches: int = 50
-    tensorboard: bool = False
+    tensorboard: bool = False          # event files under <output_dir>/tensorboard/ (same scalars as metrics.jsonl)
+    wandb: bool = False                # Weights & Biases; needs `pip install wandb` (not a dependency)
+    wandb_project: str = "g2d"
+    log_all_ranks: bool = False        # every rank also logs to the console (all ranks always log to logs/rank<N>.log)
+    health_after_steps: int = 0        # health warnings from this step on; 0 = max(lr warm-up, min(run/3, 2000))
+    health_loss_margin: float = 0.03   # warn while the VLA loss is within this fraction of ln(negatives)
+    health_min_spread: float = 0.1     # warn when an embedding's per-dim std < this x 1/sqrt(proj_dim)
     nonfinite: str = "stop"            # stop (raise naming the step) | skip (no update, counted)
     progress: bool = True
 
@@ -72,6 +78,9 @@ RULES: tuple[tuple[str, object, str], ...] = (
     ("train.plot_every", lambda v: v >= 0, ">= 0 (0 = off)"),
     ("train.val_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
     ("train.val_batches", lambda v: v >= 0, ">= 0 (0 = the whole valid split)"),
+    ("train.health_after_steps", lambda v: v >= 0, ">= 0 (0 = max(lr warm-up, min(a third of the run, 2000)))"),
+    ("train.health_loss_margin", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("train.health_min_spread", lambda v: v >= 0, ">= 0 (0 = no collapse check)"),
     ("optim.name", lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
     ("optim.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
     ("optim.lr", lambda v: v > 0, "> 0"),
@@ -149,7 +158,28 @@ def build_pretrain_config(raw: dict) -> PretrainConfig:
     validate_pretrain_config(cfg)
     cfg.data = dataclasses.replace(cfg.data, batch_size_per_gpu=cfg.train.batch_size_per_gpu,
                                    seed=cfg.train.seed)
+    cfg.model = dataclasses.replace(cfg.model, **_model_view_of_data(cfg.data, model_raw))
     return cfg
+
+
+def _model_view_of_data(data: DataConfig, model_raw: dict) -> dict:
+    """The model fields that the data section decides: the side of the images the training transform
+    feeds (`data.crop_size` for the cropping transforms, else `data.image_size`; it sizes the attention
+    pool's positional table, so a mismatch would resample it on every forward) and the token cap
+    (`data.max_text_length`; the model checks it against BERT's positions). A model.* key set to
+    another value is a ConfigError naming both keys; the resolved config shows the derived values."""
+    side_key = "data.crop_size" if data.transform in CROPPING else "data.image_size"
+    derived = {"image_size": (side_key, data.crop_size if data.transform in CROPPING else data.image_size),
+               "max_text_length": ("data.max_text_length", data.max_text_length)}
+    for name, (source, value) in derived.items():
+        if name in model_raw and model_raw[name] != value:
+            raise ConfigError(f"model.{name}={model_raw[name]} conflicts with {source}={value}"
+                              + (f" (data.transform={data.transform} crops)" if source == "data.crop_size" else "")
+                              + f"; model.{name} is set from {source}: set that one, or both to one value")
+    if derived["image_size"][1] % 32:
+        raise ConfigError(f"{side_key}={derived['image_size'][1]} must be a multiple of 32 "
+                          "(the image tower's stride; the model is built for the training input side)")
+    return {name: value for name, (_source, value) in derived.items()}
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str]) -> PretrainConfig:

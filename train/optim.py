@@ -69,6 +69,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     raise ValueError(f"unknown optim.name {cfg.name!r}; choose adamw, apex_fused_adam, apex_fused_lamb")
 
 
+def warmup_length(cfg: OptimConfig, max_steps: int) -> int:
+    """Steps of linear lr warm-up: warmup_cosine's (0 = 3% of the run); the other schedules have none."""
+    if cfg.schedule != "warmup_cosine":
+        return 0
+    return cfg.warmup_steps or max(1, round(0.03 * max_steps))
+
+
 def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
     """Multiplier of cfg.lr at optimiser step `step` (0-based)."""
     floor = cfg.min_lr / cfg.lr
@@ -78,7 +85,7 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
         t = (step % cfg.restart_period) / cfg.restart_period
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
     if cfg.schedule == "warmup_cosine":
-        warmup = cfg.warmup_steps or max(1, round(0.03 * max_steps))
+        warmup = warmup_length(cfg, max_steps)
         if step < warmup:
             return (step + 1) / warmup
         t = min(1.0, (step - warmup) / max(1, max_steps - warmup))

@@ -29,22 +29,37 @@ from tqdm import tqdm
 
 from common.cli import ArgumentParser, UserError, run_main
 from common.config import ConfigError, config_to_dict, save_config
-from common.dist import DistInfo, cleanup, exit_with_launcher, init_distributed
-from common.io import atomic_open, atomic_write_text
+from common.dist import DistInfo, all_reduce_mean, cleanup, exit_with_launcher, init_distributed
+from common.io import atomic_open
+from common.log import get_logger, setup_logging
 from model.config import changed_fields
 from model.export import export_unet_state_dicts, unwrap
 from model.registry import build_model
 from model.text import load_tokenizer
 from pipeline import build_loader
-from train.checkpoint import (LEGACY_RUN_ID, CheckpointError, RunDirLock, checkpoint_path,
-                              claim_checkpoint_dir, find_resume_checkpoint, load_checkpoint, new_run_id,
-                              rng_state, save_checkpoint, set_rng_state)
+from train.checkpoint import (
+    LEGACY_RUN_ID,
+    CheckpointError,
+    RunDirLock,
+    checkpoint_path,
+    claim_checkpoint_dir,
+    find_resume_checkpoint,
+    load_checkpoint,
+    new_run_id,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from train.config import PretrainConfig, load_pretrain_config
 from train.flops import count_step_flops, mfu, peak_flops
+from train.health import STAT_NAMES, build_health_check, embedding_stats
+from train.metrics_log import MetricsLog, require_wandb
 from train.optim import build_optimizer, build_scheduler
 from train.step import TrainStep, compile_for_speed, make_scaler
 from train.validate import validate
-from train.visualize import save_attention_grid
+from train.visualize import save_attention_grid, save_loss_curves
+
+logger = get_logger("train")
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -62,56 +77,23 @@ def memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
 
 
-class MetricsLog:
-    """`<output_dir>/metrics.jsonl`, one object per logged step (rank 0 only). On resume, lines
-    past the resumed step (logged before a crash) are dropped so the file reads as one run, and so
-    is a line cut short by a kill in the middle of an append (it is not JSON)."""
-
-    def __init__(self, path: Path, resume_step: int, enabled: bool, tensorboard: bool):
-        self.path, self.enabled, self.tb = path, enabled, None
-        if not enabled:
-            return
-        kept = []
-        if path.is_file() and resume_step > 0:
-            for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                if not ln.strip():
-                    continue
-                try:
-                    record = json.loads(ln)
-                except json.JSONDecodeError:
-                    print(f"[resume] dropping a cut-off line of {path}: {ln[:60]!r}")
-                    continue
-                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
-                    kept.append(ln)
-        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(path.parent / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, record["step"])
-
-
 def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
     """Run (or resume) pretraining; rank 0 holds the output folder's lock for the whole run."""
     out_dir = Path(cfg.train.output_dir).expanduser()   # YAML does not expand ~ the way a shell does
     for folder in (out_dir, out_dir / "checkpoints"):   # found now, not at the first save
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{folder} exists and is not a directory (train.output_dir={out_dir})")
+    if cfg.train.wandb:
+        require_wandb()
     lock = None
     if dist.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = RunDirLock(out_dir)
-        if lock.stale:
-            print(f"[start] removed {len(lock.stale)} temp file(s) left by a killed writer: "
-                  + ", ".join(p.name for p in lock.stale[:5]))
+    # After the lock: a second run on the same folder fails before appending to its logs.
+    setup_logging(dist.rank, out_dir / "logs", console_all_ranks=cfg.train.log_all_ranks)
+    if lock is not None and lock.stale:
+        logger.warning("[start] removed %d temp file(s) left by a killed writer: %s", len(lock.stale),
+                       ", ".join(p.name for p in lock.stale[:5]))
     try:
         return _train(cfg, dist, out_dir)
     finally:
@@ -191,7 +173,7 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CheckpointError(f"could not restore the run from {path}: {first}") from exc
         if main:
-            print(f"[resume] {path} at step {step} (epoch {epoch})")
+            logger.info("[resume] %s at step %d (epoch %d)", path, step, epoch)
     else:
         loader.set_epoch(0)
 
@@ -200,7 +182,9 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
                     find_unused_parameters=run.find_unused_parameters, gradient_as_bucket_view=True)
     train_step = TrainStep(model, optimizer, scheduler, scaler, fixed_scale, run.precision,
                            run.grad_clip, run.channels_last)
-    log = MetricsLog(out_dir / "metrics.jsonl", step, main, run.tensorboard)
+    log = MetricsLog(out_dir / "metrics.jsonl", step, main, run.tensorboard, run.wandb, run.wandb_project,
+                     run_id, config_to_dict(cfg))
+    health = build_health_check(cfg, dist.world_size, max_steps)
 
     # ---- loop -------------------------------------------------------------------------------
     def batches():
@@ -223,10 +207,9 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
         flops_len = first.input_ids.shape[1]
     peak, peak_source = peak_flops(device, run.precision, run.peak_tflops)
     train_step.cuda_graphs, compiled = compile_for_speed(model, run.compile, run.cuda_graphs, device)
-    if main:
-        print(f"[step] {flops_per_sample / 1e9:.2f} GFLOP per sample (forward + backward, text padded to "
-              f"{flops_len}); peak {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown'} ({peak_source})"
-              + (f"; {compiled}" if compiled else ""))
+    logger.info("[step] %.2f GFLOP per sample (forward + backward, text padded to %d); peak %s (%s)%s",
+                flops_per_sample / 1e9, flops_len, f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown",
+                peak_source, f"; {compiled}" if compiled else "")
     sums = torch.zeros(3, device=device)          # loss, vla, pa summed since the last log step
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     skipped = torch.zeros((), dtype=torch.long, device=device)
@@ -255,7 +238,10 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
             if bad >= 0 and run.nonfinite == "stop":
                 raise NonFiniteLoss(f"non-finite loss at step {bad} (train.nonfinite=stop; set "
                                     "train.nonfinite=skip to skip such steps)")
-            loss, vla, pa = (sums / n_since).tolist()
+            # Loss terms averaged over the steps since the last log and then over ranks, with the
+            # embedding statistics of this step's last micro-batch: one all-reduce of 7 floats.
+            stats = all_reduce_mean(torch.cat([sums / n_since, embedding_stats(out.image_emb, out.text_emb)]))
+            loss, vla, pa, *emb = stats.tolist()
             dt = time.perf_counter() - t_log
             record = {"step": step, "epoch": epoch, "loss": loss, "vla_loss": vla, "pa_loss": pa,
                       "lr": scheduler.get_last_lr()[0],
@@ -266,12 +252,23 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
             record["mfu"] = mfu(flops_per_sample, record["img_per_s"] / dist.world_size, peak)
             record["gflops_per_sample"] = flops_per_sample / 1e9
             record["mem_mb_per_sample"] = record["mem_mb"] / run.batch_size_per_gpu
+            record.update(zip(STAT_NAMES, emb))
+            problems = health.problems(step, vla, record["img_emb_std"], record["txt_emb_std"])
+            if problems:
+                record["health"] = problems
+                if main:
+                    for problem in problems:
+                        logger.warning("[health] step %d: %s", step, problem)
             log.write(record)
             mfu_text = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['img_per_s']:.1f}", mfu=mfu_text)
-            if main and not run.progress:
-                print(f"step {step} loss {loss:.4f} img/s {record['img_per_s']:.1f} mfu {mfu_text} "
-                      f"mem/sample {record['mem_mb_per_sample']:.1f} MiB", flush=True)
+            # Every rank's file gets the line (the same global losses); the console only rank 0's,
+            # printed above the bar (common.log).
+            line = (f"step {step} loss {loss:.4f} (vla {vla:.4f} pa {pa:.4f}) img/s {record['img_per_s']:.1f} "
+                    f"mfu {mfu_text} mem/sample {record['mem_mb_per_sample']:.1f} MiB "
+                    f"emb std img {record['img_emb_std']:.4f} txt {record['txt_emb_std']:.4f} "
+                    f"cos pos {record['pos_cos']:.3f} neg {record['neg_cos']:.3f}")
+            logger.info(line)
             sums.zero_()
             n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
             if main and run.plot_every and (step % run.plot_every == 0 or step == max_steps):
@@ -285,11 +282,17 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
     bar.close()
 
     result = _validate_and_log(cfg, unwrap(model), tokenizer, dist, log, step)
+    log.close()
     if main:
         encoder_sd, unet_sd = export_unet_state_dicts(unwrap(model))
         for name, sd in (("g2d_encoder.pth", encoder_sd), ("g2d_encoder_decoder.pth", unet_sd)):
             with atomic_open(out_dir / name, "wb") as fh:
                 torch.save(sd, fh)
+        try:
+            curves = save_loss_curves(out_dir / "metrics.jsonl", out_dir / "plots" / "loss_curves.png")
+            logger.info("[done] step %d; loss curves: %s", step, curves)
+        except ValueError as exc:   # e.g. metrics.jsonl deleted before a resume: the weights still count
+            logger.warning("[done] step %d; no loss curves: %s", step, exc)
     return {"step": step, "val": result}
 
 
@@ -318,6 +321,7 @@ def _save(cfg, model, optimizer, scheduler, scaler, loader, step, dist, out_dir,
 def _stop_on_sigterm(signum, frame) -> None:
     # Raised in the main thread between bytecodes: `atomic_open` deletes a half-written checkpoint
     # and the finally blocks run (lock, process group), as for Ctrl-C's KeyboardInterrupt.
+    # The command's last line in the house's one-line `error: ...` form (common.cli), not a log record.
     print(f"error: stopped by {signal.Signals(signum).name}; every finished checkpoint is intact, "
           "resume with train.resume=auto", file=sys.stderr, flush=True)
     raise SystemExit(128 + signum)
@@ -335,9 +339,10 @@ def main(argv: list[str] | None = None) -> None:
         dist = init_distributed()
         result = train(cfg, dist)
         if dist.rank == 0:
+            # The command's result on stdout (machine-readable), not a log line.
             print(json.dumps({"final_step": result["step"], **result["val"]}, indent=1))
     except NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)   # the house's one-line ending, as common.cli's
         sys.exit(3)
     finally:
         cleanup()

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from common.cli import UserError
 from shards.master import CHEXPERT_CSV, METADATA_CSV, SPLIT_CSV
@@ -329,11 +330,14 @@ def generate_mimic(out: str | Path, n: int, seed: int = 0, size: int = 1024, wor
     (tmp / "files").mkdir(parents=True)
     try:
         jobs = [(plan, seed, size, str(tmp)) for plan in plans]
+        # A bar with an ETA (stderr; hidden when stderr is not a terminal): thousands of studies take minutes.
+        bar = dict(total=len(jobs), unit="study", desc=f"rendering {out.name}", disable=None)
         if workers > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = list(pool.map(_study_job, jobs, chunksize=max(1, min(8, n // (4 * workers)))))
+                results = list(tqdm(pool.map(_study_job, jobs, chunksize=max(1, min(8, n // (4 * workers)))),
+                                    **bar))
         else:
-            results = [_study_job(job) for job in jobs]
+            results = [_study_job(job) for job in tqdm(jobs, **bar)]
         summary = _summarise(n, seed, size, plans, results)
         _write_csv(tmp / METADATA_CSV, METADATA_HEADER, [r for res in results for r in res.metadata])
         _write_csv(tmp / SPLIT_CSV, SPLIT_HEADER, [r for res in results for r in res.split_rows])
