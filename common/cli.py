@@ -9,13 +9,14 @@ key or type, a missing file, a malformed checkpoint. They print `error: <message
 with no traceback. Anything else is a bug and keeps its traceback. `--debug` on the command line (it
 is removed before `main` sees argv) or `G2D_DEBUG=1` re-raises user errors too, with the traceback.
 """
+
 from __future__ import annotations
 
 import argparse
 import errno
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 class UserError(Exception):
@@ -23,8 +24,13 @@ class UserError(Exception):
 
 
 # Raised by our loaders for bad input; each message names the file/key/path at fault.
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, NotADirectoryError,
-                                                 IsADirectoryError, PermissionError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
 # OSErrors about where the output goes, not about the code: a full disk or quota, a read-only
 # filesystem. strerror and the file name say all there is to say.
 ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
@@ -43,8 +49,11 @@ def debug_enabled(argv: Sequence[str] | None = None) -> bool:
     return "--debug" in argv or os.environ.get("G2D_DEBUG", "") not in ("", "0")
 
 
-def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None,
-             extra_errors: tuple[type[BaseException], ...] = ()) -> None:
+def run_main(
+    main: Callable[[list[str] | None], int | None],
+    argv: list[str] | None = None,
+    extra_errors: tuple[type[BaseException], ...] = (),
+) -> None:
     """Call `main(argv)` and exit with its status; user errors become `error: ...`, exit 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_enabled(argv)

@@ -6,6 +6,7 @@ names the key, so a typo in a YAML file or on the command line never silently do
 The resolved config (defaults + file + overrides) is saved next to every run and checkpoint with
 `save_config`, and `config_from_dict` rebuilds it (eval uses this to rebuild the model).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -180,10 +181,9 @@ class _NoDuplicateKeysLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)):   # keys of a config; others are left to the schema
+            if isinstance(key, (str, int, float, bool)):  # keys of a config; others are left to the schema
                 if key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
-                                                            key_node.start_mark)
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -207,10 +207,10 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: `defaults:` includes itself ({cycle})")
     try:
         with path.open("r", encoding="utf-8") as fh:
-            data = yaml.load(fh, Loader=_NoDuplicateKeysLoader)   # safe: a SafeLoader subclass
+            data = yaml.load(fh, Loader=_NoDuplicateKeysLoader)  # safe: a SafeLoader subclass
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except yaml.YAMLError as exc:   # syntax errors and python/object tags (safe_load refuses them)
+    except yaml.YAMLError as exc:  # syntax errors and python/object tags (safe_load refuses them)
         raise ConfigError(f"{path}: {_yaml_problem(exc)}") from None
     if data is None:
         # An empty file is far more often a truncated copy or the wrong path than a wish for defaults.

@@ -5,6 +5,7 @@ negatives, a mean all-reduce for logging).
 Every helper also works in a single process that torchrun did not launch (world size 1, no process
 group): it then does nothing, so the same training/eval code runs on a laptop and on 16 GPUs.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,10 @@ from common.cli import UserError
 
 @dataclass
 class DistInfo:
-    rank: int              # global rank, 0..world_size-1
+    rank: int  # global rank, 0..world_size-1
     world_size: int
-    local_rank: int        # rank on this node: picks the GPU
-    device: torch.device   # cuda:<local_rank> when CUDA is available, else cpu
+    local_rank: int  # rank on this node: picks the GPU
+    device: torch.device  # cuda:<local_rank> when CUDA is available, else cpu
 
 
 def _env_int(name: str, default: int) -> int:
@@ -34,7 +35,7 @@ def _env_int(name: str, default: int) -> int:
         return default
     try:
         return int(raw)
-    except ValueError as exc:
+    except ValueError:
         raise UserError(f"environment variable {name}={raw!r} is not an integer") from None
 
 
@@ -141,7 +142,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.batch:(ctx.rank + 1) * ctx.batch]
+        return grad[ctx.rank * ctx.batch : (ctx.rank + 1) * ctx.batch]
 
 
 def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
 """Atomic writes: a reader never sees a half-written file (temp file in the same dir + rename)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -6,9 +7,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 
 def current_umask() -> int:
@@ -88,7 +90,7 @@ class DirectoryLock:
     def release(self) -> None:
         self._fh.seek(0)
         self._fh.truncate()
-        self._fh.close()                  # closing the descriptor releases the flock
+        self._fh.close()  # closing the descriptor releases the flock
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -6,6 +6,7 @@ a multi-rank run keeps each worker's own account (its warnings, its resume line)
 interleaving on one terminal. Console lines go through `tqdm.write`, so they print above a running
 progress bar instead of breaking it. Cost: one formatted line per log call, nothing per step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,7 +26,7 @@ class _TqdmConsole(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:   # logging's contract: a broken handler reports, never raises into the caller
+        except Exception:  # logging's contract: a broken handler reports, never raises into the caller
             self.handleError(record)
 
 
@@ -44,8 +45,9 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"{ROOT_LOGGER}.{name}")
 
 
-def setup_logging(rank: int, log_dir: str | Path | None = None, console_all_ranks: bool = False,
-                  level: int = logging.INFO) -> Path | None:
+def setup_logging(
+    rank: int, log_dir: str | Path | None = None, console_all_ranks: bool = False, level: int = logging.INFO
+) -> Path | None:
     """Configure the "g2d" logger for this process; returns the rank's log file (None without log_dir).
 
     Calling it again (a second run in the same process, as tests do) replaces the handlers it
@@ -56,7 +58,7 @@ def setup_logging(rank: int, log_dir: str | Path | None = None, console_all_rank
         root.removeHandler(handler)
         handler.close()
     root.setLevel(level)
-    root.propagate = False          # the project's lines are formatted here, not again by a host app
+    root.propagate = False  # the project's lines are formatted here, not again by a host app
     formatter = logging.Formatter(FORMAT, datefmt="%H:%M:%S")
     rank_filter = _RankFilter(rank)
     handlers: list[logging.Handler] = []
@@ -66,7 +68,7 @@ def setup_logging(rank: int, log_dir: str | Path | None = None, console_all_rank
     if log_dir is not None:
         path = Path(log_dir) / f"rank{rank}.log"
         path.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(path, encoding="utf-8"))   # appends: a resumed run continues it
+        handlers.append(logging.FileHandler(path, encoding="utf-8"))  # appends: a resumed run continues it
     for handler in handlers:
         handler.setFormatter(formatter)
         handler.addFilter(rank_filter)

@@ -13,6 +13,7 @@ units (border fill 0 = black, colour jitter, clamping) and redo it after. Cost: 
 batch for the warp; the MoCo part loops over the images (a few small kernels each), negligible next
 to the frozen encoder's forward pass.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,19 +27,27 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> tor
     return low + (high - low) * torch.rand(n, generator=generator, dtype=torch.float64)
 
 
-def shift_scale_rotate(image: torch.Tensor, mask: torch.Tensor | None, fill: torch.Tensor,
-                       generator: torch.Generator, p: float = 0.5, scale_limit: float = 0.1,
-                       rotate_limit: float = 10.0, shift_limit: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def shift_scale_rotate(
+    image: torch.Tensor,
+    mask: torch.Tensor | None,
+    fill: torch.Tensor,
+    generator: torch.Generator,
+    p: float = 0.5,
+    scale_limit: float = 0.1,
+    rotate_limit: float = 10.0,
+    shift_limit: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each image, with probability p: rotate by U(-rotate_limit, rotate_limit) degrees and scale by
     U(1 - scale_limit, 1 + scale_limit) about the image centre, shift by U(-shift_limit, shift_limit)
     of the side; pixels from outside the image take `fill` (the normalised value of black, per
     channel [C]). Image bilinear, mask nearest. Returns new tensors; the inputs are not modified."""
     b, _, h, w = image.shape
-    apply = torch.rand(b, generator=generator) < p                              # [B]
+    apply = torch.rand(b, generator=generator) < p  # [B]
     angle = torch.deg2rad(_uniform(b, -rotate_limit, rotate_limit, generator))
     scale = _uniform(b, 1 - scale_limit, 1 + scale_limit, generator)
-    shift = torch.stack([_uniform(b, -shift_limit, shift_limit, generator),
-                         _uniform(b, -shift_limit, shift_limit, generator)], dim=1)   # [B, 2] fraction of side
+    shift = torch.stack(
+        [_uniform(b, -shift_limit, shift_limit, generator), _uniform(b, -shift_limit, shift_limit, generator)], dim=1
+    )  # [B, 2] fraction of side
     # affine_grid maps OUTPUT coordinates (normalised to [-1, 1]) to INPUT ones: the inverse of the
     # forward warp "scale, rotate about the centre, then shift". Aspect ratio enters through the
     # pixel units of the rotation (x in units of w/2, y of h/2).
@@ -47,7 +56,7 @@ def shift_scale_rotate(image: torch.Tensor, mask: torch.Tensor | None, fill: tor
     theta = torch.zeros(b, 2, 3, dtype=torch.float64)
     theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * aspect
     theta[:, 1, 0], theta[:, 1, 1] = sin / aspect, cos
-    offset = -2 * shift                                                         # shift in [-1, 1] units
+    offset = -2 * shift  # shift in [-1, 1] units
     theta[:, 0, 2] = theta[:, 0, 0] * offset[:, 0] + theta[:, 0, 1] * offset[:, 1]
     theta[:, 1, 2] = theta[:, 1, 0] * offset[:, 0] + theta[:, 1, 1] * offset[:, 1]
     grid = F.affine_grid(theta.to(image.device, torch.float32), list(image.shape), align_corners=False)
@@ -71,13 +80,18 @@ def moco_v2_colour(image: torch.Tensor, mean, std, generator: torch.Generator) -
     transform's. image: [B, C, H, W] normalised with mean/std ([C] or scalar)."""
     mean = torch.as_tensor(mean, dtype=image.dtype, device=image.device).view(1, -1, 1, 1)
     std = torch.as_tensor(std, dtype=image.dtype, device=image.device).view(1, -1, 1, 1)
-    x = (image * std + mean).clamp(0, 1)                                       # [B, C, H, W] in [0, 1]
+    x = (image * std + mean).clamp(0, 1)  # [B, C, H, W] in [0, 1]
     out = []
     for img in x:
         u = torch.rand(10, generator=generator, dtype=torch.float64).tolist()
         order = torch.randperm(4, generator=generator).tolist()
         if u[0] < 0.8:
-            factors = (1 + 0.4 * (2 * u[1] - 1), 1 + 0.4 * (2 * u[2] - 1), 1 + 0.4 * (2 * u[3] - 1), 0.1 * (2 * u[4] - 1))
+            factors = (
+                1 + 0.4 * (2 * u[1] - 1),
+                1 + 0.4 * (2 * u[2] - 1),
+                1 + 0.4 * (2 * u[3] - 1),
+                0.1 * (2 * u[4] - 1),
+            )
             for op in order:
                 if op == 0:
                     img = TF.adjust_brightness(img, factors[0])

@@ -16,6 +16,7 @@ Cost: AUROC is O(B n) after one sort; COCO mAP O(B K) per IoU threshold (K detec
 processed in chunks so the [rows, n] work arrays stay in the tens of MB. 1,000 resamples of a few
 thousand test images take seconds.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ import numpy as np
 from eval.metrics import coco_map, coco_matches
 
 N_RESAMPLES = 1000
-CHUNK = 100          # bootstrap rows per vectorised block
+CHUNK = 100  # bootstrap rows per vectorised block
 
 
 def patient_groups(patient_ids) -> np.ndarray | None:
@@ -37,8 +38,9 @@ def patient_groups(patient_ids) -> np.ndarray | None:
     return np.unique(ids, return_inverse=True)[1]
 
 
-def resample_weights(n: int, groups: np.ndarray | None = None, n_resamples: int = N_RESAMPLES,
-                     seed: int = 0) -> np.ndarray:
+def resample_weights(
+    n: int, groups: np.ndarray | None = None, n_resamples: int = N_RESAMPLES, seed: int = 0
+) -> np.ndarray:
     """[B, n] float64 counts: each row draws len(unique groups) groups (or n images) uniformly with
     replacement, every image of a drawn group counting once per draw. Seeded: same seed, same rows."""
     rng = np.random.default_rng(seed)
@@ -52,7 +54,7 @@ def resample_weights(n: int, groups: np.ndarray | None = None, n_resamples: int 
 
 def _chunks(W: np.ndarray):
     for start in range(0, W.shape[0], CHUNK):
-        yield W[start:start + CHUNK]
+        yield W[start : start + CHUNK]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,17 +75,17 @@ def weighted_auroc(y: np.ndarray, s: np.ndarray, W: np.ndarray) -> np.ndarray:
     y, s = np.asarray(y).astype(bool), np.asarray(s, dtype=np.float64)
     order = np.argsort(s, kind="stable")
     s_sorted, pos = s[order], y[order]
-    start = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])       # run starts [R]
-    end = np.r_[start[1:], s.size]                                            # exclusive
-    run_of = np.repeat(np.arange(start.size), end - start)                   # [n]
+    start = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # run starts [R]
+    end = np.r_[start[1:], s.size]  # exclusive
+    run_of = np.repeat(np.arange(start.size), end - start)  # [n]
     out = []
     for w in _chunks(W):
         w = w[:, order]
         wn = np.where(pos, 0.0, w)
         wp = np.where(pos, w, 0.0)
-        cum = np.cumsum(wn, axis=1)                                          # [b, n]
-        below = np.where(start > 0, cum[:, np.maximum(start - 1, 0)], 0.0)   # [b, R] negatives under the run
-        in_run = cum[:, end - 1] - below                                     # [b, R] negatives tied with it
+        cum = np.cumsum(wn, axis=1)  # [b, n]
+        below = np.where(start > 0, cum[:, np.maximum(start - 1, 0)], 0.0)  # [b, R] negatives under the run
+        in_run = cum[:, end - 1] - below  # [b, R] negatives tied with it
         num = (wp * (below + 0.5 * in_run)[:, run_of]).sum(1)
         den = wp.sum(1) * wn.sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -98,20 +100,20 @@ def weighted_best_f1_accuracy(y: np.ndarray, s: np.ndarray, W: np.ndarray) -> tu
     y, s = np.asarray(y).astype(bool), np.asarray(s, dtype=np.float64)
     order = np.argsort(-s, kind="stable")
     s_desc, pos = s[order], y[order]
-    last = np.flatnonzero(np.r_[s_desc[1:] != s_desc[:-1], True])           # last index of each run [T]
+    last = np.flatnonzero(np.r_[s_desc[1:] != s_desc[:-1], True])  # last index of each run [T]
     f1_out, acc_out = [], []
     for w in _chunks(W):
         w = w[:, order]
-        tp = np.cumsum(np.where(pos, w, 0.0), axis=1)[:, last]               # [b, T] s >= t
+        tp = np.cumsum(np.where(pos, w, 0.0), axis=1)[:, last]  # [b, T] s >= t
         fp = np.cumsum(np.where(pos, 0.0, w), axis=1)[:, last]
         n_pos, total = tp[:, -1:], tp[:, -1:] + fp[:, -1:]
-        run_weight = np.diff(np.c_[np.zeros(len(w)), tp + fp], axis=1)       # [b, T]
+        run_weight = np.diff(np.c_[np.zeros(len(w)), tp + fp], axis=1)  # [b, T]
         with np.errstate(invalid="ignore", divide="ignore"):
             f1 = np.where(tp + fp + n_pos > 0, 2 * tp / (tp + fp + n_pos), 0.0)
         f1 = np.where(run_weight > 0, f1, -1.0)
-        best = f1.shape[1] - 1 - np.argmax(f1[:, ::-1], axis=1)              # lowest threshold of the max
+        best = f1.shape[1] - 1 - np.argmax(f1[:, ::-1], axis=1)  # lowest threshold of the max
         rows = np.arange(len(w))
-        tp_above = np.where(best > 0, tp[rows, np.maximum(best - 1, 0)], 0.0)   # strictly above t
+        tp_above = np.where(best > 0, tp[rows, np.maximum(best - 1, 0)], 0.0)  # strictly above t
         fp_above = np.where(best > 0, fp[rows, np.maximum(best - 1, 0)], 0.0)
         neg = total[:, 0] - n_pos[:, 0]
         f1_out.append(f1[rows, best])
@@ -122,7 +124,7 @@ def weighted_best_f1_accuracy(y: np.ndarray, s: np.ndarray, W: np.ndarray) -> tu
 
 def _macro(per_class: dict[str, np.ndarray]) -> np.ndarray:
     """Mean over the classes defined in each row (nan classes left out, as eval.metrics.macro_auroc)."""
-    stacked = np.stack(list(per_class.values()), axis=1)                     # [B, C]
+    stacked = np.stack(list(per_class.values()), axis=1)  # [B, C]
     defined = np.isfinite(stacked)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(defined, stacked, 0.0).sum(1) / defined.sum(1)
@@ -160,14 +162,18 @@ def _zeroshot(p: dict, W: np.ndarray) -> dict[str, np.ndarray]:
 
 def _segmentation(p: dict, W: np.ndarray) -> dict[str, np.ndarray]:
     dice, iou, positive = (np.asarray(p[k], dtype=np.float64) for k in ("dice", "iou", "positive"))
-    return {"dice": weighted_mean(dice, W), "iou": weighted_mean(iou, W),
-            "dice_positive": weighted_mean(np.where(positive > 0, dice, math.nan), W),
-            "dice_negative_images": weighted_mean(np.where(positive > 0, math.nan, dice), W)}
+    return {
+        "dice": weighted_mean(dice, W),
+        "iou": weighted_mean(iou, W),
+        "dice_positive": weighted_mean(np.where(positive > 0, dice, math.nan), W),
+        "dice_negative_images": weighted_mean(np.where(positive > 0, math.nan, dice), W),
+    }
 
 
 def _grounding(p: dict, W: np.ndarray) -> dict[str, np.ndarray]:
-    return {k: weighted_mean(p[k], W) for k in ("pointing", "pointing_cell", "iou", "dice", "medklip_iou",
-                                                 "medklip_dice")}
+    return {
+        k: weighted_mean(p[k], W) for k in ("pointing", "pointing_cell", "iou", "dice", "medklip_iou", "medklip_dice")
+    }
 
 
 def detection_lists(p: dict) -> tuple[list, list, list]:
@@ -185,7 +191,7 @@ def _detection(p: dict, W: np.ndarray) -> dict[str, np.ndarray]:
     thresholds = [float(t) for t in p["iou_thresholds"]]
     out = {}
     for name, skip in (("map_mgca", "mgca"), ("map_all_images", "none")):
-        ap = coco_map(coco_matches(boxes, scores, gts, thresholds, skip), W)      # [B, T]
+        ap = coco_map(coco_matches(boxes, scores, gts, thresholds, skip), W)  # [B, T]
         with np.errstate(invalid="ignore"):
             out[name] = ap.mean(axis=1)
         for i, t in enumerate(thresholds):
@@ -193,8 +199,14 @@ def _detection(p: dict, W: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-FAMILY_METRICS = {"linear": _classification, "finetune": _classification, "zeroshot_cls": _zeroshot,
-                  "segmentation": _segmentation, "grounding": _grounding, "detection": _detection}
+FAMILY_METRICS = {
+    "linear": _classification,
+    "finetune": _classification,
+    "zeroshot_cls": _zeroshot,
+    "segmentation": _segmentation,
+    "grounding": _grounding,
+    "detection": _detection,
+}
 
 
 def family_metrics(family: str, predictions: dict, W: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -217,12 +229,14 @@ def percentile_ci(samples: np.ndarray, level: float = 0.95) -> list[float] | Non
 
 
 def weights_for(predictions: dict, n_resamples: int, seed: int) -> np.ndarray:
-    return resample_weights(len(predictions["keys"]), patient_groups(predictions.get("patient_ids", [])),
-                            n_resamples, seed)
+    return resample_weights(
+        len(predictions["keys"]), patient_groups(predictions.get("patient_ids", [])), n_resamples, seed
+    )
 
 
-def confidence_intervals(family: str, predictions: dict, seed: int = 0,
-                         n_resamples: int = N_RESAMPLES) -> dict[str, list[float] | None]:
+def confidence_intervals(
+    family: str, predictions: dict, seed: int = 0, n_resamples: int = N_RESAMPLES
+) -> dict[str, list[float] | None]:
     """{metric: [low, high]} 95% bootstrap percentile intervals, resampling patients where ids exist."""
     samples = family_metrics(family, predictions, weights_for(predictions, n_resamples, seed))
     return {k: percentile_ci(v) for k, v in samples.items()}
@@ -233,24 +247,41 @@ def align(pred_a: dict, pred_b: dict) -> dict:
     keys_a, keys_b = [str(k) for k in pred_a["keys"]], [str(k) for k in pred_b["keys"]]
     if sorted(keys_a) != sorted(keys_b):
         only_a, only_b = sorted(set(keys_a) - set(keys_b)), sorted(set(keys_b) - set(keys_a))
-        raise ValueError(f"the two runs were not scored on the same test images: {len(only_a)} only in A "
-                         f"(e.g. {only_a[:3]}), {len(only_b)} only in B (e.g. {only_b[:3]})")
+        raise ValueError(
+            f"the two runs were not scored on the same test images: {len(only_a)} only in A "
+            f"(e.g. {only_a[:3]}), {len(only_b)} only in B (e.g. {only_b[:3]})"
+        )
     if keys_a == keys_b:
         return pred_b
     pos_a, pos_b = {k: i for i, k in enumerate(keys_a)}, {k: i for i, k in enumerate(keys_b)}
-    index = np.array([pos_b[k] for k in keys_a])          # A's order, as positions in B
-    per_image = {"keys", "patient_ids", "targets", "scores", "dice", "dice_raw", "iou", "positive", "gt_area",
-                 "pred_area", "pointing", "pointing_cell", "medklip_iou", "medklip_dice"}
+    index = np.array([pos_b[k] for k in keys_a])  # A's order, as positions in B
+    per_image = {
+        "keys",
+        "patient_ids",
+        "targets",
+        "scores",
+        "dice",
+        "dice_raw",
+        "iou",
+        "positive",
+        "gt_area",
+        "pred_area",
+        "pointing",
+        "pointing_cell",
+        "medklip_iou",
+        "medklip_dice",
+    }
     out = {k: (np.asarray(v)[index] if k in per_image else v) for k, v in pred_b.items()}
-    if "pred_image" in pred_b:            # detection: boxes name their image by number
+    if "pred_image" in pred_b:  # detection: boxes name their image by number
         renumber = np.array([pos_a[k] for k in keys_b])
         out["pred_image"] = renumber[np.asarray(pred_b["pred_image"], dtype=np.int64)]
         out["gt_image"] = renumber[np.asarray(pred_b["gt_image"], dtype=np.int64)]
     return out
 
 
-def paired_difference(family: str, pred_a: dict, pred_b: dict, seed: int = 0,
-                      n_resamples: int = N_RESAMPLES) -> dict[str, dict]:
+def paired_difference(
+    family: str, pred_a: dict, pred_b: dict, seed: int = 0, n_resamples: int = N_RESAMPLES
+) -> dict[str, dict]:
     """B - A for every metric, with a 95% paired-bootstrap interval: both runs are rescored on the
     SAME resamples of the test images (patients), so the image-to-image variation they share cancels.
     Returns {metric: {a, b, diff, ci95: [low, high] | None, p_b_better: fraction of resamples with B > A}}."""
@@ -262,7 +293,11 @@ def paired_difference(family: str, pred_a: dict, pred_b: dict, seed: int = 0,
     for k in point_a:
         diff = boot_b[k] - boot_a[k]
         finite = np.isfinite(diff)
-        out[k] = {"a": float(point_a[k][0]), "b": float(point_b[k][0]), "diff": float(point_b[k][0] - point_a[k][0]),
-                  "ci95": percentile_ci(diff),
-                  "p_b_better": float((diff[finite] > 0).mean()) if finite.any() else math.nan}
+        out[k] = {
+            "a": float(point_a[k][0]),
+            "b": float(point_b[k][0]),
+            "diff": float(point_b[k][0] - point_a[k][0]),
+            "ci95": percentile_ci(diff),
+            "p_b_better": float((diff[finite] > 0).mean()) if finite.any() else math.nan,
+        }
     return out

@@ -24,6 +24,7 @@ eval config), with `encoder_weights` forced to "none" so nothing is downloaded: 
 the file. A state dict that does not fit that architecture raises `ArchitectureMismatch` listing the
 missing, unexpected and wrong-shape keys. Files are read with torch.load(weights_only=True).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,7 +47,7 @@ from model.registry import MODEL_CONFIGS, model_config
 
 CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
 DEFAULT_RUNS_GLOBS = ("runs/pretrain*", "runs/*/pretrain*")
-EXPORT_FULL = "g2d_encoder_decoder.pth"        # what a run directory without checkpoints falls back to
+EXPORT_FULL = "g2d_encoder_decoder.pth"  # what a run directory without checkpoints falls back to
 BASELINES = ("random", "imagenet")
 
 
@@ -76,15 +77,21 @@ def mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], sourc
     mismatch (missing, unexpected, wrong shape; 20 keys each)."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                   for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    wrong = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
     if not (missing or unexpected or wrong):
         return ""
 
     def head(keys):
         return f"{keys[:20]}{f' ... ({len(keys)} in all)' if len(keys) > 20 else ''}"
-    return (f"{source}: weights do not match the {what} rebuilt from its saved config: missing {head(missing)}; "
-            f"unexpected {head(unexpected)}; wrong shape {head(wrong)}")
+
+    return (
+        f"{source}: weights do not match the {what} rebuilt from its saved config: missing {head(missing)}; "
+        f"unexpected {head(unexpected)}; wrong shape {head(wrong)}"
+    )
 
 
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
@@ -110,17 +117,18 @@ class Pretrained:
     """Weights + architecture. `state` is the whole G2DModel state dict (pretraining checkpoints only);
     `unet_state` an smp U-Net state dict (encoder + decoder); `encoder_state` an smp-encoder one.
     Baselines have none of them (random) or only the ImageNet encoder."""
-    kind: str                       # checkpoint | export_unet | export_encoder | random | imagenet
-    source: str                     # path, or the baseline's name
+
+    kind: str  # checkpoint | export_unet | export_encoder | random | imagenet
+    source: str  # path, or the baseline's name
     sha256: str | None
     model_cfg: ModelConfig
     state: dict[str, torch.Tensor] | None = None
     unet_state: dict[str, torch.Tensor] | None = None
     encoder_state: dict[str, torch.Tensor] | None = None
     step: int | None = None
-    data_cfg: dict | None = None        # the pretraining run's saved `data` section (its eval view)
-    random_text: bool = False           # random init of a pretraining run's architecture, text tower included
-    keys: dict | None = None            # foreign files: {prefix, kept, dropped, dropped_examples}
+    data_cfg: dict | None = None  # the pretraining run's saved `data` section (its eval view)
+    random_text: bool = False  # random init of a pretraining run's architecture, text tower included
+    keys: dict | None = None  # foreign files: {prefix, kept, dropped, dropped_examples}
 
     @property
     def has_decoder(self) -> bool:
@@ -132,15 +140,31 @@ class Pretrained:
         # tower as the pretraining run started it), so zero-shot tasks have a random-init baseline.
         return self.state is not None or (self.kind == "random" and self.random_text)
 
-    def random_like(self) -> "Pretrained":
+    def random_like(self) -> Pretrained:
         """The same architecture at random init, text tower included where this one has it: the
         baseline every trained checkpoint is compared with."""
-        return dataclasses.replace(self, kind="random", source="random", sha256=None, state=None, unet_state=None,
-                                   encoder_state=None, step=None, keys=None, random_text=self.has_text)
+        return dataclasses.replace(
+            self,
+            kind="random",
+            source="random",
+            sha256=None,
+            state=None,
+            unet_state=None,
+            encoder_state=None,
+            step=None,
+            keys=None,
+            random_text=self.has_text,
+        )
 
     def describe(self) -> dict:
-        out = {"kind": self.kind, "path": self.source, "sha256": self.sha256, "step": self.step,
-               "encoder": self.model_cfg.encoder, "model_name": self.model_cfg.name}
+        out = {
+            "kind": self.kind,
+            "path": self.source,
+            "sha256": self.sha256,
+            "step": self.step,
+            "encoder": self.model_cfg.encoder,
+            "model_name": self.model_cfg.name,
+        }
         if self.keys is not None:
             out["keys"] = self.keys
         return out
@@ -151,12 +175,13 @@ class Pretrained:
         decoder with `decoder_channels` (default: the pretraining widths)."""
         cfg = self.model_cfg
         if pretrained_decoder and not self.has_decoder:
-            raise NotApplicable(f"{self.source} ({self.kind}) has no pretrained U-Net decoder; the "
-                             "encoder_decoder variant needs a pretraining checkpoint, a run directory "
-                             f"or an exported {EXPORT_FULL}")
+            raise NotApplicable(
+                f"{self.source} ({self.kind}) has no pretrained U-Net decoder; the "
+                "encoder_decoder variant needs a pretraining checkpoint, a run directory "
+                f"or an exported {EXPORT_FULL}"
+            )
         widths = tuple(cfg.decoder_channels) if pretrained_decoder or not decoder_channels else tuple(decoder_channels)
-        unet = smp.Unet(cfg.encoder, encoder_weights=None, in_channels=cfg.channels, classes=1,
-                        decoder_channels=widths)
+        unet = smp.Unet(cfg.encoder, encoder_weights=None, in_channels=cfg.channels, classes=1, decoder_channels=widths)
         if pretrained_decoder:
             load_strict(unet, self.unet_state, self.source, f"smp.Unet({cfg.encoder}, decoder {widths})")
         else:
@@ -180,9 +205,11 @@ class Pretrained:
         """The whole G2DModel (zero-shot and grounding need text + projector + attention pool).
         `text_model` replaces the saved text-model path (a tiny BERT directory that moved)."""
         if not self.has_text:
-            raise NotApplicable(f"{self.source} ({self.kind}) holds no text encoder, projector or attention "
-                             "pool; zero-shot tasks need a pretraining checkpoint (a step_*.pt file or its run "
-                             "directory)")
+            raise NotApplicable(
+                f"{self.source} ({self.kind}) holds no text encoder, projector or attention "
+                "pool; zero-shot tasks need a pretraining checkpoint (a step_*.pt file or its run "
+                "directory)"
+            )
         cfg = dataclasses.replace(self.model_cfg, text_model=text_model) if text_model else self.model_cfg
         model = G2DModel(cfg)
         if self.kind == "random":
@@ -210,7 +237,8 @@ def default_checkpoint(runs_globs: tuple[str, ...] = DEFAULT_RUNS_GLOBS, base: s
         raise CheckpointNotFound(
             f"no pretraining checkpoint found under {' or '.join(f'{g}/checkpoints/' for g in runs_globs)} "
             "(run `make pretrain` or "
-            "`make demo` first, or pass CKPT=<checkpoint .pt | run dir | exported .pth | random | imagenet>)")
+            "`make demo` first, or pass CKPT=<checkpoint .pt | run dir | exported .pth | random | imagenet>)"
+        )
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
@@ -219,12 +247,20 @@ def _read_tensor_file(path: Path) -> dict:
     Any failure (truncated, not a torch file, pickled Python objects) -> BadCheckpoint, one line."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:     # weights_only refused a Python object, or garbage bytes
+    except pickle.UnpicklingError as exc:  # weights_only refused a Python object, or garbage bytes
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = next((line for line in lines if line.startswith(("Unsupported", "WeightsUnpickler error:"))
-                       and not line.endswith(":")), lines[-1] if lines else "")
-        raise BadCheckpoint(f"{path}: not a readable torch file (torch.load(weights_only=True) refused it: "
-                            f"{reason.split('. ')[0][:200]})") from exc
+        reason = next(
+            (
+                line
+                for line in lines
+                if line.startswith(("Unsupported", "WeightsUnpickler error:")) and not line.endswith(":")
+            ),
+            lines[-1] if lines else "",
+        )
+        raise BadCheckpoint(
+            f"{path}: not a readable torch file (torch.load(weights_only=True) refused it: "
+            f"{reason.split('. ')[0][:200]})"
+        ) from exc
     except Exception as exc:  # a truncated/corrupt/foreign file: say which one
         reason = " ".join(str(exc).split())[:200]
         raise BadCheckpoint(f"{path}: not a readable torch file ({type(exc).__name__}: {reason})") from exc
@@ -238,31 +274,48 @@ def _top_prefixes(keys, n: int = 8) -> list[str]:
 def _from_checkpoint(path: Path) -> Pretrained:
     payload = _read_tensor_file(path)
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
-        raise BadCheckpoint(f"{path}: a Lightning-style checkpoint ('state_dict'); name the image encoder's key "
-                            f"prefix with ckpt.prefix=..., e.g. one of {_top_prefixes(payload['state_dict'])}")
+        raise BadCheckpoint(
+            f"{path}: a Lightning-style checkpoint ('state_dict'); name the image encoder's key "
+            f"prefix with ckpt.prefix=..., e.g. one of {_top_prefixes(payload['state_dict'])}"
+        )
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
-        raise BadCheckpoint(f"{path}: not a pretraining checkpoint (needs 'model' and 'config' keys; "
-                         f"has {sorted(payload)[:20] if isinstance(payload, dict) else type(payload).__name__})")
+        raise BadCheckpoint(
+            f"{path}: not a pretraining checkpoint (needs 'model' and 'config' keys; "
+            f"has {sorted(payload)[:20] if isinstance(payload, dict) else type(payload).__name__})"
+        )
     cfg = model_config_from_saved(payload["config"].get("model"), str(path))
     state = {k.removeprefix("module."): v for k, v in payload["model"].items()}
     unet = {k.removeprefix("image.unet."): v for k, v in state.items() if k.startswith("image.unet.")}
     if not unet:
-        raise ArchitectureMismatch(f"{path}: the model state has no image.unet.* keys; "
-                                   f"first keys: {sorted(state)[:10]}")
+        raise ArchitectureMismatch(
+            f"{path}: the model state has no image.unet.* keys; first keys: {sorted(state)[:10]}"
+        )
     step = payload.get("step")
-    return Pretrained("checkpoint", str(path), sha256_file(path), cfg, state=state, unet_state=unet,
-                      step=int(step) if step is not None else None, data_cfg=payload["config"].get("data"))
+    return Pretrained(
+        "checkpoint",
+        str(path),
+        sha256_file(path),
+        cfg,
+        state=state,
+        unet_state=unet,
+        step=int(step) if step is not None else None,
+        data_cfg=payload["config"].get("data"),
+    )
 
 
 def _from_export(path: Path, baseline: ModelConfig) -> Pretrained:
     state = _read_tensor_file(path)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        raise BadCheckpoint(f"{path}: a Lightning-style checkpoint ('state_dict'); name the image encoder's key "
-                            f"prefix with ckpt.prefix=..., e.g. one of {_top_prefixes(state['state_dict'])}")
+        raise BadCheckpoint(
+            f"{path}: a Lightning-style checkpoint ('state_dict'); name the image encoder's key "
+            f"prefix with ckpt.prefix=..., e.g. one of {_top_prefixes(state['state_dict'])}"
+        )
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BadCheckpoint(f"{path}: expected a flat state dict of tensors (an exported encoder or U-Net, or a "
-                            "torchvision-layout ResNet); for a checkpoint holding the encoder under a key prefix "
-                            "give ckpt.prefix=...")
+        raise BadCheckpoint(
+            f"{path}: expected a flat state dict of tensors (an exported encoder or U-Net, or a "
+            "torchvision-layout ResNet); for a checkpoint holding the encoder under a key prefix "
+            "give ckpt.prefix=..."
+        )
     config_yaml = path.parent / "config.yaml"
     saved = {}
     if config_yaml.is_file():
@@ -272,10 +325,17 @@ def _from_export(path: Path, baseline: ModelConfig) -> Pretrained:
         cfg = dataclasses.replace(baseline, encoder_weights="none")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("decoder.") for k in state):
-        return Pretrained("export_unet", str(path), sha256_file(path), cfg, unet_state=state,
-                          data_cfg=saved.get("data"))
-    return Pretrained("export_encoder", str(path), sha256_file(path), cfg,
-                      encoder_state=encoder_state_dict(state, str(path)), data_cfg=saved.get("data"))
+        return Pretrained(
+            "export_unet", str(path), sha256_file(path), cfg, unet_state=state, data_cfg=saved.get("data")
+        )
+    return Pretrained(
+        "export_encoder",
+        str(path),
+        sha256_file(path),
+        cfg,
+        encoder_state=encoder_state_dict(state, str(path)),
+        data_cfg=saved.get("data"),
+    )
 
 
 def _from_prefixed(path: Path, prefix: str, baseline: ModelConfig) -> Pretrained:
@@ -291,35 +351,55 @@ def _from_prefixed(path: Path, prefix: str, baseline: ModelConfig) -> Pretrained
     tensors = {k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}
     kept = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
     if not kept:
-        raise BadCheckpoint(f"{path}: no tensor key starts with ckpt.prefix={prefix!r}; its keys start with "
-                            f"{_top_prefixes(tensors)}")
+        raise BadCheckpoint(
+            f"{path}: no tensor key starts with ckpt.prefix={prefix!r}; its keys start with {_top_prefixes(tensors)}"
+        )
     dropped = sorted(k for k in payload if not k.startswith(prefix))
     keys = {"prefix": prefix, "kept": len(kept), "dropped": len(dropped), "dropped_examples": dropped[:5]}
     cfg = dataclasses.replace(baseline, encoder_weights="none")
     if any(k.startswith("decoder.") for k in kept):
         return Pretrained("foreign_unet", str(path), sha256_file(path), cfg, unet_state=kept, keys=keys)
-    return Pretrained("foreign_encoder", str(path), sha256_file(path), cfg,
-                      encoder_state=encoder_state_dict(kept, f"{path} (ckpt.prefix={prefix!r})"), keys=keys)
+    return Pretrained(
+        "foreign_encoder",
+        str(path),
+        sha256_file(path),
+        cfg,
+        encoder_state=encoder_state_dict(kept, f"{path} (ckpt.prefix={prefix!r})"),
+        keys=keys,
+    )
 
 
 def _imagenet(cfg: ModelConfig, weights: str) -> Pretrained:
     """ImageNet encoder weights, loaded once here so that an offline machine fails before any data is read."""
     if weights != "imagenet" and not Path(weights).is_file():
-        raise FileNotFoundError(f"model.imagenet_weights={weights!r}: no such file (give 'imagenet' to download "
-                                "torchvision's weights, or a local torchvision/smp state dict)")
+        raise FileNotFoundError(
+            f"model.imagenet_weights={weights!r}: no such file (give 'imagenet' to download "
+            "torchvision's weights, or a local torchvision/smp state dict)"
+        )
     encoder = smp.Unet(cfg.encoder, encoder_weights=None, in_channels=cfg.channels, classes=1).encoder
     try:
         init_encoder(encoder, cfg.encoder, weights)
-    except RuntimeError as exc:          # model.image names the URL and the local-file alternative
-        raise WeightsUnavailable(f"CKPT=imagenet: {exc} For eval, pass that file as "
-                                 "ARGS=\"model.imagenet_weights=/path/to/file.pth\".") from exc
+    except RuntimeError as exc:  # model.image names the URL and the local-file alternative
+        raise WeightsUnavailable(
+            f'CKPT=imagenet: {exc} For eval, pass that file as ARGS="model.imagenet_weights=/path/to/file.pth".'
+        ) from exc
     source = "imagenet" if weights == "imagenet" else weights
-    return Pretrained("imagenet", source, sha256_file(weights) if weights != "imagenet" else None, cfg,
-                      encoder_state=encoder.state_dict())
+    return Pretrained(
+        "imagenet",
+        source,
+        sha256_file(weights) if weights != "imagenet" else None,
+        cfg,
+        encoder_state=encoder.state_dict(),
+    )
 
 
-def resolve_weights(spec: str | None, baseline: ModelConfig, imagenet_weights: str = "imagenet",
-                    runs_base: str | Path = ".", prefix: str = "") -> Pretrained:
+def resolve_weights(
+    spec: str | None,
+    baseline: ModelConfig,
+    imagenet_weights: str = "imagenet",
+    runs_base: str | Path = ".",
+    prefix: str = "",
+) -> Pretrained:
     """See the module docstring. `baseline` is the architecture of random/imagenet and of exports
     without a config.yaml beside them; `prefix` (ckpt.prefix) selects a foreign checkpoint's encoder."""
     if spec == "random":
@@ -335,8 +415,10 @@ def resolve_weights(spec: str | None, baseline: ModelConfig, imagenet_weights: s
             return _from_export(path / EXPORT_FULL, baseline)
         raise CheckpointNotFound(f"{path}: a directory without checkpoints/step_*.pt or {EXPORT_FULL}")
     if not path.is_file():
-        raise CheckpointNotFound(f"checkpoint {spec!r} not found (expected a .pt checkpoint, a run "
-                                 f"directory, an exported .pth, or one of {list(BASELINES)})")
+        raise CheckpointNotFound(
+            f"checkpoint {spec!r} not found (expected a .pt checkpoint, a run "
+            f"directory, an exported .pth, or one of {list(BASELINES)})"
+        )
     if prefix:
         return _from_prefixed(path, prefix, baseline)
     if path.suffix == ".pt" or CKPT_RE.match(path.name):
@@ -354,8 +436,13 @@ def check_image_architecture(pre: Pretrained) -> None:
             state = {k.removeprefix("image."): v for k, v in pre.state.items() if k.startswith("image.")}
             what = f"image encoder-decoder ({cfg.encoder}, decoder {tuple(cfg.decoder_channels)})"
         elif pre.unet_state is not None or pre.encoder_state is not None:
-            unet = smp.Unet(cfg.encoder, encoder_weights=None, in_channels=cfg.channels, classes=1,
-                            decoder_channels=tuple(cfg.decoder_channels))
+            unet = smp.Unet(
+                cfg.encoder,
+                encoder_weights=None,
+                in_channels=cfg.channels,
+                classes=1,
+                decoder_channels=tuple(cfg.decoder_channels),
+            )
             full = pre.unet_state is not None
             own = unet.state_dict() if full else unet.encoder.state_dict()
             state = pre.unet_state if full else pre.encoder_state

@@ -16,6 +16,7 @@ p > threshold (MGCA's and MedKLIP's rule). Inputs may be numpy arrays or torch t
 raises ValueError naming the argument. Undefined values (AUROC of a one-label class, Dice of an empty
 set of images) come back as nan, never as a silent 0 or 1.
 """
+
 from __future__ import annotations
 
 import math
@@ -81,7 +82,7 @@ def roc_auc(y_true, scores) -> float:
     order = np.argsort(s, kind="stable")
     s_sorted = s[order]
     run_start = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])  # [R]
-    run_end = np.r_[run_start[1:], s.size]                                 # [R], exclusive
+    run_end = np.r_[run_start[1:], s.size]  # [R], exclusive
     run_rank = (run_start + run_end + 1) / 2.0
     ranks = np.empty(s.size)
     ranks[order] = np.repeat(run_rank, run_end - run_start)
@@ -173,9 +174,15 @@ def zero_shot_metrics(Y, S) -> dict:
         per_f1.append(f1)
         per_t.append(t)
         per_acc.append(accuracy_at_threshold(Y[:, c], S[:, c], t))
-    return {"auc": auc, "f1": float(np.mean(per_f1)), "acc": float(np.mean(per_acc)),
-            "auc_per_class": per_auc, "f1_per_class": per_f1, "acc_per_class": per_acc,
-            "threshold_per_class": per_t}
+    return {
+        "auc": auc,
+        "f1": float(np.mean(per_f1)),
+        "acc": float(np.mean(per_acc)),
+        "auc_per_class": per_auc,
+        "f1_per_class": per_f1,
+        "acc_per_class": per_acc,
+        "threshold_per_class": per_t,
+    }
 
 
 def multiclass_accuracy(labels, logits) -> float:
@@ -202,8 +209,10 @@ def _flat_mask(m: torch.Tensor, name: str) -> torch.Tensor:
 def _same_shape(a, b, names: str) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = torch.as_tensor(a), torch.as_tensor(b)
     if a.shape != b.shape or a.dim() < 2:
-        raise ValueError(f"{names} must be matching [N, H, W] maps, got {tuple(a.shape)} and "
-                         f"{tuple(b.shape)} (resize heatmaps to the mask first)")
+        raise ValueError(
+            f"{names} must be matching [N, H, W] maps, got {tuple(a.shape)} and "
+            f"{tuple(b.shape)} (resize heatmaps to the mask first)"
+        )
     return a, b
 
 
@@ -254,11 +263,13 @@ def segmentation_summary(probs, targets, threshold: float = 0.5) -> dict:
     batch is smaller. For big test sets, call `dice_score` per batch and concatenate."""
     pred = torch.as_tensor(probs) > threshold
     targets = torch.as_tensor(targets)
-    return {"dice": float(dice_score(pred, targets).mean()),
-            "dice_positive": dice_positive_only(pred, targets),
-            "iou": float(iou_score(pred, targets).mean()),
-            "n_images": int(pred.shape[0]),
-            "n_positive": int(_flat_mask(targets, "targets").any(1).sum())}
+    return {
+        "dice": float(dice_score(pred, targets).mean()),
+        "dice_positive": dice_positive_only(pred, targets),
+        "iou": float(iou_score(pred, targets).mean()),
+        "n_images": int(pred.shape[0]),
+        "n_positive": int(_flat_mask(targets, "targets").any(1).sum()),
+    }
 
 
 def pointing_game(heatmaps, masks) -> float:
@@ -287,13 +298,15 @@ def grid_peak_hits(grid_maps, masks) -> torch.Tensor:
     pixel, not the cell, so a peak in a border cell used to be scored at the image border."""
     grid_maps, masks = torch.as_tensor(grid_maps), torch.as_tensor(masks)
     if grid_maps.dim() != 3 or masks.dim() != 3 or grid_maps.shape[0] != masks.shape[0]:
-        raise ValueError(f"grid_maps {tuple(grid_maps.shape)} and masks {tuple(masks.shape)} must be [N, h, w] "
-                         "and [N, H, W] with the same N")
+        raise ValueError(
+            f"grid_maps {tuple(grid_maps.shape)} and masks {tuple(masks.shape)} must be [N, h, w] "
+            "and [N, H, W] with the same N"
+        )
     if torch.isnan(grid_maps).any():
         raise ValueError("grid_maps contain nan")
     n, h, w = grid_maps.shape
     big_h, big_w = masks.shape[1:]
-    peak = grid_maps.reshape(n, -1).argmax(1)                          # [N], first maximum
+    peak = grid_maps.reshape(n, -1).argmax(1)  # [N], first maximum
     row = (((peak // w).double() + 0.5) * big_h / h).floor().long().clamp(0, big_h - 1)
     col = (((peak % w).double() + 0.5) * big_w / w).floor().long().clamp(0, big_w - 1)
     target = _flat_mask(masks, "masks").reshape(n, big_h, big_w)
@@ -312,7 +325,7 @@ def grid_peak_cell_overlaps(grid_maps, masks) -> torch.Tensor:
     peak = grid_maps.reshape(n, -1).argmax(1)
     out = torch.zeros(n, dtype=torch.bool)
     for i, (r, c) in enumerate(zip((peak // w).tolist(), (peak % w).tolist())):
-        out[i] = target[i, r * big_h // h:(r + 1) * big_h // h, c * big_w // w:(c + 1) * big_w // w].any()
+        out[i] = target[i, r * big_h // h : (r + 1) * big_h // h, c * big_w // w : (c + 1) * big_w // w].any()
     return out
 
 
@@ -320,8 +333,9 @@ def grid_peak_cell_overlaps(grid_maps, masks) -> torch.Tensor:
 MEDKLIP_GROUNDING = {"threshold": 0.008, "normalize": False}
 
 
-def grounding_per_image(heatmaps, masks, grid_maps=None, threshold: float = 0.5,
-                        normalize: bool = True) -> dict[str, torch.Tensor]:
+def grounding_per_image(
+    heatmaps, masks, grid_maps=None, threshold: float = 0.5, normalize: bool = True
+) -> dict[str, torch.Tensor]:
     """Per image (float64 [N]; nan on images with an empty mask, which grounding does not score):
     pointing (1/0: `grid_peak_hits` when the feature-grid maps are given, else the argmax pixel of
     the full map), iou and dice of the map thresholded at > threshold (after a per-image min-max
@@ -342,17 +356,23 @@ def grounding_per_image(heatmaps, masks, grid_maps=None, threshold: float = 0.5,
     extra = {}
     if grid_maps is not None:
         hits = grid_peak_hits(grid_maps, masks)
-        extra["pointing_cell"] = torch.where(positive, grid_peak_cell_overlaps(grid_maps, masks).double(),
-                                             torch.full((n,), math.nan, dtype=torch.float64))
+        extra["pointing_cell"] = torch.where(
+            positive,
+            grid_peak_cell_overlaps(grid_maps, masks).double(),
+            torch.full((n,), math.nan, dtype=torch.float64),
+        )
     else:
         peak = heatmaps.reshape(n, -1).argmax(1, keepdim=True)
         hits = _flat_mask(masks, "masks").gather(1, peak)[:, 0]
     nan = torch.full((n,), math.nan, dtype=torch.float64)
     pred = maps > threshold
-    return {"pointing": torch.where(positive, hits.double(), nan),
-            "iou": torch.where(positive, iou_score(pred, masks), nan),
-            "dice": torch.where(positive, dice_score(pred, masks), nan),
-            "positive": positive, **extra}
+    return {
+        "pointing": torch.where(positive, hits.double(), nan),
+        "iou": torch.where(positive, iou_score(pred, masks), nan),
+        "dice": torch.where(positive, dice_score(pred, masks), nan),
+        "positive": positive,
+        **extra,
+    }
 
 
 def grounding_summary(heatmaps, masks, threshold: float = 0.5, normalize: bool = True, grid_maps=None) -> dict:
@@ -364,8 +384,12 @@ def grounding_summary(heatmaps, masks, threshold: float = 0.5, normalize: bool =
     if n == 0:
         return {"pointing": math.nan, "iou": math.nan, "dice": math.nan, "n_images": 0}
     keep = per["positive"]
-    return {"pointing": float(per["pointing"][keep].mean()), "iou": float(per["iou"][keep].mean()),
-            "dice": float(per["dice"][keep].mean()), "n_images": n}
+    return {
+        "pointing": float(per["pointing"][keep].mean()),
+        "iou": float(per["iou"][keep].mean()),
+        "dice": float(per["dice"][keep].mean()),
+        "n_images": n,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -383,13 +407,12 @@ def box_iou(a, b, plus_one: bool = False) -> torch.Tensor:
     one = 1.0 if plus_one else 0.0
     area_a = (a[:, 2] - a[:, 0] + one).clamp_min(0) * (a[:, 3] - a[:, 1] + one).clamp_min(0)  # [N]
     area_b = (b[:, 2] - b[:, 0] + one).clamp_min(0) * (b[:, 3] - b[:, 1] + one).clamp_min(0)  # [M]
-    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])                      # [N, M, 2]
-    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])                  # [N, M, 2]
+    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])  # [N, M, 2]
+    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])  # [N, M, 2]
     wh = (bottom_right - top_left + one).clamp_min(0)
     inter = wh[..., 0] * wh[..., 1]
     union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp_min(torch.finfo(union.dtype).tiny),
-                       torch.zeros_like(inter))
+    return torch.where(union > 0, inter / union.clamp_min(torch.finfo(union.dtype).tiny), torch.zeros_like(inter))
 
 
 def nms(boxes, scores, iou_threshold: float, plus_one: bool = False) -> torch.Tensor:
@@ -415,8 +438,8 @@ def nms(boxes, scores, iou_threshold: float, plus_one: bool = False) -> torch.Te
 
 
 DEFAULT_IOU_THRESHOLDS = (0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70, 0.75)
-COCO_RECALLS = np.linspace(0.0, 1.0, 101)   # COCO's 101 recall points (pycocotools' recThrs)
-COCO_MAX_DETECTIONS = 100                   # per image: torchmetrics' largest max_detection_threshold
+COCO_RECALLS = np.linspace(0.0, 1.0, 101)  # COCO's 101 recall points (pycocotools' recThrs)
+COCO_MAX_DETECTIONS = 100  # per image: torchmetrics' largest max_detection_threshold
 
 
 def keep_image(n_pred: int, n_gt: int, skip: str) -> bool:
@@ -430,8 +453,10 @@ def keep_image(n_pred: int, n_gt: int, skip: str) -> bool:
 def _detection_lists(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image):
     n = len(gt_boxes_per_image)
     if len(pred_boxes_per_image) != n or len(pred_scores_per_image) != n:
-        raise ValueError(f"detection: {len(pred_boxes_per_image)} pred box lists, {len(pred_scores_per_image)} "
-                         f"score lists and {n} ground-truth lists must have one entry per image")
+        raise ValueError(
+            f"detection: {len(pred_boxes_per_image)} pred box lists, {len(pred_scores_per_image)} "
+            f"score lists and {n} ground-truth lists must have one entry per image"
+        )
     out = []
     for i, (boxes, scores, gt) in enumerate(zip(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image)):
         boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
@@ -443,40 +468,58 @@ def _detection_lists(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_i
     return out
 
 
-def map_torchmetrics(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image,
-                     thresholds=DEFAULT_IOU_THRESHOLDS, skip: str = "mgca") -> dict:
+def map_torchmetrics(
+    pred_boxes_per_image,
+    pred_scores_per_image,
+    gt_boxes_per_image,
+    thresholds=DEFAULT_IOU_THRESHOLDS,
+    skip: str = "mgca",
+) -> dict:
     """mAP exactly as MGCA computes it: torchmetrics' MeanAveragePrecision (pycocotools backend; xyxy
     boxes, COCO 101-point interpolation, <= 100 detections per image, all areas) over IoU `thresholds`,
     one class, fed only the images `keep_image(.., skip)` admits. Pass the OBJECTNESS as scores (MGCA).
     Returns {map, per_threshold {t: AP}, n_images_scored}; map is nan when no image is scored or no
     ground truth is left (torchmetrics' -1)."""
-    from torchmetrics.detection import MeanAveragePrecision   # imported here: ~2 s, detection only
+    from torchmetrics.detection import MeanAveragePrecision  # imported here: ~2 s, detection only
 
-    metric = MeanAveragePrecision(iou_thresholds=[float(t) for t in thresholds], backend="pycocotools",
-                                  extended_summary=True)
+    metric = MeanAveragePrecision(
+        iou_thresholds=[float(t) for t in thresholds], backend="pycocotools", extended_summary=True
+    )
     n_scored = 0
     for boxes, scores, gt in _detection_lists(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image):
         if not keep_image(scores.size, gt.shape[0], skip):
             continue
         n_scored += 1
-        metric.update([{"boxes": boxes.float(), "scores": torch.from_numpy(scores).float(),
-                        "labels": torch.zeros(scores.size, dtype=torch.long)}],
-                      [{"boxes": gt.float(), "labels": torch.zeros(gt.shape[0], dtype=torch.long)}])
+        metric.update(
+            [
+                {
+                    "boxes": boxes.float(),
+                    "scores": torch.from_numpy(scores).float(),
+                    "labels": torch.zeros(scores.size, dtype=torch.long),
+                }
+            ],
+            [{"boxes": gt.float(), "labels": torch.zeros(gt.shape[0], dtype=torch.long)}],
+        )
     per_threshold = {round(float(t), 4): math.nan for t in thresholds}
     if n_scored == 0:
         return {"map": math.nan, "per_threshold": per_threshold, "n_images_scored": 0}
     out = metric.compute()
-    precision = out["precision"].double()       # [T, R=101, K=1 class, A=4 areas, M=3 max-dets]
+    precision = out["precision"].double()  # [T, R=101, K=1 class, A=4 areas, M=3 max-dets]
     for i, t in enumerate(per_threshold):
-        p = precision[i, :, 0, 0, -1]            # area "all", 100 detections
+        p = precision[i, :, 0, 0, -1]  # area "all", 100 detections
         per_threshold[t] = float(p.mean()) if (p > -1).all() else math.nan
     value = float(out["map"])
     return {"map": value if value > -1 else math.nan, "per_threshold": per_threshold, "n_images_scored": n_scored}
 
 
-def coco_matches(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image,
-                 thresholds=DEFAULT_IOU_THRESHOLDS, skip: str = "mgca",
-                 max_detections: int = COCO_MAX_DETECTIONS) -> dict[str, np.ndarray]:
+def coco_matches(
+    pred_boxes_per_image,
+    pred_scores_per_image,
+    gt_boxes_per_image,
+    thresholds=DEFAULT_IOU_THRESHOLDS,
+    skip: str = "mgca",
+    max_detections: int = COCO_MAX_DETECTIONS,
+) -> dict[str, np.ndarray]:
     """Per-detection true/false positive flags under COCO's matching, computed once so that mAP can be
     recomputed for any reweighting of the images (`coco_map`, the bootstrap). Per image: the
     `max_detections` highest scores (stable order), each in turn takes the unmatched ground truth of
@@ -485,8 +528,9 @@ def coco_matches(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image
     detections in image order)."""
     thresholds = np.asarray(thresholds, dtype=np.float64)
     scores, images, tps, n_gt = [], [], [], []
-    for i, (boxes, s, gt) in enumerate(_detection_lists(pred_boxes_per_image, pred_scores_per_image,
-                                                        gt_boxes_per_image)):
+    for i, (boxes, s, gt) in enumerate(
+        _detection_lists(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image)
+    ):
         if not keep_image(s.size, gt.shape[0], skip):
             n_gt.append(0)
             continue
@@ -499,14 +543,21 @@ def coco_matches(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image
             for k in range(order.size):
                 candidates = np.where(free & (ious[k] >= min(t, 1 - 1e-10)), ious[k], -1.0)
                 if candidates.size and candidates.max() >= 0:
-                    g = candidates.size - 1 - int(np.argmax(candidates[::-1]))   # last of equal IoUs
+                    g = candidates.size - 1 - int(np.argmax(candidates[::-1]))  # last of equal IoUs
                     tp[ti, k], free[g] = True, False
         scores.append(s[order])
         images.append(np.full(order.size, i))
         tps.append(tp)
-    cat = (lambda xs, empty: np.concatenate(xs, axis=-1) if xs else empty)
-    return {"score": cat(scores, np.zeros(0)), "image": cat(images, np.zeros(0, dtype=np.int64)),
-            "tp": cat(tps, np.zeros((thresholds.size, 0), dtype=bool)), "n_gt": np.asarray(n_gt, dtype=np.int64)}
+
+    def cat(xs, empty):
+        return np.concatenate(xs, axis=-1) if xs else empty
+
+    return {
+        "score": cat(scores, np.zeros(0)),
+        "image": cat(images, np.zeros(0, dtype=np.int64)),
+        "tp": cat(tps, np.zeros((thresholds.size, 0), dtype=bool)),
+        "n_gt": np.asarray(n_gt, dtype=np.int64),
+    }
 
 
 def coco_map(matches: dict[str, np.ndarray], weights: np.ndarray | None = None, chunk: int = 64) -> np.ndarray:
@@ -518,13 +569,13 @@ def coco_map(matches: dict[str, np.ndarray], weights: np.ndarray | None = None, 
     Vectorised over the rows (`chunk` rows at a time bound the [rows, K] work arrays)."""
     n_img = matches["n_gt"].size
     weights = np.ones((1, n_img)) if weights is None else np.asarray(weights, dtype=np.float64)
-    order = np.argsort(-matches["score"], kind="stable")      # pycocotools: mergesort over image order
-    image, tp = matches["image"][order], matches["tp"][:, order]   # [K], [T, K]
+    order = np.argsort(-matches["score"], kind="stable")  # pycocotools: mergesort over image order
+    image, tp = matches["image"][order], matches["tp"][:, order]  # [K], [T, K]
     out = np.full((weights.shape[0], tp.shape[0]), math.nan)
     for start in range(0, weights.shape[0], chunk):
-        w = weights[start:start + chunk]                       # [b, N]
-        n_gt = w @ matches["n_gt"]                             # [b]
-        w_det = w[:, image]                                    # [b, K]
+        w = weights[start : start + chunk]  # [b, N]
+        n_gt = w @ matches["n_gt"]  # [b]
+        w_det = w[:, image]  # [b, K]
         for t in range(tp.shape[0]):
             ctp = np.cumsum(w_det * tp[t], axis=1)
             cfp = np.cumsum(w_det * ~tp[t], axis=1)

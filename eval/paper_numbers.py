@@ -7,6 +7,7 @@ the columns are shown side by side for orientation only, never as a reproduction
 Keys: (task, variant) -> {fraction: value}; variant is the segmentation variant or "" for the rest.
 None = the paper prints "-" (mAP < 1%) or "/" (not applicable).
 """
+
 from __future__ import annotations
 
 FRACTIONS = ("0.01", "0.1", "1.0")
@@ -47,13 +48,29 @@ TABLE4_RANDOM = {
 # Table 3: ChestX-ray14 fine-tuning, mean AUC (+ G2D per class).
 TABLE3_G2D = {("chestxray14_finetune", ""): _by_fraction((79.1, 81.1, 83.1))}
 TABLE3_RANDOM = {("chestxray14_finetune", ""): _by_fraction((58.1, 69.1, 79.0))}
-CXR14_ORDER = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-               "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
+CXR14_ORDER = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
 TABLE3_G2D_PER_CLASS = {
-    fraction: dict(zip(CXR14_ORDER, values)) for fraction, values in (
+    fraction: dict(zip(CXR14_ORDER, values))
+    for fraction, values in (
         ("0.01", (78.1, 88.3, 83.1, 70.2, 75.4, 69.7, 74.0, 86.5, 72.9, 81.6, 90.2, 74.4, 69.5, 94.1)),
         ("0.1", (78.4, 89.3, 83.7, 72.2, 78.8, 72.3, 74.1, 87.8, 75.3, 84.0, 90.4, 80.8, 72.5, 95.4)),
-        ("1.0", (79.9, 90.2, 84.5, 71.8, 84.2, 78.0, 74.2, 87.7, 75.6, 86.9, 92.0, 83.1, 78.2, 96.5)))
+        ("1.0", (79.9, 90.2, 84.5, 71.8, 84.2, 78.0, 74.2, 87.7, 75.6, 86.9, 92.0, 83.1, 78.2, 96.5)),
+    )
 }
 
 # Table 2a: zero-shot grounding (Recall, IoU, Dice) and 2b: zero-shot classification (AUC, F1, ACC).
@@ -64,5 +81,5 @@ TABLE2_G2D = {
     "zeroshot_rsna": {"auc": 87.6, "f1": 64.8, "acc": 81.5},
     "zeroshot_siim": {"auc": 89.7, "f1": 69.3, "acc": 85.4},
     "zeroshot_chestxray14": {"auc": 79.4, "f1": 33.1, "acc": 82.3},
-    "zeroshot_chexpert": {"auc": 91.2, "f1": 65.6, "acc": None},   # the paper reports AUC/F1 only
+    "zeroshot_chexpert": {"auc": 91.2, "f1": 65.6, "acc": None},  # the paper reports AUC/F1 only
 }

@@ -16,6 +16,7 @@ Support devices are left out of the truth: they are drawn and reported, but they
     pseudo_mask_predictions(weights, pretrain_data, text_model, corpus_root, device) -> per-image arrays
     pseudo_mask_summary({arm: predictions}) -> per arm mean + 95% CI, paired differences
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -67,26 +68,37 @@ def truth_mask(regions: list[dict], meta: dict, size: tuple[int, int]) -> torch.
 
 
 @torch.no_grad()
-def pseudo_mask_predictions(weights: Pretrained, pretrain_data: dict, text_model: str, corpus_root: str | Path,
-                            device, batch_size: int = 32) -> dict:
+def pseudo_mask_predictions(
+    weights: Pretrained, pretrain_data: dict, text_model: str, corpus_root: str | Path, device, batch_size: int = 32
+) -> dict:
     """-> {keys, iou, pointing, truth_frac, findings} over the valid-split images that have a finding
     (numpy arrays; findings: '+'-joined finding names per image)."""
     regions = load_regions(corpus_root)
     data_cfg = config_from_dict(DataConfig, pretrain_data)
-    data_cfg = dataclasses.replace(data_cfg, transform=data_cfg.eval_transform, shuffle=False, drop_last=False,
-                                   batch_size_per_gpu=batch_size, num_workers=0)
-    torch.manual_seed(0)                      # the random arm's weights: the same draw every time
+    data_cfg = dataclasses.replace(
+        data_cfg,
+        transform=data_cfg.eval_transform,
+        shuffle=False,
+        drop_last=False,
+        batch_size_per_gpu=batch_size,
+        num_workers=0,
+    )
+    torch.manual_seed(0)  # the random arm's weights: the same draw every time
     model = weights.build_g2d(text_model).to(device).eval()
-    loader = build_loader(data_cfg, "valid", DistInfo(rank=0, world_size=1, local_rank=0, device=device),
-                          tokenizer=load_tokenizer(text_model))
+    loader = build_loader(
+        data_cfg,
+        "valid",
+        DistInfo(rank=0, world_size=1, local_rank=0, device=device),
+        tokenizer=load_tokenizer(text_model),
+    )
     loader.set_epoch(0)
     keys, iou, pointing, frac, findings = [], [], [], [], []
     try:
         for batch in loader:
-            _emb, _dense, attention = model.encode_image(batch.image)      # attention [B,heads,h,w]
-            masks = model.make_pseudo_mask(attention, batch.image)[:, 0] > 0.5   # [B,H,W] bool
+            _emb, _dense, attention = model.encode_image(batch.image)  # attention [B,heads,h,w]
+            masks = model.make_pseudo_mask(attention, batch.image)[:, 0] > 0.5  # [B,H,W] bool
             h, w = attention.shape[-2:]
-            peak = attention.float().mean(dim=1).flatten(1).argmax(dim=1)   # [B] cell index
+            peak = attention.float().mean(dim=1).flatten(1).argmax(dim=1)  # [B] cell index
             H, W = masks.shape[-2:]
             for i, meta in enumerate(batch.meta):
                 found = regions.get(meta["dicom_id"])
@@ -96,11 +108,11 @@ def pseudo_mask_predictions(weights: Pretrained, pretrain_data: dict, text_model
                     continue
                 truth = truth_mask(found, meta, (H, W)).to(masks.device)
                 if not truth.any():
-                    continue                  # the region lay outside the stored crop
+                    continue  # the region lay outside the stored crop
                 pred = masks[i]
                 inter, union = (pred & truth).sum().item(), (pred | truth).sum().item()
                 cy, cx = divmod(int(peak[i]), w)
-                py, px = int((cy + 0.5) * H / h), int((cx + 0.5) * W / w)   # the peak cell's centre pixel
+                py, px = int((cy + 0.5) * H / h), int((cx + 0.5) * W / w)  # the peak cell's centre pixel
                 keys.append(batch.keys[i])
                 iou.append(inter / union)
                 pointing.append(float(truth[py, px]))
@@ -110,8 +122,13 @@ def pseudo_mask_predictions(weights: Pretrained, pretrain_data: dict, text_model
         loader.close()
     if not keys:
         raise ValueError("pseudo-mask quality: no valid-split image with a drawn finding")
-    return {"keys": np.asarray(keys, dtype=str), "iou": np.asarray(iou), "pointing": np.asarray(pointing),
-            "truth_frac": np.asarray(frac), "findings": np.asarray(findings, dtype=str)}
+    return {
+        "keys": np.asarray(keys, dtype=str),
+        "iou": np.asarray(iou),
+        "pointing": np.asarray(pointing),
+        "truth_frac": np.asarray(frac),
+        "findings": np.asarray(findings, dtype=str),
+    }
 
 
 # (b, a) pairs reported as b - a: the Table 5a question, then trained vs random for both trained arms.
@@ -127,19 +144,23 @@ def pseudo_mask_summary(preds: dict[str, dict], seed: int = 0) -> dict:
         if not np.array_equal(preds[arm]["keys"], base):
             raise ValueError(f"pseudo-mask quality: arm {arm} was scored on other images than {arms[0]}")
     n = len(base)
-    W = resample_weights(n, None, N_RESAMPLES, seed)          # [R, n] images resampled with replacement
+    W = resample_weights(n, None, N_RESAMPLES, seed)  # [R, n] images resampled with replacement
     out = {"num_images": n, "pointing_chance": float(preds[arms[0]]["truth_frac"].mean()), "arms": {}, "diffs": {}}
     for arm, p in preds.items():
         per_finding = {}
         for name in sorted(set(p["findings"].tolist())):
             sel = p["findings"] == name
             per_finding[name] = {"n": int(sel.sum()), "iou": float(p["iou"][sel].mean())}
-        out["arms"][arm] = {m: {"value": float(p[m].mean()), "ci95": percentile_ci(W @ p[m] / W.sum(1))}
-                            for m in ("iou", "pointing")}
+        out["arms"][arm] = {
+            m: {"value": float(p[m].mean()), "ci95": percentile_ci(W @ p[m] / W.sum(1))} for m in ("iou", "pointing")
+        }
         out["arms"][arm]["per_finding_iou"] = per_finding
     for b, a in COMPARISONS:
         if a in preds and b in preds:
             boot = W @ (preds[b]["iou"] - preds[a]["iou"]) / W.sum(1)
-            out["diffs"][f"{b}-{a}"] = {"diff": float(preds[b]["iou"].mean() - preds[a]["iou"].mean()),
-                                        "ci95": percentile_ci(boot), "p_b_better": float((boot > 0).mean())}
+            out["diffs"][f"{b}-{a}"] = {
+                "diff": float(preds[b]["iou"].mean() - preds[a]["iou"].mean()),
+                "ci95": percentile_ci(boot),
+                "p_b_better": float((boot > 0).mean()),
+            }
     return out

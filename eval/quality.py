@@ -14,6 +14,7 @@ tower included, as eval/runner.run_all builds it). Paired differences resample t
 patients for both arms (eval/bootstrap.paired_difference), so they resolve much smaller gaps than
 two overlapping per-arm intervals suggest.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,21 +46,27 @@ TRAINED_ARMS = ("g2d", "vla_only")
 ARM_LABELS = {"g2d": "G2D (VLA+PA)", "vla_only": "VLA only", "random": "random init"}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quality"
 PRETRAIN_CONFIG = CONFIG_DIR / "pretrain.yaml"
-FAMILY_TITLES = {"zeroshot_cls": "zero-shot classification", "grounding": "grounding", "linear": "linear probe",
-                 "segmentation": "segmentation", "detection": "detection", "retrieval": "retrieval"}
+FAMILY_TITLES = {
+    "zeroshot_cls": "zero-shot classification",
+    "grounding": "grounding",
+    "linear": "linear probe",
+    "segmentation": "segmentation",
+    "detection": "detection",
+    "retrieval": "retrieval",
+}
 
 
 @dataclass
 class BenchScale:
     name: str = "smoke"
-    studies: int = 120                 # synthetic MIMIC studies (1-3 images each, ~1 frontal packed)
-    synth_size: int = 256              # rendered longer side of the corpus images
-    rsna_images: int = 60              # RSNA look-alike images (test split ~20%)
-    siim_images: int = 60              # SIIM look-alike images (test split ~15%)
-    downstream_max_side: int = 256     # stored downstream image side (the tasks read <= 256 px)
+    studies: int = 120  # synthetic MIMIC studies (1-3 images each, ~1 frontal packed)
+    synth_size: int = 256  # rendered longer side of the corpus images
+    rsna_images: int = 60  # RSNA look-alike images (test split ~20%)
+    siim_images: int = 60  # SIIM look-alike images (test split ~15%)
+    downstream_max_side: int = 256  # stored downstream image side (the tasks read <= 256 px)
     pretrain_overrides: list[str] = field(default_factory=list)
-    eval_overrides: list[str] = field(default_factory=list)   # every task (keys a task lacks are dropped)
-    runs: list[str] = field(default_factory=list)             # "task@fraction"
+    eval_overrides: list[str] = field(default_factory=list)  # every task (keys a task lacks are dropped)
+    runs: list[str] = field(default_factory=list)  # "task@fraction"
 
 
 def load_scale(name_or_path: str, overrides: list[str] | None = None) -> BenchScale:
@@ -72,7 +79,7 @@ def load_scale(name_or_path: str, overrides: list[str] | None = None) -> BenchSc
         raise FileNotFoundError(f"bench scale {name_or_path!r}: no such file {path} (choose one of {known})")
     scale = load_config(BenchScale, path, overrides)
     for spec in scale.runs:
-        parse_run(spec)                # a typo fails here, not after hours of pretraining
+        parse_run(spec)  # a typo fails here, not after hours of pretraining
     return scale
 
 
@@ -96,8 +103,8 @@ def fingerprint(obj) -> str:
 
 @dataclass
 class Stage:
-    name: str                                   # unique; also the done-marker's file name
-    run: Callable[[dict], dict]                 # (results of earlier stages by name) -> JSON-able result
+    name: str  # unique; also the done-marker's file name
+    run: Callable[[dict], dict]  # (results of earlier stages by name) -> JSON-able result
     inputs: dict = field(default_factory=dict)  # what the result depends on; a change re-runs the stage
 
 
@@ -124,7 +131,7 @@ def run_stages(stages: list[Stage], state_dir: str | Path, log=print) -> dict[st
             try:
                 done = json.loads(marker.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
-                done = {}             # a damaged marker only costs re-running its stage
+                done = {}  # a damaged marker only costs re-running its stage
             if isinstance(done, dict) and done.get("fingerprint") == key and "result" in done:
                 results[stage.name] = done["result"]
                 log(f"[bench-quality] {stage.name}: done earlier ({done.get('seconds', 0):.0f} s), skipped")
@@ -133,8 +140,10 @@ def run_stages(stages: list[Stage], state_dir: str | Path, log=print) -> dict[st
         t0 = time.perf_counter()
         result = stage.run(results)
         seconds = time.perf_counter() - t0
-        atomic_write_json(marker, {"stage": stage.name, "fingerprint": key, "inputs": stage.inputs,
-                                   "result": result, "seconds": seconds})
+        atomic_write_json(
+            marker,
+            {"stage": stage.name, "fingerprint": key, "inputs": stage.inputs, "result": result, "seconds": seconds},
+        )
         results[stage.name] = result
         log(f"[bench-quality] {stage.name}: {seconds:.0f} s")
     return results
@@ -162,13 +171,24 @@ def arm_overrides(arm: str) -> list[str]:
     raise ValueError(f"arm {arm!r} is not pretrained; trained arms: {TRAINED_ARMS}")
 
 
-def pretrain_command(python: str, arm: str, seed: int, scale: BenchScale, shards: str, text_model: str,
-                     output_dir: str) -> list[str]:
+def pretrain_command(
+    python: str, arm: str, seed: int, scale: BenchScale, shards: str, text_model: str, output_dir: str
+) -> list[str]:
     """argv of `python -m train.pretrain` for one arm: the shared recipe + the scale's step count +
     the arm's switch. train.resume=auto (the default) makes a re-run continue from its checkpoints."""
-    return [python, "-m", "train.pretrain", "--config", str(PRETRAIN_CONFIG),
-            f"data.shards={shards}", f"model.text_model={text_model}", f"train.output_dir={output_dir}",
-            f"train.seed={seed}", *scale.pretrain_overrides, *arm_overrides(arm)]
+    return [
+        python,
+        "-m",
+        "train.pretrain",
+        "--config",
+        str(PRETRAIN_CONFIG),
+        f"data.shards={shards}",
+        f"model.text_model={text_model}",
+        f"train.output_dir={output_dir}",
+        f"train.seed={seed}",
+        *scale.pretrain_overrides,
+        *arm_overrides(arm),
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,38 +210,67 @@ def variants_for(task: str, arm: str) -> list[str]:
     return ["encoder", "encoder_decoder"] if arm in TRAINED_ARMS else ["encoder"]
 
 
-def evaluate_run(task: str, fraction: str, variant: str, weights: Pretrained, data_root: str,
-                 overrides: list[str], output_root: str, log=print) -> dict:
+def evaluate_run(
+    task: str,
+    fraction: str,
+    variant: str,
+    weights: Pretrained,
+    data_root: str,
+    overrides: list[str],
+    output_root: str,
+    log=print,
+) -> dict:
     """One task for one arm -> {results, predictions, family, headline, value, ci95, seconds}."""
     keep, _unused = applicable_overrides(get_task(task), overrides)
     extra = [f"segmentation.variant={variant}"] if variant else []
-    rec = run_eval(task, fraction=fraction, data_root=data_root, overrides=keep + extra, output_root=output_root,
-                   weights=weights, log=log)
+    rec = run_eval(
+        task,
+        fraction=fraction,
+        data_root=data_root,
+        overrides=keep + extra,
+        output_root=output_root,
+        weights=weights,
+        log=log,
+    )
     run_dir = Path(rec["results_path"]).parent
-    return {"results": rec["results_path"], "predictions": str(run_dir / PREDICTIONS_NAME),
-            "family": rec["family"], "headline": rec["headline"]["name"], "value": rec["headline"]["value"],
-            "ci95": rec["headline"]["ci95"], "seconds": rec["seconds"]}
+    return {
+        "results": rec["results_path"],
+        "predictions": str(run_dir / PREDICTIONS_NAME),
+        "family": rec["family"],
+        "headline": rec["headline"]["name"],
+        "value": rec["headline"]["value"],
+        "ci95": rec["headline"]["ci95"],
+        "seconds": rec["seconds"],
+    }
 
 
 @torch.no_grad()
-def retrieval_predictions(weights: Pretrained, pretrain_data: dict, text_model: str, device,
-                          batch_size: int = 32) -> dict:
+def retrieval_predictions(
+    weights: Pretrained, pretrain_data: dict, text_model: str, device, batch_size: int = 32
+) -> dict:
     """Image->report retrieval on the pretraining valid split. -> {keys, rank} (rank 0 = own report
     first; ties count in the model's favour, as eval/zeroshot.retrieval_topk), so top-k hits are
     `rank < k` per image and bootstrap over images works on them."""
     data_cfg = config_from_dict(DataConfig, pretrain_data)
-    data_cfg = dataclasses.replace(data_cfg, transform=data_cfg.eval_transform, shuffle=False, drop_last=False,
-                                   batch_size_per_gpu=batch_size, num_workers=0)
+    data_cfg = dataclasses.replace(
+        data_cfg,
+        transform=data_cfg.eval_transform,
+        shuffle=False,
+        drop_last=False,
+        batch_size_per_gpu=batch_size,
+        num_workers=0,
+    )
     tokenizer = load_tokenizer(text_model)
-    torch.manual_seed(0)                      # the random arm's weights: the same draw every time
+    torch.manual_seed(0)  # the random arm's weights: the same draw every time
     model = weights.build_g2d(text_model).to(device).eval()
-    loader = build_loader(data_cfg, "valid", DistInfo(rank=0, world_size=1, local_rank=0, device=device),
-                          tokenizer=tokenizer)
+    loader = build_loader(
+        data_cfg, "valid", DistInfo(rank=0, world_size=1, local_rank=0, device=device), tokenizer=tokenizer
+    )
     loader.set_epoch(0)
     emb = embed_loader(model, loader)
     loader.close()
-    sim = emb.image @ emb.text.T                                    # [N, N]
-    rank = (sim > sim.diagonal().unsqueeze(1)).sum(dim=1)           # [N]
+    sim = emb.image @ emb.text.T  # [N, N]
+    rank = (sim > sim.diagonal().unsqueeze(1)).sum(dim=1)  # [N]
     return {"keys": np.asarray(emb.keys, dtype=str), "rank": rank.numpy()}
 
 
@@ -236,12 +285,14 @@ def retrieval_summary(ranks: dict[str, dict], seed: int = 0, ks: tuple[int, ...]
         if not np.array_equal(ranks[arm]["keys"][order[arm]], sorted_keys):
             raise ValueError(f"retrieval: arm {arm} was scored on other valid images than {arms[0]}")
     n = len(sorted_keys)
-    W = resample_weights(n, None, N_RESAMPLES, seed)               # [R, n]
+    W = resample_weights(n, None, N_RESAMPLES, seed)  # [R, n]
     out: dict = {"num_images": n, "chance": {f"top{k}": min(1.0, k / n) for k in ks}, "arms": {}, "diffs": {}}
     hits = {arm: {k: (ranks[arm]["rank"][order[arm]] < k).astype(np.float64) for k in ks} for arm in arms}
     for arm in arms:
-        out["arms"][arm] = {f"top{k}": {"value": float(hits[arm][k].mean()),
-                                        "ci95": percentile_ci(W @ hits[arm][k] / W.sum(1))} for k in ks}
+        out["arms"][arm] = {
+            f"top{k}": {"value": float(hits[arm][k].mean()), "ci95": percentile_ci(W @ hits[arm][k] / W.sum(1))}
+            for k in ks
+        }
     for b, a in COMPARISONS:
         if a in hits and b in hits:
             out["diffs"][f"{b}-{a}"] = {f"top{k}": _diff(W, hits[b][k], hits[a][k]) for k in ks}
@@ -250,8 +301,11 @@ def retrieval_summary(ranks: dict[str, dict], seed: int = 0, ks: tuple[int, ...]
 
 def _diff(W: np.ndarray, hit_b: np.ndarray, hit_a: np.ndarray) -> dict:
     boot = W @ (hit_b - hit_a) / W.sum(1)
-    return {"diff": float(hit_b.mean() - hit_a.mean()), "ci95": percentile_ci(boot),
-            "p_b_better": float((boot > 0).mean())}
+    return {
+        "diff": float(hit_b.mean() - hit_a.mean()),
+        "ci95": percentile_ci(boot),
+        "p_b_better": float((boot > 0).mean()),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,9 +318,12 @@ def task_comparisons(evals: dict[str, dict], seed: int = 0) -> dict:
     top-level metric of the family; the headline one first)."""
     first = next(iter(evals.values()))
     family, headline = first["family"], first["headline"]
-    out = {"family": family, "headline": headline,
-           "arms": {arm: {"value": e["value"], "ci95": e["ci95"], "results": e["results"]} for arm, e in evals.items()},
-           "diffs": {}}
+    out = {
+        "family": family,
+        "headline": headline,
+        "arms": {arm: {"value": e["value"], "ci95": e["ci95"], "results": e["results"]} for arm, e in evals.items()},
+        "diffs": {},
+    }
     preds = {arm: load_predictions(e["predictions"]) for arm, e in evals.items()}
     for b, a in COMPARISONS:
         if a in preds and b in preds:
@@ -281,8 +338,15 @@ def run_label(task: str, fraction: str, variant: str) -> str:
     return f"{task}@{fraction}" + (f"/{variant}" if variant else "")
 
 
-def assemble(scale: BenchScale, seeds: list[int], eval_results: dict, retrieval: dict, pseudo_masks: dict,
-             arms: dict, timing: dict) -> dict:
+def assemble(
+    scale: BenchScale,
+    seeds: list[int],
+    eval_results: dict,
+    retrieval: dict,
+    pseudo_masks: dict,
+    arms: dict,
+    timing: dict,
+) -> dict:
     """quality.json. eval_results: {seed: {run_label: {arm: evaluate_run result}}};
     retrieval: {seed: retrieval_summary}; pseudo_masks: {seed: {arm: summary}}."""
     per_seed = {}
@@ -298,9 +362,16 @@ def assemble(scale: BenchScale, seeds: list[int], eval_results: dict, retrieval:
                     evals = {**evals, "random": fallback}
             tasks[label] = task_comparisons(evals, seed=0)
         per_seed[str(seed)] = {"tasks": tasks, "retrieval": retrieval[seed], "pseudo_mask_iou": pseudo_masks[seed]}
-    return {"benchmark": "bench-quality", "scale": config_to_dict(scale), "seeds": seeds, "arms": arms,
-            "comparisons": [f"{b}-{a}" for b, a in COMPARISONS], "bootstrap_resamples": N_RESAMPLES,
-            "results": per_seed, "timing_seconds": timing}
+    return {
+        "benchmark": "bench-quality",
+        "scale": config_to_dict(scale),
+        "seeds": seeds,
+        "arms": arms,
+        "comparisons": [f"{b}-{a}" for b, a in COMPARISONS],
+        "bootstrap_resamples": N_RESAMPLES,
+        "results": per_seed,
+        "timing_seconds": timing,
+    }
 
 
 def _pct(v) -> str:
@@ -319,7 +390,7 @@ def _diff_cell(d: dict | None) -> str:
     if ci:
         text += f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
         if ci[0] > 0 or ci[1] < 0:
-            text = f"**{text}**"     # the interval excludes 0: a difference this test set resolves
+            text = f"**{text}**"  # the interval excludes 0: a difference this test set resolves
     return text
 
 
@@ -327,35 +398,55 @@ def markdown_table(quality: dict) -> str:
     """One table per seed: family | run | metric | each arm [95% CI] | G2D-VLA | G2D-random (percent
     points, paired 95% CI; bold = the interval excludes 0), + retrieval and pseudo-mask IoU rows."""
     lines = []
-    head = ("| family | task | metric | G2D (VLA+PA) | VLA only | random init | G2D - VLA | G2D - random |\n"
-            "| --- | --- | --- | --- | --- | --- | --- | --- |")
+    head = (
+        "| family | task | metric | G2D (VLA+PA) | VLA only | random init | G2D - VLA | G2D - random |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- |"
+    )
     for seed, res in quality["results"].items():
-        lines += [f"Pretraining seed {seed}; percent, value [95% bootstrap CI]; differences in points with the "
-                  f"paired-bootstrap 95% CI ({quality['bootstrap_resamples']} resamples), bold where it excludes 0.",
-                  "", head]
+        lines += [
+            f"Pretraining seed {seed}; percent, value [95% bootstrap CI]; differences in points with the "
+            f"paired-bootstrap 95% CI ({quality['bootstrap_resamples']} resamples), bold where it excludes 0.",
+            "",
+            head,
+        ]
         rt = res["retrieval"]
         for k in ("top1", "top5"):
-            cells = [_value_ci(rt["arms"][a][k]["value"], rt["arms"][a][k]["ci95"]) if a in rt["arms"] else "-"
-                     for a in ARMS]
-            lines.append(f"| retrieval | pretraining valid ({rt['num_images']} images, chance "
-                         f"{_pct(rt['chance'][k])}) | {k} | " + " | ".join(cells) + " | "
-                         f"{_diff_cell(rt['diffs'].get('g2d-vla_only', {}).get(k))} | "
-                         f"{_diff_cell(rt['diffs'].get('g2d-random', {}).get(k))} |")
+            cells = [
+                _value_ci(rt["arms"][a][k]["value"], rt["arms"][a][k]["ci95"]) if a in rt["arms"] else "-" for a in ARMS
+            ]
+            lines.append(
+                f"| retrieval | pretraining valid ({rt['num_images']} images, chance "
+                f"{_pct(rt['chance'][k])}) | {k} | " + " | ".join(cells) + " | "
+                f"{_diff_cell(rt['diffs'].get('g2d-vla_only', {}).get(k))} | "
+                f"{_diff_cell(rt['diffs'].get('g2d-random', {}).get(k))} |"
+            )
         for label, t in res["tasks"].items():
             h = t["headline"]
             cells = [_value_ci(t["arms"][a]["value"], t["arms"][a]["ci95"]) if a in t["arms"] else "-" for a in ARMS]
-            lines.append(f"| {FAMILY_TITLES.get(t['family'], t['family'])} | {label} | {h} | " + " | ".join(cells) +
-                         f" | {_diff_cell(t['diffs'].get('g2d-vla_only', {}).get(h))} | "
-                         f"{_diff_cell(t['diffs'].get('g2d-random', {}).get(h))} |")
+            lines.append(
+                f"| {FAMILY_TITLES.get(t['family'], t['family'])} | {label} | {h} | "
+                + " | ".join(cells)
+                + f" | {_diff_cell(t['diffs'].get('g2d-vla_only', {}).get(h))} | "
+                f"{_diff_cell(t['diffs'].get('g2d-random', {}).get(h))} |"
+            )
         pm = res["pseudo_mask_iou"]
         if pm:
-            for metric, where in (("iou", f"{pm['num_images']} valid images with a finding"),
-                                  ("pointing", f"peak cell in a region; chance {_pct(pm['pointing_chance'])}")):
-                cells = [_value_ci(pm["arms"][a][metric]["value"], pm["arms"][a][metric]["ci95"])
-                         if a in pm["arms"] else "-" for a in ARMS]
-                diffs = [_diff_cell(pm["diffs"].get(pair)) if metric == "iou" else "-"
-                         for pair in ("g2d-vla_only", "g2d-random")]
-                lines.append(f"| pseudo-mask vs true regions | {where} | {metric} | " + " | ".join(cells) +
-                             f" | {diffs[0]} | {diffs[1]} |")
+            for metric, where in (
+                ("iou", f"{pm['num_images']} valid images with a finding"),
+                ("pointing", f"peak cell in a region; chance {_pct(pm['pointing_chance'])}"),
+            ):
+                cells = [
+                    _value_ci(pm["arms"][a][metric]["value"], pm["arms"][a][metric]["ci95"]) if a in pm["arms"] else "-"
+                    for a in ARMS
+                ]
+                diffs = [
+                    _diff_cell(pm["diffs"].get(pair)) if metric == "iou" else "-"
+                    for pair in ("g2d-vla_only", "g2d-random")
+                ]
+                lines.append(
+                    f"| pseudo-mask vs true regions | {where} | {metric} | "
+                    + " | ".join(cells)
+                    + f" | {diffs[0]} | {diffs[1]} |"
+                )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

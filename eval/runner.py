@@ -15,6 +15,7 @@ PNG names. Beside it, predictions.npz: the test samples' keys, patient ids, targ
 scores (per family, eval/bootstrap.py reads them), from which every metric can be recomputed.
 A run that fails leaves no run directory behind.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,7 +25,7 @@ import platform
 import shutil
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,16 @@ from common.config import config_to_dict
 from common.io import atomic_open, atomic_write_json, atomic_write_text, sha256_file
 from eval.bootstrap import N_RESAMPLES, confidence_intervals
 from eval.checkpoint import NotApplicable, Pretrained, check_image_architecture, resolve_weights
-from eval.paper_numbers import (TABLE1_G2D, TABLE1_RANDOM, TABLE2_G2D, TABLE3_G2D, TABLE3_G2D_PER_CLASS,
-                                TABLE3_RANDOM, TABLE4_G2D, TABLE4_RANDOM)
+from eval.paper_numbers import (
+    TABLE1_G2D,
+    TABLE1_RANDOM,
+    TABLE2_G2D,
+    TABLE3_G2D,
+    TABLE3_G2D_PER_CLASS,
+    TABLE3_RANDOM,
+    TABLE4_G2D,
+    TABLE4_RANDOM,
+)
 from eval.tasks import TASKS, TEXT_FAMILIES, applicable_overrides, get_task, load_task_config, run_task
 from eval.tasks.base import CHECKPOINT_VIEW, dataset_root, device_of, make_deterministic, resolved_view
 from model.registry import model_config
@@ -55,7 +64,7 @@ def clean_json(value):
 
 def new_run_dir(root: Path) -> Path:
     """root/<UTC timestamp>, suffixed -1, -2 ... if two runs start in the same second."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True, exist_ok=True)
     for i in range(1000):
         path = root / (stamp if i == 0 else f"{stamp}-{i}")
@@ -68,38 +77,53 @@ def new_run_dir(root: Path) -> Path:
 
 
 def resolve_for(cfg, ckpt: str | None) -> Pretrained:
-    return resolve_weights(ckpt, baseline=model_config(cfg.model.baseline), imagenet_weights=cfg.model.imagenet_weights,
-                           prefix=cfg.ckpt.prefix)
+    return resolve_weights(
+        ckpt,
+        baseline=model_config(cfg.model.baseline),
+        imagenet_weights=cfg.model.imagenet_weights,
+        prefix=cfg.ckpt.prefix,
+    )
 
 
-def run_eval(task_name: str, ckpt: str | None = None, fraction: str = "1.0", data_root: str | None = None,
-             overrides: list[str] | None = None, output_root: str | None = None,
-             weights: Pretrained | None = None, log=print) -> dict:
+def run_eval(
+    task_name: str,
+    ckpt: str | None = None,
+    fraction: str = "1.0",
+    data_root: str | None = None,
+    overrides: list[str] | None = None,
+    output_root: str | None = None,
+    weights: Pretrained | None = None,
+    log=print,
+) -> dict:
     """Run one task; returns the record written to results.json (+ "results_path")."""
     task = get_task(task_name)
     cfg = load_task_config(task_name, fraction, data_root, overrides)
     if output_root:
         cfg = dataclasses.replace(cfg, output_root=str(output_root))
     weights = weights or resolve_for(cfg, ckpt)
-    check_image_architecture(weights)           # a mismatched file fails before any data is read
+    check_image_architecture(weights)  # a mismatched file fails before any data is read
     if task.family in TEXT_FAMILIES and not weights.has_text:
-        raise NotApplicable(f"{task_name} needs the text encoder, projector and attention pool of a pretraining "
-                            f"checkpoint; {weights.source} ({weights.kind}) has only image weights")
+        raise NotApplicable(
+            f"{task_name} needs the text encoder, projector and attention pool of a pretraining "
+            f"checkpoint; {weights.source} ({weights.kind}) has only image weights"
+        )
     manifest_path = dataset_root(cfg) / MANIFEST_NAME
     manifest = read_manifest(dataset_root(cfg))
     out_dir = new_run_dir(Path(cfg.output_root) / task_name / fraction)
     try:
         record = _run_in(out_dir, task, cfg, weights, manifest, manifest_path, log)
     except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)   # no half-written run directory survives a failure
-        for parent in (out_dir.parent, out_dir.parent.parent):   # <task>/<fraction>/ if this run made them
+        shutil.rmtree(out_dir, ignore_errors=True)  # no half-written run directory survives a failure
+        for parent in (out_dir.parent, out_dir.parent.parent):  # <task>/<fraction>/ if this run made them
             try:
                 parent.rmdir()
-            except OSError:                          # not empty: other runs live there
+            except OSError:  # not empty: other runs live there
                 break
         raise
-    log(f"[eval] {task_name}: {record['headline']['name']} = {_pct(record['headline']['value'])}% "
-        f"{_ci_text(record['headline']['ci95'])} -> {out_dir / 'results.json'}")
+    log(
+        f"[eval] {task_name}: {record['headline']['name']} = {_pct(record['headline']['value'])}% "
+        f"{_ci_text(record['headline']['ci95'])} -> {out_dir / 'results.json'}"
+    )
     return {**record, "results_path": str(out_dir / "results.json")}
 
 
@@ -107,10 +131,12 @@ def _run_in(out_dir: Path, task, cfg, weights: Pretrained, manifest: dict, manif
     device = device_of()
     make_deterministic(cfg.seed)
     variant = getattr(getattr(cfg, "segmentation", None), "variant", "")
-    log(f"[eval] {task.name}{f' ({variant})' if variant else ''} fraction {cfg.fraction} on {dataset_root(cfg)}; "
-        f"weights {weights.kind} {weights.source}; device {device}")
+    log(
+        f"[eval] {task.name}{f' ({variant})' if variant else ''} fraction {cfg.fraction} on {dataset_root(cfg)}; "
+        f"weights {weights.kind} {weights.source}; device {device}"
+    )
     t0 = time.perf_counter()
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     result = run_task(task, cfg, weights, out_dir, device, log)
     # Wall-clock time is not a metric: same seed, same machine must give identical `metrics`.
     train_seconds = result["metrics"].pop("train_seconds", None)
@@ -124,24 +150,42 @@ def _run_in(out_dir: Path, task, cfg, weights: Pretrained, manifest: dict, manif
     views = {"test": resolved_view(cfg, weights, d.eval_transform)}
     if task.family not in TEXT_FAMILIES:
         views["train"] = resolved_view(cfg, weights, d.train_transform)
-    record = clean_json({
-        "task": task.name, "family": task.family, "dataset": task.dataset, "fraction": cfg.fraction,
-        "variant": variant, "headline": {"name": headline, "value": result["metrics"].get(headline),
-                                         "ci95": ci95.get(headline)},
-        "metrics": result["metrics"], "ci95": ci95,
-        "bootstrap": {"resamples": N_RESAMPLES, "seed": cfg.seed,
-                      "unit": "patient" if _has_patients(predictions) else "image"},
-        "checkpoint": weights.describe(),
-        "data": {"root": str(dataset_root(cfg)), "manifest": str(manifest_path),
-                 "manifest_sha256": sha256_file(manifest_path),
-                 "splits": {s: v["num_samples"] for s, v in manifest["splits"].items()},
-                 "train_subset": _subset_size(manifest, cfg, task),
-                 "views": views, "checkpoint_view": d.eval_transform == CHECKPOINT_VIEW},
-        "seed": cfg.seed, "config": config_to_dict(cfg), "device": str(device),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "started_at": started, "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
-        "plots": result["plots"], "predictions": PREDICTIONS_NAME,
-    })
+    record = clean_json(
+        {
+            "task": task.name,
+            "family": task.family,
+            "dataset": task.dataset,
+            "fraction": cfg.fraction,
+            "variant": variant,
+            "headline": {"name": headline, "value": result["metrics"].get(headline), "ci95": ci95.get(headline)},
+            "metrics": result["metrics"],
+            "ci95": ci95,
+            "bootstrap": {
+                "resamples": N_RESAMPLES,
+                "seed": cfg.seed,
+                "unit": "patient" if _has_patients(predictions) else "image",
+            },
+            "checkpoint": weights.describe(),
+            "data": {
+                "root": str(dataset_root(cfg)),
+                "manifest": str(manifest_path),
+                "manifest_sha256": sha256_file(manifest_path),
+                "splits": {s: v["num_samples"] for s, v in manifest["splits"].items()},
+                "train_subset": _subset_size(manifest, cfg, task),
+                "views": views,
+                "checkpoint_view": d.eval_transform == CHECKPOINT_VIEW,
+            },
+            "seed": cfg.seed,
+            "config": config_to_dict(cfg),
+            "device": str(device),
+            "versions": {"torch": torch.__version__, "python": platform.python_version()},
+            "started_at": started,
+            "seconds": time.perf_counter() - t0,
+            "train_seconds": train_seconds,
+            "plots": result["plots"],
+            "predictions": PREDICTIONS_NAME,
+        }
+    )
     atomic_write_json(out_dir / "results.json", record)
     return record
 
@@ -186,9 +230,17 @@ def _subset_size(manifest: dict, cfg, task) -> dict | None:
 # every task + the paper's tables
 
 
-def run_all(ckpt: str | None = None, fraction: str = "1.0", data_root: str | None = None,
-            overrides: list[str] | None = None, output_root: str | None = None, with_random: bool = True,
-            tasks: list[str] | None = None, log=print, weights: Pretrained | None = None) -> dict:
+def run_all(
+    ckpt: str | None = None,
+    fraction: str = "1.0",
+    data_root: str | None = None,
+    overrides: list[str] | None = None,
+    output_root: str | None = None,
+    with_random: bool = True,
+    tasks: list[str] | None = None,
+    log=print,
+    weights: Pretrained | None = None,
+) -> dict:
     """Every task (or `tasks`) for the checkpoint (+ random init of its architecture). A failing task
     is recorded with its error and the others still run; summary["failed"] lists them."""
     overrides = list(overrides or [])
@@ -214,21 +266,44 @@ def run_all(ckpt: str | None = None, fraction: str = "1.0", data_root: str | Non
             for variant in variants:
                 extra = [f"segmentation.variant={variant}"] if variant else []
                 try:
-                    rec = run_eval(task.name, fraction=fraction, data_root=data_root, overrides=keep + extra,
-                                   output_root=str(root), weights=w, log=log)
-                    records.append({"task": task.name, "model": label, "variant": variant, "status": "ok",
-                                    "metrics": rec["metrics"], "ci95": rec["ci95"],
-                                    "results_path": rec["results_path"]})
+                    rec = run_eval(
+                        task.name,
+                        fraction=fraction,
+                        data_root=data_root,
+                        overrides=keep + extra,
+                        output_root=str(root),
+                        weights=w,
+                        log=log,
+                    )
+                    records.append(
+                        {
+                            "task": task.name,
+                            "model": label,
+                            "variant": variant,
+                            "status": "ok",
+                            "metrics": rec["metrics"],
+                            "ci95": rec["ci95"],
+                            "results_path": rec["results_path"],
+                        }
+                    )
                 except Exception as exc:  # one broken task must not hide the others' results
                     log(f"[eval] {task.name} ({label}{', ' + variant if variant else ''}) FAILED: {exc}")
                     log(traceback.format_exc(limit=3))
-                    records.append({"task": task.name, "model": label, "variant": variant, "status": "failed",
-                                    "error": f"{type(exc).__name__}: {exc}"})
+                    records.append(
+                        {
+                            "task": task.name,
+                            "model": label,
+                            "variant": variant,
+                            "status": "failed",
+                            "error": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
                     failed.append(f"{task.name}/{label}{'/' + variant if variant else ''}")
     tables = format_tables(records, fraction, weights, data_root or first.data.root)
     out_dir = new_run_dir(root / "all" / fraction)
-    summary = clean_json({"fraction": fraction, "checkpoint": weights.describe(), "records": records,
-                          "failed": failed, "tables": tables})
+    summary = clean_json(
+        {"fraction": fraction, "checkpoint": weights.describe(), "records": records, "failed": failed, "tables": tables}
+    )
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "tables.txt", tables + "\n")
     log(tables)
@@ -277,10 +352,13 @@ def format_tables(records: list[dict], fraction: str, weights: Pretrained, data_
     """Tables shaped like the paper's 1, 2, 4 and 3: our checkpoint and our random init next to the
     paper's G2D (and Random Init) numbers, in percent."""
     ours = f"ours: {Path(weights.source).name if weights.kind != 'random' else 'random'}"
-    out = [f"'ours' columns: measured here on DATA={data_root} (synthetic shards unless DATA points at the real "
-           f"datasets), fraction {fraction}, as value [95% bootstrap interval]. 'paper' columns: the G2D paper's "
-           "numbers on the REAL datasets, for orientation only: not comparable to synthetic-data results. Percent; "
-           "paper '-' = below 1% or not reported.", ""]
+    out = [
+        f"'ours' columns: measured here on DATA={data_root} (synthetic shards unless DATA points at the real "
+        f"datasets), fraction {fraction}, as value [95% bootstrap interval]. 'paper' columns: the G2D paper's "
+        "numbers on the REAL datasets, for orientation only: not comparable to synthetic-data results. Percent; "
+        "paper '-' = below 1% or not reported.",
+        "",
+    ]
     head = ("task", "metric", ours, "ours: random init", f"paper G2D ({fraction})", f"paper Random Init ({fraction})")
 
     rows = []
@@ -288,29 +366,54 @@ def format_tables(records: list[dict], fraction: str, weights: Pretrained, data_
         keys = ("map_mgca", "map_all_images") if "detection" in task else ("dice",)
         metric = "mAP (MGCA rule / all images)" if "detection" in task else "Dice"
         has_random = (task, variant) in TABLE1_RANDOM
-        rows.append((f"{task} ({variant})" if variant else task, metric,
-                     _cell(_lookup(records, task, "checkpoint", variant), keys),
-                     _cell(_lookup(records, task, "random", variant), keys) if has_random else "",
-                     _paper(paper[fraction]), _paper(TABLE1_RANDOM[(task, variant)][fraction]) if has_random else ""))
+        rows.append(
+            (
+                f"{task} ({variant})" if variant else task,
+                metric,
+                _cell(_lookup(records, task, "checkpoint", variant), keys),
+                _cell(_lookup(records, task, "random", variant), keys) if has_random else "",
+                _paper(paper[fraction]),
+                _paper(TABLE1_RANDOM[(task, variant)][fraction]) if has_random else "",
+            )
+        )
     out += [_table("Table 1: segmentation (Dice) and detection (mAP)", head, rows), ""]
 
     rows = []
     for task, paper in TABLE2_G2D.items():
         keys = ("pointing", "iou", "dice") if task.startswith("grounding") else ("auc", "f1", "acc")
         metric = "pointing/IoU/Dice" if task.startswith("grounding") else "AUC/F1/ACC"
-        rows.append((task, metric, _cell(_lookup(records, task, "checkpoint"), keys),
-                     _cell(_lookup(records, task, "random"), keys), "/".join(_paper(paper[k]) for k in keys)))
-    out += [_table("Table 2: zero-shot grounding (a) and classification (b) (no training data involved)",
-                   (*head[:4], "paper G2D"), rows), ""]
+        rows.append(
+            (
+                task,
+                metric,
+                _cell(_lookup(records, task, "checkpoint"), keys),
+                _cell(_lookup(records, task, "random"), keys),
+                "/".join(_paper(paper[k]) for k in keys),
+            )
+        )
+    out += [
+        _table(
+            "Table 2: zero-shot grounding (a) and classification (b) (no training data involved)",
+            (*head[:4], "paper G2D"),
+            rows,
+        ),
+        "",
+    ]
 
     rows = []
     for table_g2d, table_random in ((TABLE4_G2D, TABLE4_RANDOM), (TABLE3_G2D, TABLE3_RANDOM)):
         for (task, _), paper in table_g2d.items():
             key = "accuracy" if task == "covidx_linear" else "auroc"
-            rows.append((task, "ACC" if key == "accuracy" else "AUC",
-                         _cell(_lookup(records, task, "checkpoint"), (key,)),
-                         _cell(_lookup(records, task, "random"), (key,)),
-                         _paper(paper[fraction]), _paper(table_random[(task, "")][fraction])))
+            rows.append(
+                (
+                    task,
+                    "ACC" if key == "accuracy" else "AUC",
+                    _cell(_lookup(records, task, "checkpoint"), (key,)),
+                    _cell(_lookup(records, task, "random"), (key,)),
+                    _paper(paper[fraction]),
+                    _paper(table_random[(task, "")][fraction]),
+                )
+            )
     out += [_table("Table 4: linear classification / Table 3: ChestX-ray14 fine-tuning (mean AUC)", head, rows), ""]
 
     per_class = {label: _lookup(records, "chestxray14_finetune", label) for label in ("checkpoint", "random")}
@@ -321,6 +424,7 @@ def format_tables(records: list[dict], fraction: str, weights: Pretrained, data_
             ok = rec is not None and rec["status"] == "ok"
             cells.append(_pct(rec["metrics"]["auroc_per_class"].get(name)) if ok else "")
         rows.append((name, "AUC", *cells, _paper(paper)))
-    out += [_table("Table 3, per class (ChestX-ray14 fine-tuning)", ("label", *head[1:4], f"paper G2D ({fraction})"),
-                   rows)]
+    out += [
+        _table("Table 3, per class (ChestX-ray14 fine-tuning)", ("label", *head[1:4], f"paper G2D ({fraction})"), rows)
+    ]
     return "\n".join(out)

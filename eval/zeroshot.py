@@ -6,6 +6,7 @@
   and negative prompt templates; their normalised mean embeddings are compared with the image
   embedding, and the score is the softmax over the (positive, negative) pair.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,22 +16,32 @@ import torch.nn.functional as F
 
 # A few findings the synthetic corpus draws, with prompt templates (several per class, averaged).
 DEFAULT_PROMPTS: dict[str, dict[str, list[str]]] = {
-    "Pleural Effusion": {"positive": ["pleural effusion", "there is a pleural effusion"],
-                         "negative": ["no pleural effusion", "no effusion is seen"]},
-    "Pneumothorax": {"positive": ["pneumothorax", "there is a pneumothorax"],
-                     "negative": ["no pneumothorax", "no pneumothorax is seen"]},
-    "Cardiomegaly": {"positive": ["cardiomegaly", "the heart is enlarged"],
-                     "negative": ["no cardiomegaly", "heart size is normal"]},
-    "Consolidation": {"positive": ["consolidation", "focal consolidation"],
-                      "negative": ["no consolidation", "no focal consolidation"]},
-    "Edema": {"positive": ["pulmonary edema", "there is pulmonary edema"],
-              "negative": ["no pulmonary edema", "no edema"]},
+    "Pleural Effusion": {
+        "positive": ["pleural effusion", "there is a pleural effusion"],
+        "negative": ["no pleural effusion", "no effusion is seen"],
+    },
+    "Pneumothorax": {
+        "positive": ["pneumothorax", "there is a pneumothorax"],
+        "negative": ["no pneumothorax", "no pneumothorax is seen"],
+    },
+    "Cardiomegaly": {
+        "positive": ["cardiomegaly", "the heart is enlarged"],
+        "negative": ["no cardiomegaly", "heart size is normal"],
+    },
+    "Consolidation": {
+        "positive": ["consolidation", "focal consolidation"],
+        "negative": ["no consolidation", "no focal consolidation"],
+    },
+    "Edema": {
+        "positive": ["pulmonary edema", "there is pulmonary edema"],
+        "negative": ["no pulmonary edema", "no edema"],
+    },
 }
 
 
 @dataclass
 class Embedded:
-    image: torch.Tensor        # [N, D] L2-normalised global image embeddings
+    image: torch.Tensor  # [N, D] L2-normalised global image embeddings
     text: torch.Tensor | None  # [N, D] L2-normalised report embeddings (None without tokens)
     meta: list[dict]
     keys: list[str]
@@ -58,15 +69,16 @@ def embed_loader(model: torch.nn.Module, loader, max_batches: int = 0) -> Embedd
 
 def retrieval_topk(image: torch.Tensor, text: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict:
     """Image->text retrieval over N pairs: fraction whose own report ranks within the top k."""
-    sim = image @ text.T                                   # [N, N]
-    own = sim.diagonal().unsqueeze(1)                      # [N, 1]
-    rank = (sim > own).sum(dim=1)                          # 0 = best; ties count in our favour
+    sim = image @ text.T  # [N, N]
+    own = sim.diagonal().unsqueeze(1)  # [N, 1]
+    rank = (sim > own).sum(dim=1)  # 0 = best; ties count in our favour
     return {f"top{k}": float((rank < k).float().mean()) for k in ks}
 
 
 @torch.no_grad()
-def prompt_embeddings(model: torch.nn.Module, tokenizer, prompts: list[str], device,
-                      max_length: int = 64) -> torch.Tensor:
+def prompt_embeddings(
+    model: torch.nn.Module, tokenizer, prompts: list[str], device, max_length: int = 64
+) -> torch.Tensor:
     """Normalised mean embedding of a list of prompt templates: [D]."""
     tok = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     was_training = model.training
@@ -76,8 +88,9 @@ def prompt_embeddings(model: torch.nn.Module, tokenizer, prompts: list[str], dev
     return F.normalize(emb.mean(dim=0), dim=0).cpu()
 
 
-def zeroshot_probabilities(model, tokenizer, image: torch.Tensor, prompts: dict[str, dict[str, list[str]]],
-                           device, temperature: float = 0.07) -> dict[str, torch.Tensor]:
+def zeroshot_probabilities(
+    model, tokenizer, image: torch.Tensor, prompts: dict[str, dict[str, list[str]]], device, temperature: float = 0.07
+) -> dict[str, torch.Tensor]:
     """class -> [N] probability of the positive prompt (softmax over the positive/negative pair)."""
     out = {}
     for name, pair in prompts.items():

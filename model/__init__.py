@@ -11,6 +11,7 @@
 
 Names are re-exported lazily, so `import model.losses` does not import transformers or smp.
 """
+
 from __future__ import annotations
 
 import importlib

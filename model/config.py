@@ -5,6 +5,7 @@ switch away. docs/method.md tabulates every such choice with its key.
 Loaded strictly with `common.config.config_from_dict(ModelConfig, dict)`; registered named variants
 live in model/registry.py.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,44 +20,46 @@ RUNTIME_ONLY_FIELDS = frozenset({"text_attn_implementation"})
 
 @dataclass
 class ModelConfig:
-    name: str = "g2d_resnet50"       # registry entry this config started from (model/registry.py)
+    name: str = "g2d_resnet50"  # registry entry this config started from (model/registry.py)
 
     # Image side: smp.Unet(encoder, classes=1) + projector + attention pool.
-    encoder: str = "resnet50"         # any smp encoder; "imagenet" init supports torchvision ResNets
-    encoder_weights: str = "none"     # none | imagenet (torchvision V1 ResNet weights) | path to a state dict
-    image_size: int = 256             # training resolution; sizes the positional embedding (H/32 x W/32)
-    channels: int = 3                 # 3 (grey replicated, as G2D) or 1 (first conv summed over RGB)
-    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)   # smp default, as G2D
-    proj_dim: int = 128               # projector width = embedding size (paper Tab. 5c: 128 best)
-    attn_pool_heads: int = 4          # code: 4; paper claims 3, which cannot divide 128
+    encoder: str = "resnet50"  # any smp encoder; "imagenet" init supports torchvision ResNets
+    encoder_weights: str = "none"  # none | imagenet (torchvision V1 ResNet weights) | path to a state dict
+    image_size: int = 256  # training resolution; sizes the positional embedding (H/32 x W/32)
+    channels: int = 3  # 3 (grey replicated, as G2D) or 1 (first conv summed over RGB)
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)  # smp default, as G2D
+    proj_dim: int = 128  # projector width = embedding size (paper Tab. 5c: 128 best)
+    attn_pool_heads: int = 4  # code: 4; paper claims 3, which cannot divide 128
 
     # Text side: a BERT from the hub or a local directory.
     text_model: str = "emilyalsentzer/Bio_ClinicalBERT"
-    text_freeze_layers: int = 9       # encoder layers 0..N-1 frozen (12 = all)
-    text_freeze_embeddings: bool = False   # code trains the embeddings; True lets the frozen prefix run without autograd
+    text_freeze_layers: int = 9  # encoder layers 0..N-1 frozen (12 = all)
+    text_freeze_embeddings: bool = False  # code trains the embeddings; True lets the frozen prefix run without autograd
     max_text_length: int = 256
-    text_attn_implementation: Literal["sdpa", "eager"] = "sdpa"   # BERT attention: fused SDPA kernels | matmul+softmax
-    text_pooling: Literal["cls", "mean"] = "cls"   # report embedding: [CLS] (G2D) | mean of real tokens
-    text_bn_real_tokens: bool = True  # BN statistics of the text projector over real tokens only; False = all positions (code)
+    text_attn_implementation: Literal["sdpa", "eager"] = "sdpa"  # BERT attention: fused SDPA kernels | matmul+softmax
+    text_pooling: Literal["cls", "mean"] = "cls"  # report embedding: [CLS] (G2D) | mean of real tokens
+    text_bn_real_tokens: bool = (
+        True  # BN statistics of the text projector over real tokens only; False = all positions (code)
+    )
 
     # Vision-language alignment loss.
     temperature: float = 0.07
     learnable_temperature: bool = False
-    gather_negatives: bool = True     # all-gather embeddings (with gradient) so negatives span all ranks; code: False
-    vla_reduction: Literal["mean", "sum"] = "mean"   # mean of the two directions | sum (code)
+    gather_negatives: bool = True  # all-gather embeddings (with gradient) so negatives span all ranks; code: False
+    vla_reduction: Literal["mean", "sum"] = "mean"  # mean of the two directions | sum (code)
 
     # Pseudo masks from the attention pool.
     pseudo_mask_mode: Literal["paper", "code"] = "paper"
     pseudo_mask_quantile: float = 0.85
-    body_mask: bool = True            # paper mode only: zero attention outside the Otsu body mask
-    smoothing: bool = True            # paper mode only: bilateral smoothing of the binary mask
-    bilateral_sigma_space: float = 0.25   # spatial sigma as a fraction of one attention cell (32 px at stride 32)
-    bilateral_sigma_range: float = 1.0    # range sigma on the {0,1} mask values
+    body_mask: bool = True  # paper mode only: zero attention outside the Otsu body mask
+    smoothing: bool = True  # paper mode only: bilateral smoothing of the binary mask
+    bilateral_sigma_space: float = 0.25  # spatial sigma as a fraction of one attention cell (32 px at stride 32)
+    bilateral_sigma_range: float = 1.0  # range sigma on the {0,1} mask values
 
     # Pseudo-segmentation ("PA") loss on the U-Net decoder output.
-    pa_loss: Literal["paper", "code"] = "paper"   # 0.5*(soft Dice + BCE) | (1 - Dice on logits) + 0.2*BCE
+    pa_loss: Literal["paper", "code"] = "paper"  # 0.5*(soft Dice + BCE) | (1 - Dice on logits) + 0.2*BCE
     pa_weight: float = 1.0
-    pa_warmup_steps: int = 200        # PA enters the total loss from this step on (code); 0 = from the start (paper)
+    pa_warmup_steps: int = 200  # PA enters the total loss from this step on (code); 0 = from the start (paper)
 
 
 def changed_fields(saved: dict, current: ModelConfig) -> list[str]:
@@ -66,5 +69,4 @@ def changed_fields(saved: dict, current: ModelConfig) -> list[str]:
     (new fields default to the behaviour that existed before them). Runtime-only fields are ignored.
     """
     now, defaults = config_to_dict(current), config_to_dict(ModelConfig())
-    return sorted(k for k, v in now.items()
-                  if k not in RUNTIME_ONLY_FIELDS and saved.get(k, defaults[k]) != v)
+    return sorted(k for k, v in now.items() if k not in RUNTIME_ONLY_FIELDS and saved.get(k, defaults[k]) != v)

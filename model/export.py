@@ -1,10 +1,11 @@
 """State dicts for downstream code, in the layouts G2D publishes.
 
-    encoder_sd          -> smp.Unet(encoder).encoder.load_state_dict(..., strict=True)
-                           (G2D's *_encoder.pth; what MGCA-style frozen-encoder protocols load)
-    encoder_decoder_sd  -> smp.Unet(encoder, classes=1).load_state_dict(..., strict=True)
-                           (G2D's *_encoder_decoder.pth: encoder + U-Net decoder + seg head)
+encoder_sd          -> smp.Unet(encoder).encoder.load_state_dict(..., strict=True)
+                       (G2D's *_encoder.pth; what MGCA-style frozen-encoder protocols load)
+encoder_decoder_sd  -> smp.Unet(encoder, classes=1).load_state_dict(..., strict=True)
+                       (G2D's *_encoder_decoder.pth: encoder + U-Net decoder + seg head)
 """
+
 from __future__ import annotations
 
 from pathlib import Path

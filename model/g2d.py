@@ -8,6 +8,7 @@ parameter used on every step:
     VLA = InfoNCE(global, text);  target = pseudo_mask(attention, image)  (no gradient)
     PA  = pseudo_seg_loss(seg logits, target);  loss = VLA + w * PA, w = 0 before pa_warmup_steps
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,14 +26,14 @@ from model.text import TextEncoder
 
 @dataclass
 class G2DOutput:
-    loss: torch.Tensor          # [] total: vla + pa_weight * pa (pa weight 0 during warm-up)
-    vla_loss: torch.Tensor      # []
-    pa_loss: torch.Tensor       # [] computed (and loggable) during warm-up too
-    image_emb: torch.Tensor     # [B,128] L2-normalised
-    text_emb: torch.Tensor      # [B,128] L2-normalised
-    attention: torch.Tensor     # [B,heads,H/32,W/32] CLS->pixel softmax weights
-    pseudo_mask: torch.Tensor   # [B,1,H,W] {0,1} target, no gradient
-    seg_logits: torch.Tensor    # [B,1,H,W] decoder output
+    loss: torch.Tensor  # [] total: vla + pa_weight * pa (pa weight 0 during warm-up)
+    vla_loss: torch.Tensor  # []
+    pa_loss: torch.Tensor  # [] computed (and loggable) during warm-up too
+    image_emb: torch.Tensor  # [B,128] L2-normalised
+    text_emb: torch.Tensor  # [B,128] L2-normalised
+    attention: torch.Tensor  # [B,heads,H/32,W/32] CLS->pixel softmax weights
+    pseudo_mask: torch.Tensor  # [B,1,H,W] {0,1} target, no gradient
+    seg_logits: torch.Tensor  # [B,1,H,W] decoder output
 
 
 class G2DModel(nn.Module):
@@ -48,7 +49,7 @@ class G2DModel(nn.Module):
             raise ValueError(f"pa_loss={cfg.pa_loss!r}; choose 'paper' or 'code'")
         if not 0.0 < cfg.pseudo_mask_quantile < 1.0:
             raise ValueError(f"pseudo_mask_quantile={cfg.pseudo_mask_quantile} must be in (0, 1)")
-        self.pa_loss_fn = pseudo_seg_loss      # replaced by its compiled version in compile_parts()
+        self.pa_loss_fn = pseudo_seg_loss  # replaced by its compiled version in compile_parts()
 
     def compile_parts(self, mode: str | None = None, backend: str = "inductor") -> None:
         """torch.compile, in place, the parts that carry the step's work: the image tower (U-Net +
@@ -67,11 +68,20 @@ class G2DModel(nn.Module):
 
     def make_pseudo_mask(self, attention: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         c = self.cfg
-        return pseudo_mask(attention, image, mode=c.pseudo_mask_mode, quantile=c.pseudo_mask_quantile,
-                           body_mask=c.body_mask, smoothing=c.smoothing,
-                           sigma_space=c.bilateral_sigma_space, sigma_range=c.bilateral_sigma_range)
+        return pseudo_mask(
+            attention,
+            image,
+            mode=c.pseudo_mask_mode,
+            quantile=c.pseudo_mask_quantile,
+            body_mask=c.body_mask,
+            smoothing=c.smoothing,
+            sigma_space=c.bilateral_sigma_space,
+            sigma_range=c.bilateral_sigma_range,
+        )
 
-    def forward(self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, step: int) -> G2DOutput:
+    def forward(
+        self, image: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, step: int
+    ) -> G2DOutput:
         seg_logits, _dense, pooled, attention = self.image(image)
         text = self.text(input_ids, attention_mask)
         vla = self.vla(pooled, text)
@@ -82,9 +92,16 @@ class G2DModel(nn.Module):
         # zero gradients must not reach the optimiser (AdamW would count warm-up steps of state and
         # decay the weights): train.step.TrainStep drops the grads of `pa_parameters()` until then.
         pa_weight = self.cfg.pa_weight if step >= self.cfg.pa_warmup_steps else 0.0
-        return G2DOutput(loss=vla + pa_weight * pa, vla_loss=vla, pa_loss=pa,
-                         image_emb=F.normalize(pooled.float(), dim=-1), text_emb=F.normalize(text.float(), dim=-1),
-                         attention=attention, pseudo_mask=target, seg_logits=seg_logits)
+        return G2DOutput(
+            loss=vla + pa_weight * pa,
+            vla_loss=vla,
+            pa_loss=pa,
+            image_emb=F.normalize(pooled.float(), dim=-1),
+            text_emb=F.normalize(text.float(), dim=-1),
+            attention=attention,
+            pseudo_mask=target,
+            seg_logits=seg_logits,
+        )
 
     def pa_parameters(self) -> list[nn.Parameter]:
         """The parameters only the PA loss trains (U-Net decoder + segmentation head). During the PA

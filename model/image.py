@@ -3,11 +3,12 @@ r"""Image side of G2D: an smp U-Net whose encoder feeds two heads.
     image [B,C,H,W] -> smp encoder -> pyramid (stride 1..32) -> U-Net decoder -> seg logits [B,1,H,W]
                                    \-> C5 [B,2048,H/32,W/32] -> projector -> dense [B,128,H/32,W/32]
                                                                 -> attention pool -> global [B,128]
-                                                                                   + CLS->pixel attention [B,heads,H/32,W/32]
+                                                                   + CLS->pixel attn [B,heads,H/32,W/32]
 
 The U-Net is `segmentation_models_pytorch.Unet`, the class G2D and MGCA both build, so the exported
 encoder / encoder+decoder state dicts load into their downstream code unchanged (model/export.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -66,27 +67,35 @@ class AttentionPool2d(nn.Module):
         return torch.cat([cls_pos, grid_pos.reshape(-1, h * w).T], dim=0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, c, h, w = x.shape                                      # [B, dim, h, w]
-        tokens = x.flatten(2).permute(2, 0, 1)                    # [hw, B, dim] (seq-first)
+        b, c, h, w = x.shape  # [B, dim, h, w]
+        tokens = x.flatten(2).permute(2, 0, 1)  # [hw, B, dim] (seq-first)
         tokens = torch.cat([tokens.mean(dim=0, keepdim=True), tokens], dim=0)  # [hw+1, B, dim]
         tokens = tokens + self._positions(h, w)[:, None, :].to(tokens.dtype)
         pooled, weights = self.attn(tokens[:1], tokens, tokens, need_weights=True, average_attn_weights=False)
-        pooled = self.c_proj(pooled[0])                           # [B, dim]
-        attention = weights[:, :, 0, 1:].reshape(b, -1, h, w)     # [B, heads, h, w], CLS self-entry dropped
+        pooled = self.c_proj(pooled[0])  # [B, dim]
+        attention = weights[:, :, 0, 1:].reshape(b, -1, h, w)  # [B, heads, h, w], CLS self-entry dropped
         return pooled, attention
 
 
 # ----------------------------------------------------------------------------------------------
 # Encoder initialisation: none | imagenet (torchvision) | a local state dict.
 
+
 def _torchvision_resnet_weights(encoder: str):
     import torchvision
 
-    names = {"resnet18": "ResNet18", "resnet34": "ResNet34", "resnet50": "ResNet50",
-             "resnet101": "ResNet101", "resnet152": "ResNet152"}
+    names = {
+        "resnet18": "ResNet18",
+        "resnet34": "ResNet34",
+        "resnet50": "ResNet50",
+        "resnet101": "ResNet101",
+        "resnet152": "ResNet152",
+    }
     if encoder not in names:
-        raise ValueError(f"encoder_weights='imagenet' is supported for {sorted(names)} (torchvision weights); "
-                         f"got encoder={encoder!r}. Pass a local state dict path instead.")
+        raise ValueError(
+            f"encoder_weights='imagenet' is supported for {sorted(names)} (torchvision weights); "
+            f"got encoder={encoder!r}. Pass a local state dict path instead."
+        )
     # V1 = the weights smp's 'imagenet' ResNets (and hence G2D's encoder) start from.
     return torchvision.models.get_weight(f"{names[encoder]}_Weights.IMAGENET1K_V1")
 
@@ -99,7 +108,8 @@ def _imagenet_state_dict(encoder: str) -> dict[str, torch.Tensor]:
         raise RuntimeError(
             f"could not download the ImageNet weights for {encoder} from {weights.url} ({exc}). "
             "This machine looks offline: download that file elsewhere and set "
-            "model.encoder_weights=/path/to/file.pth (a torchvision or smp-encoder state dict).") from exc
+            "model.encoder_weights=/path/to/file.pth (a torchvision or smp-encoder state dict)."
+        ) from exc
 
 
 def encoder_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -129,13 +139,18 @@ def load_encoder_state(encoder: nn.Module, state: dict[str, torch.Tensor], sourc
         state[first] = state[first].sum(dim=1, keepdim=True)
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                         for k in set(own) & set(state) if state[k].shape != own[k].shape)
+    wrong_shape = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
     if missing or unexpected or wrong_shape:
-        raise ValueError(f"{source}: state dict does not match the {type(encoder).__name__}: "
-                         f"missing {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
-                         f"unexpected {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}; "
-                         f"wrong shape {wrong_shape[:20]}")
+        raise ValueError(
+            f"{source}: state dict does not match the {type(encoder).__name__}: "
+            f"missing {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
+            f"unexpected {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}; "
+            f"wrong shape {wrong_shape[:20]}"
+        )
     encoder.load_state_dict(state, strict=True)
 
 
@@ -153,21 +168,28 @@ def init_encoder(encoder: nn.Module, encoder_name: str, weights: str) -> None:
 
 # ----------------------------------------------------------------------------------------------
 
+
 class ImageEncoderDecoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         if cfg.image_size % 32:
             raise ValueError(f"image_size={cfg.image_size} must be a multiple of 32 (U-Net stride)")
         # encoder_weights=None: smp never downloads anything; init_encoder does it explicitly.
-        self.unet = smp.Unet(cfg.encoder, encoder_weights=None, in_channels=cfg.channels, classes=1,
-                             decoder_channels=tuple(cfg.decoder_channels))
+        self.unet = smp.Unet(
+            cfg.encoder,
+            encoder_weights=None,
+            in_channels=cfg.channels,
+            classes=1,
+            decoder_channels=tuple(cfg.decoder_channels),
+        )
         init_encoder(self.unet.encoder, cfg.encoder, cfg.encoder_weights)
         self.projector = Projector2d(self.unet.encoder.out_channels[-1], cfg.proj_dim)
         grid = cfg.image_size // 32
         self.attn_pool = AttentionPool2d((grid, grid), cfg.proj_dim, cfg.attn_pool_heads)
 
     def encode(self, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """image [B,C,H,W] -> (encoder pyramid, dense [B,128,H/32,W/32], global [B,128], attention [B,heads,H/32,W/32])."""
+        """image [B,C,H,W] -> (encoder pyramid, dense [B,128,H/32,W/32], global [B,128],
+        attention [B,heads,H/32,W/32])."""
         if image.shape[-2] % 32 or image.shape[-1] % 32:
             raise ValueError(f"image size {tuple(image.shape[-2:])} must be a multiple of 32")
         features = self.unet.encoder(image)

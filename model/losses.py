@@ -3,6 +3,7 @@
 All reductions are tensor ops (no .item()), computed in float32 whatever the autocast dtype:
 logits of 1/0.07 ~ 14x cosine similarities and a Dice over 65k pixels both want the precision.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,13 @@ class ContrastiveLoss(nn.Module):
     only image->text; the symmetric mean keeps its scale), "sum" adds them (G2D's code).
     """
 
-    def __init__(self, temperature: float = 0.07, learnable: bool = False, gather_negatives: bool = True,
-                 reduction: Literal["mean", "sum"] = "mean"):
+    def __init__(
+        self,
+        temperature: float = 0.07,
+        learnable: bool = False,
+        gather_negatives: bool = True,
+        reduction: Literal["mean", "sum"] = "mean",
+    ):
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"vla_reduction={reduction!r}; choose 'mean' or 'sum'")
@@ -50,7 +56,7 @@ class ContrastiveLoss(nn.Module):
         offset = 0
         all_img, all_txt = img, txt
         if self.gather_negatives and get_world_size() > 1:
-            all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)   # [world*B, D]
+            all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)  # [world*B, D]
             offset = get_rank() * img.shape[0]
         labels = torch.arange(img.shape[0], device=img.device) + offset
         scale = 1.0 / self.temperature()
@@ -66,7 +72,9 @@ def _dice_per_image(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1e
     return (2 * (pred * target).sum(dims) + smooth) / (pred.sum(dims) + target.sum(dims) + smooth)
 
 
-def pseudo_seg_loss(logits: torch.Tensor, target: torch.Tensor, variant: Literal["paper", "code"] = "paper") -> torch.Tensor:
+def pseudo_seg_loss(
+    logits: torch.Tensor, target: torch.Tensor, variant: Literal["paper", "code"] = "paper"
+) -> torch.Tensor:
     """Decoder logits [B,1,H,W] vs binary target [B,1,H,W] -> scalar.
 
     paper: 0.5 * ((1 - soft Dice on sigmoid probabilities) + BCE-with-logits)   (Eq. 4, nnU-Net style)
@@ -83,16 +91,18 @@ def pseudo_seg_loss(logits: torch.Tensor, target: torch.Tensor, variant: Literal
 
 
 @torch.no_grad()
-def retrieval_topk(image_emb: torch.Tensor, text_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, torch.Tensor]:
+def retrieval_topk(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, torch.Tensor]:
     """In-batch retrieval accuracy; pair i is the match. -> {'i2t_top1': tensor, 't2i_top1': ..., ...}.
 
     Values stay tensors on the device (the caller decides when to sync). k is capped at the batch.
     """
-    sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T   # [B,B]
+    sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T  # [B,B]
     labels = torch.arange(sim.shape[0], device=sim.device)
     out = {}
     for name, s in (("i2t", sim), ("t2i", sim.T)):
         for k in ks:
-            top = s.topk(min(k, s.shape[1]), dim=1).indices                                     # [B,k]
+            top = s.topk(min(k, s.shape[1]), dim=1).indices  # [B,k]
             out[f"{name}_top{k}"] = (top == labels[:, None]).any(dim=1).float().mean()
     return out

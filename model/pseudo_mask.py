@@ -9,6 +9,7 @@ rebuilt every step from the current model. Two modes:
   code:  what the released code does: nearest upsampling, strict `>`, no body mask, no smoothing
          (an 8x8 map then yields exactly its top cells: 9/64 foreground at q=0.85).
 """
+
 from __future__ import annotations
 
 import math
@@ -44,25 +45,26 @@ def otsu_body_mask(image: torch.Tensor) -> torch.Tensor:
     column (an orthogonal fill: exact for the chest's convex-ish outline, batched with cumsums).
     A lung that touches the image border is not enclosed along that axis and stays outside.
     """
-    grey = image.float().mean(dim=1)                                   # [B,H,W]
+    grey = image.float().mean(dim=1)  # [B,H,W]
     lo = grey.amin(dim=(1, 2), keepdim=True)
     hi = grey.amax(dim=(1, 2), keepdim=True)
     scaled = (grey - lo) / (hi - lo).clamp_min(1e-12)
     bins = (scaled * (_BINS - 1)).round().long().clamp_(0, _BINS - 1)  # [B,H,W]
     b = grey.shape[0]
     hist = torch.zeros(b, _BINS, device=grey.device).scatter_add_(
-        1, bins.flatten(1), torch.ones_like(bins.flatten(1), dtype=torch.float32))
-    p = hist / hist.sum(dim=1, keepdim=True)                           # [B,256]
+        1, bins.flatten(1), torch.ones_like(bins.flatten(1), dtype=torch.float32)
+    )
+    p = hist / hist.sum(dim=1, keepdim=True)  # [B,256]
     levels = torch.arange(_BINS, device=grey.device, dtype=torch.float32)
-    omega = p.cumsum(dim=1)                                            # class-0 weight for threshold t
+    omega = p.cumsum(dim=1)  # class-0 weight for threshold t
     mu = (p * levels).cumsum(dim=1)
     between = (mu[:, -1:] * omega - mu) ** 2 / (omega * (1 - omega)).clamp_min(1e-12)
-    threshold = between.argmax(dim=1)                                  # [B] bin index; class 1 = bins > t
+    threshold = between.argmax(dim=1)  # [B] bin index; class 1 = bins > t
     fg = bins > threshold[:, None, None]
-    fg |= (hi - lo <= 1e-12)                                           # a flat image is all body
+    fg |= hi - lo <= 1e-12  # a flat image is all body
     f = fg.to(torch.int32)
-    row = (f.cumsum(2) > 0) & (f.flip(2).cumsum(2).flip(2) > 0)        # enclosed left and right
-    col = (f.cumsum(1) > 0) & (f.flip(1).cumsum(1).flip(1) > 0)        # enclosed above and below
+    row = (f.cumsum(2) > 0) & (f.flip(2).cumsum(2).flip(2) > 0)  # enclosed left and right
+    col = (f.cumsum(1) > 0) & (f.flip(1).cumsum(1).flip(1) > 0)  # enclosed above and below
     return (row & col)[:, None]
 
 
@@ -89,23 +91,31 @@ def bilateral_binary(mask: torch.Tensor, sigma_space: float, sigma_range: float)
     """
     m = mask.float()
     s1 = _gaussian_blur(m, sigma_space)
-    total = _gaussian_blur(torch.ones_like(m), sigma_space)   # < 1 near the border: only in-image neighbours count
+    total = _gaussian_blur(torch.ones_like(m), sigma_space)  # < 1 near the border: only in-image neighbours count
     s0 = total - s1
-    c = math.exp(-1.0 / (2.0 * sigma_range ** 2))
+    c = math.exp(-1.0 / (2.0 * sigma_range**2))
     return torch.where(mask, s1 >= c * s0, c * s1 >= s0)
 
 
 @torch.no_grad()
-def pseudo_mask(attention: torch.Tensor, image: torch.Tensor, *, mode: Literal["paper", "code"] = "paper",
-                quantile: float = 0.85, body_mask: bool = True, smoothing: bool = True,
-                sigma_space: float = 0.25, sigma_range: float = 1.0) -> torch.Tensor:
+def pseudo_mask(
+    attention: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    mode: Literal["paper", "code"] = "paper",
+    quantile: float = 0.85,
+    body_mask: bool = True,
+    smoothing: bool = True,
+    sigma_space: float = 0.25,
+    sigma_range: float = 1.0,
+) -> torch.Tensor:
     """attention [B,heads,h,w] + image [B,C,H,W] -> binary target [B,1,H,W] float32 (no gradient).
 
     sigma_space is in attention cells (H/h pixels each); body_mask/smoothing apply in paper mode only.
     """
     if mode not in ("paper", "code"):
         raise ValueError(f"pseudo_mask_mode={mode!r}; choose 'paper' or 'code'")
-    att = attention.detach().float().mean(dim=1, keepdim=True)        # [B,1,h,w] head mean
+    att = attention.detach().float().mean(dim=1, keepdim=True)  # [B,1,h,w] head mean
     size = tuple(image.shape[-2:])
     if mode == "code":
         up = F.interpolate(att, size=size, mode="nearest")

@@ -1,11 +1,12 @@
 """Named model configs. `model.name` in a run config picks one; other `model.*` keys override it.
 
-    g2d_resnet50  the real G2D model: smp U-Net ResNet-50 at 256 px, Bio_ClinicalBERT with layers
-                  0-8 frozen, 128-d projector, 4-head attention pool.
-    g2d_tiny      the same architecture shrunk for CPU tests, demos and the synthetic corpus:
-                  ResNet-18 U-Net with a narrow decoder at 128 px and a tiny local BERT
-                  (`make tiny-bert` writes runs/tiny_bert).
+g2d_resnet50  the real G2D model: smp U-Net ResNet-50 at 256 px, Bio_ClinicalBERT with layers
+              0-8 frozen, 128-d projector, 4-head attention pool.
+g2d_tiny      the same architecture shrunk for CPU tests, demos and the synthetic corpus:
+              ResNet-18 U-Net with a narrow decoder at 128 px and a tiny local BERT
+              (`make tiny-bert` writes runs/tiny_bert).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,7 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         image_size=128,
         text_model="runs/tiny_bert",
         text_freeze_layers=1,
-        text_pooling="mean",   # its BERT is random (no ClinicalBERT offline): [CLS] would carry ~nothing
+        text_pooling="mean",  # its BERT is random (no ClinicalBERT offline): [CLS] would carry ~nothing
         max_text_length=128,
         pa_warmup_steps=20,
     ),

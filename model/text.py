@@ -9,6 +9,7 @@ weights still get no gradient, but their activations are stored and backpropagat
 The stack is driven layer by layer (embeddings, then each `encoder.layer[i]`) with the usual
 additive attention mask, which tests/test_model.py checks against BertModel's own forward.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,11 +23,15 @@ from torch import nn
 from common.cli import UserError
 from model.config import ModelConfig
 
-_OFFLINE_HINT = ("Offline, pass a local directory written by save_pretrained (`make tiny-bert` -> "
-                 "model.text_model=runs/tiny_bert, or a downloaded Bio_ClinicalBERT directory), or set "
-                 "HF_HUB_OFFLINE=1 to use the Hugging Face cache.")
-_TINY_HINT = ("`make tiny-bert` builds the tiny stand-in at runs/tiny_bert; otherwise point "
-              "model.text_model at a directory written by save_pretrained")
+_OFFLINE_HINT = (
+    "Offline, pass a local directory written by save_pretrained (`make tiny-bert` -> "
+    "model.text_model=runs/tiny_bert, or a downloaded Bio_ClinicalBERT directory), or set "
+    "HF_HUB_OFFLINE=1 to use the Hugging Face cache."
+)
+_TINY_HINT = (
+    "`make tiny-bert` builds the tiny stand-in at runs/tiny_bert; otherwise point "
+    "model.text_model at a directory written by save_pretrained"
+)
 # What a hub repo id can look like: `name` or `owner/name`.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -36,7 +41,7 @@ class TextModelError(UserError, RuntimeError):
     Also a RuntimeError, what load_bert raised before, so existing handlers still catch it."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hub_unreachable(url: str) -> str | None:
     """None when one HEAD request to `url` gets any HTTP answer, else why not (asked once per process)."""
     from huggingface_hub.utils import get_session
@@ -49,7 +54,8 @@ def _hub_unreachable(url: str) -> str | None:
 
 
 def _from_pretrained_args(name_or_dir: str) -> tuple[str, dict]:
-    """(what to pass to from_pretrained, extra kwargs), decided before transformers tries, so a missing model fails at once:
+    """(what to pass to from_pretrained, extra kwargs), decided before transformers tries, so a missing
+    model fails at once:
     huggingface_hub retries an unreachable hub 5 times with back-off, about 45 s per file here.
 
     An existing directory loads as is. A name that cannot be a hub id (absolute, ./, ~, two slashes)
@@ -72,8 +78,10 @@ def _from_pretrained_args(name_or_dir: str) -> tuple[str, dict]:
         return name_or_dir, {}
     if isinstance(try_to_load_from_cache(name_or_dir, "config.json"), str):
         return name_or_dir, {"local_files_only": True}
-    raise TextModelError(f"text model {name_or_dir!r} is not a local directory and the Hugging Face hub is "
-                         f"unreachable ({why}). {_OFFLINE_HINT}")
+    raise TextModelError(
+        f"text model {name_or_dir!r} is not a local directory and the Hugging Face hub is "
+        f"unreachable ({why}). {_OFFLINE_HINT}"
+    )
 
 
 def load_tokenizer(name_or_dir: str):
@@ -84,8 +92,9 @@ def load_tokenizer(name_or_dir: str):
     try:
         return AutoTokenizer.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
-        raise TextModelError(f"could not load the tokenizer {name_or_dir!r}: {' '.join(str(exc).split())} "
-                             f"{_OFFLINE_HINT}") from exc
+        raise TextModelError(
+            f"could not load the tokenizer {name_or_dir!r}: {' '.join(str(exc).split())} {_OFFLINE_HINT}"
+        ) from exc
 
 
 def load_bert(name_or_dir: str, attn_implementation: str = "sdpa") -> nn.Module:
@@ -101,14 +110,18 @@ def load_bert(name_or_dir: str, attn_implementation: str = "sdpa") -> nn.Module:
         # No pooler: G2D never uses it, and DDP rejects parameters that get no gradient.
         # sdpa (F.scaled_dot_product_attention: fused kernels) or eager (matmul + softmax): the
         # additive float mask built below is the format both accept; results agree to rounding.
-        bert = AutoModel.from_pretrained(source, add_pooling_layer=False,
-                                         attn_implementation=attn_implementation, **kwargs)
+        bert = AutoModel.from_pretrained(
+            source, add_pooling_layer=False, attn_implementation=attn_implementation, **kwargs
+        )
     except (OSError, ValueError) as exc:
-        raise TextModelError(f"could not load the text model {name_or_dir!r}: {' '.join(str(exc).split())} "
-                             f"{_OFFLINE_HINT}") from exc
+        raise TextModelError(
+            f"could not load the text model {name_or_dir!r}: {' '.join(str(exc).split())} {_OFFLINE_HINT}"
+        ) from exc
     if not (hasattr(bert, "embeddings") and hasattr(getattr(bert, "encoder", None), "layer")):
-        raise TextModelError(f"text model {name_or_dir!r} ({type(bert).__name__}) is not BERT-like "
-                             "(needs .embeddings and .encoder.layer)")
+        raise TextModelError(
+            f"text model {name_or_dir!r} ({type(bert).__name__}) is not BERT-like "
+            "(needs .embeddings and .encoder.layer)"
+        )
     return bert
 
 
@@ -130,17 +143,18 @@ class MaskedBatchNorm1d(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:  # [B,C,L]
         if mask is None or not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, training=self.training,
-                                momentum=self.momentum, eps=self.eps)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, training=self.training, momentum=self.momentum, eps=self.eps
+            )
         xf = x.float()
-        m = mask[:, None, :].to(xf.dtype)                          # [B,1,L]
+        m = mask[:, None, :].to(xf.dtype)  # [B,1,L]
         count = m.sum().clamp_min(2.0)
-        mean = (xf * m).sum(dim=(0, 2)) / count                    # [C]
+        mean = (xf * m).sum(dim=(0, 2)) / count  # [C]
         var = ((xf - mean[None, :, None]) ** 2 * m).sum(dim=(0, 2)) / count
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)   # unbiased, as BN
+            self.running_var.lerp_(var.detach() * count / (count - 1), self.momentum)  # unbiased, as BN
         out = (xf - mean[None, :, None]) * torch.rsqrt(var[None, :, None] + self.eps)
         return out.to(x.dtype)
 
@@ -154,10 +168,12 @@ class TextEncoder(nn.Module):
             raise ValueError(f"text_freeze_layers={cfg.text_freeze_layers} not in [0, {len(layers)}]")
         max_positions = getattr(self.bert.config, "max_position_embeddings", cfg.max_text_length)
         if cfg.max_text_length > max_positions:
-            raise ValueError(f"max_text_length={cfg.max_text_length} exceeds {cfg.text_model!r}'s "
-                             f"max_position_embeddings={max_positions}")
+            raise ValueError(
+                f"max_text_length={cfg.max_text_length} exceeds {cfg.text_model!r}'s "
+                f"max_position_embeddings={max_positions}"
+            )
         self.bert.embeddings.requires_grad_(not cfg.text_freeze_embeddings)
-        for layer in layers[:cfg.text_freeze_layers]:
+        for layer in layers[: cfg.text_freeze_layers]:
             layer.requires_grad_(False)
         # Stages 0 (embeddings) .. n (last layer); the first `no_grad_stages` need no autograd.
         self.no_grad_stages = (1 + cfg.text_freeze_layers) if cfg.text_freeze_embeddings else 0
@@ -187,18 +203,26 @@ class TextEncoder(nn.Module):
         """-> projected report embedding [B,128] (not normalised): the [CLS] position (G2D), or the
         mean over real tokens (`text_pooling=mean`, for randomly initialised BERTs whose [CLS] output
         carries almost no information about the report yet)."""
-        hidden = self.hidden_states(input_ids, attention_mask)           # [B,L,hidden]
-        x = self.proj_in(hidden.transpose(1, 2))                         # [B,128,L]
+        hidden = self.hidden_states(input_ids, attention_mask)  # [B,L,hidden]
+        x = self.proj_in(hidden.transpose(1, 2))  # [B,128,L]
         x = self.proj_bn(x, attention_mask if self.bn_real_tokens else None)
-        x = self.proj_out(F.relu(x))                                     # [B,128,L]
+        x = self.proj_out(F.relu(x))  # [B,128,L]
         if self.pooling == "mean":
-            keep = attention_mask[:, None, :].to(x.dtype)                # [B,1,L]
+            keep = attention_mask[:, None, :].to(x.dtype)  # [B,1,L]
             return (x * keep).sum(dim=2) / keep.sum(dim=2).clamp_min(1.0)
-        return x[:, :, 0]                                                # [CLS]
+        return x[:, :, 0]  # [CLS]
 
 
-def build_tiny_text_model(out_dir: str | Path, texts: list[str], hidden: int = 64, layers: int = 2,
-                          heads: int = 2, vocab_size: int = 2000, max_length: int = 512, seed: int = 0) -> Path:
+def build_tiny_text_model(
+    out_dir: str | Path,
+    texts: list[str],
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 2,
+    vocab_size: int = 2000,
+    max_length: int = 512,
+    seed: int = 0,
+) -> Path:
     """Write a small randomly initialised BERT + a WordPiece tokenizer trained on `texts` to out_dir.
 
     For tests, demos and the synthetic corpus, where Bio_ClinicalBERT cannot be downloaded. Both
@@ -216,21 +240,37 @@ def build_tiny_text_model(out_dir: str | Path, texts: list[str], hidden: int = 6
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                                             show_progress=False))
+    tok.train_from_iterator(
+        texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
     # transformers 5 ignores a vocab_file argument here; the trained object carries the vocab.
-    fast = BertTokenizerFast(tokenizer_object=tok, do_lower_case=True, model_max_length=max_length,
-                             unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
-                             cls_token="[CLS]", mask_token="[MASK]")
+    fast = BertTokenizerFast(
+        tokenizer_object=tok,
+        do_lower_case=True,
+        model_max_length=max_length,
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
     fast.save_pretrained(out_dir)
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=4 * hidden,
-                        max_position_embeddings=max_length, pad_token_id=tok.token_to_id("[PAD]"))
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        max_position_embeddings=max_length,
+        pad_token_id=tok.token_to_id("[PAD]"),
+    )
     BertModel(config, add_pooling_layer=False).save_pretrained(out_dir)
     return out_dir

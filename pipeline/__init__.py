@@ -9,9 +9,9 @@ Modules: config (DataConfig), plan (who reads what, per epoch and rank), transfo
 augmentations, shared by both backends), dali_backend / torch_backend, text (per-batch tokenisation),
 batch (Batch, stats, bad-sample handling), loader (state, device step).
 """
+
 from pipeline.batch import Batch, CorruptSampleError, LoaderStats
 from pipeline.config import DataConfig
 from pipeline.loader import CorruptSampleWarning, Loader, build_loader
 
-__all__ = ["Batch", "CorruptSampleError", "CorruptSampleWarning", "DataConfig", "Loader", "LoaderStats",
-           "build_loader"]
+__all__ = ["Batch", "CorruptSampleError", "CorruptSampleWarning", "DataConfig", "Loader", "LoaderStats", "build_loader"]

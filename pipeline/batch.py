@@ -8,6 +8,7 @@ every rank still yields B-row batches and collectives that assume equal shapes (
 embeddings) never see a short rank; in evaluation the batch just shrinks, so no sample is counted
 twice.
 """
+
 from __future__ import annotations
 
 import io
@@ -42,13 +43,13 @@ class SampleError(Exception):
 
 @dataclass
 class Batch:
-    image: torch.Tensor                      # [B, C, H, W] float32, normalised, on the device
+    image: torch.Tensor  # [B, C, H, W] float32, normalised, on the device
     keys: list[str]
-    meta: list[dict]                         # parsed <key>.json
+    meta: list[dict]  # parsed <key>.json
     texts: list[str]
-    input_ids: torch.Tensor | None = None    # [B, L] int64, L = longest report (<= max_text_length)
-    attention_mask: torch.Tensor | None = None   # [B, L] int64, 1 = real token
-    mask: torch.Tensor | None = None         # [B, 1, H, W] float32 in {0, 1}, same warp as the image
+    input_ids: torch.Tensor | None = None  # [B, L] int64, L = longest report (<= max_text_length)
+    attention_mask: torch.Tensor | None = None  # [B, L] int64, 1 = real token
+    mask: torch.Tensor | None = None  # [B, 1, H, W] float32 in {0, 1}, same warp as the image
     boxes: list[torch.Tensor] | None = None  # B x [n_i, 4] float32 (x1, y1, x2, y2) output pixels
 
     def __len__(self) -> int:
@@ -58,32 +59,33 @@ class Batch:
 @dataclass
 class HostBatch:
     """One planned batch as a backend produced it, before the loader's device step."""
-    index: int                               # batch number in the rank's epoch plan
-    gids: list[int]                          # global sample ids (pipeline/plan.py)
+
+    index: int  # batch number in the rank's epoch plan
+    gids: list[int]  # global sample ids (pipeline/plan.py)
     keys: list[str]
     shards: list[str]
     texts: list[str]
     meta: list[dict]
-    image: torch.Tensor | None               # uint8 [n, 1, H, W] (torch) | float [n, C, H, W] normalised (dali)
+    image: torch.Tensor | None  # uint8 [n, 1, H, W] (torch) | float [n, C, H, W] normalised (dali)
     normalised: bool = False
-    colour: torch.Tensor | None = None       # [n, 2] (brightness, contrast) still to apply
-    mask: torch.Tensor | None = None         # uint8 [n, 1, H, W] 0/255
+    colour: torch.Tensor | None = None  # [n, 2] (brightness, contrast) still to apply
+    mask: torch.Tensor | None = None  # uint8 [n, 1, H, W] 0/255
     boxes: list[torch.Tensor] | None = None
     input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
-    jpeg: list[torch.Tensor] | None = None   # GPU-decode mode: undecoded bytes, uint8 [nbytes] each
-    sizes: list[tuple[int, int]] | None = None   # GPU-decode mode: stored (w, h)
-    params: list | None = None               # GPU-decode mode: SampleParams per row
-    errors: list[dict] = field(default_factory=list)   # {"gid", "key", "shard", "reason"} removed rows
-    filled: int = 0                          # rows that are copies (keep_size refill)
+    jpeg: list[torch.Tensor] | None = None  # GPU-decode mode: undecoded bytes, uint8 [nbytes] each
+    sizes: list[tuple[int, int]] | None = None  # GPU-decode mode: stored (w, h)
+    params: list | None = None  # GPU-decode mode: SampleParams per row
+    errors: list[dict] = field(default_factory=list)  # {"gid", "key", "shard", "reason"} removed rows
+    filled: int = 0  # rows that are copies (keep_size refill)
     tokenize_s: float = 0.0
-    work_s: float = 0.0                      # time a worker/thread spent building it
-    stage_s: dict[str, float] = field(default_factory=dict)   # CPU s per stage (profiling loaders only)
+    work_s: float = 0.0  # time a worker/thread spent building it
+    stage_s: dict[str, float] = field(default_factory=dict)  # CPU s per stage (profiling loaders only)
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def pin_memory(self) -> "HostBatch":
+    def pin_memory(self) -> HostBatch:
         """Called by the DataLoader's pin-memory thread (CUDA only): page-locked host tensors make the
         host->device copies asynchronous."""
         for name in ("image", "colour", "mask", "input_ids", "attention_mask"):
@@ -92,7 +94,7 @@ class HostBatch:
                 setattr(self, name, value.pin_memory())
         return self
 
-    def select(self, rows: list[int]) -> "HostBatch":
+    def select(self, rows: list[int]) -> HostBatch:
         """Keep `rows` (in that order; repeats allowed) of every row-wise field."""
         idx = torch.as_tensor(rows, dtype=torch.long)
 
@@ -106,8 +108,12 @@ class HostBatch:
         self.texts, self.meta = pick(self.texts), pick(self.meta)
         self.image, self.colour, self.mask = take(self.image), take(self.colour), take(self.mask)
         self.input_ids, self.attention_mask = take(self.input_ids), take(self.attention_mask)
-        self.boxes, self.jpeg, self.sizes, self.params = (pick(self.boxes), pick(self.jpeg),
-                                                          pick(self.sizes), pick(self.params))
+        self.boxes, self.jpeg, self.sizes, self.params = (
+            pick(self.boxes),
+            pick(self.jpeg),
+            pick(self.sizes),
+            pick(self.params),
+        )
         return self
 
 
@@ -122,28 +128,37 @@ def resolve_rows(ok: list[bool], keep_size: bool) -> tuple[list[int], int]:
 
 @dataclass
 class LoaderStats:
-    samples: int = 0                 # rows yielded (refill copies included)
+    samples: int = 0  # rows yielded (refill copies included)
     batches: int = 0
-    skipped: int = 0                 # bad samples removed from batches
-    skipped_by_reason: Counter = field(default_factory=Counter)   # reason prefix ("jpg", "json", ...) -> n
-    skipped_samples: list[dict] = field(default_factory=list)     # {"key", "shard", "reason", "epoch"}
-    filled: int = 0                  # refill copies added to keep the batch size
-    data_wait_s: float = 0.0         # time the consumer spent waiting for the next batch
-    tokenize_s: float = 0.0          # summed over the batches (in workers / the prefetch thread)
-    worker_s: float = 0.0            # time spent producing batches, summed over workers/threads
-    dali_rebuilds: int = 0           # DALI pipelines rebuilt after a decode failure
-    stage_s: Counter = field(default_factory=Counter)   # worker CPU s per stage (build_loader(profile=True))
+    skipped: int = 0  # bad samples removed from batches
+    skipped_by_reason: Counter = field(default_factory=Counter)  # reason prefix ("jpg", "json", ...) -> n
+    skipped_samples: list[dict] = field(default_factory=list)  # {"key", "shard", "reason", "epoch"}
+    filled: int = 0  # refill copies added to keep the batch size
+    data_wait_s: float = 0.0  # time the consumer spent waiting for the next batch
+    tokenize_s: float = 0.0  # summed over the batches (in workers / the prefetch thread)
+    worker_s: float = 0.0  # time spent producing batches, summed over workers/threads
+    dali_rebuilds: int = 0  # DALI pipelines rebuilt after a decode failure
+    stage_s: Counter = field(default_factory=Counter)  # worker CPU s per stage (build_loader(profile=True))
 
     def as_dict(self) -> dict:
-        return {"samples": self.samples, "batches": self.batches, "skipped": self.skipped,
-                "skipped_by_reason": dict(self.skipped_by_reason),
-                "skipped_samples": list(self.skipped_samples), "filled": self.filled,
-                "data_wait_s": self.data_wait_s, "tokenize_s": self.tokenize_s,
-                "tokenize_s_per_batch": self.tokenize_s / max(1, self.batches),
-                "worker_s": self.worker_s, "dali_rebuilds": self.dali_rebuilds, "stage_s": dict(self.stage_s)}
+        return {
+            "samples": self.samples,
+            "batches": self.batches,
+            "skipped": self.skipped,
+            "skipped_by_reason": dict(self.skipped_by_reason),
+            "skipped_samples": list(self.skipped_samples),
+            "filled": self.filled,
+            "data_wait_s": self.data_wait_s,
+            "tokenize_s": self.tokenize_s,
+            "tokenize_s_per_batch": self.tokenize_s / max(1, self.batches),
+            "worker_s": self.worker_s,
+            "dali_rebuilds": self.dali_rebuilds,
+            "stage_s": dict(self.stage_s),
+        }
 
 
 # ---- reading planned samples on the CPU -----------------------------------------------------------
+
 
 class SampleReader:
     """Reads members of planned samples with pread at the offsets the index gives: tar members are
@@ -179,10 +194,10 @@ class SampleReader:
         out = {}
         for ext, offset, size in zip(exts, offsets, sizes):
             if span is not None:
-                block = span[offset - TAR_BLOCK - start:offset + size - start]
+                block = span[offset - TAR_BLOCK - start : offset + size - start]
             else:
                 block = os.pread(fd, size + TAR_BLOCK, offset - TAR_BLOCK) if offset >= TAR_BLOCK else b""
-            if len(block) != size + TAR_BLOCK:           # the tar shrank after the loader started
+            if len(block) != size + TAR_BLOCK:  # the tar shrank after the loader started
                 raise SampleError(f"{ext}: short read ({max(0, len(block) - TAR_BLOCK)} of {size} bytes)")
             problem = check_member_header(block[:TAR_BLOCK], f"{shard.keys[row]}.{ext}", size)
             if problem is not None:

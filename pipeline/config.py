@@ -4,6 +4,7 @@ Everything the loader does is decided here, so the same YAML gives the same batc
 (up to the backend's interpolation rounding, see pipeline/transforms.py). Invalid values fail when the
 config is built, naming the key.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,36 +13,36 @@ from typing import Literal
 from common.config import ConfigError
 
 TRANSFORM_NAMES = ("g2d_train", "g2d_paper", "g2d_paper_eval", "mgca_train", "mgca_eval", "eval")
-CROPPING = ("g2d_paper", "g2d_paper_eval", "mgca_train", "mgca_eval")   # output side = crop_size
+CROPPING = ("g2d_paper", "g2d_paper_eval", "mgca_train", "mgca_eval")  # output side = crop_size
 
 
 @dataclass
 class DataConfig:
-    shards: str = "data/shards/mimic"   # packed dataset root (holds manifest.json)
-    backend: Literal["auto", "dali", "torch"] = "auto"   # auto: dali with CUDA (if it imports), else torch
+    shards: str = "data/shards/mimic"  # packed dataset root (holds manifest.json)
+    backend: Literal["auto", "dali", "torch"] = "auto"  # auto: dali with CUDA (if it imports), else torch
     batch_size_per_gpu: int = 128
-    num_workers: int = 8               # torch: DataLoader worker processes; dali: CPU threads
-    prefetch: int = 2                  # batches in flight per worker (torch) / DALI queue depth
-    transform: str = "g2d_train"       # training transform, one of TRANSFORM_NAMES
-    eval_transform: str = "eval"       # used by validation/eval code that swaps it in
-    image_size: int = 256              # side of the resized (square) image
-    crop_size: int = 224               # output side of the cropping transforms (g2d_paper*, mgca_*)
-    channels: Literal[1, 3] = 3        # 3: the grey image replicated (G2D, ImageNet encoders)
-    mean: list[float] | None = None    # per channel in [0, 1] units; None: the transform's own
+    num_workers: int = 8  # torch: DataLoader worker processes; dali: CPU threads
+    prefetch: int = 2  # batches in flight per worker (torch) / DALI queue depth
+    transform: str = "g2d_train"  # training transform, one of TRANSFORM_NAMES
+    eval_transform: str = "eval"  # used by validation/eval code that swaps it in
+    image_size: int = 256  # side of the resized (square) image
+    crop_size: int = 224  # output side of the cropping transforms (g2d_paper*, mgca_*)
+    channels: Literal[1, 3] = 3  # 3: the grey image replicated (G2D, ImageNet encoders)
+    mean: list[float] | None = None  # per channel in [0, 1] units; None: the transform's own
     std: list[float] | None = None
-    max_text_length: int = 256         # tokens; batches are padded to their longest text, capped here
-    text_padding: Literal["longest", "max_length"] = "longest"   # per batch | always max_length (G2D code)
-    text_pad_multiple: int = 8         # round the padded length up to this (tensor cores); 1 = off
-    on_error: Literal["skip", "raise"] = "skip"   # a corrupt sample: skip it (recorded) or raise
-    seed: int = 0                      # shard order, sample order and augmentation draws
+    max_text_length: int = 256  # tokens; batches are padded to their longest text, capped here
+    text_padding: Literal["longest", "max_length"] = "longest"  # per batch | always max_length (G2D code)
+    text_pad_multiple: int = 8  # round the padded length up to this (tensor cores); 1 = off
+    on_error: Literal["skip", "raise"] = "skip"  # a corrupt sample: skip it (recorded) or raise
+    seed: int = 0  # shard order, sample order and augmentation draws
     shuffle: bool = True
-    shard_mix: int = 0                 # shuffle within windows of k shards (0: the whole split); plan.py
-    drop_last: bool = True             # training: every rank yields the same number of full batches
-    subset: str | None = None          # data-efficiency fraction, e.g. "0.01": manifest["subsets"][split]
-    subset_task: str | None = None     # take the subset from manifest["task_subsets"][task] instead
-    load_masks: bool = False           # `<key>.png` -> Batch.mask, warped like the image
-    load_boxes: bool = False           # json "boxes" -> Batch.boxes, transformed like the image
-    torch_gpu_decode: bool = False     # torch backend + CUDA: nvJPEG via torchvision.io.decode_jpeg
+    shard_mix: int = 0  # shuffle within windows of k shards (0: the whole split); plan.py
+    drop_last: bool = True  # training: every rank yields the same number of full batches
+    subset: str | None = None  # data-efficiency fraction, e.g. "0.01": manifest["subsets"][split]
+    subset_task: str | None = None  # take the subset from manifest["task_subsets"][task] instead
+    load_masks: bool = False  # `<key>.png` -> Batch.mask, warped like the image
+    load_boxes: bool = False  # json "boxes" -> Batch.boxes, transformed like the image
+    torch_gpu_decode: bool = False  # torch backend + CUDA: nvJPEG via torchvision.io.decode_jpeg
     dali_decode: Literal["auto", "cpu"] = "auto"  # auto: nvJPEG ("mixed") when CUDA is available
 
     def __post_init__(self) -> None:
@@ -50,10 +51,18 @@ class DataConfig:
             if name not in TRANSFORM_NAMES:
                 raise ConfigError(f"data.{key}={name!r}; choose one of {TRANSFORM_NAMES}")
             if name in CROPPING and self.crop_size > self.image_size:
-                raise ConfigError(f"data.crop_size={self.crop_size} exceeds data.image_size={self.image_size} "
-                                  f"(data.{key}={name} crops)")
-        for key in ("batch_size_per_gpu", "image_size", "crop_size", "max_text_length", "text_pad_multiple",
-                    "prefetch"):
+                raise ConfigError(
+                    f"data.crop_size={self.crop_size} exceeds data.image_size={self.image_size} "
+                    f"(data.{key}={name} crops)"
+                )
+        for key in (
+            "batch_size_per_gpu",
+            "image_size",
+            "crop_size",
+            "max_text_length",
+            "text_pad_multiple",
+            "prefetch",
+        ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
         if self.shard_mix < 0:
@@ -63,8 +72,9 @@ class DataConfig:
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None and len(value) not in (1, self.channels):
-                raise ConfigError(f"data.{key} has {len(value)} values; give 1 or {self.channels} "
-                                  f"(data.channels={self.channels})")
+                raise ConfigError(
+                    f"data.{key} has {len(value)} values; give 1 or {self.channels} (data.channels={self.channels})"
+                )
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ConfigError(f"data.std={self.std} must be positive")
         if self.subset_task is not None and self.subset is None:

@@ -40,19 +40,30 @@ and key), and a new pipeline continues from batch j with them replaced.
 Batches are unpacked, tokenised and queued by a background thread (`prefetch` deep), which is also
 the thread DALI calls the feed from: the training thread only dequeues ready batches.
 """
+
 from __future__ import annotations
 
 import io
 import queue
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
-from pipeline.batch import (CorruptSampleError, HostBatch, LoaderStats, SampleError, SampleReader, boxes_of, check_sample,
-                            peek_size, resolve_rows, text_and_meta)
+from pipeline.batch import (
+    CorruptSampleError,
+    HostBatch,
+    LoaderStats,
+    SampleError,
+    SampleReader,
+    boxes_of,
+    check_sample,
+    peek_size,
+    resolve_rows,
+    text_and_meta,
+)
 from pipeline.plan import DatasetIndex, RankPlan
 from pipeline.text import BatchTokenizer
 from pipeline.transforms import SampleParams, TransformSpec, draw_params, geometry_matrix, transform_boxes
@@ -80,8 +91,17 @@ def _placeholder(fmt: str) -> np.ndarray:
 class _Fed:
     """What the feed read for one DALI iteration, for the unpacking step."""
 
-    def __init__(self, j: int, gids: list[int], keys: list[str], shards: list[str], params: list[SampleParams],
-                 texts: list[str], metas: list[dict], reasons: list[str | None]):
+    def __init__(
+        self,
+        j: int,
+        gids: list[int],
+        keys: list[str],
+        shards: list[str],
+        params: list[SampleParams],
+        texts: list[str],
+        metas: list[dict],
+        reasons: list[str | None],
+    ):
         self.j, self.gids, self.keys, self.shards, self.params = j, gids, keys, shards, params
         self.texts, self.metas, self.reasons = texts, metas, reasons
 
@@ -94,9 +114,13 @@ class _Feed:
     def __init__(self, index: DatasetIndex, spec: TransformSpec, seed: int, bad: dict[int, str], load_masks: bool):
         self.index, self.spec, self.seed, self.bad, self.load_masks = index, spec, seed, bad, load_masks
         self.exts = ("jpg", "txt", "json") + (("png",) if load_masks else ())
-        self.names = (["jpg"] + (["png"] if load_masks else []) + (["matrix"] if spec.has_affine else [])
-                      + (["crop_x", "crop_y"] if spec.crop and not spec.has_affine else [])   # else in the matrix
-                      + (["brightness", "contrast"] if spec.has_jitter else []))
+        self.names = (
+            ["jpg"]
+            + (["png"] if load_masks else [])
+            + (["matrix"] if spec.has_affine else [])
+            + (["crop_x", "crop_y"] if spec.crop and not spec.has_affine else [])  # else in the matrix
+            + (["brightness", "contrast"] if spec.has_jitter else [])
+        )
         self.reader = SampleReader(index)
         self.plan: RankPlan | None = None
         self.next_batch = 0
@@ -117,12 +141,12 @@ class _Feed:
         self.next_batch += 1
         batch = self.plan.batches[j]
         gids = batch.tolist()
-        sids = self.index.shard_id(batch).tolist()                        # one search for the batch
+        sids = self.index.shard_id(batch).tolist()  # one search for the batch
         located = [(self.index.shards[s], g - int(self.index.shard_start[s])) for s, g in zip(sids, gids)]
         epoch = self.plan.epoch
         members: list[dict | None] = [None] * len(gids)
         texts, metas, reasons = [""] * len(gids), [{} for _ in gids], [self.bad.get(g) for g in gids]
-        for i in sorted(range(len(gids)), key=gids.__getitem__):       # reads in shard/offset order
+        for i in sorted(range(len(gids)), key=gids.__getitem__):  # reads in shard/offset order
             if reasons[i] is not None:
                 continue
             try:
@@ -132,13 +156,24 @@ class _Feed:
                 reasons[i] = exc.reason
         params = [draw_params(self.spec, self.seed, epoch, shard.keys[row]) for shard, row in located]
         good = next((i for i, r in enumerate(reasons) if r is None), None)
-        self.fed.append(_Fed(j, gids, [shard.keys[row] for shard, row in located],
-                             [shard.name for shard, _ in located], params, texts, metas, reasons))
+        self.fed.append(
+            _Fed(
+                j,
+                gids,
+                [shard.keys[row] for shard, row in located],
+                [shard.name for shard, _ in located],
+                params,
+                texts,
+                metas,
+                reasons,
+            )
+        )
 
         def encoded(ext: str) -> list[np.ndarray]:
             def one(i: int) -> np.ndarray:
                 src = i if reasons[i] is None else good
                 return self._blank[ext] if src is None else np.frombuffer(members[src][ext], dtype=np.uint8)
+
             return [one(i) for i in range(len(gids))]
 
         # A placeholder row gets its donor's parameters too (any valid values would do: it is dropped).
@@ -147,17 +182,19 @@ class _Feed:
         def matrices() -> np.ndarray:
             """[B, 2, 3] output -> decoded-image pixels, the whole warp (`geometry_matrix`): the decoded
             size comes from the JPEG header here, so the graph runs no per-sample argument ops."""
-            sizes = [peek_size(members[good if r is not None else i]["jpg"], "jpg") if good is not None
-                     else (8, 8) for i, r in enumerate(reasons)]
+            sizes = [
+                peek_size(members[good if r is not None else i]["jpg"], "jpg") if good is not None else (8, 8)
+                for i, r in enumerate(reasons)
+            ]
             return np.stack([geometry_matrix(s, p, w, h) for p, (w, h) in zip(used, sizes)]).astype(np.float32)
 
         s = self.spec
         span = max(1, s.size - s.crop)
         columns = {
-            "jpg": lambda: encoded("jpg"),                                                      # B x [nbytes]
+            "jpg": lambda: encoded("jpg"),  # B x [nbytes]
             "png": lambda: encoded("png"),
-            "matrix": matrices,                                                                 # [B, 2, 3]
-            "crop_x": lambda: np.array([p.crop_left / span for p in used], dtype=np.float32),   # [B]
+            "matrix": matrices,  # [B, 2, 3]
+            "crop_x": lambda: np.array([p.crop_left / span for p in used], dtype=np.float32),  # [B]
             "crop_y": lambda: np.array([p.crop_top / span for p in used], dtype=np.float32),
             "brightness": lambda: np.array([p.brightness for p in used], dtype=np.float32),
             "contrast": lambda: np.array([p.contrast for p in used], dtype=np.float32),
@@ -168,56 +205,84 @@ class _Feed:
         self.reader.close()
 
 
-def _build_pipeline(feed: _Feed, spec: TransformSpec, batch_size: int, num_threads: int, device_id: int | None,
-                    prefetch: int, seed: int, with_mask: bool):
-    from nvidia.dali import Pipeline, fn, types
+def _build_pipeline(
+    feed: _Feed,
+    spec: TransformSpec,
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+    prefetch: int,
+    seed: int,
+    with_mask: bool,
+):
     import nvidia.dali.math as dmath
+    from nvidia.dali import Pipeline, fn, types
 
     gpu = device_id is not None
-    pipe = Pipeline(batch_size=batch_size, num_threads=max(1, num_threads), device_id=device_id,
-                    prefetch_queue_depth=prefetch, seed=seed)
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=max(1, num_threads),
+        device_id=device_id,
+        prefetch_queue_depth=prefetch,
+        seed=seed,
+    )
     with pipe:
-        params = dict(zip(feed.names, fn.external_source(source=feed, num_outputs=len(feed.names), batch=True,
-                                                         batch_info=True)))
+        params = dict(
+            zip(feed.names, fn.external_source(source=feed, num_outputs=len(feed.names), batch=True, batch_info=True))
+        )
         jpg, png = params.pop("jpg"), params.pop("png", None)
 
         def geometry(x, interp):
             if spec.has_affine:
                 # One warp from the decoded image, as in transforms.apply_geometry (the feed's matrix).
-                return fn.warp_affine(x, matrix=params["matrix"],
-                                      size=[spec.out_size, spec.out_size], fill_value=0, interp_type=interp,
-                                      inverse_map=True)               # [out, out, 1] uint8
+                return fn.warp_affine(
+                    x,
+                    matrix=params["matrix"],
+                    size=[spec.out_size, spec.out_size],
+                    fill_value=0,
+                    interp_type=interp,
+                    inverse_map=True,
+                )  # [out, out, 1] uint8
             if spec.resize == "squash":
-                x = fn.resize(x, size=[spec.size, spec.size], interp_type=interp,
-                              antialias=interp != types.INTERP_NN)
+                x = fn.resize(x, size=[spec.size, spec.size], interp_type=interp, antialias=interp != types.INTERP_NN)
             else:
-                x = fn.resize(x, resize_longer=spec.size, interp_type=interp,
-                              antialias=interp != types.INTERP_NN)
-                x = fn.crop(x, crop=[spec.size, spec.size], crop_pos_x=0.5, crop_pos_y=0.5,
-                            out_of_bounds_policy="pad", fill_values=0)
+                x = fn.resize(x, resize_longer=spec.size, interp_type=interp, antialias=interp != types.INTERP_NN)
+                x = fn.crop(
+                    x,
+                    crop=[spec.size, spec.size],
+                    crop_pos_x=0.5,
+                    crop_pos_y=0.5,
+                    out_of_bounds_policy="pad",
+                    fill_values=0,
+                )
             if spec.crop:
                 x = fn.crop(x, crop=[spec.crop, spec.crop], crop_pos_x=params["crop_x"], crop_pos_y=params["crop_y"])
-            return x                                                # [c, c, 1] uint8
+            return x  # [c, c, 1] uint8
 
         decode_device = "mixed" if gpu else "cpu"
-        img = fn.decoders.image(jpg, device=decode_device, output_type=types.GRAY)   # [h, w, 1] uint8
-        stored = img.shape()                                        # (h, w, 1), on the CPU
+        img = fn.decoders.image(jpg, device=decode_device, output_type=types.GRAY)  # [h, w, 1] uint8
+        stored = img.shape()  # (h, w, 1), on the CPU
         img = geometry(img, types.INTERP_LINEAR)
         if spec.has_jitter:
             b, c = params["brightness"], params["contrast"]
-            if gpu:   # arithmetic operands must share the image's device
+            if gpu:  # arithmetic operands must share the image's device
                 b, c = b.gpu(), c.gpu()
-            mean = fn.reductions.mean(img)                          # per-sample scalar, float
+            mean = fn.reductions.mean(img)  # per-sample scalar, float
             img = dmath.clamp(b * (c * img + (1.0 - c) * mean), 0.0, 255.0)
         if spec.channels == 3:
-            img = fn.cat(img, img, img, axis=2)                     # grey replicated: [c, c, 3]
-        img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
-                                       mean=[255.0 * m for m in spec.mean], std=[255.0 * s for s in spec.std])
+            img = fn.cat(img, img, img, axis=2)  # grey replicated: [c, c, 3]
+        img = fn.crop_mirror_normalize(
+            img,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[255.0 * m for m in spec.mean],
+            std=[255.0 * s for s in spec.std],
+        )
         outputs = [img, stored]
         if with_mask:
             mask = fn.decoders.image(png, device=decode_device, output_type=types.GRAY)
             mask = geometry(mask, types.INTERP_NN)
-            outputs.append(fn.transpose(mask, perm=[2, 0, 1]))      # [1, c, c] uint8 0/255
+            outputs.append(fn.transpose(mask, perm=[2, 0, 1]))  # [1, c, c] uint8 0/255
         pipe.set_outputs(*outputs)
     pipe.build()
     return pipe
@@ -230,10 +295,24 @@ class DaliBatches:
     """The loader's DALI pipeline and its prefetch thread; `iterate(plan, first)` is one pass, yielding
     HostBatch in plan order."""
 
-    def __init__(self, index: DatasetIndex, spec: TransformSpec, seed: int, tokenizer: BatchTokenizer | None,
-                 keep_size: bool, bad: dict[int, str], on_error: str, num_threads: int, prefetch: int,
-                 batch_size: int, device: torch.device, use_gpu: bool, load_masks: bool, load_boxes: bool,
-                 stats: LoaderStats | None):
+    def __init__(
+        self,
+        index: DatasetIndex,
+        spec: TransformSpec,
+        seed: int,
+        tokenizer: BatchTokenizer | None,
+        keep_size: bool,
+        bad: dict[int, str],
+        on_error: str,
+        num_threads: int,
+        prefetch: int,
+        batch_size: int,
+        device: torch.device,
+        use_gpu: bool,
+        load_masks: bool,
+        load_boxes: bool,
+        stats: LoaderStats | None,
+    ):
         self.index, self.spec, self.seed, self.tokenizer = index, spec, seed, tokenizer
         self.keep_size, self.bad, self.on_error = keep_size, bad, on_error
         self.num_threads, self.prefetch, self.batch_size, self.device = num_threads, prefetch, batch_size, device
@@ -245,8 +324,8 @@ class DaliBatches:
         self.load_masks, self.load_boxes, self.stats = load_masks, load_boxes, stats
         self.feed = _Feed(index, spec, seed, bad, load_masks)
         self._pipe = self._it = None
-        self._open = False          # the iterator has run a pass (reset needed before the next)
-        self.builds = 0             # pipelines built: 1 for the loader's lifetime unless DALI failed
+        self._open = False  # the iterator has run a pass (reset needed before the next)
+        self.builds = 0  # pipelines built: 1 for the loader's lifetime unless DALI failed
 
     # ---- the pipeline -------------------------------------------------------------------------
     def _iterator(self):
@@ -256,14 +335,27 @@ class DaliBatches:
 
         if self._it is None:
             self.builds += 1
-            self._pipe = _build_pipeline(self.feed, self.spec, self.batch_size, self.num_threads, self.device_id,
-                                         self.prefetch, self.seed, self.load_masks)
+            self._pipe = _build_pipeline(
+                self.feed,
+                self.spec,
+                self.batch_size,
+                self.num_threads,
+                self.device_id,
+                self.prefetch,
+                self.seed,
+                self.load_masks,
+            )
             names = OUTPUT_NAMES + (["mask"] if self.load_masks else [])
             # No reader: the pass ends when the feed raises StopIteration.
-            self._it = DALIGenericIterator([self._pipe], names, auto_reset=False, prepare_first_batch=False,
-                                           last_batch_policy=LastBatchPolicy.PARTIAL)
+            self._it = DALIGenericIterator(
+                [self._pipe],
+                names,
+                auto_reset=False,
+                prepare_first_batch=False,
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+            )
         elif self._open:
-            self._it.reset()      # schedules the first iterations of the new pass (feed already pointed)
+            self._it.reset()  # schedules the first iterations of the new pass (feed already pointed)
         return self._it
 
     def _drain(self) -> None:
@@ -282,7 +374,7 @@ class DaliBatches:
     # ---- one DALI batch -> HostBatch ----------------------------------------------------------
     def _unpack(self, out: dict, fed: _Fed) -> HostBatch:
         t0 = time.perf_counter()
-        stored = out["stored"].cpu().numpy()                    # [n, 3] (h, w, 1)
+        stored = out["stored"].cpu().numpy()  # [n, 3] (h, w, 1)
         keys, shards, boxes, errors = fed.keys, fed.shards, [], []
         ok = [r is None for r in fed.reasons]
         for i, gid in enumerate(fed.gids):
@@ -299,9 +391,19 @@ class DaliBatches:
                     self.bad[gid] = exc.reason
                     errors.append({"gid": gid, "key": keys[i], "shard": shards[i], "reason": exc.reason})
         keep, filled = resolve_rows(ok, self.keep_size)
-        hb = HostBatch(index=fed.j, gids=fed.gids, keys=keys, shards=shards, texts=fed.texts, meta=fed.metas,
-                       image=out["image"], normalised=True, mask=out.get("mask"),
-                       boxes=boxes if self.load_boxes else None, errors=errors)
+        hb = HostBatch(
+            index=fed.j,
+            gids=fed.gids,
+            keys=keys,
+            shards=shards,
+            texts=fed.texts,
+            meta=fed.metas,
+            image=out["image"],
+            normalised=True,
+            mask=out.get("mask"),
+            boxes=boxes if self.load_boxes else None,
+            errors=errors,
+        )
         hb.select(keep)
         hb.filled = filled
         if self.tokenizer is not None and len(hb):
@@ -314,7 +416,7 @@ class DaliBatches:
         ones DALI may have been running ahead on) and record them; re-raise if none is found."""
         reader = SampleReader(self.index)
         try:
-            for batch in plan.batches[j:j + self.prefetch + 1]:
+            for batch in plan.batches[j : j + self.prefetch + 1]:
                 found = {}
                 for gid in batch.tolist():
                     if gid not in self.bad and gid not in found:
@@ -331,8 +433,9 @@ class DaliBatches:
         finally:
             reader.close()
         names = sorted({self.index.locate(g)[0].name for g in plan.batches[j].tolist()})
-        raise RuntimeError(f"DALI failed on batch {j} (shards {names}) but every sample of it "
-                           f"decodes on the CPU: {exc}") from exc
+        raise RuntimeError(
+            f"DALI failed on batch {j} (shards {names}) but every sample of it decodes on the CPU: {exc}"
+        ) from exc
 
     def _produce(self, plan: RankPlan, first: int) -> Iterator[HostBatch]:
         j = first
@@ -350,7 +453,7 @@ class DaliBatches:
                     self._diagnose(plan, j, exc)
                     if self.stats is not None:
                         self.stats.dali_rebuilds += 1
-                    break                   # a new pipeline continues from batch j
+                    break  # a new pipeline continues from batch j
                 fed = self.feed.fed.pop(0)
                 yield self._unpack(out, fed)
                 j = fed.j + 1

@@ -16,19 +16,20 @@ Iteration protocol (same as a DataLoader with a DistributedSampler): `set_epoch(
 the batches not consumed yet (none if the epoch was complete - the caller then moves to the next epoch
 with `set_epoch`). A finished pass iterated again replays the same epoch.
 """
+
 from __future__ import annotations
 
 import time
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 from common.dist import DistInfo
 from pipeline.batch import Batch, CorruptSampleError, HostBatch, LoaderStats
 from pipeline.config import DataConfig
 from pipeline.plan import DatasetIndex, PlanArgs, RankPlan, num_batches
 from pipeline.text import BatchTokenizer
-from shards.schema import STALE_INDEX, ManifestError
 from pipeline.transforms import build_spec, colour_normalise, colour_normalise_cpu
+from shards.schema import STALE_INDEX, ManifestError
 
 
 class CorruptSampleWarning(UserWarning):
@@ -41,23 +42,30 @@ class Loader:
         self.device = dist.device
         self.index = DatasetIndex(cfg.shards, split, cfg.subset, cfg.subset_task, need_masks=cfg.load_masks)
         self.spec = build_spec(cfg, cfg.transform)
-        self.tokenizer = BatchTokenizer(tokenizer, cfg.max_text_length, cfg.text_pad_multiple,
-                                        cfg.text_padding) if tokenizer else None
+        self.tokenizer = (
+            BatchTokenizer(tokenizer, cfg.max_text_length, cfg.text_pad_multiple, cfg.text_padding)
+            if tokenizer
+            else None
+        )
         self.backend = self._choose_backend(cfg.backend, dist.device.type == "cuda")
         self.stats = LoaderStats()
         self.epoch = 0
-        self._consumed = 0            # batches of `epoch` handed to the consumer
-        self._pass_done = False       # this process finished a pass over `epoch`
-        self._bad: dict[int, str] = {}   # global id -> reason, for samples found unreadable
+        self._consumed = 0  # batches of `epoch` handed to the consumer
+        self._pass_done = False  # this process finished a pass over `epoch`
+        self._bad: dict[int, str] = {}  # global id -> reason, for samples found unreadable
         self._warned: set[int] = set()
-        self.plan_args = PlanArgs(cfg.seed, dist.rank, dist.world_size, cfg.batch_size_per_gpu, cfg.shuffle,
-                                  cfg.drop_last, cfg.shard_mix)
-        self._workers = None          # the backend's persistent part (TorchBatches | DaliBatches), on first use
-        self._length = num_batches(self.index.num_selected, dist.rank, dist.world_size,
-                                   cfg.batch_size_per_gpu, cfg.drop_last)
+        self.plan_args = PlanArgs(
+            cfg.seed, dist.rank, dist.world_size, cfg.batch_size_per_gpu, cfg.shuffle, cfg.drop_last, cfg.shard_mix
+        )
+        self._workers = None  # the backend's persistent part (TorchBatches | DaliBatches), on first use
+        self._length = num_batches(
+            self.index.num_selected, dist.rank, dist.world_size, cfg.batch_size_per_gpu, cfg.drop_last
+        )
         if self._length == 0 and cfg.drop_last:
-            raise ValueError(f"split {split!r} of {cfg.shards} has {self.index.num_selected} selected samples: "
-                             f"not one full batch of {cfg.batch_size_per_gpu} per rank x {dist.world_size} ranks")
+            raise ValueError(
+                f"split {split!r} of {cfg.shards} has {self.index.num_selected} selected samples: "
+                f"not one full batch of {cfg.batch_size_per_gpu} per rank x {dist.world_size} ranks"
+            )
 
     @staticmethod
     def _choose_backend(name: str, cuda: bool) -> str:
@@ -68,8 +76,10 @@ class Loader:
             # (CPU warp_affine ~5x, docs/performance.md), so without a GPU the torch workers win.
             return "dali" if cuda and dali_available() else "torch"
         if name == "dali" and not dali_available():
-            raise RuntimeError("data.backend=dali but nvidia.dali (with its PyTorch plugin) does not import; "
-                               "install nvidia-dali-cuda130 or use data.backend=torch")
+            raise RuntimeError(
+                "data.backend=dali but nvidia.dali (with its PyTorch plugin) does not import; "
+                "install nvidia-dali-cuda130 or use data.backend=torch"
+            )
         return name
 
     # ---- state --------------------------------------------------------------------------------
@@ -81,24 +91,38 @@ class Loader:
         self.epoch, self._consumed, self._pass_done = int(epoch), 0, False
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self._consumed, "world_size": self.dist.world_size,
-                "batch_size": self.cfg.batch_size_per_gpu, "seed": self.cfg.seed, "split": self.split,
-                "num_samples": self.index.num_selected}
+        return {
+            "epoch": self.epoch,
+            "batches": self._consumed,
+            "world_size": self.dist.world_size,
+            "batch_size": self.cfg.batch_size_per_gpu,
+            "seed": self.cfg.seed,
+            "split": self.split,
+            "num_samples": self.index.num_selected,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self._consumed, self._pass_done = int(state["epoch"]), int(state["batches"]), False
-        same = all(state.get(k) == v for k, v in (("world_size", self.dist.world_size),
-                                                   ("batch_size", self.cfg.batch_size_per_gpu),
-                                                   ("seed", self.cfg.seed),
-                                                   ("num_samples", self.index.num_selected)))
+        same = all(
+            state.get(k) == v
+            for k, v in (
+                ("world_size", self.dist.world_size),
+                ("batch_size", self.cfg.batch_size_per_gpu),
+                ("seed", self.cfg.seed),
+                ("num_samples", self.index.num_selected),
+            )
+        )
         if not same and self._consumed:
             # The plan depends on all of these: the saved position means other samples now. Replaying
             # the epoch from its start is the closest honest continuation.
-            warnings.warn(f"loader state saved with world_size={state.get('world_size')}, batch_size="
-                          f"{state.get('batch_size')}, seed={state.get('seed')}, num_samples="
-                          f"{state.get('num_samples')}; now {self.dist.world_size}, {self.cfg.batch_size_per_gpu}, "
-                          f"{self.cfg.seed}, {self.index.num_selected}: restarting epoch {self.epoch} from "
-                          "its first batch", stacklevel=2)
+            warnings.warn(
+                f"loader state saved with world_size={state.get('world_size')}, batch_size="
+                f"{state.get('batch_size')}, seed={state.get('seed')}, num_samples="
+                f"{state.get('num_samples')}; now {self.dist.world_size}, {self.cfg.batch_size_per_gpu}, "
+                f"{self.cfg.seed}, {self.index.num_selected}: restarting epoch {self.epoch} from "
+                "its first batch",
+                stacklevel=2,
+            )
             self._consumed = 0
         self._consumed = min(self._consumed, len(self))
 
@@ -113,19 +137,39 @@ class Loader:
             if self._workers is None:
                 from pipeline.dali_backend import DaliBatches
 
-                self._workers = DaliBatches(self.index, self.spec, cfg.seed, self.tokenizer, cfg.drop_last, self._bad,
-                                            cfg.on_error, cfg.num_workers, cfg.prefetch, cfg.batch_size_per_gpu,
-                                            self.device, use_gpu=cuda and cfg.dali_decode == "auto",
-                                            load_masks=cfg.load_masks, load_boxes=cfg.load_boxes, stats=self.stats)
+                self._workers = DaliBatches(
+                    self.index,
+                    self.spec,
+                    cfg.seed,
+                    self.tokenizer,
+                    cfg.drop_last,
+                    self._bad,
+                    cfg.on_error,
+                    cfg.num_workers,
+                    cfg.prefetch,
+                    cfg.batch_size_per_gpu,
+                    self.device,
+                    use_gpu=cuda and cfg.dali_decode == "auto",
+                    load_masks=cfg.load_masks,
+                    load_boxes=cfg.load_boxes,
+                    stats=self.stats,
+                )
             return self._workers.iterate(plan, first)
         if self._workers is None:
             from pipeline.torch_backend import EpochBatches, TorchBatches
 
-            dataset = EpochBatches(self.index, self.plan_args, self.spec, self.tokenizer, cfg.drop_last,
-                                   cfg.load_masks, cfg.load_boxes, gpu_decode=cfg.torch_gpu_decode and cuda,
-                                   profile=self.profile)
-            self._workers = TorchBatches(dataset, cfg.num_workers, cfg.prefetch, pin_memory=cuda,
-                                         max_batches=len(plan))
+            dataset = EpochBatches(
+                self.index,
+                self.plan_args,
+                self.spec,
+                self.tokenizer,
+                cfg.drop_last,
+                cfg.load_masks,
+                cfg.load_boxes,
+                gpu_decode=cfg.torch_gpu_decode and cuda,
+                profile=self.profile,
+            )
+            self._workers = TorchBatches(dataset, cfg.num_workers, cfg.prefetch, pin_memory=cuda, max_batches=len(plan))
         return self._workers.iterate(plan.epoch, first)
 
     def close(self) -> None:
@@ -171,12 +215,16 @@ class Loader:
             self._bad.setdefault(gid, err["reason"])
             self.stats.skipped += 1
             self.stats.skipped_by_reason[err["reason"].split(":", 1)[0]] += 1
-            self.stats.skipped_samples.append({"key": err["key"], "shard": err["shard"], "reason": err["reason"],
-                                               "epoch": self.epoch})
+            self.stats.skipped_samples.append(
+                {"key": err["key"], "shard": err["shard"], "reason": err["reason"], "epoch": self.epoch}
+            )
             if gid not in self._warned:
                 self._warned.add(gid)
-                warnings.warn(f"skipping unreadable sample {err['key']} in {err['shard']}: {err['reason']}",
-                              CorruptSampleWarning, stacklevel=3)
+                warnings.warn(
+                    f"skipping unreadable sample {err['key']} in {err['shard']}: {err['reason']}",
+                    CorruptSampleWarning,
+                    stacklevel=3,
+                )
 
     def _finish(self, hb: HostBatch) -> Batch | None:
         """Host batch -> device Batch (None when every sample of it was unreadable, eval only)."""
@@ -191,17 +239,19 @@ class Loader:
             self._record_errors(gpu_decode(hb, self.spec, device, keep_size=self.cfg.drop_last))
         if len(hb) == 0:
             if self.cfg.drop_last:
-                raise CorruptSampleError(f"every sample of batch {hb.index} is unreadable "
-                                         f"({hb.errors[0]['shard']}: {hb.errors[0]['reason']}); cannot refill it")
+                raise CorruptSampleError(
+                    f"every sample of batch {hb.index} is unreadable "
+                    f"({hb.errors[0]['shard']}: {hb.errors[0]['reason']}); cannot refill it"
+                )
             return None
         nb = device.type == "cuda"
         image = hb.image.to(device, non_blocking=nb)
         t_colour = time.thread_time() if self.profile else 0.0
         if not hb.normalised and device.type == "cpu":
-            image = colour_normalise_cpu(image, hb.colour, self.spec)      # [B, C, H, W] float32
+            image = colour_normalise_cpu(image, hb.colour, self.spec)  # [B, C, H, W] float32
         elif not hb.normalised:
             colour = hb.colour.to(device, non_blocking=nb) if hb.colour is not None else None
-            image = colour_normalise(image, colour, self.spec)             # [B, C, H, W] float32
+            image = colour_normalise(image, colour, self.spec)  # [B, C, H, W] float32
         if self.profile:
             self.stats.stage_s["jitter_normalise"] += time.thread_time() - t_colour
         batch = Batch(image=image, keys=hb.keys, meta=hb.meta, texts=hb.texts)
@@ -209,7 +259,7 @@ class Loader:
             batch.input_ids = hb.input_ids.to(device, non_blocking=nb)
             batch.attention_mask = hb.attention_mask.to(device, non_blocking=nb)
         if hb.mask is not None:
-            batch.mask = (hb.mask.to(device, non_blocking=nb) > 127).float()   # [B, 1, H, W] {0, 1}
+            batch.mask = (hb.mask.to(device, non_blocking=nb) > 127).float()  # [B, 1, H, W] {0, 1}
         if hb.boxes is not None:
             batch.boxes = [b.to(device, non_blocking=nb) for b in hb.boxes]
         self.stats.batches += 1

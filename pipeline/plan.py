@@ -24,6 +24,7 @@ backend-independent:
 
 Global sample ids number the samples shard-major in manifest order.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,20 +32,28 @@ from pathlib import Path
 
 import numpy as np
 
-from shards.schema import (KEY_RE, MEMBER_ORDER, TAR_BLOCK, ManifestError, check_member_header, read_manifest,
-                           split_shards, stale_index_message)
+from shards.schema import (
+    KEY_RE,
+    MEMBER_ORDER,
+    TAR_BLOCK,
+    ManifestError,
+    check_member_header,
+    read_manifest,
+    split_shards,
+    stale_index_message,
+)
 
-EXT_COLUMN = {ext: i for i, ext in enumerate(MEMBER_ORDER)}   # jpg 0, txt 1, json 2, png 3
+EXT_COLUMN = {ext: i for i, ext in enumerate(MEMBER_ORDER)}  # jpg 0, txt 1, json 2, png 3
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
 
 
 @dataclass
 class ShardIndex:
-    name: str                 # relative to the dataset root, e.g. "train/train-000003.tar"
-    path: str                 # absolute tar path
+    name: str  # relative to the dataset root, e.g. "train/train-000003.tar"
+    path: str  # absolute tar path
     keys: list[str]
-    offsets: np.ndarray       # [n, len(MEMBER_ORDER)] int64 data offset of each member, -1 = absent
-    sizes: np.ndarray         # [n, len(MEMBER_ORDER)] int64 member sizes
+    offsets: np.ndarray  # [n, len(MEMBER_ORDER)] int64 data offset of each member, -1 = absent
+    sizes: np.ndarray  # [n, len(MEMBER_ORDER)] int64 member sizes
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -72,13 +81,15 @@ def parse_index(tar_path: str, idx_path: str) -> tuple[list[str], np.ndarray, np
             raise ManifestError(f"{idx_path}:{row + 2}: expected 'ext offset size name' groups")
         key = None
         for g in range(0, len(fields), 4):
-            ext, off, size, member = fields[g:g + 4]
+            ext, off, size, member = fields[g : g + 4]
             stem, _, member_ext = member.partition(".")
             if not KEY_RE.match(stem) or member_ext != ext:
                 # Keys name batches, errors and DALI's source_info; a name outside the pattern (a path,
                 # a dot in the key) would be read as something else downstream.
-                raise ManifestError(f"{idx_path}:{row + 2}: member {member!r} of shard {tar_path} is not "
-                                    f"<key>.{ext} with a key of [A-Za-z0-9_-]")
+                raise ManifestError(
+                    f"{idx_path}:{row + 2}: member {member!r} of shard {tar_path} is not "
+                    f"<key>.{ext} with a key of [A-Za-z0-9_-]"
+                )
             if key is None:
                 key = stem
             if stem != key or ext not in EXT_COLUMN:
@@ -102,8 +113,9 @@ def check_headers(shard: ShardIndex, rows) -> None:
                 if offset < 0:
                     continue
                 fh.seek(max(0, offset - TAR_BLOCK))
-                problem = check_member_header(fh.read(TAR_BLOCK) if offset >= TAR_BLOCK else b"",
-                                              f"{shard.keys[row]}.{ext}", size)
+                problem = check_member_header(
+                    fh.read(TAR_BLOCK) if offset >= TAR_BLOCK else b"", f"{shard.keys[row]}.{ext}", size
+                )
                 if problem is not None:
                     raise ManifestError(stale_index_message(shard.name, problem))
 
@@ -111,8 +123,14 @@ def check_headers(shard: ShardIndex, rows) -> None:
 class DatasetIndex:
     """Every sample of one split: where its members are, and which ones the config selects."""
 
-    def __init__(self, root: str | Path, split: str, subset: str | None = None,
-                 subset_task: str | None = None, need_masks: bool = False):
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        subset: str | None = None,
+        subset_task: str | None = None,
+        need_masks: bool = False,
+    ):
         self.root = Path(root)
         self.split = split
         manifest = read_manifest(self.root)
@@ -125,12 +143,12 @@ class DatasetIndex:
                 raise ManifestError(f"shard missing: {tar} (named by {self.root / 'manifest.json'})")
             keys, offsets, sizes = parse_index(str(tar), entry["index_path"])
             if len(keys) != entry["num_samples"]:
-                raise ManifestError(f"{entry['index_path']}: {len(keys)} samples, manifest says "
-                                    f"{entry['num_samples']}")
+                raise ManifestError(f"{entry['index_path']}: {len(keys)} samples, manifest says {entry['num_samples']}")
             rec = records.get(entry["name"])
             if rec is not None and rec.get("keys") is not None and rec["keys"] != keys:
-                raise ManifestError(f"{entry['index_path']}: keys differ from the manifest's record of "
-                                    f"{entry['name']} (stale index?)")
+                raise ManifestError(
+                    f"{entry['index_path']}: keys differ from the manifest's record of {entry['name']} (stale index?)"
+                )
             end = int((offsets + sizes).max())
             if end > tar.stat().st_size:
                 raise ManifestError(f"{tar}: truncated ({tar.stat().st_size} bytes, index needs {end})")
@@ -145,26 +163,33 @@ class DatasetIndex:
         if not self.shards:
             raise ManifestError(f"split {split!r} of {self.root} has no shards")
         lengths = np.array([len(s) for s in self.shards], dtype=np.int64)
-        self.shard_start = np.concatenate([[0], np.cumsum(lengths)])   # [S + 1] first global id
+        self.shard_start = np.concatenate([[0], np.cumsum(lengths)])  # [S + 1] first global id
         self.num_samples = int(self.shard_start[-1])
-        self.selected = self._subset_mask(subset, subset_task)          # [N] bool
+        self.selected = self._subset_mask(subset, subset_task)  # [N] bool
 
     def _subset_mask(self, subset: str | None, task: str | None) -> np.ndarray:
         if subset is None:
             return np.ones(self.num_samples, dtype=bool)
-        table = (self.manifest.get("task_subsets", {}).get(task, {}) if task is not None
-                 else self.manifest.get("subsets", {}))
+        table = (
+            self.manifest.get("task_subsets", {}).get(task, {})
+            if task is not None
+            else self.manifest.get("subsets", {})
+        )
         where = f"manifest['task_subsets'][{task!r}]" if task is not None else "manifest['subsets']"
         fractions = table.get(self.split, {})
         if subset not in fractions:
-            raise ManifestError(f"{self.root / 'manifest.json'}: no subset {subset!r} for split "
-                                f"{self.split!r} in {where}; have {sorted(fractions)}")
+            raise ManifestError(
+                f"{self.root / 'manifest.json'}: no subset {subset!r} for split "
+                f"{self.split!r} in {where}; have {sorted(fractions)}"
+            )
         wanted = set(fractions[subset])
         mask = np.array([k in wanted for s in self.shards for k in s.keys], dtype=bool)
         if int(mask.sum()) != len(wanted):
             known = {k for s in self.shards for k in s.keys}
-            raise ManifestError(f"subset {subset!r} of {self.split!r} names keys that are not in the "
-                                f"shards, e.g. {sorted(wanted - known)[:3]}")
+            raise ManifestError(
+                f"subset {subset!r} of {self.split!r} names keys that are not in the "
+                f"shards, e.g. {sorted(wanted - known)[:3]}"
+            )
         return mask
 
     def locate(self, gid: int) -> tuple[ShardIndex, int]:
@@ -196,7 +221,9 @@ def epoch_order(index: DatasetIndex, seed: int, epoch: int, shuffle: bool, shard
     window = shard_mix if shard_mix > 0 else len(shard_ids)
     parts = []
     for w in range(0, len(shard_ids), window):
-        gids = [np.arange(index.shard_start[s], index.shard_start[s + 1], dtype=np.int64) for s in shard_ids[w:w + window]]
+        gids = [
+            np.arange(index.shard_start[s], index.shard_start[s + 1], dtype=np.int64) for s in shard_ids[w : w + window]
+        ]
         gids = np.concatenate(gids)
         parts.append(rng.permutation(gids[index.selected[gids]]))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
@@ -223,20 +250,29 @@ class RankPlan:
     rank: int
     world_size: int
     batch_size: int
-    batches: list[np.ndarray]      # per batch: [<= B] global ids, in reading order
+    batches: list[np.ndarray]  # per batch: [<= B] global ids, in reading order
 
     def __len__(self) -> int:
         return len(self.batches)
 
 
-def make_plan(index: DatasetIndex, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-              shuffle: bool, drop_last: bool, shard_mix: int = 0) -> RankPlan:
+def make_plan(
+    index: DatasetIndex,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    shuffle: bool,
+    drop_last: bool,
+    shard_mix: int = 0,
+) -> RankPlan:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     order = epoch_order(index, seed, epoch, shuffle, shard_mix)
     start, stop = rank_block(len(order), rank, world_size, batch_size, drop_last)
     block = order[start:stop]
-    batches = [block[i:i + batch_size] for i in range(0, len(block), batch_size)]
+    batches = [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
     return RankPlan(epoch, rank, world_size, batch_size, batches)
 
 
@@ -244,6 +280,7 @@ def make_plan(index: DatasetIndex, seed: int, epoch: int, rank: int, world_size:
 class PlanArgs:
     """Everything a rank's plan depends on besides the index and the epoch: what a worker process
     needs to compute the plan of any epoch itself."""
+
     seed: int
     rank: int
     world_size: int
@@ -253,8 +290,17 @@ class PlanArgs:
     shard_mix: int = 0
 
     def make(self, index: DatasetIndex, epoch: int) -> RankPlan:
-        return make_plan(index, self.seed, epoch, self.rank, self.world_size, self.batch_size, self.shuffle,
-                         self.drop_last, self.shard_mix)
+        return make_plan(
+            index,
+            self.seed,
+            epoch,
+            self.rank,
+            self.world_size,
+            self.batch_size,
+            self.shuffle,
+            self.drop_last,
+            self.shard_mix,
+        )
 
 
 def distinct_shards(index: DatasetIndex, plan: RankPlan) -> np.ndarray:

@@ -24,6 +24,7 @@ GPU decode (`torch_gpu_decode` with CUDA): workers skip decoding and ship the JP
 decodes the batch with nvJPEG (torchvision.io.decode_jpeg(device="cuda")) and runs the same
 torchvision geometry on the GPU tensors.
 """
+
 from __future__ import annotations
 
 import gc
@@ -31,18 +32,34 @@ import math
 import os
 import time
 from collections import Counter
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.batch import (HostBatch, SampleError, SampleReader, boxes_of, open_gray, peek_size, resolve_rows,
-                            text_and_meta)
+from pipeline.batch import (
+    HostBatch,
+    SampleError,
+    SampleReader,
+    boxes_of,
+    open_gray,
+    peek_size,
+    resolve_rows,
+    text_and_meta,
+)
 from pipeline.plan import DatasetIndex, PlanArgs, RankPlan, ShardIndex
 from pipeline.text import BatchTokenizer
-from pipeline.transforms import (TransformSpec, apply_geometry, colour_params, draw_params, geometry_matrix,
-                                 resized_size, transform_boxes, warp_tensors)
+from pipeline.transforms import (
+    TransformSpec,
+    apply_geometry,
+    colour_params,
+    draw_params,
+    geometry_matrix,
+    resized_size,
+    transform_boxes,
+    warp_tensors,
+)
 
 # The stages a sample goes through in a worker, in order (HostBatch.stage_s, bench-pipeline); jitter
 # and normalisation follow in the loader's device step (pipeline/loader.py).
@@ -69,9 +86,18 @@ class EpochBatches(IterableDataset):
     """The batches of one rank's plan from `position` = (epoch, first batch) on; each worker builds
     every num_workers-th batch."""
 
-    def __init__(self, index: DatasetIndex, plan_args: PlanArgs, spec: TransformSpec,
-                 tokenizer: BatchTokenizer | None, keep_size: bool, load_masks: bool, load_boxes: bool,
-                 gpu_decode: bool, profile: bool = False):
+    def __init__(
+        self,
+        index: DatasetIndex,
+        plan_args: PlanArgs,
+        spec: TransformSpec,
+        tokenizer: BatchTokenizer | None,
+        keep_size: bool,
+        load_masks: bool,
+        load_boxes: bool,
+        gpu_decode: bool,
+        profile: bool = False,
+    ):
         self.index, self.plan_args, self.spec, self.tokenizer = index, plan_args, spec, tokenizer
         self.keep_size, self.load_masks, self.load_boxes = keep_size, load_masks, load_boxes
         self.gpu_decode, self.profile = gpu_decode, profile
@@ -111,7 +137,7 @@ class EpochBatches(IterableDataset):
         else:
             img, out["size"] = open_gray(members["jpg"], "jpg", self._draft_size)
             clock.lap("decode")
-            out["image"] = np.asarray(apply_geometry(img, self.spec, out["params"], *out["size"]))   # [H, W] u8
+            out["image"] = np.asarray(apply_geometry(img, self.spec, out["params"], *out["size"]))  # [H, W] u8
             clock.lap("warp")
         w, h = out["size"]
         if self.load_masks:
@@ -126,7 +152,7 @@ class EpochBatches(IterableDataset):
 
     @staticmethod
     def _stack(arrays: list[np.ndarray], shared: bool) -> torch.Tensor:
-        out = _batch_tensor((len(arrays), 1) + arrays[0].shape, torch.uint8, shared)    # [n, 1, H, W]
+        out = _batch_tensor((len(arrays), 1) + arrays[0].shape, torch.uint8, shared)  # [n, 1, H, W]
         np.stack(arrays, out=out.numpy()[:, 0])
         return out
 
@@ -136,7 +162,7 @@ class EpochBatches(IterableDataset):
         shared = get_worker_info() is not None
         batch = plan.batches[j]
         gids = batch.tolist()
-        sids = self.index.shard_id(batch)                                  # one search for the batch
+        sids = self.index.shard_id(batch)  # one search for the batch
         located = [(self.index.shards[s], g - int(self.index.shard_start[s])) for s, g in zip(sids.tolist(), gids)]
         keys = [shard.keys[row] for shard, row in located]
         shards = [shard.name for shard, _ in located]
@@ -149,13 +175,24 @@ class EpochBatches(IterableDataset):
                 rows[i] = self._sample(*located[i], plan.epoch, reader, clock)
             except SampleError as exc:
                 reasons[i] = exc.reason
-        errors = [{"gid": g, "key": k, "shard": s, "reason": r}
-                  for g, k, s, r in zip(gids, keys, shards, reasons) if r is not None]
+        errors = [
+            {"gid": g, "key": k, "shard": s, "reason": r}
+            for g, k, s, r in zip(gids, keys, shards, reasons)
+            if r is not None
+        ]
         keep, filled = resolve_rows([r is None for r in reasons], self.keep_size)
         picked = [rows[i] for i in keep]
-        hb = HostBatch(index=j, gids=[gids[i] for i in keep], keys=[keys[i] for i in keep],
-                       shards=[shards[i] for i in keep], texts=[r["text"] for r in picked],
-                       meta=[r["meta"] for r in picked], image=None, errors=errors, filled=filled)
+        hb = HostBatch(
+            index=j,
+            gids=[gids[i] for i in keep],
+            keys=[keys[i] for i in keep],
+            shards=[shards[i] for i in keep],
+            texts=[r["text"] for r in picked],
+            meta=[r["meta"] for r in picked],
+            image=None,
+            errors=errors,
+            filled=filled,
+        )
         if picked:
             params = [r["params"] for r in picked]
             if self.gpu_decode:
@@ -163,7 +200,7 @@ class EpochBatches(IterableDataset):
                 hb.jpeg, hb.sizes, hb.params = [r["jpeg"] for r in picked], [r["size"] for r in picked], params
             else:
                 hb.colour = colour_params(params) if self.spec.has_jitter else None
-                hb.image = self._stack([r["image"] for r in picked], shared)       # [n, 1, H, W] uint8
+                hb.image = self._stack([r["image"] for r in picked], shared)  # [n, 1, H, W] uint8
             if self.load_masks:
                 hb.mask = self._stack([r["mask"] for r in picked], shared)
             if self.load_boxes:
@@ -219,9 +256,16 @@ class TorchBatches:
             # A private generator: DataLoader draws its workers' base seed from it, so starting the
             # workers never advances the global torch RNG (which would break exact resume;
             # augmentation is seeded per sample).
-            self.loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, prefetch_factor=prefetch,
-                                     pin_memory=pin_memory, collate_fn=_identity, persistent_workers=True,
-                                     generator=torch.Generator().manual_seed(0))
+            self.loader = DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=self.workers,
+                prefetch_factor=prefetch,
+                pin_memory=pin_memory,
+                collate_fn=_identity,
+                persistent_workers=True,
+                generator=torch.Generator().manual_seed(0),
+            )
 
     def iterate(self, epoch: int, first: int) -> Iterator[HostBatch]:
         """Batches first.. of `epoch`'s plan, in plan order. Stopping early is fine: the next pass
@@ -232,7 +276,7 @@ class TorchBatches:
     def close(self) -> None:
         iterator = getattr(self.loader, "_iterator", None)
         if iterator is not None:
-            iterator._shutdown_workers()         # joined now, not at garbage collection
+            iterator._shutdown_workers()  # joined now, not at garbage collection
             self.loader._iterator = None
 
 
@@ -243,7 +287,7 @@ def gpu_decode(hb: HostBatch, spec: TransformSpec, device: torch.device, keep_si
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        decoded = decode_jpeg(hb.jpeg, mode=ImageReadMode.GRAY, device=device)   # [1, h, w] each
+        decoded = decode_jpeg(hb.jpeg, mode=ImageReadMode.GRAY, device=device)  # [1, h, w] each
         failed: dict[int, str] = {}
     except RuntimeError:
         # The batched call fails as a whole; decode one by one to find the culprit(s).
@@ -260,12 +304,13 @@ def gpu_decode(hb: HostBatch, spec: TransformSpec, device: torch.device, keep_si
     hb.filled += filled
     if not keep:
         hb.image = torch.empty(0, 1, spec.out_size, spec.out_size, dtype=torch.uint8, device=device)
-    elif spec.has_affine:      # g2d_train: the whole batch in one warp
+    elif spec.has_affine:  # g2d_train: the whole batch in one warp
         images = [decoded[i] for i in keep]
         matrices = np.stack([geometry_matrix(spec, p, x.shape[-1], x.shape[-2]) for x, p in zip(images, hb.params)])
-        hb.image = warp_tensors(images, matrices, spec.out_size)          # [B, 1, out, out] uint8
+        hb.image = warp_tensors(images, matrices, spec.out_size)  # [B, 1, out, out] uint8
     else:
-        hb.image = torch.stack([apply_geometry(decoded[i], spec, p, *size)
-                                for i, p, size in zip(keep, hb.params, hb.sizes)])
+        hb.image = torch.stack(
+            [apply_geometry(decoded[i], spec, p, *size) for i, p, size in zip(keep, hb.params, hb.sizes)]
+        )
     hb.jpeg = None
     return errors

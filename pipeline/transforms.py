@@ -33,6 +33,7 @@ nearest interpolation; boxes go through the torchvision calls as tv_tensors.Boun
 applies the same steps with fn.resize / fn.crop / fn.warp_affine (matrix scaled to the decoded size
 with fn.transforms.scale/combine).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -69,15 +70,15 @@ _TABLE = {
 @dataclass(frozen=True)
 class TransformSpec:
     name: str
-    resize: str                 # "squash" | "longest_pad"
-    size: int                   # S
-    crop: int                   # c; 0 = no crop
+    resize: str  # "squash" | "longest_pad"
+    size: int  # S
+    crop: int  # c; 0 = no crop
     random_crop: bool
-    degrees: float              # rotation range +-degrees; 0 = no affine
-    shear: float                # x-shear range +-shear (degrees)
-    brightness: float           # factor range 1 +- brightness; 0 = off
+    degrees: float  # rotation range +-degrees; 0 = no affine
+    shear: float  # x-shear range +-shear (degrees)
+    brightness: float  # factor range 1 +- brightness; 0 = off
     contrast: float
-    mean: tuple[float, ...]     # per output channel, [0, 1] intensity units
+    mean: tuple[float, ...]  # per output channel, [0, 1] intensity units
     std: tuple[float, ...]
     channels: int
 
@@ -113,20 +114,28 @@ def build_spec(cfg: DataConfig, name: str) -> TransformSpec:
     # the squash resize only; every named transform with an affine squashes.
     assert not (degrees or shear) or resize == "squash", name
     return TransformSpec(
-        name=name, resize=resize, size=cfg.image_size,
-        crop=cfg.crop_size if crop_mode else 0, random_crop=crop_mode == "random",
-        degrees=degrees, shear=shear, brightness=brightness, contrast=contrast,
+        name=name,
+        resize=resize,
+        size=cfg.image_size,
+        crop=cfg.crop_size if crop_mode else 0,
+        random_crop=crop_mode == "random",
+        degrees=degrees,
+        shear=shear,
+        brightness=brightness,
+        contrast=contrast,
         mean=_per_channel(cfg.mean if cfg.mean is not None else mean, cfg.channels),
         std=_per_channel(cfg.std if cfg.std is not None else std, cfg.channels),
-        channels=cfg.channels)
+        channels=cfg.channels,
+    )
 
 
 # ---- per-sample parameters ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SampleParams:
-    angle: float = 0.0          # degrees, torchvision's convention
-    shear: float = 0.0          # x-shear, degrees
+    angle: float = 0.0  # degrees, torchvision's convention
+    shear: float = 0.0  # x-shear, degrees
     brightness: float = 1.0
     contrast: float = 1.0
     crop_left: int = 0
@@ -136,26 +145,33 @@ class SampleParams:
 def _uniforms(seed: int, epoch: int, key: str) -> list[float]:
     """Six independent U[0, 1) numbers from a keyed hash of (seed, epoch, key): ~2 us, where a seeded
     numpy Generator costs ~50 us per sample (seconds per epoch for the DALI parameter feed)."""
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode("utf-8"), digest_size=24).digest()
-    return [int.from_bytes(digest[i:i + 4], "little") / 2**32 for i in range(0, 24, 4)]
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=24).digest()
+    return [int.from_bytes(digest[i : i + 4], "little") / 2**32 for i in range(0, 24, 4)]
 
 
 def draw_params(spec: TransformSpec, seed: int, epoch: int, key: str) -> SampleParams:
     """The augmentation of sample `key` in `epoch`; deterministic, independent of everything else."""
     span = spec.size - spec.crop if spec.crop else 0
-    centre = int(round(span / 2.0))                      # torchvision CenterCrop's rounding
+    centre = int(round(span / 2.0))  # torchvision CenterCrop's rounding
     if not (spec.has_affine or spec.has_jitter or spec.random_crop):
         return SampleParams(crop_left=centre, crop_top=centre)
     u = _uniforms(seed, epoch, key)
     # Fixed slots, so enabling one augmentation does not change the draws of the others.
-    left, top = (min(span, int(u[4] * (span + 1))), min(span, int(u[5] * (span + 1)))) if spec.random_crop \
-        else (centre, centre)
-    return SampleParams(angle=spec.degrees * (2 * u[0] - 1), shear=spec.shear * (2 * u[1] - 1),
-                        brightness=1 + spec.brightness * (2 * u[2] - 1),
-                        contrast=1 + spec.contrast * (2 * u[3] - 1), crop_left=left, crop_top=top)
+    left, top = (
+        (min(span, int(u[4] * (span + 1))), min(span, int(u[5] * (span + 1)))) if spec.random_crop else (centre, centre)
+    )
+    return SampleParams(
+        angle=spec.degrees * (2 * u[0] - 1),
+        shear=spec.shear * (2 * u[1] - 1),
+        brightness=1 + spec.brightness * (2 * u[2] - 1),
+        contrast=1 + spec.contrast * (2 * u[3] - 1),
+        crop_left=left,
+        crop_top=top,
+    )
 
 
 # ---- geometry ----------------------------------------------------------------------------------
+
 
 def resized_size(spec: TransformSpec, width: int, height: int) -> tuple[int, int]:
     """(rw, rh) after the resize step."""
@@ -203,16 +219,17 @@ def warp_tensors(images: list[torch.Tensor], matrices: np.ndarray, out: int, nea
     hmax, wmax = max(int(x.shape[-2]) for x in images), max(int(x.shape[-1]) for x in images)
     canvas = torch.zeros(len(images), 1, hmax, wmax, dtype=torch.float32, device=device)
     for i, x in enumerate(images):
-        canvas[i, :, :x.shape[-2], :x.shape[-1]] = x
+        canvas[i, :, : x.shape[-2], : x.shape[-1]] = x
     centres = torch.arange(out, device=device, dtype=torch.float32) + 0.5
     ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-    pix = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)                  # [out, out, 3]
-    m = torch.as_tensor(np.asarray(matrices, dtype=np.float32), device=device)   # [B, 2, 3]
-    uv = torch.einsum("bij,yxj->byxi", m, pix)                                # [B, out, out, 2] source px
+    pix = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1)  # [out, out, 3]
+    m = torch.as_tensor(np.asarray(matrices, dtype=np.float32), device=device)  # [B, 2, 3]
+    uv = torch.einsum("bij,yxj->byxi", m, pix)  # [B, out, out, 2] source px
     scale = torch.tensor([2.0 / wmax, 2.0 / hmax], device=device)
-    res = torch.nn.functional.grid_sample(canvas, uv * scale - 1, mode="nearest" if nearest else "bilinear",
-                                          padding_mode="zeros", align_corners=False)
-    return res.round_().clamp_(0, 255).to(torch.uint8)                       # [B, 1, out, out]
+    res = torch.nn.functional.grid_sample(
+        canvas, uv * scale - 1, mode="nearest" if nearest else "bilinear", padding_mode="zeros", align_corners=False
+    )
+    return res.round_().clamp_(0, 255).to(torch.uint8)  # [B, 1, out, out]
 
 
 def geometry_matrix(spec: TransformSpec, params: SampleParams, decoded_w: int, decoded_h: int) -> np.ndarray:
@@ -227,14 +244,13 @@ def _warp_array(img: np.ndarray, matrix: np.ndarray, out: int, nearest: bool) ->
     faster than PIL's affine transform (0.26 vs 1.34 ms at 256 px), which was half of a g2d_train
     sample's CPU cost. OpenCV puts pixel centres at integer coordinates, PIL/DALI/torchvision at +0.5:
     the translation moves by A @ (0.5, 0.5) - 0.5. Bilinear weights are 1/32-pixel fixed point."""
-    cv_matrix = matrix.astype(np.float64)                   # [2, 3]: output pixel -> source pixel
+    cv_matrix = matrix.astype(np.float64)  # [2, 3]: output pixel -> source pixel
     cv_matrix[:, 2] += cv_matrix[:, :2].sum(axis=1) * 0.5 - 0.5
     flags = (cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
     return cv2.warpAffine(img, cv_matrix, (out, out), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
-def apply_geometry(img, spec: TransformSpec, params: SampleParams, width: int, height: int,
-                   nearest: bool = False):
+def apply_geometry(img, spec: TransformSpec, params: SampleParams, width: int, height: int, nearest: bool = False):
     """The geometry of one image (PIL image or [1, h, w] tensor) or mask (`nearest`).
 
     With an affine, resize + affine + crop run as ONE bilinear warp straight from the decoded image:
@@ -250,7 +266,7 @@ def apply_geometry(img, spec: TransformSpec, params: SampleParams, width: int, h
             return warp_tensors([img], matrix[None], spec.out_size, nearest)[0]
         return _warp_array(np.asarray(img), geometry_matrix(spec, params, *img.size), spec.out_size, nearest)
     rw, rh = resized_size(spec, width, height)
-    img = F.resize(img, [rh, rw], interpolation=interp, antialias=True)   # no-op for nearest (masks)
+    img = F.resize(img, [rh, rw], interpolation=interp, antialias=True)  # no-op for nearest (masks)
     if spec.resize == "longest_pad" and (rw, rh) != (spec.size, spec.size):
         img = F.pad(img, list(pad_box(spec, rw, rh)), fill=0)
     if spec.crop:
@@ -280,23 +296,26 @@ def transform_boxes(boxes, spec: TransformSpec, params: SampleParams, width: int
 
 # ---- colour and normalisation (torch; DALI builds the same expression in its graph) --------------
 
-def colour_normalise(images: torch.Tensor, colour: torch.Tensor | None, spec: TransformSpec,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+
+def colour_normalise(
+    images: torch.Tensor, colour: torch.Tensor | None, spec: TransformSpec, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """uint8 [B, 1, H, W] + (brightness, contrast) [B, 2] -> normalised float32 [B, C, H, W].
 
     b * (c * x + (1 - c) * mean(x)) is one per-sample multiply-add, clamped once; normalisation is a
     second multiply-add that broadcasts the grey channel to C channels: two passes over the pixels.
     Runs batched wherever the images are (the GPU in training); `out` receives the result."""
-    x = images.float()                                                  # [B, 1, H, W]
+    x = images.float()  # [B, 1, H, W]
     if spec.has_jitter and colour is not None:
         b = colour[:, 0].view(-1, 1, 1, 1).to(x)
         c = colour[:, 1].view(-1, 1, 1, 1).to(x)
         m = x.mean(dim=(1, 2, 3), keepdim=True)
         x = torch.addcmul(b * (1 - c) * m, x, b * c).clamp_(0, 255)
     scale = 1.0 / (255.0 * torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1))
-    shift = -torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1) / torch.tensor(
-        spec.std, device=x.device).view(1, -1, 1, 1)
-    return torch.addcmul(shift, x, scale, out=out)                      # [B, C, H, W] by broadcasting
+    shift = -torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1) / torch.tensor(spec.std, device=x.device).view(
+        1, -1, 1, 1
+    )
+    return torch.addcmul(shift, x, scale, out=out)  # [B, C, H, W] by broadcasting
 
 
 def colour_normalise_cpu(images: torch.Tensor, colour: torch.Tensor | None, spec: TransformSpec) -> torch.Tensor:
@@ -311,18 +330,18 @@ def colour_normalise_cpu(images: torch.Tensor, colour: torch.Tensor | None, spec
     n = images.shape[0]
     out = torch.empty((n, spec.channels) + tuple(images.shape[2:]), dtype=torch.float32)
     pixels, target = images.numpy(), out.numpy()
-    values = np.broadcast_to(np.arange(256, dtype=np.float64), (n, 256))          # [B, 256]
+    values = np.broadcast_to(np.arange(256, dtype=np.float64), (n, 256))  # [B, 256]
     if spec.has_jitter and colour is not None:
-        bc = colour.numpy().astype(np.float64)                                     # [B, 2]
+        bc = colour.numpy().astype(np.float64)  # [B, 2]
         means = np.array([cv2.mean(pixels[i, 0])[0] for i in range(n)])[:, None]
         b, c = bc[:, :1], bc[:, 1:]
         values = np.clip(b * (c * values + (1.0 - c) * means), 0.0, 255.0)
     mean, std = np.asarray(spec.mean)[None, :, None], np.asarray(spec.std)[None, :, None]
-    luts = ((values[:, None, :] / 255.0 - mean) / std).astype(np.float32)          # [B, C, 256]
+    luts = ((values[:, None, :] / 255.0 - mean) / std).astype(np.float32)  # [B, C, 256]
     for i in range(n):
         for ch in range(spec.channels):
             cv2.LUT(pixels[i, 0], luts[i, ch], dst=target[i, ch])
-    return out                                                          # [B, C, H, W] float32
+    return out  # [B, C, H, W] float32
 
 
 def colour_params(params: list[SampleParams]) -> torch.Tensor:

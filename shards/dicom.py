@@ -22,6 +22,7 @@ RLE (`rle_decode`/`rle_encode`): SIIM-ACR's format. Space-separated integer pair
 run), `length` the run of foreground pixels. Pixels are numbered over the image in COLUMN-MAJOR order:
 flat index = x * height + y (fill a flat array, reshape to [width, height], transpose).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,12 +43,12 @@ class DicomError(ValueError):
 
 @dataclass
 class DicomImage:
-    gray: np.ndarray          # [H, W] uint8, air dark
-    photometric: str          # "MONOCHROME1" | "MONOCHROME2"
+    gray: np.ndarray  # [H, W] uint8, air dark
+    photometric: str  # "MONOCHROME1" | "MONOCHROME2"
     bits_stored: int
-    transfer_syntax: str      # UID name, e.g. "Explicit VR Little Endian"
-    window: str               # "voi_lut" | "window" | "identity" | "percentile"
-    patient_id: str           # (0010,0020) PatientID, "" when absent
+    transfer_syntax: str  # UID name, e.g. "Explicit VR Little Endian"
+    window: str  # "voi_lut" | "window" | "identity" | "percentile"
+    patient_id: str  # (0010,0020) PatientID, "" when absent
 
 
 def _check_decodable(path: Path, ts: UID) -> None:
@@ -58,8 +59,10 @@ def _check_decodable(path: Path, ts: UID) -> None:
         raise DicomError(f"{path}: unsupported transfer syntax {ts.name} ({ts}): {exc}") from exc
     if not decoder.is_available:
         missing = "; ".join(decoder.missing_dependencies) or "no plugin"
-        raise DicomError(f"{path}: unsupported transfer syntax {ts.name} ({ts}): no installed pixel "
-                         f"handler can decode it (would need: {missing})")
+        raise DicomError(
+            f"{path}: unsupported transfer syntax {ts.name} ({ts}): no installed pixel "
+            f"handler can decode it (would need: {missing})"
+        )
 
 
 def percentile_window(values: np.ndarray) -> np.ndarray:
@@ -119,29 +122,33 @@ def read_dicom(path: str | Path, limits=None) -> DicomImage:
         except ValueError as exc:
             raise DicomError(f"{path}: {exc}") from exc
     try:
-        stored = ds.pixel_array                                        # [H, W] int
+        stored = ds.pixel_array  # [H, W] int
     except Exception as exc:  # pydicom raises many types from its handlers; all mean "cannot decode"
-        raise DicomError(f"{path}: pixel data of transfer syntax {ts.name} ({ts}) could not be "
-                         f"decoded ({type(exc).__name__}: {exc})") from exc
+        raise DicomError(
+            f"{path}: pixel data of transfer syntax {ts.name} ({ts}) could not be decoded ({type(exc).__name__}: {exc})"
+        ) from exc
     if stored.ndim != 2:
         raise DicomError(f"{path}: expected one 2-D frame, pixel array has shape {stored.shape}")
 
     bits = int(ds.get("BitsStored", stored.dtype.itemsize * 8))
-    has_rescale = ("RescaleSlope" in ds and float(ds.RescaleSlope) != 1.0) or \
-                  ("RescaleIntercept" in ds and float(ds.RescaleIntercept) != 0.0) or \
-                  "ModalityLUTSequence" in ds
+    has_rescale = (
+        ("RescaleSlope" in ds and float(ds.RescaleSlope) != 1.0)
+        or ("RescaleIntercept" in ds and float(ds.RescaleIntercept) != 0.0)
+        or "ModalityLUTSequence" in ds
+    )
     modality = apply_modality_lut(stored, ds) if has_rescale else stored
     if ds.get("VOILUTSequence"):
-        entries, first_mapped = int(ds.VOILUTSequence[0].LUTDescriptor[0] or 65536), \
-            int(ds.VOILUTSequence[0].LUTDescriptor[1])
+        entries, first_mapped = (
+            int(ds.VOILUTSequence[0].LUTDescriptor[0] or 65536),
+            int(ds.VOILUTSequence[0].LUTDescriptor[1]),
+        )
         # The LUT's own outputs (pydicom unpacks US or OW LUT data): their range is the scale.
         lut = apply_voi(np.arange(first_mapped, first_mapped + entries), ds).astype(np.float64)
         out = apply_voi(np.rint(modality).astype(np.int64), ds).astype(np.float64)
         lo, hi = float(lut.min()), float(lut.max())
         unit, window = (out - lo) / max(hi - lo, 1.0), "voi_lut"
     elif "WindowCenter" in ds and "WindowWidth" in ds:
-        unit = _window_linear(np.asarray(modality, dtype=np.float64),
-                              _first(ds.WindowCenter), _first(ds.WindowWidth))
+        unit = _window_linear(np.asarray(modality, dtype=np.float64), _first(ds.WindowCenter), _first(ds.WindowWidth))
         window = "window"
     elif bits <= 8 and not has_rescale:
         unit, window = stored.astype(np.float64) / 255.0, "identity"
@@ -166,6 +173,7 @@ def read_patient_id(path: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------
 # Run-length encoding on the DICOM grid (SIIM-ACR train-rle.csv)
 
+
 def rle_decode(rle: str, width: int, height: int) -> np.ndarray:
     """SIIM relative column-major RLE -> bool mask [height, width]. Raises ValueError on bad input:
     non-integers, an odd count, negative offsets, non-positive lengths, runs past the image end."""
@@ -187,18 +195,19 @@ def rle_decode(rle: str, width: int, height: int) -> np.ndarray:
             raise ValueError(f"RLE pair {i // 2} ({offset} {length}): offset must be >= 0 and length > 0")
         pos += offset
         if pos + length > total:
-            raise ValueError(f"RLE pair {i // 2} runs to pixel {pos + length}, past the "
-                             f"{width}x{height} image ({total} pixels)")
-        flat[pos:pos + length] = True
+            raise ValueError(
+                f"RLE pair {i // 2} runs to pixel {pos + length}, past the {width}x{height} image ({total} pixels)"
+            )
+        flat[pos : pos + length] = True
         pos += length
-    return flat.reshape(width, height).T                               # [H, W]
+    return flat.reshape(width, height).T  # [H, W]
 
 
 def rle_encode(mask: np.ndarray) -> str:
     """bool/0-1 mask [H, W] -> SIIM relative column-major RLE ("" for an empty mask)."""
-    flat = np.asarray(mask, dtype=bool).T.ravel()                      # column-major order
+    flat = np.asarray(mask, dtype=bool).T.ravel()  # column-major order
     padded = np.concatenate([[False], flat, [False]])
-    edges = np.flatnonzero(padded[1:] != padded[:-1])                  # run starts and ends
+    edges = np.flatnonzero(padded[1:] != padded[:-1])  # run starts and ends
     starts, ends = edges[0::2], edges[1::2]
     parts, prev_end = [], 0
     for start, end in zip(starts.tolist(), ends.tolist()):

@@ -5,6 +5,7 @@ loader's bottleneck: a 2500x3000 MIMIC JPEG costs ~25x more to decode than a 512
 model never sees more than 256 px. Geometry is recorded so boxes and masks can follow the image:
     stored = (source - crop_box[:2]) * scale        (per axis; scale = [sx, sy])
 """
+
 from __future__ import annotations
 
 import io
@@ -20,18 +21,22 @@ JPEG_SUBSAMPLING_GRAY = 0  # ignored for "L" images, kept explicit for reproduci
 
 @dataclass
 class Reduced:
-    image: np.ndarray          # [h, w] uint8, the stored image
-    crop_box: list[int]        # [x0, y0, x1, y1] in source pixels (x1, y1 exclusive)
-    scale: list[float]         # [sx, sy]: stored pixels per source pixel
-    orig_size: list[int]       # [W, H] of the source
+    image: np.ndarray  # [h, w] uint8, the stored image
+    crop_box: list[int]  # [x0, y0, x1, y1] in source pixels (x1, y1 exclusive)
+    scale: list[float]  # [sx, sy]: stored pixels per source pixel
+    orig_size: list[int]  # [W, H] of the source
 
     @property
     def stored_size(self) -> list[int]:
         return [int(self.image.shape[1]), int(self.image.shape[0])]
 
     def geometry(self) -> dict:
-        return {"orig_size": self.orig_size, "crop_box": self.crop_box, "scale": self.scale,
-                "stored_size": self.stored_size}
+        return {
+            "orig_size": self.orig_size,
+            "crop_box": self.crop_box,
+            "scale": self.scale,
+            "stored_size": self.stored_size,
+        }
 
 
 def nonzero_box(gray: np.ndarray, threshold: int = 0) -> list[int]:
@@ -63,8 +68,7 @@ def reduce_array(gray: np.ndarray, max_side: int, crop_threshold: int = 0) -> Re
     img = Image.fromarray(crop)
     if (tw, th) != (w, h):
         img = img.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return Reduced(np.asarray(img), [x0, y0, x1, y1], [tw / w, th / h],
-                   [int(gray.shape[1]), int(gray.shape[0])])
+    return Reduced(np.asarray(img), [x0, y0, x1, y1], [tw / w, th / h], [int(gray.shape[1]), int(gray.shape[0])])
 
 
 # Sources smaller than this on either side are rejected (a 1x1 or 10x4000 "radiograph" is a broken
@@ -90,8 +94,9 @@ class ImageLimits:
     def check(self, width: int, height: int) -> None:
         """Raise `ImageRejected` when a `width` x `height` source is out of bounds."""
         if width * height > self.max_pixels:
-            raise ImageRejected(f"image too large: {width}x{height} = {width * height} pixels "
-                                f"> max_pixels {self.max_pixels}")
+            raise ImageRejected(
+                f"image too large: {width}x{height} = {width * height} pixels > max_pixels {self.max_pixels}"
+            )
         if min(width, height) < self.min_side:
             raise ImageRejected(f"image too small: {width}x{height}, a side < min_side {self.min_side}")
 
@@ -100,15 +105,16 @@ class ImageLimits:
         frame with a few bright pixels would otherwise be stored as a 1-3 px image."""
         width, height = crop_box[2] - crop_box[0], crop_box[3] - crop_box[1]
         if min(width, height) < self.min_side:
-            raise ImageRejected(f"image content too small: the non-black area is {width}x{height}, "
-                                f"a side < min_side {self.min_side}")
+            raise ImageRejected(
+                f"image content too small: the non-black area is {width}x{height}, a side < min_side {self.min_side}"
+            )
 
 
 @dataclass
 class Decoded:
-    gray: np.ndarray            # [h, w] uint8, possibly DCT-downscaled (see decode_gray)
+    gray: np.ndarray  # [h, w] uint8, possibly DCT-downscaled (see decode_gray)
     orig_size: tuple[int, int]  # (W, H) of the source image
-    window: str                 # "" (8-bit source, values kept) | "percentile" (high-bit source)
+    window: str  # "" (8-bit source, values kept) | "percentile" (high-bit source)
 
     @property
     def factors(self) -> tuple[float, float]:
@@ -125,7 +131,7 @@ def decode_gray(data: bytes, max_side: int | None = None, limits: ImageLimits | 
     checked on the header's size before decoding."""
     try:
         img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:   # PIL's own cap (2x MAX_IMAGE_PIXELS), same cause
+    except Image.DecompressionBombError as exc:  # PIL's own cap (2x MAX_IMAGE_PIXELS), same cause
         raise ImageRejected(f"image too large: {exc}") from exc
     full_w, full_h = img.size
     (limits or ImageLimits()).check(full_w, full_h)
@@ -140,8 +146,9 @@ def decode_gray(data: bytes, max_side: int | None = None, limits: ImageLimits | 
     return Decoded(np.asarray(img), (full_w, full_h), "")
 
 
-def reduce_image_bytes(data: bytes, max_side: int, crop_threshold: int = 0,
-                       limits: ImageLimits | None = None) -> Reduced:
+def reduce_image_bytes(
+    data: bytes, max_side: int, crop_threshold: int = 0, limits: ImageLimits | None = None
+) -> Reduced:
     """Decode (with draft when much larger than needed), crop, shrink. Geometry in source pixels."""
     decoded = decode_gray(data, max_side, limits)
     red = reduce_array(decoded.gray, max_side, crop_threshold)
@@ -149,8 +156,12 @@ def reduce_image_bytes(data: bytes, max_side: int, crop_threshold: int = 0,
     if (fx, fy) != (1.0, 1.0):
         # Express the geometry in the source image's pixels, not the drafted ones.
         x0, y0, x1, y1 = red.crop_box
-        red.crop_box = [min(round(x0 / fx), decoded.orig_size[0]), min(round(y0 / fy), decoded.orig_size[1]),
-                        min(round(x1 / fx), decoded.orig_size[0]), min(round(y1 / fy), decoded.orig_size[1])]
+        red.crop_box = [
+            min(round(x0 / fx), decoded.orig_size[0]),
+            min(round(y0 / fy), decoded.orig_size[1]),
+            min(round(x1 / fx), decoded.orig_size[0]),
+            min(round(y1 / fy), decoded.orig_size[1]),
+        ]
         red.scale = [red.scale[0] * fx, red.scale[1] * fy]
     red.orig_size = list(decoded.orig_size)
     (limits or ImageLimits()).check_content(red.crop_box)
@@ -182,7 +193,7 @@ def transform_boxes(boxes: np.ndarray, red: Reduced) -> np.ndarray:
 def transform_mask(mask: np.ndarray, red: Reduced) -> np.ndarray:
     """Source-grid boolean mask -> stored-image grid uint8 0/255 (area-weighted, >= 50% coverage)."""
     x0, y0, x1, y1 = red.crop_box
-    crop = (np.asarray(mask, dtype=bool)[y0:y1, x0:x1].astype(np.uint8) * 255)
+    crop = np.asarray(mask, dtype=bool)[y0:y1, x0:x1].astype(np.uint8) * 255
     w, h = red.stored_size
     if crop.shape[::-1] != (w, h):
         crop = np.asarray(Image.fromarray(crop).resize((w, h), Image.Resampling.BOX))

@@ -18,15 +18,16 @@ Rows that are kept but cannot become samples (report empty or not UTF-8, duplica
 view other than PA/AP in an existing master.csv) carry a `reject` reason; the packer records them
 as rejected samples instead of dropping them silently.
 """
+
 from __future__ import annotations
 
 import csv
 import gzip
 import io
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from common.cli import UserError
 from common.io import atomic_open
@@ -37,8 +38,7 @@ METADATA_CSV = "mimic-cxr-2.0.0-metadata.csv"
 SPLIT_CSV = "mimic-cxr-2.0.0-split.csv"
 CHEXPERT_CSV = "mimic-cxr-2.0.0-chexpert.csv"
 METADATA_COLUMNS = ("dicom_id", "subject_id", "study_id", "ViewPosition")
-MASTER_COLUMNS = ("Path", "dicom_id", "subject_id", "study_id", "ViewPosition", "impression",
-                  "findings", "split")
+MASTER_COLUMNS = ("Path", "dicom_id", "subject_id", "study_id", "ViewPosition", "impression", "findings", "split")
 # In the order they are applied; a row is counted under the first rule that removes it.
 FILTER_RULES = ("not_frontal", "no_report", "no_text", "not_in_split", "empty_after_cleaning")
 SPLIT_MAP = {"train": "train", "validate": "valid", "valid": "valid", "test": "valid"}
@@ -51,21 +51,29 @@ class DataError(UserError, ValueError):
 
 @dataclass
 class MasterRow:
-    Path: str               # MGCA's relative path, see `image_path`
+    Path: str  # MGCA's relative path, see `image_path`
     dicom_id: str
-    subject_id: str         # digits, no "p"
-    study_id: str           # "s" + digits (MGCA's form)
+    subject_id: str  # digits, no "p"
+    study_id: str  # "s" + digits (MGCA's form)
     ViewPosition: str
-    impression: str         # raw sectioned text, stripped ("" when absent)
+    impression: str  # raw sectioned text, stripped ("" when absent)
     findings: str
-    split: str              # train | valid | test
-    text: str = ""          # training_text(impression, findings)
-    reject: str = ""        # why this row cannot be packed ("" = fine)
+    split: str  # train | valid | test
+    text: str = ""  # training_text(impression, findings)
+    reject: str = ""  # why this row cannot be packed ("" = fine)
     reject_source: str = ""  # the file that reason is about
 
     def csv_row(self) -> list[str]:
-        return [self.Path, self.dicom_id, self.subject_id, self.study_id, self.ViewPosition,
-                self.impression or " ", self.findings or " ", self.split]
+        return [
+            self.Path,
+            self.dicom_id,
+            self.subject_id,
+            self.study_id,
+            self.ViewPosition,
+            self.impression or " ",
+            self.findings or " ",
+            self.split,
+        ]
 
 
 @dataclass
@@ -118,19 +126,21 @@ def read_csv(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[
             for row in reader:
                 short = [c for c in required if row.get(c) is None]
                 if short:
-                    raise DataError(f"{path} line {reader.line_num}: row has no value for column(s) "
-                                    f"{short} (too few fields)")
+                    raise DataError(
+                        f"{path} line {reader.line_num}: row has no value for column(s) {short} (too few fields)"
+                    )
                 yield reader.line_num, row
         except _CSV_READ_ERRORS as exc:
-            raise DataError(f"{path} line {reader.line_num}: not a readable UTF-8 csv "
-                            f"({type(exc).__name__}: {exc})") from exc
+            raise DataError(
+                f"{path} line {reader.line_num}: not a readable UTF-8 csv ({type(exc).__name__}: {exc})"
+            ) from exc
 
 
 def _digits(value: str, prefix: str, column: str, path: Path, line: int) -> str:
     """'p10000032' / '10000032' / '10000032.0' -> '10000032'; anything else is an error."""
     text = value.strip()
     if text.startswith(prefix):
-        text = text[len(prefix):]
+        text = text[len(prefix) :]
     if text.endswith(".0"):
         text = text[:-2]
     if not text.isdigit():
@@ -148,7 +158,7 @@ def image_path(root: Path, rel: str) -> Path:
     component on is taken relative to `root` (MGCA prefixes the root folder's own name)."""
     parts = PurePosixPath(rel.replace("\\", "/")).parts
     if "files" in parts:
-        return root.joinpath(*parts[parts.index("files"):])
+        return root.joinpath(*parts[parts.index("files") :])
     return root / rel
 
 
@@ -164,11 +174,13 @@ def read_split_csv(path: Path, keep_test: bool) -> dict[tuple[str, str, str], st
         if raw not in SPLIT_MAP:
             raise DataError(f"{path} line {line}: split {raw!r} is not one of {sorted(SPLIT_MAP)}")
         split = "test" if (keep_test and raw == "test") else SPLIT_MAP[raw]
-        key = (row["dicom_id"].strip(), _digits(row["subject_id"], "p", "subject_id", path, line),
-               _digits(row["study_id"], "s", "study_id", path, line))
+        key = (
+            row["dicom_id"].strip(),
+            _digits(row["subject_id"], "p", "subject_id", path, line),
+            _digits(row["study_id"], "s", "study_id", path, line),
+        )
         if out.setdefault(key, split) != split:
-            raise DataError(f"{path} line {line}: {key[0]} listed with two splits "
-                             f"({out[key]!r} and {split!r})")
+            raise DataError(f"{path} line {line}: {key[0]} listed with two splits ({out[key]!r} and {split!r})")
     return out
 
 
@@ -189,8 +201,10 @@ def read_chexpert_labels(path: Path) -> dict[tuple[str, str], dict[str, float | 
             if value not in (1.0, 0.0, -1.0):
                 raise DataError(f"{path} line {line}: {name} = {raw!r}, expected 1.0, 0.0, -1.0 or blank")
             labels[name] = value
-        key = (_digits(row["subject_id"], "p", "subject_id", path, line),
-               _digits(row["study_id"], "s", "study_id", path, line))
+        key = (
+            _digits(row["subject_id"], "p", "subject_id", path, line),
+            _digits(row["study_id"], "s", "study_id", path, line),
+        )
         out[key] = labels
     return out
 
@@ -216,9 +230,13 @@ def _mark_duplicates(rows: list[MasterRow], source: str) -> None:
         first.setdefault(row.dicom_id, i)
 
 
-def build_master(root: str | Path, reports_dir: str | Path | None = None, keep_test: bool = False,
-                 sectioned_csv: str | Path | None = None,
-                 max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES) -> MasterResult:
+def build_master(
+    root: str | Path,
+    reports_dir: str | Path | None = None,
+    keep_test: bool = False,
+    sectioned_csv: str | Path | None = None,
+    max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES,
+) -> MasterResult:
     """Master rows from a MIMIC-CXR-JPG root (metadata + split csvs) and its reports.
 
     Reports are read from `reports_dir` or, as MGCA expects, from `<root>/files`. With
@@ -270,8 +288,17 @@ def build_master(root: str | Path, reports_dir: str | Path | None = None, keep_t
         if bad is None and not text:
             filtered["empty_after_cleaning"] += 1
             continue
-        row = MasterRow(mimic_path(root.name, subject, study, dicom_id), dicom_id, subject,
-                        f"s{study}", view, impression, findings, split, text)
+        row = MasterRow(
+            mimic_path(root.name, subject, study, dicom_id),
+            dicom_id,
+            subject,
+            f"s{study}",
+            view,
+            impression,
+            findings,
+            split,
+            text,
+        )
         if bad is not None:
             row.reject, row.reject_source = bad["reason"], bad["source"]
         rows.append(row)
@@ -308,8 +335,9 @@ def read_master_csv(path: str | Path, keep_test: bool = False) -> MasterResult:
         subject = _digits(rec["subject_id"], "p", "subject_id", path, line)
         study = _digits(rec["study_id"], "s", "study_id", path, line)
         view = rec["ViewPosition"].strip()
-        row = MasterRow(rec["Path"].strip(), rec["dicom_id"].strip(), subject, f"s{study}", view,
-                        impression, findings, split, text)
+        row = MasterRow(
+            rec["Path"].strip(), rec["dicom_id"].strip(), subject, f"s{study}", view, impression, findings, split, text
+        )
         if view not in FRONTAL_VIEWS:
             row.reject, row.reject_source = f"unknown view {view!r} (expected PA or AP)", str(path)
         rows.append(row)

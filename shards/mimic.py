@@ -8,6 +8,7 @@ Accounting: every metadata (or master.csv) row ends in exactly one of
     packed | rejected (manifest "rejected": key, source file, reason) | filtered (manifest "filtered")
 and the manifest's "counts" records input_rows = packed + rejected + filtered.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,14 @@ import numpy as np
 from PIL import ImageFile, UnidentifiedImageError
 
 from common.io import atomic_write_json
-from shards.image import (DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits, ImageRejected, encode_jpeg,
-                          reduce_image_bytes)
+from shards.image import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIDE,
+    ImageLimits,
+    ImageRejected,
+    encode_jpeg,
+    reduce_image_bytes,
+)
 from shards.master import (
     CHEXPERT_CSV,
     MasterResult,
@@ -56,17 +63,18 @@ SECTIONED_CSV_NAME = "mimic_cxr_sectioned.csv"
 @dataclass(frozen=True)
 class MimicItem:
     """One master row, as shipped to a packing worker (picklable, JSON-able)."""
-    key: str                # dicom_id
-    image: str              # source jpg path
-    subject_id: str         # digits
-    study_id: str           # digits, no "s"
+
+    key: str  # dicom_id
+    image: str  # source jpg path
+    subject_id: str  # digits
+    study_id: str  # digits, no "s"
     view: str
     split: str
-    impression: str         # cleaned section
-    findings: str           # cleaned section
-    text: str               # training text
-    labels: dict            # CHEXPERT_LABELS -> 1.0 | 0.0 | -1.0 | None
-    reject: str = ""        # decided before packing (bad report, duplicate, view)
+    impression: str  # cleaned section
+    findings: str  # cleaned section
+    text: str  # training text
+    labels: dict  # CHEXPERT_LABELS -> 1.0 | 0.0 | -1.0 | None
+    reject: str = ""  # decided before packing (bad report, duplicate, view)
     reject_source: str = ""
 
 
@@ -77,9 +85,15 @@ def _image_error(exc: Exception) -> str:
     return f"corrupt image: {type(exc).__name__}: {exc}"
 
 
-def build_sample(item: MimicItem, max_side: int, quality: int, crop_threshold: int,
-                 limits: ImageLimits = ImageLimits(), image_roots: tuple[str, ...] = (),
-                 max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES) -> PackedSample | Rejected:
+def build_sample(
+    item: MimicItem,
+    max_side: int,
+    quality: int,
+    crop_threshold: int,
+    limits: ImageLimits = ImageLimits(),
+    image_roots: tuple[str, ...] = (),
+    max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES,
+) -> PackedSample | Rejected:
     """Read, check and reduce one image; the full decode catches truncated or corrupt JPEGs
     (PIL raises on truncation while ImageFile.LOAD_TRUNCATED_IMAGES is False, its default).
     `image_roots`: the image must resolve inside one of them (symlinks out are refused)."""
@@ -93,8 +107,9 @@ def build_sample(item: MimicItem, max_side: int, quality: int, crop_threshold: i
         return Rejected(key, item.image, f"unknown view {item.view!r} (expected PA or AP)")
     text_bytes = len(item.text.encode("utf-8"))
     if text_bytes > max_report_bytes:
-        return Rejected(key, item.image, f"report too large: training text {text_bytes} bytes "
-                                         f"> max_report_bytes {max_report_bytes}")
+        return Rejected(
+            key, item.image, f"report too large: training text {text_bytes} bytes > max_report_bytes {max_report_bytes}"
+        )
     if image_roots:
         outside = outside_root(Path(item.image), *map(Path, image_roots))
         if outside:
@@ -128,11 +143,14 @@ def build_sample(item: MimicItem, max_side: int, quality: int, crop_threshold: i
         "findings": item.findings,
         **red.geometry(),
     }
-    return PackedSample(key, {
-        "jpg": encode_jpeg(red.image, quality),
-        "txt": item.text.encode("utf-8"),
-        "json": json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
-    })
+    return PackedSample(
+        key,
+        {
+            "jpg": encode_jpeg(red.image, quality),
+            "txt": item.text.encode("utf-8"),
+            "json": json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8"),
+        },
+    )
 
 
 def _items(master: MasterResult, root: Path, labels: dict) -> list[MimicItem]:
@@ -140,12 +158,22 @@ def _items(master: MasterResult, root: Path, labels: dict) -> list[MimicItem]:
     items = []
     for row in master.rows:
         study = row.study_id[1:]
-        items.append(MimicItem(
-            key=row.dicom_id, image=str(image_path(root, row.Path)), subject_id=row.subject_id,
-            study_id=study, view=row.ViewPosition, split=row.split,
-            impression=clean_section(row.impression), findings=clean_section(row.findings),
-            text=row.text, labels=labels.get((row.subject_id, study), empty),
-            reject=row.reject, reject_source=row.reject_source))
+        items.append(
+            MimicItem(
+                key=row.dicom_id,
+                image=str(image_path(root, row.Path)),
+                subject_id=row.subject_id,
+                study_id=study,
+                view=row.ViewPosition,
+                split=row.split,
+                impression=clean_section(row.impression),
+                findings=clean_section(row.findings),
+                text=row.text,
+                labels=labels.get((row.subject_id, study), empty),
+                reject=row.reject,
+                reject_source=row.reject_source,
+            )
+        )
     return items
 
 
@@ -169,12 +197,23 @@ def _fingerprint(split_items: dict[str, list[MimicItem]]) -> str:
     return h.hexdigest()
 
 
-def pack_mimic(root: str | Path, out: str | Path, reports_dir: str | Path | None = None,
-               master_csv: str | Path | None = None, max_side: int = DEFAULT_MAX_SIDE, quality: int = DEFAULT_QUALITY,
-               samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD, workers: int = 1, seed: int = 42,
-               keep_test: bool = False, crop_threshold: int = 0, progress: bool = True,
-               min_side: int = DEFAULT_MIN_SIDE, max_pixels: int = DEFAULT_MAX_PIXELS,
-               max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES) -> dict:
+def pack_mimic(
+    root: str | Path,
+    out: str | Path,
+    reports_dir: str | Path | None = None,
+    master_csv: str | Path | None = None,
+    max_side: int = DEFAULT_MAX_SIDE,
+    quality: int = DEFAULT_QUALITY,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    workers: int = 1,
+    seed: int = 42,
+    keep_test: bool = False,
+    crop_threshold: int = 0,
+    progress: bool = True,
+    min_side: int = DEFAULT_MIN_SIDE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES,
+) -> dict:
     """Pack a MIMIC-CXR-JPG root into `out` and return the manifest (also at `out/manifest.json`).
 
     root         MIMIC-CXR-JPG 2.0.0 root (csvs, plain or .gz, and `files/`)
@@ -185,31 +224,66 @@ def pack_mimic(root: str | Path, out: str | Path, reports_dir: str | Path | None
     Output bytes depend on the inputs and these parameters only (not on `workers`).
     Holds `out`'s packer lock for the whole run (a second packer on `out` fails at once).
     """
-    check_pack_params(samples_per_shard=samples_per_shard, quality=quality, max_side=max_side,
-                      workers=workers, min_side=min_side, max_pixels=max_pixels,
-                      max_report_bytes=max_report_bytes, crop_threshold=crop_threshold)
+    check_pack_params(
+        samples_per_shard=samples_per_shard,
+        quality=quality,
+        max_side=max_side,
+        workers=workers,
+        min_side=min_side,
+        max_pixels=max_pixels,
+        max_report_bytes=max_report_bytes,
+        crop_threshold=crop_threshold,
+    )
     if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated JPEGs would be packed "
-                           "instead of rejected; leave it False while packing")
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated JPEGs would be packed "
+            "instead of rejected; leave it False while packing"
+        )
     root = check_root(root)
     out = Path(out)
     with output_lock(out):
-        return _pack_mimic_locked(root, out, reports_dir, master_csv, max_side, quality, samples_per_shard,
-                                  workers, seed, keep_test, crop_threshold, progress,
-                                  ImageLimits(min_side, max_pixels), max_report_bytes)
+        return _pack_mimic_locked(
+            root,
+            out,
+            reports_dir,
+            master_csv,
+            max_side,
+            quality,
+            samples_per_shard,
+            workers,
+            seed,
+            keep_test,
+            crop_threshold,
+            progress,
+            ImageLimits(min_side, max_pixels),
+            max_report_bytes,
+        )
 
 
-def _pack_mimic_locked(root: Path, out: Path, reports_dir: str | Path | None, master_csv: str | Path | None,
-                       max_side: int, quality: int,
-                       samples_per_shard: int, workers: int, seed: int, keep_test: bool, crop_threshold: int,
-                       progress: bool, limits: ImageLimits, max_report_bytes: int) -> dict:
+def _pack_mimic_locked(
+    root: Path,
+    out: Path,
+    reports_dir: str | Path | None,
+    master_csv: str | Path | None,
+    max_side: int,
+    quality: int,
+    samples_per_shard: int,
+    workers: int,
+    seed: int,
+    keep_test: bool,
+    crop_threshold: int,
+    progress: bool,
+    limits: ImageLimits,
+    max_report_bytes: int,
+) -> dict:
     chexpert_path = find_csv(root, CHEXPERT_CSV)
     check_columns(chexpert_path, ("subject_id", "study_id") + CHEXPERT_LABELS)
     if master_csv is not None:
         master = read_master_csv(master_csv, keep_test)
     else:
-        master = build_master(root, reports_dir, keep_test, sectioned_csv=out / SECTIONED_CSV_NAME,
-                              max_report_bytes=max_report_bytes)
+        master = build_master(
+            root, reports_dir, keep_test, sectioned_csv=out / SECTIONED_CSV_NAME, max_report_bytes=max_report_bytes
+        )
         write_master_csv(master.rows, out / MASTER_CSV_NAME)
     labels = read_chexpert_labels(chexpert_path)
     split_items = shuffle_splits(_items(master, root, labels), seed, keep_test)
@@ -230,16 +304,26 @@ def _pack_mimic_locked(root: Path, out: Path, reports_dir: str | Path | None, ma
         "max_report_bytes": max_report_bytes,
         "inputs_sha256": _fingerprint(split_items),
     }
-    builder = functools.partial(build_sample, max_side=max_side, quality=quality,
-                                crop_threshold=crop_threshold, limits=limits,
-                                image_roots=(str(root), str(root / "files")),
-                                max_report_bytes=max_report_bytes)
+    builder = functools.partial(
+        build_sample,
+        max_side=max_side,
+        quality=quality,
+        crop_threshold=crop_threshold,
+        limits=limits,
+        image_roots=(str(root), str(root / "files")),
+        max_report_bytes=max_report_bytes,
+    )
     extra = {"filtered": master.filtered, "report_problems": master.report_problems}
-    manifest = pack_splits(out, split_items, builder, samples_per_shard, workers, config,
-                           extra_manifest=extra, progress=progress)
+    manifest = pack_splits(
+        out, split_items, builder, samples_per_shard, workers, config, extra_manifest=extra, progress=progress
+    )
 
-    counts = {"input_rows": master.input_rows, "packed": manifest["num_samples"],
-              "rejected": len(manifest["rejected"]), "filtered": sum(master.filtered.values())}
+    counts = {
+        "input_rows": master.input_rows,
+        "packed": manifest["num_samples"],
+        "rejected": len(manifest["rejected"]),
+        "filtered": sum(master.filtered.values()),
+    }
     if counts["packed"] + counts["rejected"] + counts["filtered"] != counts["input_rows"]:
         raise RuntimeError(f"row accounting does not add up: {counts}")
     manifest["counts"] = counts
@@ -256,8 +340,10 @@ def format_summary(manifest: dict) -> str:
         lines.append(f"  {split:<6} {rec['num_samples']:>8} samples in {len(rec['shards'])} shards")
     counts = manifest.get("counts", {})
     if counts:
-        lines.append(f"  input rows {counts['input_rows']} = packed {counts['packed']} "
-                     f"+ rejected {counts['rejected']} + filtered {counts['filtered']}")
+        lines.append(
+            f"  input rows {counts['input_rows']} = packed {counts['packed']} "
+            f"+ rejected {counts['rejected']} + filtered {counts['filtered']}"
+        )
     for rule, n in manifest.get("filtered", {}).items():
         lines.append(f"    filtered {rule}: {n}")
     reasons: dict[str, int] = {}

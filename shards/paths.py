@@ -6,6 +6,7 @@ link once made a file elsewhere on the machine into training text). Symlinked fo
 inside the root are followed: ChestX-ray14's images_001..012 are often assembled that way, and
 `Path.rglob` does not descend into folder symlinks on Python 3.11.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -19,12 +20,12 @@ def is_inside(path: Path, real_root: Path) -> bool:
 
 
 def outside_root(path: Path, *roots: Path) -> str:
-    """"" when `path`, with every symlink resolved, lies inside one of `roots` (also resolved);
+    """ "" when `path`, with every symlink resolved, lies inside one of `roots` (also resolved);
     otherwise the rejection reason, naming both the path and where it leads."""
     try:
         real = path.resolve()
         real_roots = [root.resolve() for root in roots]
-    except (OSError, RuntimeError) as exc:          # RuntimeError: a symlink loop on Python 3.11
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on Python 3.11
         return f"{path}: cannot resolve its symlinks ({type(exc).__name__}: {exc})"
     if any(is_inside(real, root) for root in real_roots):
         return ""

@@ -45,6 +45,7 @@ Manifest (`manifest.json`):
      "subsets": {split: {fraction: [keys]}}  # downstream data-efficiency subsets (optional)
      "config": {...}}                       # the packing config that produced it
 """
+
 from __future__ import annotations
 
 import json
@@ -60,9 +61,20 @@ MANIFEST_NAME = "manifest.json"
 
 # Order of the 14 labels in mimic-cxr-2.0.0-chexpert.csv.
 CHEXPERT_LABELS = (
-    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
-    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion",
-    "Pleural Other", "Pneumonia", "Pneumothorax", "Support Devices",
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
 )
 
 FRONTAL_VIEWS = ("PA", "AP")
@@ -190,6 +202,8 @@ def _inside_root(root: str | Path, name: str, split: str) -> str:
     base = os.path.normpath(os.path.abspath(root))
     path = os.path.normpath(os.path.join(base, name))
     if os.path.commonpath([base, path]) != base or path == base:
-        raise ManifestError(f"{Path(root) / MANIFEST_NAME}: split {split!r} names {name!r}, which resolves to "
-                            f"{path}, outside the shard root {base}")
+        raise ManifestError(
+            f"{Path(root) / MANIFEST_NAME}: split {split!r} names {name!r}, which resolves to "
+            f"{path}, outside the shard root {base}"
+        )
     return path

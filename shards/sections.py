@@ -16,6 +16,7 @@ instead of swallowing the second header into the first section's text.
 `training_text(impression, findings)` is the text stored in each shard's `.txt` member: G2D's
 concatenation (impression first, then findings), cleaned. See its docstring for the exact rules.
 """
+
 from __future__ import annotations
 
 import csv
@@ -75,13 +76,25 @@ SECTION_NAMES = {
 }
 # Misspellings found in MIMIC report headers.
 TYPOS = {
-    "impresson": "impression", "imoression": "impression", "imprression": "impression",
-    "impressoin": "impression", "imprssion": "impression", "impresion": "impression",
-    "imperssion": "impression", "mpression": "impression", "impession": "impression",
-    "findins": "findings", "findindgs": "findings", "findgings": "findings", "findngs": "findings",
-    "findnings": "findings", "finidngs": "findings",
+    "impresson": "impression",
+    "imoression": "impression",
+    "imprression": "impression",
+    "impressoin": "impression",
+    "imprssion": "impression",
+    "impresion": "impression",
+    "imperssion": "impression",
+    "mpression": "impression",
+    "impession": "impression",
+    "findins": "findings",
+    "findindgs": "findings",
+    "findgings": "findings",
+    "findngs": "findings",
+    "findnings": "findings",
+    "finidngs": "findings",
     "idication": "indication",
-    "comparision": "comparison", "comparsion": "comparison", "comparrison": "comparison",
+    "comparision": "comparison",
+    "comparsion": "comparison",
+    "comparrison": "comparison",
     "comparisions": "comparison",
 }
 MAIN_SECTIONS = ("impression", "findings", "history", "comparison", "addendum")
@@ -89,7 +102,8 @@ MAIN_SECTIONS = ("impression", "findings", "history", "comparison", "addendum")
 VIEW_NAME_RE = re.compile(
     r"chest|portable|pa and lat|lateral and pa|ap and lateral|lateral and ap|frontal and|two views|"
     r"frontal view|pa view|ap view|one view|lateral view|bone window|frontal upright|"
-    r"frontal semi-upright|ribs")
+    r"frontal semi-upright|ribs"
+)
 
 
 def normalise_section_name(raw: str) -> str:
@@ -113,12 +127,13 @@ def split_sections(text: str) -> list[tuple[str, str]]:
     if not headers:
         sections = [("full report", text)]
     else:
-        sections = [("preamble", text[:headers[0].start()])]
+        sections = [("preamble", text[: headers[0].start()])]
         for i, match in enumerate(headers):
             end = headers[i + 1].start() if i + 1 < len(headers) else len(text)
-            sections.append((normalise_section_name(match.group(1)), text[match.end():end]))
-    sections = [(name, body) for name, body in sections
-                if not (name in ("impression", "findings") and not body.strip())]
+            sections.append((normalise_section_name(match.group(1)), text[match.end() : end]))
+    sections = [
+        (name, body) for name, body in sections if not (name in ("impression", "findings") and not body.strip())
+    ]
     names = {name for name, _ in sections}
     if "impression" not in names and "findings" not in names:
         name, body = sections[-1]
@@ -144,8 +159,9 @@ def section_report(text: str) -> dict[str, str]:
 DEFAULT_MAX_REPORT_BYTES = 64 * 1024
 
 
-def read_report(path: Path, root: Path | None = None,
-                max_bytes: int = DEFAULT_MAX_REPORT_BYTES) -> tuple[str | None, str]:
+def read_report(
+    path: Path, root: Path | None = None, max_bytes: int = DEFAULT_MAX_REPORT_BYTES
+) -> tuple[str | None, str]:
     """(text, "") for a usable report, (None, reason) for an empty, non-UTF-8 or too large one, or
     (with `root`) one whose symlinks lead outside `root`."""
     if root is not None:
@@ -177,8 +193,9 @@ def report_files(reports_root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: (p.stem, str(p)))
 
 
-def section_reports(reports_root: str | Path, max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES
-                    ) -> tuple[dict[str, dict[str, str]], list[dict]]:
+def section_reports(
+    reports_root: str | Path, max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES
+) -> tuple[dict[str, dict[str, str]], list[dict]]:
     """Section every report under `reports_root`.
 
     Returns (sections by study "s<digits>", problems) where each problem is
@@ -190,8 +207,9 @@ def section_reports(reports_root: str | Path, max_report_bytes: int = DEFAULT_MA
     for path in report_files(reports_root):
         study = path.stem
         if study in sections:
-            problems.append({"key": study, "source": str(path),
-                             "reason": "duplicate report for this study (first one kept)"})
+            problems.append(
+                {"key": study, "source": str(path), "reason": "duplicate report for this study (first one kept)"}
+            )
             continue
         text, reason = read_report(path, Path(reports_root), max_report_bytes)
         if text is None:
@@ -201,9 +219,9 @@ def section_reports(reports_root: str | Path, max_report_bytes: int = DEFAULT_MA
     return sections, problems
 
 
-def write_sectioned_csv(reports_root: str | Path, out_csv: str | Path,
-                        max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES
-                        ) -> tuple[dict[str, dict[str, str]], list[dict]]:
+def write_sectioned_csv(
+    reports_root: str | Path, out_csv: str | Path, max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES
+) -> tuple[dict[str, dict[str, str]], list[dict]]:
     """Write `mimic_cxr_sectioned.csv` (columns `SECTIONED_COLUMNS`, one row per usable report,
     sorted by study) atomically. Returns what `section_reports` returns."""
     sections, problems = section_reports(reports_root, max_report_bytes)

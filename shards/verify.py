@@ -10,6 +10,7 @@ damaged sample (`sample <key>: jpg: crc32 mismatch`) and not only the shard.
 Per dataset: split and total counts match, no key appears twice, and `counts` (when present) add up.
 The first failure (in manifest order) raises `ShardError` naming the shard and the problem.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,7 @@ class ShardError(RuntimeError):
 @dataclass
 class ShardCheck:
     name: str
-    error: str          # "" when the shard is fine
+    error: str  # "" when the shard is fine
     keys: list[str]
 
 
@@ -84,8 +85,7 @@ def check_shard(tar_path: str, idx_path: str, expected: dict) -> ShardCheck:
     else:
         digest = hashlib.sha256(data).hexdigest()
         if digest != expected["sha256"]:
-            whole_file = (f"sha256 {digest[:16]}... does not match the manifest's "
-                          f"{expected['sha256'][:16]}...")
+            whole_file = f"sha256 {digest[:16]}... does not match the manifest's {expected['sha256'][:16]}..."
     check = _check_members(name, data, idx_path, expected)
     if whole_file:
         # The members' own checks usually say which sample is damaged; the file-level one says less.
@@ -146,19 +146,27 @@ _SHARD_FIELDS = {"name": str, "num_samples": int, "bytes": int, "sha256": str}
 
 def _check_manifest_shape(root: Path, manifest: dict) -> None:
     where = root / "manifest.json"
-    if not isinstance(manifest.get("num_samples"), int) or not isinstance(manifest.get("rejected", []), list) \
-            or not isinstance(manifest["splits"], dict):
+    if (
+        not isinstance(manifest.get("num_samples"), int)
+        or not isinstance(manifest.get("rejected", []), list)
+        or not isinstance(manifest["splits"], dict)
+    ):
         raise ManifestError(f"{where}: num_samples, splits or rejected has the wrong type")
     for split, rec in manifest["splits"].items():
-        if not isinstance(rec, dict) or not isinstance(rec.get("num_samples"), int) \
-                or not isinstance(rec.get("shards"), list):
+        if (
+            not isinstance(rec, dict)
+            or not isinstance(rec.get("num_samples"), int)
+            or not isinstance(rec.get("shards"), list)
+        ):
             raise ManifestError(f"{where}: split {split!r} needs num_samples (int) and shards (list)")
         for i, entry in enumerate(rec["shards"]):
-            bad = [f for f, kind in _SHARD_FIELDS.items()
-                   if not isinstance(entry, dict) or not isinstance(entry.get(f), kind)]
+            bad = [
+                f
+                for f, kind in _SHARD_FIELDS.items()
+                if not isinstance(entry, dict) or not isinstance(entry.get(f), kind)
+            ]
             if bad:
-                raise ManifestError(f"{where}: split {split!r} shard {i}: field(s) {bad} missing or of the "
-                                    f"wrong type")
+                raise ManifestError(f"{where}: split {split!r} shard {i}: field(s) {bad} missing or of the wrong type")
 
 
 def verify_dataset(root: str | Path, workers: int = 1) -> dict:
@@ -201,8 +209,7 @@ def verify_dataset(root: str | Path, workers: int = 1) -> dict:
         summary["splits"][split] = {"shards": len(rec["shards"]), "num_samples": total}
         summary["num_samples"] += total
     if summary["num_samples"] != manifest["num_samples"]:
-        raise ManifestError(f"shards hold {summary['num_samples']} samples, manifest says "
-                            f"{manifest['num_samples']}")
+        raise ManifestError(f"shards hold {summary['num_samples']} samples, manifest says {manifest['num_samples']}")
     counts = manifest.get("counts")
     if counts:
         if counts["packed"] != summary["num_samples"] or counts["rejected"] != len(manifest["rejected"]):

@@ -15,6 +15,7 @@ to; a shard record keeps only the count), and strips object addresses from reaso
 identical runs write identical manifests. `output_lock(root)` makes a packer the only writer of its
 output directory and removes the temp files of killed writers before anything is written.
 """
+
 from __future__ import annotations
 
 import io
@@ -23,11 +24,12 @@ import os
 import re
 import sys
 import tarfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -62,7 +64,7 @@ def clean_reason(reason: str) -> str:
     return _ADDRESS_RE.sub("", reason)
 
 
-_HELD_LOCKS: dict[Path, int] = {}   # resolved output dir -> nesting depth, in this process
+_HELD_LOCKS: dict[Path, int] = {}  # resolved output dir -> nesting depth, in this process
 
 
 @contextmanager
@@ -84,12 +86,20 @@ def output_lock(root: str | Path) -> Iterator[None]:
         finally:
             _HELD_LOCKS[real] -= 1
         return
-    lock = DirectoryLock(real, LOCK_NAME, lambda pid: OutputLocked(
-        f"{root} is locked by pid {pid}: another packer is writing there (wait for it to finish, or stop it)"))
+    lock = DirectoryLock(
+        real,
+        LOCK_NAME,
+        lambda pid: OutputLocked(
+            f"{root} is locked by pid {pid}: another packer is writing there (wait for it to finish, or stop it)"
+        ),
+    )
     _HELD_LOCKS[real] = 1
     try:
-        stale = [p for d in [real, *sorted(c for c in real.iterdir() if c.is_dir() and not c.is_symlink())]
-                 for p in remove_stale_temp_files(d)]
+        stale = [
+            p
+            for d in [real, *sorted(c for c in real.iterdir() if c.is_dir() and not c.is_symlink())]
+            for p in remove_stale_temp_files(d)
+        ]
         if stale:
             print(f"{root}: removed {len(stale)} temp file(s) left by an interrupted run", file=sys.stderr)
         yield
@@ -121,8 +131,13 @@ class ShardResult:
     rejected: list[dict] = field(default_factory=list)
 
     def manifest_entry(self) -> dict:
-        return {"name": self.name, "index": index_name(self.name), "num_samples": self.num_samples,
-                "bytes": self.bytes, "sha256": self.sha256}
+        return {
+            "name": self.name,
+            "index": index_name(self.name),
+            "num_samples": self.num_samples,
+            "bytes": self.bytes,
+            "sha256": self.sha256,
+        }
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -137,14 +152,22 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def check_pack_params(**params: int) -> None:
     """Packing parameters as the user gave them: one `UserError` naming every bad one."""
-    lower = {"samples_per_shard": 1, "quality": 1, "max_side": 1, "workers": 1, "min_side": 1,
-             "max_pixels": 1, "max_report_bytes": 1, "crop_threshold": 0}
+    lower = {
+        "samples_per_shard": 1,
+        "quality": 1,
+        "max_side": 1,
+        "workers": 1,
+        "min_side": 1,
+        "max_pixels": 1,
+        "max_report_bytes": 1,
+        "crop_threshold": 0,
+    }
     upper = {"quality": 100, "crop_threshold": 254}
-    bad = [f"{name}={value}" for name, value in params.items()
-           if value < lower[name] or value > upper.get(name, value)]
+    bad = [f"{name}={value}" for name, value in params.items() if value < lower[name] or value > upper.get(name, value)]
     if bad:
-        raise UserError(f"bad packing parameter(s): {', '.join(bad)} (quality 1..100, crop_threshold "
-                        f"0..254, the others >= 1)")
+        raise UserError(
+            f"bad packing parameter(s): {', '.join(bad)} (quality 1..100, crop_threshold 0..254, the others >= 1)"
+        )
 
 
 def with_member_crcs(sample: PackedSample) -> dict[str, bytes]:
@@ -155,8 +178,9 @@ def with_member_crcs(sample: PackedSample) -> dict[str, bytes]:
     meta = json.loads(sample.members["json"].decode("utf-8"))
     if not isinstance(meta, dict):
         raise ValueError(f"sample {sample.key}: json member is not an object")
-    meta[MEMBER_CRC_FIELD] = {ext: member_crc32(sample.members[ext]) for ext in MEMBER_ORDER
-                              if ext in sample.members and ext != "json"}
+    meta[MEMBER_CRC_FIELD] = {
+        ext: member_crc32(sample.members[ext]) for ext in MEMBER_ORDER if ext in sample.members and ext != "json"
+    }
     members = dict(sample.members)
     members["json"] = json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return members
@@ -212,8 +236,9 @@ def _run_shard_job(job: _ShardJob) -> ShardResult:
     for item in job.items:
         out = job.build_sample(item)
         if isinstance(out, Rejected):
-            rejected.append({"key": out.key, "source": out.source, "reason": clean_reason(out.reason),
-                             "shard": job.name})
+            rejected.append(
+                {"key": out.key, "source": out.source, "reason": clean_reason(out.reason), "shard": job.name}
+            )
         else:
             samples.append(out)
     path = Path(job.root) / job.name
@@ -253,16 +278,27 @@ def _previous_shards(root: Path, config: dict) -> dict[str, dict]:
     return records
 
 
-_RECORD_FIELDS = {"name": str, "num_items": int, "num_samples": int, "bytes": int, "sha256": str,
-                  "keys": list, "num_rejected": int}
+_RECORD_FIELDS = {
+    "name": str,
+    "num_items": int,
+    "num_samples": int,
+    "bytes": int,
+    "sha256": str,
+    "keys": list,
+    "num_rejected": int,
+}
 
 
 def _is_intact(root: Path, rec: dict) -> bool:
     path = root / rec["name"]
     if rec["num_samples"] == 0:
         return not path.exists()
-    return (path.is_file() and path.with_suffix(".idx").is_file()
-            and path.stat().st_size == rec["bytes"] and sha256_file(path) == rec["sha256"])
+    return (
+        path.is_file()
+        and path.with_suffix(".idx").is_file()
+        and path.stat().st_size == rec["bytes"]
+        and sha256_file(path) == rec["sha256"]
+    )
 
 
 def pack_splits(
@@ -282,13 +318,28 @@ def pack_splits(
     Returns the manifest dict. The manifest's `rejected` lists every rejected item with its reason.
     """
     with output_lock(root):
-        return _pack_splits_locked(Path(root), split_items, build_sample, samples_per_shard, workers,
-                                   {**config, "shard_writer": WRITER_VERSION}, extra_manifest, progress)
+        return _pack_splits_locked(
+            Path(root),
+            split_items,
+            build_sample,
+            samples_per_shard,
+            workers,
+            {**config, "shard_writer": WRITER_VERSION},
+            extra_manifest,
+            progress,
+        )
 
 
-def _pack_splits_locked(root: Path, split_items: dict[str, Sequence[Any]],
-                        build_sample: Callable[[Any], PackedSample | Rejected], samples_per_shard: int,
-                        workers: int, config: dict, extra_manifest: dict | None, progress: bool) -> dict:
+def _pack_splits_locked(
+    root: Path,
+    split_items: dict[str, Sequence[Any]],
+    build_sample: Callable[[Any], PackedSample | Rejected],
+    samples_per_shard: int,
+    workers: int,
+    config: dict,
+    extra_manifest: dict | None,
+    progress: bool,
+) -> dict:
     previous = _previous_shards(root, config)
     jobs: list[_ShardJob] = []
     kept: dict[str, ShardResult] = {}
@@ -296,16 +347,21 @@ def _pack_splits_locked(root: Path, split_items: dict[str, Sequence[Any]],
         for i, start in enumerate(range(0, len(items), samples_per_shard)):
             name = shard_name(split, i)
             rec = previous.get(name)
-            if rec is not None and rec["num_items"] == len(items[start:start + samples_per_shard]) \
-                    and _is_intact(root, rec):
-                kept[name] = ShardResult(rec["name"], rec["num_samples"], rec["bytes"], rec["sha256"],
-                                         rec["keys"], rec["rejected"])
+            if (
+                rec is not None
+                and rec["num_items"] == len(items[start : start + samples_per_shard])
+                and _is_intact(root, rec)
+            ):
+                kept[name] = ShardResult(
+                    rec["name"], rec["num_samples"], rec["bytes"], rec["sha256"], rec["keys"], rec["rejected"]
+                )
                 continue
-            jobs.append(_ShardJob(str(root), name, items[start:start + samples_per_shard], build_sample))
+            jobs.append(_ShardJob(str(root), name, items[start : start + samples_per_shard], build_sample))
 
     results: dict[str, ShardResult] = dict(kept)
-    bar = tqdm(total=sum(len(j.items) for j in jobs), unit="img", desc=f"packing {root.name}",
-               disable=not progress or not jobs)
+    bar = tqdm(
+        total=sum(len(j.items) for j in jobs), unit="img", desc=f"packing {root.name}", disable=not progress or not jobs
+    )
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             results[job.name] = _run_shard_job(job)
@@ -317,8 +373,13 @@ def _pack_splits_locked(root: Path, split_items: dict[str, Sequence[Any]],
                 bar.update(len(job.items))
     bar.close()
 
-    manifest: dict[str, Any] = {"format": FORMAT_VERSION, "num_samples": 0, "splits": {},
-                                "rejected": [], "config": config}
+    manifest: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "num_samples": 0,
+        "splits": {},
+        "rejected": [],
+        "config": config,
+    }
     records = []
     for split, items in split_items.items():
         n_shards = (len(items) + samples_per_shard - 1) // samples_per_shard
@@ -327,10 +388,18 @@ def _pack_splits_locked(root: Path, split_items: dict[str, Sequence[Any]],
             name = shard_name(split, i)
             res = results[name]
             manifest["rejected"].extend(res.rejected)
-            num_items = len(items[i * samples_per_shard:(i + 1) * samples_per_shard])
-            records.append({"name": name, "num_items": num_items, "num_samples": res.num_samples,
-                            "bytes": res.bytes, "sha256": res.sha256, "keys": res.keys,
-                            "num_rejected": len(res.rejected)})
+            num_items = len(items[i * samples_per_shard : (i + 1) * samples_per_shard])
+            records.append(
+                {
+                    "name": name,
+                    "num_items": num_items,
+                    "num_samples": res.num_samples,
+                    "bytes": res.bytes,
+                    "sha256": res.sha256,
+                    "keys": res.keys,
+                    "num_rejected": len(res.rejected),
+                }
+            )
             if res.num_samples:
                 entries.append(res.manifest_entry())
                 total += res.num_samples

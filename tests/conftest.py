@@ -1,5 +1,6 @@
 """Session fixtures shared across test files: a small synthetic MIMIC corpus packed into shards,
 and a tiny local BERT trained on its reports (Bio_ClinicalBERT cannot be downloaded here)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,7 @@ def mimic_shards(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("mimic")
     generate_mimic(root / "corpus", n=60, seed=3, size=256, workers=2)
-    pack_mimic(root / "corpus", root / "shards", max_side=96, samples_per_shard=16, workers=2, seed=0,
-               progress=False)
+    pack_mimic(root / "corpus", root / "shards", max_side=96, samples_per_shard=16, workers=2, seed=0, progress=False)
     return root / "shards"
 
 
@@ -24,5 +24,11 @@ def tiny_bert(tmp_path_factory, mimic_shards) -> Path:
     from model.text import build_tiny_text_model
     from tools.make_tiny_bert import shard_texts
 
-    return build_tiny_text_model(tmp_path_factory.mktemp("bert") / "tiny_bert", shard_texts(mimic_shards),
-                                 hidden=32, layers=2, heads=2, vocab_size=600)
+    return build_tiny_text_model(
+        tmp_path_factory.mktemp("bert") / "tiny_bert",
+        shard_texts(mimic_shards),
+        hidden=32,
+        layers=2,
+        heads=2,
+        vocab_size=600,
+    )

@@ -4,6 +4,7 @@
 
 Writes <out_dir>/rank<r>.json = {backend: {"len": len(loader), "epochs": [[keys of each batch], ...]}}.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,9 @@ def main(shards: str, out_dir: str) -> None:
     result = {}
     try:
         for backend in ("torch", "dali"):
-            cfg = DataConfig(shards=shards, backend=backend, batch_size_per_gpu=4, num_workers=1,
-                             transform="g2d_train", seed=11)
+            cfg = DataConfig(
+                shards=shards, backend=backend, batch_size_per_gpu=4, num_workers=1, transform="g2d_train", seed=11
+            )
             loader = build_loader(cfg, "train", dist)
             epochs = []
             for epoch in (0, 1):

@@ -4,6 +4,7 @@ Images are smooth grey scenes (gradient + ellipse "lungs" + one bright rectangle
 interpolation differences between backends stay small and geometry is visible; the rectangle is also
 the sample's box (json "boxes") and, with masks, its png mask.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,9 +28,12 @@ def child_env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, **extra}
 
-WORDS = ("no acute cardiopulmonary process heart size normal lungs clear pleural effusion small left "
-         "right basilar atelectasis mild pulmonary edema stable cardiomegaly pneumothorax is seen "
-         "support devices in place consolidation opacity").split()
+
+WORDS = (
+    "no acute cardiopulmonary process heart size normal lungs clear pleural effusion small left "
+    "right basilar atelectasis mild pulmonary edema stable cardiomegaly pneumothorax is seen "
+    "support devices in place consolidation opacity"
+).split()
 
 
 @dataclass
@@ -56,20 +60,25 @@ def scene(seed: int) -> tuple[np.ndarray, list[int]]:
 
 def report(seed: int) -> str:
     rng = np.random.default_rng(seed + 10_000)
-    n = int(rng.integers(3, 12)) if seed % 13 else 120     # every 13th report is long (truncation)
+    n = int(rng.integers(3, 12)) if seed % 13 else 120  # every 13th report is long (truncation)
     return " ".join(rng.choice(WORDS, size=n)) + "."
 
 
 def build_sample(item: Item) -> PackedSample:
     img, box = scene(item.seed)
     h, w = img.shape
-    meta = {"dataset": "tiny", "key": item.key, "index": item.seed, "stored_size": [w, h],
-            "labels": {"Pleural Effusion": float(item.seed % 2), "Edema": float(item.seed % 3 == 0)},
-            "boxes": [box]}
+    meta = {
+        "dataset": "tiny",
+        "key": item.key,
+        "index": item.seed,
+        "stored_size": [w, h],
+        "labels": {"Pleural Effusion": float(item.seed % 2), "Edema": float(item.seed % 3 == 0)},
+        "boxes": [box],
+    }
     members = {"jpg": encode_jpeg(img, quality=95), "txt": report(item.seed).encode()}
     if item.masks:
         mask = np.zeros_like(img)
-        mask[box[1]:box[3], box[0]:box[2]] = 255
+        mask[box[1] : box[3], box[0] : box[2]] = 255
         members["png"] = encode_png(mask)
     # The per-member CRCs the shard writer records (shards/schema.py), set here so that the read-side
     # checks are tested whichever writer packed the fixture.
@@ -78,15 +87,25 @@ def build_sample(item: Item) -> PackedSample:
     return PackedSample(item.key, {ext: members[ext] for ext in MEMBER_ORDER if ext in members})
 
 
-def pack_tiny(root: Path, n_train: int = 52, n_valid: int = 20, per_shard: int = 8, masks: bool = False,
-              seed: int = 0) -> dict:
+def pack_tiny(
+    root: Path, n_train: int = 52, n_valid: int = 20, per_shard: int = 8, masks: bool = False, seed: int = 0
+) -> dict:
     """Pack a tiny dataset under `root`; the train split has a "0.5" subset."""
-    items = {"train": [Item(f"tr{i:04d}", seed * 1000 + i, masks) for i in range(n_train)],
-             "valid": [Item(f"va{i:04d}", seed * 1000 + 500 + i, masks) for i in range(n_valid)]}
+    items = {
+        "train": [Item(f"tr{i:04d}", seed * 1000 + i, masks) for i in range(n_train)],
+        "valid": [Item(f"va{i:04d}", seed * 1000 + 500 + i, masks) for i in range(n_valid)],
+    }
     subset = [it.key for it in items["train"][::2]]
-    return pack_splits(root, items, build_sample, samples_per_shard=per_shard, workers=1,
-                       config={"tiny": seed, "masks": masks}, extra_manifest={"subsets": {"train": {"0.5": subset}}},
-                       progress=False)
+    return pack_splits(
+        root,
+        items,
+        build_sample,
+        samples_per_shard=per_shard,
+        workers=1,
+        config={"tiny": seed, "masks": masks},
+        extra_manifest={"subsets": {"train": {"0.5": subset}}},
+        progress=False,
+    )
 
 
 def all_texts(root: Path, split: str = "train") -> list[str]:
@@ -110,10 +129,17 @@ def tiny_tokenizer(texts: list[str]):
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=200, special_tokens=special))
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", tok.token_to_id("[CLS]")),
-                                                 ("[SEP]", tok.token_to_id("[SEP]"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        single="[CLS] $A [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 def corrupt_member(root: Path, manifest: dict, key: str, ext: str, payload: bytes | None = None) -> str:

@@ -1,4 +1,5 @@
 """bench-pipeline's steady-rate bookkeeping and results contract; profile_dali's graph cuts (tiny data, CPU)."""
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,10 @@ def test_steady_rate_counts_only_batches_beyond_those_in_flight():
     cpu = torch.device("cpu")
     batch = torch.zeros(4, 1, 2, 2)
     timing = Timing(cpu, in_flight=2)
-    timing.epoch([batch] * 5)                 # batches 0-1 may have been built during the startup
-    timing.epoch([batch] * 2)                 # an epoch that never gets past them adds nothing steady
+    timing.epoch([batch] * 5)  # batches 0-1 may have been built during the startup
+    timing.epoch([batch] * 2)  # an epoch that never gets past them adds nothing steady
     result = timing.done()
-    assert timing.n == 28 and timing.steady_n == 8 and timing.epochs == 2     # batches 3 and 4
+    assert timing.n == 28 and timing.steady_n == 8 and timing.epochs == 2  # batches 3 and 4
     assert result["steady"] > 0 and result["with_startup"] > 0 and result["in_flight"] == 2
     toy = Timing(cpu, in_flight=8)
     toy.epoch([batch] * 5)
@@ -28,9 +29,33 @@ def test_bench_pipeline_writes_the_promised_results(tmp_path):
     shards = tmp_path / "shards"
     pack_tiny(shards, n_train=48, n_valid=8)
     results, doc = tmp_path / "pipeline.json", tmp_path / "performance.md"
-    assert main(["--shards", str(shards), "--device", "cpu", "--workers", "1", "--batch-size", "8",
-                 "--epochs", "1", "--runs", "1", "--mgca-size", "128", "--work-dir", str(tmp_path / "work"),
-                 "--results", str(results), "--doc", str(doc)]) == 0
+    assert (
+        main(
+            [
+                "--shards",
+                str(shards),
+                "--device",
+                "cpu",
+                "--workers",
+                "1",
+                "--batch-size",
+                "8",
+                "--epochs",
+                "1",
+                "--runs",
+                "1",
+                "--mgca-size",
+                "128",
+                "--work-dir",
+                str(tmp_path / "work"),
+                "--results",
+                str(results),
+                "--doc",
+                str(doc),
+            ]
+        )
+        == 0
+    )
     out = json.loads(results.read_text())
     for key in ("dali", "torch", "g2d_npy", "mgca_files", "raw_decode"):
         assert out["img_per_s"][key] > 0, key
@@ -65,8 +90,30 @@ def test_profile_dali_times_each_cut_of_the_graph(tmp_path):
     shards = tmp_path / "shards"
     pack_tiny(shards, n_train=24, n_valid=8)
     out = tmp_path / "profile.json"
-    assert profile_main(["--shards", str(shards), "--device", "cpu", "--batch-size", "8", "--threads", "1",
-                         "--warmup", "1", "--iters", "2", "--stages", "read", "warp", "full",
-                         "--out", str(out)]) == 0
+    assert (
+        profile_main(
+            [
+                "--shards",
+                str(shards),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "8",
+                "--threads",
+                "1",
+                "--warmup",
+                "1",
+                "--iters",
+                "2",
+                "--stages",
+                "read",
+                "warp",
+                "full",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     stages = json.loads(out.read_text())["stages"]
     assert list(stages) == ["read", "warp", "full"] and all(v["img_per_s"] > 0 for v in stages.values())

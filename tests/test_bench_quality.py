@@ -1,5 +1,6 @@
 """make bench-quality (eval/quality.py, eval/pseudo_mask_quality.py, tools/bench_quality.py): resumable
 stages, the statistics it reports, its scales, and the whole chain at smoke scale."""
+
 import json
 import subprocess
 import sys
@@ -36,10 +37,12 @@ def fake_stages(calls: list, fail_at: str | None = None, inputs: dict | None = N
     def make(name):
         def run(done):
             if name == fail_at:
-                raise KeyboardInterrupt(f"killed in {name}")   # what Ctrl-C / a kill looks like mid-stage
+                raise KeyboardInterrupt(f"killed in {name}")  # what Ctrl-C / a kill looks like mid-stage
             calls.append(name)
             return {"value": len(done), "seen": sorted(done)}
+
         return Stage(name, run, dict(inputs or {}, name=name))
+
     return [make(n) for n in ("corpus", "pretrain/g2d/s0", "eval/g2d/s0/rsna_linear@1.0", "report")]
 
 
@@ -54,7 +57,7 @@ def test_stages_killed_midway_resume_at_the_first_unfinished_one(tmp_path):
     calls.clear()
     log = []
     done = run_stages(fake_stages(calls), tmp_path, log=log.append)
-    assert calls == ["eval/g2d/s0/rsna_linear@1.0", "report"]          # only what had not finished
+    assert calls == ["eval/g2d/s0/rsna_linear@1.0", "report"]  # only what had not finished
     assert sum("skipped" in line for line in log) == 2
     # A skipped stage's recorded result is handed on as if it had just run.
     assert done["report"] == {"value": 3, "seen": ["corpus", "eval/g2d/s0/rsna_linear@1.0", "pretrain/g2d/s0"]}
@@ -71,7 +74,7 @@ def test_changed_inputs_or_a_damaged_marker_rerun_the_stage(tmp_path):
     assert calls == ["corpus"]
     calls.clear()
     run_stages(fake_stages(calls, inputs={"studies": 99}), tmp_path, log=lambda *_: None)
-    assert len(calls) == 4                                               # every fingerprint changed
+    assert len(calls) == 4  # every fingerprint changed
 
 
 def test_duplicate_stage_names_are_refused(tmp_path):
@@ -107,7 +110,7 @@ def test_vla_only_differs_from_g2d_only_by_the_pa_weight():
     scale = load_scale("full")
     g2d = pretrain_command("python", "g2d", 0, scale, "s", "b", "out")
     vla = pretrain_command("python", "vla_only", 0, scale, "s", "b", "out")
-    assert vla == g2d + ["model.pa_weight=0"]          # same steps, batch, resolution: equal compute
+    assert vla == g2d + ["model.pa_weight=0"]  # same steps, batch, resolution: equal compute
     assert "train.max_steps=300" in g2d and "train.batch_size_per_gpu=32" in g2d
     with pytest.raises(ValueError):
         pretrain_command("python", "random", 0, scale, "s", "b", "out")
@@ -124,8 +127,16 @@ def test_stage_fingerprints_follow_what_each_stage_depends_on(tmp_path):
         return {s.name: fingerprint(s.inputs) for s in stages}
 
     base = fingerprints()
-    assert {"corpus", "tiny_bert", "downstream", "pretrain/g2d/s0", "pretrain/vla_only/s0",
-            "eval/random/s0/rsna_detection@1.0", "retrieval/random/s0", "pseudo_mask/g2d/s0"} <= set(base)
+    assert {
+        "corpus",
+        "tiny_bert",
+        "downstream",
+        "pretrain/g2d/s0",
+        "pretrain/vla_only/s0",
+        "eval/random/s0/rsna_detection@1.0",
+        "retrieval/random/s0",
+        "pseudo_mask/g2d/s0",
+    } <= set(base)
     assert not any(n.startswith("pretrain/random") for n in base)
     more_rsna = fingerprints("rsna_images=80")
     changed = {n for n in base if base[n] != more_rsna[n]}
@@ -133,7 +144,7 @@ def test_stage_fingerprints_follow_what_each_stage_depends_on(tmp_path):
     assert not any(n.startswith(("pretrain/", "corpus", "retrieval/", "pseudo_mask/")) for n in changed)
     other_eval = fingerprints("eval_overrides=[train.epochs=2]")
     changed = {n for n in base if base[n] != other_eval[n]}
-    assert changed == {n for n in base if n.startswith("eval/")}       # no re-pretraining for an eval change
+    assert changed == {n for n in base if n.startswith("eval/")}  # no re-pretraining for an eval change
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,12 +155,15 @@ def test_retrieval_summary_resolves_a_real_gap_and_not_a_tiny_one():
     n = 400
     keys = np.array([f"k{i:03d}" for i in range(n)])
     rng = np.random.default_rng(0)
-    rank_good = np.where(rng.random(n) < 0.6, 0, 10)          # top-1 ~0.6
-    rank_vla = np.where(rng.random(n) < 0.58, 0, 10)          # ~0.58: within noise of G2D
-    rank_random = rng.integers(0, n, n)                       # chance
-    perm = rng.permutation(n)                                 # arms may list the images in any order
-    ranks = {"g2d": {"keys": keys, "rank": rank_good}, "vla_only": {"keys": keys[perm], "rank": rank_vla[perm]},
-             "random": {"keys": keys, "rank": rank_random}}
+    rank_good = np.where(rng.random(n) < 0.6, 0, 10)  # top-1 ~0.6
+    rank_vla = np.where(rng.random(n) < 0.58, 0, 10)  # ~0.58: within noise of G2D
+    rank_random = rng.integers(0, n, n)  # chance
+    perm = rng.permutation(n)  # arms may list the images in any order
+    ranks = {
+        "g2d": {"keys": keys, "rank": rank_good},
+        "vla_only": {"keys": keys[perm], "rank": rank_vla[perm]},
+        "random": {"keys": keys, "rank": rank_random},
+    }
     out = retrieval_summary(ranks)
     top1 = out["arms"]["g2d"]["top1"]
     assert top1["value"] == pytest.approx((rank_good == 0).mean())
@@ -169,13 +183,18 @@ def test_pseudo_mask_summary_and_truth_mask_in_the_eval_view(tmp_path):
     region[5:15, 20:30] = True
     truth = truth_mask([{"mask_rle": encode_mask_rle(region)}], {"crop_box": [10, 0, 30, 20]}, (8, 8))
     assert truth.shape == (8, 8) and truth.dtype == torch.bool
-    assert truth[:, 4:].any() and not truth[:, :4].any()             # crop then squash: right half only
+    assert truth[:, 4:].any() and not truth[:, :4].any()  # crop then squash: right half only
     assert not truth[:2].any() and not truth[6:].any()
 
-    line = {"dicom_id": "d1", "regions": [{"finding": "support_device", "mask_rle": encode_mask_rle(region)},
-                                          {"finding": "pneumonia", "mask_rle": encode_mask_rle(region)}]}
+    line = {
+        "dicom_id": "d1",
+        "regions": [
+            {"finding": "support_device", "mask_rle": encode_mask_rle(region)},
+            {"finding": "pneumonia", "mask_rle": encode_mask_rle(region)},
+        ],
+    }
     (tmp_path / "synthetic_regions.jsonl").write_text(json.dumps(line) + "\n")
-    assert [r["finding"] for r in load_regions(tmp_path)["d1"]] == ["pneumonia"]   # devices are no finding
+    assert [r["finding"] for r in load_regions(tmp_path)["d1"]] == ["pneumonia"]  # devices are no finding
     (tmp_path / "synthetic_regions.jsonl").write_text("{broken\n")
     with pytest.raises(ValueError, match="synthetic_regions.jsonl:1"):
         load_regions(tmp_path)
@@ -184,10 +203,16 @@ def test_pseudo_mask_summary_and_truth_mask_in_the_eval_view(tmp_path):
     keys = np.array([f"k{i}" for i in range(n)])
     findings = np.array(["pneumonia"] * 100 + ["edema"] * 100)
     frac = np.full(n, 0.1)
-    preds = {"g2d": {"keys": keys, "iou": np.full(n, 0.4), "pointing": np.ones(n), "truth_frac": frac,
-                     "findings": findings},
-             "random": {"keys": keys, "iou": np.linspace(0.0, 0.2, n), "pointing": np.zeros(n), "truth_frac": frac,
-                        "findings": findings}}
+    preds = {
+        "g2d": {"keys": keys, "iou": np.full(n, 0.4), "pointing": np.ones(n), "truth_frac": frac, "findings": findings},
+        "random": {
+            "keys": keys,
+            "iou": np.linspace(0.0, 0.2, n),
+            "pointing": np.zeros(n),
+            "truth_frac": frac,
+            "findings": findings,
+        },
+    }
     out = pseudo_mask_summary(preds)
     assert out["num_images"] == n and out["pointing_chance"] == pytest.approx(0.1)
     assert out["arms"]["g2d"]["iou"]["value"] == pytest.approx(0.4)
@@ -198,23 +223,42 @@ def test_pseudo_mask_summary_and_truth_mask_in_the_eval_view(tmp_path):
 
 def test_markdown_table_marks_resolved_differences():
     ci = {"value": 0.5, "ci95": [0.4, 0.6]}
-    quality = {"bootstrap_resamples": 1000, "results": {"0": {
-        "retrieval": {"num_images": 50, "chance": {"top1": 0.02, "top5": 0.1},
-                      "arms": {a: {"top1": ci, "top5": ci} for a in ARMS},
-                      "diffs": {"g2d-vla_only": {"top1": {"diff": 0.01, "ci95": [-0.05, 0.07]}},
-                                "g2d-random": {"top1": {"diff": 0.3, "ci95": [0.2, 0.4]}}}},
-        "tasks": {"rsna_linear@1.0": {"family": "linear", "headline": "auroc",
-                                      "arms": {a: ci for a in ARMS},
-                                      "diffs": {"g2d-random": {"auroc": {"diff": -0.2, "ci95": [-0.3, -0.1]}}}}},
-        "pseudo_mask_iou": {"num_images": 40, "pointing_chance": 0.1,
-                            "arms": {a: {"iou": ci, "pointing": ci} for a in ARMS},
-                            "diffs": {"g2d-vla_only": {"diff": 0.05, "ci95": [0.01, 0.09]}}}}}}
+    quality = {
+        "bootstrap_resamples": 1000,
+        "results": {
+            "0": {
+                "retrieval": {
+                    "num_images": 50,
+                    "chance": {"top1": 0.02, "top5": 0.1},
+                    "arms": {a: {"top1": ci, "top5": ci} for a in ARMS},
+                    "diffs": {
+                        "g2d-vla_only": {"top1": {"diff": 0.01, "ci95": [-0.05, 0.07]}},
+                        "g2d-random": {"top1": {"diff": 0.3, "ci95": [0.2, 0.4]}},
+                    },
+                },
+                "tasks": {
+                    "rsna_linear@1.0": {
+                        "family": "linear",
+                        "headline": "auroc",
+                        "arms": {a: ci for a in ARMS},
+                        "diffs": {"g2d-random": {"auroc": {"diff": -0.2, "ci95": [-0.3, -0.1]}}},
+                    }
+                },
+                "pseudo_mask_iou": {
+                    "num_images": 40,
+                    "pointing_chance": 0.1,
+                    "arms": {a: {"iou": ci, "pointing": ci} for a in ARMS},
+                    "diffs": {"g2d-vla_only": {"diff": 0.05, "ci95": [0.01, 0.09]}},
+                },
+            }
+        },
+    }
     table = markdown_table(quality)
     assert "| pseudo-mask vs true regions | 40 valid images with a finding | iou |" in table
     assert "| 50.0 [40.0, 60.0] | **+5.0 [+1.0, +9.0]** | - |" in table
     assert "| pseudo-mask vs true regions | peak cell in a region; chance 10.0 | pointing |" in table
     assert "| retrieval | pretraining valid (50 images, chance 2.0) | top1 |" in table
-    assert "+1.0 [-5.0, +7.0]" in table and "**+30.0 [+20.0, +40.0]**" in table   # only a CI excluding 0 is bold
+    assert "+1.0 [-5.0, +7.0]" in table and "**+30.0 [+20.0, +40.0]**" in table  # only a CI excluding 0 is bold
     assert "| linear probe | rsna_linear@1.0 | auroc | 50.0 [40.0, 60.0]" in table
     assert "**-20.0 [-30.0, -10.0]**" in table
 
@@ -225,10 +269,14 @@ def test_markdown_table_marks_resolved_differences():
 
 # Every stage kind and every task family once, smaller still than SCALE=smoke: the full smoke list
 # (9 tasks, 4 steps at batch 8) took 15.7 min on 2 cores shared with other jobs; this 6 min.
-TEST_SCALE = ["studies=60", "rsna_images=40", "siim_images=40",
-              "pretrain_overrides=[train.max_steps=2,train.batch_size_per_gpu=4,train.checkpoint_every=1,"
-              "model.pa_warmup_steps=1,optim.warmup_steps=1,data.num_workers=0]",
-              "runs=[zeroshot_rsna@1.0,grounding_siim@1.0,rsna_linear@0.01,siim_segmentation@1.0,rsna_detection@1.0]"]
+TEST_SCALE = [
+    "studies=60",
+    "rsna_images=40",
+    "siim_images=40",
+    "pretrain_overrides=[train.max_steps=2,train.batch_size_per_gpu=4,train.checkpoint_every=1,"
+    "model.pa_warmup_steps=1,optim.warmup_steps=1,data.num_workers=0]",
+    "runs=[zeroshot_rsna@1.0,grounding_siim@1.0,rsna_linear@0.01,siim_segmentation@1.0,rsna_detection@1.0]",
+]
 
 
 def test_smoke_scale_runs_the_whole_chain_and_resumes(tmp_path):
@@ -237,18 +285,31 @@ def test_smoke_scale_runs_the_whole_chain_and_resumes(tmp_path):
     stage. The slowest test of this file: 6 min measured on 2 cores shared with four other jobs (load
     average ~9); about a quarter of that on an idle machine."""
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "tools.bench_quality", "--scale", "smoke", "--out", str(out), "--workers", "2",
-           "--results", str(tmp_path / "quality.json"), "--doc", str(tmp_path / "quality.md"), *TEST_SCALE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.bench_quality",
+        "--scale",
+        "smoke",
+        "--out",
+        str(out),
+        "--workers",
+        "2",
+        "--results",
+        str(tmp_path / "quality.json"),
+        "--doc",
+        str(tmp_path / "quality.md"),
+        *TEST_SCALE,
+    ]
     first = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     quality = json.loads((tmp_path / "quality.json").read_text())
     res = quality["results"]["0"]
     scale = load_scale("smoke", TEST_SCALE)
-    expected = {f"{spec}/{v}" if v else spec for spec in scale.runs
-                for v in variants_for(spec.split("@")[0], "g2d")}
+    expected = {f"{spec}/{v}" if v else spec for spec in scale.runs for v in variants_for(spec.split("@")[0], "g2d")}
     assert set(res["tasks"]) == expected
     for label, task in res["tasks"].items():
-        assert set(task["arms"]) == set(ARMS), label           # encoder_decoder borrows random's encoder run
+        assert set(task["arms"]) == set(ARMS), label  # encoder_decoder borrows random's encoder run
         assert set(task["diffs"]) == {"g2d-vla_only", "g2d-random", "vla_only-random"}, label
         assert task["headline"] in task["diffs"]["g2d-random"], label
     for arm in ARMS:

@@ -1,5 +1,6 @@
 """DICOM reading (windows, photometric, transfer syntaxes, bad files), SIIM RLE, and geometry:
 a box drawn into a DICOM lands on the same stored pixels as its transformed coordinates and mask."""
+
 import io
 import json
 
@@ -19,9 +20,7 @@ from shards.writer import PackedSample, Rejected
 
 # [H=3, W=4] mask. Column-major flat index = x * H + y: column 1 holds pixels 3, 4 and column 3
 # pixels 10, 11 -> runs (3, 2) and (10, 2) -> relative "3 2 5 2". Row-major would read "1 1 3 1 1 1 3 1".
-HAND_MASK = np.array([[0, 1, 0, 0],
-                      [0, 1, 0, 1],
-                      [0, 0, 0, 1]], dtype=bool)
+HAND_MASK = np.array([[0, 1, 0, 0], [0, 1, 0, 1], [0, 0, 0, 1]], dtype=bool)
 HAND_RLE = "3 2 5 2"
 
 
@@ -36,22 +35,25 @@ def test_rle_round_trip_and_edges():
     rng = np.random.default_rng(0)
     mask = np.zeros((48, 64), dtype=bool)
     mask[5:20, 10:30] = True
-    mask[30:47, 50:64] = True                  # touches the last column and near-last row
+    mask[30:47, 50:64] = True  # touches the last column and near-last row
     mask |= rng.random(mask.shape) < 0.02
-    mask[0, 0] = mask[-1, -1] = True           # first and last pixel: offset 0, run to the end
+    mask[0, 0] = mask[-1, -1] = True  # first and last pixel: offset 0, run to the end
     np.testing.assert_array_equal(rle_decode(rle_encode(mask), 64, 48), mask)
     assert rle_encode(np.zeros((4, 4), bool)) == ""
     assert rle_encode(np.ones((2, 3), bool)) == "0 6"
 
 
-@pytest.mark.parametrize("bad, why", [
-    ("3 2 5", "odd number"),
-    ("3 2 5 x", "non-integer"),
-    ("3 2 -5 2", "offset must be"),
-    ("3 0", "length > 0"),
-    ("3 2 5 3", "past the 4x3 image"),
-    ("   ", "empty"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("3 2 5", "odd number"),
+        ("3 2 5 x", "non-integer"),
+        ("3 2 -5 2", "offset must be"),
+        ("3 0", "length > 0"),
+        ("3 2 5 3", "past the 4x3 image"),
+        ("   ", "empty"),
+    ],
+)
 def test_rle_rejects_malformed(bad, why):
     with pytest.raises(ValueError, match=why):
         rle_decode(bad, width=4, height=3)
@@ -59,12 +61,17 @@ def test_rle_rejects_malformed(bad, why):
 
 def _gray(h=96, w=80):
     yy, xx = np.mgrid[0:h, 0:w]
-    return ((xx * 3 + yy * 2) % 250 + 3).astype(np.uint8)     # no zero pixels: no crop
+    return ((xx * 3 + yy * 2) % 250 + 3).astype(np.uint8)  # no zero pixels: no crop
 
 
-@pytest.mark.parametrize("encoding, window", [
-    ("mono2", "identity"), ("mono1", "identity"), ("12bit_window", "window"),
-])
+@pytest.mark.parametrize(
+    "encoding, window",
+    [
+        ("mono2", "identity"),
+        ("mono1", "identity"),
+        ("12bit_window", "window"),
+    ],
+)
 @pytest.mark.parametrize("syntax", [None, RLELossless])
 def test_read_dicom_recovers_the_display_image(tmp_path, encoding, window, syntax):
     gray = _gray()
@@ -93,8 +100,8 @@ def test_voi_lut_sequence_is_applied(tmp_path):
     write_dicom(path, gray, patient_id="P", sop_uid="1.2.3", encoding="mono2")
     ds = pydicom.dcmread(path)
     item = Dataset()
-    item.add_new(0x00283002, "US", [256, 0, 8])                        # LUT Descriptor
-    item.add_new(0x00283006, "US", [255 - v for v in range(256)])      # LUT Data: inverting
+    item.add_new(0x00283002, "US", [256, 0, 8])  # LUT Descriptor
+    item.add_new(0x00283006, "US", [255 - v for v in range(256)])  # LUT Data: inverting
     ds.VOILUTSequence = Sequence([item])
     ds.save_as(path, enforce_file_format=True)
     out = read_dicom(path)
@@ -142,13 +149,23 @@ def test_box_follows_the_image_through_crop_and_resize(tmp_path):
     its stored pixels, the transformed box and the rasterised mask agree."""
     h = w = 1024
     gray = np.zeros((h, w), np.uint8)
-    gray[64:1000, 100:980] = 60                                   # body; zero frame gets cropped
+    gray[64:1000, 100:980] = 60  # body; zero frame gets cropped
     x1, y1, x2, y2 = 300, 420, 560, 700
-    gray[y1:y2, x1:x2] = 250                                      # the "finding"
+    gray[y1:y2, x1:x2] = 250  # the "finding"
     path = tmp_path / "p.dcm"
     write_dicom(path, gray, patient_id="P", sop_uid="1.2.3")
-    item = Item(key="p", source=str(path), rel="p.dcm", reader="dicom", order=0, patient_id="P",
-                labels={"Pneumonia": 1.0}, boxes=[[x1, y1, x2, y2]], mask="boxes", positive=True)
+    item = Item(
+        key="p",
+        source=str(path),
+        rel="p.dcm",
+        reader="dicom",
+        order=0,
+        patient_id="P",
+        labels={"Pneumonia": 1.0},
+        boxes=[[x1, y1, x2, y2]],
+        mask="boxes",
+        positive=True,
+    )
     out = SampleBuilder("rsna_pneumonia", max_side=256, quality=95, with_mask=True)(item)
     assert isinstance(out, PackedSample)
     meta = json.loads(out.members["json"])
@@ -156,7 +173,7 @@ def test_box_follows_the_image_through_crop_and_resize(tmp_path):
     sx, sy = meta["scale"]
     assert max(meta["stored_size"]) == 256 and meta["orig_size"] == [1024, 1024]
     stored = _decode(out.members, "jpg")
-    ys, xs = np.nonzero(stored > 155)                             # bright rectangle in the stored jpg
+    ys, xs = np.nonzero(stored > 155)  # bright rectangle in the stored jpg
     seen = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
     box = meta["boxes"][0]
     expected = [(x1 - 100) * sx, (y1 - 64) * sy, (x2 - 100) * sx, (y2 - 64) * sy]
@@ -171,8 +188,7 @@ def test_box_follows_the_image_through_crop_and_resize(tmp_path):
 def test_sample_builder_rejections(tmp_path):
     path = tmp_path / "p.dcm"
     write_dicom(path, _gray(64, 64), patient_id="P", sop_uid="1.2.3")
-    base = dict(key="p", source=str(path), rel="p.dcm", reader="dicom", order=0, patient_id="P",
-                labels={"x": 1.0})
+    base = dict(key="p", source=str(path), rel="p.dcm", reader="dicom", order=0, patient_id="P", labels={"x": 1.0})
     build = SampleBuilder("t", max_side=64, quality=90, with_mask=True)
     cases = [
         (Item(**{**base, "source": str(tmp_path / "nope.dcm")}), "not found"),

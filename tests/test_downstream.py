@@ -1,6 +1,7 @@
 """Downstream converters on their synthetic native-format fixtures: counts, splits (deterministic,
 patient-disjoint), data-efficiency subsets, labels/boxes/masks read back from the shards, and every
 kind of bad input (recorded rejection or a clear structural error)."""
+
 import csv
 import io
 import json
@@ -37,8 +38,12 @@ def fixtures(tmp_path_factory):
 def packed(fixtures, tmp_path_factory):
     src, _ = fixtures
     out = tmp_path_factory.mktemp("shards")
-    manifests = {name: convert(name, src / name, out, max_side=MAX_SIDE, quality=90, workers=2,
-                               seed=0, samples_per_shard=8, progress=False) for name in DATASETS}
+    manifests = {
+        name: convert(
+            name, src / name, out, max_side=MAX_SIDE, quality=90, workers=2, seed=0, samples_per_shard=8, progress=False
+        )
+        for name in DATASETS
+    }
     return out, manifests
 
 
@@ -70,6 +75,7 @@ def stored(meta, boxes):
 
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", DATASETS)
 def test_counts_splits_and_subsets(packed, name):
     out, manifests = packed
@@ -93,8 +99,11 @@ def test_counts_splits_and_subsets(packed, name):
                 assert Image.open(io.BytesIO(sample["png"])).size == img.size
     # Disjoint by patient: no patient id in two splits.
     patients = {split: {meta_of(x)["patient_id"] for x in members.values()} for split, members in samples.items()}
-    assert not patients["train"] & patients["valid"] and not patients["train"] & patients["test"] \
+    assert (
+        not patients["train"] & patients["valid"]
+        and not patients["train"] & patients["test"]
         and not patients["valid"] & patients["test"]
+    )
     assert not any(m["patient_overlap"].values())
 
     train = list(samples["train"])
@@ -109,17 +118,29 @@ def test_counts_splits_and_subsets(packed, name):
             expected = max(1, round(float(frac) * n) if style == "frac" else int(float(frac) * n))
             assert len(sub[frac]) == expected and len(set(sub[frac])) == expected
             assert set(sub[frac]) <= set(pool)
-            assert any(meta_of(samples["train"][k])["labels"] and
-                       (max(meta_of(samples["train"][k])["labels"].values()) > 0 if name != "covidx"
-                        else meta_of(samples["train"][k])["class_index"] != 0) for k in sub[frac])
+            assert any(
+                meta_of(samples["train"][k])["labels"]
+                and (
+                    max(meta_of(samples["train"][k])["labels"].values()) > 0
+                    if name != "covidx"
+                    else meta_of(samples["train"][k])["class_index"] != 0
+                )
+                for k in sub[frac]
+            )
     assert m["subsets"] == m["task_subsets"][m["tasks"][0]]
 
 
 def test_split_counts_follow_the_paper_proportions():
-    assert split_counts(26684, {"train": 16010, "valid": 5337, "test": 5337}) == \
-        {"train": 16010, "valid": 5337, "test": 5337}
-    assert split_counts(12047, {"train": 8433, "valid": 1807, "test": 1807}) == \
-        {"train": 8433, "valid": 1807, "test": 1807}
+    assert split_counts(26684, {"train": 16010, "valid": 5337, "test": 5337}) == {
+        "train": 16010,
+        "valid": 5337,
+        "test": 5337,
+    }
+    assert split_counts(12047, {"train": 8433, "valid": 1807, "test": 1807}) == {
+        "train": 8433,
+        "valid": 1807,
+        "test": 1807,
+    }
     assert split_counts(191027, {"train": 186027, "valid": 5000})["valid"] == 5000
     assert split_counts(10, {"train": 186027, "valid": 5000}) == {"train": 9, "valid": 1}
 
@@ -143,17 +164,37 @@ def test_deterministic_for_seed_and_workers(fixtures, packed, tmp_path):
     src, _ = fixtures
     out, manifests = packed
     name = "covidx"
-    again = convert(name, src / name, tmp_path, max_side=MAX_SIDE, quality=90, workers=1, seed=0,
-                    samples_per_shard=8, progress=False)
+    again = convert(
+        name,
+        src / name,
+        tmp_path,
+        max_side=MAX_SIDE,
+        quality=90,
+        workers=1,
+        seed=0,
+        samples_per_shard=8,
+        progress=False,
+    )
     first = manifests[name]
-    assert again["splits"] == first["splits"]                       # same bytes (sha256) per shard
+    assert again["splits"] == first["splits"]  # same bytes (sha256) per shard
     assert again["task_subsets"] == first["task_subsets"]
-    other = convert(name, src / name, tmp_path / "seed1", max_side=MAX_SIDE, quality=90, workers=1,
-                    seed=1, samples_per_shard=8, progress=False)
+    other = convert(
+        name,
+        src / name,
+        tmp_path / "seed1",
+        max_side=MAX_SIDE,
+        quality=90,
+        workers=1,
+        seed=1,
+        samples_per_shard=8,
+        progress=False,
+    )
+
     def keys(m, split):
         return {k for rec in m["_shard_records"] if rec["name"].startswith(split + "/") for k in rec["keys"]}
-    assert keys(other, "test") == keys(first, "test")               # official test list: seed-free
-    assert keys(other, "train") != keys(first, "train")             # the train/valid cut moves
+
+    assert keys(other, "test") == keys(first, "test")  # official test list: seed-free
+    assert keys(other, "train") != keys(first, "train")  # the train/valid cut moves
 
 
 def test_rsna_boxes_masks_labels_round_trip(fixtures, packed):
@@ -169,19 +210,19 @@ def test_rsna_boxes_masks_labels_round_trip(fixtures, packed):
             box.append([x, y, x + w, y + h])
     seen = 0
     for members in all_samples(out, manifests["rsna_pneumonia"]).values():
-        for key, sample in members.items():
+        for sample in members.values():
             meta = meta_of(sample)
             src_boxes = boxes[meta["patient_id"]]
             assert meta["labels"] == {"Pneumonia": float(bool(src_boxes))}
             np.testing.assert_allclose(meta["boxes"], stored(meta, src_boxes) if src_boxes else [], atol=0.01)
             mask = np.asarray(Image.open(io.BytesIO(sample["png"]))) > 0
             assert mask.any() == bool(src_boxes)
-            for x1, y1, x2, y2 in meta["boxes"]:                       # the mask fills each box
+            for x1, y1, x2, y2 in meta["boxes"]:  # the mask fills each box
                 cx, cy = int((x1 + x2) / 2), int((y1 + y2) / 2)
                 assert mask[cy, cx]
             if meta["dicom"]["photometric"] == "MONOCHROME1" or meta["dicom"]["bits_stored"] == 12:
                 seen += 1
-    assert seen > 0                                                    # MONOCHROME1/12-bit exercised
+    assert seen > 0  # MONOCHROME1/12-bit exercised
 
 
 def test_siim_masks_are_the_union_of_rle_rows(fixtures, packed):
@@ -197,7 +238,7 @@ def test_siim_masks_are_the_union_of_rle_rows(fixtures, packed):
         runs.setdefault(image_id.replace(".", "_"), [])
         if rle.strip() != "-1":
             runs[image_id.replace(".", "_")].append(rle)
-    assert any(len(v) > 1 for v in runs.values())                      # a multi-row image exists
+    assert any(len(v) > 1 for v in runs.values())  # a multi-row image exists
     negatives = 0
     for members in all_samples(out, m).values():
         for key, sample in members.items():
@@ -205,14 +246,15 @@ def test_siim_masks_are_the_union_of_rle_rows(fixtures, packed):
             full = np.zeros((1024, 1024), bool)
             for rle in runs[key]:
                 full |= rle_decode(rle, 1024, 1024)
-            red = Reduced(np.zeros(meta["stored_size"][::-1], np.uint8), meta["crop_box"], meta["scale"],
-                          meta["orig_size"])
+            red = Reduced(
+                np.zeros(meta["stored_size"][::-1], np.uint8), meta["crop_box"], meta["scale"], meta["orig_size"]
+            )
             want = transform_mask(full, red)
             got = np.asarray(Image.open(io.BytesIO(sample["png"])))
             np.testing.assert_array_equal(got, want)
             assert meta["labels"]["Pneumothorax"] == float(bool(runs[key]))
             negatives += not runs[key]
-    assert negatives > 0                                               # " -1" rows are negatives
+    assert negatives > 0  # " -1" rows are negatives
     balanced = m["balanced"]["train"]
     train_pos = [k for k in balanced if runs[k]]
     assert len(balanced) == 2 * len(train_pos)
@@ -287,6 +329,7 @@ def test_classification_labels_round_trip(fixtures, packed):
 # ---------------------------------------------------------------------------------------------
 # Bad input
 
+
 def _copy(src: Path, name: str, tmp_path: Path) -> Path:
     dst = tmp_path / name
     shutil.copytree(src / name, dst)
@@ -307,9 +350,9 @@ def test_rsna_bad_files_and_rows_are_rejected(fixtures, tmp_path):
     src, _ = fixtures
     root = _copy(src, "rsna_pneumonia", tmp_path)
     dcms = sorted((root / "stage_2_train_images").glob("*.dcm"))
-    dcms[0].unlink()                                                   # missing
-    dcms[1].write_bytes(b"not a dicom" * 50)                           # unreadable
-    ds = pydicom.dcmread(dcms[2])                                      # unsupported transfer syntax
+    dcms[0].unlink()  # missing
+    dcms[1].write_bytes(b"not a dicom" * 50)  # unreadable
+    ds = pydicom.dcmread(dcms[2])  # unsupported transfer syntax
     ds.PixelData = encapsulate([b"\xff\xd8junk\xff\xd9"])
     ds["PixelData"].VR = "OB"
     ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
@@ -317,14 +360,20 @@ def test_rsna_bad_files_and_rows_are_rejected(fixtures, tmp_path):
     csv_path = root / "stage_2_train_labels.csv"
     lines = csv_path.read_text().splitlines()
     pid = [ln.split(",")[0] for ln in lines[1:] if ln.split(",")[0] not in {p.stem for p in dcms[:3]}]
-    lines.append(f"{pid[0]},10,10,-5,20,1")                            # non-positive size (whole patient)
-    lines.append(f"{pid[-1]},900.0,900.0,400.0,300.0,1")               # outside the 1024 image
+    lines.append(f"{pid[0]},10,10,-5,20,1")  # non-positive size (whole patient)
+    lines.append(f"{pid[-1]},900.0,900.0,400.0,300.0,1")  # outside the 1024 image
     csv_path.write_text("\n".join(lines) + "\n")
-    m = convert("rsna_pneumonia", root, tmp_path / "out", max_side=MAX_SIDE, workers=1,
-                samples_per_shard=8, progress=False)
+    m = convert(
+        "rsna_pneumonia", root, tmp_path / "out", max_side=MAX_SIDE, workers=1, samples_per_shard=8, progress=False
+    )
     reasons = " | ".join(_reasons(m))
-    for why in ("DICOM file not found", "unreadable DICOM", "unsupported transfer syntax JPEG Lossless",
-                "non-positive size", "outside the 1024x1024 image"):
+    for why in (
+        "DICOM file not found",
+        "unreadable DICOM",
+        "unsupported transfer syntax JPEG Lossless",
+        "non-positive size",
+        "outside the 1024x1024 image",
+    ):
         assert why in reasons, why
     assert m["summary"]["rejected"] == 5
     _assert_adds_up(m)
@@ -339,11 +388,12 @@ def test_siim_malformed_rle_is_rejected(fixtures, tmp_path):
     lines = path.read_text().splitlines()
     negatives = [i for i, ln in enumerate(lines) if ln.endswith(", -1")]
     a, b = negatives[0], negatives[1]
-    lines[a] = lines[a].split(",")[0] + ", 10 20 30"                   # odd count
-    lines[b] = lines[b].split(",")[0] + f", {1024 * 1024 - 5} 10"      # past the image end
+    lines[a] = lines[a].split(",")[0] + ", 10 20 30"  # odd count
+    lines[b] = lines[b].split(",")[0] + f", {1024 * 1024 - 5} 10"  # past the image end
     path.write_text("\n".join(lines) + "\n")
-    m = convert("siim_pneumothorax", root, tmp_path / "out", max_side=MAX_SIDE, workers=1,
-                samples_per_shard=8, progress=False)
+    m = convert(
+        "siim_pneumothorax", root, tmp_path / "out", max_side=MAX_SIDE, workers=1, samples_per_shard=8, progress=False
+    )
     reasons = " | ".join(_reasons(m))
     assert "odd number of values" in reasons and "past the 1024x1024 image" in reasons
     assert m["summary"]["rejected"] == 2
@@ -405,13 +455,16 @@ def test_bad_rows_in_lists_and_annotations(fixtures, tmp_path):
     _assert_adds_up(m)
 
 
-@pytest.mark.parametrize("name, rel, column", [
-    ("rsna_pneumonia", "stage_2_train_labels.csv", "Target"),
-    ("siim_pneumothorax", "train-rle.csv", "EncodedPixels"),
-    ("chexpert", "CheXpert-v1.0-small/valid.csv", "Frontal/Lateral"),
-    ("object_cxr", "dev.csv", "annotation"),
-    ("chestxray14", "Data_Entry_2017.csv", "Patient ID"),
-])
+@pytest.mark.parametrize(
+    "name, rel, column",
+    [
+        ("rsna_pneumonia", "stage_2_train_labels.csv", "Target"),
+        ("siim_pneumothorax", "train-rle.csv", "EncodedPixels"),
+        ("chexpert", "CheXpert-v1.0-small/valid.csv", "Frontal/Lateral"),
+        ("object_cxr", "dev.csv", "annotation"),
+        ("chestxray14", "Data_Entry_2017.csv", "Patient ID"),
+    ],
+)
 def test_missing_column_is_a_clear_error(fixtures, tmp_path, name, rel, column):
     src, _ = fixtures
     root = _copy(src, name, tmp_path)
@@ -442,14 +495,25 @@ def test_rsna_reads_through_the_training_loader(packed):
 
     out, manifests = packed
     m = manifests["rsna_pneumonia"]
-    cfg = DataConfig(shards=str(out / "rsna_pneumonia"), backend="torch", batch_size_per_gpu=2,
-                     num_workers=0, transform="eval", image_size=64, shuffle=False, drop_last=False,
-                     subset="0.1", subset_task="detection", load_masks=True, load_boxes=True)
+    cfg = DataConfig(
+        shards=str(out / "rsna_pneumonia"),
+        backend="torch",
+        batch_size_per_gpu=2,
+        num_workers=0,
+        transform="eval",
+        image_size=64,
+        shuffle=False,
+        drop_last=False,
+        subset="0.1",
+        subset_task="detection",
+        load_masks=True,
+        load_boxes=True,
+    )
     loader = build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     keys, n_boxes = [], 0
     for batch in loader:
         assert batch.image.shape[1:] == (3, 64, 64) and batch.mask.shape[1:] == (1, 64, 64)
-        for i, key in enumerate(batch.keys):
+        for i in range(len(batch.keys)):
             meta = batch.meta[i]
             assert len(batch.boxes[i]) == len(meta["boxes"])
             assert bool(batch.mask[i].any()) == bool(meta["boxes"])
@@ -462,6 +526,7 @@ def test_rsna_reads_through_the_training_loader(packed):
 def test_fixtures_are_deterministic_for_a_seed(tmp_path):
     def tree(root):
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
     names = ("rsna_pneumonia", "object_cxr", "covidx")
     write_all(tmp_path / "a", 4, seed=5, workers=1, datasets=names)
     write_all(tmp_path / "b", 4, seed=5, workers=2, datasets=names)

@@ -3,6 +3,7 @@ shards (packed in a tmp dir by the real converters) with a tiny G2D saved as a p
 results.json fields and metric ranges, the YOLOv3 target assignment / decoding on a hand case,
 checkpoint resolution (run dir, exports, random, imagenet from a local file, newest default),
 unknown-task and architecture-mismatch errors, the paper-shaped tables."""
+
 import json
 import math
 import os
@@ -14,11 +15,19 @@ import torch
 import torchvision
 import yaml
 
+from common.cli import run_main
 from common.config import ConfigError, config_to_dict
 from common.io import sha256_file
-from eval.checkpoint import (ArchitectureMismatch, BadCheckpoint, CheckpointNotFound, NotApplicable,
-                             check_image_architecture, default_checkpoint, resolve_weights)
 from eval.bootstrap import family_metrics
+from eval.checkpoint import (
+    ArchitectureMismatch,
+    BadCheckpoint,
+    CheckpointNotFound,
+    NotApplicable,
+    check_image_architecture,
+    default_checkpoint,
+    resolve_weights,
+)
 from eval.runner import load_predictions, run_all, run_eval
 from eval.tasks import TASKS, UnknownTask, get_task, load_task_config
 from eval.tasks.detection import YOLOv3Head, build_targets, detect, scaled_anchors, yolo_loss
@@ -28,7 +37,6 @@ from model.text import build_tiny_text_model
 from shards.downstream import DATASETS, convert
 from shards.synthetic.downstream import write_all
 from tools import eval as eval_cli
-from common.cli import run_main
 from tools.eval import EVAL_USER_ERRORS
 from tools.eval import main as eval_cli_main
 
@@ -39,11 +47,28 @@ def eval_main(argv) -> int:
         run_main(eval_cli_main, list(argv), extra_errors=EVAL_USER_ERRORS)
     return done.value.code
 
+
 # Tiny everything: 64-px images, one epoch, in-process torch loader, the tiny architecture for baselines.
-TINY = ["train.epochs=1", "data.image_size=64", "data.crop_size=64", "data.batch_size=4", "data.eval_batch_size=8",
-        "data.num_workers=0", "data.backend=torch", "model.baseline=g2d_tiny"]
-PROMPT_TEXTS = ["no pneumonia", "there is a pneumothorax", "small pleural effusion", "the heart is enlarged",
-                "pulmonary edema", "focal consolidation", "the lungs are clear", "atelectasis"]
+TINY = [
+    "train.epochs=1",
+    "data.image_size=64",
+    "data.crop_size=64",
+    "data.batch_size=4",
+    "data.eval_batch_size=8",
+    "data.num_workers=0",
+    "data.backend=torch",
+    "model.baseline=g2d_tiny",
+]
+PROMPT_TEXTS = [
+    "no pneumonia",
+    "there is a pneumothorax",
+    "small pleural effusion",
+    "the heart is enlarged",
+    "pulmonary edema",
+    "focal consolidation",
+    "the lungs are clear",
+    "atelectasis",
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,8 +101,10 @@ def run_dir(tmp_path_factory):
     model = build_model(cfg)
     config = {"model": config_to_dict(cfg), "data": {"eval_transform": "eval", "image_size": 64, "crop_size": 64}}
     (root / "checkpoints").mkdir()
-    torch.save({"model": model.state_dict(), "optimizer": {}, "step": 3, "config": config},
-               root / "checkpoints" / "step_00000003.pt")
+    torch.save(
+        {"model": model.state_dict(), "optimizer": {}, "step": 3, "config": config},
+        root / "checkpoints" / "step_00000003.pt",
+    )
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     encoder_sd, unet_sd = export_unet_state_dicts(model)
     torch.save(encoder_sd, root / "g2d_encoder.pth")
@@ -88,6 +115,7 @@ def run_dir(tmp_path_factory):
 def strict_json(path):
     def reject(token):
         raise ValueError(f"{path}: non-standard JSON constant {token}")
+
     return json.loads(open(path, encoding="utf-8").read(), parse_constant=reject)
 
 
@@ -106,16 +134,48 @@ def test_unknown_task_lists_the_valid_names(capsys):
     assert eval_main(["--task", "nope", "--data", "/nonexistent"]) == 2
     assert "rsna_detection" in capsys.readouterr().err
     assert len(TASKS) == 14 and {t.family for t in TASKS.values()} == {
-        "linear", "segmentation", "detection", "finetune", "zeroshot_cls", "grounding"}
+        "linear",
+        "segmentation",
+        "detection",
+        "finetune",
+        "zeroshot_cls",
+        "grounding",
+    }
 
 
 def test_cli_runs_a_task_and_fills_only_the_default_data_root(run_dir, data_root, tmp_path, monkeypatch, capsys):
-    assert eval_main(["--task", "zeroshot_rsna", "--ckpt", str(run_dir), "--data", data_root,
-                      "--output-root", str(tmp_path / "out"), *TINY]) == 0
+    assert (
+        eval_main(
+            [
+                "--task",
+                "zeroshot_rsna",
+                "--ckpt",
+                str(run_dir),
+                "--data",
+                data_root,
+                "--output-root",
+                str(tmp_path / "out"),
+                *TINY,
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "out" / "zeroshot_rsna" / "1.0").glob("*/results.json"))) == 1
     # A user-given root that lacks the dataset is an error saying how to pack it ...
-    assert eval_main(["--task", "covidx_linear", "--ckpt", "random", "--data", str(tmp_path / "elsewhere"),
-                      "model.baseline=g2d_tiny"]) == 2
+    assert (
+        eval_main(
+            [
+                "--task",
+                "covidx_linear",
+                "--ckpt",
+                "random",
+                "--data",
+                str(tmp_path / "elsewhere"),
+                "model.baseline=g2d_tiny",
+            ]
+        )
+        == 2
+    )
     assert "make shards DATASET=" in capsys.readouterr().err
     # ... while the default root is generated from the synthetic look-alikes (here shrunk to 8 images).
     monkeypatch.setattr(eval_cli, "DEFAULT_DATA", str(tmp_path / "shards"))
@@ -131,8 +191,12 @@ def test_task_configs_carry_the_paper_hyperparameters():
     lin = load_task_config("chexpert_linear")
     assert (lin.train.lr, lin.train.weight_decay, lin.data.batch_size, lin.train.epochs) == (5e-4, 1e-6, 8, 50)
     seg = load_task_config("siim_segmentation")
-    assert (seg.train.lr, seg.train.weight_decay, seg.segmentation.focal_weight, seg.segmentation.focal_gamma) == \
-        (2e-4, 0.05, 10.0, 2.0)
+    assert (seg.train.lr, seg.train.weight_decay, seg.segmentation.focal_weight, seg.segmentation.focal_gamma) == (
+        2e-4,
+        0.05,
+        10.0,
+        2.0,
+    )
     assert load_task_config("rsna_segmentation").data.batch_size == 16
     det1, det10 = load_task_config("rsna_detection", "0.01"), load_task_config("rsna_detection", "0.1")
     assert (det1.data.batch_size, det1.train.lr, det10.data.batch_size, det10.train.lr) == (8, 2e-4, 16, 5e-4)
@@ -140,7 +204,7 @@ def test_task_configs_carry_the_paper_hyperparameters():
     ft = load_task_config("chestxray14_finetune")
     assert (ft.train.lr, ft.data.batch_size) == (1e-4, 64)
     assert len(load_task_config("zeroshot_chestxray14").zeroshot.prompts) == 14
-    for name in TASKS:           # every YAML loads strictly
+    for name in TASKS:  # every YAML loads strictly
         load_task_config(name, "0.1", overrides=["train.epochs=2"])
     with pytest.raises(ConfigError, match="unknown key"):
         load_task_config("rsna_linear", overrides=["linear.moed=fast"])
@@ -153,8 +217,8 @@ def test_task_configs_carry_the_paper_hyperparameters():
 
 
 def test_yolo_target_assignment_and_decoding_hand_case():
-    size = (64, 64)                       # strides 8 / 16 / 32 -> grids 8 / 4 / 2
-    anchors = scaled_anchors(size)        # 416-px priors x 64/416
+    size = (64, 64)  # strides 8 / 16 / 32 -> grids 8 / 4 / 2
+    anchors = scaled_anchors(size)  # 416-px priors x 64/416
     assert torch.allclose(anchors[2, 1], torch.tensor([156, 198]) * 64 / 416)
     grids = [(8, 8), (4, 4), (2, 2)]
     # MGCA assigns per scale: every box is positive once at EACH scale, at that scale's best prior.
@@ -173,7 +237,7 @@ def test_yolo_target_assignment_and_decoding_hand_case():
     assert targets[2]["obj"].nonzero().tolist() == [[0, 0, 0, 0], [0, 0, 0, 1]]
     assert torch.allclose(targets[2]["txy"][0, 0, 0, 0], torch.tensor([22 / 32, 27.23 / 32]))
     assert torch.allclose(targets[2]["twh"][0, 0, 0, 0], torch.log(torch.tensor([130 / 116, 130 / 90])), atol=1e-5)
-    assert torch.allclose(targets[0]["twh"][0, 1, 1, 5], torch.zeros(2), atol=1e-5)    # exact prior shape
+    assert torch.allclose(targets[0]["twh"][0, 1, 1, 5], torch.zeros(2), atol=1e-5)  # exact prior shape
     assert torch.allclose(targets[0]["txy"][0, 1, 1, 5], torch.tensor([45 / 8 - 5, 13 / 8 - 1]))
     # No-object mask: not at the positives, not at the ignored similar prior, yes at the dissimilar ones.
     assert targets[2]["noobj"][0, :, 0, 0].tolist() == [False, False, True]
@@ -198,6 +262,7 @@ def test_yolo_target_assignment_and_decoding_hand_case():
 
     def entropy(p):
         return -(p * p.log() + (1 - p) * (1 - p).log())
+
     floor_xy = sum(float(entropy(t["txy"][t["obj"]]).sum()) / t["obj"].numel() for t in targets)
     assert math.isclose(float(terms["xy"]), floor_xy, rel_tol=1e-4)
     assert all(float(terms[k]) < 1e-6 for k in ("wh", "conf", "cls"))
@@ -229,7 +294,7 @@ def test_checkpoint_resolution_exports_and_architecture_mismatch(run_dir, tmp_pa
     assert ckpt.sha256 == sha256_file(run_dir / "checkpoints" / "step_00000003.pt")
     assert ckpt.model_cfg.encoder == "resnet18" and ckpt.model_cfg.encoder_weights == "none"
     full = resolve_weights(str(run_dir / "g2d_encoder_decoder.pth"), model_config("g2d_resnet50"))
-    assert full.kind == "export_unet" and full.model_cfg.encoder == "resnet18"      # config.yaml beside it wins
+    assert full.kind == "export_unet" and full.model_cfg.encoder == "resnet18"  # config.yaml beside it wins
     a, b = ckpt.build_unet(pretrained_decoder=True), full.build_unet(pretrained_decoder=True)
     assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
     enc = resolve_weights(str(run_dir / "g2d_encoder.pth"), baseline)
@@ -271,7 +336,7 @@ def test_default_checkpoint_is_the_newest_run(tmp_path, run_dir):
     os.utime(newer, (now, now))
     assert default_checkpoint(base=tmp_path) == newer
     os.utime(older, (now + 10, now + 10))
-    assert default_checkpoint(base=tmp_path) == older        # highest step of the run written last
+    assert default_checkpoint(base=tmp_path) == older  # highest step of the run written last
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +359,7 @@ def test_task_runs_end_to_end_and_records_results(task, extra, data_root, run_di
     rec = run_eval(task, str(run_dir), "1.0", data_root, TINY + extra, output_root=str(tmp_path), log=lambda *_: None)
     path = rec["results_path"]
     assert path.startswith(str(tmp_path / task / "1.0"))
-    saved = strict_json(path)                              # nan is written as null, never NaN
+    saved = strict_json(path)  # nan is written as null, never NaN
     assert saved["task"] == task and saved["fraction"] == "1.0" and saved["seed"] == 42
     assert saved["checkpoint"]["sha256"] == sha256_file(run_dir / "checkpoints" / "step_00000003.pt")
     assert saved["data"]["manifest_sha256"] == sha256_file(saved["data"]["manifest"])
@@ -314,7 +379,9 @@ def test_task_runs_end_to_end_and_records_results(task, extra, data_root, run_di
         assert all(in_unit(m[k]) for k in ("dice", "dice_positive", "iou"))
         assert m["n_test_positive"] >= 1 and m["variant"] == saved["variant"]
     elif family == "detection":
-        assert all(in_unit(m[k]) for k in ("map_all_images", "map_mgca")) and len(m["map_all_images_per_threshold"]) == 8
+        assert (
+            all(in_unit(m[k]) for k in ("map_all_images", "map_mgca")) and len(m["map_all_images_per_threshold"]) == 8
+        )
         assert m["n_test_with_boxes"] >= 1 and "best_val_map_mgca" in m
     elif family == "finetune":
         assert in_unit(m["auroc"]) and len(m["auroc_per_class"]) == 14
@@ -334,13 +401,15 @@ def test_task_runs_end_to_end_and_records_results(task, extra, data_root, run_di
             recorded = recorded[part]
         assert (recorded is None and math.isnan(value[0])) or value[0] == pytest.approx(recorded, abs=1e-9), name
         ci = saved["ci95"][name]
-        assert ci is None or (ci[0] <= ci[1] and (recorded is None or ci[0] - 1e-9 <= recorded <= ci[1] + 1e-9
-                                                   or family == "detection")), name
+        assert ci is None or (
+            ci[0] <= ci[1] and (recorded is None or ci[0] - 1e-9 <= recorded <= ci[1] + 1e-9 or family == "detection")
+        ), name
     assert saved["headline"]["ci95"] == saved["ci95"][saved["headline"]["name"]]
     assert saved["bootstrap"] == {"resamples": 1000, "seed": 42, "unit": "patient"}
-    assert saved["data"]["views"]["test"]["transform"] == ("eval" if family in ("zeroshot_cls", "grounding")
-                                                           else saved["config"]["data"]["eval_transform"])
-    if family in ("zeroshot_cls", "grounding"):      # the checkpoint's own view, not the config's 256/224
+    assert saved["data"]["views"]["test"]["transform"] == (
+        "eval" if family in ("zeroshot_cls", "grounding") else saved["config"]["data"]["eval_transform"]
+    )
+    if family in ("zeroshot_cls", "grounding"):  # the checkpoint's own view, not the config's 256/224
         assert saved["data"]["views"]["test"]["image_size"] == 64 and "train" not in saved["data"]["views"]
 
 
@@ -350,30 +419,55 @@ def test_baselines_random_and_imagenet_from_a_local_file(data_root, tmp_path):
     assert rec["checkpoint"]["kind"] == "random" and rec["checkpoint"]["sha256"] is None
     assert rec["checkpoint"]["encoder"] == "resnet18"
     weights = tmp_path / "resnet18_imagenet.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), weights)   # a torchvision-layout file (fc included)
+    torch.save(torchvision.models.resnet18().state_dict(), weights)  # a torchvision-layout file (fc included)
     rec = run_eval("rsna_linear", "imagenet", "1.0", data_root, TINY + [f"model.imagenet_weights={weights}"], **quiet)
     assert rec["checkpoint"]["kind"] == "imagenet" and in_unit(rec["metrics"]["auroc"])
     with pytest.raises(FileNotFoundError, match="model.imagenet_weights"):
-        run_eval("rsna_linear", "imagenet", "1.0", data_root,
-                 TINY + [f"model.imagenet_weights={tmp_path / 'missing.pth'}"], **quiet)
+        run_eval(
+            "rsna_linear",
+            "imagenet",
+            "1.0",
+            data_root,
+            TINY + [f"model.imagenet_weights={tmp_path / 'missing.pth'}"],
+            **quiet,
+        )
     with pytest.raises(NotApplicable, match="text encoder"):
         run_eval("zeroshot_rsna", "random", "1.0", data_root, TINY, **quiet)
 
 
 def test_all_prints_paper_tables_next_to_random_init(data_root, run_dir, tmp_path):
     overrides = TINY + ["linear.mode=fast", "segmentation.decoder_channels=[32,16,16,8,8]"]
-    summary = run_all(str(run_dir), "1.0", data_root, overrides, output_root=str(tmp_path),
-                      tasks=["siim_segmentation", "zeroshot_siim"], log=lambda *_: None)
+    summary = run_all(
+        str(run_dir),
+        "1.0",
+        data_root,
+        overrides,
+        output_root=str(tmp_path),
+        tasks=["siim_segmentation", "zeroshot_siim"],
+        log=lambda *_: None,
+    )
     assert not summary["failed"]
     runs = {(r["task"], r["model"], r["variant"]): r["status"] for r in summary["records"]}
-    assert runs == {("siim_segmentation", "checkpoint", "encoder"): "ok",
-                    ("siim_segmentation", "checkpoint", "encoder_decoder"): "ok",
-                    ("siim_segmentation", "random", "encoder"): "ok",
-                    ("zeroshot_siim", "checkpoint", ""): "ok",
-                    ("zeroshot_siim", "random", ""): "ok"}   # the G2D model before pretraining
+    assert runs == {
+        ("siim_segmentation", "checkpoint", "encoder"): "ok",
+        ("siim_segmentation", "checkpoint", "encoder_decoder"): "ok",
+        ("siim_segmentation", "random", "encoder"): "ok",
+        ("zeroshot_siim", "checkpoint", ""): "ok",
+        ("zeroshot_siim", "random", ""): "ok",
+    }  # the G2D model before pretraining
     tables = summary["tables"]
-    for text in ("Table 1", "Table 2", "Table 4", "ours: random init", "paper G2D (1.0)", "REAL datasets",
-                 "siim_segmentation (encoder_decoder)", "68.4", "89.7/69.3/85.4", "not run"):
+    for text in (
+        "Table 1",
+        "Table 2",
+        "Table 4",
+        "ours: random init",
+        "paper G2D (1.0)",
+        "REAL datasets",
+        "siim_segmentation (encoder_decoder)",
+        "68.4",
+        "89.7/69.3/85.4",
+        "not run",
+    ):
         assert text in tables, text
     assert os.path.isfile(summary["summary_path"])
     assert strict_json(summary["summary_path"])["tables"] == tables
@@ -385,7 +479,7 @@ def test_all_prints_paper_tables_next_to_random_init(data_root, run_dir, tmp_pat
 
 def _torchvision_resnet18_state(seed: int = 3) -> dict:
     torch.manual_seed(seed)
-    return torchvision.models.resnet18().state_dict()       # conv1..layer4 + fc: torchvision's layout
+    return torchvision.models.resnet18().state_dict()  # conv1..layer4 + fc: torchvision's layout
 
 
 def test_foreign_encoders_plain_torchvision_and_prefixed_lightning(data_root, tmp_path):
@@ -395,8 +489,16 @@ def test_foreign_encoders_plain_torchvision_and_prefixed_lightning(data_root, tm
     torch.save(state, plain)
     # MGCA keeps its image encoder under img_encoder_q.model. inside Lightning's {"state_dict": ...}.
     lightning = tmp_path / "mgca_style.ckpt"
-    torch.save({"epoch": 7, "state_dict": {**{f"img_encoder_q.model.{k}": v for k, v in state.items()},
-                                           "text_encoder_q.embeddings.weight": torch.zeros(4, 2)}}, lightning)
+    torch.save(
+        {
+            "epoch": 7,
+            "state_dict": {
+                **{f"img_encoder_q.model.{k}": v for k, v in state.items()},
+                "text_encoder_q.embeddings.weight": torch.zeros(4, 2),
+            },
+        },
+        lightning,
+    )
     # The loaded encoder IS the file's weights, in both layouts; the image-only families run unchanged
     # on them (one family per run here to keep the file fast: linear, segmentation, detection).
     prefixed = ["ckpt.prefix=img_encoder_q.model."]
@@ -405,14 +507,20 @@ def test_foreign_encoders_plain_torchvision_and_prefixed_lightning(data_root, tm
         assert set(loaded) == set(state) - {"fc.weight", "fc.bias"}
         assert all(torch.equal(loaded[k], state[k]) for k in loaded)
     fast = ["linear.mode=fast", "linear.lrs=[1.0e-3]", "linear.weight_decays=[0.0]"]
-    for ckpt, task, more in ((plain, "rsna_linear", fast),
-                             (plain, "siim_segmentation", ["segmentation.decoder_channels=[32,16,16,8,8]"]),
-                             (lightning, "rsna_detection", ["detection.head_width=32", *prefixed])):
+    for ckpt, task, more in (
+        (plain, "rsna_linear", fast),
+        (plain, "siim_segmentation", ["segmentation.decoder_channels=[32,16,16,8,8]"]),
+        (lightning, "rsna_detection", ["detection.head_width=32", *prefixed]),
+    ):
         rec = run_eval(task, str(ckpt), "1.0", data_root, TINY + more, **quiet)
         assert in_unit(rec["headline"]["value"]) and rec["checkpoint"]["path"] == str(ckpt)
     assert rec["checkpoint"]["kind"] == "foreign_encoder"
-    assert rec["checkpoint"]["keys"] == {"prefix": "img_encoder_q.model.", "kept": len(state), "dropped": 1,
-                                         "dropped_examples": ["text_encoder_q.embeddings.weight"]}
+    assert rec["checkpoint"]["keys"] == {
+        "prefix": "img_encoder_q.model.",
+        "kept": len(state),
+        "dropped": 1,
+        "dropped_examples": ["text_encoder_q.embeddings.weight"],
+    }
     with pytest.raises(NotApplicable, match="text encoder"):
         run_eval("zeroshot_rsna", str(plain), "1.0", data_root, TINY, **quiet)
     # Without the prefix, the Lightning file says what to do; a wrong prefix lists the real ones.
@@ -424,7 +532,9 @@ def test_foreign_encoders_plain_torchvision_and_prefixed_lightning(data_root, tm
     broken = dict(state)
     broken["layer9.weight"] = broken.pop("layer1.0.conv1.weight")
     torch.save(broken, tmp_path / "broken.pth")
-    with pytest.raises(ArchitectureMismatch, match=r"missing \['layer1.0.conv1.weight'\]; unexpected \['layer9.weight'\]"):
+    with pytest.raises(
+        ArchitectureMismatch, match=r"missing \['layer1.0.conv1.weight'\]; unexpected \['layer9.weight'\]"
+    ):
         run_eval("rsna_linear", str(tmp_path / "broken.pth"), "1.0", data_root, TINY, **quiet)
 
 
@@ -441,19 +551,39 @@ class _Payload:
 def test_bad_checkpoint_files_are_one_line_errors_before_any_data(tmp_path, run_dir, capsys, monkeypatch):
     def no_data(*_a, **_k):
         raise AssertionError("data was rendered/packed before the checkpoint was checked")
+
     monkeypatch.setattr(eval_cli, "ensure_data", no_data)
     real = (run_dir / "checkpoints" / "step_00000003.pt").read_bytes()
     marker = tmp_path / "pwned"
-    files = {"missing.pt": None, "truncated.pt": real[: len(real) // 2], "foreign.pth": b'{"a json": "file"}',
-             "list.pth": None, "malicious.pt": None}
+    files = {
+        "missing.pt": None,
+        "truncated.pt": real[: len(real) // 2],
+        "foreign.pth": b'{"a json": "file"}',
+        "list.pth": None,
+        "malicious.pt": None,
+    }
     torch.save([1, 2, 3], tmp_path / "list.pth")
     torch.save({"model": _Payload(marker), "config": {}}, tmp_path / "malicious.pt")
     for name, content in files.items():
         if content is not None:
             (tmp_path / name).write_bytes(content)
         out = tmp_path / "out"
-        assert eval_main(["--task", "rsna_linear", "--ckpt", str(tmp_path / name), "--data", str(tmp_path / "no_data"),
-                          "--output-root", str(out), "model.baseline=g2d_tiny"]) == 2, name
+        assert (
+            eval_main(
+                [
+                    "--task",
+                    "rsna_linear",
+                    "--ckpt",
+                    str(tmp_path / name),
+                    "--data",
+                    str(tmp_path / "no_data"),
+                    "--output-root",
+                    str(out),
+                    "model.baseline=g2d_tiny",
+                ]
+            )
+            == 2
+        ), name
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and name in err, (name, err)
         assert not out.exists()
@@ -463,17 +593,33 @@ def test_bad_checkpoint_files_are_one_line_errors_before_any_data(tmp_path, run_
 def test_failed_run_leaves_no_run_directory(data_root, run_dir, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="segmentation.augment='sideways'"):
-        run_eval("siim_segmentation", str(run_dir), "1.0", data_root, TINY + ["segmentation.augment=sideways"],
-                 output_root=str(out), log=lambda *_: None)
+        run_eval(
+            "siim_segmentation",
+            str(run_dir),
+            "1.0",
+            data_root,
+            TINY + ["segmentation.augment=sideways"],
+            output_root=str(out),
+            log=lambda *_: None,
+        )
     assert not (out / "siim_segmentation").exists()
 
 
-@pytest.mark.parametrize("task,extra", [("siim_segmentation", ["segmentation.decoder_channels=[32,16,16,8,8]"]),
-                                        ("rsna_detection", ["detection.head_width=32"])])
+@pytest.mark.parametrize(
+    "task,extra",
+    [
+        ("siim_segmentation", ["segmentation.decoder_channels=[32,16,16,8,8]"]),
+        ("rsna_detection", ["detection.head_width=32"]),
+    ],
+)
 def test_same_seed_same_results(task, extra, data_root, run_dir, tmp_path):
     """Two runs, same seed, same machine: identical metrics and intervals (augmentation included)."""
-    runs = [run_eval(task, str(run_dir), "1.0", data_root, TINY + extra, output_root=str(tmp_path / str(i)),
-                     log=lambda *_: None) for i in range(2)]
+    runs = [
+        run_eval(
+            task, str(run_dir), "1.0", data_root, TINY + extra, output_root=str(tmp_path / str(i)), log=lambda *_: None
+        )
+        for i in range(2)
+    ]
     assert runs[0]["metrics"] == runs[1]["metrics"] and runs[0]["ci95"] == runs[1]["ci95"]
     a, b = (load_predictions(os.path.join(os.path.dirname(r["results_path"]), "predictions.npz")) for r in runs)
     assert all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") for k in a)
@@ -481,15 +627,40 @@ def test_same_seed_same_results(task, extra, data_root, run_dir, tmp_path):
 
 def test_compare_two_runs_with_a_paired_interval(data_root, run_dir, tmp_path, capsys):
     from tools.compare import main as compare_main
+
     fast = ["linear.mode=fast", "linear.lrs=[1.0e-3]", "linear.weight_decays=[0.0]"]
-    rec = run_eval("rsna_linear", str(run_dir), "1.0", data_root, TINY + fast, output_root=str(tmp_path / "ev"),
-                   log=lambda *_: None)
+    rec = run_eval(
+        "rsna_linear",
+        str(run_dir),
+        "1.0",
+        data_root,
+        TINY + fast,
+        output_root=str(tmp_path / "ev"),
+        log=lambda *_: None,
+    )
     run_a = os.path.dirname(rec["results_path"])
     # B is a checkpoint spec: evaluated here first, then compared on the same test images.
     with pytest.raises(SystemExit) as done:
-        run_main(compare_main, ["--a", run_a, "--b", "random", "--task", "rsna_linear", "--data", data_root,
-                                "--output-root", str(tmp_path / "ev"), "--out", str(tmp_path / "cmp"), *TINY, *fast],
-                 extra_errors=EVAL_USER_ERRORS)
+        run_main(
+            compare_main,
+            [
+                "--a",
+                run_a,
+                "--b",
+                "random",
+                "--task",
+                "rsna_linear",
+                "--data",
+                data_root,
+                "--output-root",
+                str(tmp_path / "ev"),
+                "--out",
+                str(tmp_path / "cmp"),
+                *TINY,
+                *fast,
+            ],
+            extra_errors=EVAL_USER_ERRORS,
+        )
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "B - A, 95% paired-bootstrap interval (1000 resamples of patients)" in out and "auroc" in out

@@ -7,6 +7,7 @@ device, the trainer in bf16 / fp16 + GradScaler with fused AdamW (with MFU and m
 logged), and the training step's levers: compiled parts and CUDA graphs, SDPA vs eager BERT attention,
 and bench-train's max-batch search (CPU twins in test_step_perf.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,15 @@ def assert_same_batches(ref: list, got: list, cfg: DataConfig, name: str, device
         assert bg.input_ids.device.type == device.type
         assert torch.equal(br.input_ids, bg.input_ids.cpu())
         assert br.image.shape == bg.image.shape
-    mad = (unnormalise(torch.cat([b.image for b in ref]), cfg, name)
-           - unnormalise(torch.cat([b.image for b in got]), cfg, name)).abs().mean().item()
+    mad = (
+        (
+            unnormalise(torch.cat([b.image for b in ref]), cfg, name)
+            - unnormalise(torch.cat([b.image for b in got]), cfg, name)
+        )
+        .abs()
+        .mean()
+        .item()
+    )
     assert mad < 2.0, f"{name}: mean abs difference {mad:.3f}/255 vs the CPU torch backend"
     return mad
 
@@ -92,23 +100,37 @@ def test_pretrain_runs_on_the_gpu(precision, backend, mimic_shards, tiny_bert, t
     if backend == "dali" and not dali_available():
         pytest.skip("nvidia-dali not installed")
     out = tmp_path / precision
-    text = finish(run_pretrain(overrides(mimic_shards, tiny_bert, out, **{
-        "train.max_steps": 6, "train.precision": precision, "data.backend": backend,
-        "train.channels_last": True, "train.checkpoint_every": 3})))
+    text = finish(
+        run_pretrain(
+            overrides(
+                mimic_shards,
+                tiny_bert,
+                out,
+                **{
+                    "train.max_steps": 6,
+                    "train.precision": precision,
+                    "data.backend": backend,
+                    "train.channels_last": True,
+                    "train.checkpoint_every": 3,
+                },
+            )
+        )
+    )
     assert "final_step" in text
     got = losses(out)
     assert sorted(got) == list(range(1, 7)) and all(v == v and abs(v) < 1e4 for v in got.values())
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    assert max(r.get("mem_mb", 0.0) for r in rows) > 0          # torch.cuda.max_memory_allocated
+    assert max(r.get("mem_mb", 0.0) for r in rows) > 0  # torch.cuda.max_memory_allocated
     steps = [r for r in rows if "loss" in r]
     assert all(r["mem_mb_per_sample"] > 0 and r["gflops_per_sample"] > 0 for r in steps)
-    if peak_flops(GPU.device, precision)[0]:                     # a GPU in train/flops.py's table
+    if peak_flops(GPU.device, precision)[0]:  # a GPU in train/flops.py's table
         assert all(0 < r["mfu"] < 1 for r in steps)
     ckpt = torch.load(out / "checkpoints" / "step_00000006.pt", weights_only=True, map_location="cpu")
     assert ckpt["config"]["train"]["precision"] == precision
 
 
 # ---- the training step's GPU levers (CPU twins: tests/test_step_perf.py) --------------------------
+
 
 @pytest.fixture(scope="module")
 def step_bert(tmp_path_factory):
@@ -138,8 +160,16 @@ def gpu_batches(bert: str, n: int = 3, pad_multiple=16):
     out = []
     for s in range(n):
         b = make_batch(bert, size=128, n=8, pad_multiple=pad_multiple, seed=s)
-        out.append(type(b)(image=b.image.cuda(), input_ids=b.input_ids.cuda(), attention_mask=b.attention_mask.cuda(),
-                           keys=b.keys, meta=b.meta, texts=b.texts))
+        out.append(
+            type(b)(
+                image=b.image.cuda(),
+                input_ids=b.input_ids.cuda(),
+                attention_mask=b.attention_mask.cuda(),
+                keys=b.keys,
+                meta=b.meta,
+                texts=b.texts,
+            )
+        )
     return out
 
 
@@ -155,7 +185,7 @@ def test_compiled_step_and_cuda_graphs_train_like_the_eager_step(step_bert, cuda
     graphs, note = compile_for_speed(model, compile=True, cuda_graphs=cuda_graphs, device=GPU.device)
     step_fn.cuda_graphs = graphs
     assert graphs == cuda_graphs and ("reduce-overhead" in note) == cuda_graphs
-    got = run_losses(step_fn, batches + batches)            # second pass: graph replays
+    got = run_losses(step_fn, batches + batches)  # second pass: graph replays
     assert torch.isfinite(got).all()
     # bf16 autocast: compiled kernels round differently; a few steps stay within bf16 noise.
     assert torch.allclose(got[:3], ref, rtol=3e-2, atol=3e-2), (got, ref)

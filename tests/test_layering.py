@@ -1,6 +1,7 @@
 """Dependencies point one way: model -> (torch, common); pipeline -> (shards, common), never model;
 eval -> (model, pipeline, shards, common), never train; shards -> common. Checked on the import
 statements of every module, so a violation fails here rather than in review."""
+
 import ast
 from pathlib import Path
 

@@ -1,5 +1,6 @@
 """VLA (InfoNCE) and pseudo-segmentation losses against hand computations; global negatives across
 two real gloo processes against the single-process loss on the concatenated batch."""
+
 import math
 import os
 import socket
@@ -41,9 +42,9 @@ def test_infonce_matches_hand_computation():
 
 
 def test_perfect_alignment_gives_near_zero_loss_and_shuffled_pairs_do_not():
-    emb = torch.eye(6, 16)                            # orthogonal unit vectors: cos 1 with self, 0 with others
+    emb = torch.eye(6, 16)  # orthogonal unit vectors: cos 1 with self, 0 with others
     loss = ContrastiveLoss(0.07)(emb, emb)
-    assert loss.item() < 1e-4                         # 5 * exp(-1/0.07) ~ 3e-6
+    assert loss.item() < 1e-4  # 5 * exp(-1/0.07) ~ 3e-6
     shuffled = ContrastiveLoss(0.07)(emb, emb.roll(1, dims=0))
     assert shuffled.item() > 10.0
 
@@ -65,21 +66,29 @@ def _free_port() -> int:
 
 
 def _gather_worker(rank: int, world: int, port: int, out_dir: str, img: torch.Tensor, txt: torch.Tensor):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     info = cdist.init_distributed(backend="gloo")
     try:
         b = img.shape[0] // world
-        local_img = img[rank * b:(rank + 1) * b].clone().requires_grad_(True)
-        local_txt = txt[rank * b:(rank + 1) * b].clone().requires_grad_(True)
+        local_img = img[rank * b : (rank + 1) * b].clone().requires_grad_(True)
+        local_txt = txt[rank * b : (rank + 1) * b].clone().requires_grad_(True)
         loss = ContrastiveLoss(0.07, gather_negatives=True)(local_img, local_txt)
         loss.backward()
         local_only = ContrastiveLoss(0.07, gather_negatives=False)(local_img.detach(), local_txt.detach())
         mean_loss = cdist.all_reduce_mean(loss.detach())
-        torch.save({"info": (info.rank, info.world_size, info.local_rank, cdist.is_main()),
-                    "loss": loss.detach(), "mean_loss": mean_loss, "local_only": local_only,
-                    "img_grad": local_img.grad, "txt_grad": local_txt.grad},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "info": (info.rank, info.world_size, info.local_rank, cdist.is_main()),
+                "loss": loss.detach(),
+                "mean_loss": mean_loss,
+                "local_only": local_only,
+                "img_grad": local_img.grad,
+                "txt_grad": local_txt.grad,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
         cdist.barrier()
     finally:
         cdist.cleanup()
@@ -93,7 +102,7 @@ def test_gathered_negatives_across_two_processes_match_the_concatenated_batch(tm
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     full_img, full_txt = img.clone().requires_grad_(True), txt.clone().requires_grad_(True)
-    full = ContrastiveLoss(0.07, gather_negatives=True)(full_img, full_txt)   # world size 1 here
+    full = ContrastiveLoss(0.07, gather_negatives=True)(full_img, full_txt)  # world size 1 here
     full.backward()
 
     assert [r["info"] for r in results] == [(0, 2, 0, True), (1, 2, 1, False)]
@@ -158,7 +167,7 @@ def test_pseudo_seg_losses_match_hand_computation():
 
 
 def test_retrieval_topk():
-    emb = torch.eye(8, 16)                           # orthonormal: unrelated pairs score exactly 0
+    emb = torch.eye(8, 16)  # orthonormal: unrelated pairs score exactly 0
     txt = emb.clone()
     # Pairs 0 and 1 cross-matched: each ranks its true partner second (cos 0.45 behind 0.89).
     txt[0] = F.normalize(emb[1] + 0.5 * emb[0], dim=0)

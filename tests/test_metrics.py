@@ -1,4 +1,5 @@
 """eval.metrics against scikit-learn / torchvision on random inputs, and on hand-worked tiny cases."""
+
 import math
 
 import numpy as np
@@ -161,8 +162,12 @@ def test_dice_and_iou_with_empty_masks():
 
 
 def test_segmentation_summary_thresholds_strictly():
-    probs = torch.tensor([[[0.5, 0.2], [0.1, 0.0]],    # 0.5 is not > 0.5: empty prediction, empty gt -> 1
-                          [[0.9, 0.6], [0.4, 0.0]]])   # predicts 2 pixels, gt 1 of them -> Dice 2/3, IoU 1/2
+    probs = torch.tensor(
+        [
+            [[0.5, 0.2], [0.1, 0.0]],  # 0.5 is not > 0.5: empty prediction, empty gt -> 1
+            [[0.9, 0.6], [0.4, 0.0]],
+        ]
+    )  # predicts 2 pixels, gt 1 of them -> Dice 2/3, IoU 1/2
     targets = torch.tensor([[[0, 0], [0, 0]], [[1, 0], [0, 0]]])
     out = M.segmentation_summary(probs, targets)
     assert out["dice"] == pytest.approx((1 + 2 / 3) / 2)
@@ -172,19 +177,27 @@ def test_segmentation_summary_thresholds_strictly():
 
 
 def test_pointing_game_hits_misses_and_ties():
-    heat = torch.tensor([[[0, 0, 0], [0, 9, 0], [0, 0, 0]],   # peak (1,1) inside -> hit
-                         [[0, 0, 9], [0, 0, 0], [0, 0, 0]],   # peak (0,2) outside -> miss
-                         [[1, 1, 1], [1, 1, 1], [1, 1, 1]],   # all tied -> first pixel (0,0), inside -> hit
-                         [[5, 0, 0], [0, 0, 0], [0, 0, 5]]],  # tie (0,0)/(2,2) -> (0,0), gt at (2,2) -> miss
-                        dtype=torch.float32)
+    heat = torch.tensor(
+        [
+            [[0, 0, 0], [0, 9, 0], [0, 0, 0]],  # peak (1,1) inside -> hit
+            [[0, 0, 9], [0, 0, 0], [0, 0, 0]],  # peak (0,2) outside -> miss
+            [[1, 1, 1], [1, 1, 1], [1, 1, 1]],  # all tied -> first pixel (0,0), inside -> hit
+            [[5, 0, 0], [0, 0, 0], [0, 0, 5]],
+        ],  # tie (0,0)/(2,2) -> (0,0), gt at (2,2) -> miss
+        dtype=torch.float32,
+    )
     gt = torch.zeros(4, 3, 3, dtype=torch.bool)
     gt[0, 1, 1] = gt[1, 2, 2] = gt[2, 0, 0] = gt[3, 2, 2] = True
     assert M.pointing_game(heat, gt) == pytest.approx(0.5)
 
 
 def test_grounding_summary_positive_only_and_medklip_rule():
-    heat = torch.tensor([[[0.010, 0.009], [0.000, -0.010]],   # positive, gt at (0,0)
-                         [[0.020, 0.000], [0.000, 0.000]]])   # normal image (empty mask): dropped
+    heat = torch.tensor(
+        [
+            [[0.010, 0.009], [0.000, -0.010]],  # positive, gt at (0,0)
+            [[0.020, 0.000], [0.000, 0.000]],
+        ]
+    )  # normal image (empty mask): dropped
     gt = torch.tensor([[[1, 0], [0, 0]], [[0, 0], [0, 0]]])
     # MedKLIP: raw > 0.008 -> pixels (0,0), (0,1); gt (0,0): IoU 1/2, Dice 2/3; argmax (0,0) -> hit.
     medklip = M.grounding_summary(heat, gt, **M.MEDKLIP_GROUNDING)
@@ -202,13 +215,16 @@ def test_grounding_summary_positive_only_and_medklip_rule():
 
 def test_box_iou_hand_cases():
     a = torch.tensor([[0.0, 0, 2, 2], [0, 0, 4, 4]])
-    b = torch.tensor([[0.0, 0, 2, 2],   # identical to a0
-                      [1, 0, 3, 2],     # a0: overlap 1x2=2, union 4+4-2=6 -> 1/3
-                      [1, 1, 3, 3],     # inside a1: 4/16
-                      [2, 0, 4, 2],     # touches a0's edge -> 0
-                      [5, 5, 5, 5]])    # zero-area box -> 0
-    expected = torch.tensor([[1.0, 1 / 3, 1 / 7, 0, 0],
-                             [4 / 16, 4 / 16, 4 / 16, 4 / 16, 0]])
+    b = torch.tensor(
+        [
+            [0.0, 0, 2, 2],  # identical to a0
+            [1, 0, 3, 2],  # a0: overlap 1x2=2, union 4+4-2=6 -> 1/3
+            [1, 1, 3, 3],  # inside a1: 4/16
+            [2, 0, 4, 2],  # touches a0's edge -> 0
+            [5, 5, 5, 5],
+        ]
+    )  # zero-area box -> 0
+    expected = torch.tensor([[1.0, 1 / 3, 1 / 7, 0, 0], [4 / 16, 4 / 16, 4 / 16, 4 / 16, 0]])
     # a0 vs (1,1,3,3): overlap 1, union 4+4-1 = 7. a1 vs b0, b1, b3: each box (area 4) lies inside a1.
     torch.testing.assert_close(M.box_iou(a, b), expected)
     rng = torch.Generator().manual_seed(0)
@@ -256,8 +272,11 @@ def _reference_coco_map(preds, scores, gts, thresholds, skip):
         tp = np.cumsum([d[1] for d in dets])
         recall = tp / n_gt
         precision = tp / np.arange(1, len(dets) + 1)
-        aps.append(np.mean([max([p for p, r in zip(precision, recall) if r >= rt], default=0.0)
-                            for rt in np.linspace(0, 1, 101)]))
+        aps.append(
+            np.mean(
+                [max([p for p, r in zip(precision, recall) if r >= rt], default=0.0) for rt in np.linspace(0, 1, 101)]
+            )
+        )
     return float(np.mean(aps)), aps
 
 
@@ -270,10 +289,10 @@ def _random_detections(seed, n_images=24):
             x, y = rng.uniform(0, 150, 2)
             g.append([x, y, x + rng.uniform(10, 60), y + rng.uniform(10, 60)])
         p = []
-        for box in g:                           # near-hits of varying quality
+        for box in g:  # near-hits of varying quality
             if rng.random() < 0.7:
                 p.append(list(np.asarray(box) + rng.normal(0, 6, 4)))
-        for _ in range(rng.integers(0, 3)):     # false positives
+        for _ in range(rng.integers(0, 3)):  # false positives
             x, y = rng.uniform(0, 150, 2)
             p.append([x, y, x + rng.uniform(10, 60), y + rng.uniform(10, 60)])
         preds.append(torch.tensor(p, dtype=torch.float32).reshape(-1, 4))
@@ -303,7 +322,7 @@ def test_mgca_skip_rule_hand_case():
     empty = torch.zeros(0, 4)
     preds = [hit, empty, torch.tensor([[10.0, 10, 20, 20]])]
     scores = [[0.9], [], [0.8]]
-    gts = [gt, gt, empty]   # image 2: no ground truth, one (false) box; image 1: ground truth, no box
+    gts = [gt, gt, empty]  # image 2: no ground truth, one (false) box; image 1: ground truth, no box
     # MGCA: only image 0 is scored -> perfect.
     assert M.map_torchmetrics(preds, scores, gts, skip="mgca")["map"] == pytest.approx(1.0)
     # All images: recall stops at 1/2; the FP (0.8) ranks after the TP -> AP = 51 points of 101 at precision 1.
@@ -317,8 +336,9 @@ def test_coco_map_weights_equal_repeated_images():
     preds, scores, gts = _random_detections(11, 10)
     weights = np.array([[2, 0, 1, 3, 1, 0, 1, 1, 2, 1]])
     repeat = [i for i, w in enumerate(weights[0]) for _ in range(w)]
-    repeated = M.coco_map(M.coco_matches([preds[i] for i in repeat], [scores[i] for i in repeat],
-                                         [gts[i] for i in repeat]))
+    repeated = M.coco_map(
+        M.coco_matches([preds[i] for i in repeat], [scores[i] for i in repeat], [gts[i] for i in repeat])
+    )
     weighted = M.coco_map(M.coco_matches(preds, scores, gts), weights)
     np.testing.assert_allclose(weighted, repeated, atol=1e-12)
 
@@ -334,12 +354,12 @@ def test_nms_plus_one_convention():
 def test_pointing_game_at_the_peak_cell_not_the_image_edge():
     # A 4x4 feature grid over a 32x32 image: each cell is 8x8 px; cell (0, 0)'s centre is pixel (4, 4).
     grid = torch.zeros(3, 4, 4)
-    grid[0, 0, 0] = 1.0          # peak in the top-left border cell
-    grid[1, 3, 3] = 1.0          # peak in the bottom-right border cell
-    grid[2, 1, 2] = 1.0          # interior peak, cell centre (row 12, col 20)
+    grid[0, 0, 0] = 1.0  # peak in the top-left border cell
+    grid[1, 3, 3] = 1.0  # peak in the bottom-right border cell
+    grid[2, 1, 2] = 1.0  # interior peak, cell centre (row 12, col 20)
     masks = torch.zeros(3, 32, 32, dtype=torch.bool)
-    masks[0, 2:7, 2:7] = True    # around cell (0,0)'s centre, not touching the image corner
-    masks[1, 0:4, 0:4] = True    # the wrong corner -> miss
+    masks[0, 2:7, 2:7] = True  # around cell (0,0)'s centre, not touching the image corner
+    masks[1, 0:4, 0:4] = True  # the wrong corner -> miss
     masks[2, 12, 20] = True
     assert M.grid_peak_hits(grid, masks).tolist() == [True, False, True]
     # The old rule (argmax of the bilinearly upsampled map) lands on the corner pixel (0, 0): a miss.
@@ -349,7 +369,7 @@ def test_pointing_game_at_the_peak_cell_not_the_image_edge():
     assert per["pointing"].tolist() == [1.0, 0.0, 1.0]
     # The lenient cell rule: a region inside the peak cell that misses its centre pixel still counts.
     masks[0] = False
-    masks[0, 0:2, 6:8] = True    # in cell (0, 0) (pixels 0-7), away from its centre (4, 4)
+    masks[0, 0:2, 6:8] = True  # in cell (0, 0) (pixels 0-7), away from its centre (4, 4)
     assert M.grid_peak_hits(grid[:1], masks[:1]).tolist() == [False]
     assert M.grid_peak_cell_overlaps(grid, masks).tolist() == [True, False, True]
     empty = torch.zeros(1, 32, 32, dtype=torch.bool)

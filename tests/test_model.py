@@ -2,6 +2,7 @@
 BERT in place of the unreachable hub model), the layer-by-layer text path equals BertModel, the
 frozen prefix runs without autograd, encoder init from local files, and exported state dicts
 load strictly into plain smp U-Nets."""
+
 import urllib.error
 
 import pytest
@@ -45,8 +46,10 @@ def tiny_cfg(tiny_bert: str, **overrides) -> ModelConfig:
 
 
 def test_config_loads_strictly_from_dict():
-    cfg = config_from_dict(ModelConfig, {"encoder": "resnet18", "decoder_channels": [32, 16, 8, 8, 4],
-                                         "pseudo_mask_mode": "code", "temperature": 1})
+    cfg = config_from_dict(
+        ModelConfig,
+        {"encoder": "resnet18", "decoder_channels": [32, 16, 8, 8, 4], "pseudo_mask_mode": "code", "temperature": 1},
+    )
     assert cfg.decoder_channels == (32, 16, 8, 8, 4) and cfg.temperature == 1.0
     assert cfg.text_freeze_layers == 9 and cfg.attn_pool_heads == 4 and cfg.proj_dim == 128
     with pytest.raises(ConfigError, match="pseudo_mask_mode"):
@@ -61,7 +64,7 @@ def test_config_loads_strictly_from_dict():
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
 def test_every_registered_config_runs_forward_and_backward(name, tiny_bert, batch):
     torch.manual_seed(0)
-    cfg = model_config(name, text_model=tiny_bert, text_freeze_layers=1)   # the hub is unreachable here
+    cfg = model_config(name, text_model=tiny_bert, text_freeze_layers=1)  # the hub is unreachable here
     model = build_model(cfg).train()
     size = 64 if cfg.image_size > 128 else 128
     image = torch.randn(2, cfg.channels, size, size).contiguous(memory_format=torch.channels_last)
@@ -77,26 +80,26 @@ def test_every_registered_config_runs_forward_and_backward(name, tiny_bert, batc
     out.loss.backward()
     no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not no_grad, f"trainable parameters without gradient (DDP would fail): {no_grad}"
-    assert all(p.grad is None for p in model.text.bert.encoder.layer[0].parameters())   # frozen layer
+    assert all(p.grad is None for p in model.text.bert.encoder.layer[0].parameters())  # frozen layer
     assert model.image.unet.segmentation_head[0].weight.grad.abs().sum() > 0
 
 
 def test_pa_loss_enters_only_after_warmup(tiny_bert, batch):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(tiny_bert, pa_warmup_steps=5, pa_weight=2.0)).eval()   # eval: deterministic BN
+    model = build_model(tiny_cfg(tiny_bert, pa_warmup_steps=5, pa_weight=2.0)).eval()  # eval: deterministic BN
     image = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         before = model(image, *batch, step=4)
         after = model(image, *batch, step=5)
     assert torch.equal(before.loss, before.vla_loss)
-    assert before.pa_loss > 0                                                      # still computed for logging
+    assert before.pa_loss > 0  # still computed for logging
     assert torch.allclose(after.loss, after.vla_loss + 2.0 * after.pa_loss)
 
 
 def test_encode_image_and_text(tiny_bert, batch):
     model = build_model(tiny_cfg(tiny_bert)).eval()
     with torch.no_grad():
-        glob, dense, attention = model.encode_image(torch.randn(2, 3, 128, 96))     # non-square, non-training size
+        glob, dense, attention = model.encode_image(torch.randn(2, 3, 128, 96))  # non-square, non-training size
         text = model.encode_text(*batch)
     assert glob.shape == (2, 128) and dense.shape == (2, 128, 4, 3) and attention.shape == (2, 4, 4, 3)
     assert torch.allclose(glob.norm(dim=-1), torch.ones(2)) and torch.allclose(text.norm(dim=-1), torch.ones(2))
@@ -107,14 +110,14 @@ def test_encode_image_and_text(tiny_bert, batch):
 
 def test_attention_pool_heads_must_divide_the_width():
     with pytest.raises(ValueError, match="must divide"):
-        AttentionPool2d((8, 8), 128, 3)   # the paper's 3 heads are impossible at 128-d
+        AttentionPool2d((8, 8), 128, 3)  # the paper's 3 heads are impossible at 128-d
 
 
 def test_layerwise_text_path_equals_bert_forward(tiny_bert, batch):
     from transformers import AutoModel
 
     ids, mask = batch
-    assert (mask == 0).any()                                     # padding present, so the mask matters
+    assert (mask == 0).any()  # padding present, so the mask matters
     encoder = TextEncoder(ModelConfig(text_model=tiny_bert, text_freeze_layers=1)).eval()
     eager = AutoModel.from_pretrained(tiny_bert, add_pooling_layer=False, attn_implementation="eager").eval()
     with torch.no_grad():
@@ -132,20 +135,23 @@ def test_frozen_prefix_runs_without_autograd(tiny_bert, batch):
     def layer_outputs_require_grad(cfg):
         encoder = TextEncoder(cfg).train()
         seen = []
-        hooks = [layer.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
-                 for layer in encoder.bert.encoder.layer]
+        hooks = [
+            layer.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
+            for layer in encoder.bert.encoder.layer
+        ]
         encoder(ids, mask).sum().backward()
         for hook in hooks:
             hook.remove()
         return encoder, seen
 
-    fast, seen = layer_outputs_require_grad(ModelConfig(text_model=tiny_bert, text_freeze_layers=1,
-                                                        text_freeze_embeddings=True))
-    assert seen == [False, True]                 # layer 0 (and embeddings) ran under no_grad
+    fast, seen = layer_outputs_require_grad(
+        ModelConfig(text_model=tiny_bert, text_freeze_layers=1, text_freeze_embeddings=True)
+    )
+    assert seen == [False, True]  # layer 0 (and embeddings) ran under no_grad
     assert all(p.grad is None for p in fast.bert.embeddings.parameters())
     assert fast.bert.encoder.layer[1].attention.self.query.weight.grad is not None
     code, seen = layer_outputs_require_grad(ModelConfig(text_model=tiny_bert, text_freeze_layers=1))
-    assert seen == [True, True]                  # trainable embeddings need the graph through layer 0
+    assert seen == [True, True]  # trainable embeddings need the graph through layer 0
     assert code.bert.embeddings.word_embeddings.weight.grad is not None
     assert all(p.grad is None for p in code.bert.encoder.layer[0].parameters())
 
@@ -156,10 +162,10 @@ def test_masked_batchnorm_uses_real_tokens_only():
     mask = torch.ones(3, 10, dtype=torch.long)
     mask[0, 4:] = 0
     mask[2, 7:] = 0
-    x[mask[:, None, :].expand_as(x) == 0] = 100.0            # padding values that must not leak in
+    x[mask[:, None, :].expand_as(x) == 0] = 100.0  # padding values that must not leak in
     bn = MaskedBatchNorm1d(8).train()
     out = bn(x, mask)
-    real = x.permute(0, 2, 1)[mask.bool()]                     # [N_real, 8]
+    real = x.permute(0, 2, 1)[mask.bool()]  # [N_real, 8]
     expected = (real - real.mean(0)) / torch.sqrt(real.var(0, unbiased=False) + 1e-5)
     assert torch.allclose(out.permute(0, 2, 1)[mask.bool()], expected, atol=1e-5)
     assert torch.allclose(bn.running_mean, 0.1 * real.mean(0), atol=1e-5)
@@ -173,7 +179,7 @@ def test_masked_batchnorm_uses_real_tokens_only():
 def test_hub_name_fails_with_a_clear_message(monkeypatch):
     import huggingface_hub.constants
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # fail fast, no retries
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail fast, no retries
     with pytest.raises(RuntimeError, match="local directory"):
         load_bert("emilyalsentzer/Bio_ClinicalBERT")
 
@@ -195,12 +201,12 @@ def _image_cfg(**overrides) -> ModelConfig:
 
 def test_encoder_init_from_local_state_dicts(tmp_path):
     torch.manual_seed(0)
-    tv = torchvision.models.resnet18()                         # torchvision layout (with fc)
+    tv = torchvision.models.resnet18()  # torchvision layout (with fc)
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
     img = ImageEncoderDecoder(_image_cfg(encoder_weights=str(tmp_path / "tv.pth")))
     assert torch.equal(img.unet.encoder.layer3[1].conv2.weight, tv.layer3[1].conv2.weight)
 
-    torch.save(img.unet.encoder.state_dict(), tmp_path / "smp.pth")   # smp-encoder layout
+    torch.save(img.unet.encoder.state_dict(), tmp_path / "smp.pth")  # smp-encoder layout
     again = ImageEncoderDecoder(_image_cfg(encoder_weights=str(tmp_path / "smp.pth")))
     assert torch.equal(again.unet.encoder.conv1.weight, tv.conv1.weight)
 
@@ -236,7 +242,7 @@ def test_exported_state_dicts_load_strictly_into_plain_smp_unets(tiny_bert):
     assert all(torch.equal(v, ref[k]) for k, v in full.decoder.state_dict().items())
 
     fresh = smp.Unet("resnet50", encoder_weights=None, classes=1)
-    load_encoder_into_unet(encoder_decoder_sd, fresh)                 # whole-U-Net layout accepted
+    load_encoder_into_unet(encoder_decoder_sd, fresh)  # whole-U-Net layout accepted
     assert torch.equal(fresh.encoder.layer4[2].conv3.weight, model.image.unet.encoder.layer4[2].conv3.weight)
     with pytest.raises(ValueError, match="missing"):
         load_encoder_into_unet(encoder_sd, smp.Unet("resnet18", encoder_weights=None))
@@ -250,15 +256,19 @@ def test_code_mode_config_pads_to_256_so_text_embeddings_equal_the_official_ones
     from pipeline.text import BatchTokenizer
     from train.config import load_pretrain_config
 
-    cfg = load_pretrain_config("configs/pretrain/g2d_code.yaml", [f"model.text_model={tiny_bert}",
-                                                                  "model.encoder_weights=none", "model.text_freeze_layers=1"])
+    cfg = load_pretrain_config(
+        "configs/pretrain/g2d_code.yaml",
+        [f"model.text_model={tiny_bert}", "model.encoder_weights=none", "model.text_freeze_layers=1"],
+    )
     assert cfg.model.text_bn_real_tokens is False
     tok = AutoTokenizer.from_pretrained(tiny_bert)
-    ids, mask, _ = BatchTokenizer(tok, cfg.data.max_text_length, cfg.data.text_pad_multiple, cfg.data.text_padding)(REPORTS)
+    ids, mask, _ = BatchTokenizer(tok, cfg.data.max_text_length, cfg.data.text_pad_multiple, cfg.data.text_padding)(
+        REPORTS
+    )
     assert ids.shape == (4, 256)
     torch.manual_seed(0)
     encoder = TextEncoder(cfg.model).train()
-    encoder.bert.eval()                                        # dropout off; the projector BN stays in training mode
+    encoder.bert.eval()  # dropout off; the projector BN stays in training mode
     # The official computation: BertModel over 256-padded tokens, then Conv1d -> BatchNorm1d over all positions.
     ref = tok(REPORTS, padding="max_length", truncation=True, max_length=256, return_tensors="pt")
     bn = nn.BatchNorm1d(cfg.model.proj_dim, affine=False).train()
@@ -266,10 +276,10 @@ def test_code_mode_config_pads_to_256_so_text_embeddings_equal_the_official_ones
         hidden = encoder.bert(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"]).last_hidden_state
         official = encoder.proj_out(torch.relu(bn(encoder.proj_in(hidden.transpose(1, 2)))))[:, :, 0]
         ours = encoder(ids, mask)
-        short = BatchTokenizer(tok, 256, 8, "longest")(REPORTS)   # what the config used to feed
+        short = BatchTokenizer(tok, 256, 8, "longest")(REPORTS)  # what the config used to feed
         per_batch = encoder(short[0], short[1])
     assert torch.allclose(ours, official, atol=1e-4)
-    assert not torch.allclose(per_batch, official, atol=1e-2)   # the pad length does change the embedding
+    assert not torch.allclose(per_batch, official, atol=1e-2)  # the pad length does change the embedding
 
 
 def test_resume_check_treats_missing_fields_as_defaults_and_ignores_runtime_only_ones():

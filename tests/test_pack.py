@@ -1,5 +1,6 @@
 """pack_mimic end to end on a small hand-made MIMIC-CXR-JPG tree: readers, determinism, reruns,
 bad inputs, accounting, verification."""
+
 import csv
 import io
 import json
@@ -23,8 +24,12 @@ from tools.verify_shards import main as verify_main
 SPS = 8  # samples per shard: several shards per split from a few dozen images
 N_STUDIES = 30
 # dicom ids of the deliberately broken inputs -> the reason text each must be rejected with
-BAD_IMAGES = {"missing": "image file missing", "zerobyte": "image file is empty",
-              "truncated": "truncated", "corrupt": "not a decodable image"}
+BAD_IMAGES = {
+    "missing": "image file missing",
+    "zerobyte": "image file is empty",
+    "truncated": "truncated",
+    "corrupt": "not a decodable image",
+}
 BAD_REPORTS = {"emptyrep": "empty report", "latin1rep": "not UTF-8"}
 DUPLICATE = "dup"
 
@@ -32,8 +37,11 @@ DUPLICATE = "dup"
 def _jpeg(rng, h, w):
     """Gray radiograph stand-in with a black border (so the crop does something)."""
     yy, xx = np.mgrid[0:h, 0:w]
-    img = (60 + 120 * np.exp(-((xx - w / 2) ** 2 + (yy - h / 2) ** 2) / (0.1 * h * w))
-           + rng.normal(0, 12, (h, w))).clip(1, 255).astype(np.uint8)
+    img = (
+        (60 + 120 * np.exp(-((xx - w / 2) ** 2 + (yy - h / 2) ** 2) / (0.1 * h * w)) + rng.normal(0, 12, (h, w)))
+        .clip(1, 255)
+        .astype(np.uint8)
+    )
     img[:, : w // 10] = 0
     img[: h // 12] = 0
     buf = io.BytesIO()
@@ -71,7 +79,9 @@ def make_corpus(root: Path, seed: int = 0) -> dict:
         chex.append([subject, study] + [["1.0", "0.0", "-1.0", ""][(i + k) % 4] for k in range(14)])
         (root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt").write_text(
             f"                FINAL REPORT\n EXAMINATION: CHEST\n \n FINDINGS: Study {i} lungs clear.\n"
-            f" 1. Heart size {i}.5 cm.\n \n IMPRESSION: No acute process {i}.\n", encoding="utf-8")
+            f" 1. Heart size {i}.5 cm.\n \n IMPRESSION: No acute process {i}.\n",
+            encoding="utf-8",
+        )
     # Broken inputs, each in its own extra study (frontal, in the train split).
     extra = list(BAD_IMAGES) + list(BAD_REPORTS)
     for k, name in enumerate(extra):
@@ -79,8 +89,12 @@ def make_corpus(root: Path, seed: int = 0) -> dict:
         d = root / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}"
         d.mkdir(parents=True)
         data = _jpeg(rng, 200, 180)
-        payload = {"missing": None, "zerobyte": b"", "truncated": data[: len(data) // 2],
-                   "corrupt": b"\x00" * 64 + data[64:]}.get(name, data)
+        payload = {
+            "missing": None,
+            "zerobyte": b"",
+            "truncated": data[: len(data) // 2],
+            "corrupt": b"\x00" * 64 + data[64:],
+        }.get(name, data)
         if payload is not None:
             (d / f"{name}.jpg").write_bytes(payload)
         report = d.parent / f"s{study}.txt"
@@ -136,8 +150,22 @@ def test_every_good_row_packed_once_with_its_metadata(corpus):
     assert list(splits) == ["train", "valid"] and all(len(splits[s]["shards"]) >= 2 for s in splits)
     key = corpus["good"][0]
     meta = json.loads(samples[key]["json"])
-    assert set(meta) == {"dataset", "dicom_id", "subject_id", "study_id", "view", "split", "labels",
-                         "impression", "findings", "orig_size", "crop_box", "scale", "stored_size", "crc32"}
+    assert set(meta) == {
+        "dataset",
+        "dicom_id",
+        "subject_id",
+        "study_id",
+        "view",
+        "split",
+        "labels",
+        "impression",
+        "findings",
+        "orig_size",
+        "crop_box",
+        "scale",
+        "stored_size",
+        "crc32",
+    }
     assert meta["crc32"] == {ext: zlib.crc32(samples[key][ext]) for ext in ("jpg", "txt")}
     assert meta["dicom_id"] == key and meta["view"] == "AP" and meta["split"] == "valid"
     assert len(meta["study_id"]) == 8 and not meta["study_id"].startswith("s")
@@ -200,8 +228,12 @@ def test_webdataset_and_dali_read_the_same_bytes(corpus):
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)
     def reader():
         jpg, txt, meta = fn.readers.webdataset(
-            paths=[s["path"] for s in shards], index_paths=[s["index_path"] for s in shards],
-            ext=["jpg", "txt", "json"], missing_component_behavior="error", name="r")
+            paths=[s["path"] for s in shards],
+            index_paths=[s["index_path"] for s in shards],
+            ext=["jpg", "txt", "json"],
+            missing_component_behavior="error",
+            name="r",
+        )
         return jpg, txt, meta
 
     pipe = reader()
@@ -252,8 +284,15 @@ def test_existing_master_csv_input(corpus, tmp_path):
     lateral[1], lateral[4] = "lateralview", "LATERAL"
     with master.open("w", newline="", encoding="utf-8") as fh:
         csv.writer(fh).writerows(rows + [lateral])
-    manifest = pack_mimic(corpus["root"], tmp_path / "from_master", master_csv=master,
-                          samples_per_shard=SPS, workers=1, seed=3, progress=False)
+    manifest = pack_mimic(
+        corpus["root"],
+        tmp_path / "from_master",
+        master_csv=master,
+        samples_per_shard=SPS,
+        workers=1,
+        seed=3,
+        progress=False,
+    )
     reasons = {r["key"]: r["reason"] for r in manifest["rejected"]}
     assert reasons["lateralview"].startswith("unknown view 'LATERAL'")
     assert sorted(tar_samples(tmp_path / "from_master")) == sorted(corpus["good"])
@@ -308,8 +347,9 @@ def test_synthetic_corpus_packs_and_verifies(tmp_path):
 
     root = tmp_path / "synthetic"
     generate_mimic(root, n=24, seed=1, size=256, workers=1)
-    manifest = pack_mimic(root, tmp_path / "out", samples_per_shard=4, workers=1, seed=0,
-                          keep_test=True, progress=False)
+    manifest = pack_mimic(
+        root, tmp_path / "out", samples_per_shard=4, workers=1, seed=0, keep_test=True, progress=False
+    )
     assert list(manifest["splits"]) == ["train", "valid", "test"]
     assert all(manifest["splits"][s]["num_samples"] > 0 for s in manifest["splits"])
     c = manifest["counts"]

@@ -1,5 +1,6 @@
 """Packaging: `make help` lists every target, `make setup` keys on both requirement files, dev-only
 packages stay out of runtime code, and pytest reads its config from pyproject.toml."""
+
 import ast
 import re
 import shutil
@@ -19,8 +20,9 @@ def _pins(path):
 
 
 def _make(*args, cwd=ROOT):
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        ["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_make_help_lists_every_phony_target():
@@ -42,7 +44,7 @@ def test_setup_stamp_keys_on_both_requirement_files(tmp_path):
     stamp = re.search(r"touch (\.venv/\.setup-[0-9a-f]{16})", plan).group(1)
     (tmp_path / ".venv").mkdir()
     (tmp_path / stamp).touch()
-    assert "pip install" not in _make("-n", "setup", cwd=tmp_path)        # up to date: nothing to do
+    assert "pip install" not in _make("-n", "setup", cwd=tmp_path)  # up to date: nothing to do
     seen = {stamp}
     for name in ("requirements-dev.txt", "requirements.txt"):
         with open(tmp_path / name, "a") as fh:
@@ -61,11 +63,17 @@ def test_dev_requirements_stay_out_of_runtime_code():
     for package in RUNTIME_PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                         else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module]
+                    if isinstance(node, ast.ImportFrom) and node.level == 0
+                    else []
+                )
                 offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in dev_modules]
-    assert not offenders, "runtime code imports a dev-only package (move its pin to requirements.txt):\n" + \
-        "\n".join(offenders)
+    assert not offenders, "runtime code imports a dev-only package (move its pin to requirements.txt):\n" + "\n".join(
+        offenders
+    )
 
 
 def test_pytest_and_ruff_config_live_in_pyproject():

@@ -3,6 +3,7 @@
 Everything runs on tiny packed datasets (tests/pipeline_fixtures.py) with the CPU variants of both
 backends: DALI with device_id=None, torch DataLoader workers.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -53,7 +54,7 @@ def unnormalise(image: torch.Tensor, cfg: DataConfig, name: str) -> torch.Tensor
     spec = build_spec(cfg, name)
     mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
     std = torch.tensor(spec.std).view(1, -1, 1, 1)
-    return (image.cpu() * std + mean) * 255.0                  # [B, C, H, W] in 0..255
+    return (image.cpu() * std + mean) * 255.0  # [B, C, H, W] in 0..255
 
 
 def collect(loader) -> list:
@@ -61,6 +62,7 @@ def collect(loader) -> list:
 
 
 # ---- plan ----------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_plan_partitions_epoch_into_equal_disjoint_rank_blocks(tiny, world):
@@ -70,19 +72,19 @@ def test_plan_partitions_epoch_into_equal_disjoint_rank_blocks(tiny, world):
     for epoch in (0, 1):
         plans = [make_plan(index, 5, epoch, r, world, batch, shuffle=True, drop_last=True) for r in range(world)]
         counts = {len(p) for p in plans}
-        assert counts == {n // (world * batch)}                       # same batch count on every rank
+        assert counts == {n // (world * batch)}  # same batch count on every rank
         seen = [g for p in plans for b in p.batches for g in b.tolist()]
         assert all(len(b) == batch for p in plans for b in p.batches)
-        assert len(seen) == len(set(seen)) == (n // (world * batch)) * world * batch   # disjoint, remainder dropped
+        assert len(seen) == len(set(seen)) == (n // (world * batch)) * world * batch  # disjoint, remainder dropped
         assert n - len(seen) < world * batch
         again = make_plan(index, 5, epoch, world - 1, world, batch, shuffle=True, drop_last=True)
-        assert [b.tolist() for b in again.batches] == [b.tolist() for b in plans[-1].batches]   # deterministic
+        assert [b.tolist() for b in again.batches] == [b.tolist() for b in plans[-1].batches]  # deterministic
     order0 = make_plan(index, 5, 0, 0, 1, batch, True, True).batches
     order1 = make_plan(index, 5, 1, 0, 1, batch, True, True).batches
-    assert [b.tolist() for b in order0] != [b.tolist() for b in order1]          # reshuffled per epoch
+    assert [b.tolist() for b in order0] != [b.tolist() for b in order1]  # reshuffled per epoch
     first_shards0 = index.shard_id(np.concatenate(order0))[:: index.shards[0].offsets.shape[0]]
     first_shards1 = index.shard_id(np.concatenate(order1))[:: index.shards[0].offsets.shape[0]]
-    assert first_shards0.tolist() != first_shards1.tolist()                      # shard order changes too
+    assert first_shards0.tolist() != first_shards1.tolist()  # shard order changes too
 
 
 def test_plan_without_drop_last_covers_every_sample(tiny):
@@ -124,6 +126,7 @@ def test_missing_shard_or_index_fails_at_start_with_its_path(tiny, tmp_path):
 
 # ---- backends agree ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["eval", "mgca_eval", "g2d_train"])
 def test_backends_produce_the_same_batches(tiny, tokenizer, name):
     root, _ = tiny
@@ -150,8 +153,9 @@ def test_backends_produce_the_same_batches(tiny, tokenizer, name):
 
 def test_eval_transform_is_a_squash_resize_with_imagenet_normalisation(tiny):
     root, _ = tiny
-    cfg = config(root, backend="torch", transform="eval", shuffle=False, drop_last=False, image_size=96,
-                 eval_transform="eval")
+    cfg = config(
+        root, backend="torch", transform="eval", shuffle=False, drop_last=False, image_size=96, eval_transform="eval"
+    )
     batch = next(iter(build_loader(cfg, "valid", CPU)))
     assert batch.image.shape == (8, 3, 96, 96) and batch.image.dtype == torch.float32
     img = unnormalise(batch.image, cfg, "eval")
@@ -160,7 +164,7 @@ def test_eval_transform_is_a_squash_resize_with_imagenet_normalisation(tiny):
     paper = config(root, backend="torch", transform="g2d_paper", channels=1, shuffle=False, drop_last=False)
     batch = next(iter(build_loader(paper, "valid", CPU)))
     assert batch.image.shape == (8, 1, 224, 224)
-    assert batch.image.min() >= 0 and batch.image.max() <= 1                     # intensities in [0, 1]
+    assert batch.image.min() >= 0 and batch.image.max() <= 1  # intensities in [0, 1]
 
 
 def test_affine_matrix_reproduces_torchvision_random_affine():
@@ -172,10 +176,22 @@ def test_affine_matrix_reproduces_torchvision_random_affine():
     yy, xx = np.mgrid[0:64, 0:64]
     img = Image.fromarray(((np.sin(xx / 5.0) * np.cos(yy / 7.0) + 1) * 120).astype(np.uint8))
     for angle, shear in [(12.3, -7.7), (-15.0, 15.0), (3.0, 0.0)]:
-        ours = img.transform((64, 64), Image.Transform.AFFINE, tuple(inverse_affine_matrix(64, angle, shear).reshape(-1)),
-                             Image.Resampling.BILINEAR, fillcolor=0)
-        theirs = F.affine(img, angle=angle, translate=[0, 0], scale=1.0, shear=[shear, 0.0],
-                          interpolation=F.InterpolationMode.BILINEAR, fill=0)
+        ours = img.transform(
+            (64, 64),
+            Image.Transform.AFFINE,
+            tuple(inverse_affine_matrix(64, angle, shear).reshape(-1)),
+            Image.Resampling.BILINEAR,
+            fillcolor=0,
+        )
+        theirs = F.affine(
+            img,
+            angle=angle,
+            translate=[0, 0],
+            scale=1.0,
+            shear=[shear, 0.0],
+            interpolation=F.InterpolationMode.BILINEAR,
+            fill=0,
+        )
         assert np.array_equal(np.asarray(ours), np.asarray(theirs))
 
 
@@ -190,6 +206,7 @@ def test_augmentation_draws_depend_on_seed_epoch_and_key_only(tiny):
 
 # ---- tokenisation --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_tokens_are_padded_per_batch_and_capped(tiny, tokenizer, backend):
     root, _ = tiny
@@ -199,17 +216,18 @@ def test_tokens_are_padded_per_batch_and_capped(tiny, tokenizer, backend):
     for batch in loader:
         own = [len(tokenizer(t, truncation=True, max_length=32)["input_ids"]) for t in batch.texts]
         width = batch.input_ids.shape[1]
-        assert width == min(32, -(-max(own) // 8) * 8)                      # longest, rounded to 8, capped
+        assert width == min(32, -(-max(own) // 8) * 8)  # longest, rounded to 8, capped
         assert batch.attention_mask.sum(1).tolist() == own
         assert batch.input_ids.dtype == torch.int64
         lengths.add(width)
-    assert 32 in lengths and len(lengths) > 1            # long reports truncated, short batches stay short
+    assert 32 in lengths and len(lengths) > 1  # long reports truncated, short batches stay short
     stats = loader.stats.as_dict()
     assert stats["tokenize_s"] > 0 and stats["tokenize_s_per_batch"] > 0 and stats["data_wait_s"] > 0
     assert stats["batches"] == len(loader) and stats["samples"] == 52 and stats["skipped"] == 0
 
 
 # ---- determinism and resume ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_resume_mid_epoch_yields_the_tail_of_the_uninterrupted_epoch(tiny, tokenizer, backend):
@@ -240,7 +258,7 @@ def test_resume_mid_epoch_yields_the_tail_of_the_uninterrupted_epoch(tiny, token
 
     done = build_loader(cfg, "valid", CPU)
     done.load_state_dict(resumed.state_dict())
-    assert collect(done) == []                          # resumed at the epoch end: nothing left
+    assert collect(done) == []  # resumed at the epoch end: nothing left
     done.set_epoch(2)
     assert len(collect(done)) == len(done)
 
@@ -257,7 +275,7 @@ def test_epochs_reshuffle_and_worker_count_does_not_change_batches(tiny):
             keys[workers, epoch] = [b.keys for b in batches]
             if epoch == 1:
                 keys[workers, "image"] = torch.cat([b.image for b in batches])
-                assert [b.keys for b in collect(loader)] == keys[workers, 1]    # a finished pass replays
+                assert [b.keys for b in collect(loader)] == keys[workers, 1]  # a finished pass replays
     assert keys[1, 0] == keys[2, 0] and keys[1, 1] == keys[2, 1]
     assert torch.equal(keys[1, "image"], keys[2, "image"])
     assert keys[1, 0] != keys[1, 1]
@@ -265,12 +283,13 @@ def test_epochs_reshuffle_and_worker_count_does_not_change_batches(tiny):
 
 # ---- bad data --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_corrupt_samples_are_skipped_and_counted_or_raise(tiny, tokenizer, tmp_path, backend):
     root, manifest = tiny
     copy = tmp_path / "corrupt"
     shutil.copytree(root, copy)
-    bad_jpg = corrupt_member(copy, manifest, "tr0009", "jpg")                  # header destroyed
+    bad_jpg = corrupt_member(copy, manifest, "tr0009", "jpg")  # header destroyed
     corrupt_member(copy, manifest, "tr0030", "json", b"{not json")
 
     cfg = config(copy, backend=backend, transform="g2d_train", batch_size_per_gpu=4)
@@ -291,7 +310,7 @@ def test_corrupt_samples_are_skipped_and_counted_or_raise(tiny, tokenizer, tmp_p
     rebuilds = loader.stats.dali_rebuilds
     loader.set_epoch(1)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", CorruptSampleWarning)                   # warned once per sample
+        warnings.simplefilter("error", CorruptSampleWarning)  # warned once per sample
         assert len(collect(loader)) == len(loader)
     assert loader.stats.skipped == 4 and loader.stats.dali_rebuilds == rebuilds
 
@@ -307,6 +326,7 @@ def test_corrupt_samples_are_skipped_and_counted_or_raise(tiny, tokenizer, tmp_p
 
 
 # ---- dense targets -------------------------------------------------------------------------------
+
 
 def _box_of(mask: np.ndarray) -> list[float]:
     ys, xs = np.nonzero(mask)
@@ -332,14 +352,14 @@ def test_masks_and_boxes_follow_the_image_geometry(tiny_masks, name):
     for backend, batches in out.items():
         for batch in batches:
             assert batch.mask.shape == (len(batch), 1) + batch.image.shape[2:]
-            masks = batch.mask[:, 0].numpy()                                 # [B, H, W]
+            masks = batch.mask[:, 0].numpy()  # [B, H, W]
             assert set(np.unique(masks).tolist()) <= {0.0, 1.0}
             image = unnormalise(batch.image, cfg, name)[:, 0].numpy()
             for i in range(len(batch)):
                 m = masks[i] > 0
                 if m.sum() < 20:
-                    continue                                       # rectangle cropped away
-                assert image[i][m].mean() > image[i][~m].mean() + 60   # bright rectangle under the mask
+                    continue  # rectangle cropped away
+                assert image[i][m].mean() > image[i][~m].mean() + 60  # bright rectangle under the mask
                 assert batch.boxes[i].shape == (1, 4)
                 assert _iou(batch.boxes[i][0].tolist(), _box_of(m)) > 0.8, (backend, batch.keys[i])
     masks_t = torch.cat([b.mask for b in out["torch"]])
@@ -370,8 +390,9 @@ def test_gpu_decode_path_matches_the_pil_path(tiny, name):
     args = PlanArgs(seed=7, rank=0, world_size=1, batch_size=8, shuffle=True, drop_last=True)
     plan = args.make(index, 0)
     spec = build_spec(cfg, name)
-    common = dict(index=index, plan_args=args, spec=spec, tokenizer=None, keep_size=True, load_masks=False,
-                  load_boxes=False)
+    common = dict(
+        index=index, plan_args=args, spec=spec, tokenizer=None, keep_size=True, load_masks=False, load_boxes=False
+    )
     reader = SampleReader(index)
     pil = EpochBatches(gpu_decode=False, **common).build(plan, 1, reader)
     raw = EpochBatches(gpu_decode=True, **common).build(plan, 1, reader)
@@ -401,8 +422,9 @@ loader = build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0,
 loader.set_epoch(0)
 print("batches", sum(1 for _ in loader))
 """)
-    out = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=child_env(), capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(script)], cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == f"batches {52 // 8}"
 
@@ -412,31 +434,38 @@ def test_batched_tensor_warp_matches_one_image_at_a_time():
     from pipeline.transforms import warp_tensors
 
     rng = np.random.default_rng(0)
-    images = [torch.from_numpy((rng.random((1, h, w)) * 255).astype(np.uint8)) for h, w in
-              ((96, 80), (64, 100), (100, 100))]
-    matrices = np.stack([np.array([[1.1, 0.2, -3.0], [-0.15, 0.9, 4.0]]), np.array([[0.7, 0.0, 10.0], [0.1, 0.8, 0.0]]),
-                         np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])])
+    images = [
+        torch.from_numpy((rng.random((1, h, w)) * 255).astype(np.uint8)) for h, w in ((96, 80), (64, 100), (100, 100))
+    ]
+    matrices = np.stack(
+        [
+            np.array([[1.1, 0.2, -3.0], [-0.15, 0.9, 4.0]]),
+            np.array([[0.7, 0.0, 10.0], [0.1, 0.8, 0.0]]),
+            np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+        ]
+    )
     batch = warp_tensors(images, matrices, 72)
     single = torch.cat([warp_tensors([x], m[None], 72) for x, m in zip(images, matrices)])
     assert batch.shape == (3, 1, 72, 72) and batch.dtype == torch.uint8
     diff = (batch.int() - single.int()).abs()
     assert diff.max() <= 1 and diff.float().mean() < 0.01
-    assert torch.equal(batch[2, 0], images[2][0, :72, :72])      # the identity map copies pixels
+    assert torch.equal(batch[2, 0], images[2][0, :72, :72])  # the identity map copies pixels
 
 
 # ---- batches across shards, epoch boundaries, CPU colour step ----------------------------------------
+
 
 def test_batches_draw_from_many_shards_and_shard_mix_bounds_the_window(tmp_path):
     from pipeline.plan import PlanArgs, distinct_shards
 
     root = tmp_path / "many"
-    pack_tiny(root, n_train=96, n_valid=8, per_shard=6)                        # 16 train shards
+    pack_tiny(root, n_train=96, n_valid=8, per_shard=6)  # 16 train shards
     index = DatasetIndex(root, "train")
     counts = {}
     for mix in (0, 4, 1):
         args = PlanArgs(seed=1, rank=0, world_size=2, batch_size=16, shuffle=True, drop_last=True, shard_mix=mix)
         counts[mix] = np.concatenate([distinct_shards(index, args.make(index, e)) for e in range(3)])
-    assert counts[0].mean() >= 8                     # min(8, shards per rank) with the whole split mixed
+    assert counts[0].mean() >= 8  # min(8, shards per rank) with the whole split mixed
     # A batch of 16 spans at most two windows of 4 x 6 samples, or four single 6-sample shards.
     assert counts[4].max() <= 8 and counts[1].max() <= 4
     assert counts[0].mean() > counts[1].mean() + 4
@@ -454,11 +483,11 @@ def test_workers_and_pipeline_outlive_epochs_and_early_stops(tiny, tokenizer, ba
     loader.set_epoch(0)
     first = [b.keys for b in loader]
     pool = loader._workers
-    ids = ([p.pid for p in pool.loader._iterator._workers] if backend == "torch" else pool.builds)
+    ids = [p.pid for p in pool.loader._iterator._workers] if backend == "torch" else pool.builds
     loader.set_epoch(1)
     it = iter(loader)
     next(it)
-    it.close()                                                   # stop early, mid-epoch
+    it.close()  # stop early, mid-epoch
     loader.set_epoch(0)
     again = [b.keys for b in loader]
     assert again == first and loader._workers is pool

@@ -1,6 +1,7 @@
 """pipeline/ read side of the shard contract: per-member CRCs, stale indexes, member names, manifest
 entries outside the shard root (issue #11). Each test damages a copy of a tiny packed dataset itself.
 """
+
 from __future__ import annotations
 
 import io
@@ -53,10 +54,10 @@ def zero_scan_bytes(root, manifest, key: str, n: int = 300) -> tuple[str, bytes]
         fh.seek(offset)
         data = bytearray(fh.read(size))
         sos = data.index(b"\xff\xda")
-        scan_start = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+        scan_start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
         middle = (scan_start + size - 2) // 2 - n // 2
         assert middle > scan_start and middle + n < size - 2, "scan data too short for the test"
-        data[middle:middle + n] = bytes(n)
+        data[middle : middle + n] = bytes(n)
         fh.seek(offset)
         fh.write(data)
     return name, bytes(data)
@@ -74,7 +75,7 @@ def test_damage_that_still_decodes_is_caught_by_the_crc(tiny, tmp_path, backend)
     shutil.copytree(root, copy)
     jpg_key = largest_jpg_key(copy, manifest)
     shard, damaged = zero_scan_bytes(copy, manifest, jpg_key)
-    Image.open(io.BytesIO(damaged)).load()                  # the decoder alone accepts it
+    Image.open(io.BytesIO(damaged)).load()  # the decoder alone accepts it
     # A report with one letter changed: still UTF-8, still a plausible text, but not what was packed.
     txt_key = "tr0013"
     _, offset, _ = member(copy, manifest, txt_key, "txt")
@@ -106,12 +107,15 @@ def _rewrite_index(path, edit) -> None:
 def test_index_of_another_packing_with_the_same_keys_is_reported_stale(tiny, tmp_path):
     root, _ = tiny
     other = tmp_path / "repacked"
-    pack_tiny(other, n_train=24, n_valid=8, per_shard=8, seed=5)      # same keys, other images
+    pack_tiny(other, n_train=24, n_valid=8, per_shard=8, seed=5)  # same keys, other images
     for idx in root.glob("train/*.idx"):
-        shutil.copy(idx, other / "train" / idx.name)                  # indexes left from the first packing
+        shutil.copy(idx, other / "train" / idx.name)  # indexes left from the first packing
     for backend in BACKENDS:
-        with pytest.raises(ManifestError, match=r"^stale index for train/train-000000\.tar: run make "
-                                                r"verify-shards / repack \(the tar has 'tr0000\.\w+'"):
+        with pytest.raises(
+            ManifestError,
+            match=r"^stale index for train/train-000000\.tar: run make "
+            r"verify-shards / repack \(the tar has 'tr0000\.\w+'",
+        ):
             build_loader(config(other, backend=backend), "train", CPU)
 
 
@@ -131,8 +135,11 @@ def test_stale_row_inside_a_shard_stops_reading_even_when_skipping(tiny, tmp_pat
 
     _rewrite_index((copy / rec["name"]).with_suffix(".idx"), point_a_at_b)
     loader = build_loader(config(copy, backend=backend, on_error="skip"), "train", CPU)
-    with pytest.raises(ManifestError, match=rf"^stale index for train/train-000001\.tar: .*the tar has "
-                                            rf"'{b}\.\w+' .* where the index puts '{a}\.\w+'"):
+    with pytest.raises(
+        ManifestError,
+        match=rf"^stale index for train/train-000001\.tar: .*the tar has "
+        rf"'{b}\.\w+' .* where the index puts '{a}\.\w+'",
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CorruptSampleWarning)
             list(loader)
@@ -145,8 +152,11 @@ def test_member_names_outside_the_key_pattern_are_an_error_naming_shard_and_memb
     shutil.copytree(root, copy)
     idx = copy / "train" / "train-000002.idx"
     _rewrite_index(idx, lambda lines: [lines[0], lines[1].replace("tr0016.jpg", name)] + lines[2:])
-    with pytest.raises(ManifestError, match=r"train-000002\.idx:2: member .* of shard .*train-000002\.tar "
-                                            r"is not <key>\.jpg"):
+    with pytest.raises(
+        ManifestError,
+        match=r"train-000002\.idx:2: member .* of shard .*train-000002\.tar "
+        r"is not <key>\.jpg",
+    ):
         DatasetIndex(copy, "train")
 
 
@@ -158,8 +168,11 @@ def test_manifest_entry_outside_the_shard_root_is_an_error(tiny, tmp_path, outsi
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"][0]["name"] = outside
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ManifestError, match=rf"split 'train' names '{outside}', which resolves to .*, outside "
-                                            r"the shard root"):
+    with pytest.raises(
+        ManifestError,
+        match=rf"split 'train' names '{outside}', which resolves to .*, outside "
+        r"the shard root",
+    ):
         DatasetIndex(copy, "train")
     # An index entry may not leave the root either.
     manifest["splits"]["train"]["shards"][0]["name"] = "train/train-000000.tar"

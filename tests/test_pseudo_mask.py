@@ -1,5 +1,6 @@
 """Pseudo masks: code mode reproduces the released procedure (numpy reference, 9/64 foreground),
 paper mode's body mask and bilateral smoothing do what they claim, nothing carries gradient."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,13 +28,13 @@ def _edge_count(mask: torch.Tensor) -> torch.Tensor:
 
 def test_code_mode_matches_numpy_reference_and_keeps_9_of_64_cells():
     g = torch.Generator().manual_seed(0)
-    attention = torch.rand(5, 4, 64, generator=g).softmax(dim=-1).reshape(5, 4, 8, 8)   # like MHA weights
+    attention = torch.rand(5, 4, 64, generator=g).softmax(dim=-1).reshape(5, 4, 8, 8)  # like MHA weights
     image = torch.zeros(5, 3, 64, 64)
     mask = pseudo_mask(attention, image, mode="code", quantile=0.85)
     assert mask.shape == (5, 1, 64, 64) and mask.dtype == torch.float32
     # The released procedure: head mean, nearest resize, per-image np.quantile, strict '>'.
     att = attention.mean(dim=1).numpy()
-    up = np.kron(att, np.ones((8, 8), dtype=att.dtype))                       # nearest 8x8 -> 64x64
+    up = np.kron(att, np.ones((8, 8), dtype=att.dtype))  # nearest 8x8 -> 64x64
     ref = (up > np.quantile(up, 0.85, axis=(1, 2))[:, None, None]).astype(np.float32)
     np.testing.assert_array_equal(mask[:, 0].numpy(), ref)
     np.testing.assert_allclose(mask.mean(dim=(1, 2, 3)).numpy(), 9 / 64)
@@ -62,17 +63,17 @@ def test_body_mask_fills_the_lungs_and_zeroes_the_background():
     assert found.shape == (2, 1, 128, 128)
     agreement = (found[:, 0] == body).float().mean().item()
     assert agreement > 0.99
-    assert found[:, 0][:, lungs].all()            # dark lungs are inside the body (hole filling)
-    assert not found[:, 0, :4, :4].any()          # air in the corners is outside
+    assert found[:, 0][:, lungs].all()  # dark lungs are inside the body (hole filling)
+    assert not found[:, 0, :4, :4].any()  # air in the corners is outside
     # Attention that peaks in the background still yields no foreground there.
     attention = torch.zeros(2, 4, 4, 4)
-    attention[..., 0, 0] = 1.0                     # top-left corner cell, outside the body
+    attention[..., 0, 0] = 1.0  # top-left corner cell, outside the body
     attention = attention + 0.01 * torch.rand(2, 4, 4, 4)
     mask = pseudo_mask(attention, image, mode="paper", body_mask=True)
     assert mask[:, 0][:, ~body].sum() == 0
     assert mask.sum() > 0
     unmasked = pseudo_mask(attention, image, mode="paper", body_mask=False)
-    assert unmasked[:, 0, :8, :8].sum() > 0       # without the body mask the corner wins
+    assert unmasked[:, 0, :8, :8].sum() > 0  # without the body mask the corner wins
 
 
 def test_batched_result_equals_per_image_results():
@@ -80,22 +81,22 @@ def test_batched_result_equals_per_image_results():
     attention = torch.rand(3, 4, 4, 4, generator=g)
     image, _, _ = _synthetic_chest(3, 128, seed=1)
     batched = pseudo_mask(attention, image, mode="paper")
-    single = torch.cat([pseudo_mask(attention[i:i + 1], image[i:i + 1], mode="paper") for i in range(3)])
+    single = torch.cat([pseudo_mask(attention[i : i + 1], image[i : i + 1], mode="paper") for i in range(3)])
     assert torch.equal(batched, single)
 
 
 def test_bilateral_binary_rounds_blocks_without_moving_straight_edges():
     m = torch.zeros(1, 1, 48, 48, dtype=torch.bool)
-    m[..., :, 24:] = True                                      # a straight vertical edge
-    m[..., 10, 5] = True                                       # an isolated speck
-    m[..., 30, 36] = False                                     # a pinhole
+    m[..., :, 24:] = True  # a straight vertical edge
+    m[..., 10, 5] = True  # an isolated speck
+    m[..., 30, 36] = False  # a pinhole
     out = bilateral_binary(m, sigma_space=2.0, sigma_range=1.0)
-    assert not out[..., 10, 5] and out[..., 30, 36]            # speck gone, hole filled
-    assert torch.equal(out[..., 20:28, :], (torch.arange(48) >= 24).expand(1, 1, 8, 48))   # edge unchanged
+    assert not out[..., 10, 5] and out[..., 30, 36]  # speck gone, hole filled
+    assert torch.equal(out[..., 20:28, :], (torch.arange(48) >= 24).expand(1, 1, 8, 48))  # edge unchanged
     square = torch.zeros(1, 1, 48, 48, dtype=torch.bool)
     square[..., 16:32, 16:32] = True
     rounded = bilateral_binary(square, sigma_space=3.0, sigma_range=1.0)
-    assert not rounded[..., 16, 16] and rounded[..., 24, 24]   # corners cut, centre kept
+    assert not rounded[..., 16, 16] and rounded[..., 24, 24]  # corners cut, centre kept
     assert rounded.sum() < square.sum()
 
 
@@ -114,8 +115,8 @@ def test_paper_mode_is_smoother_than_code_mode():
 
     def off_grid_fraction(mask):
         m = mask.bool()
-        vertical = m[..., :, 1:] != m[..., :, :-1]               # boundary between columns j and j+1
-        on_grid = (torch.arange(1, 256) % 32 == 0)
+        vertical = m[..., :, 1:] != m[..., :, :-1]  # boundary between columns j and j+1
+        on_grid = torch.arange(1, 256) % 32 == 0
         return (vertical[..., ~on_grid].sum() / vertical.sum()).item()
 
     assert off_grid_fraction(code) == 0.0

@@ -1,5 +1,6 @@
 """Reliability of the data side (issue #11): hostile and clumsy inputs to the packers, the shards they
 write and the data entry points. Each test reproduces one case of docs/reliability.md's "Data" table."""
+
 import csv
 import hashlib
 import io
@@ -81,8 +82,10 @@ def mini_mimic(root: Path, n: int = 6, images: dict | None = None, reports: dict
         if callable(report):
             report(rep)
         else:
-            rep.write_text(report if report is not None else f"\n FINDINGS: Lungs clear {i}.\n\n IMPRESSION: Normal {i}.\n",
-                           encoding="utf-8")
+            rep.write_text(
+                report if report is not None else f"\n FINDINGS: Lungs clear {i}.\n\n IMPRESSION: Normal {i}.\n",
+                encoding="utf-8",
+            )
         meta.append([dicom, subject, study, "PA"])
         split.append([dicom, study, subject, "train"])
         chex.append([subject, study] + ["0.0"] * len(CHEXPERT_LABELS))
@@ -153,14 +156,16 @@ def test_every_sample_json_carries_the_crc32_of_its_members(packed, tmp_path):
     # Downstream converters go through the same writer (masks included).
     src = tmp_path / "src"
     write_all(src, 8, 0, datasets=("siim_pneumothorax",))
-    m = convert("siim_pneumothorax", src / "siim_pneumothorax", tmp_path / "ds", workers=1, samples_per_shard=4,
-                progress=False)
+    m = convert(
+        "siim_pneumothorax", src / "siim_pneumothorax", tmp_path / "ds", workers=1, samples_per_shard=4, progress=False
+    )
     shard = split_shards(tmp_path / "ds" / "siim_pneumothorax", m, "train")[0]
     with tarfile.open(shard["path"]) as tar:
         members = {mem.name: tar.extractfile(mem).read() for mem in tar}
     key = next(n[:-5] for n in members if n.endswith(".json"))
     assert json.loads(members[f"{key}.json"])[MEMBER_CRC_FIELD] == {
-        ext: zlib.crc32(members[f"{key}.{ext}"]) for ext in ("jpg", "txt", "png")}
+        ext: zlib.crc32(members[f"{key}.{ext}"]) for ext in ("jpg", "txt", "png")
+    }
 
 
 def test_verify_names_shard_and_key_of_a_jpeg_with_zeroed_scan_data(packed, tmp_path):
@@ -170,10 +175,10 @@ def test_verify_names_shard_and_key_of_a_jpeg_with_zeroed_scan_data(packed, tmp_
     key, offset, size = _member_span(out, shard, "jpg")
     data = bytearray((out / shard["name"]).read_bytes())
     start = offset + size // 2 - 150
-    data[start:start + 300] = bytes(300)
+    data[start : start + 300] = bytes(300)
     (out / shard["name"]).write_bytes(bytes(data))
-    with Image.open(io.BytesIO(bytes(data[offset:offset + size]))) as img:
-        img.load()                  # the decoder accepts the damage: only the checksum sees it
+    with Image.open(io.BytesIO(bytes(data[offset : offset + size]))) as img:
+        img.load()  # the decoder accepts the damage: only the checksum sees it
     with pytest.raises(ShardError) as exc:
         verify_dataset(out)
     assert shard["name"] in str(exc.value) and f"sample {key}: jpg: crc32 mismatch" in str(exc.value)
@@ -198,14 +203,14 @@ def _png16(values: np.ndarray) -> bytes:
 
 
 def test_16bit_png_is_percentile_windowed_not_clipped(tmp_path):
-    values = (radiograph(240, 200).astype(np.uint16) * 16)          # 12-bit data in a 16-bit PNG
+    values = radiograph(240, 200).astype(np.uint16) * 16  # 12-bit data in a 16-bit PNG
     with Image.open(io.BytesIO(_png16(values))) as img:
         assert img.mode.startswith("I;16")
         clipped = np.asarray(img.convert("L"))
-    assert (clipped == 255).mean() > 0.5                              # what convert("L") did
+    assert (clipped == 255).mean() > 0.5  # what convert("L") did
     decoded = decode_gray(_png16(values))
     assert decoded.window == "percentile" and decoded.gray.dtype == np.uint8
-    np.testing.assert_array_equal(decoded.gray, unit_to_uint8(percentile_window(values)))   # one rescale
+    np.testing.assert_array_equal(decoded.gray, unit_to_uint8(percentile_window(values)))  # one rescale
     assert (decoded.gray == 255).mean() < 0.01 and len(np.unique(decoded.gray)) > 100
     # Same path for MIMIC (a 16-bit PNG under a .jpg name) and the downstream readers.
     (tmp_path / "x.png").write_bytes(_png16(values))
@@ -220,21 +225,27 @@ def test_16bit_png_is_percentile_windowed_not_clipped(tmp_path):
 # 3. Two packers on one output directory
 
 
-HOLD_LOCK = ("import sys, time\nfrom shards.writer import output_lock\n"
-             "with output_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)\n")
+HOLD_LOCK = (
+    "import sys, time\nfrom shards.writer import output_lock\n"
+    "with output_lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(60)\n"
+)
 
 
 def test_second_packer_on_one_output_fails_at_once_naming_the_holder(packed, tmp_path, capsys):
     out = tmp_path / "out"
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(OutputLocked, match=f"locked by pid {holder.pid}"):
             pack(packed["root"], out)
         assert not (out / "manifest.json").exists() and not (out / "train").exists()
-        code, err = cli(pack_shards.main, ["--mimic", str(packed["root"]), "--out", str(out), "--workers", "1"],
-                        capsys)
+        code, err = cli(pack_shards.main, ["--mimic", str(packed["root"]), "--out", str(out), "--workers", "1"], capsys)
         assert_one_error_line(code, err, f"locked by pid {holder.pid}")
     finally:
         holder.kill()
@@ -264,14 +275,18 @@ def test_image_or_report_symlinked_out_of_the_mimic_root_is_refused(tmp_path):
     inside = root / "files" / "shared.jpg"
     inside.parent.mkdir(parents=True)
     inside.write_bytes(jpeg_bytes(radiograph(210, 190)))
-    ids = mini_mimic(root, n=5, images={0: lambda p: p.symlink_to(secret_img), 2: lambda p: p.symlink_to(inside)},
-                     reports={1: lambda p: p.symlink_to(secret_txt)})
+    ids = mini_mimic(
+        root,
+        n=5,
+        images={0: lambda p: p.symlink_to(secret_img), 2: lambda p: p.symlink_to(inside)},
+        reports={1: lambda p: p.symlink_to(secret_txt)},
+    )
     m = pack(root, tmp_path / "out")
     why = rejected_by_key(m)
     assert set(why) == {ids[0], ids[1]}
     assert "outside the dataset root" in why[ids[0]] and str(secret_img) in why[ids[0]]
     assert "outside the dataset root" in why[ids[1]] and str(secret_txt) in why[ids[1]]
-    assert m["num_samples"] == 3                                  # a link that stays inside is fine
+    assert m["num_samples"] == 3  # a link that stays inside is fine
     blob = b"".join(p.read_bytes() for p in (tmp_path / "out").rglob("*.tar"))
     assert b"SECRET" not in blob
 
@@ -280,10 +295,24 @@ def test_master_csv_path_escaping_the_root_is_refused(tmp_path):
     root = tmp_path / "2.0.0"
     ids = mini_mimic(root, n=3)
     (tmp_path / "loot.jpg").write_bytes(jpeg_bytes(radiograph(200, 200)))
-    rows = [["2.0.0/files/../../loot.jpg" if i == 0 else f"2.0.0/files/p10/p{10000000 + i}/s{50000000 + i}/{d}.jpg",
-             d, f"{10000000 + i}", f"s{50000000 + i}", "PA", "Normal.", "Clear.", "train"] for i, d in enumerate(ids)]
-    _write_csv(tmp_path / "master.csv", ["Path", "dicom_id", "subject_id", "study_id", "ViewPosition",
-                                         "impression", "findings", "split"], rows)
+    rows = [
+        [
+            "2.0.0/files/../../loot.jpg" if i == 0 else f"2.0.0/files/p10/p{10000000 + i}/s{50000000 + i}/{d}.jpg",
+            d,
+            f"{10000000 + i}",
+            f"s{50000000 + i}",
+            "PA",
+            "Normal.",
+            "Clear.",
+            "train",
+        ]
+        for i, d in enumerate(ids)
+    ]
+    _write_csv(
+        tmp_path / "master.csv",
+        ["Path", "dicom_id", "subject_id", "study_id", "ViewPosition", "impression", "findings", "split"],
+        rows,
+    )
     m = pack(root, tmp_path / "out", master_csv=tmp_path / "master.csv")
     assert "outside the dataset root" in rejected_by_key(m)[ids[0]] and m["num_samples"] == 2
 
@@ -333,18 +362,27 @@ def test_downstream_image_file_symlinked_out_of_the_root_is_refused(cxr14_src, t
 
 def _png_header_only(width: int, height: int) -> bytes:
     """A ~60-byte PNG whose header claims `width` x `height` (8-bit gray); its pixel data is absent."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
 def test_size_bounds_are_recorded_rejections(tmp_path):
-    big_report = "\n IMPRESSION: " + "Normal chest. " * 6000 + "\n"           # ~84 KB > 64 KiB default
+    big_report = "\n IMPRESSION: " + "Normal chest. " * 6000 + "\n"  # ~84 KB > 64 KiB default
     root = tmp_path / "2.0.0"
-    ids = mini_mimic(root, n=6, images={1: jpeg_bytes(np.full((1, 1), 128, np.uint8)),
-                                        2: _png_header_only(60000, 60000), 3: _png_header_only(8000, 8000)},
-                     reports={0: big_report})
+    ids = mini_mimic(
+        root,
+        n=6,
+        images={
+            1: jpeg_bytes(np.full((1, 1), 128, np.uint8)),
+            2: _png_header_only(60000, 60000),
+            3: _png_header_only(8000, 8000),
+        },
+        reports={0: big_report},
+    )
     m = pack(root, tmp_path / "out")
     why = rejected_by_key(m)
     assert why[ids[0]].startswith("report too large: ") and "max_report_bytes 65536" in why[ids[0]]
@@ -353,9 +391,9 @@ def test_size_bounds_are_recorded_rejections(tmp_path):
     assert why[ids[3]] == "image too large: 8000x8000 = 64000000 pixels > max_pixels 50000000"
     assert m["num_samples"] == 2 and m["config"]["max_pixels"] == 50_000_000
     # The limits are parameters.
-    why2 = rejected_by_key(pack(root, tmp_path / "out2", min_side=185))       # ids[4] is 180+4 px wide
+    why2 = rejected_by_key(pack(root, tmp_path / "out2", min_side=185))  # ids[4] is 180+4 px wide
     assert why2[ids[4]] == "image too small: 184x204, a side < min_side 185"
-    assert why2[ids[5]].startswith("image content too small: the non-black area is 16")   # 185 - border
+    assert why2[ids[5]].startswith("image content too small: the non-black area is 16")  # 185 - border
     why3 = rejected_by_key(pack(root, tmp_path / "out3", max_report_bytes=40))
     assert all("report too large" in why3[k] and "max_report_bytes 40" in why3[k] for k in ids[4:])
     with pytest.raises(ImageRejected, match="min_side 300"):
@@ -382,19 +420,26 @@ def test_output_files_honour_the_umask(tmp_path, packed):
         m = pack(packed["root"], tmp_path / "out")
     finally:
         os.umask(old)
-    for name in ("manifest.json", "master.csv", m["splits"]["train"]["shards"][0]["name"],
-                 m["splits"]["train"]["shards"][0]["index"]):
+    for name in (
+        "manifest.json",
+        "master.csv",
+        m["splits"]["train"]["shards"][0]["name"],
+        m["splits"]["train"]["shards"][0]["index"],
+    ):
         assert stat.S_IMODE((tmp_path / "out" / name).stat().st_mode) == 0o644, name
 
 
 def test_temp_files_of_a_killed_packer_are_removed_on_the_next_run(packed, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(packed["out"], out)
-    leftovers = [out / "train" / ".train-000000.tar.k1ll3d.tmp", out / ".manifest.json.abc123.tmp",
-                 out / ".master.csv.zz.tmp"]
+    leftovers = [
+        out / "train" / ".train-000000.tar.k1ll3d.tmp",
+        out / ".manifest.json.abc123.tmp",
+        out / ".master.csv.zz.tmp",
+    ]
     for path in leftovers:
         path.write_bytes(b"partial")
-    keep = out / "train" / "notes.tmp"                          # not a temp file of ours: kept
+    keep = out / "train" / "notes.tmp"  # not a temp file of ours: kept
     keep.write_text("mine")
     m = pack(packed["root"], out)
     assert not any(p.exists() for p in leftovers) and keep.exists()
@@ -420,12 +465,15 @@ def test_downstream_reasons_carry_no_object_addresses(tmp_path):
     write_all(src, 8, 0, datasets=("covidx",))
     bad = sorted((src / "covidx" / "train").iterdir())[0]
     bad.write_bytes(b"this is not an image at all")
-    runs = [convert("covidx", src / "covidx", tmp_path / f"o{i}", workers=1, samples_per_shard=4, progress=False)
-            for i in range(2)]
+    runs = [
+        convert("covidx", src / "covidx", tmp_path / f"o{i}", workers=1, samples_per_shard=4, progress=False)
+        for i in range(2)
+    ]
     reasons = [r["reason"] for r in runs[0]["rejected"]]
     assert len(reasons) == 1 and "cannot identify image file" in reasons[0] and " at 0x" not in reasons[0]
-    assert (tmp_path / "o0" / "covidx" / "manifest.json").read_bytes() == \
-        (tmp_path / "o1" / "covidx" / "manifest.json").read_bytes()
+    assert (tmp_path / "o0" / "covidx" / "manifest.json").read_bytes() == (
+        tmp_path / "o1" / "covidx" / "manifest.json"
+    ).read_bytes()
 
 
 def test_orig_size_is_the_true_source_size_on_the_draft_path():
@@ -434,8 +482,8 @@ def test_orig_size_is_the_true_source_size_on_the_draft_path():
     assert red.orig_size == [1632, 1225]
     with Image.open(io.BytesIO(data)) as img:
         img.draft("L", (256, 193))
-        assert img.size != (1632, 1225)                       # the draft path was taken
-    full = reduce_image_bytes(data, 256 * 8)                   # no draft: the reference geometry
+        assert img.size != (1632, 1225)  # the draft path was taken
+    full = reduce_image_bytes(data, 256 * 8)  # no draft: the reference geometry
     assert all(abs(a - b) <= 8 for a, b in zip(red.crop_box, full.crop_box))
     assert red.crop_box[2] <= 1632 and red.crop_box[3] <= 1225
     sx, sy = red.scale
@@ -453,41 +501,75 @@ def test_pack_downstream_fails_when_nothing_was_packed(tmp_path, capsys):
     for image in (src / "covidx").glob("*/*"):
         if image.suffix in (".png", ".jpg", ".jpeg"):
             image.unlink()
-    code, err = cli(pack_downstream.main, ["--dataset", "covidx", "--src", str(src / "covidx"),
-                                           "--out", str(tmp_path / "o"), "--workers", "1"], capsys)
-    assert_one_error_line(code, err, "nothing packed", "image file not found: looked for",
-                          str(tmp_path / "o" / "covidx" / "manifest.json"))
+    code, err = cli(
+        pack_downstream.main,
+        ["--dataset", "covidx", "--src", str(src / "covidx"), "--out", str(tmp_path / "o"), "--workers", "1"],
+        capsys,
+    )
+    assert_one_error_line(
+        code,
+        err,
+        "nothing packed",
+        "image file not found: looked for",
+        str(tmp_path / "o" / "covidx" / "manifest.json"),
+    )
 
 
-@pytest.mark.parametrize("tool,argv,needles", [
-    (pack_shards, ["--mimic", "{tmp}/nope", "--out", "{tmp}/o"], ["MIMIC-CXR-JPG root not found", "nope"]),
-    (pack_shards, ["--mimic", "{root}", "--out", "{tmp}/o", "--workers", "0"], ["workers=0"]),
-    (pack_shards, ["--mimic", "{root}", "--out", "{tmp}/o", "--quality", "101", "--max-side", "0"],
-     ["quality=101", "max_side=0"]),
-    (pack_shards, ["--mimic", "{root}", "--out", "{tmp}/o", "--workers", "many"], ["invalid int value: 'many'"]),
-    (pack_shards, ["--out", "{tmp}/o"], ["one of the arguments --mimic --synthetic is required"]),
-    (pack_shards, ["--mimic", "{root}", "--reports", "{tmp}/noreports", "--out", "{tmp}/o"],
-     ["reports directory not found", "noreports"]),
-    (pack_shards, ["--mimic", "{root}", "--master-csv", "{tmp}/m.csv", "--out", "{tmp}/o"], ["master csv not found"]),
-    (pack_shards, ["--mimic", "{root}", "--out", "{root}/mimic-cxr-2.0.0-split.csv"], ["exists and is not a directory"]),
-    (pack_shards, ["--synthetic", "{root}/files", "--out", "{tmp}/o"], ["not a synthetic corpus", "refusing"]),
-    (pack_downstream, ["--dataset", "rsna_pneumonia", "--src", "{tmp}/nope", "--out", "{tmp}/o"],
-     ["source directory", "nope"]),
-    (pack_downstream, ["--dataset", "mnist", "--src", "{tmp}", "--out", "{tmp}/o"], ["invalid choice: 'mnist'"]),
-    (pack_downstream, ["--dataset", "covidx", "--src", "{tmp}/covidx", "--out", "{tmp}/o"],
-     ["covidx/train_COVIDx9A.txt: file not found"]),
-    (pack_downstream, ["--dataset", "covidx", "--src", "{tmp}", "--out", "{tmp}/o", "--samples-per-shard", "0"],
-     ["samples_per_shard=0"]),
-    (pack_downstream, ["--dataset", "covidx", "--src", "{tmp}/covidx", "--out", "{tmp}"], ["is inside the source"]),
-    (verify_shards, ["{tmp}/nope"], ["no packed dataset at", "nope"]),
-    (verify_shards, ["{tmp}"], ["no shard manifest at"]),
-    (verify_shards, ["{root}", "--workers", "-1"], ["--workers -1"]),
-    (synth_mimic, ["--out", "{tmp}/s", "--n", "2", "--size", "5"], ["size 5 outside 64..3000"]),
-    (synth_mimic, ["--out", "{tmp}/s", "--n", "0"], ["n must be >= 1"]),
-    (synth_mimic, ["--out", "{tmp}/s", "--n", "1", "--workers", "0"], ["workers must be >= 1"]),
-    (synth_downstream, ["--out", "{tmp}/s", "--n", "0"], ["--n 0"]),
-    (synth_downstream, ["--out", "{tmp}/s", "--datasets", "bogus"], ["invalid choice: 'bogus'"]),
-])
+@pytest.mark.parametrize(
+    "tool,argv,needles",
+    [
+        (pack_shards, ["--mimic", "{tmp}/nope", "--out", "{tmp}/o"], ["MIMIC-CXR-JPG root not found", "nope"]),
+        (pack_shards, ["--mimic", "{root}", "--out", "{tmp}/o", "--workers", "0"], ["workers=0"]),
+        (
+            pack_shards,
+            ["--mimic", "{root}", "--out", "{tmp}/o", "--quality", "101", "--max-side", "0"],
+            ["quality=101", "max_side=0"],
+        ),
+        (pack_shards, ["--mimic", "{root}", "--out", "{tmp}/o", "--workers", "many"], ["invalid int value: 'many'"]),
+        (pack_shards, ["--out", "{tmp}/o"], ["one of the arguments --mimic --synthetic is required"]),
+        (
+            pack_shards,
+            ["--mimic", "{root}", "--reports", "{tmp}/noreports", "--out", "{tmp}/o"],
+            ["reports directory not found", "noreports"],
+        ),
+        (
+            pack_shards,
+            ["--mimic", "{root}", "--master-csv", "{tmp}/m.csv", "--out", "{tmp}/o"],
+            ["master csv not found"],
+        ),
+        (
+            pack_shards,
+            ["--mimic", "{root}", "--out", "{root}/mimic-cxr-2.0.0-split.csv"],
+            ["exists and is not a directory"],
+        ),
+        (pack_shards, ["--synthetic", "{root}/files", "--out", "{tmp}/o"], ["not a synthetic corpus", "refusing"]),
+        (
+            pack_downstream,
+            ["--dataset", "rsna_pneumonia", "--src", "{tmp}/nope", "--out", "{tmp}/o"],
+            ["source directory", "nope"],
+        ),
+        (pack_downstream, ["--dataset", "mnist", "--src", "{tmp}", "--out", "{tmp}/o"], ["invalid choice: 'mnist'"]),
+        (
+            pack_downstream,
+            ["--dataset", "covidx", "--src", "{tmp}/covidx", "--out", "{tmp}/o"],
+            ["covidx/train_COVIDx9A.txt: file not found"],
+        ),
+        (
+            pack_downstream,
+            ["--dataset", "covidx", "--src", "{tmp}", "--out", "{tmp}/o", "--samples-per-shard", "0"],
+            ["samples_per_shard=0"],
+        ),
+        (pack_downstream, ["--dataset", "covidx", "--src", "{tmp}/covidx", "--out", "{tmp}"], ["is inside the source"]),
+        (verify_shards, ["{tmp}/nope"], ["no packed dataset at", "nope"]),
+        (verify_shards, ["{tmp}"], ["no shard manifest at"]),
+        (verify_shards, ["{root}", "--workers", "-1"], ["--workers -1"]),
+        (synth_mimic, ["--out", "{tmp}/s", "--n", "2", "--size", "5"], ["size 5 outside 64..3000"]),
+        (synth_mimic, ["--out", "{tmp}/s", "--n", "0"], ["n must be >= 1"]),
+        (synth_mimic, ["--out", "{tmp}/s", "--n", "1", "--workers", "0"], ["workers must be >= 1"]),
+        (synth_downstream, ["--out", "{tmp}/s", "--n", "0"], ["--n 0"]),
+        (synth_downstream, ["--out", "{tmp}/s", "--datasets", "bogus"], ["invalid choice: 'bogus'"]),
+    ],
+)
 def test_data_entry_points_turn_user_errors_into_one_line(tool, argv, needles, packed, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, root=packed["root"]) for a in argv]
     (tmp_path / "covidx").mkdir()
@@ -506,12 +588,22 @@ def test_missing_csv_or_column_is_one_line_and_debug_shows_the_traceback(packed,
     code, err = cli(pack_shards.main, args, capsys)
     assert_one_error_line(code, err, "missing mimic-cxr-2.0.0-metadata.csv")
     # The same error as `python -m` prints it, and with --debug the traceback.
-    run = subprocess.run([sys.executable, "-m", "tools.pack_shards", *args], cwd=ROOT, capture_output=True,
-                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    run = subprocess.run(
+        [sys.executable, "-m", "tools.pack_shards", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert run.returncode == 2 and run.stderr.startswith("error: missing mimic-cxr-2.0.0-metadata.csv")
     assert "Traceback" not in run.stderr
-    debug = subprocess.run([sys.executable, "-m", "tools.pack_shards", *args, "--debug"], cwd=ROOT,
-                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    debug = subprocess.run(
+        [sys.executable, "-m", "tools.pack_shards", *args, "--debug"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
@@ -528,13 +620,19 @@ def test_verify_exit_status_separates_damaged_shards_from_user_errors(packed, tm
 # 8. More hostile and clumsy inputs
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("empty metadata csv", b"", r"missing column\(s\) \['dicom_id'"),
-    ("short row", b"dicom_id,subject_id,study_id,ViewPosition\nx1,10000000\n", r"line 2: row has no value"),
-    ("not UTF-8", b"dicom_id,subject_id,study_id,ViewPosition\n\xff\xfe,1,2,PA\n", "not a readable UTF-8 csv"),
-    ("subject not a number", b"dicom_id,subject_id,study_id,ViewPosition\nx1,p1O,50000000,PA\n",
-     "subject_id 'p1O' is not a number"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("empty metadata csv", b"", r"missing column\(s\) \['dicom_id'"),
+        ("short row", b"dicom_id,subject_id,study_id,ViewPosition\nx1,10000000\n", r"line 2: row has no value"),
+        ("not UTF-8", b"dicom_id,subject_id,study_id,ViewPosition\n\xff\xfe,1,2,PA\n", "not a readable UTF-8 csv"),
+        (
+            "subject not a number",
+            b"dicom_id,subject_id,study_id,ViewPosition\nx1,p1O,50000000,PA\n",
+            "subject_id 'p1O' is not a number",
+        ),
+    ],
+)
 def test_broken_metadata_csv_fails_naming_file_and_line(name, content, match, packed, tmp_path):
     root = tmp_path / "2.0.0"
     shutil.copytree(packed["root"], root)
@@ -560,7 +658,8 @@ def test_fifo_folder_and_odd_ids_named_like_images_are_rejected_without_hanging(
     meta = (root / "mimic-cxr-2.0.0-metadata.csv").read_text().replace(ids[2], "a.b", 1)
     (root / "mimic-cxr-2.0.0-metadata.csv").write_text(meta)
     (root / "mimic-cxr-2.0.0-split.csv").write_text(
-        (root / "mimic-cxr-2.0.0-split.csv").read_text().replace(ids[2], "a.b", 1))
+        (root / "mimic-cxr-2.0.0-split.csv").read_text().replace(ids[2], "a.b", 1)
+    )
     why = rejected_by_key(pack(root, tmp_path / "out"))
     assert why[ids[0]] == why[ids[1]] == "image path is not a regular file"
     assert "invalid sample key 'a.b'" in why["a.b"]
@@ -568,9 +667,12 @@ def test_fifo_folder_and_odd_ids_named_like_images_are_rejected_without_hanging(
 
 def test_odd_image_modes_are_converted_not_rejected():
     base = radiograph(120, 100)
-    for mode, img in {"RGB": Image.fromarray(base).convert("RGB"), "P": Image.fromarray(base).convert("P"),
-                      "F": Image.fromarray(base.astype(np.float32) * 3.5),
-                      "I": Image.fromarray(base.astype(np.int32) * 1000)}.items():
+    for mode, img in {
+        "RGB": Image.fromarray(base).convert("RGB"),
+        "P": Image.fromarray(base).convert("P"),
+        "F": Image.fromarray(base.astype(np.float32) * 3.5),
+        "I": Image.fromarray(base.astype(np.int32) * 1000),
+    }.items():
         buf = io.BytesIO()
         img.save(buf, format="TIFF" if mode in ("F", "I") else "PNG")
         decoded = decode_gray(buf.getvalue())
@@ -583,7 +685,7 @@ def test_dicom_claiming_huge_dimensions_is_rejected_before_decoding(tmp_path):
     path = tmp_path / "x.dcm"
     write_dicom(path, radiograph(64, 64), patient_id="P1", sop_uid="1.2.3.4")
     ds = pydicom.dcmread(path)
-    ds.Rows = ds.Columns = 60000                      # the header lies; the pixel data is 4 KB
+    ds.Rows = ds.Columns = 60000  # the header lies; the pixel data is 4 KB
     ds.save_as(path)
     with pytest.raises(DicomError, match="image too large: 60000x60000"):
         read_dicom(path, ImageLimits())
@@ -604,7 +706,7 @@ def test_verify_names_a_manifest_field_that_is_missing(packed, tmp_path):
 def test_a_damaged_previous_manifest_only_costs_a_rebuild(damage, packed, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(packed["out"], out)
-    if damage == "RECORDS":                                      # same config, broken bookkeeping
+    if damage == "RECORDS":  # same config, broken bookkeeping
         manifest = json.loads((out / "manifest.json").read_text())
         manifest["_shard_records"] = [{"name": 3}, "x", {**manifest["_shard_records"][0], "num_items": "2"}]
         damage = json.dumps(manifest)
@@ -626,11 +728,12 @@ def test_a_symlinked_files_folder_is_a_legitimate_mimic_layout(tmp_path):
 def test_synth_removes_the_temp_tree_of_a_killed_generator_only(tmp_path):
     from shards.synthetic.mimic import generate_mimic
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     killed = tmp_path / f".corpus.tmp-{dead}"
-    live = tmp_path / f".corpus.tmp-{os.getpid()}x"           # not ours to judge: kept
-    running = tmp_path / f".corpus.old-{os.getppid()}"        # its writer is alive: kept
+    live = tmp_path / f".corpus.tmp-{os.getpid()}x"  # not ours to judge: kept
+    running = tmp_path / f".corpus.old-{os.getppid()}"  # its writer is alive: kept
     for tree in (killed, live, running):
         (tree / "files").mkdir(parents=True)
     generate_mimic(tmp_path / "corpus", n=1, seed=0, size=64, workers=1)
@@ -638,18 +741,21 @@ def test_synth_removes_the_temp_tree_of_a_killed_generator_only(tmp_path):
     assert (tmp_path / "corpus" / "mimic-cxr-2.0.0-metadata.csv").is_file()
 
 
-SLOW_PACK = ("import sys, time\nimport shards.mimic as m\norig = m.build_sample\n"
-             "def slow(*a, **k):\n    time.sleep(0.03)\n    return orig(*a, **k)\n"
-             "m.build_sample = slow\n"
-             "m.pack_mimic(sys.argv[1], sys.argv[2], samples_per_shard=2, workers=1, seed=0, progress=False)\n")
+SLOW_PACK = (
+    "import sys, time\nimport shards.mimic as m\norig = m.build_sample\n"
+    "def slow(*a, **k):\n    time.sleep(0.03)\n    return orig(*a, **k)\n"
+    "m.build_sample = slow\n"
+    "m.pack_mimic(sys.argv[1], sys.argv[2], samples_per_shard=2, workers=1, seed=0, progress=False)\n"
+)
 
 
 def test_packer_killed_mid_run_then_rerun_gives_the_uninterrupted_bytes(tmp_path):
     root = tmp_path / "2.0.0"
     mini_mimic(root, n=24)
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_PACK, str(root), str(out)], cwd=ROOT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_PACK, str(root), str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     try:
         deadline = time.monotonic() + 60
         while len(list((out / "train").glob("*.tar"))) < 3 and proc.poll() is None:
@@ -658,10 +764,11 @@ def test_packer_killed_mid_run_then_rerun_gives_the_uninterrupted_bytes(tmp_path
         proc.kill()
     finally:
         proc.wait()
-    assert proc.returncode == -9 and not (out / "manifest.json").exists()     # killed mid-run
+    assert proc.returncode == -9 and not (out / "manifest.json").exists()  # killed mid-run
     pack(root, out, samples_per_shard=2)
     pack(root, tmp_path / "clean", samples_per_shard=2)
 
     def tree(d: Path) -> dict[str, bytes]:
         return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
     assert tree(out) == tree(tmp_path / "clean") and verify_dataset(out)["num_samples"] == 24

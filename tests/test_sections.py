@@ -1,4 +1,5 @@
 """Report sectioning (MGCA / MIT-LCP rules) and training-text cleaning, on hand-written reports."""
+
 import csv
 
 from shards.sections import (
@@ -89,8 +90,7 @@ def test_last_section_of_a_name_wins():
 def test_empty_sections_removed_and_last_paragraph_fallback():
     # Both main sections empty -> removed; the last remaining section (indication) is split at its
     # first blank line and the rest becomes last_paragraph.
-    text = ("\n INDICATION: cough\n \n Heart size normal.\n \n Lungs clear.\n"
-            " FINDINGS: \n IMPRESSION:  \n")
+    text = "\n INDICATION: cough\n \n Heart size normal.\n \n Lungs clear.\n FINDINGS: \n IMPRESSION:  \n"
     sec = section_report(text)
     assert sec["impression"] == "" and sec["findings"] == ""
     assert sec["last_paragraph"] == "Heart size normal.\n \n Lungs clear."
@@ -123,7 +123,7 @@ def test_write_sectioned_csv_and_bad_reports(tmp_path):
     (files / "s50414267.txt").write_text(TYPICAL, encoding="utf-8")
     (files / "s50000001.txt").write_bytes(b"")
     (files / "s50000002.txt").write_bytes(b"\n FINDINGS: caf\xe9 latin-1\n")
-    (files / "s50000003.txt").write_text("\n CONCLUSION: Line one,\n still \"quoted\".\n", encoding="utf-8")
+    (files / "s50000003.txt").write_text('\n CONCLUSION: Line one,\n still "quoted".\n', encoding="utf-8")
     (files / "notes.txt").write_text("not a report", encoding="utf-8")
     out = tmp_path / "mimic_cxr_sectioned.csv"
     sections, problems = write_sectioned_csv(tmp_path / "files", out)
@@ -153,5 +153,5 @@ def test_clean_section_rules():
 def test_training_text_is_impression_then_findings():
     assert training_text("No acute process.", "Lungs are clear.") == "No acute process. Lungs are clear."
     assert training_text("", "Lungs are clear") == "Lungs are clear."
-    assert training_text("1.", " ") == ""          # only list numbers: no usable text
-    assert training_text("___", "") == ""           # only de-identification marks
+    assert training_text("1.", " ") == ""  # only list numbers: no usable text
+    assert training_text("___", "") == ""  # only de-identification marks

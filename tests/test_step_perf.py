@@ -1,5 +1,6 @@
 """The training step: G2D's PA warm-up reproduced in the optimiser state, FLOP counting / MFU, and
 the speed levers (each one numerically equivalent to the plain step on CPU)."""
+
 from __future__ import annotations
 
 import pytest
@@ -39,11 +40,18 @@ def make_batch(tiny_bert: str, size: int = 64, n: int = 4, padding="longest", pa
 
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     texts = (REPORTS * n)[:n]
-    enc = tok(texts, padding=padding, truncation=True, max_length=32, pad_to_multiple_of=pad_multiple,
-              return_tensors="pt")
+    enc = tok(
+        texts, padding=padding, truncation=True, max_length=32, pad_to_multiple_of=pad_multiple, return_tensors="pt"
+    )
     gen = torch.Generator().manual_seed(seed)
-    return Batch(image=torch.randn(n, 3, size, size, generator=gen), input_ids=enc["input_ids"],
-                 attention_mask=enc["attention_mask"], keys=[""] * n, meta=[{}] * n, texts=texts)
+    return Batch(
+        image=torch.randn(n, 3, size, size, generator=gen),
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        keys=[""] * n,
+        meta=[{}] * n,
+        texts=texts,
+    )
 
 
 def make_train_step(tiny_bert: str, weight_decay: float = 0.0, lr: float = 1e-3, **model_overrides):
@@ -55,8 +63,9 @@ def make_train_step(tiny_bert: str, weight_decay: float = 0.0, lr: float = 1e-3,
     return TrainStep(model, optim, None, scaler, fixed, "fp32", 0.0, False), model
 
 
-def adamw_first_update(p: torch.Tensor, g: torch.Tensor, lr: float, wd: float, beta1=0.9, beta2=0.999,
-                       eps=1e-8, prior_zero_steps: int = 0) -> torch.Tensor:
+def adamw_first_update(
+    p: torch.Tensor, g: torch.Tensor, lr: float, wd: float, beta1=0.9, beta2=0.999, eps=1e-8, prior_zero_steps: int = 0
+) -> torch.Tensor:
     """AdamW's update of p for gradient g, by hand, after `prior_zero_steps` steps of zero gradient
     (0: a parameter the optimiser has never seen, as in G2D's code after its PA warm-up)."""
     k = prior_zero_steps + 1
@@ -83,8 +92,10 @@ def test_pa_warmup_leaves_the_decoder_and_its_optimizer_state_untouched(tiny_ber
     # The switch step: capture each decoder gradient as it is accumulated, then compare the actual
     # update with AdamW's first step computed by hand (a reference that never saw the warm-up).
     grads = {}
-    hooks = [p.register_post_accumulate_grad_hook(lambda q: grads.__setitem__(id(q), q.grad.detach().clone()))
-             for p in pa_params]
+    hooks = [
+        p.register_post_accumulate_grad_hook(lambda q: grads.__setitem__(id(q), q.grad.detach().clone()))
+        for p in pa_params
+    ]
     wd_of = {id(p): g["weight_decay"] for g in step_fn.optimizer.param_groups for p in g["params"]}
     start = [p.detach().clone() for p in pa_params]
     step_fn([make_batch(tiny_bert, seed=warmup)], warmup)
@@ -109,6 +120,7 @@ def test_pa_warmup_leaves_the_decoder_and_its_optimizer_state_untouched(tiny_ber
 
 # ---- the speed levers: each one gives the plain step's losses (dropout off: RNG streams differ) ----
 
+
 def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
@@ -117,7 +129,7 @@ def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_losses(step_fn, batches, start: int = 0) -> torch.Tensor:
-    return torch.stack([step_fn([b], start + i)[0] for i, b in enumerate(batches)])   # [steps, 3]
+    return torch.stack([step_fn([b], start + i)[0] for i, b in enumerate(batches)])  # [steps, 3]
 
 
 def grads_and_losses(step_fn, batches) -> tuple[dict, torch.Tensor]:
@@ -137,7 +149,7 @@ def assert_equivalent(a: tuple[dict, torch.Tensor], b: tuple[dict, torch.Tensor]
     pseudo-mask cell move the next losses by ~1e-3)."""
     (ga, la), (gb, lb) = a, b
     assert ga.keys() == gb.keys() and len(ga) > 10
-    overall = max(g.abs().max() for g in ga.values())           # gradients of ~0 are compared absolutely
+    overall = max(g.abs().max() for g in ga.values())  # gradients of ~0 are compared absolutely
     for name in ga:
         assert torch.allclose(ga[name], gb[name], rtol=1e-3, atol=1e-5 * overall), name
     assert torch.allclose(la[0], lb[0], atol=1e-5), (la, lb)
@@ -164,7 +176,7 @@ def test_text_lengths_bucketed_to_16_train_identically(tiny_bert):
     assert any(p.input_ids.shape[1] != b.input_ids.shape[1] for p, b in zip(plain, bucketed))
     got = []
     for batches in (plain, bucketed):
-        step_fn, model = make_train_step(tiny_bert, pa_warmup_steps=0)   # BN over real tokens (default)
+        step_fn, model = make_train_step(tiny_bert, pa_warmup_steps=0)  # BN over real tokens (default)
         no_dropout(model)
         got.append(grads_and_losses(step_fn, batches))
     assert_equivalent(*got)
@@ -182,13 +194,14 @@ def test_compiled_parts_train_identically_and_keep_state_dict_keys(tiny_bert):
     no_dropout(model)
     # aot_eager traces forward and backward exactly as inductor does, without the C++ codegen that
     # takes minutes on two shared cores (a 4-step demo run with inductor: ~6.5 min of compiling).
-    graphs, note = compile_for_speed(model, compile=True, cuda_graphs=False, device=torch.device("cpu"),
-                                     backend="aot_eager")
+    graphs, note = compile_for_speed(
+        model, compile=True, cuda_graphs=False, device=torch.device("cpu"), backend="aot_eager"
+    )
     assert not graphs and "torch.compile" in note
     assert model.image._compiled_call_impl is not None
     assert model.text.bert.encoder.layer[1]._compiled_call_impl is not None
     assert_equivalent(grads_and_losses(step_fn, batches), ref)
-    assert list(model.state_dict()) == keys                         # in place: no `_orig_mod.` prefixes
+    assert list(model.state_dict()) == keys  # in place: no `_orig_mod.` prefixes
 
 
 def test_cuda_graphs_switch_is_a_logged_no_op_on_cpu(tiny_bert):
@@ -197,7 +210,7 @@ def test_cuda_graphs_switch_is_a_logged_no_op_on_cpu(tiny_bert):
     _, model = make_train_step(tiny_bert)
     graphs, note = compile_for_speed(model, compile=False, cuda_graphs=True, device=torch.device("cpu"))
     assert graphs is False and "no CUDA device" in note
-    assert model.image._compiled_call_impl is None                  # nothing compiled either
+    assert model.image._compiled_call_impl is None  # nothing compiled either
 
 
 def test_no_sync_is_found_under_compiled_ddp(tiny_bert, tmp_path, monkeypatch):
@@ -214,7 +227,7 @@ def test_no_sync_is_found_under_compiled_ddp(tiny_bert, tmp_path, monkeypatch):
         torch.manual_seed(0)
         model = build_model(model_config("g2d_tiny", text_model=tiny_bert, text_freeze_layers=1)).train()
         ddp = DDP(model)
-        wrapped = torch.compile(ddp)                                # OptimizedModule around DDP
+        wrapped = torch.compile(ddp)  # OptimizedModule around DDP
         assert find_ddp(wrapped) is ddp and find_ddp(model) is None and unwrap(wrapped) is model
         calls = []
         real = DDP.no_sync
@@ -222,7 +235,7 @@ def test_no_sync_is_found_under_compiled_ddp(tiny_bert, tmp_path, monkeypatch):
         optim = build_optimizer(model, OptimConfig(lr=1e-4))
         scaler, fixed = make_scaler(torch.device("cpu"), "fp32", skip_nonfinite=False)
         step_fn = TrainStep(ddp, optim, None, scaler, fixed, "fp32", 0.0, False)
-        step_fn([make_batch(tiny_bert, seed=s) for s in range(3)], 100)   # accumulation over 3
+        step_fn([make_batch(tiny_bert, seed=s) for s in range(3)], 100)  # accumulation over 3
         assert len(calls) == 2
     finally:
         tdist.destroy_process_group()
@@ -242,12 +255,13 @@ def test_decoder_tail_runs_in_bf16_channels_last():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         image_tower(x)
     tail, head = seen
-    assert tail.shape == (2, cfg.decoder_channels[-1], 128, 128)     # [B,8,H,W] full resolution
+    assert tail.shape == (2, cfg.decoder_channels[-1], 128, 128)  # [B,8,H,W] full resolution
     assert tail.dtype == head.dtype == torch.bfloat16
     assert tail.is_contiguous(memory_format=torch.channels_last) and not tail.is_contiguous()
 
 
 # ---- FLOPs, peak and MFU ------------------------------------------------------------------------
+
 
 def test_step_flops_scale_with_the_batch_and_leave_the_run_unchanged(tiny_bert):
     from train.flops import count_step_flops
@@ -260,8 +274,8 @@ def test_step_flops_scale_with_the_batch_and_leave_the_run_unchanged(tiny_bert):
     per_8 = count_step_flops(model, large, 0, step_fn.autocast, False)
     # Convolutions and matmuls are linear in the batch; only the [B,B] similarity matrix is not.
     assert per_4 > 1e8 and abs(per_8 / per_4 - 2) < 0.01
-    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))   # BN running stats restored
-    assert torch.equal(rng, torch.get_rng_state())                             # dropout stream restored
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))  # BN running stats restored
+    assert torch.equal(rng, torch.get_rng_state())  # dropout stream restored
     assert all(p.grad is None for p in model.parameters())
     # So a run that counted first trains exactly like one that did not (dropout on).
     ref_fn, _ = make_train_step(tiny_bert, pa_warmup_steps=0)
@@ -275,9 +289,14 @@ def test_peak_flops_table_override_and_mfu(monkeypatch):
     from train.flops import mfu, peak_flops
 
     gpu = torch.device("cuda", 0)
-    for name, bf16, fp32 in (("NVIDIA H200", 989.4, 66.9), ("NVIDIA H100 80GB HBM3", 989.4, 66.9),
-                             ("NVIDIA H100 PCIe", 756.5, 51.2), ("NVIDIA A100-SXM4-80GB", 312.0, 19.5),
-                             ("NVIDIA L40S", 362.05, 91.6), ("NVIDIA L4", 121.0, 30.3)):
+    for name, bf16, fp32 in (
+        ("NVIDIA H200", 989.4, 66.9),
+        ("NVIDIA H100 80GB HBM3", 989.4, 66.9),
+        ("NVIDIA H100 PCIe", 756.5, 51.2),
+        ("NVIDIA A100-SXM4-80GB", 312.0, 19.5),
+        ("NVIDIA L40S", 362.05, 91.6),
+        ("NVIDIA L4", 121.0, 30.3),
+    ):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert peak_flops(gpu, "bf16")[0] == pytest.approx(bf16 * 1e12)
         assert peak_flops(gpu, "fp32")[0] == pytest.approx(fp32 * 1e12)
@@ -290,18 +309,25 @@ def test_peak_flops_table_override_and_mfu(monkeypatch):
     assert mfu(2e9, 100.0, 1e12) == pytest.approx(0.2) and mfu(2e9, 100.0, None) is None
 
 
-def test_pretrain_logs_mfu_and_memory_per_sample_and_says_cuda_graphs_are_off_on_cpu(mimic_shards, tiny_bert,
-                                                                                     tmp_path):
+def test_pretrain_logs_mfu_and_memory_per_sample_and_says_cuda_graphs_are_off_on_cpu(mimic_shards, tiny_bert, tmp_path):
     import json
 
     from tests.test_train import finish, overrides, run_pretrain
 
     out = tmp_path / "run"
-    text = finish(run_pretrain(overrides(mimic_shards, tiny_bert, out, **{
-        "train.max_steps": 2, "train.cuda_graphs": "true", "data.text_pad_multiple": 16})))
+    text = finish(
+        run_pretrain(
+            overrides(
+                mimic_shards,
+                tiny_bert,
+                out,
+                **{"train.max_steps": 2, "train.cuda_graphs": "true", "data.text_pad_multiple": 16},
+            )
+        )
+    )
     assert "GFLOP per sample (forward + backward, text padded to" in text
     assert "train.cuda_graphs: no CUDA device (cpu)" in text
-    assert "mfu " in text                                          # the per-step line (progress off)
+    assert "mfu " in text  # the per-step line (progress off)
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 2
@@ -319,17 +345,37 @@ def test_bench_train_reports_mfu_profile_and_lever_arms_on_cpu(tmp_path):
 
     from tests.pipeline_fixtures import ROOT, child_env
 
-    proc = subprocess.run([sys.executable, "-m", "tools.bench_train", "--shards", str(tmp_path / "none"),
-                           "--steps", "1", "--tiny-batch", "4", "--arms", "ours,graphs", "--profile", "--max-batch",
-                           "--no-doc",
-                           "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=child_env(OMP_NUM_THREADS="1", MASTER_PORT="29547"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.bench_train",
+            "--shards",
+            str(tmp_path / "none"),
+            "--steps",
+            "1",
+            "--tiny-batch",
+            "4",
+            "--arms",
+            "ours,graphs",
+            "--profile",
+            "--max-batch",
+            "--no-doc",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env(OMP_NUM_THREADS="1", MASTER_PORT="29547"),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "train.json").read_text())
     (run,) = result["runs"]
-    row = run["ours"]                  # (the compile arm's wiring is test_compiled_parts_... above)
+    row = run["ours"]  # (the compile arm's wiring is test_compiled_parts_... above)
     assert row["gflops_per_sample"] > 0.1 and 0 < row["data_excluded"]["mfu"] < 1
-    assert row["peak_mem_mb_per_sample"] is None                     # CPU: n/a
+    assert row["peak_mem_mb_per_sample"] is None  # CPU: n/a
     assert run["graphs"]["skipped"] == "CUDA graphs need a CUDA device"
     assert result["max_batch"]["max_batch"] is None and "CUDA only" in result["max_batch"]["note"]
     profile = json.loads((tmp_path / "train_profile_cpu.json").read_text())
@@ -342,13 +388,13 @@ def test_max_batch_search_doubles_then_bisects_to_the_boundary():
 
     tried = []
 
-    def fits(batch: int) -> bool:          # stands in for two training steps that OOM above 777
+    def fits(batch: int) -> bool:  # stands in for two training steps that OOM above 777
         tried.append(batch)
         return batch <= 777
 
     good, bad, probes = search_max_batch(fits, start=64, limit=8192)
-    assert tried[:5] == [64, 128, 256, 512, 1024]                    # doubling to the first OOM
-    assert good <= 777 < bad and bad - good <= max(1, good // 16)     # then within ~6%
+    assert tried[:5] == [64, 128, 256, 512, 1024]  # doubling to the first OOM
+    assert good <= 777 < bad and bad - good <= max(1, good // 16)  # then within ~6%
     assert probes == list(zip(tried, [b <= 777 for b in tried]))
-    assert search_max_batch(lambda b: True, 64, 256)[:2] == (256, None)   # never OOMs up to the limit
-    assert search_max_batch(lambda b: False, 64, 256)[:2] == (0, 1)       # bisects below the start, down to 1
+    assert search_max_batch(lambda b: True, 64, 256)[:2] == (256, None)  # never OOMs up to the limit
+    assert search_max_batch(lambda b: False, 64, 256)[:2] == (0, 1)  # bisects below the start, down to 1

@@ -1,5 +1,6 @@
 """The synthetic MIMIC-CXR-JPG corpus and the shared renderer: layout, determinism, label/report/region
 consistency, and that every finding kind is actually visible where its region says."""
+
 import csv
 import hashlib
 import json
@@ -46,19 +47,30 @@ UNCERTAIN_RE = re.compile(r"possible|cannot be excluded|cannot exclude|may repre
 NEGATION_RE = re.compile(r"\bno\b|\bnot\b|without|normal")
 # Words that name a label in the report text (for the label <-> text consistency check).
 KEYWORDS = {
-    "Atelectasis": "atelectasis", "Cardiomegaly": "cardiomegaly|heart|cardiac",
-    "Consolidation": "consolidation", "Edema": "edema|congestion", "Enlarged Cardiomediastinum": "mediastin",
-    "Fracture": "fracture", "Lung Lesion": "nodule|mass", "Lung Opacity": "opacit",
-    "Pleural Effusion": "effusion", "Pneumonia": "pneumonia", "Pneumothorax": "pneumothorax",
-    "Pleural Other": "pleural thickening", "Support Devices": "tube|catheter|line|pacemaker",
+    "Atelectasis": "atelectasis",
+    "Cardiomegaly": "cardiomegaly|heart|cardiac",
+    "Consolidation": "consolidation",
+    "Edema": "edema|congestion",
+    "Enlarged Cardiomediastinum": "mediastin",
+    "Fracture": "fracture",
+    "Lung Lesion": "nodule|mass",
+    "Lung Opacity": "opacit",
+    "Pleural Effusion": "effusion",
+    "Pneumonia": "pneumonia",
+    "Pneumothorax": "pneumothorax",
+    "Pleural Other": "pleural thickening",
+    "Support Devices": "tube|catheter|line|pacemaker",
 }
 # Labels whose word appears nowhere in a report (outside INDICATION) unless the label is set.
 DISTINCTIVE = ("Atelectasis", "Consolidation", "Edema", "Fracture", "Pleural Effusion", "Pneumonia", "Pneumothorax")
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
@@ -112,9 +124,19 @@ def test_csv_columns_exact(corpus):
     assert _read_csv(root / "mimic-cxr-2.0.0-split.csv")[0] == list(SPLIT_HEADER)
     assert _read_csv(root / "mimic-cxr-2.0.0-chexpert.csv")[0] == list(CHEXPERT_HEADER)
     assert list(METADATA_HEADER) == [
-        "dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition", "Rows",
-        "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-        "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
+        "dicom_id",
+        "subject_id",
+        "study_id",
+        "PerformedProcedureStepDescription",
+        "ViewPosition",
+        "Rows",
+        "Columns",
+        "StudyDate",
+        "StudyTime",
+        "ProcedureCodeSequence_CodeMeaning",
+        "ViewCodeSequence_CodeMeaning",
+        "PatientOrientationCodeSequence_CodeMeaning",
+    ]
     assert list(SPLIT_HEADER) == ["dicom_id", "study_id", "subject_id", "split"]
     assert list(CHEXPERT_HEADER) == ["subject_id", "study_id", *CHEXPERT_LABELS]
 
@@ -138,8 +160,9 @@ def test_layout_ids_and_images(corpus):
         assert gray.mean() > 40
         assert re.fullmatch(r"2[12][0-9]{6}", row["StudyDate"])
         assert re.fullmatch(r"[0-9]{6}\.[0-9]{3}", row["StudyTime"])
-    assert [(r["dicom_id"], r["study_id"], r["subject_id"]) for r in split] == \
-        [(r["dicom_id"], r["study_id"], r["subject_id"]) for r in meta]
+    assert [(r["dicom_id"], r["study_id"], r["subject_id"]) for r in split] == [
+        (r["dicom_id"], r["study_id"], r["subject_id"]) for r in meta
+    ]
     assert [r["dicom_id"] for r in regions] == [r["dicom_id"] for r in meta]
     studies = {(r["subject_id"], r["study_id"]) for r in meta}
     assert {(r["subject_id"], r["study_id"]) for r in chex} == studies and len(chex) == N_STUDIES
@@ -200,13 +223,23 @@ def test_uncertain_and_messy_reports_over_many_studies():
     kinds = sorted(KIND_LABEL)
     for i in range(400):
         k = kinds[i % len(kinds)]
-        side = "right" if k not in ("cardiomegaly", "enlarged_cardiomediastinum", "edema") else \
-            ("bilateral" if k == "edema" else "none")
-        zone = {"effusion": "lower", "pneumothorax": "apical", "cardiomegaly": "none", "edema": "perihilar",
-                "enlarged_cardiomediastinum": "upper", "pleural_thickening": "apical",
-                "support_device": "none"}.get(k, "lower")
-        spec = FindingSpec(k, side if k != "support_device" else "left", zone, 0.7,
-                           "central_line" if k == "support_device" else None)
+        side = (
+            "right"
+            if k not in ("cardiomegaly", "enlarged_cardiomediastinum", "edema")
+            else ("bilateral" if k == "edema" else "none")
+        )
+        zone = {
+            "effusion": "lower",
+            "pneumothorax": "apical",
+            "cardiomegaly": "none",
+            "edema": "perihilar",
+            "enlarged_cardiomediastinum": "upper",
+            "pleural_thickening": "apical",
+            "support_device": "none",
+        }.get(k, "lower")
+        spec = FindingSpec(
+            k, side if k != "support_device" else "left", zone, 0.7, "central_line" if k == "support_device" else None
+        )
         rep = write_report(rng, [Mention(spec, uncertain=k != "support_device" and i % 5 == 0)], ["PA", "LATERAL"])
         styles.add(rep.style)
         values.add(rep.labels[KIND_LABEL[k]])
@@ -284,7 +317,11 @@ def test_renderer_api_details():
     out = render_radiograph(rng, [FindingSpec("effusion", side="bilateral"), FindingSpec("edema")], 400, 500)
     assert out.image.dtype == np.uint8 and out.image.shape == (500, 400)
     assert sorted((r.finding, r.side) for r in out.regions) == [
-        ("edema", "left"), ("edema", "right"), ("effusion", "left"), ("effusion", "right")]
+        ("edema", "left"),
+        ("edema", "right"),
+        ("effusion", "left"),
+        ("effusion", "right"),
+    ]
     # The patient's right is on the image's left.
     eff = {r.side: r.box for r in out.regions if r.finding == "effusion"}
     assert eff["right"][2] <= eff["left"][0]
@@ -311,10 +348,10 @@ RENDER_DIGEST = "6199e57459cb32e9ba95341ceaf434db7d87a6e154d16e633d46759e27bd94c
 
 def test_bilateral_effusion_draws_each_side_like_a_one_sided_one():
     # Each side's fluid level is its own: the right half of a bilateral effusion is the right-only one.
-    both = render_radiograph(np.random.default_rng(1), [FindingSpec("pleural_effusion", side="bilateral")],
-                             256, 256, "PA")
-    right = render_radiograph(np.random.default_rng(1), [FindingSpec("pleural_effusion", side="right")],
-                              256, 256, "PA")
+    both = render_radiograph(
+        np.random.default_rng(1), [FindingSpec("pleural_effusion", side="bilateral")], 256, 256, "PA"
+    )
+    right = render_radiograph(np.random.default_rng(1), [FindingSpec("pleural_effusion", side="right")], 256, 256, "PA")
     masks = {r.side: r.mask for r in both.regions}
     assert set(masks) == {"left", "right"}
     np.testing.assert_array_equal(masks["right"], right.regions[0].mask)
@@ -383,8 +420,12 @@ def test_cli_summary_rerun_and_refusals(tmp_path, capsys):
     assert "already holds" in capsys.readouterr().out and _hashes(out) == before
     assert _cli_status(["--out", str(out), "--n", "5", "--seed", "1", "--size", "128"]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert synth_mimic.main(["--out", str(out), "--n", "5", "--seed", "1", "--size", "128", "--overwrite",
-                             "--workers", "1"]) == 0
+    assert (
+        synth_mimic.main(
+            ["--out", str(out), "--n", "5", "--seed", "1", "--size", "128", "--overwrite", "--workers", "1"]
+        )
+        == 0
+    )
     assert json.loads((out / CORPUS_NAME).read_text())["n_studies"] == 5
     other = tmp_path / "precious"
     other.mkdir()

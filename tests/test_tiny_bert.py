@@ -1,5 +1,6 @@
 """tools/make_tiny_bert reads its training texts through the pipeline's own index and sample reader
 (pipeline.plan.DatasetIndex + pipeline.batch.SampleReader), not a tar parser of its own."""
+
 import shutil
 import tarfile
 

@@ -1,5 +1,6 @@
 """The trainer end to end on CPU: a smoke run with every artefact, exact resume after SIGKILL,
 two gloo ranks under torchrun, non-finite loss handling, config errors."""
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,25 @@ PY = sys.executable
 
 
 def overrides(shards, bert, out, **extra) -> list[str]:
-    args = {"data.shards": shards, "model.text_model": bert, "train.output_dir": out,
-            "data.backend": "torch", "data.num_workers": 1, "data.image_size": 64, "model.image_size": 64,
-            "train.batch_size_per_gpu": 4, "train.log_every": 1, "train.checkpoint_every": 4,
-            "train.plot_every": 0, "train.val_every": 0, "train.val_batches": 2, "train.progress": False,
-            "model.pa_warmup_steps": 2, "optim.schedule": "constant", "train.resume": "auto"}
+    args = {
+        "data.shards": shards,
+        "model.text_model": bert,
+        "train.output_dir": out,
+        "data.backend": "torch",
+        "data.num_workers": 1,
+        "data.image_size": 64,
+        "model.image_size": 64,
+        "train.batch_size_per_gpu": 4,
+        "train.log_every": 1,
+        "train.checkpoint_every": 4,
+        "train.plot_every": 0,
+        "train.val_every": 0,
+        "train.val_batches": 2,
+        "train.progress": False,
+        "model.pa_warmup_steps": 2,
+        "optim.schedule": "constant",
+        "train.resume": "auto",
+    }
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
 
@@ -34,12 +49,24 @@ def overrides(shards, bert, out, **extra) -> list[str]:
 def run_pretrain(args: list[str], nproc: int = 0, **popen) -> subprocess.Popen:
     env = child_env(OMP_NUM_THREADS="1")
     if nproc:
-        cmd = [str(Path(PY).parent / "torchrun"), f"--nproc_per_node={nproc}", "--master_port=29561",
-               "-m", "train.pretrain"]
+        cmd = [
+            str(Path(PY).parent / "torchrun"),
+            f"--nproc_per_node={nproc}",
+            "--master_port=29561",
+            "-m",
+            "train.pretrain",
+        ]
     else:
         cmd = [PY, "-m", "train.pretrain"]
-    return subprocess.Popen(cmd + ["--config", "configs/pretrain/demo.yaml", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        cmd + ["--config", "configs/pretrain/demo.yaml", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -55,9 +82,16 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
 
 def test_smoke_run_writes_every_artefact(mimic_shards, tiny_bert, tmp_path):
     out = tmp_path / "run"
-    text = finish(run_pretrain(overrides(mimic_shards, tiny_bert, out, **{"train.max_steps": 5,
-                                                                        "train.plot_every": 5,
-                                                                        "train.tensorboard": "true"})))
+    text = finish(
+        run_pretrain(
+            overrides(
+                mimic_shards,
+                tiny_bert,
+                out,
+                **{"train.max_steps": 5, "train.plot_every": 5, "train.tensorboard": "true"},
+            )
+        )
+    )
     assert "retrieval_top1" in text
     # Logging: console lines come from `logging` and the rank's file holds the same step lines.
     assert "INFO [rank 0] g2d.train: step 5 loss" in text
@@ -65,6 +99,7 @@ def test_smoke_run_writes_every_artefact(mimic_shards, tiny_bert, tmp_path):
     assert (out / "plots" / "loss_curves.png").stat().st_size > 1000
     # TensorBoard: event files that hold the logged scalars at the logged steps.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     for tag in ("loss", "vla_loss", "pa_loss", "lr", "img_emb_std", "pos_cos", "val/retrieval_top1"):
@@ -74,8 +109,19 @@ def test_smoke_run_writes_every_artefact(mimic_shards, tiny_bert, tmp_path):
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
     for r in steps:
-        for key in ("loss", "vla_loss", "pa_loss", "lr", "img_per_s", "data_wait_frac", "mem_mb",
-                    "img_emb_std", "txt_emb_std", "pos_cos", "neg_cos"):
+        for key in (
+            "loss",
+            "vla_loss",
+            "pa_loss",
+            "lr",
+            "img_per_s",
+            "data_wait_frac",
+            "mem_mb",
+            "img_emb_std",
+            "txt_emb_std",
+            "pos_cos",
+            "neg_cos",
+        ):
             assert isinstance(r[key], float) and r[key] == r[key], key
     assert steps[0]["pa_active"] is False and steps[-1]["pa_active"] is True
     assert any("val/retrieval_top5" in r for r in rows)
@@ -86,8 +132,9 @@ def test_smoke_run_writes_every_artefact(mimic_shards, tiny_bert, tmp_path):
     assert ckpt["step"] == 5 and ckpt["config"]["model"]["name"] == "g2d_tiny"
     assert list((out / "plots").glob("*.png"))
     # Exports load into the plain smp U-Net that G2D/MGCA downstream code builds.
-    unet = smp.Unet(cfg.model.encoder, encoder_weights=None, classes=1,
-                    decoder_channels=list(cfg.model.decoder_channels))
+    unet = smp.Unet(
+        cfg.model.encoder, encoder_weights=None, classes=1, decoder_channels=list(cfg.model.decoder_channels)
+    )
     unet.load_state_dict(torch.load(out / "g2d_encoder_decoder.pth", weights_only=True), strict=True)
     unet.encoder.load_state_dict(torch.load(out / "g2d_encoder.pth", weights_only=True), strict=True)
 
@@ -126,16 +173,23 @@ def test_two_gloo_ranks_under_torchrun(mimic_shards, tiny_bert, tmp_path):
     text = finish(run_pretrain(overrides(mimic_shards, tiny_bert, out, **{"train.max_steps": 3}), nproc=2))
     assert "final_step" in text
     assert max(losses(out)) == 3
+
     # Both ranks log to their own file, and the losses there are the mean over ranks: the ranks see
     # different samples, so equal lines show the all-reduce happened.
     def loss_lines(rank: int) -> list[str]:
         text = (out / "logs" / f"rank{rank}.log").read_text()
         return [ln.split(": ", 1)[1].split(" img/s")[0] for ln in text.splitlines() if ": step " in ln]
+
     lines = {r: loss_lines(r) for r in (0, 1)}
     assert len(lines[0]) == 3 and lines[0] == lines[1], lines
     # `make pretrain NGPU=2` is this same torchrun command.
-    dry = subprocess.run(["make", "-n", "pretrain", "NGPU=2", "ARGS=train.max_steps=3"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    dry = subprocess.run(
+        ["make", "-n", "pretrain", "NGPU=2", "ARGS=train.max_steps=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "torchrun --nproc_per_node=2" in dry and "-m train.pretrain" in dry and "train.max_steps=3" in dry
 
 
@@ -147,6 +201,7 @@ def _nan_after(model, step_nan: int):
         if step >= step_nan:
             out.loss = out.loss * float("nan")
         return out
+
     model.forward = forward
     return model
 
@@ -157,9 +212,15 @@ def test_nonfinite_loss(mode, mimic_shards, tiny_bert, tmp_path, monkeypatch):
 
     real_build = pretrain.build_model
     monkeypatch.setattr(pretrain, "build_model", lambda cfg: _nan_after(real_build(cfg), 2))
-    cfg = load_pretrain_config("configs/pretrain/demo.yaml", overrides(
-        mimic_shards, tiny_bert, tmp_path / mode, **{"train.max_steps": 4, "train.nonfinite": mode,
-                                                     "data.num_workers": 0, "train.log_every": 2}))
+    cfg = load_pretrain_config(
+        "configs/pretrain/demo.yaml",
+        overrides(
+            mimic_shards,
+            tiny_bert,
+            tmp_path / mode,
+            **{"train.max_steps": 4, "train.nonfinite": mode, "data.num_workers": 0, "train.log_every": 2},
+        ),
+    )
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     if mode == "stop":
         with pytest.raises(pretrain.NonFiniteLoss, match="non-finite loss at step 3"):
@@ -167,7 +228,10 @@ def test_nonfinite_loss(mode, mimic_shards, tiny_bert, tmp_path, monkeypatch):
     else:
         pretrain.train(cfg, dist)
         rows = [json.loads(ln) for ln in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
-        assert [r["skipped_steps"] for r in rows if "skipped_steps" in r] == [0, 2]  # NaN from step 3 on: none by step 2, steps 3-4 by step 4
+        assert [r["skipped_steps"] for r in rows if "skipped_steps" in r] == [
+            0,
+            2,
+        ]  # NaN from step 3 on: none by step 2, steps 3-4 by step 4
 
 
 def test_config_errors():
@@ -209,8 +273,11 @@ def test_conflicting_duplicated_knobs_name_both_keys(tmp_path):
     demo, paper = "configs/pretrain/demo.yaml", "configs/pretrain/g2d_paper.yaml"
     with pytest.raises(ConfigError, match=r"model.image_size=64 conflicts with data.image_size=128"):
         load_pretrain_config(demo, ["model.image_size=64"])
-    with pytest.raises(ConfigError, match=r"model.image_size=256 conflicts with data.crop_size=224 "
-                                          r"\(data.transform=g2d_paper crops\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.image_size=256 conflicts with data.crop_size=224 "
+        r"\(data.transform=g2d_paper crops\)",
+    ):
         load_pretrain_config(paper, ["model.image_size=256"])
     with pytest.raises(ConfigError, match=r"model.max_text_length=64 conflicts with data.max_text_length=128"):
         load_pretrain_config(demo, ["model.max_text_length=64"])

@@ -27,6 +27,7 @@ stored images upscaled to --mgca-size). Missing shards are packed first with `to
 (`make shards` defaults). Writes bench/results/pipeline.json and the "Data pipeline" section of
 docs/performance.md (with CUDA: pipeline_gpu.json, "Data pipeline on a GPU").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,6 +61,7 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # ---- baselines -----------------------------------------------------------------------------------
 
+
 class G2DNpy(Dataset):
     """G2D's pretraining dataset, image side: npy row -> PIL RGB -> affine -> jitter -> tensor."""
 
@@ -67,18 +69,24 @@ class G2DNpy(Dataset):
         self.path = path
         self.images = None
         self.n = int(np.load(path, mmap_mode="r").shape[0])
-        self.transform = T.Compose([
-            T.CenterCrop(256), T.RandomAffine(degrees=15, shear=15), T.ColorJitter(brightness=0.2, contrast=0.2),
-            T.ToTensor(), T.Normalize(*IMAGENET)])
+        self.transform = T.Compose(
+            [
+                T.CenterCrop(256),
+                T.RandomAffine(degrees=15, shear=15),
+                T.ColorJitter(brightness=0.2, contrast=0.2),
+                T.ToTensor(),
+                T.Normalize(*IMAGENET),
+            ]
+        )
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        if self.images is None:              # memmap opened per worker, as np.load(mmap_mode="r") in G2D
+        if self.images is None:  # memmap opened per worker, as np.load(mmap_mode="r") in G2D
             self.images = np.load(self.path, mmap_mode="r")
         img = Image.fromarray(np.asarray(self.images[i])).convert("RGB")
-        return self.transform(img)           # [3, 256, 256]
+        return self.transform(img)  # [3, 256, 256]
 
 
 class MGCAFiles(Dataset):
@@ -98,10 +106,11 @@ class MGCAFiles(Dataset):
         img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BILINEAR)
         canvas = Image.new("L", (self.size, self.size))
         canvas.paste(img, ((self.size - img.size[0]) // 2, (self.size - img.size[1]) // 2))
-        return self.transform(canvas.convert("RGB"))   # [3, 224, 224]
+        return self.transform(canvas.convert("RGB"))  # [3, 224, 224]
 
 
 # ---- inputs --------------------------------------------------------------------------------------
+
 
 def ensure_shards(shards: Path, workers: int) -> None:
     if (shards / "manifest.json").is_file():
@@ -109,8 +118,12 @@ def ensure_shards(shards: Path, workers: int) -> None:
     from tools.pack_shards import main as pack_main
 
     print(f"bench-pipeline: no shards at {shards}; packing the synthetic corpus (make shards defaults)")
-    if pack_main(["--synthetic", "data/synthetic_mimic", "--out", str(shards), "--workers", str(workers),
-                  "--seed", "0"]) != 0:
+    if (
+        pack_main(
+            ["--synthetic", "data/synthetic_mimic", "--out", str(shards), "--workers", str(workers), "--seed", "0"]
+        )
+        != 0
+    ):
         raise SystemExit("bench-pipeline: packing failed")
 
 
@@ -141,9 +154,17 @@ def build_report_csv(path: Path, metas: list[dict], texts: list[str]) -> None:
     """The report table the npy (G2D) and the per-file JPEGs (MGCA) are read with: one row per image,
     the columns G2D's dataset and MGCA's master.csv use. Counted in their disk bytes, because our
     shards hold the reports too."""
-    rows = [{"dicom_id": m.get("dicom_id", ""), "subject_id": m.get("subject_id", ""),
-             "study_id": m.get("study_id", ""), "ViewPosition": m.get("view", ""),
-             "impression": m.get("impression", t), "findings": m.get("findings", "")} for m, t in zip(metas, texts)]
+    rows = [
+        {
+            "dicom_id": m.get("dicom_id", ""),
+            "subject_id": m.get("subject_id", ""),
+            "study_id": m.get("study_id", ""),
+            "ViewPosition": m.get("view", ""),
+            "impression": m.get("impression", t),
+            "findings": m.get("findings", ""),
+        }
+        for m, t in zip(metas, texts)
+    ]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -151,13 +172,22 @@ def build_report_csv(path: Path, metas: list[dict], texts: list[str]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def build_mgca_files(out: Path, manifest: dict, jpgs: list[bytes], metas: list[dict], size: int) -> tuple[list[Path], str]:
+def build_mgca_files(
+    out: Path, manifest: dict, jpgs: list[bytes], metas: list[dict], size: int
+) -> tuple[list[Path], str]:
     """One JPEG per sample: the corpus originals if the manifest names a corpus that is present,
     otherwise the stored images upscaled to `size` (longer side)."""
     root = manifest.get("config", {}).get("root")
     if root:
-        paths = [Path(root) / "files" / f"p{m['subject_id'][:2]}" / f"p{m['subject_id']}" / f"s{m['study_id']}"
-                 / f"{m['dicom_id']}.jpg" for m in metas]
+        paths = [
+            Path(root)
+            / "files"
+            / f"p{m['subject_id'][:2]}"
+            / f"p{m['subject_id']}"
+            / f"s{m['study_id']}"
+            / f"{m['dicom_id']}.jpg"
+            for m in metas
+        ]
         if all(p.is_file() for p in paths):
             return paths, f"synthetic corpus originals ({root})"
     out.mkdir(parents=True, exist_ok=True)
@@ -167,12 +197,15 @@ def build_mgca_files(out: Path, manifest: dict, jpgs: list[bytes], metas: list[d
         if not path.is_file():
             img = Image.open(io.BytesIO(data)).convert("L")
             s = size / max(img.size)
-            img.resize((round(img.size[0] * s), round(img.size[1] * s)), Image.Resampling.BICUBIC).save(path, quality=95)
+            img.resize((round(img.size[0] * s), round(img.size[1] * s)), Image.Resampling.BICUBIC).save(
+                path, quality=95
+            )
         paths.append(path)
     return paths, f"stored images upscaled to {size} px"
 
 
 # ---- timing --------------------------------------------------------------------------------------
+
 
 def cpu_seconds() -> float:
     """CPU time of this process (DALI threads included) and of its reaped children (loader workers,
@@ -219,15 +252,28 @@ class Timing:
     def done(self) -> dict:
         sync(self.device)
         wall, cpu = time.perf_counter() - self.t0, cpu_seconds() - self.c0
-        return {"with_startup": self.n / wall, "steady": self.steady_n / self.steady_s if self.steady_n else None,
-                "startup_s": self.startup_s / self.epochs, "cpu_ms": 1000 * cpu / self.n,
-                "in_flight": self.in_flight}
+        return {
+            "with_startup": self.n / wall,
+            "steady": self.steady_n / self.steady_s if self.steady_n else None,
+            "startup_s": self.startup_s / self.epochs,
+            "cpu_ms": 1000 * cpu / self.n,
+            "in_flight": self.in_flight,
+        }
 
 
-def time_ours(backend: str, shards: Path, workers: int, batch: int, epochs: int, seed: int,
-              device: torch.device, **data) -> dict:
-    cfg = DataConfig(shards=str(shards), backend=backend, batch_size_per_gpu=batch, num_workers=workers,
-                     transform="g2d_train", image_size=256, seed=seed, **data)
+def time_ours(
+    backend: str, shards: Path, workers: int, batch: int, epochs: int, seed: int, device: torch.device, **data
+) -> dict:
+    cfg = DataConfig(
+        shards=str(shards),
+        backend=backend,
+        batch_size_per_gpu=batch,
+        num_workers=workers,
+        transform="g2d_train",
+        image_size=256,
+        seed=seed,
+        **data,
+    )
     loader = build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0, device=device))
     # DALI: its prefetch queue + the unpacking thread's queue; torch: every worker's prefetch.
     timing = Timing(device, 2 * cfg.prefetch if loader.backend == "dali" else max(1, workers) * cfg.prefetch)
@@ -238,7 +284,7 @@ def time_ours(backend: str, shards: Path, workers: int, batch: int, epochs: int,
         if epoch == 0:
             warm = (live_cpu_seconds(loader), timing.n)
     steady_cpu = (live_cpu_seconds(loader) - warm[0], timing.n - warm[1])
-    loader.close()              # workers joined, so that their CPU time is counted
+    loader.close()  # workers joined, so that their CPU time is counted
     result = timing.done()
     # Per image once the workers run (epochs after the first): the one-off worker start of a run
     # (fork, imports: ~0.1 s per worker per training run) left out, as a MIMIC-sized run amortises it.
@@ -255,7 +301,7 @@ def live_cpu_seconds(loader) -> float:
     iterator = getattr(getattr(loader._workers, "loader", None), "_iterator", None)
     for proc in getattr(iterator, "_workers", []):
         fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")     # utime + stime
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     return total
 
 
@@ -264,20 +310,42 @@ def time_dali_graph(shards: Path, workers: int, batch: int, epochs: int, seed: i
     the loader's unpacking of keys/text/labels and its prefetch thread: how much the graph gives."""
     from pipeline.dali_backend import DaliBatches
 
-    cfg = DataConfig(shards=str(shards), backend="dali", batch_size_per_gpu=batch, num_workers=workers,
-                     transform="g2d_train", image_size=256, seed=seed)
+    cfg = DataConfig(
+        shards=str(shards),
+        backend="dali",
+        batch_size_per_gpu=batch,
+        num_workers=workers,
+        transform="g2d_train",
+        image_size=256,
+        seed=seed,
+    )
     loader = build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0, device=device))
-    run = DaliBatches(loader.index, loader.spec, seed, None, True, {}, "raise", workers, cfg.prefetch, batch, device,
-                      use_gpu=device.type == "cuda", load_masks=False, load_boxes=False, stats=None)
+    run = DaliBatches(
+        loader.index,
+        loader.spec,
+        seed,
+        None,
+        True,
+        {},
+        "raise",
+        workers,
+        cfg.prefetch,
+        batch,
+        device,
+        use_gpu=device.type == "cuda",
+        load_masks=False,
+        load_boxes=False,
+        stats=None,
+    )
     timing = Timing(device, cfg.prefetch)
     for epoch in range(epochs):
         plan = loader.plan(epoch)
         t = time.perf_counter()
         run.feed.start(plan, 0)
-        it = run._iterator()          # the graph and its feed, as the loader runs them, without unpacking
+        it = run._iterator()  # the graph and its feed, as the loader runs them, without unpacking
         run._open = True
         timing.epoch((out[0]["image"] for _, out in zip(range(len(plan)), it)), since=t)
-        for _ in it:                  # the feed's end of the pass
+        for _ in it:  # the feed's end of the pass
             pass
     run.close()
     return timing.done()
@@ -285,14 +353,13 @@ def time_dali_graph(shards: Path, workers: int, batch: int, epochs: int, seed: i
 
 def time_dataloader(dataset: Dataset, workers: int, batch: int, epochs: int, device: torch.device) -> dict:
     cuda = device.type == "cuda"
-    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-                        pin_memory=cuda)
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=cuda)
     timing = Timing(device, max(1, workers) * (loader.prefetch_factor or 1))
     for _ in range(epochs):
         it = iter(loader)
         # [B, 3, 256, 256] where training would use it
         timing.epoch(x.to(device, non_blocking=cuda) for x in it)
-        it._shutdown_workers()          # workers joined (and their CPU time counted) every epoch
+        it._shutdown_workers()  # workers joined (and their CPU time counted) every epoch
     return timing.done()
 
 
@@ -316,19 +383,26 @@ def du(paths) -> int:
 def our_variants(cuda: bool) -> dict[str, tuple[str, str, dict]]:
     """name -> (table label, backend, extra DataConfig fields)."""
     if not cuda:
-        return {"dali": ("our loader, DALI (CPU)", "dali", {}),
-                "torch": ("our loader, torch workers (PIL decode, OpenCV warp)", "torch", {})}
-    return {"dali": ("our loader, DALI (nvJPEG + GPU augmentation)", "dali", {}),
-            "dali_cpu": ("our loader, DALI (CPU decode, data.dali_decode=cpu)", "dali", {"dali_decode": "cpu"}),
-            "torch": ("our loader, torch workers (PIL decode, OpenCV warp; colour + normalise on GPU)", "torch", {}),
-            "torch_gpu_decode": ("our loader, torch + torchvision nvJPEG decode", "torch", {"torch_gpu_decode": True})}
+        return {
+            "dali": ("our loader, DALI (CPU)", "dali", {}),
+            "torch": ("our loader, torch workers (PIL decode, OpenCV warp)", "torch", {}),
+        }
+    return {
+        "dali": ("our loader, DALI (nvJPEG + GPU augmentation)", "dali", {}),
+        "dali_cpu": ("our loader, DALI (CPU decode, data.dali_decode=cpu)", "dali", {"dali_decode": "cpu"}),
+        "torch": ("our loader, torch workers (PIL decode, OpenCV warp; colour + normalise on GPU)", "torch", {}),
+        "torch_gpu_decode": ("our loader, torch + torchvision nvJPEG decode", "torch", {"torch_gpu_decode": True}),
+    }
 
 
 def one_shard_variants(cuda: bool) -> dict[str, tuple[str, dict]]:
     """name -> (backend, DataConfig fields): our default loaders reading one shard at a time
     (shard_mix=1, the plan before batches mixed shards), to price the mixing in the same run."""
-    return {f"{v}_one_shard": (backend, {**extra, "shard_mix": 1})
-            for v, (_, backend, extra) in our_variants(cuda).items() if v in ("dali", "torch")}
+    return {
+        f"{v}_one_shard": (backend, {**extra, "shard_mix": 1})
+        for v, (_, backend, extra) in our_variants(cuda).items()
+        if v in ("dali", "torch")
+    }
 
 
 def stage_breakdown(shards: Path, batch: int, epochs: int, seed: int, tokenizer) -> dict:
@@ -336,12 +410,24 @@ def stage_breakdown(shards: Path, batch: int, epochs: int, seed: int, tokenizer)
     profiled (`build_loader(profile=True)`: thread CPU time per stage, ~1.5% overhead), tokenising
     with `tokenizer`, after a warm-up epoch; "other" is what the stages leave unexplained of the
     whole CPU time (worker glue, IPC, the consumer's side)."""
-    cfg = DataConfig(shards=str(shards), backend="torch", batch_size_per_gpu=batch, num_workers=1,
-                     transform="g2d_train", image_size=256, seed=seed)
-    loader = build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
-                          tokenizer=tokenizer, profile=True)
+    cfg = DataConfig(
+        shards=str(shards),
+        backend="torch",
+        batch_size_per_gpu=batch,
+        num_workers=1,
+        transform="g2d_train",
+        image_size=256,
+        seed=seed,
+    )
+    loader = build_loader(
+        cfg,
+        "train",
+        DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
+        tokenizer=tokenizer,
+        profile=True,
+    )
     loader.set_epoch(0)
-    for _ in loader:             # warm-up: the worker's start (fork, imports) is not a per-image cost
+    for _ in loader:  # warm-up: the worker's start (fork, imports) is not a per-image cost
         pass
     loader.stats = type(loader.stats)()
     c0 = live_cpu_seconds(loader)
@@ -386,8 +472,16 @@ def inprocess_cpu_ms(shards: Path, batch: int, epochs: int, seed: int, shard_mix
     """CPU ms per image of the torch backend run in this process (no workers, no tokeniser), after a
     warm-up epoch: a load-independent price of a plan setting (wall-clock rates on shared cores vary
     by tens of percent from round to round)."""
-    cfg = DataConfig(shards=str(shards), backend="torch", batch_size_per_gpu=batch, num_workers=0,
-                     transform="g2d_train", image_size=256, seed=seed, shard_mix=shard_mix)
+    cfg = DataConfig(
+        shards=str(shards),
+        backend="torch",
+        batch_size_per_gpu=batch,
+        num_workers=0,
+        transform="g2d_train",
+        image_size=256,
+        seed=seed,
+        shard_mix=shard_mix,
+    )
     loader = build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
     loader.set_epoch(0)
     for _ in loader:
@@ -417,11 +511,16 @@ def shards_per_batch(index: DatasetIndex, batch: int, epochs: int, seed: int, sh
     """Distinct shards per batch of the training plan (world size 1), over `epochs` epochs."""
     from pipeline.plan import PlanArgs, distinct_shards
 
-    args = PlanArgs(seed=seed, rank=0, world_size=1, batch_size=batch, shuffle=True, drop_last=True,
-                    shard_mix=shard_mix)
+    args = PlanArgs(
+        seed=seed, rank=0, world_size=1, batch_size=batch, shuffle=True, drop_last=True, shard_mix=shard_mix
+    )
     counts = np.concatenate([distinct_shards(index, args.make(index, e)) for e in range(epochs)])
-    return {"mean": round(float(counts.mean()), 2), "min": int(counts.min()), "shards": len(index.shards),
-            "goal": min(8, len(index.shards))}
+    return {
+        "mean": round(float(counts.mean()), 2),
+        "min": int(counts.min()),
+        "shards": len(index.shards),
+        "goal": min(8, len(index.shards)),
+    }
 
 
 def bench_tokenizer(texts: list[str], work_dir: Path):
@@ -443,22 +542,25 @@ def cost_text(breakdown: dict, floor: float, ours_ms: float, crc: float, mixing:
     rows += [f"| {k.replace('_', ' + ' if k == 'jitter_normalise' else ' ')} | {v:.3f} |" for k, v in breakdown.items()]
     mixed, single = spread["mixed (shard_mix=0)"], spread["one shard at a time (shard_mix=1)"]
     device_step = breakdown["jitter_normalise"]
-    return (f"CPU per image, torch backend (g2d_train, 256 px): {ours_ms:.2f} ms in the timed runs once the "
-            f"workers run (epochs after the first: the workers' one-off start is not per image; no tokeniser; "
-            f"process and workers), against a floor of {floor:.2f} ms (PIL decode + one OpenCV warp of the same "
-            f"images by their own g2d_train matrices, one core): {ours_ms / floor:.2f}x (goal <= 1.5x; <= 0.7 ms "
-            f"absolute on a quiet core); {ours_ms - device_step:.2f} ms, {(ours_ms - device_step) / floor:.2f}x, "
-            f"without the CPU device step (jitter + normalisation to float, {device_step:.2f} ms, which a GPU run "
-            f"does on the GPU). The stages, from a profiled run (one worker; it also tokenises, with a WordPiece "
-            f"tokenizer trained on the reports):\n\n" + "\n".join(rows) + "\n\n"
-            f"Read-side checks: the CRC-32 of jpg + txt costs {crc:.1f} us per sample ({crc / 10 / ours_ms:.1f}% "
-            f"of the torch backend's CPU); the tar-header check rides on the same read. Batches mixed across "
-            f"shards: {mixed['mean']:.1f} distinct shards per batch of {batch} on average (min {mixed['min']}, "
-            f"goal >= {mixed['goal']} of {mixed['shards']} shards), vs {single['mean']:.1f} reading one shard at "
-            f"a time (shard_mix=1). Cost of the mixing (goal < 5%): in CPU time, torch backend in-process, "
-            f"interleaved rounds, {100 * mixing['torch_cpu']:+.1f}%; in the steady rates above (1 - mixed / "
-            f"one-shard; wall clock on shared cores, noisy): "
-            + ", ".join(f"{v} {100 * c:+.1f}%" for v, c in mixing.items() if v != "torch_cpu") + ".")
+    return (
+        f"CPU per image, torch backend (g2d_train, 256 px): {ours_ms:.2f} ms in the timed runs once the "
+        f"workers run (epochs after the first: the workers' one-off start is not per image; no tokeniser; "
+        f"process and workers), against a floor of {floor:.2f} ms (PIL decode + one OpenCV warp of the same "
+        f"images by their own g2d_train matrices, one core): {ours_ms / floor:.2f}x (goal <= 1.5x; <= 0.7 ms "
+        f"absolute on a quiet core); {ours_ms - device_step:.2f} ms, {(ours_ms - device_step) / floor:.2f}x, "
+        f"without the CPU device step (jitter + normalisation to float, {device_step:.2f} ms, which a GPU run "
+        f"does on the GPU). The stages, from a profiled run (one worker; it also tokenises, with a WordPiece "
+        f"tokenizer trained on the reports):\n\n" + "\n".join(rows) + "\n\n"
+        f"Read-side checks: the CRC-32 of jpg + txt costs {crc:.1f} us per sample ({crc / 10 / ours_ms:.1f}% "
+        f"of the torch backend's CPU); the tar-header check rides on the same read. Batches mixed across "
+        f"shards: {mixed['mean']:.1f} distinct shards per batch of {batch} on average (min {mixed['min']}, "
+        f"goal >= {mixed['goal']} of {mixed['shards']} shards), vs {single['mean']:.1f} reading one shard at "
+        f"a time (shard_mix=1). Cost of the mixing (goal < 5%): in CPU time, torch backend in-process, "
+        f"interleaved rounds, {100 * mixing['torch_cpu']:+.1f}%; in the steady rates above (1 - mixed / "
+        f"one-shard; wall clock on shared cores, noisy): "
+        + ", ".join(f"{v} {100 * c:+.1f}%" for v, c in mixing.items() if v != "torch_cpu")
+        + "."
+    )
 
 
 def shard_bytes(index: DatasetIndex) -> int:
@@ -469,18 +571,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cores = len(os.sched_getaffinity(0))
     parser.add_argument("--shards", type=Path, default=Path("data/shards/mimic"))
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where batches are delivered (auto: cuda when available)")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="where batches are delivered (auto: cuda when available)",
+    )
     parser.add_argument("--workers", type=int, default=cores, help="loader workers / DALI threads, all loaders")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=4, help="epochs per timed run")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--also-shards", type=Path, action="append", default=[],
-                        help="another packing of the same samples (e.g. --max-side 512): our loaders only")
+    parser.add_argument(
+        "--also-shards",
+        type=Path,
+        action="append",
+        default=[],
+        help="another packing of the same samples (e.g. --max-side 512): our loaders only",
+    )
     parser.add_argument("--mgca-size", type=int, default=2048, help="longer side of upscaled MGCA files")
     parser.add_argument("--work-dir", type=Path, default=Path("data/bench/pipeline"))
-    parser.add_argument("--results", type=Path, help="default bench/results/pipeline.json "
-                                                     "(pipeline_gpu.json with CUDA)")
+    parser.add_argument(
+        "--results", type=Path, help="default bench/results/pipeline.json (pipeline_gpu.json with CUDA)"
+    )
     parser.add_argument("--doc", type=Path, default=Path("docs/performance.md"))
     args = parser.parse_args(argv)
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -495,8 +607,9 @@ def main(argv: list[str] | None = None) -> int:
     npy, report_csv = args.work_dir / "g2d_256.npy", args.work_dir / "reports.csv"
     build_npy(npy, jpgs)
     build_report_csv(report_csv, metas, texts)
-    mgca_paths, mgca_source = build_mgca_files(args.work_dir / "mgca_files", index.manifest, jpgs, metas,
-                                               args.mgca_size)
+    mgca_paths, mgca_source = build_mgca_files(
+        args.work_dir / "mgca_files", index.manifest, jpgs, metas, args.mgca_size
+    )
     mgca_side = int(np.median([max(Image.open(p).size) for p in mgca_paths]))
     stored_side = int(np.median([max(Image.open(io.BytesIO(d)).size) for d in jpgs]))
     w, b, e = args.workers, args.batch_size, args.epochs
@@ -507,8 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, shards in enumerate(shard_sets):
         ensure_shards(shards, args.workers)
         for name, (_, backend, extra) in variants.items():
-            loaders[name if k == 0 else f"{name}@{k}"] = (
-                lambda r, be=backend, sh=shards, ex=extra: time_ours(be, sh, w, b, e, r, device, **ex))
+            loaders[name if k == 0 else f"{name}@{k}"] = lambda r, be=backend, sh=shards, ex=extra: time_ours(
+                be, sh, w, b, e, r, device, **ex
+            )
     one_shard = one_shard_variants(cuda)
     for name, (backend, extra) in one_shard.items():
         loaders[name] = lambda r, be=backend, ex=extra: time_ours(be, args.shards, w, b, e, r, device, **ex)
@@ -523,8 +637,11 @@ def main(argv: list[str] | None = None) -> int:
             t = fn(r)
             timings[name].append(t)
             gc.collect()
-            print(f"round {r}: {name:>18} {t['steady']:8.1f} img/s steady, {t['with_startup']:8.1f} with "
-                  f"startup ({t['startup_s']:.2f} s/epoch), {t['cpu_ms']:5.2f} CPU-ms/img", flush=True)
+            print(
+                f"round {r}: {name:>18} {t['steady']:8.1f} img/s steady, {t['with_startup']:8.1f} with "
+                f"startup ({t['startup_s']:.2f} s/epoch), {t['cpu_ms']:5.2f} CPU-ms/img",
+                flush=True,
+            )
 
     def median(name: str, field: str) -> float | None:
         values = [t[field] for t in timings[name]]
@@ -554,139 +671,245 @@ def main(argv: list[str] | None = None) -> int:
     breakdown = stage_breakdown(args.shards, b, e, 0, bench_tokenizer(texts, args.work_dir))
     ours_ms = cpu_warm["torch"]
     crc = crc_us(index)
-    mixing = {v: round(1 - rates[v] / rates[f"{v}_one_shard"], 3) for v in ("dali", "torch")
-              if f"{v}_one_shard" in rates}
+    mixing = {
+        v: round(1 - rates[v] / rates[f"{v}_one_shard"], 3) for v in ("dali", "torch") if f"{v}_one_shard" in rates
+    }
     # The same price in CPU time, torch backend in this process, settings interleaved round by round.
     ab = {mix: [] for mix in (0, 1)}
     for _ in range(args.runs):
         for mix in ab:
             ab[mix].append(inprocess_cpu_ms(args.shards, b, e, 0, mix))
     mixing["torch_cpu"] = round(statistics.median(ab[0]) / statistics.median(ab[1]) - 1, 3)
-    spread = {"mixed (shard_mix=0)": shards_per_batch(index, b, e, 0, 0),
-              "one shard at a time (shard_mix=1)": shards_per_batch(index, b, e, 0, 1)}
-    print(f"torch backend: {ours_ms:.2f} CPU-ms/img, floor {floor:.2f} ({ours_ms / floor:.2f}x); stages {breakdown}; "
-          f"CRC {crc:.1f} us/sample; mixing cost {mixing}; shards per batch {spread}")
+    spread = {
+        "mixed (shard_mix=0)": shards_per_batch(index, b, e, 0, 0),
+        "one shard at a time (shard_mix=1)": shards_per_batch(index, b, e, 0, 1),
+    }
+    print(
+        f"torch backend: {ours_ms:.2f} CPU-ms/img, floor {floor:.2f} ({ours_ms / floor:.2f}x); stages {breakdown}; "
+        f"CRC {crc:.1f} us/sample; mixing cost {mixing}; shards per batch {spread}"
+    )
 
     reports = du([report_csv])
     disk = {"shards": shard_bytes(index), "g2d_npy": du([npy]) + reports, "mgca_files": du(mgca_paths) + reports}
-    detail = {"g2d_npy_images": du([npy]), "mgca_files_images": du(mgca_paths), "reports_csv": reports,
-              "shards_jpg_members": int(sum(len(j) for j in jpgs))}
+    detail = {
+        "g2d_npy_images": du([npy]),
+        "mgca_files_images": du(mgca_paths),
+        "reports_csv": reports,
+        "shards_jpg_members": int(sum(len(j) for j in jpgs)),
+    }
     extras = []
     for k, shards in enumerate(shard_sets[1:], start=1):
         ex_index = DatasetIndex(shards, "train")
         ex_jpgs = stored_samples(ex_index)[0]
         ex_core = statistics.median(time_raw_decode(ex_jpgs, 2) for _ in range(args.runs))
-        extras.append({"shards": str(shards), "images": len(ex_jpgs),
-                       "stored_longer_side": int(np.median([max(Image.open(io.BytesIO(d)).size) for d in ex_jpgs])),
-                       "img_per_s": {**{v: r1(rates.pop(f"{v}@{k}")) for v in variants},
-                                     "raw_decode": round(ex_core * cores, 1)},
-                       "img_per_s_steady": {v: r1(steady.pop(f"{v}@{k}")) for v in variants},
-                       "img_per_s_with_startup": {v: r1(with_startup.pop(f"{v}@{k}")) for v in variants},
-                       "startup_s_per_epoch": {v: startup.pop(f"{v}@{k}") for v in variants},
-                       "cpu_ms_per_img": {v: round(cpu.pop(f"{v}@{k}"), 2) for v in variants},
-                       "disk_bytes": shard_bytes(ex_index)})
+        extras.append(
+            {
+                "shards": str(shards),
+                "images": len(ex_jpgs),
+                "stored_longer_side": int(np.median([max(Image.open(io.BytesIO(d)).size) for d in ex_jpgs])),
+                "img_per_s": {
+                    **{v: r1(rates.pop(f"{v}@{k}")) for v in variants},
+                    "raw_decode": round(ex_core * cores, 1),
+                },
+                "img_per_s_steady": {v: r1(steady.pop(f"{v}@{k}")) for v in variants},
+                "img_per_s_with_startup": {v: r1(with_startup.pop(f"{v}@{k}")) for v in variants},
+                "startup_s_per_epoch": {v: startup.pop(f"{v}@{k}") for v in variants},
+                "cpu_ms_per_img": {v: round(cpu.pop(f"{v}@{k}"), 2) for v in variants},
+                "disk_bytes": shard_bytes(ex_index),
+            }
+        )
         for v in variants:
             runs[f"{shards}:{v}"] = runs.pop(f"{v}@{k}")
 
     n_images = len(jpgs)
-    machine = {"cpu_count": cores, "cpu_model": cpu_model(), "python": platform.python_version(),
-               "torch": torch.__version__, "platform": platform.platform(),
-               "load_avg_1min": round(os.getloadavg()[0], 2),
-               "gpu": torch.cuda.get_device_name(0) if cuda else "none (DALI on CPU)"}
+    machine = {
+        "cpu_count": cores,
+        "cpu_model": cpu_model(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "gpu": torch.cuda.get_device_name(0) if cuda else "none (DALI on CPU)",
+    }
     try:
         import nvidia.dali as dali
+
         machine["dali"] = dali.__version__
     except ImportError:
         pass
-    result = {"img_per_s": {k: r1(v) for k, v in rates.items()}, "rate_basis": basis,
-              "img_per_s_steady": {k: r1(v) for k, v in steady.items()},
-              "img_per_s_with_startup": {k: r1(v) for k, v in with_startup.items()},
-              "startup_s_per_epoch": startup,
-              "runs_img_per_s_steady": runs,
-              "cpu_ms_per_img": {k: round(v, 2) for k, v in cpu.items()},
-              "cpu_ms_per_img_warm": {k: round(v, 3) for k, v in cpu_warm.items()},
-              "disk_bytes": disk, "disk_bytes_detail": detail,
-              "other_shards": extras,
-              "cpu_breakdown_ms_per_img": breakdown, "floor_ms_per_img": round(floor, 3),
-              "torch_cpu_ms_per_img": round(ours_ms, 3), "torch_vs_floor": round(ours_ms / floor, 2),
-              "crc_us_per_sample": round(crc, 1), "crc_share_of_torch_cpu": round(crc / 1000 / ours_ms, 4),
-              "mixing_cost": mixing, "shards_per_batch": spread,
-              "setup": {"shards": str(args.shards), "train_images": n_images, "workers": w, "batch_size": b,
-                        "batches_per_epoch": n_images // b, "epochs_per_run": e, "runs": args.runs,
-                        "stored_longer_side": stored_side, "mgca_longer_side": mgca_side,
-                        "mgca_source": mgca_source, "device": str(device)},
-              "machine": machine}
+    result = {
+        "img_per_s": {k: r1(v) for k, v in rates.items()},
+        "rate_basis": basis,
+        "img_per_s_steady": {k: r1(v) for k, v in steady.items()},
+        "img_per_s_with_startup": {k: r1(v) for k, v in with_startup.items()},
+        "startup_s_per_epoch": startup,
+        "runs_img_per_s_steady": runs,
+        "cpu_ms_per_img": {k: round(v, 2) for k, v in cpu.items()},
+        "cpu_ms_per_img_warm": {k: round(v, 3) for k, v in cpu_warm.items()},
+        "disk_bytes": disk,
+        "disk_bytes_detail": detail,
+        "other_shards": extras,
+        "cpu_breakdown_ms_per_img": breakdown,
+        "floor_ms_per_img": round(floor, 3),
+        "torch_cpu_ms_per_img": round(ours_ms, 3),
+        "torch_vs_floor": round(ours_ms / floor, 2),
+        "crc_us_per_sample": round(crc, 1),
+        "crc_share_of_torch_cpu": round(crc / 1000 / ours_ms, 4),
+        "mixing_cost": mixing,
+        "shards_per_batch": spread,
+        "setup": {
+            "shards": str(args.shards),
+            "train_images": n_images,
+            "workers": w,
+            "batch_size": b,
+            "batches_per_epoch": n_images // b,
+            "epochs_per_run": e,
+            "runs": args.runs,
+            "stored_longer_side": stored_side,
+            "mgca_longer_side": mgca_side,
+            "mgca_source": mgca_source,
+            "device": str(device),
+        },
+        "machine": machine,
+    }
     atomic_write_json(results, result)
 
     best = max(rates[v] for v in variants)
     g2d, raw = rates["g2d_npy"], rates["raw_decode"]
 
-    def row(label: str, rate: float, raw_rate: float, cpu_ms: float, size: int | None, n: int,
-            rate_steady: float | None = None, rate_startup: float | None = None,
-            startup_s: float | None = None) -> str:
-        if rate_startup is None:          # raw decode: no loader, so no startup
+    def row(
+        label: str,
+        rate: float,
+        raw_rate: float,
+        cpu_ms: float,
+        size: int | None,
+        n: int,
+        rate_steady: float | None = None,
+        rate_startup: float | None = None,
+        startup_s: float | None = None,
+    ) -> str:
+        if rate_startup is None:  # raw decode: no loader, so no startup
             timing = f"{rate:.0f} | - | - |"
         else:
-            timing = (f"{rate_steady:.0f}" if rate_steady is not None else "n/a") + \
-                f" | {rate_startup:.0f} | {startup_s:.2f} |"
-        return (f"| {label} | {timing} {rate / g2d:.2f}x | {rate / raw_rate:.0%} | {cpu_ms:.2f} | "
-                + (f"{size / 1e6:.1f} | {size / n / 1e3:.1f} KB |" if size else "- | - |"))
+            timing = (
+                f"{rate_steady:.0f}" if rate_steady is not None else "n/a"
+            ) + f" | {rate_startup:.0f} | {startup_s:.2f} |"
+        return f"| {label} | {timing} {rate / g2d:.2f}x | {rate / raw_rate:.0%} | {cpu_ms:.2f} | " + (
+            f"{size / 1e6:.1f} | {size / n / 1e3:.1f} KB |" if size else "- | - |"
+        )
 
     def timed(name: str) -> dict:
         return {"rate_steady": steady[name], "rate_startup": with_startup[name], "startup_s": startup[name]}
 
-    table = ["| loader | images/s steady | images/s with startup | startup s/epoch | vs G2D npy | vs raw decode "
-             "| CPU ms/image | disk (MB) | per sample |", "|---|---|---|---|---|---|---|---|---|"]
-    table += [row(label, rates[v], raw, cpu[v], disk["shards"], n_images, **timed(v))
-              for v, (label, _, _) in variants.items()]
+    table = [
+        "| loader | images/s steady | images/s with startup | startup s/epoch | vs G2D npy | vs raw decode "
+        "| CPU ms/image | disk (MB) | per sample |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    table += [
+        row(label, rates[v], raw, cpu[v], disk["shards"], n_images, **timed(v)) for v, (label, _, _) in variants.items()
+    ]
     if "dali_graph" in rates:
-        table.append(row("(diagnostic) our DALI graph alone: no unpacking, no prefetch thread", rates["dali_graph"],
-                         raw, cpu["dali_graph"], None, n_images, **timed("dali_graph")))
-    table += [row("G2D npy memmap + PIL (+ report csv)", g2d, raw, cpu["g2d_npy"], disk["g2d_npy"], n_images,
-                  **timed("g2d_npy")),
-              row(f"MGCA per-file JPEG, {mgca_side} px (+ report csv)", rates["mgca_files"], raw,
-                  cpu["mgca_files"], disk["mgca_files"], n_images, **timed("mgca_files")),
-              row(f"PIL decode only, {cores} cores", raw, raw, cpu["raw_decode"], None, n_images)]
+        table.append(
+            row(
+                "(diagnostic) our DALI graph alone: no unpacking, no prefetch thread",
+                rates["dali_graph"],
+                raw,
+                cpu["dali_graph"],
+                None,
+                n_images,
+                **timed("dali_graph"),
+            )
+        )
+    table += [
+        row(
+            "G2D npy memmap + PIL (+ report csv)",
+            g2d,
+            raw,
+            cpu["g2d_npy"],
+            disk["g2d_npy"],
+            n_images,
+            **timed("g2d_npy"),
+        ),
+        row(
+            f"MGCA per-file JPEG, {mgca_side} px (+ report csv)",
+            rates["mgca_files"],
+            raw,
+            cpu["mgca_files"],
+            disk["mgca_files"],
+            n_images,
+            **timed("mgca_files"),
+        ),
+        row(f"PIL decode only, {cores} cores", raw, raw, cpu["raw_decode"], None, n_images),
+    ]
     notes = []
     for ex in extras:
         side, ex_raw, ex_disk = ex["stored_longer_side"], ex["img_per_s"]["raw_decode"], ex["disk_bytes"]
-        table += [row(f"{label}, {side}-px shards", ex["img_per_s"][v], ex_raw, ex["cpu_ms_per_img"][v], ex_disk,
-                      ex["images"], ex["img_per_s_steady"][v], ex["img_per_s_with_startup"][v],
-                      ex["startup_s_per_epoch"][v]) for v, (label, _, _) in variants.items()]
-        table.append(row(f"PIL decode only, {cores} cores, {side}-px shards", ex_raw, ex_raw, 1000 * cores / ex_raw,
-                         None, ex["images"]))
+        table += [
+            row(
+                f"{label}, {side}-px shards",
+                ex["img_per_s"][v],
+                ex_raw,
+                ex["cpu_ms_per_img"][v],
+                ex_disk,
+                ex["images"],
+                ex["img_per_s_steady"][v],
+                ex["img_per_s_with_startup"][v],
+                ex["startup_s_per_epoch"][v],
+            )
+            for v, (label, _, _) in variants.items()
+        ]
+        table.append(
+            row(
+                f"PIL decode only, {cores} cores, {side}-px shards",
+                ex_raw,
+                ex_raw,
+                1000 * cores / ex_raw,
+                None,
+                ex["images"],
+            )
+        )
         ex_best = max(ex["img_per_s"][v] for v in variants)
-        notes.append(f"With {side}-px shards (`{ex['shards']}`): best {ex_best / g2d:.2f}x G2D npy with "
-                     f"{disk['g2d_npy'] / ex_disk:.1f}x less disk, {ex_best / rates['mgca_files']:.1f}x MGCA files, "
-                     f"{ex_best / ex_raw:.0%} of its raw decode.")
+        notes.append(
+            f"With {side}-px shards (`{ex['shards']}`): best {ex_best / g2d:.2f}x G2D npy with "
+            f"{disk['g2d_npy'] / ex_disk:.1f}x less disk, {ex_best / rates['mgca_files']:.1f}x MGCA files, "
+            f"{ex_best / ex_raw:.0%} of its raw decode."
+        )
     print("\n".join(table))
-    where = (f"batches delivered on the GPU ({machine['gpu']}; baselines: pinned memory + non-blocking copy)"
-             if cuda else "CPU only (no GPU: DALI decodes on the CPU)")
+    where = (
+        f"batches delivered on the GPU ({machine['gpu']}; baselines: pinned memory + non-blocking copy)"
+        if cuda
+        else "CPU only (no GPU: DALI decodes on the CPU)"
+    )
     body = (
         f"`make bench-pipeline` ({time.strftime('%Y-%m-%d')}): {n_images} train images of `{args.shards}` "
         f"(stored JPEG longer side {stored_side} px), {w} workers / DALI threads for every loader, batch {b}, "
         f"256-px output with G2D's augmentations (rotation/shear 15, brightness/contrast 0.2; MGCA: its own "
         f"224 crop), {e} epochs of {n_images // b} batches per run, median of {args.runs} interleaved rounds, "
-        f"{where}. \"Steady\" counts each epoch only after the batches a loader can have in flight during "
+        f'{where}. "Steady" counts each epoch only after the batches a loader can have in flight during '
         f"its startup (workers x prefetch; DALI's queue depths) and leaves out the startup itself (asking "
         f"for the iterator until the first batch: DALI pipeline build, worker forks, first decodes), which "
         f"toy epochs cannot amortise and a MIMIC-sized one (hundreds of batches per rank) does; n/a where "
         f"an epoch has no batch beyond those in flight. Ratios use the {basis} rates. "
         f"CPU ms/image counts the loader's process and its workers (load-independent cost; raw decode: "
         f"one core). Disk counts what each loader reads to train: shards (images, reports, labels, index "
-        f"files) vs the images plus the report csv ({reports / n_images:.0f} B/row).\n\n"
-        + "\n".join(table) + "\n\n"
+        f"files) vs the images plus the report csv ({reports / n_images:.0f} B/row).\n\n" + "\n".join(table) + "\n\n"
         f"Best of ours vs G2D npy: {best / g2d:.2f}x (target >= 1.0x) with {disk['g2d_npy'] / disk['shards']:.1f}x "
         f"less disk (target >= 5x; {detail['g2d_npy_images'] / disk['shards']:.1f}x against the npy alone); "
         f"vs MGCA files: {best / rates['mgca_files']:.1f}x (target >= 3x); vs raw decode: {best / raw:.0%} "
-        f"(target >= 60%). " + " ".join(notes) + "\n\n"
-        + cost_text(breakdown, floor, ours_ms, crc, mixing, spread, b) + "\n\n"
+        f"(target >= 60%). "
+        + " ".join(notes)
+        + "\n\n"
+        + cost_text(breakdown, floor, ours_ms, crc, mixing, spread, b)
+        + "\n\n"
         f"MGCA files: {mgca_source}. Machine: {cores} usable CPU cores ({cpu_model()}), 1-min load average "
-        f"{os.getloadavg()[0]:.1f} at the end, GPU: {machine['gpu']}. Raw: `{results}`.\n")
+        f"{os.getloadavg()[0]:.1f} at the end, GPU: {machine['gpu']}. Raw: `{results}`.\n"
+    )
     update_section(args.doc, section, body)
     return 0
 
 
 if __name__ == "__main__":
     from common.cli import run_main
+
     run_main(main)

@@ -10,6 +10,7 @@ quality.json (per arm/task: headline metric with its 95% CI; paired differences 
 Every stage writes a done-marker under <out>/stages/ when it finishes: a killed run, started again
 with the same arguments, continues with the first unfinished stage (pretraining from its checkpoints).
 """
+
 from __future__ import annotations
 
 import os
@@ -73,9 +74,26 @@ def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch
     data_inputs = {k: v for k, v in config_to_dict(scale).items() if k not in ("runs", "name")}
 
     def make_corpus(_done):
-        code = pack_shards.main(["--synthetic", str(corpus), "--synth-n", str(scale.studies), "--synth-size",
-                                 str(scale.synth_size), "--out", str(shards), "--max-side", "256", "--quality", "95",
-                                 "--workers", str(workers), "--seed", "0"])
+        code = pack_shards.main(
+            [
+                "--synthetic",
+                str(corpus),
+                "--synth-n",
+                str(scale.studies),
+                "--synth-size",
+                str(scale.synth_size),
+                "--out",
+                str(shards),
+                "--max-side",
+                "256",
+                "--quality",
+                "95",
+                "--workers",
+                str(workers),
+                "--seed",
+                "0",
+            ]
+        )
         if code or verify_shards.main([str(shards)]):
             raise UserError(f"packing or verifying {shards} failed (see above)")
         splits = read_manifest(shards)["splits"]
@@ -89,14 +107,21 @@ def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch
         splits = {}
         for name, n in (("rsna_pneumonia", scale.rsna_images), ("siim_pneumothorax", scale.siim_images)):
             write_all(src, n, seed=0, workers=workers, datasets=(name,))
-            manifest = convert(name, src / name, data, max_side=scale.downstream_max_side, workers=workers, seed=0,
-                               progress=False)
+            manifest = convert(
+                name, src / name, data, max_side=scale.downstream_max_side, workers=workers, seed=0, progress=False
+            )
             splits[name] = {s: v["num_samples"] for s, v in manifest["splits"].items()}
         return {"data": str(data), "splits": splits}
 
-    stages = [Stage("corpus", make_corpus, size_inputs), Stage("tiny_bert", make_bert, size_inputs),
-              Stage("downstream", make_downstream, {"rsna": scale.rsna_images, "siim": scale.siim_images,
-                                                    "max_side": scale.downstream_max_side})]
+    stages = [
+        Stage("corpus", make_corpus, size_inputs),
+        Stage("tiny_bert", make_bert, size_inputs),
+        Stage(
+            "downstream",
+            make_downstream,
+            {"rsna": scale.rsna_images, "siim": scale.siim_images, "max_side": scale.downstream_max_side},
+        ),
+    ]
 
     def pretrain(arm: str, seed: int):
         inputs = {**size_inputs, "overrides": scale.pretrain_overrides, "seed": seed}
@@ -111,9 +136,12 @@ def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch
             code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
             ckpt = newest_checkpoint(run_dir)
             if code or ckpt is None:
-                raise UserError(f"pretraining arm {arm} (seed {seed}) failed with exit status {code}; "
-                                f"log: {run_dir}/metrics.jsonl; re-run to resume it")
+                raise UserError(
+                    f"pretraining arm {arm} (seed {seed}) failed with exit status {code}; "
+                    f"log: {run_dir}/metrics.jsonl; re-run to resume it"
+                )
             return {"checkpoint": str(ckpt), "run_dir": str(run_dir)}
+
         return Stage(f"pretrain/{arm}/s{seed}", run, inputs)
 
     for seed in seeds:
@@ -126,8 +154,10 @@ def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch
     def evaluation(arm: str, seed: int, task: str, fraction: str, variant: str):
         def run(done):
             weights = arm_weights(checkpoint_of(done, arm, seed), arm, task, fraction, str(data))
-            return evaluate_run(task, fraction, variant, weights, str(data), scale.eval_overrides,
-                                str(out / "eval" / f"{arm}_s{seed}"))
+            return evaluate_run(
+                task, fraction, variant, weights, str(data), scale.eval_overrides, str(out / "eval" / f"{arm}_s{seed}")
+            )
+
         name = f"eval/{arm}/s{seed}/{run_label(task, fraction, variant)}"
         return Stage(name, run, {**data_inputs, "seed": seed})
 
@@ -138,8 +168,9 @@ def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch
         def run(done):
             ckpt = checkpoint_of(done, arm, seed)
             weights = arm_weights(ckpt, arm, "zeroshot_rsna", "1.0", str(data))
-            pretrain_data = arm_weights(checkpoint_of(done, "g2d", seed), "g2d", "zeroshot_rsna", "1.0",
-                                        str(data)).data_cfg
+            pretrain_data = arm_weights(
+                checkpoint_of(done, "g2d", seed), "g2d", "zeroshot_rsna", "1.0", str(data)
+            ).data_cfg
             if kind == "retrieval":
                 arrays = retrieval_predictions(weights, pretrain_data, str(bert), device)
             else:
@@ -147,10 +178,11 @@ def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch
             path.parent.mkdir(parents=True, exist_ok=True)
             save_predictions(path, arrays)
             return {"predictions": str(path), "images": int(len(arrays["keys"]))}
+
         return Stage(f"{kind}/{arm}/s{seed}", run, {**size_inputs, "pretrain": scale.pretrain_overrides, "seed": seed})
 
     for seed in seeds:
-        arms = ARMS if seed == seeds[0] else TRAINED_ARMS    # random init does not depend on the seed
+        arms = ARMS if seed == seeds[0] else TRAINED_ARMS  # random init does not depend on the seed
         for spec in scale.runs:
             task, fraction = parse_run(spec)
             for arm in arms:
@@ -177,10 +209,12 @@ def report(scale, seeds: list[int], done: dict, state_dir: Path) -> dict:
             arm, run_seed, label = parts[1], int(parts[2][1:]), parts[3]
             if run_seed == seed or (arm == "random" and run_seed == first):
                 evals[seed].setdefault(label, {})[arm] = result
-        retrieval[seed] = retrieval_summary({arm: per_image_arrays(done, "retrieval", arm, seed, first)
-                                             for arm in ARMS})
-        pseudo[seed] = pseudo_mask_summary({arm: per_image_arrays(done, "pseudo_mask", arm, seed, first)
-                                            for arm in ARMS})
+        retrieval[seed] = retrieval_summary(
+            {arm: per_image_arrays(done, "retrieval", arm, seed, first) for arm in ARMS}
+        )
+        pseudo[seed] = pseudo_mask_summary(
+            {arm: per_image_arrays(done, "pseudo_mask", arm, seed, first) for arm in ARMS}
+        )
     arms = {f"{arm}/s{seed}": done[f"pretrain/{arm}/s{seed}"]["checkpoint"] for seed in seeds for arm in TRAINED_ARMS}
     data = {k: done[k] for k in ("corpus", "downstream")}
     timing = stage_seconds(state_dir, list(done))
@@ -193,10 +227,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="working directory (default runs/bench_quality/<scale>)")
     ap.add_argument("--seeds", default="0", help="pretraining seeds, comma-separated (each adds two arms)")
     ap.add_argument("--studies", type=int, default=None, help="synthetic training corpus size (overrides the scale)")
-    ap.add_argument("--results", default=None,
-                    help="quality.json (default bench/results/quality.json at full scale, else <out>/quality.json)")
-    ap.add_argument("--doc", default=None, help="markdown file whose '## Results' section gets the table "
-                                                "(default: docs/quality.md at full scale, none otherwise)")
+    ap.add_argument(
+        "--results",
+        default=None,
+        help="quality.json (default bench/results/quality.json at full scale, else <out>/quality.json)",
+    )
+    ap.add_argument(
+        "--doc",
+        default=None,
+        help="markdown file whose '## Results' section gets the table "
+        "(default: docs/quality.md at full scale, none otherwise)",
+    )
     ap.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
     ap.add_argument("overrides", nargs="*", help="scale overrides, e.g. eval_overrides=[train.epochs=2]")
     args = ap.parse_args(argv)
@@ -219,13 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(results, quality)
     table = markdown_table(quality)
     if doc:
-        if not Path(doc).is_file():          # update_section would start it with performance.md's header
+        if not Path(doc).is_file():  # update_section would start it with performance.md's header
             atomic_write_text(Path(doc), "# Quality benchmark results (`make bench-quality`)\n")
         perfdoc.update_section(Path(doc), f"Results ({scale.name} scale)", table)
     total = sum(quality["timing_seconds"].values())
     print("\n" + table)
-    print(f"[bench-quality] {results} ({len(done)} stages, {total / 60:.1f} min of stage time)"
-          + (f"; table -> {doc}" if doc else ""))
+    print(
+        f"[bench-quality] {results} ({len(done)} stages, {total / 60:.1f} min of stage time)"
+        + (f"; table -> {doc}" if doc else "")
+    )
     return 0
 
 

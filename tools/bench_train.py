@@ -18,6 +18,7 @@ through `pipeline.build_loader` (the packed synthetic corpus, `make shards`) in 
 so every epoch's loader startup is counted (a toy corpus has few batches per epoch to amortise it).
 Results: bench/results/train.json and the "## Training step" section of docs/performance.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from common.cli import UserError
 from common.dist import DistInfo
 from common.io import atomic_open, atomic_write_json
+from model.export import unwrap
 from model.registry import build_model, model_config
 from model.text import build_tiny_text_model, load_tokenizer
 from pipeline import build_loader
@@ -44,7 +46,6 @@ from tools.make_tiny_bert import shard_texts
 from tools.perfdoc import update_section
 from train.flops import count_step_flops, mfu, peak_flops
 from train.optim import OptimConfig, build_optimizer
-from model.export import unwrap
 from train.step import TrainStep, compile_for_speed, make_scaler
 
 RESULTS = {"cpu": Path("bench/results/train.json"), "cuda": Path("bench/results/train_gpu.json")}
@@ -54,7 +55,7 @@ SECTION = {"cpu": "Training step", "cuda": "Training step on a GPU"}
 # Each lever arm is "ours" with these settings changed (one lever, or one combination, per arm).
 LEVER_ARMS = {
     "compile": {"compile": True},
-    "graphs": {"compile": True, "cuda_graphs": True, "pad_multiple": 16},   # static shapes for replay
+    "graphs": {"compile": True, "cuda_graphs": True, "pad_multiple": 16},  # static shapes for replay
     "bucket16": {"pad_multiple": 16},
     "eager_attn": {"attn": "eager"},
 }
@@ -63,31 +64,55 @@ ARMS = ("ours", "official", *LEVER_ARMS)
 
 def arm_settings(arm: str, device: torch.device) -> dict:
     if arm == "ours" or arm in LEVER_ARMS:
-        ours = {"precision": "bf16" if device.type == "cuda" else "fp32", "fused": True,
-                "channels_last": True, "pad": "longest", "pad_multiple": 8, "freeze_embeddings": True,
-                "find_unused": False, "attn": "sdpa", "compile": False, "cuda_graphs": False}
+        ours = {
+            "precision": "bf16" if device.type == "cuda" else "fp32",
+            "fused": True,
+            "channels_last": True,
+            "pad": "longest",
+            "pad_multiple": 8,
+            "freeze_embeddings": True,
+            "find_unused": False,
+            "attn": "sdpa",
+            "compile": False,
+            "cuda_graphs": False,
+        }
         return {**ours, **LEVER_ARMS.get(arm, {})}
     if arm != "official":
         raise ValueError(f"unknown arm {arm!r}; choose from {ARMS}")
     # On a CPU, fp16 autocast is emulated and would exaggerate the gap: both arms run fp32 there.
     # Eager BERT attention: the transformers of G2D's code had no SDPA path for BERT.
-    return {"precision": "fp16" if device.type == "cuda" else "fp32", "fused": False, "channels_last": False,
-            "pad": "max_length", "pad_multiple": 1, "freeze_embeddings": False, "find_unused": True, "attn": "eager",
-            "compile": False, "cuda_graphs": False}
+    return {
+        "precision": "fp16" if device.type == "cuda" else "fp32",
+        "fused": False,
+        "channels_last": False,
+        "pad": "max_length",
+        "pad_multiple": 1,
+        "freeze_embeddings": False,
+        "find_unused": True,
+        "attn": "eager",
+        "compile": False,
+        "cuda_graphs": False,
+    }
 
 
 def make_step(model_name: str, text_model: str, arm: str, device: torch.device):
     s = arm_settings(arm, device)
     # G2D's max_length of 256 for both arms: ours pads each batch to its longest report instead.
-    cfg = model_config(model_name, text_model=text_model, text_freeze_embeddings=s["freeze_embeddings"],
-                       max_text_length=256, text_attn_implementation=s["attn"])
+    cfg = model_config(
+        model_name,
+        text_model=text_model,
+        text_freeze_embeddings=s["freeze_embeddings"],
+        max_text_length=256,
+        text_attn_implementation=s["attn"],
+    )
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
     if s["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     # DDP in a 1-process group, so the official arm pays for find_unused_parameters' graph walk.
-    model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=s["find_unused"])
+    model = DDP(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=s["find_unused"]
+    )
     optim = build_optimizer(model, OptimConfig(fused=s["fused"], lr=1e-5))
     if not s["fused"]:  # the official recipe: torch.optim.AdamW defaults (no fused kernel)
         optim = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=1e-8, foreach=False)
@@ -99,12 +124,23 @@ def synthetic_batch(cfg, tokenizer, texts: list[str], batch_size: int, pad: str,
     from pipeline import Batch
 
     texts = (texts * (1 + batch_size // max(1, len(texts))))[:batch_size]
-    tok = tokenizer(texts, truncation=True, max_length=cfg.max_text_length, padding=pad,
-                    pad_to_multiple_of=pad_multiple if pad_multiple > 1 else None, return_tensors="pt")
+    tok = tokenizer(
+        texts,
+        truncation=True,
+        max_length=cfg.max_text_length,
+        padding=pad,
+        pad_to_multiple_of=pad_multiple if pad_multiple > 1 else None,
+        return_tensors="pt",
+    )
     image = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, device=device)
-    return Batch(image=image, input_ids=tok["input_ids"].to(device),
-                 attention_mask=tok["attention_mask"].to(device), keys=[""] * batch_size,
-                 meta=[{}] * batch_size, texts=texts[:batch_size])
+    return Batch(
+        image=image,
+        input_ids=tok["input_ids"].to(device),
+        attention_mask=tok["attention_mask"].to(device),
+        keys=[""] * batch_size,
+        meta=[{}] * batch_size,
+        texts=texts[:batch_size],
+    )
 
 
 def sync(device):
@@ -128,21 +164,39 @@ def time_steps(step_fn, batches, n_steps: int, warmup: int, device) -> float:
     return statistics.median(windows)
 
 
-def prepare_arm(model_name: str, text_model: str, arm: str, batch_size: int, device, tokenizer, texts,
-                compile_backend: str = "inductor"):
+def prepare_arm(
+    model_name: str,
+    text_model: str,
+    arm: str,
+    batch_size: int,
+    device,
+    tokenizer,
+    texts,
+    compile_backend: str = "inductor",
+):
     """-> (step, cfg, settings, the fixed synthetic batch, FLOPs per sample, compile note). FLOPs are
     counted on the plain model before it is compiled (FlopCounterMode does not see inside compiled code)."""
     step_fn, cfg, s = make_step(model_name, text_model, arm, device)
     fixed = synthetic_batch(cfg, tokenizer, texts, batch_size, s["pad"], device, s["pad_multiple"])
     flops = count_step_flops(unwrap(step_fn.model), fixed, 1000, step_fn.autocast, s["channels_last"]) / batch_size
-    step_fn.cuda_graphs, note = compile_for_speed(step_fn.model, s["compile"], s["cuda_graphs"], device,
-                                                  compile_backend)
+    step_fn.cuda_graphs, note = compile_for_speed(
+        step_fn.model, s["compile"], s["cuda_graphs"], device, compile_backend
+    )
     return step_fn, cfg, s, fixed, flops, note
 
 
-def bench_model(model_name: str, text_model: str, batch_size: int, shards: str | None, n_steps: int,
-                device: torch.device, texts: list[str], arms=("ours", "official"),
-                compile_backend: str = "inductor", on_arm=None) -> dict:
+def bench_model(
+    model_name: str,
+    text_model: str,
+    batch_size: int,
+    shards: str | None,
+    n_steps: int,
+    device: torch.device,
+    texts: list[str],
+    arms=("ours", "official"),
+    compile_backend: str = "inductor",
+    on_arm=None,
+) -> dict:
     """One model at one batch size, every arm. `on_arm(result so far)` after each arm: the caller
     saves partial results, so a time limit that cuts a slow (compiling) arm keeps the earlier ones."""
     tokenizer = load_tokenizer(text_model)
@@ -152,51 +206,73 @@ def bench_model(model_name: str, text_model: str, batch_size: int, shards: str |
         if s["cuda_graphs"] and device.type != "cuda":
             result[arm] = {"settings": s, "skipped": "CUDA graphs need a CUDA device"}
             continue
-        step_fn, cfg, s, fixed, flops, note = prepare_arm(model_name, text_model, arm, batch_size, device,
-                                                          tokenizer, texts, compile_backend)
+        step_fn, cfg, s, fixed, flops, note = prepare_arm(
+            model_name, text_model, arm, batch_size, device, tokenizer, texts, compile_backend
+        )
         peak, peak_source = peak_flops(device, s["precision"])
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        sec = time_steps(step_fn, lambda: iter(lambda: fixed, None), n_steps, 2, device)
-        row = {"settings": s, "data_excluded": {"steps_per_s": 1 / sec, "img_per_s": batch_size / sec,
-                                                "mfu": mfu(flops, batch_size / sec, peak)},
-               "gflops_per_sample": flops / 1e9, "text_length": fixed.input_ids.shape[1],
-               "peak_tflops": peak / 1e12 if peak else None, "peak_source": peak_source,
-               # Peak allocated bytes (weights, optimiser state and activations) / batch; CUDA only:
-               # a CPU process's max RSS says nothing per arm.
-               "peak_mem_mb_per_sample": (torch.cuda.max_memory_allocated(device) / 2**20 / batch_size
-                                          if device.type == "cuda" else None)}
+        sec = time_steps(step_fn, lambda f=fixed: iter(lambda: f, None), n_steps, 2, device)
+        row = {
+            "settings": s,
+            "data_excluded": {
+                "steps_per_s": 1 / sec,
+                "img_per_s": batch_size / sec,
+                "mfu": mfu(flops, batch_size / sec, peak),
+            },
+            "gflops_per_sample": flops / 1e9,
+            "text_length": fixed.input_ids.shape[1],
+            "peak_tflops": peak / 1e12 if peak else None,
+            "peak_source": peak_source,
+            # Peak allocated bytes (weights, optimiser state and activations) / batch; CUDA only:
+            # a CPU process's max RSS says nothing per arm.
+            "peak_mem_mb_per_sample": (
+                torch.cuda.max_memory_allocated(device) / 2**20 / batch_size if device.type == "cuda" else None
+            ),
+        }
         if note:
             row["compile"] = note
         if shards:
-            data_cfg = DataConfig(shards=shards, batch_size_per_gpu=batch_size, transform="g2d_train",
-                                  image_size=cfg.image_size, max_text_length=cfg.max_text_length,
-                                  text_padding=s["pad"], text_pad_multiple=s["pad_multiple"],
-                                  num_workers=min(8, len(os.sched_getaffinity(0))))
+            data_cfg = DataConfig(
+                shards=shards,
+                batch_size_per_gpu=batch_size,
+                transform="g2d_train",
+                image_size=cfg.image_size,
+                max_text_length=cfg.max_text_length,
+                text_padding=s["pad"],
+                text_pad_multiple=s["pad_multiple"],
+                num_workers=min(8, len(os.sched_getaffinity(0))),
+            )
             dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
             loader = build_loader(data_cfg, "train", dist, tokenizer=tokenizer)
 
-            def endless():
+            def endless(loader=loader):
                 epoch = 0
                 while True:
                     loader.set_epoch(epoch)
                     yield from loader
                     epoch += 1
+
             # Windows of ~2 epochs (capped at 40 steps), so each includes its share of epoch startups
             # (DALI pipeline build / worker forks) instead of landing between two of them.
             steps = min(40, max(n_steps, 2 * len(loader)))
             sec = time_steps(step_fn, endless, steps, 2, device)
-            row["data_included"] = {"steps_per_s": 1 / sec, "img_per_s": batch_size / sec, "window_steps": steps,
-                                    "batches_per_epoch": len(loader), "backend": loader.backend,
-                                    "mfu": mfu(flops, batch_size / sec, peak),
-                                    # the loader's whole cost, epoch boundaries included (goal >= 0.97)
-                                    "vs_data_excluded": (batch_size / sec) / row["data_excluded"]["img_per_s"],
-                                    "load_avg_1min": round(os.getloadavg()[0], 2)}
-            loader.close()          # its persistent workers, before the next arm starts its own
+            row["data_included"] = {
+                "steps_per_s": 1 / sec,
+                "img_per_s": batch_size / sec,
+                "window_steps": steps,
+                "batches_per_epoch": len(loader),
+                "backend": loader.backend,
+                "mfu": mfu(flops, batch_size / sec, peak),
+                # the loader's whole cost, epoch boundaries included (goal >= 0.97)
+                "vs_data_excluded": (batch_size / sec) / row["data_excluded"]["img_per_s"],
+                "load_avg_1min": round(os.getloadavg()[0], 2),
+            }
+            loader.close()  # its persistent workers, before the next arm starts its own
         result[arm] = row
         if on_arm is not None:
             on_arm(result)
-        step_fn = fixed = None          # free this arm's model and batch before the next arm
+        step_fn = fixed = None  # free this arm's model and batch before the next arm
         if device.type == "cuda":
             torch.cuda.empty_cache()
     for key in ("data_excluded", "data_included"):
@@ -240,8 +316,9 @@ def search_max_batch(fits_fn, start: int, limit: int) -> tuple[int, int | None, 
     return good, bad, probes
 
 
-def max_batch(model_name: str, text_model: str, arm: str, device, texts: list[str], start: int = 64,
-              limit: int = 8192) -> dict:
+def max_batch(
+    model_name: str, text_model: str, arm: str, device, texts: list[str], start: int = 64, limit: int = 8192
+) -> dict:
     """Largest batch per GPU that trains (`search_max_batch` over out-of-memory errors).
     CUDA only: a CPU has no fixed memory budget to search against."""
     if device.type != "cuda":
@@ -249,8 +326,13 @@ def max_batch(model_name: str, text_model: str, arm: str, device, texts: list[st
     tokenizer = load_tokenizer(text_model)
     step_fn, cfg, s = make_step(model_name, text_model, arm, device)
     good, bad, probes = search_max_batch(lambda b: fits(step_fn, cfg, s, tokenizer, texts, b, device), start, limit)
-    return {"arm": arm, "max_batch": good, "first_oom": bad, "probes": probes,
-            "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {
+        "arm": arm,
+        "max_batch": good,
+        "first_oom": bad,
+        "probes": probes,
+        "peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+    }
 
 
 def profile_step(step_fn, batch, device, out_stem: Path, rows: int = 25) -> dict:
@@ -270,12 +352,19 @@ def profile_step(step_fn, batch, device, out_stem: Path, rows: int = 25) -> dict
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = prof.key_averages()
     top = sorted(averages, key=lambda e: getattr(e, key), reverse=True)[:rows]
-    summary = {"device": str(device), "step_wall_ms": wall_us / 1e3, "sort": key,
-               "top_ops": [{"name": e.key, "self_ms": getattr(e, key) / 1e3, "calls": e.count} for e in top]}
+    summary = {
+        "device": str(device),
+        "step_wall_ms": wall_us / 1e3,
+        "sort": key,
+        "top_ops": [{"name": e.key, "self_ms": getattr(e, key) / 1e3, "calls": e.count} for e in top],
+    }
     if device.type == "cuda":
         # Union of kernel intervals vs the step's span: what is left is the GPU waiting for the CPU.
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if e.device_type == torch.autograd.DeviceType.CUDA)
+        spans = sorted(
+            (e.time_range.start, e.time_range.end)
+            for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA
+        )
         busy, end = 0.0, None
         for a, b in spans:
             if end is None or a > end:
@@ -283,8 +372,12 @@ def profile_step(step_fn, batch, device, out_stem: Path, rows: int = 25) -> dict
             elif b > end:
                 busy, end = busy + (b - end), b
         first, last = (spans[0][0], max(b for _, b in spans)) if spans else (0, 0)
-        summary.update(kernels=len(spans), gpu_busy_ms=busy / 1e3, gpu_span_ms=(last - first) / 1e3,
-                       gpu_idle_in_span_ms=((last - first) - busy) / 1e3)
+        summary.update(
+            kernels=len(spans),
+            gpu_busy_ms=busy / 1e3,
+            gpu_span_ms=(last - first) / 1e3,
+            gpu_idle_in_span_ms=((last - first) - busy) / 1e3,
+        )
     out_stem.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_stem.with_suffix(".json"), summary)
     with atomic_open(out_stem.with_suffix(".txt"), "w") as fh:
@@ -328,11 +421,14 @@ def main(argv: list[str] | None = None) -> None:
     results = results_dir / RESULTS[device.type].name
     runs, extra = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        berts = {"g2d_tiny": lambda: str(build_tiny_text_model(Path(tmp) / "tiny_bert", texts)),
-                 # The real model: a ClinicalBERT-sized text tower (12 layers, 768 wide) with random
-                 # weights stands in for Bio_ClinicalBERT (no hub access); the FLOPs are the same.
-                 "g2d_resnet50": lambda: str(build_tiny_text_model(Path(tmp) / "bert_base", texts, hidden=768,
-                                                                   layers=12, heads=12, vocab_size=28996))}
+        berts = {
+            "g2d_tiny": lambda: str(build_tiny_text_model(Path(tmp) / "tiny_bert", texts)),
+            # The real model: a ClinicalBERT-sized text tower (12 layers, 768 wide) with random
+            # weights stands in for Bio_ClinicalBERT (no hub access); the FLOPs are the same.
+            "g2d_resnet50": lambda: str(
+                build_tiny_text_model(Path(tmp) / "bert_base", texts, hidden=768, layers=12, heads=12, vocab_size=28996)
+            ),
+        }
         last = None
         for name in models:
             if name not in berts:
@@ -340,14 +436,24 @@ def main(argv: list[str] | None = None) -> None:
             bert = berts[name]()
             sizes = [args.tiny_batch] if name == "g2d_tiny" else [int(b) for b in args.batch_sizes.split(",")]
             for bs in sizes:
+
                 def save(partial: dict) -> None:
                     atomic_write_json(results, {"runs": [*runs, partial], "partial": True})
 
-                runs.append(bench_model(name, bert, bs, shards, args.steps, device, texts, arms,
-                                        args.compile_backend, on_arm=save))
-                print(f"[bench-train] {name} batch {bs}: " + ", ".join(
-                    f"{a} {runs[-1][a]['data_excluded']['img_per_s']:.1f} img/s" for a in arms
-                    if "data_excluded" in runs[-1][a]), flush=True)
+                runs.append(
+                    bench_model(
+                        name, bert, bs, shards, args.steps, device, texts, arms, args.compile_backend, on_arm=save
+                    )
+                )
+                print(
+                    f"[bench-train] {name} batch {bs}: "
+                    + ", ".join(
+                        f"{a} {runs[-1][a]['data_excluded']['img_per_s']:.1f} img/s"
+                        for a in arms
+                        if "data_excluded" in runs[-1][a]
+                    ),
+                    flush=True,
+                )
             last = (name, bert, sizes[-1])
         if args.max_batch and last:
             extra["max_batch"] = max_batch(last[0], last[1], "ours", device, texts, start=last[2])
@@ -357,17 +463,26 @@ def main(argv: list[str] | None = None) -> None:
             step_fn, _, _, fixed, _, _ = prepare_arm(last[0], last[1], "ours", last[2], device, tokenizer, texts)
             stem = results_dir / f"train_profile_{'gpu' if cuda else 'cpu'}"
             summary = profile_step(step_fn, fixed, device, stem)
-            extra["profile"] = {"model": last[0], "batch_size": last[2],
-                                "files": [str(stem) + ".json", str(stem) + ".txt"],
-                                **{k: v for k, v in summary.items() if k != "top_ops"},
-                                "top_ops": summary["top_ops"][:10]}
+            extra["profile"] = {
+                "model": last[0],
+                "batch_size": last[2],
+                "files": [str(stem) + ".json", str(stem) + ".txt"],
+                **{k: v for k, v in summary.items() if k != "top_ops"},
+                "top_ops": summary["top_ops"][:10],
+            }
             print(f"[bench-train] profile of one step: {stem}.txt")
     tdist.destroy_process_group()
-    machine = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-               "gpu": torch.cuda.get_device_name(0) if cuda else None}
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+    }
     atomic_write_json(results, {"runs": runs, "machine": machine, **extra})
-    lines = ["| model | batch | device | arm | data excluded img/s | MFU | data included img/s | peak MiB/sample |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | batch | device | arm | data excluded img/s | MFU | data included img/s | peak MiB/sample |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in runs:
         for arm in arms:
             row = r[arm]
@@ -377,29 +492,41 @@ def main(argv: list[str] | None = None) -> None:
             inc = row.get("data_included", {}).get("img_per_s")
             m = row["data_excluded"]["mfu"]
             mem = row["peak_mem_mb_per_sample"]
-            lines.append(f"| {r['model']} | {r['batch_size']} | {r['device']} | {arm} | "
-                         f"{row['data_excluded']['img_per_s']:.1f} | {f'{100 * m:.1f}%' if m is not None else 'n/a'} | "
-                         f"{f'{inc:.1f}' if inc else 'n/a'} | {f'{mem:.1f}' if mem is not None else 'n/a'} |")
+            lines.append(
+                f"| {r['model']} | {r['batch_size']} | {r['device']} | {arm} | "
+                f"{row['data_excluded']['img_per_s']:.1f} | {f'{100 * m:.1f}%' if m is not None else 'n/a'} | "
+                f"{f'{inc:.1f}' if inc else 'n/a'} | {f'{mem:.1f}' if mem is not None else 'n/a'} |"
+            )
         if "speedup_data_excluded" in r:
-            lines.append(f"| | | | **speedup** | **{r['speedup_data_excluded']:.2f}x** | | "
-                         f"{'**%.2fx**' % r['speedup_data_included'] if 'speedup_data_included' in r else 'n/a'} | |")
+            included = r.get("speedup_data_included")
+            included = f"**{included:.2f}x**" if included is not None else "n/a"
+            lines.append(f"| | | | **speedup** | **{r['speedup_data_excluded']:.2f}x** | | {included} | |")
     table = "\n".join(lines)
     print(table)
     if args.no_doc:
         return
-    body = (f"`make bench-train` on {machine['cpu_count']} CPU cores"
-            f"{' + ' + machine['gpu'] if machine['gpu'] else ' (no GPU in this run)'}; "
-            f"raw numbers in `{results}`.\n\n{table}\n")
-    included = [(r["model"], r["batch_size"], r["ours"]["data_included"]) for r in runs
-                if "data_included" in r.get("ours", {})]
+    body = (
+        f"`make bench-train` on {machine['cpu_count']} CPU cores"
+        f"{' + ' + machine['gpu'] if machine['gpu'] else ' (no GPU in this run)'}; "
+        f"raw numbers in `{results}`.\n\n{table}\n"
+    )
+    included = [
+        (r["model"], r["batch_size"], r["ours"]["data_included"]) for r in runs if "data_included" in r.get("ours", {})
+    ]
     if included:
-        body += ("\nData included: " + "; ".join(f"{m} batch {bs}: {d['backend']} backend, {d['batches_per_epoch']} "
-                                                f"batches per epoch, timed windows of {d['window_steps']} steps"
-                                                for m, bs, d in included)
-                 + " (every epoch's loader startup inside the windows).\n")
+        body += (
+            "\nData included: "
+            + "; ".join(
+                f"{m} batch {bs}: {d['backend']} backend, {d['batches_per_epoch']} "
+                f"batches per epoch, timed windows of {d['window_steps']} steps"
+                for m, bs, d in included
+            )
+            + " (every epoch's loader startup inside the windows).\n"
+        )
     update_section(Path("docs/performance.md"), SECTION[device.type], body)
 
 
 if __name__ == "__main__":
     from common.cli import run_main
+
     run_main(main)

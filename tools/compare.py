@@ -10,6 +10,7 @@ Output: per metric A, B, B - A with its 95% paired-bootstrap interval (the same 
 scored for both) and the fraction of resamples where B is ahead; compare.json with every metric
 (per class / per IoU threshold too) is written to --out (default runs/compare/<task>/<timestamp>/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,10 @@ def run_directory(spec: str) -> Path | None:
     path = Path(spec)
     if (path / "results.json").is_file():
         if not (path / PREDICTIONS_NAME).is_file():
-            raise UserError(f"{path}: has results.json but no {PREDICTIONS_NAME} (written by evaluations since "
-                            "predictions were recorded); re-run the evaluation")
+            raise UserError(
+                f"{path}: has results.json but no {PREDICTIONS_NAME} (written by evaluations since "
+                "predictions were recorded); re-run the evaluation"
+            )
         return path
     return None
 
@@ -59,12 +62,17 @@ def _fmt(v: float | None) -> str:
 def format_comparison(task: str, a: str, b: str, diffs: dict[str, dict], unit: str) -> str:
     """The headline metrics (no per-class / per-threshold rows), percent points."""
     rows = [(k, v) for k, v in diffs.items() if "." not in k]
-    lines = [f"{task}: B - A, 95% paired-bootstrap interval ({N_RESAMPLES} resamples of {unit}s)",
-             f"  A = {a}", f"  B = {b}",
-             f"{'metric':<20} {'A':>7} {'B':>7} {'B - A [95% CI]':>24} {'P(B > A)':>9}"]
+    lines = [
+        f"{task}: B - A, 95% paired-bootstrap interval ({N_RESAMPLES} resamples of {unit}s)",
+        f"  A = {a}",
+        f"  B = {b}",
+        f"{'metric':<20} {'A':>7} {'B':>7} {'B - A [95% CI]':>24} {'P(B > A)':>9}",
+    ]
     for name, d in rows:
         ci = d["ci95"]
-        interval = f"{100 * d['diff']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else f"{_fmt(d['diff'])} [n/a]"
+        interval = (
+            f"{100 * d['diff']:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else f"{_fmt(d['diff'])} [n/a]"
+        )
         lines.append(f"{name:<20} {_fmt(d['a']):>7} {_fmt(d['b']):>7} {interval:>24} {d['p_b_better']:>9.3f}")
     lines.append("An interval that excludes 0 is a difference this test set can resolve; one that spans 0 is not.")
     return "\n".join(lines)
@@ -87,22 +95,34 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("give both A= and B= (run directories or checkpoints)")
     runs = {}
     for label, spec in (("A", args.a), ("B", args.b)):
-        path = run_directory(spec) or evaluate(spec, task.name, args.fraction, args.data, args.overrides,
-                                               args.output_root)
+        path = run_directory(spec) or evaluate(
+            spec, task.name, args.fraction, args.data, args.overrides, args.output_root
+        )
         runs[label] = (path, *load_run(path, task.name))
     (path_a, res_a, pred_a), (path_b, res_b, pred_b) = runs["A"], runs["B"]
     try:
         diffs = paired_difference(task.family, pred_a, pred_b, seed=args.seed)
-    except ValueError as exc:                 # different test images: a user error, named
+    except ValueError as exc:  # different test images: a user error, named
         raise UserError(f"{path_a} vs {path_b}: {exc}") from exc
     unit = "patient" if res_a.get("bootstrap", {}).get("unit") == "patient" else "image"
     print(format_comparison(task.name, str(path_a), str(path_b), diffs, unit))
     out_dir = Path(args.out) if args.out else new_run_dir(Path("runs/compare") / task.name)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "compare.json", clean_json({
-        "task": task.name, "a": {"run": str(path_a), "checkpoint": res_a.get("checkpoint")},
-        "b": {"run": str(path_b), "checkpoint": res_b.get("checkpoint")},
-        "resamples": N_RESAMPLES, "seed": args.seed, "unit": unit, "difference": "b - a", "metrics": diffs}))
+    atomic_write_json(
+        out_dir / "compare.json",
+        clean_json(
+            {
+                "task": task.name,
+                "a": {"run": str(path_a), "checkpoint": res_a.get("checkpoint")},
+                "b": {"run": str(path_b), "checkpoint": res_b.get("checkpoint")},
+                "resamples": N_RESAMPLES,
+                "seed": args.seed,
+                "unit": unit,
+                "difference": "b - a",
+                "metrics": diffs,
+            }
+        ),
+    )
     print(f"-> {out_dir / 'compare.json'}")
     return 0
 

@@ -6,6 +6,7 @@ pretraining valid split, then small downstream tasks (zero-shot classification, 
 probe, a segmentation) on synthetic RSNA/SIIM look-alikes -> tables + plot paths.
 Every stage is idempotent: a rerun reuses the corpus, the shards and a finished pretraining run.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,9 +19,9 @@ from common.cli import ArgumentParser, run_main
 from common.config import config_to_dict
 from common.dist import DistInfo
 from common.io import atomic_write_json
+from eval.runner import run_all
 from model.registry import build_model
 from model.text import load_tokenizer
-from eval.runner import run_all
 from tools import make_tiny_bert, pack_shards, verify_shards
 from tools.eval import ensure_data
 from train.checkpoint import checkpoint_path, load_checkpoint
@@ -30,15 +31,23 @@ from train.validate import validate
 
 CONFIG = "configs/pretrain/demo.yaml"
 DOWNSTREAM = "data/shards/downstream"
-DEMO_TASKS = ["zeroshot_rsna", "zeroshot_siim", "grounding_rsna", "grounding_siim", "rsna_linear",
-              "siim_segmentation"]
+DEMO_TASKS = ["zeroshot_rsna", "zeroshot_siim", "grounding_rsna", "grounding_siim", "rsna_linear", "siim_segmentation"]
 # Small versions of the tasks: the tiny model's resolution, a few epochs.
-HEADLINES = {"zeroshot_rsna": ("auc", "f1"), "zeroshot_siim": ("auc", "f1"),
-             "grounding_rsna": ("pointing", "pointing_cell", "iou", "dice"),
-             "grounding_siim": ("pointing", "pointing_cell", "iou", "dice"),
-             "rsna_linear": ("auroc",), "siim_segmentation": ("dice", "dice_positive")}
-DEMO_EVAL_ARGS = ["data.image_size=128", "data.crop_size=128", "train.epochs=8", "train.patience=4",
-                  "data.num_workers=0"]
+HEADLINES = {
+    "zeroshot_rsna": ("auc", "f1"),
+    "zeroshot_siim": ("auc", "f1"),
+    "grounding_rsna": ("pointing", "pointing_cell", "iou", "dice"),
+    "grounding_siim": ("pointing", "pointing_cell", "iou", "dice"),
+    "rsna_linear": ("auroc",),
+    "siim_segmentation": ("dice", "dice_positive"),
+}
+DEMO_EVAL_ARGS = [
+    "data.image_size=128",
+    "data.crop_size=128",
+    "train.epochs=8",
+    "train.patience=4",
+    "data.num_workers=0",
+]
 
 
 def stage(title: str) -> None:
@@ -59,6 +68,7 @@ def downstream_table(records: list[dict]) -> str:
     """task | metric | random init | trained, from run_all's records: percent with the 95% bootstrap
     interval of each value (the test splits are small: an interval that overlaps the other column's
     value is no difference at all)."""
+
     def cell(task, model, variant, key):
         rec = next((r for r in records if (r["task"], r["model"], r["variant"]) == (task, model, variant)), None)
         if rec is None or rec["status"] != "ok":
@@ -82,9 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=800, help="synthetic studies to render")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("overrides", nargs="*",
-                        help="pretraining overrides, e.g. train.epochs=2, or the Table 5a ablation: "
-                             "model.pa_weight=0 train.output_dir=runs/demo/pretrain_no_pa")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="pretraining overrides, e.g. train.epochs=2, or the Table 5a ablation: "
+        "model.pa_weight=0 train.output_dir=runs/demo/pretrain_no_pa",
+    )
     args = parser.parse_args(argv)
     t_start = time.time()
     torch.set_num_threads(max(1, args.workers))
@@ -92,9 +105,26 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_pretrain_config(CONFIG, args.overrides)
     shards = cfg.data.shards
     stage("1/6 synthetic MIMIC-CXR-JPG corpus -> WebDataset shards")
-    code = pack_shards.main(["--synthetic", "data/synthetic_mimic_demo", "--synth-n", str(args.studies),
-                             "--synth-size", "512", "--out", shards, "--max-side", "256", "--quality", "95",
-                             "--workers", str(args.workers), "--seed", "0"])
+    code = pack_shards.main(
+        [
+            "--synthetic",
+            "data/synthetic_mimic_demo",
+            "--synth-n",
+            str(args.studies),
+            "--synth-size",
+            "512",
+            "--out",
+            shards,
+            "--max-side",
+            "256",
+            "--quality",
+            "95",
+            "--workers",
+            str(args.workers),
+            "--seed",
+            "0",
+        ]
+    )
     if code:
         raise SystemExit(code)
     stage("2/6 verify shards")
@@ -109,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     stage("4/6 pretrain g2d_tiny (G2D: VLA + pseudo-segmentation)")
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     out_dir = Path(cfg.train.output_dir)
-    checkpoint = checkpoint_path(out_dir, train(cfg, dist)["step"])   # this run's own last checkpoint
+    checkpoint = checkpoint_path(out_dir, train(cfg, dist)["step"])  # this run's own last checkpoint
 
     stage("5/6 evaluate: trained vs random init (valid split, same code path)")
     trained = pretraining_metrics(cfg, dist, checkpoint)
@@ -120,23 +150,36 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(f"{k:<28} {random_init.get(k, float('nan')):>12.3f} {trained[k]:>12.3f}")
     n = trained["num_samples"]
     table = "\n".join(rows)
-    print(f"\nPretraining on the synthetic corpus, evaluated on {n} valid images "
-          f"(retrieval chance level: top1 {1 / n:.3f}, top5 {min(1.0, 5 / n):.3f}; AUC chance 0.5)")
+    print(
+        f"\nPretraining on the synthetic corpus, evaluated on {n} valid images "
+        f"(retrieval chance level: top1 {1 / n:.3f}, top5 {min(1.0, 5 / n):.3f}; AUC chance 0.5)"
+    )
     print(table)
 
     stage("6/6 downstream tasks on synthetic RSNA / SIIM: trained vs random init")
     ensure_data(DOWNSTREAM, ["rsna_pneumonia", "siim_pneumothorax"])
     eval_root = out_dir.parent / f"eval_{out_dir.name}"
-    downstream = run_all(ckpt=str(checkpoint), fraction="1.0", data_root=DOWNSTREAM, overrides=DEMO_EVAL_ARGS,
-                         output_root=str(eval_root), tasks=DEMO_TASKS)
+    downstream = run_all(
+        ckpt=str(checkpoint),
+        fraction="1.0",
+        data_root=DOWNSTREAM,
+        overrides=DEMO_EVAL_ARGS,
+        output_root=str(eval_root),
+        tasks=DEMO_TASKS,
+    )
     print("\nDownstream tasks on synthetic RSNA/SIIM (percent [95% bootstrap interval]; small test splits):")
     print(downstream_table(downstream["records"]))
     plots = sorted((out_dir / "plots").glob("*.png"))
-    summary = {"config": config_to_dict(cfg), "checkpoint": str(checkpoint), "trained": trained,
-               "random_init": random_init, "plots": [str(p) for p in plots],
-               "downstream": downstream["summary_path"],
-               "exports": [str(out_dir / "g2d_encoder.pth"), str(out_dir / "g2d_encoder_decoder.pth")],
-               "seconds": time.time() - t_start}
+    summary = {
+        "config": config_to_dict(cfg),
+        "checkpoint": str(checkpoint),
+        "trained": trained,
+        "random_init": random_init,
+        "plots": [str(p) for p in plots],
+        "downstream": downstream["summary_path"],
+        "exports": [str(out_dir / "g2d_encoder.pth"), str(out_dir / "g2d_encoder_decoder.pth")],
+        "seconds": time.time() - t_start,
+    }
     atomic_write_json(out_dir / "demo_summary.json", summary)
     steps_png = [p for p in plots if p.name.startswith("step_")]
     print("\nattention / pseudo-mask plots:", *(f"  {p}" for p in steps_png[-3:]), sep="\n")
@@ -145,8 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"metrics log: {out_dir / 'metrics.jsonl'}; summary: {out_dir / 'demo_summary.json'}")
     print(f"exports: {summary['exports'][0]}, {summary['exports'][1]}")
     print(f"demo finished in {summary['seconds'] / 60:.1f} min")
-    print(json.dumps({"top1_trained": trained.get("retrieval_top1"),
-                      "top1_random": random_init.get("retrieval_top1")}))
+    print(json.dumps({"top1_trained": trained.get("retrieval_top1"), "top1_random": random_init.get("retrieval_top1")}))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ the task config (configs/eval/<task>.yaml), e.g. train.epochs=2 linear.mode=fast
 segmentation.variant=encoder_decoder. Results: runs/eval/<task>/<fraction>/<timestamp>/ (results.json
 with 95% bootstrap intervals, predictions.npz, plots).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,14 @@ from pathlib import Path
 
 from common.cli import run_main
 from common.config import ConfigError
-from eval.checkpoint import (ArchitectureMismatch, BadCheckpoint, CheckpointNotFound, NotApplicable,
-                             WeightsUnavailable, check_image_architecture)
+from eval.checkpoint import (
+    ArchitectureMismatch,
+    BadCheckpoint,
+    CheckpointNotFound,
+    NotApplicable,
+    WeightsUnavailable,
+    check_image_architecture,
+)
 from eval.runner import resolve_for, run_all, run_eval
 from eval.tasks import TASKS, UnknownTask, applicable_overrides, get_task, load_task_config
 from shards.downstream import convert
@@ -34,7 +41,7 @@ from shards.writer import default_workers
 
 DEFAULT_DATA = "data/shards/downstream"
 DEFAULT_SRC = "data/synthetic_downstream"
-SYNTH_N, SYNTH_SEED, MAX_SIDE = 120, 0, 512      # the Makefile's synth-downstream / shards defaults
+SYNTH_N, SYNTH_SEED, MAX_SIDE = 120, 0, 512  # the Makefile's synth-downstream / shards defaults
 
 
 def ensure_data(data_root: str, datasets: list[str], log=print) -> None:
@@ -48,7 +55,8 @@ def ensure_data(data_root: str, datasets: list[str], log=print) -> None:
         raise FileNotFoundError(
             f"no packed shards for {missing} under {root} (expected {root}/<dataset>/{MANIFEST_NAME}); pack them "
             f"with `make shards DATASET=<name> SRC=<native download> OUT={root}`, or leave DATA unset to use "
-            "the synthetic downstream shards")
+            "the synthetic downstream shards"
+        )
     src = Path(DEFAULT_SRC)
     to_render = [d for d in missing if not (src / d).is_dir()]
     if to_render:
@@ -72,14 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     names = list(TASKS) if args.task == "all" else [get_task(args.task).name]
     # The checkpoint first: a wrong CKPT must fail in a second, before any data is rendered or packed.
-    first = load_task_config(names[0], args.fraction, args.data, applicable_overrides(get_task(names[0]),
-                                                                                      args.overrides)[0])
+    first = load_task_config(
+        names[0], args.fraction, args.data, applicable_overrides(get_task(names[0]), args.overrides)[0]
+    )
     weights = resolve_for(first, args.ckpt)
     check_image_architecture(weights)
     ensure_data(args.data, [TASKS[n].dataset for n in names])
     if args.task == "all":
-        summary = run_all(args.ckpt, args.fraction, args.data, args.overrides, args.output_root,
-                          with_random=not args.no_random, weights=weights)
+        summary = run_all(
+            args.ckpt,
+            args.fraction,
+            args.data,
+            args.overrides,
+            args.output_root,
+            with_random=not args.no_random,
+            weights=weights,
+        )
         if summary["failed"]:
             print(f"error: {len(summary['failed'])} task run(s) failed: {summary['failed']}", file=sys.stderr)
             return 1
@@ -89,8 +105,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Bad input that the eval code raises as its own types (all name the file/key at fault).
-EVAL_USER_ERRORS = (UnknownTask, CheckpointNotFound, BadCheckpoint, ArchitectureMismatch, NotApplicable,
-                    ConfigError, WeightsUnavailable)
+EVAL_USER_ERRORS = (
+    UnknownTask,
+    CheckpointNotFound,
+    BadCheckpoint,
+    ArchitectureMismatch,
+    NotApplicable,
+    ConfigError,
+    WeightsUnavailable,
+)
 
 if __name__ == "__main__":
     run_main(main, extra_errors=EVAL_USER_ERRORS)

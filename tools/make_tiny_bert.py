@@ -5,6 +5,7 @@ save_pretrained so it loads exactly like a hub checkpoint (`model.text_model=run
 Texts come from the packed shards' train split, read by offset through the pipeline's own index
 and sample reader (the same header and crc32 checks as training reads; nothing extracted).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,8 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab-size", type=int, default=2000)
     args = parser.parse_args(argv)
     texts = shard_texts(args.shards)
-    out = build_tiny_text_model(args.out, texts, hidden=args.hidden, layers=args.layers,
-                                vocab_size=args.vocab_size)
+    out = build_tiny_text_model(args.out, texts, hidden=args.hidden, layers=args.layers, vocab_size=args.vocab_size)
     print(f"tiny BERT ({args.layers} layers, hidden {args.hidden}) + tokenizer from {len(texts)} reports -> {out}")
 
 

@@ -6,6 +6,7 @@ the accounting summary (packed + rejected + filtered = input images). Exits 2 wi
 on a missing source/csv/column or bad argument, and when nothing at all could be packed (the
 manifest then lists every rejection).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,20 +29,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--seed", type=int, default=0, help="split seed (subsets always use 42)")
     ap.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD)
-    ap.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE,
-                    help="reject source images with a side shorter than this (pixels)")
-    ap.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                    help="reject source images with more pixels than this (checked before decoding)")
+    ap.add_argument(
+        "--min-side",
+        type=int,
+        default=DEFAULT_MIN_SIDE,
+        help="reject source images with a side shorter than this (pixels)",
+    )
+    ap.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="reject source images with more pixels than this (checked before decoding)",
+    )
     args = ap.parse_args(argv)
-    manifest = convert(args.dataset, args.src, args.out, max_side=args.max_side,
-                       quality=args.quality, workers=args.workers, seed=args.seed,
-                       samples_per_shard=args.samples_per_shard, min_side=args.min_side,
-                       max_pixels=args.max_pixels)
+    manifest = convert(
+        args.dataset,
+        args.src,
+        args.out,
+        max_side=args.max_side,
+        quality=args.quality,
+        workers=args.workers,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        min_side=args.min_side,
+        max_pixels=args.max_pixels,
+    )
     print(format_summary(manifest))
     if manifest["num_samples"] == 0:
         first = manifest["rejected"][0]["reason"] if manifest["rejected"] else "no usable rows"
-        raise UserError(f"{args.dataset}: nothing packed from {args.src} ({len(manifest['rejected'])} rejected, "
-                        f"first: {first}); every reason is in {Path(args.out) / args.dataset / 'manifest.json'}")
+        raise UserError(
+            f"{args.dataset}: nothing packed from {args.src} ({len(manifest['rejected'])} rejected, "
+            f"first: {first}); every reason is in {Path(args.out) / args.dataset / 'manifest.json'}"
+        )
     return 0
 
 

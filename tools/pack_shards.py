@@ -9,6 +9,7 @@ Reruns keep every shard whose bytes still match the manifest (same inputs and pa
 samples are recorded rejections; a missing root/csv/column, a damaged csv, a bad argument, another
 packer holding --out, or nothing packed at all end in one line `error: ...` and exit status 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,13 @@ from pathlib import Path
 from common.cli import ArgumentParser, UserError, run_main
 from shards.image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
 from shards.master import METADATA_CSV
-from shards.mimic import (DEFAULT_MAX_SIDE, DEFAULT_QUALITY, DEFAULT_SAMPLES_PER_SHARD, SYNTHETIC_SAMPLES_PER_SHARD,
-                          pack_mimic)
+from shards.mimic import (
+    DEFAULT_MAX_SIDE,
+    DEFAULT_QUALITY,
+    DEFAULT_SAMPLES_PER_SHARD,
+    SYNTHETIC_SAMPLES_PER_SHARD,
+    pack_mimic,
+)
 from shards.sections import DEFAULT_MAX_REPORT_BYTES
 from shards.synthetic.mimic import CORPUS_NAME, generate_mimic
 from shards.writer import default_workers
@@ -32,16 +38,18 @@ def ensure_synthetic(root: Path, n: int, size: int, seed: int, workers: int) -> 
         try:
             made = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
         except (UnicodeDecodeError, json.JSONDecodeError):
-            made = {}                     # a damaged marker only loses this informational line
+            made = {}  # a damaged marker only loses this informational line
         made = made if isinstance(made, dict) else {}
         if (made.get("n_studies"), made.get("size"), made.get("seed")) != (n, size, seed):
-            print(f"synthetic corpus: {root} exists (n={made.get('n_studies')}, size={made.get('size')}, "
-                  f"seed={made.get('seed')}); packing it as it is")
+            print(
+                f"synthetic corpus: {root} exists (n={made.get('n_studies')}, size={made.get('size')}, "
+                f"seed={made.get('seed')}); packing it as it is"
+            )
         return root
     print(f"synthetic corpus: generating {n} studies at {size} px in {root}")
     try:
         summary = generate_mimic(root, n=n, seed=seed, size=size, workers=workers)
-    except FileExistsError as exc:          # a non-empty folder that is not a corpus: never replaced
+    except FileExistsError as exc:  # a non-empty folder that is not a corpus: never replaced
         raise UserError(str(exc)) from exc
     print(f"synthetic corpus: {summary['images']} images in {summary['seconds']:.1f} s")
     return root
@@ -61,16 +69,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY, help="JPEG quality of stored images")
     parser.add_argument("--workers", type=int, default=default_workers())
     parser.add_argument("--seed", type=int, default=42, help="shuffle seed (also the synthetic corpus seed)")
-    parser.add_argument("--samples-per-shard", type=int, default=None,
-                        help=f"default {DEFAULT_SAMPLES_PER_SHARD} (real) / {SYNTHETIC_SAMPLES_PER_SHARD} (synthetic)")
-    parser.add_argument("--keep-test", action="store_true", help="keep `test` as its own split (MGCA merges it into valid)")
+    parser.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=None,
+        help=f"default {DEFAULT_SAMPLES_PER_SHARD} (real) / {SYNTHETIC_SAMPLES_PER_SHARD} (synthetic)",
+    )
+    parser.add_argument(
+        "--keep-test", action="store_true", help="keep `test` as its own split (MGCA merges it into valid)"
+    )
     parser.add_argument("--crop-threshold", type=int, default=0, help="pixels <= this count as black border")
-    parser.add_argument("--min-side", type=int, default=DEFAULT_MIN_SIDE,
-                        help="reject source images with a side shorter than this (pixels)")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help="reject source images with more pixels than this (checked before decoding)")
-    parser.add_argument("--max-report-bytes", type=int, default=DEFAULT_MAX_REPORT_BYTES,
-                        help="reject reports (and training texts) larger than this")
+    parser.add_argument(
+        "--min-side",
+        type=int,
+        default=DEFAULT_MIN_SIDE,
+        help="reject source images with a side shorter than this (pixels)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="reject source images with more pixels than this (checked before decoding)",
+    )
+    parser.add_argument(
+        "--max-report-bytes",
+        type=int,
+        default=DEFAULT_MAX_REPORT_BYTES,
+        help="reject reports (and training texts) larger than this",
+    )
     args = parser.parse_args(argv)
     if args.synth_n < 1 or args.synth_size < 1:
         raise UserError(f"--synth-n {args.synth_n} / --synth-size {args.synth_size}: both must be >= 1")
@@ -81,17 +107,32 @@ def main(argv: list[str] | None = None) -> int:
     else:
         root = args.mimic
         per_shard = args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
-    manifest = pack_mimic(root, args.out, reports_dir=args.reports, master_csv=args.master_csv,
-                          max_side=args.max_side, quality=args.quality, samples_per_shard=per_shard,
-                          workers=args.workers, seed=args.seed, keep_test=args.keep_test,
-                          crop_threshold=args.crop_threshold, min_side=args.min_side,
-                          max_pixels=args.max_pixels, max_report_bytes=args.max_report_bytes)
+    manifest = pack_mimic(
+        root,
+        args.out,
+        reports_dir=args.reports,
+        master_csv=args.master_csv,
+        max_side=args.max_side,
+        quality=args.quality,
+        samples_per_shard=per_shard,
+        workers=args.workers,
+        seed=args.seed,
+        keep_test=args.keep_test,
+        crop_threshold=args.crop_threshold,
+        min_side=args.min_side,
+        max_pixels=args.max_pixels,
+        max_report_bytes=args.max_report_bytes,
+    )
     if manifest["num_samples"] == 0:
-        raise UserError(f"nothing packed from {root}: {len(manifest['rejected'])} rows rejected, "
-                        f"{sum(manifest.get('filtered', {}).values())} filtered (reasons in "
-                        f"{args.out / 'manifest.json'})")
-    print(f"pack_shards: {manifest['num_samples']} samples in {args.out} "
-          f"({len(manifest['rejected'])} rejected, listed in {args.out / 'manifest.json'})")
+        raise UserError(
+            f"nothing packed from {root}: {len(manifest['rejected'])} rows rejected, "
+            f"{sum(manifest.get('filtered', {}).values())} filtered (reasons in "
+            f"{args.out / 'manifest.json'})"
+        )
+    print(
+        f"pack_shards: {manifest['num_samples']} samples in {args.out} "
+        f"({len(manifest['rejected'])} rejected, listed in {args.out / 'manifest.json'})"
+    )
     return 0
 
 

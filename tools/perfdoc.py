@@ -1,4 +1,5 @@
 """docs/performance.md is assembled from benchmark sections; each bench replaces only its own."""
+
 from __future__ import annotations
 
 import re
@@ -6,8 +7,10 @@ from pathlib import Path
 
 from common.io import atomic_write_text
 
-HEADER = ("# Performance\n\nEvery number here comes from a `make bench-*` target (the GPU sections: the same "
-          "benchmarks run by\n`tools/device_check.sh` on a lent GPU machine); raw JSON in `bench/results/`.\n")
+HEADER = (
+    "# Performance\n\nEvery number here comes from a `make bench-*` target (the GPU sections: the same "
+    "benchmarks run by\n`tools/device_check.sh` on a lent GPU machine); raw JSON in `bench/results/`.\n"
+)
 
 
 def update_section(path: Path, title: str, body: str) -> None:

@@ -18,6 +18,7 @@ adds one stage to the previous:
 
 Usage: python -m tools.profile_dali [--shards data/shards/mimic] [--device cuda|cpu] [--out FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,52 +52,81 @@ class LoopingFeed(_Feed):
 
 
 def build(stage: str, index: DatasetIndex, batch_size: int, threads: int, device_id: int | None, size: int):
-    from nvidia.dali import Pipeline, fn, types
     import nvidia.dali.math as dmath
+    from nvidia.dali import Pipeline, fn, types
 
     spec = build_spec(DataConfig(shards=str(index.root), transform="g2d_train", image_size=size), "g2d_train")
     feed = LoopingFeed(index, spec, 0, {}, load_masks=False)
-    feed.start(PlanArgs(seed=0, rank=0, world_size=1, batch_size=batch_size, shuffle=True,
-                        drop_last=True).make(index, 0), 0)
+    feed.start(
+        PlanArgs(seed=0, rank=0, world_size=1, batch_size=batch_size, shuffle=True, drop_last=True).make(index, 0), 0
+    )
     gpu = device_id is not None
     if stage == "full":
         return _build_pipeline(feed, spec, batch_size, threads, device_id, 2, 0, with_mask=False)
     level = STAGES.index(stage)
     pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=2, seed=0)
     with pipe:
-        params = dict(zip(feed.names, fn.external_source(source=feed, num_outputs=len(feed.names), batch=True,
-                                                         batch_info=True)))
+        params = dict(
+            zip(feed.names, fn.external_source(source=feed, num_outputs=len(feed.names), batch=True, batch_info=True))
+        )
         jpg = params["jpg"]
         outputs = [jpg]
         if level >= STAGES.index("decode"):
             img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.GRAY)
             outputs = [img]
         if level == STAGES.index("warp_const"):
-            outputs = [fn.warp_affine(img, matrix=[1.1, 0.1, 2.0, -0.1, 1.1, 3.0], size=[spec.out_size] * 2,
-                                      fill_value=0, interp_type=types.INTERP_LINEAR, inverse_map=True)]
+            outputs = [
+                fn.warp_affine(
+                    img,
+                    matrix=[1.1, 0.1, 2.0, -0.1, 1.1, 3.0],
+                    size=[spec.out_size] * 2,
+                    fill_value=0,
+                    interp_type=types.INTERP_LINEAR,
+                    inverse_map=True,
+                )
+            ]
         if level >= STAGES.index("warp"):
-            img = fn.warp_affine(img, matrix=params["matrix"], size=[spec.out_size] * 2, fill_value=0,
-                                 interp_type=types.INTERP_LINEAR, inverse_map=True)
+            img = fn.warp_affine(
+                img,
+                matrix=params["matrix"],
+                size=[spec.out_size] * 2,
+                fill_value=0,
+                interp_type=types.INTERP_LINEAR,
+                inverse_map=True,
+            )
             outputs = [img]
         if level >= STAGES.index("jitter"):
             b, c = params["brightness"], params["contrast"]
-            if gpu:   # arithmetic operands must share the image's device
+            if gpu:  # arithmetic operands must share the image's device
                 b, c = b.gpu(), c.gpu()
             mean = fn.reductions.mean(img)
             img = dmath.clamp(b * (c * img + (1.0 - c) * mean), 0.0, 255.0)
             outputs = [img]
         if level >= STAGES.index("normalise"):
             img = fn.cat(img, img, img, axis=2)
-            img = fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW",
-                                           mean=[255.0 * m for m in spec.mean], std=[255.0 * s for s in spec.std])
+            img = fn.crop_mirror_normalize(
+                img,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[255.0 * m for m in spec.mean],
+                std=[255.0 * s for s in spec.std],
+            )
             outputs = [img]
         pipe.set_outputs(*outputs)
     pipe.build()
     return pipe
 
 
-def time_stage(stage: str, index: DatasetIndex, batch_size: int, threads: int, device_id: int | None,
-               size: int, warmup: int, iters: int) -> dict:
+def time_stage(
+    stage: str,
+    index: DatasetIndex,
+    batch_size: int,
+    threads: int,
+    device_id: int | None,
+    size: int,
+    warmup: int,
+    iters: int,
+) -> dict:
     t0 = time.perf_counter()
     pipe = build(stage, index, batch_size, threads, device_id, size)
     build_s = time.perf_counter() - t0
@@ -106,7 +136,7 @@ def time_stage(stage: str, index: DatasetIndex, batch_size: int, threads: int, d
     for _ in range(iters):
         out = pipe.run()
     if device_id is not None:
-        out[0].as_cpu()          # the last batch's data are on the host: every queued iteration finished
+        out[0].as_cpu()  # the last batch's data are on the host: every queued iteration finished
     seconds = time.perf_counter() - t0
     del pipe
     return {"img_per_s": round(iters * batch_size / seconds, 1), "build_s": round(build_s, 3)}
@@ -130,15 +160,26 @@ def main(argv: list[str] | None = None) -> int:
     index = DatasetIndex(args.shards, args.split)
     rows = {}
     for stage in args.stages:
-        rows[stage] = time_stage(stage, index, args.batch_size, args.threads, device_id, args.image_size,
-                                 args.warmup, args.iters)
-        print(f"{stage:>10}: {rows[stage]['img_per_s']:9.1f} img/s (build {rows[stage]['build_s']:.2f} s)",
-              flush=True)
-    result = {"stages": rows, "setup": {"shards": str(args.shards), "images": index.num_samples,
-                                        "batch_size": args.batch_size, "threads": args.threads,
-                                        "device": "cuda" if cuda else "cpu", "iters": args.iters},
-              "machine": {"cpu_count": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-                          "gpu": torch.cuda.get_device_name(0) if cuda else None}}
+        rows[stage] = time_stage(
+            stage, index, args.batch_size, args.threads, device_id, args.image_size, args.warmup, args.iters
+        )
+        print(f"{stage:>10}: {rows[stage]['img_per_s']:9.1f} img/s (build {rows[stage]['build_s']:.2f} s)", flush=True)
+    result = {
+        "stages": rows,
+        "setup": {
+            "shards": str(args.shards),
+            "images": index.num_samples,
+            "batch_size": args.batch_size,
+            "threads": args.threads,
+            "device": "cuda" if cuda else "cpu",
+            "iters": args.iters,
+        },
+        "machine": {
+            "cpu_count": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        },
+    }
     if args.out:
         atomic_write_json(args.out, result)
     print(json.dumps(result))
@@ -147,4 +188,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     from common.cli import run_main
+
     run_main(main)

@@ -5,6 +5,7 @@ writes <out>/<dataset>/ for rsna_pneumonia, siim_pneumothorax, chexpert, covidx,
 chestxray14, each laid out like the real download (see shards/synthetic/downstream.py), ready for
 `make shards DATASET=<name> SRC=<out>/<name>`.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@
 
 Same arguments -> byte-identical tree, whatever --workers; see shards/synthetic/mimic.py for the layout.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,15 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing synthetic corpus")
     args = parser.parse_args(argv)
     try:
-        s = generate_mimic(args.out, n=args.n, seed=args.seed, size=args.size, workers=args.workers,
-                           overwrite=args.overwrite)
+        s = generate_mimic(
+            args.out, n=args.n, seed=args.seed, size=args.size, workers=args.workers, overwrite=args.overwrite
+        )
     except FileExistsError as exc:
         raise UserError(str(exc)) from exc
     if s["reused"]:
         print(f"synth_mimic: {args.out} already holds this corpus (n={args.n}, seed={args.seed}, size={args.size})")
         return 0
-    print(f"synth_mimic: {s['n_studies']} studies, {s['subjects']} subjects, {s['images']} images "
-          f"in {s['seconds']:.1f} s ({args.workers} workers) -> {args.out}")
+    print(
+        f"synth_mimic: {s['n_studies']} studies, {s['subjects']} subjects, {s['images']} images "
+        f"in {s['seconds']:.1f} s ({args.workers} workers) -> {args.out}"
+    )
     print("  views:   " + ", ".join(f"{k} {v}" for k, v in s["views"].items()))
     print("  splits:  " + ", ".join(f"{k} {v}" for k, v in s["splits"].items()))
     print(f"  normal studies {s['normal_studies']}, uncertain mentions {s['uncertain_mentions']}")

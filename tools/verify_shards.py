@@ -4,6 +4,7 @@ Exit 0 with a summary when everything matches the manifest; exit 1 naming the fi
 the damaged sample when its checksum says which); exit 2 with one `error:` line when there is no
 packed dataset at the path (missing directory or manifest) or an argument is wrong.
 """
+
 from __future__ import annotations
 
 import sys

@@ -11,6 +11,7 @@ every checkpoint. Pruning (`keep_last`) deletes only this run's readable checkpo
 one just written, so an unreadable file, another run's checkpoint at a higher step, or the newest
 checkpoint itself are never what goes. `claim_checkpoint_dir` refuses to mix two runs in one folder.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -51,8 +52,13 @@ def rng_state() -> dict:
     np_state = np.random.get_state()
     state = {
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -84,8 +90,10 @@ def save_checkpoint(path: Path, payload: dict[str, Any], keep_last: int) -> list
         with atomic_open(path, "wb") as fh:
             torch.save(payload, fh)
     except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; nothing partial "
-                              "was left and the earlier checkpoints are untouched") from exc
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {exc.strerror or exc}; nothing partial "
+            "was left and the earlier checkpoints are untouched"
+        ) from exc
     _META_CACHE[_meta_key(path)] = str(payload["run_id"]), int(payload["step"])
     return prune_checkpoints(path, payload["run_id"], int(payload["step"]), keep_last)
 
@@ -99,7 +107,7 @@ def prune_checkpoints(newest: Path, run_id: str, step: int, keep_last: int) -> l
         meta = checkpoint_meta(path) if path != newest else None
         if meta is not None and meta[0] == run_id and meta[1] < step:
             mine.append((meta[1], path))
-    doomed = [p for _, p in sorted(mine)[:max(0, len(mine) - (keep_last - 1))]]
+    doomed = [p for _, p in sorted(mine)[: max(0, len(mine) - (keep_last - 1))]]
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed
@@ -118,27 +126,37 @@ def _read(path: Path, map_location, mmap: bool) -> dict:
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory; give a step_*.pt file, or set train.output_dir to "
-                              "the run and train.resume=auto")
+        raise CheckpointError(
+            f"{path} is a directory; give a step_*.pt file, or set train.output_dir to the run and train.resume=auto"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         # weights_only refuses anything but tensors and plain containers: a malicious or foreign pickle.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"refused to load {path}: it holds objects other than tensors and plain "
-                              f"data ({first})") from exc
+        raise CheckpointError(
+            f"refused to load {path}: it holds objects other than tensors and plain data ({first})"
+        ) from exc
     except Exception as exc:  # torch raises RuntimeError/EOFError/ValueError... for damaged files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"could not read checkpoint {path} (truncated, damaged or not a torch "
-                              f"checkpoint): {first}") from exc
+        raise CheckpointError(
+            f"could not read checkpoint {path} (truncated, damaged or not a torch checkpoint): {first}"
+        ) from exc
     missing = [k for k in REQUIRED_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(REQUIRED_KEYS)
     if missing:
-        raise CheckpointError(f"{path} is not a pretraining checkpoint (no {', '.join(missing)}); an exported "
-                              "encoder or another program's file cannot resume training")
-    if isinstance(ckpt["step"], bool) or not isinstance(ckpt["step"], int) or ckpt["step"] < 0 \
-            or not isinstance(ckpt.get("run_id", LEGACY_RUN_ID), str):
-        raise CheckpointError(f"{path} is not a pretraining checkpoint (step {ckpt['step']!r}, run_id "
-                              f"{ckpt.get('run_id')!r})")
+        raise CheckpointError(
+            f"{path} is not a pretraining checkpoint (no {', '.join(missing)}); an exported "
+            "encoder or another program's file cannot resume training"
+        )
+    if (
+        isinstance(ckpt["step"], bool)
+        or not isinstance(ckpt["step"], int)
+        or ckpt["step"] < 0
+        or not isinstance(ckpt.get("run_id", LEGACY_RUN_ID), str)
+    ):
+        raise CheckpointError(
+            f"{path} is not a pretraining checkpoint (step {ckpt['step']!r}, run_id {ckpt.get('run_id')!r})"
+        )
     return ckpt
 
 
@@ -195,13 +213,15 @@ def claim_checkpoint_dir(directory: Path, run_id: str, step: int = 0) -> None:
         names = ", ".join(f"{p.name} (step {meta[1]})" for p, meta in foreign[-3:])
         raise CheckpointError(
             f"{directory} holds {len(foreign)} checkpoint(s) of another run ({names}); continue that run "
-            "with train.resume=auto, or move them away, or choose a new train.output_dir")
+            "with train.resume=auto, or move them away, or choose a new train.output_dir"
+        )
     later = [p.name for p, meta in metas if meta[1] > step]
     if later:
         raise CheckpointError(
             f"{directory} holds this run's checkpoints after step {step} ({', '.join(later[-3:])}); resuming "
             "from an earlier one here would mix the two branches: move the later ones away, or resume "
-            "into a new train.output_dir")
+            "into a new train.output_dir"
+        )
 
 
 class RunDirLock(DirectoryLock):
@@ -210,8 +230,14 @@ class RunDirLock(DirectoryLock):
     checkpoints. Under the lock the temp files of killed writers are removed (`self.stale`)."""
 
     def __init__(self, output_dir: Path):
-        super().__init__(output_dir, ".lock", lambda pid: CheckpointError(
-            f"{output_dir} is in use by another training run (pid {pid}); wait for it or choose a new "
-            "train.output_dir"))
-        self.stale = [p for sub in ("", "checkpoints", "plots")
-                      for p in remove_stale_temp_files(Path(output_dir) / sub)]
+        super().__init__(
+            output_dir,
+            ".lock",
+            lambda pid: CheckpointError(
+                f"{output_dir} is in use by another training run (pid {pid}); wait for it or choose a new "
+                "train.output_dir"
+            ),
+        )
+        self.stale = [
+            p for sub in ("", "checkpoints", "plots") for p in remove_stale_temp_files(Path(output_dir) / sub)
+        ]

@@ -5,6 +5,7 @@ is saved as `<output_dir>/config.yaml` and inside every checkpoint, and eval reb
 from that saved `model` section alone.
 `model.name` picks a registered base config (model/registry.py); the other `model.*` keys override it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,32 +25,32 @@ class RunConfig:
     output_dir: str = "runs/pretrain"
     seed: int = 42
     epochs: int = 50
-    max_steps: int = 0                 # optimiser steps; 0 = epochs * steps per epoch
-    batch_size_per_gpu: int = 128      # the loader's batch; wins over data.batch_size_per_gpu
-    global_batch_size: int = 0         # >0: gradient accumulation to reach it (must divide evenly)
-    precision: str = "bf16"            # bf16 | fp16 (GradScaler) | fp32
-    grad_clip: float = 0.0             # max global grad norm; 0 = off (G2D does not clip)
+    max_steps: int = 0  # optimiser steps; 0 = epochs * steps per epoch
+    batch_size_per_gpu: int = 128  # the loader's batch; wins over data.batch_size_per_gpu
+    global_batch_size: int = 0  # >0: gradient accumulation to reach it (must divide evenly)
+    precision: str = "bf16"  # bf16 | fp16 (GradScaler) | fp32
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (G2D does not clip)
     channels_last: bool = True
-    compile: bool = False              # torch.compile of image tower, BERT layers, PA loss (in place, inside DDP)
-    cuda_graphs: bool = False          # CUDA only (compile mode reduce-overhead); on a CPU a logged no-op
-    peak_tflops: float = 0.0           # device peak for MFU; 0 = train/flops.py's table (CPU: an estimate)
-    sync_bn: bool = False              # G2D: plain per-GPU BatchNorm
+    compile: bool = False  # torch.compile of image tower, BERT layers, PA loss (in place, inside DDP)
+    cuda_graphs: bool = False  # CUDA only (compile mode reduce-overhead); on a CPU a logged no-op
+    peak_tflops: float = 0.0  # device peak for MFU; 0 = train/flops.py's table (CPU: an estimate)
+    sync_bn: bool = False  # G2D: plain per-GPU BatchNorm
     find_unused_parameters: bool = False
-    checkpoint_every: int = 500        # >= 1; the last step is always saved too
-    keep_last: int = 3                 # >= 1 of this run's checkpoints are kept
-    resume: str = "auto"               # auto | none | path to a checkpoint
-    log_every: int = 10                # >= 1; the last step is always logged too
-    plot_every: int = 500              # PNG grid of images + attention + pseudo-masks; 0 = off
-    val_every: int = 1000              # retrieval + zero-shot AUC on the valid split; 0 = only at end
+    checkpoint_every: int = 500  # >= 1; the last step is always saved too
+    keep_last: int = 3  # >= 1 of this run's checkpoints are kept
+    resume: str = "auto"  # auto | none | path to a checkpoint
+    log_every: int = 10  # >= 1; the last step is always logged too
+    plot_every: int = 500  # PNG grid of images + attention + pseudo-masks; 0 = off
+    val_every: int = 1000  # retrieval + zero-shot AUC on the valid split; 0 = only at end
     val_batches: int = 50
-    tensorboard: bool = False          # event files under <output_dir>/tensorboard/ (same scalars as metrics.jsonl)
-    wandb: bool = False                # Weights & Biases; needs `pip install wandb` (not a dependency)
+    tensorboard: bool = False  # event files under <output_dir>/tensorboard/ (same scalars as metrics.jsonl)
+    wandb: bool = False  # Weights & Biases; needs `pip install wandb` (not a dependency)
     wandb_project: str = "g2d"
-    log_all_ranks: bool = False        # every rank also logs to the console (all ranks always log to logs/rank<N>.log)
-    health_after_steps: int = 0        # health warnings from this step on; 0 = max(lr warm-up, min(run/3, 2000))
-    health_loss_margin: float = 0.03   # warn while the VLA loss is within this fraction of ln(negatives)
-    health_min_spread: float = 0.1     # warn when an embedding's per-dim std < this x 1/sqrt(proj_dim)
-    nonfinite: str = "stop"            # stop (raise naming the step) | skip (no update, counted)
+    log_all_ranks: bool = False  # every rank also logs to the console (all ranks always log to logs/rank<N>.log)
+    health_after_steps: int = 0  # health warnings from this step on; 0 = max(lr warm-up, min(run/3, 2000))
+    health_loss_margin: float = 0.03  # warn while the VLA loss is within this fraction of ln(negatives)
+    health_min_spread: float = 0.1  # warn when an embedding's per-dim std < this x 1/sqrt(proj_dim)
+    nonfinite: str = "stop"  # stop (raise naming the step) | skip (no update, counted)
     progress: bool = True
 
 
@@ -149,15 +150,16 @@ def build_pretrain_config(raw: dict) -> PretrainConfig:
     data_raw = _section(raw, "data")
     for key in ("batch_size_per_gpu", "seed"):
         if key in data_raw and data_raw[key] != getattr(cfg.train, key):
-            raise ConfigError(f"data.{key}={data_raw[key]} conflicts with train.{key}="
-                              f"{getattr(cfg.train, key)}; data.{key} is set from train.{key}")
+            raise ConfigError(
+                f"data.{key}={data_raw[key]} conflicts with train.{key}="
+                f"{getattr(cfg.train, key)}; data.{key} is set from train.{key}"
+            )
     for key, allowed in VALID.items():
         if getattr(cfg.train, key) not in allowed:
             raise ConfigError(f"train.{key}={getattr(cfg.train, key)!r}; choose one of {allowed}")
     # Before the copy into the data section, whose own check would blame data.batch_size_per_gpu.
     validate_pretrain_config(cfg)
-    cfg.data = dataclasses.replace(cfg.data, batch_size_per_gpu=cfg.train.batch_size_per_gpu,
-                                   seed=cfg.train.seed)
+    cfg.data = dataclasses.replace(cfg.data, batch_size_per_gpu=cfg.train.batch_size_per_gpu, seed=cfg.train.seed)
     cfg.model = dataclasses.replace(cfg.model, **_model_view_of_data(cfg.data, model_raw))
     return cfg
 
@@ -169,16 +171,22 @@ def _model_view_of_data(data: DataConfig, model_raw: dict) -> dict:
     (`data.max_text_length`; the model checks it against BERT's positions). A model.* key set to
     another value is a ConfigError naming both keys; the resolved config shows the derived values."""
     side_key = "data.crop_size" if data.transform in CROPPING else "data.image_size"
-    derived = {"image_size": (side_key, data.crop_size if data.transform in CROPPING else data.image_size),
-               "max_text_length": ("data.max_text_length", data.max_text_length)}
+    derived = {
+        "image_size": (side_key, data.crop_size if data.transform in CROPPING else data.image_size),
+        "max_text_length": ("data.max_text_length", data.max_text_length),
+    }
     for name, (source, value) in derived.items():
         if name in model_raw and model_raw[name] != value:
-            raise ConfigError(f"model.{name}={model_raw[name]} conflicts with {source}={value}"
-                              + (f" (data.transform={data.transform} crops)" if source == "data.crop_size" else "")
-                              + f"; model.{name} is set from {source}: set that one, or both to one value")
+            raise ConfigError(
+                f"model.{name}={model_raw[name]} conflicts with {source}={value}"
+                + (f" (data.transform={data.transform} crops)" if source == "data.crop_size" else "")
+                + f"; model.{name} is set from {source}: set that one, or both to one value"
+            )
     if derived["image_size"][1] % 32:
-        raise ConfigError(f"{side_key}={derived['image_size'][1]} must be a multiple of 32 "
-                          "(the image tower's stride; the model is built for the training input side)")
+        raise ConfigError(
+            f"{side_key}={derived['image_size'][1]} must be a multiple of 32 "
+            "(the image tower's stride; the model is built for the training input side)"
+        )
     return {name: value for name, (_source, value) in derived.items()}
 
 

@@ -15,6 +15,7 @@ MFU = (model FLOPs per sample x samples/s per device) / the device's peak FLOP/s
 The count costs one extra forward+backward at start; buffers (BN running statistics), RNG streams
 and gradients are restored afterwards, so the run itself is bit-identical with or without it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,7 +33,7 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "GH200": (989.4, 66.9),
     "H100 PCIe": (756.5, 51.2),
     "H100 NVL": (835.5, 60.0),
-    "H100": (989.4, 66.9),          # SXM ("NVIDIA H100 80GB HBM3")
+    "H100": (989.4, 66.9),  # SXM ("NVIDIA H100 80GB HBM3")
     "A100": (312.0, 19.5),
     "L40S": (362.05, 91.6),
     "L40": (181.05, 90.5),
@@ -40,7 +41,7 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
     "A10": (125.0, 31.2),
     "RTX 4090": (165.2, 82.6),
     "A6000": (154.8, 38.7),
-    "V100": (125.0, 15.7),          # no bf16: the fp16 tensor-core peak
+    "V100": (125.0, 15.7),  # no bf16: the fp16 tensor-core peak
 }
 
 

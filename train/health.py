@@ -8,6 +8,7 @@ step already returned (no extra forward; a [B, B] matmul and two std reductions 
   isotropic unit vectors in D dims give about 1/sqrt(D), a collapsed tower gives ~0;
 - separation: mean cosine of the matched (positive) pairs vs the mean over unmatched (negative) pairs.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,7 +26,7 @@ def embedding_stats(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Te
     (image std, text std, positive cosine, mean negative cosine), in STAT_NAMES order. No host sync."""
     image_emb, text_emb = image_emb.detach().float(), text_emb.detach().float()
     b = image_emb.shape[0]
-    sim = image_emb @ text_emb.T                                   # [B, B] cosines
+    sim = image_emb @ text_emb.T  # [B, B] cosines
     pos = sim.diagonal().mean()
     neg = (sim.sum() - sim.diagonal().sum()) / max(1, b * (b - 1))
     return torch.stack([image_emb.std(dim=0).mean(), text_emb.std(dim=0).mean(), pos, neg])
@@ -39,11 +40,11 @@ def chance_vla_loss(negatives: int, reduction: str) -> float:
 
 @dataclass
 class HealthCheck:
-    chance_loss: float      # chance_vla_loss(global negatives, reduction)
-    after_step: int         # checks only from this step on (past warm-up)
-    loss_margin: float      # "still at chance": vla >= (1 - margin) * chance_loss
-    min_spread: float       # collapse: std < min_spread / sqrt(D), a fraction of isotropic spread
-    dim: int                # embedding size D
+    chance_loss: float  # chance_vla_loss(global negatives, reduction)
+    after_step: int  # checks only from this step on (past warm-up)
+    loss_margin: float  # "still at chance": vla >= (1 - margin) * chance_loss
+    min_spread: float  # collapse: std < min_spread / sqrt(D), a fraction of isotropic spread
+    dim: int  # embedding size D
 
     def problems(self, step: int, vla_loss: float, img_std: float, txt_std: float) -> list[str]:
         """Human-readable reasons the run looks unhealthy at `step`; [] when it looks fine or is still warming up."""
@@ -51,14 +52,18 @@ class HealthCheck:
             return []
         found = []
         if vla_loss >= (1.0 - self.loss_margin) * self.chance_loss:
-            found.append(f"VLA loss {vla_loss:.4f} is not {100 * self.loss_margin:.0f}% below chance "
-                         f"{self.chance_loss:.4f} (ln of the negatives) after {step} steps: the model is not "
-                         "learning (try a larger batch, a lower lr, or check the data)")
+            found.append(
+                f"VLA loss {vla_loss:.4f} is not {100 * self.loss_margin:.0f}% below chance "
+                f"{self.chance_loss:.4f} (ln of the negatives) after {step} steps: the model is not "
+                "learning (try a larger batch, a lower lr, or check the data)"
+            )
         floor = self.min_spread / math.sqrt(self.dim)
         for name, std in (("image", img_std), ("text", txt_std)):
             if std < floor:
-                found.append(f"{name} embeddings collapsed: per-dimension std {std:.4g} < {floor:.4g} "
-                             f"({self.min_spread:g} of the isotropic 1/sqrt({self.dim}))")
+                found.append(
+                    f"{name} embeddings collapsed: per-dimension std {std:.4g} < {floor:.4g} "
+                    f"({self.min_spread:g} of the isotropic 1/sqrt({self.dim}))"
+                )
         return found
 
 
@@ -70,5 +75,10 @@ def build_health_check(cfg, world_size: int, max_steps: int) -> HealthCheck:
     run = cfg.train
     negatives = run.batch_size_per_gpu * (world_size if cfg.model.gather_negatives else 1)
     after = run.health_after_steps or max(warmup_length(cfg.optim, max_steps), min(max_steps // 3, 2000))
-    return HealthCheck(chance_vla_loss(negatives, cfg.model.vla_reduction), after,
-                       run.health_loss_margin, run.health_min_spread, cfg.model.proj_dim)
+    return HealthCheck(
+        chance_vla_loss(negatives, cfg.model.vla_reduction),
+        after,
+        run.health_loss_margin,
+        run.health_min_spread,
+        cfg.model.proj_dim,
+    )

@@ -7,6 +7,7 @@ Weight decay never applies to norms, biases, embeddings or positional tables (de
 or a positional embedding towards zero only hurts), which is the usual practice; G2D's own code
 decays everything with wd 1e-8, which is numerically the same thing.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,16 +21,16 @@ from common.cli import UserError
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"              # adamw | apex_fused_adam | apex_fused_lamb
-    lr: float = 2e-4                 # paper 2e-4; official code 2e-5
+    name: str = "adamw"  # adamw | apex_fused_adam | apex_fused_lamb
+    lr: float = 2e-4  # paper 2e-4; official code 2e-5
     weight_decay: float = 1e-8
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    fused: bool = True               # torch AdamW(fused=True); falls back to foreach if unsupported
+    fused: bool = True  # torch AdamW(fused=True); falls back to foreach if unsupported
     schedule: str = "warmup_cosine"  # warmup_cosine (paper) | cosine_restarts (code) | constant
-    warmup_steps: int = 0            # linear warm-up length (warmup_cosine); 0 = 3% of max_steps
+    warmup_steps: int = 0  # linear warm-up length (warmup_cosine); 0 = 3% of max_steps
     min_lr: float = 1e-8
-    restart_period: int = 200        # T_0 of CosineAnnealingWarmRestarts, in optimiser steps
+    restart_period: int = 200  # T_0 of CosineAnnealingWarmRestarts, in optimiser steps
 
 
 OPTIMIZERS = ("adamw", "apex_fused_adam", "apex_fused_lamb")
@@ -47,22 +48,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             no_decay.append(p)
         else:
             decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=cfg.fused,
-                                 foreach=None if cfg.fused else True)
+        return torch.optim.AdamW(
+            groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=cfg.fused, foreach=None if cfg.fused else True
+        )
     if cfg.name in ("apex_fused_adam", "apex_fused_lamb"):
         try:
             from apex.optimizers import FusedAdam, FusedLAMB
         except ImportError as exc:
             raise UserError(
                 f"optim.name={cfg.name} needs NVIDIA apex (built from source with --cuda_ext; the PyPI "
-                "package named 'apex' is unrelated). Use optim.name=adamw (fused torch AdamW).") from exc
+                "package named 'apex' is unrelated). Use optim.name=adamw (fused torch AdamW)."
+            ) from exc
         cls = FusedAdam if cfg.name == "apex_fused_adam" else FusedLAMB
         kwargs = {"adam_w_mode": True} if cls is FusedAdam else {}
         return cls(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **kwargs)

@@ -11,6 +11,7 @@ being written is dropped whole (its temp file deleted) and every finished one st
 worker also stops when its launcher dies (common.dist.exit_with_launcher). One run per output_dir at
 a time (a lock), and a fresh run refuses a folder holding another run's checkpoints.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -61,6 +62,7 @@ from train.visualize import save_attention_grid, save_loss_curves
 
 logger = get_logger("train")
 
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -79,8 +81,8 @@ def memory_mb(device: torch.device) -> float:
 
 def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
     """Run (or resume) pretraining; rank 0 holds the output folder's lock for the whole run."""
-    out_dir = Path(cfg.train.output_dir).expanduser()   # YAML does not expand ~ the way a shell does
-    for folder in (out_dir, out_dir / "checkpoints"):   # found now, not at the first save
+    out_dir = Path(cfg.train.output_dir).expanduser()  # YAML does not expand ~ the way a shell does
+    for folder in (out_dir, out_dir / "checkpoints"):  # found now, not at the first save
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{folder} exists and is not a directory (train.output_dir={out_dir})")
     if cfg.train.wandb:
@@ -92,8 +94,11 @@ def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
     # After the lock: a second run on the same folder fails before appending to its logs.
     setup_logging(dist.rank, out_dir / "logs", console_all_ranks=cfg.train.log_all_ranks)
     if lock is not None and lock.stale:
-        logger.warning("[start] removed %d temp file(s) left by a killed writer: %s", len(lock.stale),
-                       ", ".join(p.name for p in lock.stale[:5]))
+        logger.warning(
+            "[start] removed %d temp file(s) left by a killed writer: %s",
+            len(lock.stale),
+            ", ".join(p.name for p in lock.stale[:5]),
+        )
     try:
         return _train(cfg, dist, out_dir)
     finally:
@@ -118,8 +123,10 @@ def _resume_source(cfg: PretrainConfig, out_dir: Path) -> tuple[str, tuple[Path,
             raise CheckpointError(f"{path} has no saved model config; it cannot resume a run")
         changed = changed_fields(saved, cfg.model)
         if changed:
-            raise CheckpointError(f"{path} was trained with a different model config ({', '.join(changed)}); "
-                                  "use a new train.output_dir or train.resume=none")
+            raise CheckpointError(
+                f"{path} was trained with a different model config ({', '.join(changed)}); "
+                "use a new train.output_dir or train.resume=none"
+            )
         run_id, step = str(ckpt.get("run_id", LEGACY_RUN_ID)), ckpt["step"]
     claim_checkpoint_dir(out_dir / "checkpoints", run_id, step)
     return run_id, found
@@ -144,12 +151,16 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
     per_step = run.batch_size_per_gpu * dist.world_size
     accum = 1 if run.global_batch_size <= 0 else run.global_batch_size // per_step
     if accum < 1 or accum * per_step != (run.global_batch_size or per_step):
-        raise ConfigError(f"train.global_batch_size={run.global_batch_size} is not a multiple of "
-                          f"batch_size_per_gpu x world_size = {per_step}")
+        raise ConfigError(
+            f"train.global_batch_size={run.global_batch_size} is not a multiple of "
+            f"batch_size_per_gpu x world_size = {per_step}"
+        )
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
-        raise UserError(f"the train split of {cfg.data.shards} yields {len(loader)} batches per rank, "
-                        f"fewer than the {accum} needed for one optimiser step; lower the batch size")
+        raise UserError(
+            f"the train split of {cfg.data.shards} yields {len(loader)} batches per rank, "
+            f"fewer than the {accum} needed for one optimiser step; lower the batch size"
+        )
     max_steps = run.max_steps or run.epochs * steps_per_epoch
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
@@ -178,20 +189,32 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
         loader.set_epoch(0)
 
     if dist.world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=run.find_unused_parameters, gradient_as_bucket_view=True)
-    train_step = TrainStep(model, optimizer, scheduler, scaler, fixed_scale, run.precision,
-                           run.grad_clip, run.channels_last)
-    log = MetricsLog(out_dir / "metrics.jsonl", step, main, run.tensorboard, run.wandb, run.wandb_project,
-                     run_id, config_to_dict(cfg))
+        model = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=run.find_unused_parameters,
+            gradient_as_bucket_view=True,
+        )
+    train_step = TrainStep(
+        model, optimizer, scheduler, scaler, fixed_scale, run.precision, run.grad_clip, run.channels_last
+    )
+    log = MetricsLog(
+        out_dir / "metrics.jsonl",
+        step,
+        main,
+        run.tensorboard,
+        run.wandb,
+        run.wandb_project,
+        run_id,
+        config_to_dict(cfg),
+    )
     health = build_health_check(cfg, dist.world_size, max_steps)
 
     # ---- loop -------------------------------------------------------------------------------
     def batches():
         nonlocal epoch
         while True:
-            for b in loader:
-                yield b
+            yield from loader
             epoch += 1
             loader.set_epoch(epoch)
 
@@ -202,15 +225,21 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
     if step < max_steps:
         first = next(stream)
         stream = itertools.chain([first], stream)
-        flops_per_sample = count_step_flops(unwrap(model), first, step, train_step.autocast,
-                                            run.channels_last) / first.image.shape[0]
+        flops_per_sample = (
+            count_step_flops(unwrap(model), first, step, train_step.autocast, run.channels_last) / first.image.shape[0]
+        )
         flops_len = first.input_ids.shape[1]
     peak, peak_source = peak_flops(device, run.precision, run.peak_tflops)
     train_step.cuda_graphs, compiled = compile_for_speed(model, run.compile, run.cuda_graphs, device)
-    logger.info("[step] %.2f GFLOP per sample (forward + backward, text padded to %d); peak %s (%s)%s",
-                flops_per_sample / 1e9, flops_len, f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown",
-                peak_source, f"; {compiled}" if compiled else "")
-    sums = torch.zeros(3, device=device)          # loss, vla, pa summed since the last log step
+    logger.info(
+        "[step] %.2f GFLOP per sample (forward + backward, text padded to %d); peak %s (%s)%s",
+        flops_per_sample / 1e9,
+        flops_len,
+        f"{peak / 1e12:.1f} TFLOP/s" if peak else "unknown",
+        peak_source,
+        f"; {compiled}" if compiled else "",
+    )
+    sums = torch.zeros(3, device=device)  # loss, vla, pa summed since the last log step
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     skipped = torch.zeros((), dtype=torch.long, device=device)
     n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
@@ -236,18 +265,27 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
             # Logging step: the one place that syncs with the device.
             bad = int(first_bad)
             if bad >= 0 and run.nonfinite == "stop":
-                raise NonFiniteLoss(f"non-finite loss at step {bad} (train.nonfinite=stop; set "
-                                    "train.nonfinite=skip to skip such steps)")
+                raise NonFiniteLoss(
+                    f"non-finite loss at step {bad} (train.nonfinite=stop; set train.nonfinite=skip to skip such steps)"
+                )
             # Loss terms averaged over the steps since the last log and then over ranks, with the
             # embedding statistics of this step's last micro-batch: one all-reduce of 7 floats.
             stats = all_reduce_mean(torch.cat([sums / n_since, embedding_stats(out.image_emb, out.text_emb)]))
             loss, vla, pa, *emb = stats.tolist()
             dt = time.perf_counter() - t_log
-            record = {"step": step, "epoch": epoch, "loss": loss, "vla_loss": vla, "pa_loss": pa,
-                      "lr": scheduler.get_last_lr()[0],
-                      "img_per_s": n_since * accum * per_step / dt,
-                      "data_wait_frac": wait_s / dt, "mem_mb": memory_mb(device),
-                      "skipped_steps": int(skipped), "pa_active": step - 1 >= cfg.model.pa_warmup_steps}
+            record = {
+                "step": step,
+                "epoch": epoch,
+                "loss": loss,
+                "vla_loss": vla,
+                "pa_loss": pa,
+                "lr": scheduler.get_last_lr()[0],
+                "img_per_s": n_since * accum * per_step / dt,
+                "data_wait_frac": wait_s / dt,
+                "mem_mb": memory_mb(device),
+                "skipped_steps": int(skipped),
+                "pa_active": step - 1 >= cfg.model.pa_warmup_steps,
+            }
             # MFU per device: samples/s on this rank x counted FLOPs / the device's peak.
             record["mfu"] = mfu(flops_per_sample, record["img_per_s"] / dist.world_size, peak)
             record["gflops_per_sample"] = flops_per_sample / 1e9
@@ -264,10 +302,12 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['img_per_s']:.1f}", mfu=mfu_text)
             # Every rank's file gets the line (the same global losses); the console only rank 0's,
             # printed above the bar (common.log).
-            line = (f"step {step} loss {loss:.4f} (vla {vla:.4f} pa {pa:.4f}) img/s {record['img_per_s']:.1f} "
-                    f"mfu {mfu_text} mem/sample {record['mem_mb_per_sample']:.1f} MiB "
-                    f"emb std img {record['img_emb_std']:.4f} txt {record['txt_emb_std']:.4f} "
-                    f"cos pos {record['pos_cos']:.3f} neg {record['neg_cos']:.3f}")
+            line = (
+                f"step {step} loss {loss:.4f} (vla {vla:.4f} pa {pa:.4f}) img/s {record['img_per_s']:.1f} "
+                f"mfu {mfu_text} mem/sample {record['mem_mb_per_sample']:.1f} MiB "
+                f"emb std img {record['img_emb_std']:.4f} txt {record['txt_emb_std']:.4f} "
+                f"cos pos {record['pos_cos']:.3f} neg {record['neg_cos']:.3f}"
+            )
             logger.info(line)
             sums.zero_()
             n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
@@ -291,7 +331,7 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
         try:
             curves = save_loss_curves(out_dir / "metrics.jsonl", out_dir / "plots" / "loss_curves.png")
             logger.info("[done] step %d; loss curves: %s", step, curves)
-        except ValueError as exc:   # e.g. metrics.jsonl deleted before a resume: the weights still count
+        except ValueError as exc:  # e.g. metrics.jsonl deleted before a resume: the weights still count
             logger.warning("[done] step %d; no loss curves: %s", step, exc)
     return {"step": step, "val": result}
 
@@ -312,9 +352,17 @@ def _save(cfg, model, optimizer, scheduler, scaler, loader, step, dist, out_dir,
         states = [rng_state()]
     if dist.rank != 0:
         return
-    payload = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-               "loader": loader.state_dict(), "rng": states, "config": config_to_dict(cfg), "run_id": run_id}
+    payload = {
+        "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "step": step,
+        "loader": loader.state_dict(),
+        "rng": states,
+        "config": config_to_dict(cfg),
+        "run_id": run_id,
+    }
     save_checkpoint(checkpoint_path(out_dir, step), payload, cfg.train.keep_last)
 
 
@@ -322,8 +370,12 @@ def _stop_on_sigterm(signum, frame) -> None:
     # Raised in the main thread between bytecodes: `atomic_open` deletes a half-written checkpoint
     # and the finally blocks run (lock, process group), as for Ctrl-C's KeyboardInterrupt.
     # The command's last line in the house's one-line `error: ...` form (common.cli), not a log record.
-    print(f"error: stopped by {signal.Signals(signum).name}; every finished checkpoint is intact, "
-          "resume with train.resume=auto", file=sys.stderr, flush=True)
+    print(
+        f"error: stopped by {signal.Signals(signum).name}; every finished checkpoint is intact, "
+        "resume with train.resume=auto",
+        file=sys.stderr,
+        flush=True,
+    )
     raise SystemExit(128 + signum)
 
 
@@ -333,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
     cfg = load_pretrain_config(args.config, args.overrides)
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)   # restored below for in-process callers
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # restored below for in-process callers
     exit_with_launcher()
     try:
         dist = init_distributed()
@@ -342,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
             # The command's result on stdout (machine-readable), not a log line.
             print(json.dumps({"final_step": result["step"], **result["val"]}, indent=1))
     except NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)   # the house's one-line ending, as common.cli's
+        print(f"error: {exc}", file=sys.stderr)  # the house's one-line ending, as common.cli's
         sys.exit(3)
     finally:
         cleanup()

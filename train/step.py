@@ -4,6 +4,7 @@ training loop and `make bench-train` so the benchmark times exactly what trainin
 No host sync: loss terms come back as a device tensor; with a GradScaler the fused optimiser skips
 a non-finite update on the device. The PA warm-up switch is read from the host step counter.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,7 @@ def make_scaler(device: torch.device, precision: str, skip_nonfinite: bool) -> t
     """(scaler, fixed_scale). fp16 needs dynamic loss scaling; with skip-on-non-finite in bf16/fp32
     a scaler at a fixed scale of 1 is used only for its on-device inf check."""
     enabled = precision == "fp16" or skip_nonfinite
-    scaler = torch.amp.GradScaler(device.type, enabled=enabled,
-                                  init_scale=2.0**16 if precision == "fp16" else 1.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=enabled, init_scale=2.0**16 if precision == "fp16" else 1.0)
     return scaler, enabled and precision != "fp16"
 
 
@@ -31,8 +31,9 @@ def find_ddp(model: torch.nn.Module) -> DDP | None:
     return model if isinstance(model, DDP) else None
 
 
-def compile_for_speed(model: torch.nn.Module, compile: bool, cuda_graphs: bool, device: torch.device,
-                      backend: str = "inductor") -> tuple[bool, str]:
+def compile_for_speed(
+    model: torch.nn.Module, compile: bool, cuda_graphs: bool, device: torch.device, backend: str = "inductor"
+) -> tuple[bool, str]:
     """Compile the G2DModel's parts in place (G2DModel.compile_parts) as `train.compile` /
     `train.cuda_graphs` ask. CUDA graphs (torch.compile mode="reduce-overhead": one graph replay per
     compiled part instead of hundreds of kernel launches) exist only on a GPU; on a CPU the switch is
@@ -40,19 +41,31 @@ def compile_for_speed(model: torch.nn.Module, compile: bool, cuda_graphs: bool, 
     graphs = cuda_graphs and device.type == "cuda"
     notes = []
     if cuda_graphs and not graphs:
-        notes.append(f"train.cuda_graphs: no CUDA device ({device.type}), so no CUDA graphs; "
-                     "the step runs without them")
+        notes.append(
+            f"train.cuda_graphs: no CUDA device ({device.type}), so no CUDA graphs; the step runs without them"
+        )
     if compile or graphs:
         mode = "reduce-overhead" if graphs else None
         unwrap(model).compile_parts(mode=mode, backend=backend)
-        notes.append(f"torch.compile (mode={mode or 'default'}, backend={backend}) of the image tower, "
-                     "BERT layers and PA loss")
+        notes.append(
+            f"torch.compile (mode={mode or 'default'}, backend={backend}) of the image tower, BERT layers and PA loss"
+        )
     return graphs, "; ".join(notes)
 
 
 class TrainStep:
-    def __init__(self, model, optimizer, scheduler, scaler, fixed_scale: bool, precision: str,
-                 grad_clip: float, channels_last: bool, cuda_graphs: bool = False):
+    def __init__(
+        self,
+        model,
+        optimizer,
+        scheduler,
+        scaler,
+        fixed_scale: bool,
+        precision: str,
+        grad_clip: float,
+        channels_last: bool,
+        cuda_graphs: bool = False,
+    ):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         # CUDA-graph trees reuse their output memory on the next replay: each step is marked as a new
         # iteration so outputs of the previous one (already reduced to `sums`) may be overwritten.

@@ -1,13 +1,13 @@
 """Validation during pretraining: retrieval top-1/top-5 and zero-shot AUC of a few findings on the
 valid split (rank 0, eval transform). Same functions as the demo and the zero-shot eval tasks."""
+
 from __future__ import annotations
 
 import dataclasses
 
 from common.dist import DistInfo
 from eval.metrics import roc_auc
-from eval.zeroshot import (DEFAULT_PROMPTS, chexpert_targets, embed_loader, retrieval_topk,
-                           zeroshot_probabilities)
+from eval.zeroshot import DEFAULT_PROMPTS, chexpert_targets, embed_loader, retrieval_topk, zeroshot_probabilities
 from pipeline import build_loader
 
 
@@ -15,8 +15,13 @@ def validate(model, cfg, tokenizer, dist: DistInfo, max_batches: int = 0, split:
     if dist.rank != 0:
         return {}
     single = DistInfo(rank=0, world_size=1, local_rank=dist.local_rank, device=dist.device)
-    data_cfg = dataclasses.replace(cfg.data, transform=cfg.data.eval_transform, shuffle=False,
-                                   drop_last=False, batch_size_per_gpu=cfg.train.batch_size_per_gpu)
+    data_cfg = dataclasses.replace(
+        cfg.data,
+        transform=cfg.data.eval_transform,
+        shuffle=False,
+        drop_last=False,
+        batch_size_per_gpu=cfg.train.batch_size_per_gpu,
+    )
     loader = build_loader(data_cfg, split, single, tokenizer=tokenizer)
     loader.set_epoch(0)
     emb = embed_loader(model, loader, max_batches)

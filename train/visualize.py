@@ -1,5 +1,6 @@
 """PNGs a person looks at: input, head-mean attention, pseudo-mask and decoder output per image;
 the loss curves of a run (each loss term and the lr vs step)."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,12 @@ def save_attention_grid(path: Path, image: torch.Tensor, out, keys: list[str], m
     seg = out.seg_logits[:n, 0].detach().float().sigmoid().cpu()
     fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
     for r in range(n):
-        panels = [(img[r], None, "input"), (attn[r], "jet", "attention (head mean)"),
-                  (mask[r], "gray", "pseudo-mask"), (seg[r], "gray", "decoder sigmoid")]
+        panels = [
+            (img[r], None, "input"),
+            (attn[r], "jet", "attention (head mean)"),
+            (mask[r], "gray", "pseudo-mask"),
+            (seg[r], "gray", "decoder sigmoid"),
+        ]
         for c, (data, cmap, title) in enumerate(panels):
             ax = axes[r][c]
             ax.imshow(img[r], cmap="gray")

@@ -9,6 +9,7 @@ Families (one module each): linear, segmentation, detection (YOLOv3), finetune, 
 grounding. Each task's defaults (the paper's hyperparameters, prompt templates) are in
 configs/eval/<name>.yaml; the family module's docstring states the protocol.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,8 +25,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 @dataclass(frozen=True)
 class Task:
     name: str
-    family: str        # module under eval/tasks/
-    dataset: str       # directory under the downstream shards root
+    family: str  # module under eval/tasks/
+    dataset: str  # directory under the downstream shards root
 
     @property
     def config_path(self) -> Path:
@@ -53,8 +54,14 @@ _TASKS = [
     Task("grounding_siim", "grounding", "siim_pneumothorax"),
 ]
 TASKS: dict[str, Task] = {t.name: t for t in _TASKS}
-CONFIG_CLASSES = {"linear": "LinearConfig", "segmentation": "SegmentationConfig", "detection": "DetectionConfig",
-                  "finetune": "FinetuneConfig", "zeroshot_cls": "ZeroShotConfig", "grounding": "GroundingConfig"}
+CONFIG_CLASSES = {
+    "linear": "LinearConfig",
+    "segmentation": "SegmentationConfig",
+    "detection": "DetectionConfig",
+    "finetune": "FinetuneConfig",
+    "zeroshot_cls": "ZeroShotConfig",
+    "grounding": "GroundingConfig",
+}
 # Families that need the text encoder (a full pretraining checkpoint), not only image weights.
 TEXT_FAMILIES = ("zeroshot_cls", "grounding")
 
@@ -84,8 +91,9 @@ def applicable_overrides(task: Task, overrides: list[str]) -> tuple[list[str], l
     return keep, skip
 
 
-def load_task_config(name: str, fraction: str = "1.0", data_root: str | None = None,
-                     overrides: list[str] | None = None):
+def load_task_config(
+    name: str, fraction: str = "1.0", data_root: str | None = None, overrides: list[str] | None = None
+):
     """configs/eval/<name>.yaml <- its fraction_overrides[<fraction>] <- task/fraction/data root <- overrides."""
     task = get_task(name)
     if fraction not in FRACTIONS:

@@ -5,6 +5,7 @@ A task config is a dataclass (`TaskConfig` + the family's own section) filled fr
 configs/eval/<task>.yaml, then `fraction_overrides[<fraction>]` from that file, then `key=value`
 arguments (strict: an unknown key is an error naming it).
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,10 +13,11 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,20 +34,20 @@ from shards.schema import read_manifest
 
 @dataclass
 class DataSection:
-    dataset: str = ""                   # directory under the downstream shards root (DATA); fixed by the task
+    dataset: str = ""  # directory under the downstream shards root (DATA); fixed by the task
     root: str = "data/shards/downstream"  # the shards root; --data sets it
     train_transform: str = "mgca_train"  # pipeline transform (pipeline/transforms.py) of the training split
-    eval_transform: str = "mgca_eval"    # ... of validation and test; "checkpoint" = the pretraining run's own
-                                         # eval view (transform, sizes, mean/std from its saved data config)
-    image_size: int = 256               # resize side S (MGCA: resize 256, crop 224)
-    crop_size: int = 224                # crop side of the cropping transforms (mgca_*, g2d_paper*)
-    mean: list[float] | None = None     # None: the transform's own (mgca_*: 0.5)
+    eval_transform: str = "mgca_eval"  # ... of validation and test; "checkpoint" = the pretraining run's own
+    # eval view (transform, sizes, mean/std from its saved data config)
+    image_size: int = 256  # resize side S (MGCA: resize 256, crop 224)
+    crop_size: int = 224  # crop side of the cropping transforms (mgca_*, g2d_paper*)
+    mean: list[float] | None = None  # None: the transform's own (mgca_*: 0.5)
     std: list[float] | None = None
     batch_size: int = 8
     eval_batch_size: int = 32
     num_workers: int = 2
-    backend: Literal["auto", "dali", "torch"] = "auto"   # auto: DALI if it imports, else torch
-    subset_task: str = ""               # manifest task_subsets entry of the fraction's subset ("" = manifest subsets)
+    backend: Literal["auto", "dali", "torch"] = "auto"  # auto: DALI if it imports, else torch
+    subset_task: str = ""  # manifest task_subsets entry of the fraction's subset ("" = manifest subsets)
     train_split: str = "train"
     valid_split: str = "valid"
     test_split: str = "test"
@@ -54,30 +56,30 @@ class DataSection:
 @dataclass
 class TrainSection:
     epochs: int = 50
-    patience: int = 10                  # early stopping: epochs without a better validation loss (detection: mAP); MGCA: 10
+    patience: int = 10  # early stopping: epochs without a better validation loss (detection: mAP); MGCA: 10
     lr: float = 5e-4
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.9, 0.999)
-    precision: Literal["bf16", "fp32"] = "bf16"   # autocast dtype on CUDA; CPU always runs fp32
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; CPU always runs fp32
 
 
 @dataclass
 class ModelSection:
-    baseline: str = "g2d_resnet50"      # architecture of CKPT=random / imagenet (and of a bare exported .pth)
+    baseline: str = "g2d_resnet50"  # architecture of CKPT=random / imagenet (and of a bare exported .pth)
     imagenet_weights: str = "imagenet"  # CKPT=imagenet: "imagenet" (download) or a local torchvision/smp state dict
-    text_model: str = ""                # replaces the checkpoint's saved text-model path (a moved tiny BERT)
+    text_model: str = ""  # replaces the checkpoint's saved text-model path (a moved tiny BERT)
 
 
 @dataclass
 class CkptSection:
-    prefix: str = ""                    # strip-and-select key prefix of a foreign checkpoint's image encoder,
-                                        # e.g. img_encoder_q.model. (MGCA); "" = our own layouts / plain torchvision
+    prefix: str = ""  # strip-and-select key prefix of a foreign checkpoint's image encoder,
+    # e.g. img_encoder_q.model. (MGCA); "" = our own layouts / plain torchvision
 
 
 @dataclass
 class TaskConfig:
     task: str = ""
-    fraction: str = "1.0"               # training-data fraction: 0.01 | 0.1 | 1.0 (manifest subsets)
+    fraction: str = "1.0"  # training-data fraction: 0.01 | 0.1 | 1.0 (manifest subsets)
     seed: int = 42
     output_root: str = "runs/eval"
     plots: bool = True
@@ -122,8 +124,18 @@ def manifest_of(cfg: TaskConfig) -> dict:
 CHECKPOINT_VIEW = "checkpoint"
 
 
-def make_loader(cfg: TaskConfig, split: str, device: torch.device, weights: Pretrained, *, train: bool,
-                masks: bool = False, boxes: bool = False, transform: str | None = None, batch_size: int | None = None):
+def make_loader(
+    cfg: TaskConfig,
+    split: str,
+    device: torch.device,
+    weights: Pretrained,
+    *,
+    train: bool,
+    masks: bool = False,
+    boxes: bool = False,
+    transform: str | None = None,
+    batch_size: int | None = None,
+):
     """A `pipeline.build_loader` over one split of the task's dataset, with masks/boxes transformed
     with the image. Training loaders shuffle, use the training transform and the fraction's subset;
     the others run once, in order, over the whole split. The channel count follows the model."""
@@ -131,14 +143,25 @@ def make_loader(cfg: TaskConfig, split: str, device: torch.device, weights: Pret
     view = resolved_view(cfg, weights, transform or (d.train_transform if train else d.eval_transform))
     subset = cfg.fraction if (train and split == d.train_split) else None
     data_cfg = DataConfig(
-        shards=str(dataset_root(cfg)), backend=d.backend,
+        shards=str(dataset_root(cfg)),
+        backend=d.backend,
         batch_size_per_gpu=batch_size or (d.batch_size if train else d.eval_batch_size),
-        num_workers=d.num_workers, transform=view["transform"], eval_transform=view["transform"],
-        image_size=view["image_size"], crop_size=min(view["crop_size"], view["image_size"]),
-        channels=weights.model_cfg.channels, mean=view["mean"], std=view["std"],
-        load_masks=masks, load_boxes=boxes, subset=subset,
+        num_workers=d.num_workers,
+        transform=view["transform"],
+        eval_transform=view["transform"],
+        image_size=view["image_size"],
+        crop_size=min(view["crop_size"], view["image_size"]),
+        channels=weights.model_cfg.channels,
+        mean=view["mean"],
+        std=view["std"],
+        load_masks=masks,
+        load_boxes=boxes,
+        subset=subset,
         subset_task=(d.subset_task or None) if subset else None,
-        shuffle=train, drop_last=False, seed=cfg.seed)
+        shuffle=train,
+        drop_last=False,
+        seed=cfg.seed,
+    )
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
     return build_loader(data_cfg, split, dist)
 
@@ -159,7 +182,7 @@ def make_deterministic(seed: int) -> None:
     failing; docs/method.md names the ones we hit) and pins cuDNN's algorithm choice. CPU kernels are
     deterministic at a fixed thread count, which a machine keeps from run to run."""
     seed_all(seed)
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # deterministic cuBLAS reductions
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS reductions
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
@@ -170,15 +193,22 @@ def checkpoint_view(weights: Pretrained) -> dict:
     see images the way they were trained; without a saved config: `eval` at the model's size."""
     saved = weights.data_cfg or {}
     size = weights.model_cfg.image_size
-    return {"transform": saved.get("eval_transform", "eval"), "image_size": saved.get("image_size", size),
-            "crop_size": saved.get("crop_size", size), "mean": saved.get("mean"), "std": saved.get("std")}
+    return {
+        "transform": saved.get("eval_transform", "eval"),
+        "image_size": saved.get("image_size", size),
+        "crop_size": saved.get("crop_size", size),
+        "mean": saved.get("mean"),
+        "std": saved.get("std"),
+    }
 
 
 def sample_ids(keys: list[str], meta: list[dict]) -> dict[str, np.ndarray]:
     """predictions.npz's first two arrays: sample keys [n] and patient ids [n] ("" where the dataset
     has none; the bootstrap then resamples images instead of patients)."""
-    return {"keys": np.asarray(keys, dtype=str),
-            "patient_ids": np.asarray([str(m.get("patient_id") or "") for m in meta], dtype=str)}
+    return {
+        "keys": np.asarray(keys, dtype=str),
+        "patient_ids": np.asarray([str(m.get("patient_id") or "") for m in meta], dtype=str),
+    }
 
 
 def epochs_of(loader, epoch: int) -> Iterable:
@@ -198,7 +228,7 @@ class FitResult:
     epochs_run: int
     history: list[dict]
     seconds: float
-    best_val_score: float | None = None     # the selection score of the kept epoch, when one is used
+    best_val_score: float | None = None  # the selection score of the kept epoch, when one is used
 
 
 def progress(iterable, total: int | None, desc: str):
@@ -207,10 +237,21 @@ def progress(iterable, total: int | None, desc: str):
     return tqdm(iterable, total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
 
 
-def fit(trainable: nn.Module, loss_on_batch: Callable, train_loader, val_loader, optimizer: torch.optim.Optimizer,
-        epochs: int, patience: int, set_train_mode: Callable[[], None], device: torch.device,
-        precision: str, log: Callable[[str], None] = print,
-        val_score: Callable[[], float] | None = None, score_name: str = "score") -> FitResult:
+def fit(
+    trainable: nn.Module,
+    loss_on_batch: Callable,
+    train_loader,
+    val_loader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    patience: int,
+    set_train_mode: Callable[[], None],
+    device: torch.device,
+    precision: str,
+    log: Callable[[str], None] = print,
+    val_score: Callable[[], float] | None = None,
+    score_name: str = "score",
+) -> FitResult:
     """Train for up to `epochs`, keep the weights of `trainable` from the best epoch, stop after
     `patience` epochs without improvement, and restore the best weights. Best = lowest validation
     loss, or with `val_score` (called after each epoch, modules in eval mode) the highest score (nan
@@ -285,9 +326,12 @@ def evaluate_loss(trainable: nn.Module, loss_on_batch: Callable, loader, device,
 
 def adamw(params, cfg: TrainSection, lr: float | None = None, weight_decay: float | None = None):
     params = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr if lr is None else lr,
-                             weight_decay=cfg.weight_decay if weight_decay is None else weight_decay,
-                             betas=tuple(cfg.betas))
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.lr if lr is None else lr,
+        weight_decay=cfg.weight_decay if weight_decay is None else weight_decay,
+        betas=tuple(cfg.betas),
+    )
 
 
 def freeze(module: nn.Module) -> nn.Module:
@@ -315,6 +359,7 @@ def plt_agg():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -350,5 +395,3 @@ def image_for_display(image: torch.Tensor) -> torch.Tensor:
     """[C,H,W] normalised image -> [H,W] min-max scaled to [0,1] for imshow (any normalisation)."""
     g = image.float().mean(dim=0).cpu()
     return (g - g.min()) / (g.max() - g.min()).clamp_min(1e-6)
-
-

@@ -30,6 +30,7 @@ facts and the YOLOv3 paper, not from any implementation):
   image; confidence = sigmoid(objectness) (MGCA thresholds, sorts, runs NMS and ranks by it); NMS
   IoU with the "+1 pixel" convention.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -42,13 +43,24 @@ from torch import nn
 
 from eval.checkpoint import Pretrained
 from eval.metrics import DEFAULT_IOU_THRESHOLDS, map_torchmetrics, nms
-from eval.tasks.base import (TaskConfig, adamw, autocast, epochs_of, fit, freeze, image_for_display,
-                             make_loader, plot_history, panel_row, sample_ids, save_figure, short_key)
+from eval.tasks.base import (
+    TaskConfig,
+    adamw,
+    autocast,
+    epochs_of,
+    fit,
+    freeze,
+    image_for_display,
+    make_loader,
+    panel_row,
+    plot_history,
+    sample_ids,
+    save_figure,
+    short_key,
+)
 
 # YOLOv3's priors (w, h) at 416 px, one triple per scale: stride 8, 16, 32.
-ANCHORS_416 = (((10, 13), (16, 30), (33, 23)),
-               ((30, 61), (62, 45), (59, 119)),
-               ((116, 90), (156, 198), (373, 326)))
+ANCHORS_416 = (((10, 13), (16, 30), (33, 23)), ((30, 61), (62, 45), (59, 119)), ((116, 90), (156, 198), (373, 326)))
 
 
 def scaled_anchors(image_size: tuple[int, int]) -> torch.Tensor:
@@ -58,19 +70,24 @@ def scaled_anchors(image_size: tuple[int, int]) -> torch.Tensor:
 
 
 def conv_bn(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
-                         nn.LeakyReLU(0.1, inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.LeakyReLU(0.1, inplace=True)
+    )
 
 
 def conv_set(cin: int, width: int) -> nn.Sequential:
     """YOLOv3's five-conv block: 1x1 width, 3x3 2*width, 1x1, 3x3, 1x1."""
-    return nn.Sequential(conv_bn(cin, width, 1), conv_bn(width, 2 * width, 3), conv_bn(2 * width, width, 1),
-                         conv_bn(width, 2 * width, 3), conv_bn(2 * width, width, 1))
+    return nn.Sequential(
+        conv_bn(cin, width, 1),
+        conv_bn(width, 2 * width, 3),
+        conv_bn(2 * width, width, 1),
+        conv_bn(width, 2 * width, 3),
+        conv_bn(2 * width, width, 1),
+    )
 
 
 class YOLOv3Head(nn.Module):
-    def __init__(self, in_channels: tuple[int, int, int], num_classes: int = 1, width: int = 512,
-                 num_anchors: int = 3):
+    def __init__(self, in_channels: tuple[int, int, int], num_classes: int = 1, width: int = 512, num_anchors: int = 3):
         super().__init__()
         c3, c4, c5 = in_channels
         w5, w4, w3 = width, width // 2, width // 4
@@ -103,9 +120,14 @@ def _shape_iou(wh: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     return inter / union.clamp_min(1e-9)
 
 
-def build_targets(gt_boxes: list[torch.Tensor], grids: list[tuple[int, int]], anchors: torch.Tensor,
-                  image_size: tuple[int, int], ignore_iou: float = 0.5,
-                  device: torch.device | str = "cpu") -> list[dict[str, torch.Tensor]]:
+def build_targets(
+    gt_boxes: list[torch.Tensor],
+    grids: list[tuple[int, int]],
+    anchors: torch.Tensor,
+    image_size: tuple[int, int],
+    ignore_iou: float = 0.5,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, torch.Tensor]]:
     """Per scale: {obj [B,A,h,w] bool, noobj [B,A,h,w] bool, txy [B,A,h,w,2], twh [B,A,h,w,2]}.
 
     gt_boxes: per image [n_i, 4] (x1, y1, x2, y2) pixels of an image of (height, width) `image_size`.
@@ -113,25 +135,29 @@ def build_targets(gt_boxes: list[torch.Tensor], grids: list[tuple[int, int]], an
     n_img = len(gt_boxes)
     n_anch = anchors.shape[1]
     out = []
-    for (gh, gw) in grids:
-        out.append({"obj": torch.zeros(n_img, n_anch, gh, gw, dtype=torch.bool, device=device),
-                    "noobj": torch.ones(n_img, n_anch, gh, gw, dtype=torch.bool, device=device),
-                    "txy": torch.zeros(n_img, n_anch, gh, gw, 2, device=device),
-                    "twh": torch.zeros(n_img, n_anch, gh, gw, 2, device=device)})
+    for gh, gw in grids:
+        out.append(
+            {
+                "obj": torch.zeros(n_img, n_anch, gh, gw, dtype=torch.bool, device=device),
+                "noobj": torch.ones(n_img, n_anch, gh, gw, dtype=torch.bool, device=device),
+                "txy": torch.zeros(n_img, n_anch, gh, gw, 2, device=device),
+                "twh": torch.zeros(n_img, n_anch, gh, gw, 2, device=device),
+            }
+        )
     boxes = [torch.as_tensor(b, dtype=torch.float32, device=device).reshape(-1, 4) for b in gt_boxes]
     image_of = torch.cat([torch.full((len(b),), i, dtype=torch.long, device=device) for i, b in enumerate(boxes)])
     boxes = torch.cat(boxes) if boxes else torch.zeros(0, 4, device=device)
     if boxes.shape[0] == 0:
         return out
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2                         # [N, 2] (x, y)
-    wh = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1e-3)                 # [N, 2]
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2  # [N, 2] (x, y)
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1e-3)  # [N, 2]
     height, width = image_size
     for s, (gh, gw) in enumerate(grids):
         t = out[s]
-        scale_anchors = anchors[s].to(device)                          # [A, 2]
-        iou = _shape_iou(wh, scale_anchors)                            # [N, A]
-        best = iou.argmax(dim=1)                                       # [N]: this scale's best anchor
-        cx, cy = centre[:, 0] * gw / width, centre[:, 1] * gh / height   # in cells of this scale
+        scale_anchors = anchors[s].to(device)  # [A, 2]
+        iou = _shape_iou(wh, scale_anchors)  # [N, A]
+        best = iou.argmax(dim=1)  # [N]: this scale's best anchor
+        cx, cy = centre[:, 0] * gw / width, centre[:, 1] * gh / height  # in cells of this scale
         col = cx.floor().long().clamp(0, gw - 1)
         row = cy.floor().long().clamp(0, gh - 1)
         for a in range(n_anch):
@@ -147,8 +173,9 @@ def build_targets(gt_boxes: list[torch.Tensor], grids: list[tuple[int, int]], an
 LOSS_WEIGHTS = {"xy": 2.5, "wh": 2.5, "conf": 1.0, "cls": 1.0}
 
 
-def yolo_loss(predictions: list[torch.Tensor], targets: list[dict[str, torch.Tensor]],
-              weights: dict[str, float] = LOSS_WEIGHTS) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def yolo_loss(
+    predictions: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], weights: dict[str, float] = LOSS_WEIGHTS
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """predictions: per scale [B, A, h, w, 5 + C] raw; targets from `build_targets`.
     -> (weighted total [], {xy, wh, conf, cls} unweighted terms summed over scales), in float32.
     Each term is a sum over masked entries divided by ALL entries of the scale's tensor (MGCA's mean
@@ -156,11 +183,11 @@ def yolo_loss(predictions: list[torch.Tensor], targets: list[dict[str, torch.Ten
     terms = {"xy": 0.0, "wh": 0.0, "conf": 0.0, "cls": 0.0}
     for p, t in zip(predictions, targets):
         p = p.float()
-        obj, noobj = t["obj"].float(), t["noobj"].float()              # [B, A, h, w]
+        obj, noobj = t["obj"].float(), t["noobj"].float()  # [B, A, h, w]
         cells = obj.numel()
-        bce_xy = F.binary_cross_entropy_with_logits(p[..., 0:2], t["txy"], reduction="none")      # [B,A,h,w,2]
+        bce_xy = F.binary_cross_entropy_with_logits(p[..., 0:2], t["txy"], reduction="none")  # [B,A,h,w,2]
         se_wh = (p[..., 2:4] - t["twh"]) ** 2
-        bce_obj = F.binary_cross_entropy_with_logits(p[..., 4], obj, reduction="none")            # [B,A,h,w]
+        bce_obj = F.binary_cross_entropy_with_logits(p[..., 4], obj, reduction="none")  # [B,A,h,w]
         bce_cls = F.binary_cross_entropy_with_logits(p[..., 5:], torch.ones_like(p[..., 5:]), reduction="none")
         # x and y (w and h) are two terms, each a mean over [B, A, h, w]: their sum is sum / cells.
         terms["xy"] = terms["xy"] + (bce_xy * obj[..., None]).sum() / cells
@@ -172,8 +199,9 @@ def yolo_loss(predictions: list[torch.Tensor], targets: list[dict[str, torch.Ten
 
 
 @torch.no_grad()
-def decode(predictions: list[torch.Tensor], anchors: torch.Tensor,
-           image_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def decode(
+    predictions: list[torch.Tensor], anchors: torch.Tensor, image_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (boxes [B, K, 4] x1y1x2y2 pixels clipped to the image, objectness [B, K]) over all anchors."""
     height, width = image_size
     all_boxes, all_conf = [], []
@@ -189,7 +217,7 @@ def decode(predictions: list[torch.Tensor], anchors: torch.Tensor,
         # exp of a large raw value overflows to inf; 10 allows boxes e^10 times the anchor already.
         w = anc[..., 0] * p[..., 2].clamp(max=10).exp()
         h = anc[..., 1] * p[..., 3].clamp(max=10).exp()
-        conf = p[..., 4].sigmoid()                     # MGCA: objectness alone (not obj x class)
+        conf = p[..., 4].sigmoid()  # MGCA: objectness alone (not obj x class)
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
         all_boxes.append(boxes.reshape(b, -1, 4))
         all_conf.append(conf.reshape(b, -1))
@@ -199,9 +227,14 @@ def decode(predictions: list[torch.Tensor], anchors: torch.Tensor,
     return boxes, torch.cat(all_conf, dim=1)
 
 
-def detect(predictions: list[torch.Tensor], anchors: torch.Tensor, image_size: tuple[int, int],
-           conf_threshold: float = 0.5, nms_iou: float = 0.5, max_candidates: int = 300
-           ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def detect(
+    predictions: list[torch.Tensor],
+    anchors: torch.Tensor,
+    image_size: tuple[int, int],
+    conf_threshold: float = 0.5,
+    nms_iou: float = 0.5,
+    max_candidates: int = 300,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per image (boxes [k, 4], objectness [k]) after objectness >= conf_threshold and NMS at nms_iou
     (+1-pixel IoU), on CPU. At most `max_candidates` highest-objectness boxes enter NMS (its cost is
     quadratic; MGCA has no cap: 300 is far above the boxes left after NMS)."""
@@ -224,17 +257,17 @@ def detect(predictions: list[torch.Tensor], anchors: torch.Tensor, image_size: t
 
 @dataclass
 class DetectionSection:
-    head_width: int = 512               # YOLOv3's 512/256/128 for the C5/C4/C3 branches
+    head_width: int = 512  # YOLOv3's 512/256/128 for the C5/C4/C3 branches
     conf_threshold: float = 0.5
     nms_iou: float = 0.5
     ignore_iou: float = 0.5
-    max_candidates: int = 300           # highest-confidence boxes per image entering NMS
+    max_candidates: int = 300  # highest-confidence boxes per image entering NMS
     iou_thresholds: tuple[float, ...] = DEFAULT_IOU_THRESHOLDS
     loss_xy: float = 2.5
     loss_wh: float = 2.5
     loss_conf: float = 1.0
     loss_cls: float = 1.0
-    plot_images: int = 6                # test images drawn in boxes.png (with ground truth first)
+    plot_images: int = 6  # test images drawn in boxes.png (with ground truth first)
 
 
 @dataclass
@@ -253,7 +286,7 @@ class FrozenEncoderYOLO(nn.Module):
 
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
         with torch.no_grad():
-            feats = self.encoder(image)            # 6 maps, strides 1..32
+            feats = self.encoder(image)  # 6 maps, strides 1..32
         return self.head(*feats[-3:])
 
 
@@ -273,14 +306,15 @@ def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.
     model = FrozenEncoderYOLO(weights.build_encoder(), s.head_width).to(device)
     weights_by_term = {"xy": s.loss_xy, "wh": s.loss_wh, "conf": s.loss_conf, "cls": s.loss_cls}
 
-    def anchors_for(image: torch.Tensor) -> torch.Tensor:      # scaled to the network input (224 in MGCA)
+    def anchors_for(image: torch.Tensor) -> torch.Tensor:  # scaled to the network input (224 in MGCA)
         return scaled_anchors(tuple(image.shape[-2:])).to(device)
 
     def loss_on_batch(batch):
         preds = model(batch.image)
         grids = [tuple(p.shape[2:4]) for p in preds]
-        targets = build_targets(_gt_boxes(batch), grids, anchors_for(batch.image), tuple(batch.image.shape[-2:]),
-                                s.ignore_iou, device)
+        targets = build_targets(
+            _gt_boxes(batch), grids, anchors_for(batch.image), tuple(batch.image.shape[-2:]), s.ignore_iou, device
+        )
         return yolo_loss(preds, targets, weights_by_term)[0]
 
     def set_train_mode():
@@ -294,29 +328,48 @@ def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.
             for batch in epochs_of(loader, 0):
                 with autocast(device, cfg.train.precision):
                     preds = model(batch.image)
-                found = detect(preds, anchors_for(batch.image), tuple(batch.image.shape[-2:]), s.conf_threshold,
-                               s.nms_iou, s.max_candidates)
+                found = detect(
+                    preds,
+                    anchors_for(batch.image),
+                    tuple(batch.image.shape[-2:]),
+                    s.conf_threshold,
+                    s.nms_iou,
+                    s.max_candidates,
+                )
                 for i, ((boxes, scores), truth) in enumerate(zip(found, _gt_boxes(batch))):
                     out["boxes"].append(boxes)
                     out["scores"].append(scores)
                     out["gt"].append(truth.cpu())
                     if len(out["examples"]) < n_examples:
-                        out["examples"].append((batch.keys[i], image_for_display(batch.image[i]), truth.cpu(),
-                                                boxes, scores))
+                        out["examples"].append(
+                            (batch.keys[i], image_for_display(batch.image[i]), truth.cpu(), boxes, scores)
+                        )
                 out["keys"].extend(batch.keys)
                 out["meta"].extend(batch.meta)
         return out
 
-    def val_map() -> float:      # MGCA selects the head and stops early on this
+    def val_map() -> float:  # MGCA selects the head and stops early on this
         v = predict_split(valid)
         return map_torchmetrics(v["boxes"], v["scores"], v["gt"], s.iou_thresholds, skip="mgca")["map"]
 
     train = make_loader(cfg, d.train_split, device, weights, train=True, boxes=True)
     valid = make_loader(cfg, d.valid_split, device, weights, train=False, boxes=True)
     test = make_loader(cfg, d.test_split, device, weights, train=False, boxes=True)
-    fitted = fit(model.head, loss_on_batch, train, valid, adamw(model.head.parameters(), cfg.train),
-                 cfg.train.epochs, cfg.train.patience, set_train_mode, device, cfg.train.precision, log,
-                 val_score=val_map, score_name="map_mgca")
+    fitted = fit(
+        model.head,
+        loss_on_batch,
+        train,
+        valid,
+        adamw(model.head.parameters(), cfg.train),
+        cfg.train.epochs,
+        cfg.train.patience,
+        set_train_mode,
+        device,
+        cfg.train.precision,
+        log,
+        val_score=val_map,
+        score_name="map_mgca",
+    )
     model.eval()
     found = predict_split(test, 4 * s.plot_images)
     pred_boxes, pred_scores, gt, examples = found["boxes"], found["scores"], found["gt"], found["examples"]
@@ -324,25 +377,42 @@ def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.
         raise ValueError("the test split yielded no samples")
     mgca = map_torchmetrics(pred_boxes, pred_scores, gt, s.iou_thresholds, skip="mgca")
     every = map_torchmetrics(pred_boxes, pred_scores, gt, s.iou_thresholds, skip="none")
-    metrics = {"map_mgca": mgca["map"], "map_mgca_per_threshold": mgca["per_threshold"],
-               "map_all_images": every["map"], "map_all_images_per_threshold": every["per_threshold"],
-               "n_test": len(gt), "n_test_with_boxes": sum(int(g.shape[0] > 0) for g in gt),
-               "n_scored_mgca": mgca["n_images_scored"],
-               "n_predicted_boxes": sum(int(b.shape[0]) for b in pred_boxes),
-               "conf_threshold": s.conf_threshold, "nms_iou": s.nms_iou,
-               "best_epoch": fitted.best_epoch + 1, "epochs_run": fitted.epochs_run,
-               "best_val_map_mgca": fitted.best_val_score, "best_val_loss": fitted.best_val_loss,
-               "train_seconds": fitted.seconds}
-    predictions = {**sample_ids(found["keys"], found["meta"]),
-                   "pred_boxes": torch.cat(pred_boxes).reshape(-1, 4).numpy(),
-                   "pred_scores": torch.cat(pred_scores).numpy(), "pred_image": _image_index(pred_scores),
-                   "gt_boxes": torch.cat(gt).reshape(-1, 4).numpy(), "gt_image": _image_index(gt),
-                   "iou_thresholds": np.asarray(s.iou_thresholds, dtype=np.float64)}
+    metrics = {
+        "map_mgca": mgca["map"],
+        "map_mgca_per_threshold": mgca["per_threshold"],
+        "map_all_images": every["map"],
+        "map_all_images_per_threshold": every["per_threshold"],
+        "n_test": len(gt),
+        "n_test_with_boxes": sum(int(g.shape[0] > 0) for g in gt),
+        "n_scored_mgca": mgca["n_images_scored"],
+        "n_predicted_boxes": sum(int(b.shape[0]) for b in pred_boxes),
+        "conf_threshold": s.conf_threshold,
+        "nms_iou": s.nms_iou,
+        "best_epoch": fitted.best_epoch + 1,
+        "epochs_run": fitted.epochs_run,
+        "best_val_map_mgca": fitted.best_val_score,
+        "best_val_loss": fitted.best_val_loss,
+        "train_seconds": fitted.seconds,
+    }
+    predictions = {
+        **sample_ids(found["keys"], found["meta"]),
+        "pred_boxes": torch.cat(pred_boxes).reshape(-1, 4).numpy(),
+        "pred_scores": torch.cat(pred_scores).numpy(),
+        "pred_image": _image_index(pred_scores),
+        "gt_boxes": torch.cat(gt).reshape(-1, 4).numpy(),
+        "gt_image": _image_index(gt),
+        "iou_thresholds": np.asarray(s.iou_thresholds, dtype=np.float64),
+    }
     plots = []
     if cfg.plots:
-        examples.sort(key=lambda e: e[2].shape[0] == 0)      # images with ground truth first
-        plots.append(plot_boxes(examples[:s.plot_images], out_dir / "boxes.png",
-                                f"{cfg.task}: ground truth (green) vs predicted (red, objectness >= {s.conf_threshold})"))
+        examples.sort(key=lambda e: e[2].shape[0] == 0)  # images with ground truth first
+        plots.append(
+            plot_boxes(
+                examples[: s.plot_images],
+                out_dir / "boxes.png",
+                f"{cfg.task}: ground truth (green) vs predicted (red, objectness >= {s.conf_threshold})",
+            )
+        )
         plots.append(plot_history(fitted.history, out_dir / "loss.png", f"{cfg.task}: YOLOv3 head loss"))
     return {"metrics": metrics, "headline": "map_mgca", "plots": plots, "predictions": predictions}
 
@@ -353,7 +423,7 @@ def plot_boxes(examples: list[tuple], path: Path, title: str) -> str:
     fig, axes = panel_row(len(examples))
     for ax, (key, img, truth, boxes, scores) in zip(axes, examples):
         ax.imshow(img, cmap="gray")
-        for (x1, y1, x2, y2) in truth.tolist():
+        for x1, y1, x2, y2 in truth.tolist():
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="lime", lw=1.2))
         for (x1, y1, x2, y2), sc in zip(boxes.tolist(), scores.tolist()):
             ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="red", lw=0.8))

@@ -6,6 +6,7 @@ Whole encoder + head updated with AdamW lr 1e-4, batch 64, up to 50 epochs, BCE;
 validation loss and the weights of the best epoch tested (KAD's exact stopping rule is not in the
 reference; this is the same rule as the linear tasks). Metric: mean AUROC over the 14 labels + per label.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ class EncoderClassifier(nn.Module):
         super().__init__()
         self.encoder, self.head = encoder, nn.Linear(dim, outputs)
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:     # [B,C,H,W] -> logits [B, outputs]
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # [B,C,H,W] -> logits [B, outputs]
         return self.head(pooled_features(self.encoder, image))
 
 
@@ -45,18 +46,40 @@ def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.d
     def loss_on_batch(batch):
         return spec.loss(model(batch.image), spec.targets(batch.meta, device))
 
-    fitted = fit(model, loss_on_batch, train, valid, adamw(model.parameters(), cfg.train), cfg.train.epochs,
-                 cfg.train.patience, model.train, device, cfg.train.precision, log)
+    fitted = fit(
+        model,
+        loss_on_batch,
+        train,
+        valid,
+        adamw(model.parameters(), cfg.train),
+        cfg.train.epochs,
+        cfg.train.patience,
+        model.train,
+        device,
+        cfg.train.precision,
+        log,
+    )
     model.eval()
     scores, target, ids = predict(model, test, spec, device, cfg.train.precision)
     metrics = spec.metrics(scores, target)
-    metrics.update({"n_test": int(len(target)), "best_epoch": fitted.best_epoch + 1,
-                    "epochs_run": fitted.epochs_run, "best_val_loss": fitted.best_val_loss,
-                    "train_seconds": fitted.seconds})
+    metrics.update(
+        {
+            "n_test": int(len(target)),
+            "best_epoch": fitted.best_epoch + 1,
+            "epochs_run": fitted.epochs_run,
+            "best_val_loss": fitted.best_val_loss,
+            "train_seconds": fitted.seconds,
+        }
+    )
     plots = []
     if cfg.plots:
-        plots.append(plot_roc(scores, target, spec, out_dir / "roc.png",
-                              f"{cfg.task} ({cfg.fraction} of train): test ROC"))
+        plots.append(
+            plot_roc(scores, target, spec, out_dir / "roc.png", f"{cfg.task} ({cfg.fraction} of train): test ROC")
+        )
         plots.append(plot_history(fitted.history, out_dir / "loss.png", f"{cfg.task}: fine-tuning loss"))
-    return {"metrics": metrics, "headline": spec.headline, "plots": plots,
-            "predictions": spec.predictions(ids, scores, target)}
+    return {
+        "metrics": metrics,
+        "headline": spec.headline,
+        "plots": plots,
+        "predictions": spec.predictions(ids, scores, target),
+    }

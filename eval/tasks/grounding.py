@@ -21,6 +21,7 @@ Scored on the images whose ground-truth mask is non-empty (eval.metrics.groundin
 Images go through the pretraining run's own evaluation view (data.eval_transform: checkpoint);
 the pipeline resamples the masks with them (nearest).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,8 +32,17 @@ import torch.nn.functional as F
 
 from eval.checkpoint import Pretrained
 from eval.metrics import MEDKLIP_GROUNDING, grounding_per_image
-from eval.tasks.base import (TaskConfig, autocast, epochs_of, image_for_display, make_loader, panel_row,
-                             sample_ids, save_figure, short_key)
+from eval.tasks.base import (
+    TaskConfig,
+    autocast,
+    epochs_of,
+    image_for_display,
+    make_loader,
+    panel_row,
+    sample_ids,
+    save_figure,
+    short_key,
+)
 from eval.tasks.segmentation import binary_mask
 from eval.zeroshot import prompt_embeddings
 from model.text import load_tokenizer
@@ -40,9 +50,9 @@ from model.text import load_tokenizer
 
 @dataclass
 class GroundingSection:
-    finding: str = ""                   # the json label the prompts describe (for the record)
-    prompts: list[str] = field(default_factory=list)   # positive templates, embeddings averaged
-    threshold: float = 0.5              # on the per-image min-max scaled heatmap (see module docstring)
+    finding: str = ""  # the json label the prompts describe (for the record)
+    prompts: list[str] = field(default_factory=list)  # positive templates, embeddings averaged
+    threshold: float = 0.5  # on the per-image min-max scaled heatmap (see module docstring)
     normalize: bool = True
     heatmap_images: int = 6
 
@@ -52,7 +62,9 @@ class GroundingConfig(TaskConfig):
     grounding: GroundingSection = field(default_factory=GroundingSection)
 
 
-def similarity_maps(dense: torch.Tensor, text: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def similarity_maps(
+    dense: torch.Tensor, text: torch.Tensor, size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """dense [B,D,h,w], text [D] -> (cosine on the feature grid [B,h,w], bilinearly upsampled to
     `size` [B,H,W])."""
     sim = torch.einsum("bdhw,d->bhw", F.normalize(dense.float(), dim=1), F.normalize(text.float(), dim=0))
@@ -65,17 +77,18 @@ def run(cfg: GroundingConfig, weights: Pretrained, out_dir: Path, device: torch.
         raise ValueError("grounding.prompts: no prompt templates configured")
     model = weights.build_g2d(cfg.model.text_model).to(device).eval()
     tokenizer = load_tokenizer(model.cfg.text_model)
-    text = prompt_embeddings(model, tokenizer, list(g.prompts), device).to(device)     # [128]
+    text = prompt_embeddings(model, tokenizer, list(g.prompts), device).to(device)  # [128]
     loader = make_loader(cfg, d.test_split, device, weights, train=False, masks=True)
-    per_image: dict[str, list[torch.Tensor]] = {k: [] for k in ("pointing", "pointing_cell", "iou", "dice",
-                                                                "medklip_iou", "medklip_dice", "positive")}
+    per_image: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("pointing", "pointing_cell", "iou", "dice", "medklip_iou", "medklip_dice", "positive")
+    }
     examples, keys, meta = [], [], []
     with torch.no_grad():
         for batch in epochs_of(loader, 0):
             with autocast(device, cfg.train.precision):
                 _global, dense, _attn = model.encode_image(batch.image)
             grid, heat = similarity_maps(dense, text, tuple(batch.image.shape[-2:]))
-            grid, heat = grid.cpu(), heat.cpu()                                       # [B,h,w], [B,H,W]
+            grid, heat = grid.cpu(), heat.cpu()  # [B,h,w], [B,H,W]
             mask = binary_mask(batch)[:, 0].cpu() > 0.5
             ours = grounding_per_image(heat, mask, grid, threshold=g.threshold, normalize=g.normalize)
             medklip = grounding_per_image(heat, mask, grid, **MEDKLIP_GROUNDING)
@@ -97,17 +110,31 @@ def run(cfg: GroundingConfig, weights: Pretrained, out_dir: Path, device: torch.
 
     def mean(k: str) -> float:
         return float(arrays[k][positive].mean()) if n else nan
-    metrics = {"pointing": mean("pointing"), "pointing_cell": mean("pointing_cell"), "iou": mean("iou"),
-               "dice": mean("dice"),
-               "medklip_iou": mean("medklip_iou"), "medklip_dice": mean("medklip_dice"),
-               "threshold": g.threshold, "normalize": g.normalize,
-               "medklip_threshold": MEDKLIP_GROUNDING["threshold"], "n_test": len(keys), "n_positive": n,
-               "pointing_rule": "peak cell centre"}
+
+    metrics = {
+        "pointing": mean("pointing"),
+        "pointing_cell": mean("pointing_cell"),
+        "iou": mean("iou"),
+        "dice": mean("dice"),
+        "medklip_iou": mean("medklip_iou"),
+        "medklip_dice": mean("medklip_dice"),
+        "threshold": g.threshold,
+        "normalize": g.normalize,
+        "medklip_threshold": MEDKLIP_GROUNDING["threshold"],
+        "n_test": len(keys),
+        "n_positive": n,
+        "pointing_rule": "peak cell centre",
+    }
     predictions = {**sample_ids(keys, meta), **arrays}
     plots = []
     if cfg.plots:
-        plots.append(plot_heatmaps(examples, out_dir / "heatmaps.png",
-                                   f"{cfg.task}: prompt-image cosine (ground truth in white, + = peak cell centre)"))
+        plots.append(
+            plot_heatmaps(
+                examples,
+                out_dir / "heatmaps.png",
+                f"{cfg.task}: prompt-image cosine (ground truth in white, + = peak cell centre)",
+            )
+        )
     return {"metrics": metrics, "headline": "pointing", "plots": plots, "predictions": predictions}
 
 
@@ -118,7 +145,7 @@ def plot_heatmaps(examples: list[tuple], path: Path, title: str) -> str:
         ax.imshow(heat, cmap="jet", alpha=0.45)
         ax.contour(mask.float(), levels=[0.5], colors="white", linewidths=1)
         peak, (h, w), (big_h, big_w) = int(grid.argmax()), grid.shape, heat.shape
-        ax.plot((peak % w + 0.5) * big_w / w, (peak // w + 0.5) * big_h / h, "w+", ms=8)   # scored point
+        ax.plot((peak % w + 0.5) * big_w / w, (peak // w + 0.5) * big_h / h, "w+", ms=8)  # scored point
         ax.set_title(short_key(key), fontsize=7)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.9))

@@ -14,6 +14,7 @@ flip to the training batches after the pipeline's random crop (eval/augment.py).
   best validation metric is reported (DINOv2's linear-probe recipe). Much cheaper: one encoder pass
   instead of one per epoch, and a whole learning-rate sweep for the price of one run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,16 +30,28 @@ from torch import nn
 from eval.augment import moco_v2_colour
 from eval.checkpoint import Pretrained
 from eval.metrics import macro_auroc, multiclass_accuracy, roc_curve
-from eval.tasks.base import (TaskConfig, adamw, autocast, epochs_of, fit, freeze, make_loader, manifest_of,
-                             plot_history, plt_agg, sample_ids, save_figure)
+from eval.tasks.base import (
+    TaskConfig,
+    adamw,
+    autocast,
+    epochs_of,
+    fit,
+    freeze,
+    make_loader,
+    manifest_of,
+    plot_history,
+    plt_agg,
+    sample_ids,
+    save_figure,
+)
 
 
 @dataclass
 class LinearSection:
-    mode: str = "faithful"              # faithful | fast (cached features + grid of heads)
-    augment: str = "none"               # training-batch augmentation after the pipeline: none | moco_v2 (faithful mode)
-    lrs: tuple[float, ...] = (1e-4, 5e-4, 1e-3, 5e-3)           # fast mode grid
-    weight_decays: tuple[float, ...] = (0.0, 1e-6, 1e-4)        # fast mode grid
+    mode: str = "faithful"  # faithful | fast (cached features + grid of heads)
+    augment: str = "none"  # training-batch augmentation after the pipeline: none | moco_v2 (faithful mode)
+    lrs: tuple[float, ...] = (1e-4, 5e-4, 1e-3, 5e-3)  # fast mode grid
+    weight_decays: tuple[float, ...] = (0.0, 1e-6, 1e-4)  # fast mode grid
 
 
 @dataclass
@@ -52,8 +65,8 @@ class LinearConfig(TaskConfig):
 
 @dataclass
 class LabelSpec:
-    kind: str                 # binary | multilabel | multiclass
-    names: list[str]          # label names (multiclass: class names by index)
+    kind: str  # binary | multilabel | multiclass
+    names: list[str]  # label names (multiclass: class names by index)
 
     @property
     def outputs(self) -> int:
@@ -63,8 +76,9 @@ class LabelSpec:
     def from_manifest(cls, manifest: dict) -> LabelSpec:
         kind = manifest.get("label_type")
         if kind not in ("binary", "multilabel", "multiclass"):
-            raise ValueError(f"manifest of {manifest.get('dataset')!r}: label_type {kind!r} is not "
-                             "binary, multilabel or multiclass")
+            raise ValueError(
+                f"manifest of {manifest.get('dataset')!r}: label_type {kind!r} is not binary, multilabel or multiclass"
+            )
         names = manifest.get("classes") if kind == "multiclass" else manifest.get("label_names")
         if not names:
             raise ValueError(f"manifest of {manifest.get('dataset')!r} names no labels/classes")
@@ -100,15 +114,23 @@ class LabelSpec:
         if self.kind == "multiclass":
             onehot = np.eye(self.outputs, dtype=np.int64)[target]
             auc, per = macro_auroc(onehot, scores)
-            return {"accuracy": multiclass_accuracy(target, scores), "auroc_ovr": auc,
-                    "auroc_ovr_per_class": dict(zip(self.names, per))}
+            return {
+                "accuracy": multiclass_accuracy(target, scores),
+                "auroc_ovr": auc,
+                "auroc_ovr_per_class": dict(zip(self.names, per)),
+            }
         auc, per = macro_auroc(target.astype(np.int64), scores)
         return {"auroc": auc, "auroc_per_class": dict(zip(self.names, per))}
 
     def predictions(self, ids: dict[str, np.ndarray], scores: np.ndarray, target: np.ndarray) -> dict:
         """predictions.npz of a classification task: ids + label kind, names, targets, scores [n, C]."""
-        return {**ids, "kind": np.asarray(self.kind), "names": np.asarray(self.names, dtype=str),
-                "targets": target, "scores": scores}
+        return {
+            **ids,
+            "kind": np.asarray(self.kind),
+            "names": np.asarray(self.names, dtype=str),
+            "targets": target,
+            "scores": scores,
+        }
 
     @property
     def headline(self) -> str:
@@ -179,12 +201,23 @@ def run(cfg: LinearConfig, weights: Pretrained, out_dir: Path, device: torch.dev
     metrics["n_test"] = int(len(target))
     plots = []
     if cfg.plots:
-        plots.append(plot_roc(scores, target, spec, out_dir / "roc.png",
-                              f"{cfg.task} ({d.dataset}, {cfg.fraction} of train): test ROC"))
+        plots.append(
+            plot_roc(
+                scores,
+                target,
+                spec,
+                out_dir / "roc.png",
+                f"{cfg.task} ({d.dataset}, {cfg.fraction} of train): test ROC",
+            )
+        )
         if history:
             plots.append(plot_history(history, out_dir / "loss.png", f"{cfg.task}: linear head loss"))
-    return {"metrics": metrics, "headline": spec.headline, "plots": plots,
-            "predictions": spec.predictions(ids, scores, target)}
+    return {
+        "metrics": metrics,
+        "headline": spec.headline,
+        "plots": plots,
+        "predictions": spec.predictions(ids, scores, target),
+    }
 
 
 def _faithful(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pretrained, device, log) -> dict:
@@ -197,20 +230,38 @@ def _faithful(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: P
 
     def loss_on_batch(batch):
         image = batch.image
-        if head.training and cfg.linear.augment == "moco_v2":                # training batches only
+        if head.training and cfg.linear.augment == "moco_v2":  # training batches only
             image = moco_v2_colour(image, train.spec.mean, train.spec.std, generator)
         with torch.no_grad():
             feats = pooled_features(encoder, image)
         return spec.loss(head(feats), spec.targets(batch.meta, device))
 
-    fitted = fit(head, loss_on_batch, train, valid, adamw(head.parameters(), cfg.train), cfg.train.epochs,
-                 cfg.train.patience, head.train, device, cfg.train.precision, log)
+    fitted = fit(
+        head,
+        loss_on_batch,
+        train,
+        valid,
+        adamw(head.parameters(), cfg.train),
+        cfg.train.epochs,
+        cfg.train.patience,
+        head.train,
+        device,
+        cfg.train.precision,
+        log,
+    )
     head.eval()
     scores, target, ids = predict(lambda x: head(pooled_features(encoder, x)), test, spec, device, cfg.train.precision)
-    return {"test_scores": scores, "test_target": target, "test_ids": ids, "history": fitted.history,
-            "mode": "faithful",
-            "best_epoch": fitted.best_epoch + 1, "epochs_run": fitted.epochs_run,
-            "best_val_loss": fitted.best_val_loss, "train_seconds": fitted.seconds}
+    return {
+        "test_scores": scores,
+        "test_target": target,
+        "test_ids": ids,
+        "history": fitted.history,
+        "mode": "faithful",
+        "best_epoch": fitted.best_epoch + 1,
+        "epochs_run": fitted.epochs_run,
+        "best_val_loss": fitted.best_val_loss,
+        "train_seconds": fitted.seconds,
+    }
 
 
 @torch.no_grad()
@@ -230,28 +281,34 @@ def _fast(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pretr
     d, t = cfg.data, cfg.train
     # Training images (the fraction's subset) go through the evaluation transform: the cache holds
     # one view per image, so there is no augmentation in fast mode.
-    loaders = (make_loader(cfg, d.train_split, device, weights, train=True, transform=d.eval_transform,
-                           batch_size=d.eval_batch_size),
-               make_loader(cfg, d.valid_split, device, weights, train=False),
-               make_loader(cfg, d.test_split, device, weights, train=False))
-    (x_tr, y_tr, _), (x_va, y_va, _), (x_te, y_te, test_ids) = (_cache(encoder, ld, spec, device, t.precision)
-                                                                for ld in loaders)
+    loaders = (
+        make_loader(
+            cfg, d.train_split, device, weights, train=True, transform=d.eval_transform, batch_size=d.eval_batch_size
+        ),
+        make_loader(cfg, d.valid_split, device, weights, train=False),
+        make_loader(cfg, d.test_split, device, weights, train=False),
+    )
+    (x_tr, y_tr, _), (x_va, y_va, _), (x_te, y_te, test_ids) = (
+        _cache(encoder, ld, spec, device, t.precision) for ld in loaders
+    )
     grid = [(lr, wd) for lr in cfg.linear.lrs for wd in cfg.linear.weight_decays]
     if not grid:
         raise ValueError("linear.lrs and linear.weight_decays must be non-empty in fast mode")
     heads = nn.ModuleList(nn.Linear(x_tr.shape[1], spec.outputs) for _ in grid).to(device)
-    opt = torch.optim.AdamW([{"params": h.parameters(), "lr": lr, "weight_decay": wd}
-                             for h, (lr, wd) in zip(heads, grid)], betas=tuple(t.betas))
+    opt = torch.optim.AdamW(
+        [{"params": h.parameters(), "lr": lr, "weight_decay": wd} for h, (lr, wd) in zip(heads, grid)],
+        betas=tuple(t.betas),
+    )
     best_loss = [math.inf] * len(grid)
     best_state = [copy.deepcopy(h.state_dict()) for h in heads]
     bad = [0] * len(grid)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     epochs_run = 0
-    for epoch in range(t.epochs):
+    for _ in range(t.epochs):
         heads.train()
         order = torch.randperm(x_tr.shape[0], generator=gen).to(device)
         for start in range(0, x_tr.shape[0], d.batch_size):
-            idx = order[start:start + d.batch_size]
+            idx = order[start : start + d.batch_size]
             x, y = x_tr[idx], y_tr[idx]
             # Heads share no parameters, so the summed loss gives each head its own gradient.
             loss = sum(spec.loss(h(x), y) for h in heads)
@@ -290,7 +347,15 @@ def _fast(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pretr
     heads.eval()
     with torch.no_grad():
         scores = spec.scores(heads[best](x_te)).cpu().numpy()
-    return {"test_scores": scores, "test_target": y_te.cpu().numpy(), "test_ids": test_ids, "history": [],
-            "mode": "fast",
-            "grid": rows, "best_lr": grid[best][0], "best_weight_decay": grid[best][1],
-            "epochs_run": epochs_run, "n_train": int(x_tr.shape[0])}
+    return {
+        "test_scores": scores,
+        "test_target": y_te.cpu().numpy(),
+        "test_ids": test_ids,
+        "history": [],
+        "mode": "fast",
+        "grid": rows,
+        "best_lr": grid[best][0],
+        "best_weight_decay": grid[best][1],
+        "epochs_run": epochs_run,
+        "n_train": int(x_tr.shape[0]),
+    }

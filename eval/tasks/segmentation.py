@@ -19,6 +19,7 @@ Our loss details (the reference gives only the formula): focal = mean over pixel
 (1 - p_t)^gamma * BCE; soft Dice over the whole batch flattened, with +1 smoothing in numerator and
 denominator (so an all-empty batch has Dice 1 when nothing is predicted).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -31,22 +32,35 @@ from torch import nn
 from eval.augment import shift_scale_rotate
 from eval.checkpoint import Pretrained
 from eval.metrics import dice_score, iou_score
-from eval.tasks.base import (TaskConfig, adamw, autocast, epochs_of, fit, freeze, image_for_display,
-                             make_loader, plot_history, panel_row, sample_ids, save_figure, short_key)
+from eval.tasks.base import (
+    TaskConfig,
+    adamw,
+    autocast,
+    epochs_of,
+    fit,
+    freeze,
+    image_for_display,
+    make_loader,
+    panel_row,
+    plot_history,
+    sample_ids,
+    save_figure,
+    short_key,
+)
 
 VARIANTS = ("encoder", "encoder_decoder")
 
 
 @dataclass
 class SegmentationSection:
-    variant: str = "encoder"            # encoder | encoder_decoder
-    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)   # new decoder (encoder variant): smp's default, as MGCA
+    variant: str = "encoder"  # encoder | encoder_decoder
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)  # new decoder (encoder variant): smp's default, as MGCA
     focal_weight: float = 10.0
     focal_gamma: float = 2.0
-    threshold: float = 0.5              # probability > threshold is foreground
+    threshold: float = 0.5  # probability > threshold is foreground
     augment: str = "shift_scale_rotate"  # training augmentation: shift_scale_rotate (MGCA) | none
     augment_p: float = 0.5
-    overlay_images: int = 6             # test images drawn in overlays.png (positives first)
+    overlay_images: int = 6  # test images drawn in overlays.png (positives first)
 
 
 @dataclass
@@ -56,7 +70,7 @@ class SegmentationConfig(TaskConfig):
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    p_t = torch.exp(-bce)                       # probability given to the true class
+    p_t = torch.exp(-bce)  # probability given to the true class
     return ((1 - p_t) ** gamma * bce).mean()
 
 
@@ -82,8 +96,9 @@ def run(cfg: SegmentationConfig, weights: Pretrained, out_dir: Path, device: tor
     s, d = cfg.segmentation, cfg.data
     if s.variant not in VARIANTS:
         raise ValueError(f"segmentation.variant={s.variant!r}; choose one of {VARIANTS}")
-    unet = weights.build_unet(pretrained_decoder=s.variant == "encoder_decoder",
-                              decoder_channels=tuple(s.decoder_channels)).to(device)
+    unet = weights.build_unet(
+        pretrained_decoder=s.variant == "encoder_decoder", decoder_channels=tuple(s.decoder_channels)
+    ).to(device)
     freeze(unet.encoder)
     trainable = nn.ModuleList([unet.decoder, unet.segmentation_head])
 
@@ -94,28 +109,51 @@ def run(cfg: SegmentationConfig, weights: Pretrained, out_dir: Path, device: tor
     if s.augment not in ("shift_scale_rotate", "none"):
         raise ValueError(f"segmentation.augment={s.augment!r}; choose shift_scale_rotate or none")
     train = make_loader(cfg, d.train_split, device, weights, train=True, masks=True)
-    black = -torch.tensor(train.spec.mean) / torch.tensor(train.spec.std)       # [C] normalised value of 0
+    black = -torch.tensor(train.spec.mean) / torch.tensor(train.spec.std)  # [C] normalised value of 0
     generator = torch.Generator().manual_seed(cfg.seed)
 
     def loss_on_batch(batch):
         image, mask = batch.image, binary_mask(batch)
-        if trainable.training and s.augment == "shift_scale_rotate":          # training batches only
+        if trainable.training and s.augment == "shift_scale_rotate":  # training batches only
             image, mask = shift_scale_rotate(image, mask, black, generator, p=s.augment_p)
         return segmentation_loss(unet(image), mask, s.focal_weight, s.focal_gamma)
 
     valid = make_loader(cfg, d.valid_split, device, weights, train=False, masks=True)
     test = make_loader(cfg, d.test_split, device, weights, train=False, masks=True)
-    fitted = fit(trainable, loss_on_batch, train, valid, adamw(trainable.parameters(), cfg.train),
-                 cfg.train.epochs, cfg.train.patience, set_train_mode, device, cfg.train.precision, log)
+    fitted = fit(
+        trainable,
+        loss_on_batch,
+        train,
+        valid,
+        adamw(trainable.parameters(), cfg.train),
+        cfg.train.epochs,
+        cfg.train.patience,
+        set_train_mode,
+        device,
+        cfg.train.precision,
+        log,
+    )
     unet.eval()
     metrics, examples, predictions = _test(unet, test, s, device, cfg.train.precision)
-    metrics.update({"variant": s.variant, "augment": s.augment, "best_epoch": fitted.best_epoch + 1,
-                    "epochs_run": fitted.epochs_run,
-                    "best_val_loss": fitted.best_val_loss, "train_seconds": fitted.seconds})
+    metrics.update(
+        {
+            "variant": s.variant,
+            "augment": s.augment,
+            "best_epoch": fitted.best_epoch + 1,
+            "epochs_run": fitted.epochs_run,
+            "best_val_loss": fitted.best_val_loss,
+            "train_seconds": fitted.seconds,
+        }
+    )
     plots = []
     if cfg.plots:
-        plots.append(plot_overlays(examples, out_dir / "overlays.png",
-                                   f"{cfg.task} ({s.variant}): ground truth (green) vs prediction (red)"))
+        plots.append(
+            plot_overlays(
+                examples,
+                out_dir / "overlays.png",
+                f"{cfg.task} ({s.variant}): ground truth (green) vs prediction (red)",
+            )
+        )
         plots.append(plot_history(fitted.history, out_dir / "loss.png", f"{cfg.task} ({s.variant}): loss"))
     return {"metrics": metrics, "headline": "dice", "plots": plots, "predictions": predictions}
 
@@ -129,8 +167,8 @@ def _test(unet: nn.Module, loader, s: SegmentationSection, device, precision: st
     for batch in epochs_of(loader, 0):
         with autocast(device, precision):
             logits = unet(batch.image)
-        prob = logits.float().sigmoid()[:, 0]                # [B,H,W]
-        target = binary_mask(batch)[:, 0] > 0.5              # [B,H,W] bool
+        prob = logits.float().sigmoid()[:, 0]  # [B,H,W]
+        target = binary_mask(batch)[:, 0] > 0.5  # [B,H,W] bool
         pred = prob > s.threshold
         dice_all.append(dice_score(pred, target).cpu())
         dice_raw.append(dice_score(pred, target, empty_rule=False).cpu())
@@ -142,23 +180,38 @@ def _test(unet: nn.Module, loader, s: SegmentationSection, device, precision: st
         keys.extend(batch.keys)
         meta.extend(batch.meta)
         for i in range(prob.shape[0]):
-            examples.append((bool(pos[i]), batch.keys[i], image_for_display(batch.image[i]),
-                             target[i].cpu(), pred[i].cpu()))
+            examples.append(
+                (bool(pos[i]), batch.keys[i], image_for_display(batch.image[i]), target[i].cpu(), pred[i].cpu())
+            )
         # Keep the first positives (then negatives) only: the overlay shows a handful.
         examples.sort(key=lambda e: not e[0])
-        del examples[s.overlay_images:]
+        del examples[s.overlay_images :]
     if not dice_all:
         raise ValueError("the test split yielded no samples")
     dice_all, dice_raw, iou_all, positive = map(torch.cat, (dice_all, dice_raw, iou_all, positive))
     n_pos = int(positive.sum())
-    predictions = {**sample_ids(keys, meta), "dice": dice_all.numpy(), "dice_raw": dice_raw.numpy(),
-                   "iou": iou_all.numpy(), "positive": positive.numpy(),
-                   "gt_area": torch.cat(gt_area).numpy(), "pred_area": torch.cat(pred_area).numpy()}
-    return {"dice": float(dice_all.mean()),
+    predictions = {
+        **sample_ids(keys, meta),
+        "dice": dice_all.numpy(),
+        "dice_raw": dice_raw.numpy(),
+        "iou": iou_all.numpy(),
+        "positive": positive.numpy(),
+        "gt_area": torch.cat(gt_area).numpy(),
+        "pred_area": torch.cat(pred_area).numpy(),
+    }
+    return (
+        {
+            "dice": float(dice_all.mean()),
             "dice_positive": float(dice_all[positive].mean()) if n_pos else float("nan"),
             "dice_negative_images": float(dice_all[~positive].mean()) if n_pos < positive.numel() else float("nan"),
             "iou": float(iou_all.mean()),
-            "threshold": s.threshold, "n_test": int(positive.numel()), "n_test_positive": n_pos}, examples, predictions
+            "threshold": s.threshold,
+            "n_test": int(positive.numel()),
+            "n_test_positive": n_pos,
+        },
+        examples,
+        predictions,
+    )
 
 
 def plot_overlays(examples: list[tuple], path: Path, title: str) -> str:

@@ -12,6 +12,7 @@ Images go through the pretraining run's own evaluation view (data.eval_transform
 view its embeddings were validated on; the paper's "resize 256, centre crop 224, [0, 1]" is
 `data.eval_transform=g2d_paper_eval`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from model.text import load_tokenizer
 class ZeroShotSection:
     # class (a json label name) -> {positive: [templates], negative: [templates]}
     prompts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
-    temperature: float = 0.07           # softmax temperature over the pair (AUROC/F1/accuracy do not depend on it)
+    temperature: float = 0.07  # softmax temperature over the pair (AUROC/F1/accuracy do not depend on it)
 
 
 @dataclass
@@ -55,8 +56,10 @@ def label_matrix(meta: list[dict], names: list[str]) -> np.ndarray:
         labels = m.get("labels", {})
         missing = [n for n in names if n not in labels]
         if missing:
-            raise ValueError(f"sample {m.get('key')!r} ({m.get('dataset')}): json labels lack {missing}; "
-                             f"prompt classes must be label names of the dataset")
+            raise ValueError(
+                f"sample {m.get('key')!r} ({m.get('dataset')}): json labels lack {missing}; "
+                f"prompt classes must be label names of the dataset"
+            )
         rows.append([1 if labels[n] == 1.0 else 0 for n in names])
     return np.asarray(rows, dtype=np.int64).reshape(len(meta), len(names))
 
@@ -70,18 +73,40 @@ def run(cfg: ZeroShotConfig, weights: Pretrained, out_dir: Path, device: torch.d
     emb = embed_loader(model, loader)
     names = list(z.prompts)
     probs = zeroshot_probabilities(model, tokenizer, emb.image, z.prompts, device, z.temperature)
-    scores = torch.stack([probs[n] for n in names], dim=1).numpy()        # [N, C]
+    scores = torch.stack([probs[n] for n in names], dim=1).numpy()  # [N, C]
     labels = label_matrix(emb.meta, names)
     m = zero_shot_metrics(labels, scores)
-    metrics = {"auc": m["auc"], "f1": m["f1"], "acc": m["acc"],
-               "per_class": {n: {"auc": m["auc_per_class"][i], "f1": m["f1_per_class"][i],
-                                 "acc": m["acc_per_class"][i], "threshold": m["threshold_per_class"][i],
-                                 "n_positive": int(labels[:, i].sum())} for i, n in enumerate(names)},
-               "n_test": int(labels.shape[0])}
+    metrics = {
+        "auc": m["auc"],
+        "f1": m["f1"],
+        "acc": m["acc"],
+        "per_class": {
+            n: {
+                "auc": m["auc_per_class"][i],
+                "f1": m["f1_per_class"][i],
+                "acc": m["acc_per_class"][i],
+                "threshold": m["threshold_per_class"][i],
+                "n_positive": int(labels[:, i].sum()),
+            }
+            for i, n in enumerate(names)
+        },
+        "n_test": int(labels.shape[0]),
+    }
     plots = []
     if cfg.plots:
-        plots.append(plot_roc(scores, labels, LabelSpec("multilabel", names), out_dir / "roc.png",
-                              f"{cfg.task}: zero-shot ROC (test split)"))
-    predictions = {**sample_ids(emb.keys, emb.meta), "names": np.asarray(names, dtype=str),
-                   "targets": labels, "scores": scores}
+        plots.append(
+            plot_roc(
+                scores,
+                labels,
+                LabelSpec("multilabel", names),
+                out_dir / "roc.png",
+                f"{cfg.task}: zero-shot ROC (test split)",
+            )
+        )
+    predictions = {
+        **sample_ids(emb.keys, emb.meta),
+        "names": np.asarray(names, dtype=str),
+        "targets": labels,
+        "scores": scores,
+    }
     return {"metrics": metrics, "headline": "auc", "plots": plots, "predictions": predictions}

@@ -6,13 +6,14 @@
 Registry names are also the directory names of the synthetic fixtures (tools/synth_downstream.py)
 and of the packed output.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from shards.downstream import chestxray14, chexpert, covidx, object_cxr, rsna, siim
 from common.cli import UserError
+from shards.downstream import chestxray14, chexpert, covidx, object_cxr, rsna, siim
 from shards.downstream.common import DatasetIndex, convert_index
 from shards.image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE, ImageLimits
 from shards.writer import check_pack_params
@@ -29,16 +30,31 @@ DATASETS = tuple(CONVERTERS)
 DEFAULT_SAMPLES_PER_SHARD = 1000
 
 
-def convert(name: str, src: str | Path, out: str | Path, max_side: int = 512, quality: int = 95,
-            workers: int = 1, seed: int = 0, samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-            progress: bool = True, min_side: int = DEFAULT_MIN_SIDE,
-            max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
+def convert(
+    name: str,
+    src: str | Path,
+    out: str | Path,
+    max_side: int = 512,
+    quality: int = 95,
+    workers: int = 1,
+    seed: int = 0,
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
+    progress: bool = True,
+    min_side: int = DEFAULT_MIN_SIDE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> dict:
     """Convert dataset `name` from its native root `src` into `<out>/<name>/`; returns the manifest.
     Images must resolve inside `src` (symlinks out of it are recorded rejections)."""
     if name not in CONVERTERS:
         raise UserError(f"unknown downstream dataset {name!r}; known: {list(CONVERTERS)}")
-    check_pack_params(samples_per_shard=samples_per_shard, quality=quality, max_side=max_side,
-                      workers=workers, min_side=min_side, max_pixels=max_pixels)
+    check_pack_params(
+        samples_per_shard=samples_per_shard,
+        quality=quality,
+        max_side=max_side,
+        workers=workers,
+        min_side=min_side,
+        max_pixels=max_pixels,
+    )
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"{name}: source directory {src} not found")
@@ -47,5 +63,15 @@ def convert(name: str, src: str | Path, out: str | Path, max_side: int = 512, qu
         # covidx's train/ and test/ image folders would share names with the shard folders.
         raise UserError(f"{name}: output {Path(out) / name} is inside the source {src}; choose another --out")
     index = CONVERTERS[name](src, seed)
-    return convert_index(index, out, max_side, quality, workers, seed, samples_per_shard, progress,
-                         src_root=src, limits=ImageLimits(min_side, max_pixels))
+    return convert_index(
+        index,
+        out,
+        max_side,
+        quality,
+        workers,
+        seed,
+        samples_per_shard,
+        progress,
+        src_root=src,
+        limits=ImageLimits(min_side, max_pixels),
+    )

@@ -13,17 +13,39 @@ Patient ID into train/valid in 77,872 / 8,652 proportions. Data_Entry rows in ne
 filtered["not_in_split_lists"]; a listed image without a Data_Entry row, or with an unknown finding
 name, is a recorded rejection.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from shards.downstream.common import (DatasetIndex, Item, file_map, official_test_splits,
-                                      read_csv_rows, read_lines, reject, safe_key)
+from shards.downstream.common import (
+    DatasetIndex,
+    Item,
+    file_map,
+    official_test_splits,
+    read_csv_rows,
+    read_lines,
+    reject,
+    safe_key,
+)
 
 NAME = "chestxray14"
-LABELS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
-          "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening",
-          "Hernia")
+LABELS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Effusion",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pneumonia",
+    "Pneumothorax",
+    "Consolidation",
+    "Edema",
+    "Emphysema",
+    "Fibrosis",
+    "Pleural_Thickening",
+    "Hernia",
+)
 NO_FINDING = "No Finding"
 ENTRY_CSV = "Data_Entry_2017.csv"
 LISTS = {"train_val": "train_val_list.txt", "test": "test_list.txt"}
@@ -86,18 +108,42 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
                 continue
             path = images.get(name)
             if path is None:
-                rejected.append(reject(key, f"**/{name}", f"{name}: no such PNG under {src} (looked in every "
-                                                          f"folder, symlinked folders inside it too)"))
+                rejected.append(
+                    reject(
+                        key,
+                        f"**/{name}",
+                        f"{name}: no such PNG under {src} (looked in every folder, symlinked folders inside it too)",
+                    )
+                )
                 continue
-            items[which].append(Item(
-                key=key, source=str(path), rel=str(path.relative_to(src)), reader="image", order=order,
-                patient_id=row["Patient ID"].strip(), labels=labels, positive=any(labels.values()),
-                extra={"view": row.get("View Position", "").strip(),
-                       "follow_up": row.get("Follow-up #", "").strip()}))
+            items[which].append(
+                Item(
+                    key=key,
+                    source=str(path),
+                    rel=str(path.relative_to(src)),
+                    reader="image",
+                    order=order,
+                    patient_id=row["Patient ID"].strip(),
+                    labels=labels,
+                    positive=any(labels.values()),
+                    extra={
+                        "view": row.get("View Position", "").strip(),
+                        "follow_up": row.get("Follow-up #", "").strip(),
+                    },
+                )
+            )
     return DatasetIndex(
-        dataset=NAME, splits=official_test_splits(items["train_val"], items["test"], SPLIT_WEIGHTS, seed, NAME),
-        label_names=list(LABELS), label_type="multilabel", tasks=["classification"],
-        subset_style={"classification": "frac"}, has_masks=False, has_boxes=False,
+        dataset=NAME,
+        splits=official_test_splits(items["train_val"], items["test"], SPLIT_WEIGHTS, seed, NAME),
+        label_names=list(LABELS),
+        label_type="multilabel",
+        tasks=["classification"],
+        subset_style={"classification": "frac"},
+        has_masks=False,
+        has_boxes=False,
         split_policy="official test_list = test; train_val_list by Patient ID into 77872/8652 proportions",
-        input_rows=len(rows), input_images=len(rows) + unmatched_lines, rejected=rejected,
-        filtered=filtered)
+        input_rows=len(rows),
+        input_images=len(rows) + unmatched_lines,
+        rejected=rejected,
+        filtered=filtered,
+    )

@@ -11,17 +11,16 @@ Cardiomegaly, Consolidation). Labels {name: 0/1} for the 5 labels in `LABELS` or
 Splits: official valid.csv = test; train.csv split by patient into train/valid in 186,027 / 5,000
 proportions (5,000 validation images on the full data, proportional on small data).
 """
+
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from shards.downstream.common import (DatasetIndex, Item, SourceError, official_test_splits,
-                                      read_csv_rows, reject)
+from shards.downstream.common import DatasetIndex, Item, SourceError, official_test_splits, read_csv_rows, reject
 
 NAME = "chexpert"
 LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
-UNCERTAIN_TO = {"Atelectasis": 1.0, "Cardiomegaly": 0.0, "Consolidation": 0.0, "Edema": 1.0,
-                "Pleural Effusion": 1.0}
+UNCERTAIN_TO = {"Atelectasis": 1.0, "Cardiomegaly": 0.0, "Consolidation": 0.0, "Edema": 1.0, "Pleural Effusion": 1.0}
 COLUMNS = ("Path", "Frontal/Lateral", *LABELS)
 SPLIT_WEIGHTS = {"train": 186027, "valid": 5000}
 DIR_NAME = "CheXpert-v1.0-small"
@@ -52,7 +51,7 @@ def parse_label(text: str, name: str) -> float:
     text = text.strip()
     if text == "":
         return 0.0
-    value = float(text)                      # ValueError names the bad cell to the caller
+    value = float(text)  # ValueError names the bad cell to the caller
     if value == -1.0:
         return UNCERTAIN_TO[name]
     if value not in (0.0, 1.0):
@@ -91,10 +90,19 @@ def _items(root: Path, csv_name: str, order0: int, rejected: list, filtered: dic
             continue
         parts = PurePosixPath(path_text).parts
         patient = next((p for p in parts if p.startswith("patient")), key)
-        items.append(Item(key=key, source=str(path), rel=str(path.relative_to(root.parent)),
-                          reader="image", order=order0 + i, patient_id=patient, labels=labels,
-                          positive=any(labels.values()),
-                          extra={"view": row.get("AP/PA", "").strip()}))
+        items.append(
+            Item(
+                key=key,
+                source=str(path),
+                rel=str(path.relative_to(root.parent)),
+                reader="image",
+                order=order0 + i,
+                patient_id=patient,
+                labels=labels,
+                positive=any(labels.values()),
+                extra={"view": row.get("AP/PA", "").strip()},
+            )
+        )
     return items, len(rows)
 
 
@@ -105,9 +113,17 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
     train_items, n_train = _items(root, "train.csv", 0, rejected, filtered)
     test_items, n_valid = _items(root, "valid.csv", n_train, rejected, filtered)
     return DatasetIndex(
-        dataset=NAME, splits=official_test_splits(train_items, test_items, SPLIT_WEIGHTS, seed, NAME),
-        label_names=list(LABELS), label_type="multilabel", tasks=["classification"],
-        subset_style={"classification": "frac"}, has_masks=False, has_boxes=False,
+        dataset=NAME,
+        splits=official_test_splits(train_items, test_items, SPLIT_WEIGHTS, seed, NAME),
+        label_names=list(LABELS),
+        label_type="multilabel",
+        tasks=["classification"],
+        subset_style={"classification": "frac"},
+        has_masks=False,
+        has_boxes=False,
         split_policy="official valid.csv = test; train.csv by patient into 186027/5000 proportions",
-        input_rows=n_train + n_valid, input_images=n_train + n_valid, rejected=rejected,
-        filtered=filtered)
+        input_rows=n_train + n_valid,
+        input_images=n_train + n_valid,
+        rejected=rejected,
+        filtered=filtered,
+    )

@@ -36,6 +36,7 @@ Data-efficiency subsets (MGCA protocol, seed 42 whatever the split seed):
     seeded permutation (so a 1% subset of a 30-image fixture is still trainable). On the real datasets
     (hundreds of positives per 1%) this never triggers.
 """
+
 from __future__ import annotations
 
 import csv
@@ -43,9 +44,9 @@ import hashlib
 import json
 import re
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import UnidentifiedImageError
@@ -53,8 +54,16 @@ from PIL import UnidentifiedImageError
 from common.cli import UserError
 from common.io import atomic_write_json
 from shards.dicom import DicomError, read_dicom, rle_decode
-from shards.image import (ImageLimits, ImageRejected, decode_gray, encode_jpeg, encode_png, reduce_array,
-                          transform_boxes, transform_mask)
+from shards.image import (
+    ImageLimits,
+    ImageRejected,
+    decode_gray,
+    encode_jpeg,
+    encode_png,
+    reduce_array,
+    transform_boxes,
+    transform_mask,
+)
 from shards.paths import find_files, outside_root
 from shards.writer import PackedSample, Rejected, clean_reason, output_lock, pack_splits
 
@@ -72,41 +81,43 @@ class SourceError(UserError, ValueError):
 @dataclass
 class Item:
     """One source image. Geometry (boxes, RLE) is in source-image pixels."""
+
     key: str
-    source: str                       # absolute path of the image file
-    rel: str                          # path relative to the dataset root (reported and stored)
-    reader: str                       # "dicom" | "image"
-    order: int                        # position in the label files: subsets draw in this order
+    source: str  # absolute path of the image file
+    rel: str  # path relative to the dataset root (reported and stored)
+    reader: str  # "dicom" | "image"
+    order: int  # position in the label files: subsets draw in this order
     patient_id: str
     labels: dict[str, float]
-    boxes: list[list[float]] = field(default_factory=list)   # [[x1, y1, x2, y2], ...]
-    mask: str = "none"                # "none" | "boxes" (rasterise the boxes) | "rle"
-    rle: list[str] = field(default_factory=list)             # SIIM: runs to union
-    positive: bool = False            # for subsets' "at least one positive" and SIIM balancing
-    extra: dict = field(default_factory=dict)                # extra json fields (class_index, ...)
+    boxes: list[list[float]] = field(default_factory=list)  # [[x1, y1, x2, y2], ...]
+    mask: str = "none"  # "none" | "boxes" (rasterise the boxes) | "rle"
+    rle: list[str] = field(default_factory=list)  # SIIM: runs to union
+    positive: bool = False  # for subsets' "at least one positive" and SIIM balancing
+    extra: dict = field(default_factory=dict)  # extra json fields (class_index, ...)
 
 
 @dataclass
 class DatasetIndex:
     dataset: str
-    splits: dict[str, list[Item]]     # split -> items, in packing order
+    splits: dict[str, list[Item]]  # split -> items, in packing order
     label_names: list[str]
-    label_type: str                   # "binary" | "multilabel" | "multiclass"
-    tasks: list[str]                  # first task gives manifest["subsets"]
-    subset_style: dict[str, str]      # task -> "frac" | "choice"
+    label_type: str  # "binary" | "multilabel" | "multiclass"
+    tasks: list[str]  # first task gives manifest["subsets"]
+    subset_style: dict[str, str]  # task -> "frac" | "choice"
     has_masks: bool
     has_boxes: bool
     split_policy: str
-    input_rows: int                   # label-file rows read
-    input_images: int                 # distinct images those rows describe
+    input_rows: int  # label-file rows read
+    input_images: int  # distinct images those rows describe
     rejected: list[dict] = field(default_factory=list)
     filtered: dict[str, int] = field(default_factory=dict)
-    balanced: bool = False            # SIIM: train subsets come from positives + equal negatives
-    classes: list[str] = field(default_factory=list)         # multiclass class names by index
+    balanced: bool = False  # SIIM: train subsets come from positives + equal negatives
+    classes: list[str] = field(default_factory=list)  # multiclass class names by index
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading label files
+
 
 def read_csv_rows(path: Path, required: Sequence[str], strip: bool = False) -> list[dict[str, str]]:
     """Rows of a csv as dicts. A missing file or column is a `SourceError` naming it.
@@ -149,7 +160,7 @@ def safe_key(raw: str) -> str:
     replaced by '_'; when anything was replaced a short hash of `raw` keeps keys distinct."""
     stem = re.sub(r"\.(dcm|png|jpe?g|tiff?)$", "", raw, flags=re.IGNORECASE)
     key = re.sub(r"[^A-Za-z0-9_-]", "_", stem)
-    if key != stem and not re.fullmatch(r"[0-9.]+", stem):   # DICOM UIDs: '.'->'_' is injective
+    if key != stem and not re.fullmatch(r"[0-9.]+", stem):  # DICOM UIDs: '.'->'_' is injective
         key += "-" + hashlib.sha1(raw.encode("utf-8")).hexdigest()[:8]
     return key
 
@@ -171,6 +182,7 @@ def reject(key: str, source: str, reason: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Splits
 
+
 def split_counts(n: int, weights: dict[str, float]) -> dict[str, int]:
     """Largest-remainder allocation of n items to splits in proportion to `weights`; every split
     gets at least one item when n allows (tiny fixtures still have a validation set)."""
@@ -189,8 +201,7 @@ def split_counts(n: int, weights: dict[str, float]) -> dict[str, int]:
     return counts
 
 
-def split_by_patient(items: Sequence[Item], weights: dict[str, float], seed: int,
-                     salt: str) -> dict[str, list[Item]]:
+def split_by_patient(items: Sequence[Item], weights: dict[str, float], seed: int, salt: str) -> dict[str, list[Item]]:
     """Assign whole patients to splits so each split's image count is close to its share.
 
     Patients are shuffled with `seed` (and `salt`, the dataset name, so datasets do not share an
@@ -205,7 +216,7 @@ def split_by_patient(items: Sequence[Item], weights: dict[str, float], seed: int
     patients = [patients[i] for i in rng.permutation(len(patients))]
     targets = split_counts(len(items), weights)
     names = list(weights)
-    fill_order = names[1:] + names[:1]          # held-out splits first; the first split takes the rest
+    fill_order = names[1:] + names[:1]  # held-out splits first; the first split takes the rest
     out: dict[str, list[Item]] = {s: [] for s in names}
     s = 0
     for pid in patients:
@@ -225,8 +236,10 @@ def shuffled(items: Sequence[Item], seed: int, salt: str) -> list[Item]:
 # ---------------------------------------------------------------------------------------------
 # Subsets
 
-def official_test_splits(train_items: Sequence[Item], test_items: Sequence[Item], weights: dict[str, float],
-                         seed: int, name: str) -> dict[str, list[Item]]:
+
+def official_test_splits(
+    train_items: Sequence[Item], test_items: Sequence[Item], weights: dict[str, float], seed: int, name: str
+) -> dict[str, list[Item]]:
     """The datasets whose official held-out list is our test split: the training list is split by
     patient into `weights` (train/valid), the official list becomes `test`, each split shuffled."""
     splits = split_by_patient(train_items, weights, seed, name)
@@ -234,8 +247,7 @@ def official_test_splits(train_items: Sequence[Item], test_items: Sequence[Item]
     return {s: shuffled(v, seed, name + s) for s, v in splits.items()}
 
 
-def subset_indices(n: int, fraction: float, style: str, positive: Sequence[bool],
-                   seed: int = SUBSET_SEED) -> list[int]:
+def subset_indices(n: int, fraction: float, style: str, positive: Sequence[bool], seed: int = SUBSET_SEED) -> list[int]:
     """Indices (into a list in file order) of one data-efficiency subset; see module docstring."""
     if fraction >= 1.0:
         return list(range(n))
@@ -243,7 +255,7 @@ def subset_indices(n: int, fraction: float, style: str, positive: Sequence[bool]
         return []
     size = round(fraction * n) if style == "frac" else int(fraction * n)
     size = max(1, size)
-    perm = np.random.RandomState(seed).permutation(n).tolist()   # == choice(n, size, replace=False)
+    perm = np.random.RandomState(seed).permutation(n).tolist()  # == choice(n, size, replace=False)
     chosen = perm[:size]
     if not any(positive[i] for i in chosen):
         spare = next((i for i in perm[size:] if positive[i]), None)
@@ -263,6 +275,7 @@ def balanced_keys(keys: Sequence[str], positive: Sequence[bool], seed: int = SUB
 
 # ---------------------------------------------------------------------------------------------
 # Building one sample (runs in worker processes)
+
 
 def read_image_file(path: Path, limits: ImageLimits | None = None) -> tuple[np.ndarray, dict]:
     """A PNG/JPEG file as [H, W] uint8 (shards.image.decode_gray: RGB(A) -> luminance, 16-bit ->
@@ -289,18 +302,19 @@ def rasterise_boxes(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     for x1, y1, x2, y2 in boxes.tolist():
         c0, c1 = int(np.ceil(x1 - 0.5)), int(np.ceil(x2 - 0.5))
         r0, r1 = int(np.ceil(y1 - 0.5)), int(np.ceil(y2 - 0.5))
-        mask[max(r0, 0):max(r1, 0), max(c0, 0):max(c1, 0)] = True
+        mask[max(r0, 0) : max(r1, 0), max(c0, 0) : max(c1, 0)] = True
     return mask
 
 
 @dataclass
 class SampleBuilder:
     """Picklable `build_sample` for pack_splits: read, check, reduce, encode one `Item`."""
+
     dataset: str
     max_side: int
     quality: int
     with_mask: bool
-    src_root: str = ""                # images must resolve inside it ("" = not checked)
+    src_root: str = ""  # images must resolve inside it ("" = not checked)
     limits: ImageLimits = field(default_factory=ImageLimits)
 
     def __call__(self, item: Item) -> PackedSample | Rejected:
@@ -316,8 +330,14 @@ class SampleBuilder:
             if item.reader == "dicom":
                 dcm = read_dicom(item.source, self.limits)
                 gray = dcm.gray
-                info = {"dicom": {"photometric": dcm.photometric, "bits_stored": dcm.bits_stored,
-                                  "transfer_syntax": dcm.transfer_syntax, "window": dcm.window}}
+                info = {
+                    "dicom": {
+                        "photometric": dcm.photometric,
+                        "bits_stored": dcm.bits_stored,
+                        "transfer_syntax": dcm.transfer_syntax,
+                        "window": dcm.window,
+                    }
+                }
             else:
                 gray, info = read_image_file(Path(item.source), self.limits)
         except DicomError as exc:
@@ -350,23 +370,37 @@ class SampleBuilder:
         except ImageRejected as exc:
             return Rejected(item.key, item.rel, f"{item.source}: {exc}")
         stored_boxes = transform_boxes(boxes, red) if len(boxes) else np.zeros((0, 4))
-        if len(stored_boxes) and not ((stored_boxes[:, 2] > stored_boxes[:, 0])
-                                      & (stored_boxes[:, 3] > stored_boxes[:, 1])).all():
-            return Rejected(item.key, item.rel, "a box lies entirely in the zero border that the "
-                                                "crop to non-zero pixels removes")
-        meta = {"dataset": self.dataset, "key": item.key, "source": item.rel,
-                "patient_id": item.patient_id, "labels": item.labels,
-                "boxes": [[round(v, 2) for v in box] for box in stored_boxes.tolist()],
-                **red.geometry(), **item.extra, **info}
-        members = {"jpg": encode_jpeg(red.image, self.quality), "txt": b"",
-                   "json": json.dumps(meta).encode("utf-8")}   # label order = label_names
+        if (
+            len(stored_boxes)
+            and not ((stored_boxes[:, 2] > stored_boxes[:, 0]) & (stored_boxes[:, 3] > stored_boxes[:, 1])).all()
+        ):
+            return Rejected(
+                item.key, item.rel, "a box lies entirely in the zero border that the crop to non-zero pixels removes"
+            )
+        meta = {
+            "dataset": self.dataset,
+            "key": item.key,
+            "source": item.rel,
+            "patient_id": item.patient_id,
+            "labels": item.labels,
+            "boxes": [[round(v, 2) for v in box] for box in stored_boxes.tolist()],
+            **red.geometry(),
+            **item.extra,
+            **info,
+        }
+        members = {
+            "jpg": encode_jpeg(red.image, self.quality),
+            "txt": b"",
+            "json": json.dumps(meta).encode("utf-8"),
+        }  # label order = label_names
         if mask is not None:
-            members["png"] = encode_png(transform_mask(mask, red))   # [h, w] 0/255
+            members["png"] = encode_png(transform_mask(mask, red))  # [h, w] 0/255
         return PackedSample(item.key, members)
 
 
 # ---------------------------------------------------------------------------------------------
 # Packing + manifest
+
 
 def _index_fingerprint(index: DatasetIndex) -> str:
     """Hash of everything that decides the output, so a rerun on changed sources rebuilds."""
@@ -388,8 +422,7 @@ def _packed_keys(manifest: dict, split: str) -> list[str]:
 def _patient_overlap(index: DatasetIndex) -> dict[str, int]:
     patients = {s: {it.patient_id for it in items} for s, items in index.splits.items()}
     names = list(patients)
-    return {f"{a}|{b}": len(patients[a] & patients[b])
-            for i, a in enumerate(names) for b in names[i + 1:]}
+    return {f"{a}|{b}": len(patients[a] & patients[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
 
 
 def drop_duplicate_keys(index: DatasetIndex) -> None:
@@ -400,8 +433,9 @@ def drop_duplicate_keys(index: DatasetIndex) -> None:
         kept = []
         for it in sorted(items, key=lambda it: it.order):
             if it.key in seen:
-                index.rejected.append(reject(it.key, it.rel, f"duplicate entry for {it.rel} "
-                                                               f"(row {it.order}, {split} split)"))
+                index.rejected.append(
+                    reject(it.key, it.rel, f"duplicate entry for {it.rel} (row {it.order}, {split} split)")
+                )
             else:
                 seen.add(it.key)
                 kept.append(it.order)
@@ -409,30 +443,56 @@ def drop_duplicate_keys(index: DatasetIndex) -> None:
         index.splits[split] = [it for it in items if it.order in keep]
 
 
-def convert_index(index: DatasetIndex, out: str | Path, max_side: int, quality: int, workers: int,
-                  seed: int, samples_per_shard: int, progress: bool = True, src_root: str | Path | None = None,
-                  limits: ImageLimits = ImageLimits()) -> dict:
+def convert_index(
+    index: DatasetIndex,
+    out: str | Path,
+    max_side: int,
+    quality: int,
+    workers: int,
+    seed: int,
+    samples_per_shard: int,
+    progress: bool = True,
+    src_root: str | Path | None = None,
+    limits: ImageLimits = ImageLimits(),
+) -> dict:
     """Pack `index` into `<out>/<dataset>/` and return the final manifest. With `src_root`, an
     image resolving outside it (a symlink out of the dataset) is a recorded rejection. Holds the
     output directory's packer lock throughout."""
     root = Path(out) / index.dataset
     with output_lock(root):
-        return _convert_index_locked(index, root, max_side, quality, workers, seed, samples_per_shard,
-                                     progress, src_root, limits)
+        return _convert_index_locked(
+            index, root, max_side, quality, workers, seed, samples_per_shard, progress, src_root, limits
+        )
 
 
-def _convert_index_locked(index: DatasetIndex, root: Path, max_side: int, quality: int, workers: int,
-                          seed: int, samples_per_shard: int, progress: bool, src_root: str | Path | None,
-                          limits: ImageLimits) -> dict:
+def _convert_index_locked(
+    index: DatasetIndex,
+    root: Path,
+    max_side: int,
+    quality: int,
+    workers: int,
+    seed: int,
+    samples_per_shard: int,
+    progress: bool,
+    src_root: str | Path | None,
+    limits: ImageLimits,
+) -> dict:
     drop_duplicate_keys(index)
     index.rejected = [{**rej, "reason": clean_reason(rej["reason"])} for rej in index.rejected]
-    config = {"dataset": index.dataset, "max_side": max_side, "quality": quality, "seed": seed,
-              "samples_per_shard": samples_per_shard, "min_side": limits.min_side,
-              "max_pixels": limits.max_pixels, "index_sha256": _index_fingerprint(index)}
-    builder = SampleBuilder(index.dataset, max_side, quality, index.has_masks,
-                            "" if src_root is None else str(src_root), limits)
-    manifest = pack_splits(root, index.splits, builder, samples_per_shard, workers, config,
-                           progress=progress)
+    config = {
+        "dataset": index.dataset,
+        "max_side": max_side,
+        "quality": quality,
+        "seed": seed,
+        "samples_per_shard": samples_per_shard,
+        "min_side": limits.min_side,
+        "max_pixels": limits.max_pixels,
+        "index_sha256": _index_fingerprint(index),
+    }
+    builder = SampleBuilder(
+        index.dataset, max_side, quality, index.has_masks, "" if src_root is None else str(src_root), limits
+    )
+    manifest = pack_splits(root, index.splits, builder, samples_per_shard, workers, config, progress=progress)
 
     by_key = {it.key: it for items in index.splits.values() for it in items}
     train_keys = sorted(_packed_keys(manifest, "train"), key=lambda k: by_key[k].order)
@@ -446,24 +506,47 @@ def _convert_index_locked(index: DatasetIndex, root: Path, max_side: int, qualit
     task_subsets = {}
     for task in index.tasks:
         style = index.subset_style[task]
-        task_subsets[task] = {"train": {
-            frac: [pool_keys[i] for i in subset_indices(len(pool_keys), float(frac), style, pool_pos)]
-            for frac in FRACTIONS}}
+        task_subsets[task] = {
+            "train": {
+                frac: [pool_keys[i] for i in subset_indices(len(pool_keys), float(frac), style, pool_pos)]
+                for frac in FRACTIONS
+            }
+        }
     positives = {s: sum(by_key[k].positive for k in _packed_keys(manifest, s)) for s in index.splits}
 
     rejected = index.rejected + manifest["rejected"]
     packed = manifest["num_samples"]
-    summary = {"input_rows": index.input_rows, "input_images": index.input_images, "packed": packed,
-               "rejected": len(rejected), "filtered": sum(index.filtered.values())}
+    summary = {
+        "input_rows": index.input_rows,
+        "input_images": index.input_images,
+        "packed": packed,
+        "rejected": len(rejected),
+        "filtered": sum(index.filtered.values()),
+    }
     if packed + summary["rejected"] + summary["filtered"] != index.input_images:
         raise RuntimeError(f"{index.dataset}: accounting error, {summary}")
-    manifest.update({
-        "dataset": index.dataset, "label_names": index.label_names, "label_type": index.label_type,
-        "classes": index.classes, "tasks": index.tasks, "has_masks": index.has_masks,
-        "has_boxes": index.has_boxes, "subsets": task_subsets[index.tasks[0]],
-        "task_subsets": task_subsets, "positives": positives, "split_policy": index.split_policy,
-        "split_seed": seed, "subset_seed": SUBSET_SEED, "patient_overlap": _patient_overlap(index),
-        "summary": summary, "rejected": rejected, "filtered": dict(index.filtered), **extra})
+    manifest.update(
+        {
+            "dataset": index.dataset,
+            "label_names": index.label_names,
+            "label_type": index.label_type,
+            "classes": index.classes,
+            "tasks": index.tasks,
+            "has_masks": index.has_masks,
+            "has_boxes": index.has_boxes,
+            "subsets": task_subsets[index.tasks[0]],
+            "task_subsets": task_subsets,
+            "positives": positives,
+            "split_policy": index.split_policy,
+            "split_seed": seed,
+            "subset_seed": SUBSET_SEED,
+            "patient_overlap": _patient_overlap(index),
+            "summary": summary,
+            "rejected": rejected,
+            "filtered": dict(index.filtered),
+            **extra,
+        }
+    )
     # Keep the writer's bookkeeping last, as pack_splits does.
     manifest["_shard_records"] = manifest.pop("_shard_records")
     atomic_write_json(root / "manifest.json", manifest)
@@ -473,10 +556,12 @@ def _convert_index_locked(index: DatasetIndex, root: Path, max_side: int, qualit
 def format_summary(manifest: dict) -> str:
     s = manifest["summary"]
     splits = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
-    lines = [f"{manifest['dataset']}: {s['input_rows']} label rows -> {s['input_images']} images = "
-             f"packed {s['packed']} + rejected {s['rejected']} + filtered {s['filtered']}",
-             f"  splits: {splits}; positives: {manifest['positives']}",
-             "  subsets: " + ", ".join(f"{f}: {len(k)}" for f, k in manifest["subsets"]["train"].items())]
+    lines = [
+        f"{manifest['dataset']}: {s['input_rows']} label rows -> {s['input_images']} images = "
+        f"packed {s['packed']} + rejected {s['rejected']} + filtered {s['filtered']}",
+        f"  splits: {splits}; positives: {manifest['positives']}",
+        "  subsets: " + ", ".join(f"{f}: {len(k)}" for f, k in manifest["subsets"]["train"].items()),
+    ]
     for rule, n in manifest["filtered"].items():
         lines.append(f"  filtered {rule}: {n}")
     for rec in manifest["rejected"][:8]:

@@ -8,12 +8,12 @@ Classes normal / pneumonia / COVID-19 -> class_index 0 / 1 / 2; json labels are 
 Splits: the test list is the test set; the train list is split 80/20 into train/valid by patient.
 A line without exactly 4 fields or with an unknown class is a recorded rejection (line number given).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from shards.downstream.common import (DatasetIndex, Item, SourceError, official_test_splits,
-                                      read_lines, reject, safe_key)
+from shards.downstream.common import DatasetIndex, Item, SourceError, official_test_splits, read_lines, reject, safe_key
 
 NAME = "covidx"
 CLASSES = ("normal", "pneumonia", "COVID-19")
@@ -32,9 +32,13 @@ def _items(src: Path, which: str, order0: int, rejected: list) -> tuple[list[Ite
         fields = line.split()
         where = f"{list_name} line {i + 1}"
         if len(fields) != 4:
-            rejected.append(reject(f"{which}_line{i + 1}", list_name,
-                                   f"{where}: expected 4 fields (patient_id filename class source), "
-                                   f"got {len(fields)}"))
+            rejected.append(
+                reject(
+                    f"{which}_line{i + 1}",
+                    list_name,
+                    f"{where}: expected 4 fields (patient_id filename class source), got {len(fields)}",
+                )
+            )
             continue
         patient, filename, cls, source = fields
         key = safe_key(f"{which}_{filename}")
@@ -45,10 +49,19 @@ def _items(src: Path, which: str, order0: int, rejected: list) -> tuple[list[Ite
             rejected.append(reject(key, list_name, f"{where}: filename {filename!r} is not a plain file name"))
             continue
         index = CLASSES.index(cls)
-        items.append(Item(key=key, source=str(image_dir / filename), rel=f"{which}/{filename}",
-                          reader="image", order=order0 + i, patient_id=patient,
-                          labels={c: float(c == cls) for c in CLASSES}, positive=index != 0,
-                          extra={"class_index": index, "source_dataset": source}))
+        items.append(
+            Item(
+                key=key,
+                source=str(image_dir / filename),
+                rel=f"{which}/{filename}",
+                reader="image",
+                order=order0 + i,
+                patient_id=patient,
+                labels={c: float(c == cls) for c in CLASSES},
+                positive=index != 0,
+                extra={"class_index": index, "source_dataset": source},
+            )
+        )
     return items, len(lines)
 
 
@@ -58,8 +71,17 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
     train_items, n_train = _items(src, "train", 0, rejected)
     test_items, n_test = _items(src, "test", n_train, rejected)
     return DatasetIndex(
-        dataset=NAME, splits=official_test_splits(train_items, test_items, SPLIT_WEIGHTS, seed, NAME),
-        label_names=list(CLASSES), label_type="multiclass", classes=list(CLASSES),
-        tasks=["classification"], subset_style={"classification": "frac"}, has_masks=False,
-        has_boxes=False, split_policy="test list = test; train list by patient 80/20 into train/valid",
-        input_rows=n_train + n_test, input_images=n_train + n_test, rejected=rejected)
+        dataset=NAME,
+        splits=official_test_splits(train_items, test_items, SPLIT_WEIGHTS, seed, NAME),
+        label_names=list(CLASSES),
+        label_type="multiclass",
+        classes=list(CLASSES),
+        tasks=["classification"],
+        subset_style={"classification": "frac"},
+        has_masks=False,
+        has_boxes=False,
+        split_policy="test list = test; train list by patient 80/20 into train/valid",
+        input_rows=n_train + n_test,
+        input_images=n_train + n_test,
+        rejected=rejected,
+    )

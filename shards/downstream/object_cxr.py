@@ -11,12 +11,20 @@ Labels {"Foreign object": 1.0 if any object}; json "box_shapes" names each box's
 Splits: dev.csv = test; train.csv split 80/20 into train/valid (6,400 / 1,600 on the full data).
 There are no patient ids: every image is its own group.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from shards.downstream.common import (DatasetIndex, Item, SourceError, official_test_splits,
-                                      read_csv_rows, reject, safe_key)
+from shards.downstream.common import (
+    DatasetIndex,
+    Item,
+    SourceError,
+    official_test_splits,
+    read_csv_rows,
+    reject,
+    safe_key,
+)
 
 NAME = "object_cxr"
 LABEL = "Foreign object"
@@ -41,8 +49,10 @@ def parse_annotation(text: str) -> tuple[list[list[float]], list[str]]:
             raise ValueError(f"object {j}: non-numeric coordinate in {obj!r}") from None
         need = 6 if kind == "2" else 4
         if len(coords) % 2 or len(coords) < need or (kind != "2" and len(coords) != 4):
-            raise ValueError(f"object {j}: {SHAPES[kind]} needs {'>= 3 points' if kind == '2' else '4 values'}, "
-                             f"got {len(coords)} values")
+            raise ValueError(
+                f"object {j}: {SHAPES[kind]} needs {'>= 3 points' if kind == '2' else '4 values'}, "
+                f"got {len(coords)} values"
+            )
         xs, ys = coords[0::2], coords[1::2]
         boxes.append([min(xs), min(ys), max(xs), max(ys)])
         shapes.append(SHAPES[kind])
@@ -67,9 +77,20 @@ def _items(src: Path, which: str, order0: int, rejected: list) -> tuple[list[Ite
         except ValueError as exc:
             rejected.append(reject(key, csv_name, f"row {i + 2} ({name}): annotation: {exc}"))
             continue
-        items.append(Item(key=key, source=str(image_dir / name), rel=f"{which}/{name}", reader="image",
-                          order=order0 + i, patient_id=key, labels={LABEL: float(bool(boxes))},
-                          boxes=boxes, positive=bool(boxes), extra={"box_shapes": shapes}))
+        items.append(
+            Item(
+                key=key,
+                source=str(image_dir / name),
+                rel=f"{which}/{name}",
+                reader="image",
+                order=order0 + i,
+                patient_id=key,
+                labels={LABEL: float(bool(boxes))},
+                boxes=boxes,
+                positive=bool(boxes),
+                extra={"box_shapes": shapes},
+            )
+        )
     return items, len(rows)
 
 
@@ -79,8 +100,16 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
     train_items, n_train = _items(src, "train", 0, rejected)
     test_items, n_dev = _items(src, "dev", n_train, rejected)
     return DatasetIndex(
-        dataset=NAME, splits=official_test_splits(train_items, test_items, SPLIT_WEIGHTS, seed, NAME),
-        label_names=[LABEL], label_type="binary", tasks=["detection"],
-        subset_style={"detection": "choice"}, has_masks=False, has_boxes=True,
+        dataset=NAME,
+        splits=official_test_splits(train_items, test_items, SPLIT_WEIGHTS, seed, NAME),
+        label_names=[LABEL],
+        label_type="binary",
+        tasks=["detection"],
+        subset_style={"detection": "choice"},
+        has_masks=False,
+        has_boxes=True,
         split_policy="dev.csv = test; train.csv seeded 6400/1600 proportions into train/valid (per image)",
-        input_rows=n_train + n_dev, input_images=n_train + n_dev, rejected=rejected)
+        input_rows=n_train + n_dev,
+        input_images=n_train + n_dev,
+        rejected=rejected,
+    )

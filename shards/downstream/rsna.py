@@ -11,12 +11,20 @@ Split: seeded, by patient, in 16,010 / 5,337 / 5,337 proportions (exact on the f
 A patient whose rows disagree (Target 1 without coordinates, coordinates with Target 0, unparsable
 or non-positive sizes) is rejected as a whole.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from shards.downstream.common import (
-    DatasetIndex, Item, SourceError, merge_groups, read_csv_rows, reject, safe_key, shuffled,
+    DatasetIndex,
+    Item,
+    SourceError,
+    merge_groups,
+    read_csv_rows,
+    reject,
+    safe_key,
+    shuffled,
     split_by_patient,
 )
 
@@ -67,7 +75,7 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
             rejected.append(reject(f"row{order}", LABEL_CSV, "empty patientId"))
             continue
         key = safe_key(pid)
-        if key != pid:                           # it names a file: no path characters allowed
+        if key != pid:  # it names a file: no path characters allowed
             rejected.append(reject(key, LABEL_CSV, f"patientId {pid!r} is not a plain id"))
             continue
         rel = f"{IMAGE_DIR}/{pid}.dcm"
@@ -75,15 +83,32 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
         if err:
             rejected.append(reject(key, LABEL_CSV, f"patient {pid}: {err}"))
             continue
-        items.append(Item(key=key, source=str(src / rel), rel=rel, reader="dicom", order=order,
-                          patient_id=pid, labels={LABEL: float(target)}, boxes=boxes, mask="boxes",
-                          positive=bool(target)))
+        items.append(
+            Item(
+                key=key,
+                source=str(src / rel),
+                rel=rel,
+                reader="dicom",
+                order=order,
+                patient_id=pid,
+                labels={LABEL: float(target)},
+                boxes=boxes,
+                mask="boxes",
+                positive=bool(target),
+            )
+        )
     splits = split_by_patient(items, SPLIT_WEIGHTS, seed, NAME)
     return DatasetIndex(
-        dataset=NAME, splits={s: shuffled(v, seed, NAME + s) for s, v in splits.items()},
-        label_names=[LABEL], label_type="binary",
+        dataset=NAME,
+        splits={s: shuffled(v, seed, NAME + s) for s, v in splits.items()},
+        label_names=[LABEL],
+        label_type="binary",
         tasks=["classification", "detection", "segmentation"],
         subset_style={"classification": "frac", "detection": "choice", "segmentation": "choice"},
-        has_masks=True, has_boxes=True,
+        has_masks=True,
+        has_boxes=True,
         split_policy="seeded by patient, 16010/5337/5337 proportions",
-        input_rows=len(rows), input_images=len(groups), rejected=rejected)
+        input_rows=len(rows),
+        input_images=len(groups),
+        rejected=rejected,
+    )

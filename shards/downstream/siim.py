@@ -14,14 +14,23 @@ Split: seeded, by the DICOM header's PatientID (header-only read; the ImageId wh
 Training list for segmentation: manifest["balanced"]["train"] = all positive train images + as many
 seeded random negatives; the data-efficiency subsets are drawn from that list over unique ImageIds.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from shards.dicom import read_patient_id
 from shards.downstream.common import (
-    DatasetIndex, Item, SourceError, file_map, merge_groups, read_csv_rows, reject, safe_key,
-    shuffled, split_by_patient,
+    DatasetIndex,
+    Item,
+    SourceError,
+    file_map,
+    merge_groups,
+    read_csv_rows,
+    reject,
+    safe_key,
+    shuffled,
+    split_by_patient,
 )
 
 NAME = "siim_pneumothorax"
@@ -48,22 +57,45 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
             continue
         path = dicoms.get(f"{image_id}.dcm")
         if path is None:
-            rejected.append(reject(key, f"{IMAGE_DIR}/**/{image_id}.dcm",
-                                   f"DICOM for ImageId {image_id} not found under {image_dir}"))
+            rejected.append(
+                reject(
+                    key, f"{IMAGE_DIR}/**/{image_id}.dcm", f"DICOM for ImageId {image_id} not found under {image_dir}"
+                )
+            )
             continue
         runs = [r["EncodedPixels"] for r in irows if r["EncodedPixels"] != NEGATIVE]
         if any(not r for r in runs):
             rejected.append(reject(key, LABEL_CSV, f"ImageId {image_id}: empty EncodedPixels"))
             continue
         rel = str(path.relative_to(src))
-        items.append(Item(key=key, source=str(path), rel=rel, reader="dicom", order=order,
-                          patient_id=read_patient_id(path) or image_id, labels={LABEL: float(bool(runs))}, mask="rle",
-                          rle=runs, positive=bool(runs)))
+        items.append(
+            Item(
+                key=key,
+                source=str(path),
+                rel=rel,
+                reader="dicom",
+                order=order,
+                patient_id=read_patient_id(path) or image_id,
+                labels={LABEL: float(bool(runs))},
+                mask="rle",
+                rle=runs,
+                positive=bool(runs),
+            )
+        )
     splits = split_by_patient(items, SPLIT_WEIGHTS, seed, NAME)
     return DatasetIndex(
-        dataset=NAME, splits={s: shuffled(v, seed, NAME + s) for s, v in splits.items()},
-        label_names=[LABEL], label_type="binary", tasks=["segmentation"],
-        subset_style={"segmentation": "choice"}, has_masks=True, has_boxes=False,
+        dataset=NAME,
+        splits={s: shuffled(v, seed, NAME + s) for s, v in splits.items()},
+        label_names=[LABEL],
+        label_type="binary",
+        tasks=["segmentation"],
+        subset_style={"segmentation": "choice"},
+        has_masks=True,
+        has_boxes=False,
         split_policy="seeded by DICOM PatientID, 8433/1807/1807 proportions; train subsets from the "
-                     "balanced list (all positives + equal random negatives)",
-        input_rows=len(rows), input_images=len(groups), rejected=rejected, balanced=True)
+        "balanced list (all positives + equal random negatives)",
+        input_rows=len(rows),
+        input_images=len(groups),
+        rejected=rejected,
+        balanced=True,
+    )

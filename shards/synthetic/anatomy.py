@@ -1,6 +1,7 @@
 """The patient: frontal (PA/AP) and lateral anatomy as signed-distance shapes in body coordinates
 (geometry.py), their base image, a random patient per image, and the findings that change anatomy
 (cardiomegaly, a widened mediastinum, emphysema) rather than adding something on top."""
+
 from __future__ import annotations
 
 import math
@@ -15,11 +16,12 @@ from shards.synthetic.geometry import Grid, Textures, piecewise, ramp
 @dataclass
 class Frontal:
     """Frontal (PA/AP) anatomy; every shape is a signed distance-like function of (U, V)."""
-    lung_c0: float = 0.32          # |u| of a lung's centre line at the apex
-    lung_hw: float = 0.26          # lung half-width below the apex
-    lung_grow: float = 0.07        # extra half-width at the base
-    apex_h: float = 0.30           # height of the rounded apex
-    dome_base: tuple[float, float] = (0.97, 1.0)   # (patient right, left) costophrenic level
+
+    lung_c0: float = 0.32  # |u| of a lung's centre line at the apex
+    lung_hw: float = 0.26  # lung half-width below the apex
+    lung_grow: float = 0.07  # extra half-width at the base
+    apex_h: float = 0.30  # height of the rounded apex
+    dome_base: tuple[float, float] = (0.97, 1.0)  # (patient right, left) costophrenic level
     dome_depth: float = 0.14
     heart_u: float = 0.08
     heart_v: float = 0.74
@@ -27,7 +29,7 @@ class Frontal:
     heart_ry: float = 0.20
     heart_angle: float = 0.35
     med_w: float = 0.085
-    med_extra: float = 0.0         # widening (enlarged cardiomediastinum)
+    med_extra: float = 0.0  # widening (enlarged cardiomediastinum)
     lung_dark: float = 0.30
     markings_amp: float = 0.075
     rib_spacing: float = 0.095
@@ -41,8 +43,9 @@ class Frontal:
 
     def lung_ch(self, V):
         t = np.clip(V * (1.0 / self.apex_h), 0.0, 1.0)
-        h = (self.lung_hw * np.sqrt(t * (2.0 - t))
-             + self.lung_grow * np.clip((V - self.apex_h) / (1 - self.apex_h), 0, None))
+        h = self.lung_hw * np.sqrt(t * (2.0 - t)) + self.lung_grow * np.clip(
+            (V - self.apex_h) / (1 - self.apex_h), 0, None
+        )
         return self.lung_c0 + 0.02 * V, h
 
     def dome(self, a, sg: int):
@@ -78,8 +81,9 @@ class Frontal:
 
     def body_d(self, U, V):
         # neck, shoulders, chest wall, abdomen
-        return np.abs(U) - piecewise(V, (-1.2, -0.32, -0.14, 0.02, 0.2, 0.6, 1.2, 2.2),
-                                     (0.2, 0.22, 0.74, 0.98, 0.86, 0.8, 0.78, 0.72))
+        return np.abs(U) - piecewise(
+            V, (-1.2, -0.32, -0.14, 0.02, 0.2, 0.6, 1.2, 2.2), (0.2, 0.22, 0.74, 0.98, 0.86, 0.8, 0.78, 0.72)
+        )
 
     def base(self, g: Grid, tex: Textures, ridge: np.ndarray) -> tuple[np.ndarray, dict]:
         """Base image [h, w] float (0..1 scale, before exposure) and the textures findings reuse."""
@@ -91,7 +95,7 @@ class Frontal:
         med = ramp(self.med_d(U, V), 0.012)
         lungs = np.maximum(ramp(self.lung_d(U, V, -1), 0.012), ramp(self.lung_d(U, V, 1), 0.012))
         lung_eff = lungs * (1.0 - heart) * (1.0 - med)
-        hilum = np.exp(-(np.square(aU - 0.19) + np.square(V - 0.47)) * (1 / (2 * 0.06 ** 2)))
+        hilum = np.exp(-(np.square(aU - 0.19) + np.square(V - 0.47)) * (1 / (2 * 0.06**2)))
         dark = lung_eff * (self.lung_dark * (1.0 - 0.2 * hilum))
         markings = lung_eff * ridge * (self.markings_amp * (0.35 + 0.65 * np.exp(-np.square(aU - 0.15) * 6.0)))
         img += markings - dark + 0.07 * hilum * lung_eff + 0.04 * heart
@@ -116,6 +120,7 @@ class Frontal:
 @dataclass
 class Lateral:
     """Lateral anatomy: one overlapping lung field, anterior heart, posterior spine, sternum."""
+
     lung_hw: float = 0.5
     heart_u: float = -0.17
     heart_v: float = 0.70
@@ -180,14 +185,23 @@ def random_patient(rng: np.random.Generator, view: str, lateral: bool) -> Fronta
     """One patient's anatomy: lung size, dome levels, heart size/position (AP magnifies the heart),
     lung darkness, rib phase, soft-tissue density, gastric bubble."""
     if lateral:
-        return Lateral(heart_rx=0.27 * rng.uniform(0.92, 1.08), lung_dark=0.27 * rng.uniform(0.9, 1.1),
-                       tissue=rng.uniform(0.42, 0.5))
-    return Frontal(lung_hw=0.26 * rng.uniform(0.94, 1.06),
-                   dome_base=(rng.uniform(0.95, 0.99), rng.uniform(0.98, 1.02)), dome_depth=rng.uniform(0.11, 0.17),
-                   heart_rx=0.29 * rng.uniform(0.9, 1.08) * (1.08 if view == "AP" else 1.0),
-                   heart_ry=0.2 * rng.uniform(0.92, 1.08), heart_u=rng.uniform(0.05, 0.1),
-                   lung_dark=0.3 * rng.uniform(0.88, 1.1), rib_offset=rng.uniform(0, 0.095),
-                   tissue=rng.uniform(0.4, 0.48), bubble=bool(rng.random() < 0.7))
+        return Lateral(
+            heart_rx=0.27 * rng.uniform(0.92, 1.08),
+            lung_dark=0.27 * rng.uniform(0.9, 1.1),
+            tissue=rng.uniform(0.42, 0.5),
+        )
+    return Frontal(
+        lung_hw=0.26 * rng.uniform(0.94, 1.06),
+        dome_base=(rng.uniform(0.95, 0.99), rng.uniform(0.98, 1.02)),
+        dome_depth=rng.uniform(0.11, 0.17),
+        heart_rx=0.29 * rng.uniform(0.9, 1.08) * (1.08 if view == "AP" else 1.0),
+        heart_ry=0.2 * rng.uniform(0.92, 1.08),
+        heart_u=rng.uniform(0.05, 0.1),
+        lung_dark=0.3 * rng.uniform(0.88, 1.1),
+        rib_offset=rng.uniform(0, 0.095),
+        tissue=rng.uniform(0.4, 0.48),
+        bubble=bool(rng.random() < 0.7),
+    )
 
 
 def modify_anatomy(spec: FindingSpec, anat: Frontal | Lateral) -> None:

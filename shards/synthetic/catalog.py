@@ -1,6 +1,7 @@
 """What the renderer can draw: finding kinds and where each may sit, dataset label -> kind maps, the
 request/result types (FindingSpec, Region, Rendered), and `resolve_spec`, which fills a request's open
 choices. No drawing here: anatomy.py, findings.py and devices.py draw, render.py composes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,26 +37,64 @@ KIND_LOCATIONS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "foreign_object": (("none",), ("none",)),
 }
 FINDING_KINDS = tuple(KIND_LOCATIONS)
-KIND_ALIASES = {"covid": "covid_opacity", "lung_opacity": "opacity", "pleural_effusion": "effusion",
-                "support_devices": "support_device", "foreign": "foreign_object"}
+KIND_ALIASES = {
+    "covid": "covid_opacity",
+    "lung_opacity": "opacity",
+    "pleural_effusion": "effusion",
+    "support_devices": "support_device",
+    "foreign": "foreign_object",
+}
 DEVICE_SHAPES = ("ett", "ng_tube", "central_line", "pacemaker")
 OBJECT_SHAPES = ("rectangle", "ellipse", "polygon")
 # Object-CXR annotation type codes (T in "T x1 y1 x2 y2 ...") of the foreign_object shapes.
 OBJECT_CXR_CODES = {"rectangle": 0, "ellipse": 1, "polygon": 2}
 # Kinds a lateral view draws; the others are invisible there (no region).
-LATERAL_KINDS = ("opacity", "consolidation", "pneumonia", "infiltration", "atelectasis", "nodule", "mass",
-                 "effusion", "cardiomegaly", "edema", "support_device", "foreign_object")
-CXR14_KINDS = {"Atelectasis": "atelectasis", "Cardiomegaly": "cardiomegaly", "Effusion": "effusion",
-               "Infiltration": "infiltration", "Mass": "mass", "Nodule": "nodule", "Pneumonia": "pneumonia",
-               "Pneumothorax": "pneumothorax", "Consolidation": "consolidation", "Edema": "edema",
-               "Emphysema": "emphysema", "Fibrosis": "fibrosis", "Pleural_Thickening": "pleural_thickening",
-               "Hernia": "hernia"}
+LATERAL_KINDS = (
+    "opacity",
+    "consolidation",
+    "pneumonia",
+    "infiltration",
+    "atelectasis",
+    "nodule",
+    "mass",
+    "effusion",
+    "cardiomegaly",
+    "edema",
+    "support_device",
+    "foreign_object",
+)
+CXR14_KINDS = {
+    "Atelectasis": "atelectasis",
+    "Cardiomegaly": "cardiomegaly",
+    "Effusion": "effusion",
+    "Infiltration": "infiltration",
+    "Mass": "mass",
+    "Nodule": "nodule",
+    "Pneumonia": "pneumonia",
+    "Pneumothorax": "pneumothorax",
+    "Consolidation": "consolidation",
+    "Edema": "edema",
+    "Emphysema": "emphysema",
+    "Fibrosis": "fibrosis",
+    "Pleural_Thickening": "pleural_thickening",
+    "Hernia": "hernia",
+}
 # CheXpert label -> the kind that shows it (No Finding: draw nothing).
-CHEXPERT_KINDS = {"Atelectasis": "atelectasis", "Cardiomegaly": "cardiomegaly", "Consolidation": "consolidation",
-                  "Edema": "edema", "Enlarged Cardiomediastinum": "enlarged_cardiomediastinum",
-                  "Fracture": "fracture", "Lung Lesion": "nodule", "Lung Opacity": "opacity",
-                  "Pleural Effusion": "effusion", "Pleural Other": "pleural_thickening",
-                  "Pneumonia": "pneumonia", "Pneumothorax": "pneumothorax", "Support Devices": "support_device"}
+CHEXPERT_KINDS = {
+    "Atelectasis": "atelectasis",
+    "Cardiomegaly": "cardiomegaly",
+    "Consolidation": "consolidation",
+    "Edema": "edema",
+    "Enlarged Cardiomediastinum": "enlarged_cardiomediastinum",
+    "Fracture": "fracture",
+    "Lung Lesion": "nodule",
+    "Lung Opacity": "opacity",
+    "Pleural Effusion": "effusion",
+    "Pleural Other": "pleural_thickening",
+    "Pneumonia": "pneumonia",
+    "Pneumothorax": "pneumothorax",
+    "Support Devices": "support_device",
+}
 
 
 @dataclass(frozen=True)
@@ -72,15 +111,15 @@ class Region:
     finding: str
     side: str
     zone: str
-    box: list[int]                  # [x1, y1, x2, y2], x2/y2 exclusive
-    mask: np.ndarray                # [H, W] bool
+    box: list[int]  # [x1, y1, x2, y2], x2/y2 exclusive
+    mask: np.ndarray  # [H, W] bool
     shape: str | None = None
     points: list[list[int]] | None = None
 
 
 @dataclass
 class Rendered:
-    image: np.ndarray               # [H, W] uint8
+    image: np.ndarray  # [H, W] uint8
     regions: list[Region]
     view: str
 

@@ -2,6 +2,7 @@
 line, pacemaker with its lead) as tubes along Bezier paths in body coordinates, and radiopaque foreign
 objects (rectangle / ellipse / polygon) in image pixels with integer corners, so an Object-CXR
 annotation describes the mask exactly."""
+
 from __future__ import annotations
 
 import math
@@ -43,9 +44,9 @@ def _frontal_device_path(rng, shape: str, sg: int) -> DevicePath:
         return ctrl, TUBE_HALF_WIDTH, TUBE_AMP, None
     if shape == "central_line":
         tip = (-0.06 + rng.uniform(-0.02, 0.02), rng.uniform(0.3, 0.45))
-        if rng.random() < 0.5:   # internal jugular
+        if rng.random() < 0.5:  # internal jugular
             ctrl = [(sg * 0.13, -0.5), (sg * 0.08, -0.1), (-0.04, 0.1), tip]
-        else:                    # subclavian / PICC from the arm
+        else:  # subclavian / PICC from the arm
             ctrl = [(sg * 0.75, 0.02), (sg * 0.35, -0.06), (-0.05, 0.05), tip]
         return ctrl, TUBE_HALF_WIDTH, TUBE_AMP, None
     gx, gy = sg * rng.uniform(0.38, 0.48), rng.uniform(-0.04, 0.06)
@@ -75,6 +76,7 @@ def device_effect(rng, spec: FindingSpec, lateral: bool) -> Effect:
             gx_, gy_, rx, ry = gen
             out = np.maximum(out, 0.75 * ramp(np.maximum(np.abs(g.U - gx_) - rx, np.abs(g.V - gy_) - ry), 0.006))
         return out
+
     us, vs = [p[0] for p in pts], [p[1] for p in pts]
     if gen is not None:
         us += [gen[0] - gen[2], gen[0] + gen[2]]
@@ -91,25 +93,29 @@ def _object_outline(rng, shape: str, cx: float, cy: float, size: float):
         x1, y1 = int(round(cx - hw_)), int(round(cy - hh_))
         x2, y2 = max(x1 + 2, int(round(cx + hw_))), max(y1 + 2, int(round(cy + hh_)))
         points = [[x1, y1], [x2, y2]]
-        if shape == "rectangle":   # pixels whose centres lie in [x1, x2] x [y1, y2]
+        if shape == "rectangle":  # pixels whose centres lie in [x1, x2] x [y1, y2]
+
             def pd(X, Y):
-                return np.maximum(np.abs(X - (x1 + x2 + 1) / 2) - (x2 - x1 + 1) / 2,
-                                  np.abs(Y - (y1 + y2 + 1) / 2) - (y2 - y1 + 1) / 2)
+                return np.maximum(
+                    np.abs(X - (x1 + x2 + 1) / 2) - (x2 - x1 + 1) / 2, np.abs(Y - (y1 + y2 + 1) / 2) - (y2 - y1 + 1) / 2
+                )
         else:
             ex, ey, rx, ry = (x1 + x2 + 1) / 2, (y1 + y2 + 1) / 2, (x2 - x1 + 1) / 2, (y2 - y1 + 1) / 2
 
             def pd(X, Y):
                 return (np.sqrt(np.square((X - ex) / rx) + np.square((Y - ey) / ry)) - 1.0) * min(rx, ry)
+
         return points, pd
     n = int(rng.integers(3, 8))
     # star-shaped around the centre: evenly spread angles (jittered) keep it from degenerating
     angles = (np.arange(n) + rng.uniform(-0.3, 0.3, n)) * (2 * np.pi / n) + rng.uniform(0, 2 * np.pi)
     radii = size * rng.uniform(0.55, 1.0, n)
     points = [[int(round(cx + r * math.cos(t))), int(round(cy + r * math.sin(t)))] for t, r in zip(angles, radii)]
-    verts = [(px + 0.5, py + 0.5) for px, py in points]   # vertices on pixel centres
+    verts = [(px + 0.5, py + 0.5) for px, py in points]  # vertices on pixel centres
 
     def pd(X, Y):
         return np.where(inside_polygon(X, Y, verts), -1.0, 1.0).astype(np.float32)
+
     return points, pd
 
 
@@ -135,6 +141,8 @@ def object_effect(rng, spec: FindingSpec, geom: Geom) -> Effect:
         return pd(g.X, g.Y)
 
     def delta(g):
-        return amp * ramp(pd(g.X, g.Y), 0.6)   # sharp edge (pixel units)
-    return Effect("foreign_object", "none", "none", box, dist, delta, pixel_bounds=True, shape=spec.shape, layer=2,
-                  points=points)
+        return amp * ramp(pd(g.X, g.Y), 0.6)  # sharp edge (pixel units)
+
+    return Effect(
+        "foreign_object", "none", "none", box, dist, delta, pixel_bounds=True, shape=spec.shape, layer=2, points=points
+    )

@@ -23,29 +23,39 @@ window, JPEG Baseline (RSNA) / RLE Lossless (SIIM) transfer syntaxes.
 Deterministic for a seed: image i of a dataset uses its own generator seeded by (seed, dataset, i),
 so output does not depend on the worker count.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import uuid
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
-    ExplicitVRLittleEndian, JPEGBaseline8Bit, PYDICOM_IMPLEMENTATION_UID, RLELossless, UID,
+    PYDICOM_IMPLEMENTATION_UID,
+    UID,
+    ExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RLELossless,
 )
 
 from common.io import atomic_open, atomic_write_bytes
 from shards.dicom import rle_encode
 from shards.synthetic.render import (
-    CHEXPERT_KINDS, CXR14_KINDS, OBJECT_CXR_CODES, OBJECT_SHAPES, FindingSpec, render_radiograph,
+    CHEXPERT_KINDS,
+    CXR14_KINDS,
+    OBJECT_CXR_CODES,
+    OBJECT_SHAPES,
+    FindingSpec,
+    render_radiograph,
 )
 
 # Digital X-ray image storage - for presentation.
@@ -56,9 +66,18 @@ DATASETS = ("rsna_pneumonia", "siim_pneumothorax", "chexpert", "covidx", "object
 # ---------------------------------------------------------------------------------------------
 # DICOM writing
 
-def write_dicom(path: str | Path, gray: np.ndarray, *, patient_id: str, sop_uid: str,
-                study_uid: str = "", series_uid: str = "", encoding: str = "mono2",
-                transfer_syntax: UID = ExplicitVRLittleEndian) -> None:
+
+def write_dicom(
+    path: str | Path,
+    gray: np.ndarray,
+    *,
+    patient_id: str,
+    sop_uid: str,
+    study_uid: str = "",
+    series_uid: str = "",
+    encoding: str = "mono2",
+    transfer_syntax: UID = ExplicitVRLittleEndian,
+) -> None:
     """Write the display image `gray` [H, W] uint8 (air dark) as a DICOM file that decodes back to it.
 
     encoding:
@@ -167,6 +186,7 @@ def _fmt(v: float) -> str:
 # ---------------------------------------------------------------------------------------------
 # One image per job (runs in worker processes); each returns the rows its dataset's files need.
 
+
 @dataclass
 class _Job:
     dataset: str
@@ -188,9 +208,14 @@ def _rsna(job: _Job) -> dict:
     out = render_radiograph(rng, [FindingSpec("pneumonia", side=s) for s in sides], 1024, 1024)
     boxes = [r.box for r in out.regions]
     ts = JPEGBaseline8Bit if job.index % 10 == 8 else ExplicitVRLittleEndian
-    write_dicom(Path(job.root) / "stage_2_train_images" / f"{pid}.dcm", out.image, patient_id=pid,
-                sop_uid=_uid(rng, "1.2.276.0.7230010.3.1.4.8323329"), encoding=_dicom_encoding(job.index),
-                transfer_syntax=ts)
+    write_dicom(
+        Path(job.root) / "stage_2_train_images" / f"{pid}.dcm",
+        out.image,
+        patient_id=pid,
+        sop_uid=_uid(rng, "1.2.276.0.7230010.3.1.4.8323329"),
+        encoding=_dicom_encoding(job.index),
+        transfer_syntax=ts,
+    )
     rows = [[pid, _fmt(x1), _fmt(y1), _fmt(x2 - x1), _fmt(y2 - y1), 1] for x1, y1, x2, y2 in boxes]
     return {"rows": rows or [[pid, "", "", "", "", 0]]}
 
@@ -205,8 +230,16 @@ def _siim(job: _Job) -> dict:
     # pydicom's pure-Python RLE encoder costs ~0.4 s per 1024x1024 image: a few files suffice.
     ts = RLELossless if job.index % 20 == 6 else ExplicitVRLittleEndian
     path = Path(job.root) / "dicom-images-train" / study / series / f"{image_id}.dcm"
-    write_dicom(path, out.image, patient_id=_uuid(rng), sop_uid=image_id, study_uid=study,
-                series_uid=series, encoding=_dicom_encoding(job.index), transfer_syntax=ts)
+    write_dicom(
+        path,
+        out.image,
+        patient_id=_uuid(rng),
+        sop_uid=image_id,
+        study_uid=study,
+        series_uid=series,
+        encoding=_dicom_encoding(job.index),
+        transfer_syntax=ts,
+    )
     runs = [rle_encode(r.mask) for r in out.regions]
     return {"rows": [[image_id, f" {rle}"] for rle in runs] or [[image_id, " -1"]]}
 
@@ -229,8 +262,11 @@ def _chexpert(job: _Job) -> dict:
 def _covidx(job: _Job) -> dict:
     rng = _rng(job)
     e = job.extra
-    findings = {"normal": [], "pneumonia": [FindingSpec("pneumonia")],
-                "COVID-19": [FindingSpec("covid_opacity", side="bilateral")]}[e["cls"]]
+    findings = {
+        "normal": [],
+        "pneumonia": [FindingSpec("pneumonia")],
+        "COVID-19": [FindingSpec("covid_opacity", side="bilateral")],
+    }[e["cls"]]
     out = render_radiograph(rng, findings, e["width"], e["height"])
     _save_image(Path(job.root) / e["rel"], out.image, e["fmt"])
     return {"drawn": bool(out.regions)}
@@ -253,8 +289,14 @@ def _chestxray14(job: _Job) -> dict:
     return {"drawn": _drawn(out, CXR14_KINDS)}
 
 
-_JOBS = {"rsna_pneumonia": _rsna, "siim_pneumothorax": _siim, "chexpert": _chexpert,
-         "covidx": _covidx, "object_cxr": _object_cxr, "chestxray14": _chestxray14}
+_JOBS = {
+    "rsna_pneumonia": _rsna,
+    "siim_pneumothorax": _siim,
+    "chexpert": _chexpert,
+    "covidx": _covidx,
+    "object_cxr": _object_cxr,
+    "chestxray14": _chestxray14,
+}
 
 
 def _run(job: _Job) -> dict:
@@ -264,14 +306,32 @@ def _run(job: _Job) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Planning (main process): which images exist and what their labels are; then the label files.
 
+
 def _plan_rng(seed: int, dataset: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(dataset.encode()), 1 << 20])
 
 
-CHEXPERT_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding",
-                    "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-                    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-                    "Pleural Other", "Fracture", "Support Devices"]
+CHEXPERT_COLUMNS = [
+    "Path",
+    "Sex",
+    "Age",
+    "Frontal/Lateral",
+    "AP/PA",
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+]
 CHEXPERT_FIVE = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
 CHEXPERT_U_ONES = ("Atelectasis", "Edema", "Pleural Effusion")
 
@@ -288,8 +348,7 @@ def _plan_chexpert(root: Path, n: int, rng: np.random.Generator) -> tuple[list[d
                 for name in CHEXPERT_FIVE:
                     values[name] = str(rng.choice(["1.0", "0.0", "-1.0", ""], p=[0.25, 0.3, 0.1, 0.35]))
                 # What the converter will call positive (blank -> 0, -1 -> per-label policy): draw it.
-                drawn = [k for k, v in values.items()
-                         if v == "1.0" or (v == "-1.0" and k in CHEXPERT_U_ONES)]
+                drawn = [k for k, v in values.items() if v == "1.0" or (v == "-1.0" and k in CHEXPERT_U_ONES)]
                 sex, age = str(rng.choice(["Male", "Female"])), int(rng.integers(18, 90))
                 views = [("view1_frontal", "Frontal")] + ([("view2_lateral", "Lateral")] if rng.random() < 0.25 else [])
                 width, height = (320, int(rng.integers(320, 400))) if rng.random() < 0.85 else (390, 320)
@@ -297,14 +356,31 @@ def _plan_chexpert(root: Path, n: int, rng: np.random.Generator) -> tuple[list[d
                 for view, kind in views:
                     rel = f"{base}/{split}/patient{patient:05d}/study{study}/{view}.jpg"
                     row = {c: "" for c in CHEXPERT_COLUMNS}
-                    row.update({"Path": rel, "Sex": sex, "Age": age, "Frontal/Lateral": kind,
-                                "AP/PA": str(rng.choice(["AP", "PA"])) if kind == "Frontal" else "",
-                                "No Finding": "" if drawn else "1.0", **values})
+                    row.update(
+                        {
+                            "Path": rel,
+                            "Sex": sex,
+                            "Age": age,
+                            "Frontal/Lateral": kind,
+                            "AP/PA": str(rng.choice(["AP", "PA"])) if kind == "Frontal" else "",
+                            "No Finding": "" if drawn else "1.0",
+                            **values,
+                        }
+                    )
                     if rng.random() < 0.2:
                         row["Support Devices"] = "1.0"
                     tables[split].append([row[c] for c in CHEXPERT_COLUMNS])
-                    plans.append({"split": split, "rel": rel, "frontal": kind == "Frontal", "drawn": drawn,
-                                  "width": width, "height": height, "rows": study_rows})
+                    plans.append(
+                        {
+                            "split": split,
+                            "rel": rel,
+                            "frontal": kind == "Frontal",
+                            "drawn": drawn,
+                            "width": width,
+                            "height": height,
+                            "rows": study_rows,
+                        }
+                    )
             patient += 1
 
     def finish(results: list[dict]) -> None:
@@ -319,6 +395,7 @@ def _plan_chexpert(root: Path, n: int, rng: np.random.Generator) -> tuple[list[d
                     row[CHEXPERT_COLUMNS.index("No Finding")] = "1.0"
         for split, rows in tables.items():
             _write_csv(root / base / f"{split}.csv", CHEXPERT_COLUMNS, rows)
+
     return plans, finish
 
 
@@ -331,30 +408,45 @@ def _plan_covidx(root: Path, n: int, rng: np.random.Generator) -> tuple[list[dic
         pid, i = pid0, 0
         while i < count:
             for _ in range(min(int(rng.choice([1, 2], p=[0.7, 0.3])), count - i)):
-                cls = ("normal", "pneumonia", "COVID-19")[i % 3] if which == "test" else \
-                    str(rng.choice(["normal", "pneumonia", "COVID-19"]))
+                cls = (
+                    ("normal", "pneumonia", "COVID-19")[i % 3]
+                    if which == "test"
+                    else str(rng.choice(["normal", "pneumonia", "COVID-19"]))
+                )
                 style = len(plans) % 4
-                name, fmt = [(f"{_uuid(rng)}.png", "PNG"), (f"COVID-19({len(plans)}).png", "PNG"),
-                             (f"person{pid}_virus_{i}.jpeg", "JPEG-RGB"), (f"{len(plans):05d}.jpg", "JPEG")][style]
+                name, fmt = [
+                    (f"{_uuid(rng)}.png", "PNG"),
+                    (f"COVID-19({len(plans)}).png", "PNG"),
+                    (f"person{pid}_virus_{i}.jpeg", "JPEG-RGB"),
+                    (f"{len(plans):05d}.jpg", "JPEG"),
+                ][style]
                 if len(plans) == 5:
                     fmt = "PNG16"
                 width = int(rng.integers(256, 512))
-                plans.append({"rel": f"{which}/{name}", "cls": cls, "fmt": fmt, "width": width,
-                              "height": int(width * rng.uniform(0.9, 1.25))})
+                plans.append(
+                    {
+                        "rel": f"{which}/{name}",
+                        "cls": cls,
+                        "fmt": fmt,
+                        "width": width,
+                        "height": int(width * rng.uniform(0.9, 1.25)),
+                    }
+                )
                 lines[which].append([str(pid), name, cls, str(rng.choice(COVIDX_SOURCES))])
                 i += 1
             pid += 1
 
     def finish(results: list[dict]) -> None:
-        drawn = iter(r["drawn"] for r in results)          # plans are in list order: train, then test
+        drawn = iter(r["drawn"] for r in results)  # plans are in list order: train, then test
         text = {}
         for which, rows in lines.items():
             for row in rows:
                 if not next(drawn):
-                    row[2] = "normal"                       # nothing visible was drawn
+                    row[2] = "normal"  # nothing visible was drawn
             text[which] = "".join(" ".join(r) + "\n" for r in rows)
         for which, body in text.items():
             atomic_write_bytes(root / f"{which}_COVIDx9A.txt", body.encode())
+
     return plans, finish
 
 
@@ -369,24 +461,34 @@ def _plan_object_cxr(root: Path, n: int, rng: np.random.Generator) -> tuple[list
     plans = []
     for which, count, first in (("train", n, 1), ("dev", max(5, n // 4), 8001)):
         for i in range(count):
-            shapes = [str(t) for t in rng.choice(OBJECT_SHAPES, size=int(rng.integers(1, 4)))] \
-                if rng.random() < 0.5 else []
+            shapes = (
+                [str(t) for t in rng.choice(OBJECT_SHAPES, size=int(rng.integers(1, 4)))] if rng.random() < 0.5 else []
+            )
             width = int(rng.integers(400, 640))
-            plans.append({"which": which, "rel": f"{which}/{first + i:05d}.jpg", "shapes": shapes,
-                          "width": width, "height": int(width * rng.uniform(0.9, 1.2))})
+            plans.append(
+                {
+                    "which": which,
+                    "rel": f"{which}/{first + i:05d}.jpg",
+                    "shapes": shapes,
+                    "width": width,
+                    "height": int(width * rng.uniform(0.9, 1.2)),
+                }
+            )
 
     def finish(results: list[dict]) -> None:
         for which in ("train", "dev"):
-            rows = [[p["rel"].split("/")[1], r["annotation"]] for p, r in zip(plans, results)
-                    if p["which"] == which]
+            rows = [[p["rel"].split("/")[1], r["annotation"]] for p, r in zip(plans, results) if p["which"] == which]
             _write_csv(root / f"{which}.csv", ["image_name", "annotation"], rows)
+
     return plans, finish
 
 
-CXR14_LABELS = tuple(CXR14_KINDS)              # the 14 names, in the official order
+CXR14_LABELS = tuple(CXR14_KINDS)  # the 14 names, in the official order
 # The real header, quirks included: the bracketed names contain commas, and lines end with a comma.
-CXR14_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
-                "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],")
+CXR14_HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+    "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y],"
+)
 
 
 def _plan_chestxray14(root: Path, n: int, rng: np.random.Generator) -> tuple[list[dict], Callable]:
@@ -396,30 +498,44 @@ def _plan_chestxray14(root: Path, n: int, rng: np.random.Generator) -> tuple[lis
         which = "test" if rng.random() < 0.25 else "train_val"
         sex, age = str(rng.choice(["M", "F"])), int(rng.integers(10, 90))
         for follow_up in range(min(int(rng.integers(1, 4)), n - len(plans))):
-            findings = [] if rng.random() < 0.45 else \
-                sorted(rng.choice(CXR14_LABELS, size=int(rng.integers(1, 4)), replace=False).tolist(),
-                       key=CXR14_LABELS.index)
+            findings = (
+                []
+                if rng.random() < 0.45
+                else sorted(
+                    rng.choice(CXR14_LABELS, size=int(rng.integers(1, 4)), replace=False).tolist(),
+                    key=CXR14_LABELS.index,
+                )
+            )
             name = f"{patient:08d}_{follow_up:03d}.png"
             plans.append({"rel": f"images_001/images/{name}", "findings": findings})
-            lines.append((name, f"{follow_up},{patient},{age},{sex},{rng.choice(['PA', 'AP'])},"
-                                "2500,2048,0.143,0.143,"))
+            lines.append((name, f"{follow_up},{patient},{age},{sex},{rng.choice(['PA', 'AP'])},2500,2048,0.143,0.143,"))
             lists[which].append(name)
         patient += 1
 
     def finish(results: list[dict]) -> None:
         # Finding Labels: what was drawn (official label order), "No Finding" when nothing was.
-        text = CXR14_HEADER + "\n" + "".join(
-            f"{name},{'|'.join(r['drawn']) or 'No Finding'},{rest}\n" for (name, rest), r in zip(lines, results))
+        text = (
+            CXR14_HEADER
+            + "\n"
+            + "".join(
+                f"{name},{'|'.join(r['drawn']) or 'No Finding'},{rest}\n" for (name, rest), r in zip(lines, results)
+            )
+        )
         atomic_write_bytes(root / "Data_Entry_2017.csv", text.encode())
         for which, names in lists.items():
             atomic_write_bytes(root / f"{which}_list.txt", "".join(x + "\n" for x in names).encode())
+
     return plans, finish
 
 
 def _plan_rsna(root: Path, n: int, rng: np.random.Generator) -> tuple[list[dict], Callable]:
     def finish(results: list[dict]) -> None:
-        _write_csv(root / "stage_2_train_labels.csv", ["patientId", "x", "y", "width", "height", "Target"],
-                   [row for r in results for row in r["rows"]])
+        _write_csv(
+            root / "stage_2_train_labels.csv",
+            ["patientId", "x", "y", "width", "height", "Target"],
+            [row for r in results for row in r["rows"]],
+        )
+
     return [{} for _ in range(n)], finish
 
 
@@ -428,15 +544,23 @@ def _plan_siim(root: Path, n: int, rng: np.random.Generator) -> tuple[list[dict]
         # The real header has a space after the comma, and every value keeps its leading space.
         text = "ImageId, EncodedPixels\n" + "".join(f"{a},{b}\n" for r in results for a, b in r["rows"])
         atomic_write_bytes(root / "train-rle.csv", text.encode())
+
     return [{} for _ in range(n)], finish
 
 
-_PLANS = {"rsna_pneumonia": _plan_rsna, "siim_pneumothorax": _plan_siim, "chexpert": _plan_chexpert,
-          "covidx": _plan_covidx, "object_cxr": _plan_object_cxr, "chestxray14": _plan_chestxray14}
+_PLANS = {
+    "rsna_pneumonia": _plan_rsna,
+    "siim_pneumothorax": _plan_siim,
+    "chexpert": _plan_chexpert,
+    "covidx": _plan_covidx,
+    "object_cxr": _plan_object_cxr,
+    "chestxray14": _plan_chestxray14,
+}
 
 
-def write_all(out: str | Path, n: int, seed: int, workers: int = 1,
-              datasets: tuple[str, ...] = DATASETS) -> dict[str, int]:
+def write_all(
+    out: str | Path, n: int, seed: int, workers: int = 1, datasets: tuple[str, ...] = DATASETS
+) -> dict[str, int]:
     """Write `<out>/<dataset>/` for each dataset (about `n` images each); returns images per dataset."""
     out = Path(out)
     jobs, finishers = [], []

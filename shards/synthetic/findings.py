@@ -1,6 +1,7 @@
 """Lung, pleural, cardiac and bone findings as drawable effects. Each kind has one function
 `(rng, spec, anat, geom) -> list[Effect]` per view family (FRONTAL_FINDINGS, LATERAL_FINDINGS); the
 spec arrives resolved (catalog.resolve_spec). Devices and foreign objects are in devices.py."""
+
 from __future__ import annotations
 
 import math
@@ -20,16 +21,17 @@ class Effect:
     change (None when the anatomy itself was changed, e.g. cardiomegaly), or with `blend` a
     (weight, target) pair that replaces what is there (fluid hides the lung and what is in it).
     Layers are drawn in order: 0 lung findings, 1 blends, 2 devices and objects (on top)."""
+
     finding: str
     side: str
     zone: str
-    bounds: tuple[float, float, float, float]          # body (u0, v0, u1, v1) or pixel box
+    bounds: tuple[float, float, float, float]  # body (u0, v0, u1, v1) or pixel box
     dist: Callable[[Grid], np.ndarray]
     delta: Callable[[Grid], np.ndarray] | None
     pixel_bounds: bool = False
     shape: str | None = None
     points: list[list[int]] | None = None
-    soft: float = 0.05                                  # how far (body units) the delta bleeds past the mask
+    soft: float = 0.05  # how far (body units) the delta bleeds past the mask
     blend: bool = False
     layer: int = 0
 
@@ -119,12 +121,14 @@ def blob_effect(rng, spec: FindingSpec, anat: Frontal | Lateral, lateral: bool) 
         elif texture == "fine":  # air bronchograms: dark branching lines inside the consolidation
             out = out * (1.0 - 0.3 * g.tex("fine"))
         return out
+
     reach = 1.5 * max(rx, ry) * (1 + lob * 3) + eps
     return Effect(kind, side, zone, (u - reach, v - reach, u + reach, v + reach), dist, delta, soft=eps)
 
 
 # ---------------------------------------------------------------------------------------------
 # Frontal views
+
 
 def _atelectasis(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]:
     sg, sev = anat.side_sign(spec.side), spec.severity
@@ -138,8 +142,12 @@ def _atelectasis(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effe
 
     def delta(g):
         return amp * ramp(ellipse_d(g.U, g.V, u, v, rx, ry, angle), 0.01) * ramp(anat.lung_eff_d(g.U, g.V, sg), 0.01)
-    return [Effect(spec.kind, spec.side, spec.zone, (u - rx - 0.05, v - rx - 0.05, u + rx + 0.05, v + rx + 0.05),
-                   dist, delta)]
+
+    return [
+        Effect(
+            spec.kind, spec.side, spec.zone, (u - rx - 0.05, v - rx - 0.05, u + rx + 0.05, v + rx + 0.05), dist, delta
+        )
+    ]
 
 
 def _effusion(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]:
@@ -147,6 +155,7 @@ def _effusion(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]
     out = []
     level = 0.90 - 0.36 * spec.severity
     for sg in _sides(spec.side):
+
         def fluid_d(g, sg=sg):
             a = sg * g.U
             return (level - 0.09 * np.clip((a - 0.2) * (1 / 0.45), 0.0, 1.0) ** 1.5) - g.V
@@ -159,9 +168,13 @@ def _effusion(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]
         def delta(g, sg=sg, fluid_d=fluid_d):
             hemi = (sg * g.U > 0).astype(np.float32)
             return ramp(fluid_d(g), 0.025) * hemi * np.minimum(g.tex("lung_dark") * 12.0, 1.0), g.tex("tissue")
+
         side = _side_name(sg) if spec.side == "bilateral" else spec.side
-        out.append(Effect(spec.kind, side, spec.zone, _hemi_bounds(sg, 0.8, level - 0.15, 1.08), dist, delta,
-                          blend=True, layer=1))
+        out.append(
+            Effect(
+                spec.kind, side, spec.zone, _hemi_bounds(sg, 0.8, level - 0.15, 1.08), dist, delta, blend=True, layer=1
+            )
+        )
     return out
 
 
@@ -179,12 +192,13 @@ def _pneumothorax(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Eff
 
     def delta(g):
         inside = ramp(ptx_d(g), 0.006)
-        line_d = np.maximum(np.abs(anat.lung_lateral(g.U, g.V, sg) + depth(g.V)) - 0.004,
-                            anat.lung_eff_d(g.U, g.V, sg))
+        line_d = np.maximum(np.abs(anat.lung_lateral(g.U, g.V, sg) + depth(g.V)) - 0.004, anat.lung_eff_d(g.U, g.V, sg))
         line = ramp(np.maximum(line_d, g.V - 0.97 * v_end), 0.004)
         return -inside * (amp + g.tex("markings")) + 0.14 * line
-    return [Effect(spec.kind, spec.side, spec.zone, _hemi_bounds(sg, 0.8, -0.05, min(1.05, v_end + 0.05)),
-                   ptx_d, delta)]
+
+    return [
+        Effect(spec.kind, spec.side, spec.zone, _hemi_bounds(sg, 0.8, -0.05, min(1.05, v_end + 0.05)), ptx_d, delta)
+    ]
 
 
 def _cardiomegaly(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]:
@@ -194,8 +208,16 @@ def _cardiomegaly(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Eff
 
 def _enlarged_cardiomediastinum(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]:
     # drawn by anatomy.modify_anatomy; the region is the upper mediastinum
-    return [Effect(spec.kind, "none", spec.zone, (-0.4, -0.05, 0.45, 0.65),
-                   lambda g: np.maximum(anat.med_d(g.U, g.V), np.maximum(0.02 - g.V, g.V - 0.6)), None)]
+    return [
+        Effect(
+            spec.kind,
+            "none",
+            spec.zone,
+            (-0.4, -0.05, 0.45, 0.65),
+            lambda g: np.maximum(anat.med_d(g.U, g.V), np.maximum(0.02 - g.V, g.V - 0.6)),
+            None,
+        )
+    ]
 
 
 def _edema(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]:
@@ -213,10 +235,13 @@ def _edema(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]:
             return np.maximum(hz_d(g), anat.lung_eff_d(g.U, g.V, sg))
 
         def delta(g, sg=sg, hz_d=hz_d):
-            return (amp * ramp(hz_d(g), 0.14) * (0.75 + 0.25 * g.tex("patch"))
-                    * ramp(anat.lung_eff_d(g.U, g.V, sg), 0.015))
-        out.append(Effect(spec.kind, _side_name(sg), spec.zone, (cu - 0.45, cv - 0.45, cu + 0.45, cv + 0.45),
-                          dist, delta))
+            return (
+                amp * ramp(hz_d(g), 0.14) * (0.75 + 0.25 * g.tex("patch")) * ramp(anat.lung_eff_d(g.U, g.V, sg), 0.015)
+            )
+
+        out.append(
+            Effect(spec.kind, _side_name(sg), spec.zone, (cu - 0.45, cv - 0.45, cu + 0.45, cv + 0.45), dist, delta)
+        )
     return out
 
 
@@ -232,14 +257,16 @@ def _peripheral(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effec
             thick, top, amp, eps = 0.14 + 0.06 * sev, 0.5 - 0.1 * sev, 0.08 + 0.05 * sev, 0.03
 
         def env_d(g, sg=sg, thick=thick, top=top):
-            return np.maximum(np.maximum(-thick - anat.lung_lateral(g.U, g.V, sg), top - g.V),
-                              anat.lung_eff_d(g.U, g.V, sg))
+            return np.maximum(
+                np.maximum(-thick - anat.lung_lateral(g.U, g.V, sg), top - g.V), anat.lung_eff_d(g.U, g.V, sg)
+            )
 
         def delta(g, env_d=env_d, amp=amp, eps=eps):
             env = ramp(env_d(g), eps)
             if kind == "covid_opacity":
                 return amp * env * (0.45 + 0.55 * g.tex("patch"))
             return env * (amp * 0.4 + amp * 1.6 * g.tex("fine"))
+
         side = _side_name(sg) if spec.side == "bilateral" else spec.side
         out.append(Effect(kind, side, spec.zone, _hemi_bounds(sg, 0.8, top - 0.05, 1.08), env_d, delta))
     return out
@@ -255,7 +282,7 @@ def _emphysema(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect
             u, v = pick_in_lung(rng, anat, sg, "upper" if zone == "upper" else str(rng.choice(THIRDS)), margin=0.05)
             bullae.append((u, v, rng.uniform(0.035, 0.06) * (0.7 + 0.3 * sev)))
 
-        def dist(g, sg=sg):   # the whole lung is hyperinflated; `zone` says where the bullae are
+        def dist(g, sg=sg):  # the whole lung is hyperinflated; `zone` says where the bullae are
             return anat.lung_eff_d(g.U, g.V, sg)
 
         def delta(g, bullae=bullae, sg=sg):
@@ -264,6 +291,7 @@ def _emphysema(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect
                 d = np.sqrt(np.square(g.U - u) + np.square(g.V - v)) - r
                 out_ += -0.09 * ramp(d, 0.006) + 0.07 * ramp(np.abs(d) - 0.003, 0.003)
             return out_ * ramp(anat.lung_eff_d(g.U, g.V, sg), 0.01)
+
         out.append(Effect(spec.kind, _side_name(sg), zone, _hemi_bounds(sg, 0.8, -0.05, 1.08), dist, delta))
     return out
 
@@ -277,18 +305,23 @@ def _pleural_thickening(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> li
 
         def dist(g):
             return np.maximum(anat.lung_eff_d(g.U, g.V, sg), g.V - cap)
+
         bounds = _hemi_bounds(sg, 0.7, -0.05, cap + 0.05)
     else:
         v0 = rng.uniform(0.25, 0.45)
         v1 = v0 + rng.uniform(0.25, 0.4)
 
         def dist(g):
-            return np.maximum(np.maximum(-t - anat.lung_lateral(g.U, g.V, sg),
-                                         np.maximum(v0 - g.V, g.V - v1)), anat.lung_eff_d(g.U, g.V, sg))
+            return np.maximum(
+                np.maximum(-t - anat.lung_lateral(g.U, g.V, sg), np.maximum(v0 - g.V, g.V - v1)),
+                anat.lung_eff_d(g.U, g.V, sg),
+            )
+
         bounds = _hemi_bounds(sg, 0.8, v0 - 0.05, v1 + 0.05)
 
     def delta(g):
         return (0.24 + 0.06 * sev) * ramp(dist(g), 0.006)
+
     return [Effect(spec.kind, spec.side, spec.zone, bounds, dist, delta)]
 
 
@@ -307,8 +340,10 @@ def _hernia(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]:
         air = ramp(g.V - level, 0.004)
         wall = ramp(np.abs(dist(g)) - 0.004, 0.003)
         return inside * (0.12 - 0.36 * air) + 0.08 * wall
-    return [Effect(spec.kind, "none", "none", (cu - r - 0.05, cv - r - 0.05, cu + r + 0.05, cv + r + 0.05),
-                   dist, delta)]
+
+    return [
+        Effect(spec.kind, "none", "none", (cu - r - 0.05, cv - r - 0.05, cu + r + 0.05, cv + r + 0.05), dist, delta)
+    ]
 
 
 def _fracture(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]:
@@ -329,6 +364,7 @@ def _fracture(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Effect]
     def delta(g):
         gap = ramp(np.maximum(np.abs(g.U - u) - 0.005, np.abs(g.V - v) - 0.03), 0.003)
         return 0.14 * ramp(dist(g), 0.012) - 0.2 * gap
+
     return [Effect(spec.kind, spec.side, spec.zone, (u - 0.08, v - 0.08, u + 0.08, v + 0.08), dist, delta)]
 
 
@@ -338,6 +374,7 @@ def _frontal_blob(rng, spec: FindingSpec, anat: Frontal, geom: Geom) -> list[Eff
 
 # ---------------------------------------------------------------------------------------------
 # Lateral views (one overlapping lung field: sides are not told apart)
+
 
 def _lateral_blob(rng, spec: FindingSpec, anat: Lateral, geom: Geom) -> list[Effect]:
     return [blob_effect(rng, spec, anat, lateral=True)]
@@ -353,6 +390,7 @@ def _lateral_atelectasis(rng, spec: FindingSpec, anat: Lateral, geom: Geom) -> l
 
     def delta(g):
         return 0.26 * ramp(ellipse_d(g.U, g.V, u, v, rx, ry, angle), 0.01) * ramp(anat.lung_eff_d(g.U, g.V), 0.01)
+
     return [Effect(spec.kind, spec.side, spec.zone, (u - 0.2, v - 0.2, u + 0.2, v + 0.2), dist, delta)]
 
 
@@ -368,6 +406,7 @@ def _lateral_effusion(rng, spec: FindingSpec, anat: Lateral, geom: Geom) -> list
 
     def delta(g):
         return ramp(fluid_d(g), 0.025) * np.minimum(g.tex("lung_dark") * 12.0, 1.0), g.tex("tissue")
+
     return [Effect(spec.kind, spec.side, spec.zone, (-0.7, level - 0.2, 0.7, 1.12), dist, delta, blend=True, layer=1)]
 
 
@@ -384,6 +423,7 @@ def _lateral_edema(rng, spec: FindingSpec, anat: Lateral, geom: Geom) -> list[Ef
 
     def delta(g):
         return amp * ramp(ellipse_d(g.U, g.V, 0.05, 0.52, 0.3, 0.3), 0.14) * ramp(anat.lung_eff_d(g.U, g.V), 0.015)
+
     return [Effect(spec.kind, "bilateral", spec.zone, (-0.45, 0.0, 0.55, 1.0), dist, delta)]
 
 

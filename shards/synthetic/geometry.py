@@ -5,6 +5,7 @@ Body coordinates (u, v): v = 0 at the lung apices, v = 1 at the costophrenic ang
 midline, same unit horizontally; +u is the image's right (PA: patient's left). Lateral views: -u
 anterior (image left), +u posterior (spine on the right). Distances are < 0 inside a shape.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,26 +33,31 @@ def piecewise(x: np.ndarray, xs: tuple[float, ...], ys: tuple[float, ...]) -> np
 class Geom:
     width: int
     height: int
-    cx: float                  # pixel x of (u=0, v=0.5)
+    cx: float  # pixel x of (u=0, v=0.5)
     cy: float
-    scale: float               # pixels per body unit
+    scale: float  # pixels per body unit
     cos: float
     sin: float
-    field: tuple[int, int, int, int]   # collimated field [x0, y0, x1, y1) in pixels
+    field: tuple[int, int, int, int]  # collimated field [x0, y0, x1, y1) in pixels
 
     def to_pixel(self, u, v):
         dv = np.asarray(v, dtype=np.float64) - 0.5
         u = np.asarray(u, dtype=np.float64)
-        return (self.cx + self.scale * (self.cos * u - self.sin * dv),
-                self.cy + self.scale * (self.sin * u + self.cos * dv))
+        return (
+            self.cx + self.scale * (self.cos * u - self.sin * dv),
+            self.cy + self.scale * (self.sin * u + self.cos * dv),
+        )
 
     def pixel_box(self, bounds: tuple[float, float, float, float], margin_px: float) -> tuple[int, int, int, int]:
         """Pixel box [x0, y0, x1, y1) around body-coordinate bounds (u0, v0, u1, v1), clipped to the image."""
         u0, v0, u1, v1 = bounds
         xs, ys = self.to_pixel([u0, u1, u0, u1], [v0, v0, v1, v1])
-        return (max(0, int(math.floor(xs.min() - margin_px))), max(0, int(math.floor(ys.min() - margin_px))),
-                min(self.width, int(math.ceil(xs.max() + margin_px))),
-                min(self.height, int(math.ceil(ys.max() + margin_px))))
+        return (
+            max(0, int(math.floor(xs.min() - margin_px))),
+            max(0, int(math.floor(ys.min() - margin_px))),
+            min(self.width, int(math.ceil(xs.max() + margin_px))),
+            min(self.height, int(math.ceil(ys.max() + margin_px))),
+        )
 
 
 def place_patient(rng, width: int, height: int, lateral: bool) -> Geom:
@@ -60,13 +66,12 @@ def place_patient(rng, width: int, height: int, lateral: bool) -> Geom:
     fx0, fy0 = int(round(margins[0] * width)), int(round(margins[1] * height))
     fx1, fy1 = width - int(round(margins[2] * width)), height - int(round(margins[3] * height))
     fw, fh = fx1 - fx0, fy1 - fy0
-    half_extent = 0.66 if lateral else 0.7       # widest lung/body part that must stay in the field
+    half_extent = 0.66 if lateral else 0.7  # widest lung/body part that must stay in the field
     scale = min(rng.uniform(0.5, 0.6) * fh, fw * 0.9 / (2 * half_extent))
     angle = rng.uniform(-0.05, 0.05)
     cx = fx0 + fw * (0.5 + rng.uniform(-0.03, 0.03))
     apex = min(fy0 + fh * rng.uniform(0.08, 0.16), fy1 - 1.12 * scale)
-    return Geom(width, height, cx, apex + 0.5 * scale, scale, math.cos(angle), math.sin(angle),
-                (fx0, fy0, fx1, fy1))
+    return Geom(width, height, cx, apex + 0.5 * scale, scale, math.cos(angle), math.sin(angle), (fx0, fy0, fx1, fy1))
 
 
 class Textures:
@@ -88,9 +93,9 @@ class Textures:
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.arrays:
-            if name == "patch":      # blotchy 0..1 modulation for patchy opacities
+            if name == "patch":  # blotchy 0..1 modulation for patchy opacities
                 self.arrays[name] = np.clip(0.5 + 0.35 * self.field(1, 0.06), 0, 1)
-            elif name == "fine":     # thin reticular network (fibrosis, air bronchograms)
+            elif name == "fine":  # thin reticular network (fibrosis, air bronchograms)
                 self.arrays[name] = np.exp(-np.square(self.field(2, 0.022) * 3.0))
             else:
                 raise KeyError(name)
@@ -103,8 +108,8 @@ class Grid:
     def __init__(self, geom: Geom, xs: np.ndarray, ys: np.ndarray, sl=None, tex: Textures | None = None):
         self.X = xs.astype(np.float32)[None, :]
         self.Y = ys.astype(np.float32)[:, None]
-        dx = (self.X - np.float32(geom.cx))
-        dy = (self.Y - np.float32(geom.cy))
+        dx = self.X - np.float32(geom.cx)
+        dy = self.Y - np.float32(geom.cy)
         inv = np.float32(1.0 / geom.scale)
         self.U = (np.float32(geom.cos) * dx + np.float32(geom.sin) * dy) * inv
         self.V = (np.float32(geom.cos) * dy - np.float32(geom.sin) * dx) * inv + np.float32(0.5)
@@ -118,6 +123,7 @@ class Grid:
 
 # ---------------------------------------------------------------------------------------------
 # Shapes
+
 
 def ellipse_d(U, V, cu, cv, rx, ry, angle=0.0, lobes=()):
     """Ellipse centred (cu, cv) with radii (rx, ry), rotated by `angle`; `lobes` ((k, amp, phase), ...)

@@ -30,6 +30,7 @@ study i from SeedSequence(seed, spawn_key=(1, i)); rows are written in study ord
 fixed quality, nothing carries a timestamp, so the tree is byte-identical for any worker count. The tree
 is built in a temp folder next to `out` and renamed into place only when complete.
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,30 +60,76 @@ REGIONS_NAME = "synthetic_regions.jsonl"
 CORPUS_NAME = "synthetic_corpus.json"
 JPEG_QUALITY = 95
 MAX_SIZE = 3000
-METADATA_HEADER = ("dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
-                   "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-                   "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning")
+METADATA_HEADER = (
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+)
 SPLIT_HEADER = ("dicom_id", "study_id", "subject_id", "split")
 CHEXPERT_HEADER = ("subject_id", "study_id") + CHEXPERT_LABELS
 SPLIT_P = {"train": 0.90, "validate": 0.05, "test": 0.05}
 
 P_NORMAL = 0.30
 # Relative frequency of each drawn kind among abnormal studies (portable AP studies: more devices).
-KIND_WEIGHTS = {"effusion": 0.14, "atelectasis": 0.12, "cardiomegaly": 0.11, "opacity": 0.10,
-                "pneumonia": 0.09, "support_device": 0.09, "consolidation": 0.07, "edema": 0.07,
-                "pneumothorax": 0.07, "nodule": 0.05, "mass": 0.03, "enlarged_cardiomediastinum": 0.03,
-                "fracture": 0.02, "pleural_thickening": 0.02}
-UNCERTAIN_KINDS = ("opacity", "consolidation", "pneumonia", "atelectasis", "effusion", "pneumothorax",
-                   "edema", "cardiomegaly", "nodule")
+KIND_WEIGHTS = {
+    "effusion": 0.14,
+    "atelectasis": 0.12,
+    "cardiomegaly": 0.11,
+    "opacity": 0.10,
+    "pneumonia": 0.09,
+    "support_device": 0.09,
+    "consolidation": 0.07,
+    "edema": 0.07,
+    "pneumothorax": 0.07,
+    "nodule": 0.05,
+    "mass": 0.03,
+    "enlarged_cardiomediastinum": 0.03,
+    "fracture": 0.02,
+    "pleural_thickening": 0.02,
+}
+UNCERTAIN_KINDS = (
+    "opacity",
+    "consolidation",
+    "pneumonia",
+    "atelectasis",
+    "effusion",
+    "pneumothorax",
+    "edema",
+    "cardiomegaly",
+    "nodule",
+)
 P_UNCERTAIN = 0.15
 # (ViewPosition values, probability); blank/other ones are drawn as the view in RENDER_AS.
-VIEW_SETS = ((("PA", "LATERAL"), 0.50), (("AP",), 0.26), (("PA", "LL"), 0.08), (("AP", "LATERAL"), 0.06),
-             (("PA", "LATERAL", ""), 0.04), (("PA", "LATERAL", "PA"), 0.03), (("AP", ""), 0.01),
-             (("PA", "LL", "LAO"), 0.01), (("AP", "AP AXIAL"), 0.01))
-RENDER_AS = {"PA": "PA", "AP": "AP", "LATERAL": "LATERAL", "LL": "LL", "": "LATERAL", "LAO": "PA",
-             "AP AXIAL": "AP"}
-VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral",
-                "": "", "LAO": "left anterior oblique", "AP AXIAL": "antero-posterior"}
+VIEW_SETS = (
+    (("PA", "LATERAL"), 0.50),
+    (("AP",), 0.26),
+    (("PA", "LL"), 0.08),
+    (("AP", "LATERAL"), 0.06),
+    (("PA", "LATERAL", ""), 0.04),
+    (("PA", "LATERAL", "PA"), 0.03),
+    (("AP", ""), 0.01),
+    (("PA", "LL", "LAO"), 0.01),
+    (("AP", "AP AXIAL"), 0.01),
+)
+RENDER_AS = {"PA": "PA", "AP": "AP", "LATERAL": "LATERAL", "LL": "LL", "": "LATERAL", "LAO": "PA", "AP AXIAL": "AP"}
+VIEW_MEANING = {
+    "PA": "postero-anterior",
+    "AP": "antero-posterior",
+    "LATERAL": "lateral",
+    "LL": "left lateral",
+    "": "",
+    "LAO": "left anterior oblique",
+    "AP AXIAL": "antero-posterior",
+}
 
 
 @dataclass(frozen=True)
@@ -91,8 +138,8 @@ class StudyPlan:
     subject_id: str
     study_id: str
     split: str
-    study_date: str      # YYYYMMDD (MIMIC's shifted years, 2110-2190)
-    study_time: str      # HHMMSS.fff
+    study_date: str  # YYYYMMDD (MIMIC's shifted years, 2110-2190)
+    study_time: str  # HHMMSS.fff
 
 
 @dataclass
@@ -101,8 +148,8 @@ class StudyResult:
     split_rows: list[list[str]]
     chexpert: list[str]
     region_lines: list[str]
-    kinds: list[str]                                     # drawn kinds (one entry per mention)
-    regions: Counter = field(default_factory=Counter)    # region count per finding
+    kinds: list[str]  # drawn kinds (one entry per mention)
+    regions: Counter = field(default_factory=Counter)  # region count per finding
     uncertain: int = 0
     style: str = ""
 
@@ -155,8 +202,9 @@ def plan_studies(n: int, seed: int) -> list[StudyPlan]:
         for _ in range(count):
             t = int(rng.integers(0, 86_400_000))
             hhmmss = f"{t // 3_600_000:02d}{t // 60_000 % 60:02d}{t // 1000 % 60:02d}.{t % 1000:03d}"
-            plans.append(StudyPlan(len(plans), str(subject), str(studies[len(plans)]), split,
-                                   day.strftime("%Y%m%d"), hhmmss))
+            plans.append(
+                StudyPlan(len(plans), str(subject), str(studies[len(plans)]), split, day.strftime("%Y%m%d"), hhmmss)
+            )
             day += datetime.timedelta(days=int(rng.integers(1, 400)))
     return plans
 
@@ -165,8 +213,13 @@ def _sample_mentions(rng, portable: bool) -> list[Mention]:
     if rng.random() < P_NORMAL:
         return []
     kinds = list(KIND_WEIGHTS)
-    weights = np.array([KIND_WEIGHTS[k] * (3.0 if portable and k == "support_device" else
-                                           1.5 if portable and k in ("edema", "effusion") else 1.0) for k in kinds])
+    weights = np.array(
+        [
+            KIND_WEIGHTS[k]
+            * (3.0 if portable and k == "support_device" else 1.5 if portable and k in ("edema", "effusion") else 1.0)
+            for k in kinds
+        ]
+    )
     count = int(rng.choice([1, 2, 3], p=[0.55, 0.3, 0.15]))
     chosen = [kinds[int(i)] for i in rng.choice(len(kinds), size=count, replace=False, p=weights / weights.sum())]
     mentions = []
@@ -179,8 +232,11 @@ def _sample_mentions(rng, portable: bool) -> list[Mention]:
         uncertain = kind in UNCERTAIN_KINDS and rng.random() < P_UNCERTAIN
         severity = float(rng.uniform(0.35, 0.55) if uncertain else rng.uniform(0.45, 1.0))
         if kind == "support_device":
-            shapes, p = (["ett", "ng_tube", "central_line", "pacemaker"], [0.35, 0.25, 0.25, 0.15]) if portable \
+            shapes, p = (
+                (["ett", "ng_tube", "central_line", "pacemaker"], [0.35, 0.25, 0.25, 0.15])
+                if portable
                 else (["central_line", "pacemaker"], [0.4, 0.6])
+            )
             picked = rng.choice(shapes, size=1 + int(portable and rng.random() < 0.35), replace=False, p=p)
             for shape in picked:
                 dev_side = "none" if shape in ("ett", "ng_tube") else str(rng.choice(["right", "left"], p=[0.4, 0.6]))
@@ -200,7 +256,7 @@ def _image_size(rng, size: int, view: str) -> tuple[int, int]:
 
 def _dicom_id(rng) -> str:
     raw = rng.bytes(20).hex()
-    return "-".join(raw[i:i + 8] for i in range(0, 40, 8))
+    return "-".join(raw[i : i + 8] for i in range(0, 40, 8))
 
 
 def _fmt_label(value: float | None) -> str:
@@ -224,12 +280,18 @@ def render_study(plan: StudyPlan, seed: int, size: int, root: str) -> StudyResul
     (folder.parent / f"s{plan.study_id}.txt").write_text(report.text, encoding="utf-8")
 
     exam = "CHEST (PORTABLE AP)" if portable else "CHEST (PA AND LAT)"
-    orientation = ("Recumbent" if rng.random() < 0.7 else "Erect") if portable else \
-        ("Erect" if rng.random() < 0.97 else "")
-    result = StudyResult(metadata=[], split_rows=[], region_lines=[],
-                         chexpert=[plan.subject_id, plan.study_id] + [_fmt_label(report.labels[k]) for k in CHEXPERT_LABELS],
-                         kinds=[m.spec.kind for m in mentions], uncertain=sum(m.uncertain for m in mentions),
-                         style=report.style)
+    orientation = (
+        ("Recumbent" if rng.random() < 0.7 else "Erect") if portable else ("Erect" if rng.random() < 0.97 else "")
+    )
+    result = StudyResult(
+        metadata=[],
+        split_rows=[],
+        region_lines=[],
+        chexpert=[plan.subject_id, plan.study_id] + [_fmt_label(report.labels[k]) for k in CHEXPERT_LABELS],
+        kinds=[m.spec.kind for m in mentions],
+        uncertain=sum(m.uncertain for m in mentions),
+        style=report.style,
+    )
     for view in views:
         dicom_id = _dicom_id(rng)
         width, height = _image_size(rng, size, view)
@@ -238,20 +300,50 @@ def render_study(plan: StudyPlan, seed: int, size: int, root: str) -> StudyResul
         buf = io.BytesIO()
         Image.fromarray(rendered.image).save(buf, format="JPEG", quality=JPEG_QUALITY)
         (folder / f"{dicom_id}.jpg").write_bytes(buf.getvalue())
-        result.metadata.append([dicom_id, plan.subject_id, plan.study_id, exam, view, str(height), str(width),
-                                plan.study_date, plan.study_time, exam, VIEW_MEANING[view], orientation])
+        result.metadata.append(
+            [
+                dicom_id,
+                plan.subject_id,
+                plan.study_id,
+                exam,
+                view,
+                str(height),
+                str(width),
+                plan.study_date,
+                plan.study_time,
+                exam,
+                VIEW_MEANING[view],
+                orientation,
+            ]
+        )
         result.split_rows.append([dicom_id, plan.study_id, plan.subject_id, plan.split])
         regions = []
         for region in rendered.regions:
-            entry = {"finding": region.finding, "side": region.side, "zone": region.zone, "box": region.box,
-                     "mask_rle": encode_mask_rle(region.mask)}
+            entry = {
+                "finding": region.finding,
+                "side": region.side,
+                "zone": region.zone,
+                "box": region.box,
+                "mask_rle": encode_mask_rle(region.mask),
+            }
             if region.shape is not None:
                 entry["shape"] = region.shape
             regions.append(entry)
             result.regions[region.finding] += 1
-        result.region_lines.append(json.dumps(
-            {"dicom_id": dicom_id, "subject_id": plan.subject_id, "study_id": plan.study_id, "view": view,
-             "width": width, "height": height, "regions": regions}, separators=(",", ":")))
+        result.region_lines.append(
+            json.dumps(
+                {
+                    "dicom_id": dicom_id,
+                    "subject_id": plan.subject_id,
+                    "study_id": plan.study_id,
+                    "view": view,
+                    "width": width,
+                    "height": height,
+                    "regions": regions,
+                },
+                separators=(",", ":"),
+            )
+        )
     return result
 
 
@@ -278,20 +370,21 @@ def _remove_dead_temp_trees(out: Path) -> None:
     """Delete `.<name>.tmp-<pid>` / `.old-<pid>` trees next to `out` whose writer process is gone
     (a killed generator leaves them; a live one's are kept)."""
     for tree in out.parent.glob(f".{out.name}.*-*") if out.parent.is_dir() else ():
-        kind, _, pid = tree.name[len(out.name) + 2:].rpartition("-")
+        kind, _, pid = tree.name[len(out.name) + 2 :].rpartition("-")
         if kind not in ("tmp", "old") or not pid.isdigit() or not tree.is_dir() or tree.is_symlink():
             continue
         try:
             os.kill(int(pid), 0)
-            continue                              # its writer is still running
+            continue  # its writer is still running
         except ProcessLookupError:
             shutil.rmtree(tree, ignore_errors=True)
         except PermissionError:
-            continue                              # another user's live process
+            continue  # another user's live process
 
 
-def generate_mimic(out: str | Path, n: int, seed: int = 0, size: int = 1024, workers: int = 1,
-                   overwrite: bool = False) -> dict:
+def generate_mimic(
+    out: str | Path, n: int, seed: int = 0, size: int = 1024, workers: int = 1, overwrite: bool = False
+) -> dict:
     """Write the corpus (module docstring) and return its summary; "seconds" is added, not stored.
 
     If `out` already holds a corpus made with the same (n, seed, size), nothing is redone. Any other
@@ -310,16 +403,22 @@ def generate_mimic(out: str | Path, n: int, seed: int = 0, size: int = 1024, wor
             previous = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise SynthParamError(f"{marker}: damaged corpus marker ({exc}); delete {out} to regenerate") from exc
-        if previous is not None and all(previous.get(k) == v for k, v in _params(n, seed, size).items()) \
-                and not overwrite:
+        if (
+            previous is not None
+            and all(previous.get(k) == v for k, v in _params(n, seed, size).items())
+            and not overwrite
+        ):
             return {**previous, "seconds": 0.0, "reused": True}
         if previous is None:
-            raise FileExistsError(f"{out} exists and is not a synthetic corpus ({CORPUS_NAME} missing); "
-                                  f"refusing to replace it")
+            raise FileExistsError(
+                f"{out} exists and is not a synthetic corpus ({CORPUS_NAME} missing); refusing to replace it"
+            )
         if not overwrite:
-            raise FileExistsError(f"{out} holds a synthetic corpus with other parameters "
-                                  f"(n={previous.get('n_studies')}, seed={previous.get('seed')}, "
-                                  f"size={previous.get('size')}); pass overwrite (--overwrite) to replace it")
+            raise FileExistsError(
+                f"{out} holds a synthetic corpus with other parameters "
+                f"(n={previous.get('n_studies')}, seed={previous.get('seed')}, "
+                f"size={previous.get('size')}); pass overwrite (--overwrite) to replace it"
+            )
 
     start = time.perf_counter()
     plans = plan_studies(n, seed)
@@ -334,16 +433,16 @@ def generate_mimic(out: str | Path, n: int, seed: int = 0, size: int = 1024, wor
         bar = dict(total=len(jobs), unit="study", desc=f"rendering {out.name}", disable=None)
         if workers > 1:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = list(tqdm(pool.map(_study_job, jobs, chunksize=max(1, min(8, n // (4 * workers)))),
-                                    **bar))
+                results = list(tqdm(pool.map(_study_job, jobs, chunksize=max(1, min(8, n // (4 * workers)))), **bar))
         else:
             results = [_study_job(job) for job in tqdm(jobs, **bar)]
         summary = _summarise(n, seed, size, plans, results)
         _write_csv(tmp / METADATA_CSV, METADATA_HEADER, [r for res in results for r in res.metadata])
         _write_csv(tmp / SPLIT_CSV, SPLIT_HEADER, [r for res in results for r in res.split_rows])
         _write_csv(tmp / CHEXPERT_CSV, CHEXPERT_HEADER, [res.chexpert for res in results])
-        (tmp / REGIONS_NAME).write_text("".join(line + "\n" for res in results for line in res.region_lines),
-                                        encoding="utf-8")
+        (tmp / REGIONS_NAME).write_text(
+            "".join(line + "\n" for res in results for line in res.region_lines), encoding="utf-8"
+        )
         (tmp / CORPUS_NAME).write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         if out.exists():

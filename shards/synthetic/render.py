@@ -69,6 +69,7 @@ Modules: catalog (kinds, spec/result types), geometry (coordinates, grids, textu
 (the patient), findings (lung/pleural/cardiac/bone effects), devices (tubes, lines, foreign objects),
 rle (mask sidecar coding); this module composes them and is the public entry point.
 """
+
 from __future__ import annotations
 
 import math
@@ -102,9 +103,23 @@ from shards.synthetic.rle import decode_mask_rle, encode_mask_rle
 
 # The renderer's public API (importers use this module; the split behind it is an implementation detail).
 __all__ = [
-    "CHEXPERT_KINDS", "CXR14_KINDS", "DEVICE_SHAPES", "FINDING_KINDS", "FRONTAL", "KIND_ALIASES", "KIND_LOCATIONS",
-    "LATERAL", "LATERAL_KINDS", "OBJECT_CXR_CODES", "OBJECT_SHAPES", "FindingSpec", "Region", "Rendered",
-    "decode_mask_rle", "encode_mask_rle", "render_radiograph",
+    "CHEXPERT_KINDS",
+    "CXR14_KINDS",
+    "DEVICE_SHAPES",
+    "FINDING_KINDS",
+    "FRONTAL",
+    "KIND_ALIASES",
+    "KIND_LOCATIONS",
+    "LATERAL",
+    "LATERAL_KINDS",
+    "OBJECT_CXR_CODES",
+    "OBJECT_SHAPES",
+    "FindingSpec",
+    "Region",
+    "Rendered",
+    "decode_mask_rle",
+    "encode_mask_rle",
+    "render_radiograph",
 ]
 
 # kind -> effect builder per view family: every kind on frontal views, LATERAL_KINDS on laterals.
@@ -130,8 +145,9 @@ def _work_size(width: int, height: int) -> tuple[int, int]:
     return max(8, round(width * target / longer)), max(8, round(height * target / longer))
 
 
-def render_radiograph(rng: np.random.Generator, findings: list[FindingSpec], width: int, height: int,
-                      view: str = "PA") -> Rendered:
+def render_radiograph(
+    rng: np.random.Generator, findings: list[FindingSpec], width: int, height: int, view: str = "PA"
+) -> Rendered:
     """Draw one radiograph with `findings`; see the module docstring."""
     if not (16 <= width <= 8192 and 16 <= height <= 8192):
         raise ValueError(f"render_radiograph: size {width}x{height} outside 16..8192")
@@ -144,18 +160,19 @@ def render_radiograph(rng: np.random.Generator, findings: list[FindingSpec], wid
     arng = np.random.default_rng(anat_seed)
     geom = place_patient(arng, width, height, lateral)
     anat = random_patient(arng, view, lateral)
-    exposure = arng.uniform(0.9, 1.12), arng.uniform(-0.03, 0.03), arng.uniform(0.85, 1.2)   # gain, offset, gamma
+    exposure = arng.uniform(0.9, 1.12), arng.uniform(-0.03, 0.03), arng.uniform(0.85, 1.2)  # gain, offset, gamma
     noise_sigma = arng.uniform(1.5, 4.0)
 
     effects = _plan_effects(findings, finding_seed, anat, geom, lateral)
-    img = _draw_working_image(geom, anat, effects, tex_seed)               # [h, w] float, working grid
-    out = _expose(img, geom, exposure, noise_sigma, noise_seed)            # [height, width] uint8
+    img = _draw_working_image(geom, anat, effects, tex_seed)  # [h, w] float, working grid
+    out = _expose(img, geom, exposure, noise_sigma, noise_seed)  # [height, width] uint8
     regions = [r for r in (_region(eff, geom) for eff in effects) if r is not None]
     return Rendered(out, regions, view)
 
 
-def _plan_effects(findings: list[FindingSpec], finding_seed: int, anat: Frontal | Lateral, geom: Geom,
-                  lateral: bool) -> list[Effect]:
+def _plan_effects(
+    findings: list[FindingSpec], finding_seed: int, anat: Frontal | Lateral, geom: Geom, lateral: bool
+) -> list[Effect]:
     """Resolve every spec, apply anatomy changes (all before any effect is placed, so a finding sees
     the final anatomy), then build each finding's effects from its own random stream."""
     specs = [resolve_spec(s, np.random.default_rng([finding_seed, i, 0])) for i, s in enumerate(findings)]
@@ -177,7 +194,7 @@ def _draw_working_image(geom: Geom, anat: Frontal | Lateral, effects: list[Effec
     fx, fy = geom.width / w, geom.height / h
     tex = Textures(tex_seed, h, w, geom.scale / fx)
     grid = Grid(geom, (np.arange(w) + 0.5) * fx, (np.arange(h) + 0.5) * fy)
-    ridge = np.exp(-np.square(tex.field(0, 0.035) * 3.5))           # vessel-like ridges
+    ridge = np.exp(-np.square(tex.field(0, 0.035) * 3.5))  # vessel-like ridges
     img, base_tex = anat.base(grid, tex, ridge)
     tex.arrays.update(base_tex)
     for eff in sorted(effects, key=lambda e: e.layer):
@@ -198,8 +215,9 @@ def _draw_working_image(geom: Geom, anat: Frontal | Lateral, effects: list[Effec
     return img
 
 
-def _expose(img: np.ndarray, geom: Geom, exposure: tuple[float, float, float], noise_sigma: float,
-            noise_seed: int) -> np.ndarray:
+def _expose(
+    img: np.ndarray, geom: Geom, exposure: tuple[float, float, float], noise_sigma: float, noise_seed: int
+) -> np.ndarray:
     """Exposure curve, upsampling to the output size, quantum noise, black collimation border."""
     gain, offset, gamma = exposure
     width, height = geom.width, geom.height
@@ -207,7 +225,7 @@ def _expose(img: np.ndarray, geom: Geom, exposure: tuple[float, float, float], n
     if img.shape != (height, width):
         img = np.asarray(Image.fromarray(img.astype(np.float32)).resize((width, height), Image.Resampling.BILINEAR))
     # Gaussian noise through a 256-entry quantile table: ~5x cheaper than standard_normal at 1-9 MP.
-    lut = _NOISE_LUT * np.float32(noise_sigma) + np.float32(0.5)      # + 0.5: round when truncating
+    lut = _NOISE_LUT * np.float32(noise_sigma) + np.float32(0.5)  # + 0.5: round when truncating
     out = lut[np.random.default_rng(noise_seed).integers(0, 256, (height, width), dtype=np.uint8)]
     out += img
     out = np.clip(out, 0, 255, out=out).astype(np.uint8)

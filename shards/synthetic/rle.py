@@ -3,6 +3,7 @@
 RLE: the mask flattened in row-major (C) order, as run lengths that alternate False, True, False, ...
 starting with a (possibly 0-long) False run; sum(counts) == H * W.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -31,7 +32,9 @@ def decode_mask_rle(rle: dict) -> np.ndarray:
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"decode_mask_rle: malformed RLE ({exc})") from exc
     if counts.ndim != 1 or (counts < 0).any() or int(counts.sum()) != height * width:
-        raise ValueError(f"decode_mask_rle: counts sum to {int(counts.sum()) if counts.ndim == 1 else '?'}, "
-                         f"expected {height}x{width}={height * width} non-negative")
+        raise ValueError(
+            f"decode_mask_rle: counts sum to {int(counts.sum()) if counts.ndim == 1 else '?'}, "
+            f"expected {height}x{width}={height * width} non-negative"
+        )
     values = (np.arange(counts.size) % 2).astype(bool)
     return np.repeat(values, counts).reshape(height, width)
