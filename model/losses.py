@@ -88,21 +88,3 @@ def pseudo_seg_loss(
     if variant == "code":
         return (1 - _dice_per_image(logits, target).mean()) + 0.2 * bce
     raise ValueError(f"pa_loss={variant!r}; choose 'paper' or 'code'")
-
-
-@torch.no_grad()
-def retrieval_topk(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, ks: tuple[int, ...] = (1, 5)
-) -> dict[str, torch.Tensor]:
-    """In-batch retrieval accuracy; pair i is the match. -> {'i2t_top1': tensor, 't2i_top1': ..., ...}.
-
-    Values stay tensors on the device (the caller decides when to sync). k is capped at the batch.
-    """
-    sim = F.normalize(image_emb.float(), dim=-1) @ F.normalize(text_emb.float(), dim=-1).T  # [B,B]
-    labels = torch.arange(sim.shape[0], device=sim.device)
-    out = {}
-    for name, s in (("i2t", sim), ("t2i", sim.T)):
-        for k in ks:
-            top = s.topk(min(k, s.shape[1]), dim=1).indices  # [B,k]
-            out[f"{name}_top{k}"] = (top == labels[:, None]).any(dim=1).float().mean()
-    return out

@@ -374,3 +374,17 @@ def test_pointing_game_at_the_peak_cell_not_the_image_edge():
     assert M.grid_peak_cell_overlaps(grid, masks).tolist() == [True, False, True]
     empty = torch.zeros(1, 32, 32, dtype=torch.bool)
     assert math.isnan(float(M.grounding_per_image(up[:1], empty, grid_maps=grid[:1])["pointing"][0]))
+
+
+def test_retrieval_topk_ranks_each_images_own_report():
+    # The one retrieval metric (validation, eval, bench-quality): pairs 0 and 1 cross-matched, so
+    # each ranks its own report second (cos 0.45 behind 0.89); unrelated pairs score exactly 0.
+    from eval.zeroshot import retrieval_topk
+
+    image = torch.eye(8, 16)
+    text = image.clone()
+    text[0] = torch.nn.functional.normalize(image[1] + 0.5 * image[0], dim=0)
+    text[1] = torch.nn.functional.normalize(image[0] + 0.5 * image[1], dim=0)
+    assert retrieval_topk(image, text, ks=(1, 2, 5)) == {"top1": 6 / 8, "top2": 1.0, "top5": 1.0}
+    # Ties count in the model's favour: identical reports all rank first.
+    assert retrieval_topk(image, torch.ones(8, 16) / 4, ks=(1,)) == {"top1": 1.0}
