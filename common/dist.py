@@ -105,11 +105,6 @@ def exit_with_launcher(poll_s: float = 1.0, grace_s: float = 30.0) -> threading.
     return thread
 
 
-def is_main() -> bool:
-    """True on global rank 0 (and in a single process): the rank that logs and writes files."""
-    return get_rank() == 0
-
-
 def barrier() -> None:
     if is_initialized():
         dist.barrier()

@@ -79,7 +79,7 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str, img: torch.Te
         mean_loss = cdist.all_reduce_mean(loss.detach())
         torch.save(
             {
-                "info": (info.rank, info.world_size, info.local_rank, cdist.is_main()),
+                "info": (info.rank, info.world_size, info.local_rank, cdist.get_rank() == 0),
                 "loss": loss.detach(),
                 "mean_loss": mean_loss,
                 "local_only": local_only,
@@ -125,7 +125,7 @@ def test_single_process_dist_helpers_are_no_ops(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     info = cdist.init_distributed()
     assert (info.rank, info.world_size, info.local_rank) == (0, 1, 0)
-    assert cdist.is_main() and not cdist.is_initialized()
+    assert cdist.get_rank() == 0 and not cdist.is_initialized()
     t = torch.randn(3, 2, requires_grad=True)
     assert cdist.all_gather_with_grad(t) is t
     assert torch.equal(cdist.all_reduce_mean(t), t)
