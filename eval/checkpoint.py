@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +39,12 @@ from torch import nn
 
 from common.config import config_from_dict, config_to_dict
 from common.io import sha256_file
+from common.run_layout import CKPT_RE, newest_checkpoint
 from model.config import ModelConfig
 from model.g2d import G2DModel
 from model.image import ImageEncoderDecoder, encoder_state_dict, init_encoder
 from model.registry import MODEL_CONFIGS, model_config
 
-CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
 DEFAULT_RUNS_GLOBS = ("runs/pretrain*", "runs/*/pretrain*")
 EXPORT_FULL = "g2d_encoder_decoder.pth"  # what a run directory without checkpoints falls back to
 BASELINES = ("random", "imagenet")
@@ -220,12 +219,6 @@ class Pretrained:
 
 # ---------------------------------------------------------------------------------------------
 # Finding and reading the weights
-
-
-def newest_checkpoint(directory: str | Path) -> Path | None:
-    """Highest-step checkpoints/step_*.pt of a run directory."""
-    ckpts = sorted(p for p in (Path(directory) / "checkpoints").glob("step_*.pt") if CKPT_RE.match(p.name))
-    return ckpts[-1] if ckpts else None
 
 
 def default_checkpoint(runs_globs: tuple[str, ...] = DEFAULT_RUNS_GLOBS, base: str | Path = ".") -> Path:

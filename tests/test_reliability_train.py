@@ -18,14 +18,13 @@ import torch
 from common.cli import UserError, run_main
 from common.config import ConfigError
 from common.dist import DistInfo
+from common.run_layout import checkpoint_path, list_checkpoints
 from tests.pipeline_fixtures import ROOT, child_env
 from train import checkpoint as ckpt_mod
 from train.checkpoint import (
     CheckpointError,
     RunDirLock,
-    checkpoint_path,
     claim_checkpoint_dir,
-    list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )

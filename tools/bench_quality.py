@@ -23,7 +23,7 @@ import torch
 from common.cli import ArgumentParser, UserError, run_main
 from common.config import ConfigError, config_to_dict
 from common.io import atomic_write_json, atomic_write_text
-from eval.checkpoint import newest_checkpoint
+from common.run_layout import newest_checkpoint
 from eval.pseudo_mask_quality import pseudo_mask_predictions, pseudo_mask_summary
 from eval.quality import (
     ARMS,

@@ -19,12 +19,13 @@ from common.cli import ArgumentParser, run_main
 from common.config import config_to_dict
 from common.dist import DistInfo
 from common.io import atomic_write_json
+from common.run_layout import checkpoint_path
 from eval.runner import run_all
 from model.registry import build_model
 from model.text import load_tokenizer
 from tools import make_tiny_bert, pack_shards, verify_shards
 from tools.eval import ensure_data
-from train.checkpoint import checkpoint_path, load_checkpoint
+from train.checkpoint import load_checkpoint
 from train.config import load_pretrain_config
 from train.pretrain import seed_everything, train
 from train.validate import validate

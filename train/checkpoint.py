@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import pickle
 import random
-import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,10 @@ import torch
 from common.cli import UserError
 from common.io import DirectoryLock, atomic_open, remove_stale_temp_files
 from common.log import get_logger
+from common.run_layout import list_checkpoints
 
 logger = get_logger("train")
 
-CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
 # What `train.pretrain` stores; a file without these keys (an exported encoder, another project's
 # checkpoint) cannot resume a run.
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "scaler", "step", "loader", "rng", "config")
@@ -76,10 +75,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_path(output_dir: str | Path, step: int) -> Path:
-    return Path(output_dir) / "checkpoints" / f"step_{step:08d}.pt"
-
-
 def save_checkpoint(path: Path, payload: dict[str, Any], keep_last: int) -> list[Path]:
     """Write `payload` (with "run_id" and "step") atomically to `path`, then prune; returns the pruned.
 
@@ -111,14 +106,6 @@ def prune_checkpoints(newest: Path, run_id: str, step: int, keep_last: int) -> l
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed
-
-
-def list_checkpoints(directory: str | Path) -> list[Path]:
-    """`step_*.pt` files in `directory`, oldest first by name (readable or not)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if CKPT_RE.match(p.name) and p.is_file())
 
 
 def _read(path: Path, map_location, mmap: bool) -> dict:

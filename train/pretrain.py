@@ -33,6 +33,7 @@ from common.config import ConfigError, config_to_dict, save_config
 from common.dist import DistInfo, all_reduce_mean, cleanup, exit_with_launcher, init_distributed
 from common.io import atomic_open
 from common.log import get_logger, setup_logging
+from common.run_layout import checkpoint_path
 from model.config import changed_fields
 from model.export import export_unet_state_dicts, unwrap
 from model.registry import build_model
@@ -42,7 +43,6 @@ from train.checkpoint import (
     LEGACY_RUN_ID,
     CheckpointError,
     RunDirLock,
-    checkpoint_path,
     claim_checkpoint_dir,
     find_resume_checkpoint,
     load_checkpoint,
