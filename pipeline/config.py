@@ -12,8 +12,21 @@ from typing import Literal
 
 from common.config import ConfigError
 
-TRANSFORM_NAMES = ("g2d_train", "g2d_paper", "g2d_paper_eval", "mgca_train", "mgca_eval", "eval")
-CROPPING = ("g2d_paper", "g2d_paper_eval", "mgca_train", "mgca_eval")  # output side = crop_size
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name -> (resize mode, crop mode, degrees, shear, brightness, contrast, mean, std)
+TRANSFORM_TABLE = {
+    "g2d_train": ("squash", None, 15.0, 15.0, 0.2, 0.2, IMAGENET_MEAN, IMAGENET_STD),
+    "g2d_paper": ("squash", "random", 0.0, 0.0, 0.0, 0.0, (0.0,), (1.0,)),
+    "g2d_paper_eval": ("squash", "centre", 0.0, 0.0, 0.0, 0.0, (0.0,), (1.0,)),
+    "mgca_train": ("longest_pad", "random", 0.0, 0.0, 0.0, 0.0, (0.5,), (0.5,)),
+    "mgca_eval": ("longest_pad", "centre", 0.0, 0.0, 0.0, 0.0, (0.5,), (0.5,)),
+    "eval": ("squash", None, 0.0, 0.0, 0.0, 0.0, IMAGENET_MEAN, IMAGENET_STD),
+}
+# The transform names and which of them crop (their output side is crop_size) follow from the table.
+TRANSFORM_NAMES = tuple(TRANSFORM_TABLE)
+CROPPING = tuple(name for name, row in TRANSFORM_TABLE.items() if row[1] is not None)
 
 
 @dataclass

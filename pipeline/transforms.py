@@ -46,25 +46,12 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.config import DataConfig
+from pipeline.config import TRANSFORM_TABLE, DataConfig
 
 # One small warp per call, so OpenCV's thread pool buys nothing; the loader's workers are the
 # parallelism. Set at import, before any warp and before DataLoader forks: a pool created in the
 # parent deadlocks forked workers that touch OpenCV (seen: two workers stuck on a futex).
 cv2.setNumThreads(1)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# name -> (resize mode, crop mode, degrees, shear, brightness, contrast, mean, std)
-_TABLE = {
-    "g2d_train": ("squash", None, 15.0, 15.0, 0.2, 0.2, IMAGENET_MEAN, IMAGENET_STD),
-    "g2d_paper": ("squash", "random", 0.0, 0.0, 0.0, 0.0, (0.0,), (1.0,)),
-    "g2d_paper_eval": ("squash", "centre", 0.0, 0.0, 0.0, 0.0, (0.0,), (1.0,)),
-    "mgca_train": ("longest_pad", "random", 0.0, 0.0, 0.0, 0.0, (0.5,), (0.5,)),
-    "mgca_eval": ("longest_pad", "centre", 0.0, 0.0, 0.0, 0.0, (0.5,), (0.5,)),
-    "eval": ("squash", None, 0.0, 0.0, 0.0, 0.0, IMAGENET_MEAN, IMAGENET_STD),
-}
 
 
 @dataclass(frozen=True)
@@ -107,9 +94,9 @@ def _per_channel(values: tuple[float, ...] | list[float], channels: int) -> tupl
 
 
 def build_spec(cfg: DataConfig, name: str) -> TransformSpec:
-    if name not in _TABLE:
-        raise ValueError(f"unknown transform {name!r}; choose one of {sorted(_TABLE)}")
-    resize, crop_mode, degrees, shear, brightness, contrast, mean, std = _TABLE[name]
+    if name not in TRANSFORM_TABLE:
+        raise ValueError(f"unknown transform {name!r}; choose one of {sorted(TRANSFORM_TABLE)}")
+    resize, crop_mode, degrees, shear, brightness, contrast, mean, std = TRANSFORM_TABLE[name]
     # An affine is applied as one warp from the decoded image (apply_geometry), which is defined for
     # the squash resize only; every named transform with an affine squashes.
     assert not (degrees or shear) or resize == "squash", name
