@@ -38,6 +38,7 @@ from shards.schema import (
     TAR_BLOCK,
     ManifestError,
     check_member_header,
+    parse_dali_index,
     read_manifest,
     split_shards,
     stale_index_message,
@@ -60,28 +61,18 @@ class ShardIndex:
 
 
 def parse_index(tar_path: str, idx_path: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Read a wds2idx v1.2 index: `v1.2 <count>` then per sample `ext offset size name` x members."""
+    """A shard's DALI index (shards.schema.parse_dali_index) as keys + [count, members] offsets/sizes."""
     try:
-        lines = Path(idx_path).read_text(encoding="utf-8").splitlines()
+        text = Path(idx_path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ManifestError(f"index file missing: {idx_path} (belongs to {tar_path})") from None
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit():
-        raise ManifestError(f"{idx_path}: not a v1.2 DALI index (first line {lines[:1]})")
-    count = int(head[1])
-    body = [ln for ln in lines[1:] if ln.strip()]
-    if len(body) != count:
-        raise ManifestError(f"{idx_path}: header says {count} samples, found {len(body)} lines")
-    offsets = np.full((count, len(MEMBER_ORDER)), -1, dtype=np.int64)
-    sizes = np.zeros((count, len(MEMBER_ORDER)), dtype=np.int64)
+    samples = parse_dali_index(text, idx_path)
+    offsets = np.full((len(samples), len(MEMBER_ORDER)), -1, dtype=np.int64)
+    sizes = np.zeros((len(samples), len(MEMBER_ORDER)), dtype=np.int64)
     keys = []
-    for row, line in enumerate(body):
-        fields = line.split()
-        if len(fields) % 4:
-            raise ManifestError(f"{idx_path}:{row + 2}: expected 'ext offset size name' groups")
+    for row, members in enumerate(samples):
         key = None
-        for g in range(0, len(fields), 4):
-            ext, off, size, member = fields[g : g + 4]
+        for ext, off, size, member in members:
             stem, _, member_ext = member.partition(".")
             if not KEY_RE.match(stem) or member_ext != ext:
                 # Keys name batches, errors and DALI's source_info; a name outside the pattern (a path,
@@ -94,8 +85,8 @@ def parse_index(tar_path: str, idx_path: str) -> tuple[list[str], np.ndarray, np
                 key = stem
             if stem != key or ext not in EXT_COLUMN:
                 raise ManifestError(f"{idx_path}:{row + 2}: unexpected member {member!r}")
-            offsets[row, EXT_COLUMN[ext]] = int(off)
-            sizes[row, EXT_COLUMN[ext]] = int(size)
+            offsets[row, EXT_COLUMN[ext]] = off
+            sizes[row, EXT_COLUMN[ext]] = size
         keys.append(key)
     return keys, offsets, sizes
 

@@ -145,6 +145,39 @@ def stale_index_message(shard: str, detail: str) -> str:
     return f"{STALE_INDEX}{shard}: run make verify-shards / repack ({detail})"
 
 
+# DALI's wds2idx index, "v1.2": a header `v1.2 <count>`, then one line per sample listing each member as
+# `ext offset size name` (offset of the member's data in the tar). Written by the packer, rebuilt by
+# verify-shards, parsed by the pipeline: this is the one definition of it.
+DALI_INDEX_VERSION = "v1.2"
+IndexEntry = tuple[str, int, int, str]  # (ext, data offset, size, member name)
+
+
+def format_dali_index(samples: list[list[IndexEntry]]) -> str:
+    """The index text of a shard whose samples have these members, in tar order."""
+    lines = (" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in members) for members in samples)
+    return f"{DALI_INDEX_VERSION} {len(samples)}\n" + "".join(line + "\n" for line in lines)
+
+
+def parse_dali_index(text: str, where: str) -> list[list[IndexEntry]]:
+    """Inverse of `format_dali_index`; a malformed index is a ManifestError naming `where` and the line."""
+    lines = text.splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != DALI_INDEX_VERSION or not head[1].isdigit():
+        raise ManifestError(f"{where}: not a {DALI_INDEX_VERSION} DALI index (first line {lines[:1]})")
+    body = [ln for ln in lines[1:] if ln.strip()]
+    if len(body) != int(head[1]):
+        raise ManifestError(f"{where}: header says {head[1]} samples, found {len(body)} lines")
+    samples = []
+    for row, line in enumerate(body):
+        fields = line.split()
+        if not fields or len(fields) % 4 or not all(f.isdigit() for f in fields[1::4] + fields[2::4]):
+            raise ManifestError(f"{where}:{row + 2}: expected 'ext offset size name' groups")
+        samples.append(
+            [(fields[g], int(fields[g + 1]), int(fields[g + 2]), fields[g + 3]) for g in range(0, len(fields), 4)]
+        )
+    return samples
+
+
 def shard_name(split: str, index: int) -> str:
     """Relative path of shard `index` of `split` under the dataset root."""
     return f"{split}/{split}-{index:06d}.tar"

@@ -24,8 +24,16 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from shards.schema import KEY_RE, MEMBER_ORDER, ManifestError, check_member_crcs, read_manifest, split_shards
-from shards.writer import DALI_INDEX_VERSION
+from shards.schema import (
+    KEY_RE,
+    MEMBER_ORDER,
+    IndexEntry,
+    ManifestError,
+    check_member_crcs,
+    format_dali_index,
+    read_manifest,
+    split_shards,
+)
 
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
 
@@ -97,7 +105,7 @@ def _check_members(name: str, data: bytes, idx_path: str, expected: dict) -> Sha
     """Parse the tar `data` and check every sample, the count and the index (see module docstring)."""
     keys: list[str] = []
     samples: list[tuple[str, dict[str, bytes]]] = []
-    index_lines: list[str] = []
+    index_rows: list[list[IndexEntry]] = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
             for member in tar:
@@ -111,13 +119,12 @@ def _check_members(name: str, data: bytes, idx_path: str, expected: dict) -> Sha
                         return ShardCheck(name, f"sample {key}: members not contiguous", keys)
                     keys.append(key)
                     samples.append((key, {}))
-                    index_lines.append("")
+                    index_rows.append([])
                 members = samples[-1][1]
                 if ext in members or any(MEMBER_ORDER.index(e) > MEMBER_ORDER.index(ext) for e in members):
                     return ShardCheck(name, f"sample {key}: member {ext} repeated or out of order", keys)
                 members[ext] = tar.extractfile(member).read()
-                entry = f"{ext} {member.offset_data} {member.size} {member.name}"
-                index_lines[-1] = f"{index_lines[-1]} {entry}" if index_lines[-1] else entry
+                index_rows[-1].append((ext, member.offset_data, member.size, member.name))
     except (tarfile.TarError, EOFError, OSError) as exc:
         return ShardCheck(name, f"tar does not parse ({type(exc).__name__}: {exc})", keys)
     for key, members in samples:
@@ -129,7 +136,7 @@ def _check_members(name: str, data: bytes, idx_path: str, expected: dict) -> Sha
     idx = Path(idx_path)
     if not idx.is_file():
         return ShardCheck(name, f"index {idx.name} missing", keys)
-    want = f"{DALI_INDEX_VERSION} {len(samples)}\n" + "".join(line + "\n" for line in index_lines)
+    want = format_dali_index(index_rows)
     if idx.read_bytes() != want.encode("utf-8"):
         return ShardCheck(name, f"index {idx.name} does not match the tar's members", keys)
     return ShardCheck(name, "", keys)

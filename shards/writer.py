@@ -40,13 +40,14 @@ from shards.schema import (
     MANIFEST_NAME,
     MEMBER_CRC_FIELD,
     MEMBER_ORDER,
+    IndexEntry,
     check_key,
+    format_dali_index,
     index_name,
     member_crc32,
     shard_name,
 )
 
-DALI_INDEX_VERSION = "v1.2"
 # Recorded in the manifest's config: a rerun reuses only shards written by this writer version
 # (2: member crc32 in the sample json, rejections stored once).
 WRITER_VERSION = 2
@@ -189,7 +190,7 @@ def with_member_crcs(sample: PackedSample) -> dict[str, bytes]:
 def write_shard(path: str | Path, samples: Iterable[PackedSample]) -> tuple[int, list[str]]:
     """Write samples to `path` (a .tar) and its `.idx`; returns (num_samples, keys). Atomic."""
     path = Path(path)
-    index_lines: list[str] = []
+    index_rows: list[list[IndexEntry]] = []
     keys: list[str] = []
     with atomic_open(path, "wb") as raw:
         # USTAR headers are exactly one 512-byte block for our short names, so a member's data
@@ -210,15 +211,14 @@ def write_shard(path: str | Path, samples: Iterable[PackedSample]) -> tuple[int,
                     info = _tarinfo(member, len(payload))
                     header_offset = tar.offset
                     tar.addfile(info, io.BytesIO(payload))
-                    parts.append(f"{ext} {header_offset + 512} {len(payload)} {member}")
-                index_lines.append(" ".join(parts))
+                    parts.append((ext, header_offset + 512, len(payload), member))
+                index_rows.append(parts)
                 keys.append(sample.key)
     if not keys:
         path.unlink()
         raise ValueError(f"{path}: refusing to write an empty shard")
-    idx_text = f"{DALI_INDEX_VERSION} {len(keys)}\n" + "".join(line + "\n" for line in index_lines)
     with atomic_open(path.with_suffix(".idx"), "w") as fh:
-        fh.write(idx_text)
+        fh.write(format_dali_index(index_rows))
     return len(keys), keys
 
 

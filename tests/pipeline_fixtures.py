@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from shards.image import encode_jpeg, encode_png
-from shards.schema import MEMBER_CRC_FIELD, MEMBER_ORDER, member_crc32
+from shards.schema import MEMBER_CRC_FIELD, MEMBER_ORDER, member_crc32, parse_dali_index
 from shards.writer import PackedSample, pack_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,19 +142,30 @@ def tiny_tokenizer(texts: list[str]):
     )
 
 
+def member_span(shard: Path, sample: int, ext: str) -> tuple[str, int, int]:
+    """(key, data offset, size) of the `ext` member of the shard's `sample`-th sample, from its index."""
+    idx_path = shard.with_suffix(".idx")
+    for member_ext, offset, size, name in parse_dali_index(idx_path.read_text(), str(idx_path))[sample]:
+        if member_ext == ext:
+            return name.partition(".")[0], offset, size
+    raise KeyError(f"{shard} sample {sample}: no {ext} member")
+
+
+def find_member(root: Path, manifest: dict, key: str, ext: str) -> tuple[str, int, int]:
+    """(shard name, offset, size) of `key`'s `ext` member."""
+    for rec in manifest["_shard_records"]:
+        if key in rec["keys"]:
+            _, offset, size = member_span(root / rec["name"], rec["keys"].index(key), ext)
+            return rec["name"], offset, size
+    raise KeyError(key)
+
+
 def corrupt_member(root: Path, manifest: dict, key: str, ext: str, payload: bytes | None = None) -> str:
     """Overwrite the start of `key`'s `ext` member in its shard (same size, so the index still fits).
     Returns the shard name."""
-    for rec in manifest["_shard_records"]:
-        if key in rec["keys"]:
-            idx = (root / rec["name"]).with_suffix(".idx").read_text().splitlines()[1 + rec["keys"].index(key)]
-            fields = idx.split()
-            for g in range(0, len(fields), 4):
-                if fields[g] == ext:
-                    offset, size = int(fields[g + 1]), int(fields[g + 2])
-                    data = payload if payload is not None else b"\x00" * min(size, 64)
-                    with open(root / rec["name"], "r+b") as fh:
-                        fh.seek(offset)
-                        fh.write(data[:size])
-                    return rec["name"]
-    raise KeyError(key)
+    name, offset, size = find_member(root, manifest, key, ext)
+    data = payload if payload is not None else b"\x00" * min(size, 64)
+    with open(root / name, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(data[:size])
+    return name

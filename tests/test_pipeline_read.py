@@ -17,7 +17,7 @@ from common.dist import DistInfo
 from pipeline import CorruptSampleError, CorruptSampleWarning, DataConfig, build_loader
 from pipeline.plan import DatasetIndex
 from shards.schema import ManifestError
-from tests.pipeline_fixtures import corrupt_member, pack_tiny
+from tests.pipeline_fixtures import corrupt_member, find_member, pack_tiny
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 BACKENDS = ("torch", "dali")
@@ -34,22 +34,10 @@ def config(root, **kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
-def member(root, manifest, key: str, ext: str) -> tuple[str, int, int]:
-    """(shard name, offset, size) of `key`'s `ext` member, from the shard's index."""
-    for rec in manifest["_shard_records"]:
-        if key in rec["keys"]:
-            line = (root / rec["name"]).with_suffix(".idx").read_text().splitlines()[1 + rec["keys"].index(key)]
-            fields = line.split()
-            for g in range(0, len(fields), 4):
-                if fields[g] == ext:
-                    return rec["name"], int(fields[g + 1]), int(fields[g + 2])
-    raise KeyError(key)
-
-
 def zero_scan_bytes(root, manifest, key: str, n: int = 300) -> tuple[str, bytes]:
     """Zero `n` bytes in the middle of `key`'s JPEG entropy-coded data (after the SOS marker): the
     damage decoders accept without complaint. Returns (shard name, the damaged jpg)."""
-    name, offset, size = member(root, manifest, key, "jpg")
+    name, offset, size = find_member(root, manifest, key, "jpg")
     with open(root / name, "r+b") as fh:
         fh.seek(offset)
         data = bytearray(fh.read(size))
@@ -65,7 +53,7 @@ def zero_scan_bytes(root, manifest, key: str, n: int = 300) -> tuple[str, bytes]
 
 def largest_jpg_key(root, manifest) -> str:
     keys = [k for rec in manifest["_shard_records"] if rec["name"].startswith("train/") for k in rec["keys"]]
-    return max(keys[1:-1], key=lambda k: member(root, manifest, k, "jpg")[2])
+    return max(keys[1:-1], key=lambda k: find_member(root, manifest, k, "jpg")[2])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -78,8 +66,8 @@ def test_damage_that_still_decodes_is_caught_by_the_crc(tiny, tmp_path, backend)
     Image.open(io.BytesIO(damaged)).load()  # the decoder alone accepts it
     # A report with one letter changed: still UTF-8, still a plausible text, but not what was packed.
     txt_key = "tr0013"
-    _, offset, _ = member(copy, manifest, txt_key, "txt")
-    with open(copy / member(copy, manifest, txt_key, "txt")[0], "r+b") as fh:
+    _, offset, _ = find_member(copy, manifest, txt_key, "txt")
+    with open(copy / find_member(copy, manifest, txt_key, "txt")[0], "r+b") as fh:
         fh.seek(offset)
         first = fh.read(1)
         fh.seek(offset)

@@ -32,6 +32,7 @@ from shards.schema import CHEXPERT_LABELS, MEMBER_CRC_FIELD, ManifestError, read
 from shards.synthetic.downstream import write_all, write_dicom
 from shards.verify import ShardError, verify_dataset
 from shards.writer import LOCK_NAME, OutputLocked, output_lock
+from tests.pipeline_fixtures import member_span
 from tools import pack_downstream, pack_shards, synth_downstream, synth_mimic, verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,15 +135,6 @@ def packed(tmp_path_factory):
 # 1. Per-member CRC-32: written at pack time, checked by verify-shards
 
 
-def _member_span(out: Path, shard: dict, ext: str) -> tuple[str, int, int]:
-    """(key, data offset, size) of the first sample's `ext` member, from the shard's DALI index."""
-    first = (out / shard["index"]).read_text().splitlines()[1].split()
-    for i in range(0, len(first), 4):
-        if first[i] == ext:
-            return first[i + 3].split(".")[0], int(first[i + 1]), int(first[i + 2])
-    raise AssertionError(f"no {ext} in {first}")
-
-
 def test_every_sample_json_carries_the_crc32_of_its_members(packed, tmp_path):
     manifest = packed["manifest"]
     for shard in split_shards(packed["out"], manifest, "train"):
@@ -172,7 +164,7 @@ def test_verify_names_shard_and_key_of_a_jpeg_with_zeroed_scan_data(packed, tmp_
     out = tmp_path / "damaged"
     shutil.copytree(packed["out"], out)
     shard = packed["manifest"]["splits"]["train"]["shards"][1]
-    key, offset, size = _member_span(out, shard, "jpg")
+    key, offset, size = member_span(out / shard["name"], 0, "jpg")
     data = bytearray((out / shard["name"]).read_bytes())
     start = offset + size // 2 - 150
     data[start : start + 300] = bytes(300)
