@@ -17,9 +17,9 @@
 # Usage: [PHASES="pipeline profile tests train levers"] tools/device_check.sh OUT_DIR [STUDIES]
 #   STUDIES: synthetic corpus size (default 15000 at 384 px -> 256-px shards: ~13,500 train images,
 #   >= 100 batches per epoch at batch 128, so epoch start-up is amortised as in a real run);
-#   PHASES: which of the five to run (default all). Phase limits are ceilings summing to ~8.5 minutes
-#   (env ~10 s, data 100 (~40 ms of CPU per 384-px study), pipeline 40, profile 30, tests 100,
-#   train 150, levers 90); a phase cut by its limit keeps what it wrote so far.
+#   PHASES: which of the five to run (default all). Phase limits are ceilings summing to ~8 minutes
+#   (env ~10 s, data 90 (~40 ms of CPU per 384-px study: ~40 s on 16 cores), pipeline 40, profile 30,
+#   tests 90, train 150, levers 70); a phase cut by its limit keeps what it wrote so far.
 set -u
 OUT_DIR=${1:?usage: tools/device_check.sh OUT_DIR [STUDIES]}
 STUDIES=${2:-15000}
@@ -64,7 +64,7 @@ cat "$OUT_DIR/setup.log"
 # 384-px sources: the shards store 256 px either way, and generating 15,000 studies at 2048 px would
 # take most of the budget.
 phase "data: $STUDIES synthetic studies at 384 px -> 256-px shards"
-timeout 100 $PY -m tools.pack_shards --synthetic data/synthetic_gpu --synth-n "$STUDIES" --synth-size 384 \
+timeout 90 $PY -m tools.pack_shards --synthetic data/synthetic_gpu --synth-n "$STUDIES" --synth-size 384 \
   --out data/shards/mimic --workers "$CORES" --seed 0 >> "$OUT_DIR/setup.log" 2>&1
 echo "data rc=$?"; tail -3 "$OUT_DIR/setup.log"
 
@@ -79,7 +79,7 @@ run_phase() {
 run_phase pipeline bench_pipeline.log 40 $PY -m tools.bench_pipeline --device cuda --shards data/shards/mimic \
   --batch-size 64 --epochs 1 --runs 2 --workers "$CORES"
 run_phase profile profile_dali.log 30 $PY -m tools.profile_dali --device cuda --shards data/shards/mimic
-run_phase tests test_gpu.log 100 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+run_phase tests test_gpu.log 90 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
 # ours vs official at 128, data excluded + included; the largest batch per GPU; one profiled step.
 run_phase train bench_train.log 150 $PY -m tools.bench_train --models g2d_resnet50 --batch-sizes 128 \
   --shards data/shards/mimic --steps 5 --max-batch --profile
@@ -88,7 +88,7 @@ if want train; then cat bench/results/train_profile_gpu.txt >> "$OUT_DIR/bench_t
 # only; results are saved after every arm): merged into train_gpu.json as "levers".
 if want levers; then
   phase levers
-  timeout 90 $PY -m tools.bench_train --models g2d_resnet50 --batch-sizes 256 --shards none --steps 5 \
+  timeout 70 $PY -m tools.bench_train --models g2d_resnet50 --batch-sizes 256 --shards none --steps 5 \
     --arms ours,eager_attn,bucket16,compile,graphs --no-doc --results-dir bench/results/levers >> "$OUT_DIR/bench_train.log" 2>&1
   echo "levers rc=$?"; tail -12 "$OUT_DIR/bench_train.log"
   $PY - <<'EOF'
