@@ -110,6 +110,22 @@ class ImageLimits:
             )
 
 
+def add_image_limit_arguments(parser) -> None:
+    """`--min-side` / `--max-pixels` (the `ImageLimits` bounds) for every packing command."""
+    parser.add_argument(
+        "--min-side",
+        type=int,
+        default=DEFAULT_MIN_SIDE,
+        help="reject source images with a side shorter than this (pixels)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="reject source images with more pixels than this (checked before decoding)",
+    )
+
+
 @dataclass
 class Decoded:
     gray: np.ndarray  # [h, w] uint8, possibly DCT-downscaled (see decode_gray)

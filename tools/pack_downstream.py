@@ -15,7 +15,7 @@ from pathlib import Path
 from common.cli import ArgumentParser, UserError, run_main
 from shards.downstream import DATASETS, DEFAULT_SAMPLES_PER_SHARD, convert
 from shards.downstream.common import format_summary
-from shards.image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from shards.image import add_image_limit_arguments
 from shards.writer import default_workers
 
 
@@ -29,18 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=default_workers())
     ap.add_argument("--seed", type=int, default=0, help="split seed (subsets always use 42)")
     ap.add_argument("--samples-per-shard", type=int, default=DEFAULT_SAMPLES_PER_SHARD)
-    ap.add_argument(
-        "--min-side",
-        type=int,
-        default=DEFAULT_MIN_SIDE,
-        help="reject source images with a side shorter than this (pixels)",
-    )
-    ap.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="reject source images with more pixels than this (checked before decoding)",
-    )
+    add_image_limit_arguments(ap)
     args = ap.parse_args(argv)
     manifest = convert(
         args.dataset,

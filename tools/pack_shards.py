@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from common.cli import ArgumentParser, UserError, run_main
-from shards.image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
+from shards.image import add_image_limit_arguments
 from shards.master import METADATA_CSV
 from shards.mimic import (
     DEFAULT_MAX_SIDE,
@@ -79,18 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         "--keep-test", action="store_true", help="keep `test` as its own split (MGCA merges it into valid)"
     )
     parser.add_argument("--crop-threshold", type=int, default=0, help="pixels <= this count as black border")
-    parser.add_argument(
-        "--min-side",
-        type=int,
-        default=DEFAULT_MIN_SIDE,
-        help="reject source images with a side shorter than this (pixels)",
-    )
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help="reject source images with more pixels than this (checked before decoding)",
-    )
+    add_image_limit_arguments(parser)
     parser.add_argument(
         "--max-report-bytes",
         type=int,
