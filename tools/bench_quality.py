@@ -144,9 +144,6 @@ def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch
 
         return Stage(f"pretrain/{arm}/s{seed}", run, inputs)
 
-    for seed in seeds:
-        stages += [pretrain(arm, seed) for arm in TRAINED_ARMS]
-
     def checkpoint_of(done: dict, arm: str, seed: int) -> str:
         # The random arm takes the G2D checkpoint's architecture (and random weights).
         return done[f"pretrain/{'g2d' if arm == 'random' else arm}/s{seed}"]["checkpoint"]
@@ -181,13 +178,20 @@ def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch
 
         return Stage(f"{kind}/{arm}/s{seed}", run, {**size_inputs, "pretrain": scale.pretrain_overrides, "seed": seed})
 
+    # Order: each trained arm's pretraining is followed by its evaluations, and random init (which
+    # does not depend on the seed, and takes the G2D checkpoint's architecture) follows the first
+    # G2D arm. So the first answer, trained vs random init, lands before the second arm trains: a run
+    # stopped early (a session's time limit) already has one complete comparison.
     for seed in seeds:
-        arms = ARMS if seed == seeds[0] else TRAINED_ARMS  # random init does not depend on the seed
-        for spec in scale.runs:
-            task, fraction = parse_run(spec)
-            for arm in arms:
-                stages += [evaluation(arm, seed, task, fraction, v) for v in variants_for(task, arm)]
-        stages += [per_image(kind, arm, seed) for kind in ("retrieval", "pseudo_mask") for arm in arms]
+        for arm in TRAINED_ARMS:
+            stages.append(pretrain(arm, seed))
+            evaluated = [arm] + (["random"] if arm == "g2d" and seed == seeds[0] else [])
+            # The cheap per-image stages first, then the tasks in the scale's order (cheap ones first).
+            stages += [per_image(kind, a, seed) for kind in ("retrieval", "pseudo_mask") for a in evaluated]
+            for spec in scale.runs:
+                task, fraction = parse_run(spec)
+                for a in evaluated:
+                    stages += [evaluation(a, seed, task, fraction, v) for v in variants_for(task, a)]
     return stages
 
 
