@@ -41,7 +41,7 @@ from shards.master import (
     read_master_csv,
     write_master_csv,
 )
-from shards.paths import outside_root
+from shards.paths import is_inside, outside_root
 from shards.schema import CHEXPERT_LABELS, FRONTAL_VIEWS, MANIFEST_NAME, check_key
 from shards.sections import DEFAULT_MAX_REPORT_BYTES, clean_section
 from shards.writer import PackedSample, Rejected, check_pack_params, output_lock, pack_splits
@@ -111,7 +111,14 @@ def build_sample(
             key, item.image, f"report too large: training text {text_bytes} bytes > max_report_bytes {max_report_bytes}"
         )
     if image_roots:
-        outside = outside_root(Path(item.image), *map(Path, image_roots))
+        # pack_mimic passes roots already resolved, so the common case resolves only the image's own
+        # path (~0.1 ms less per image); outside_root, which resolves everything, words the refusal.
+        try:
+            real = Path(item.image).resolve()
+            inside = any(is_inside(real, Path(root)) for root in image_roots)
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop on Python 3.11
+            inside = False
+        outside = "" if inside else outside_root(Path(item.image), *map(Path, image_roots))
         if outside:
             return Rejected(key, item.image, outside)
     if Path(item.image).exists() and not Path(item.image).is_file():
@@ -310,7 +317,7 @@ def _pack_mimic_locked(
         quality=quality,
         crop_threshold=crop_threshold,
         limits=limits,
-        image_roots=(str(root), str(root / "files")),
+        image_roots=(str(root.resolve()), str((root / "files").resolve())),
         max_report_bytes=max_report_bytes,
     )
     extra = {"filtered": master.filtered, "report_problems": master.report_problems}

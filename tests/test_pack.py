@@ -359,3 +359,39 @@ def test_synthetic_corpus_packs_and_verifies(tmp_path):
     assert len(samples) == manifest["num_samples"]
     assert all(s["txt"].decode("utf-8").strip() for s in samples.values())
     assert verify_dataset(tmp_path / "out")["num_samples"] == manifest["num_samples"]
+
+
+def _framed_jpeg(h: int, w: int, frame: int) -> bytes:
+    """A smooth radiograph stand-in whose left `frame` columns are black (a detector frame)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = (60 + 150 * np.exp(-((xx - w / 2) ** 2 + (yy - h / 2) ** 2) / (0.2 * h * w))).astype(np.uint8)
+    img[:, :frame] = 0
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def test_draft_decodes_finer_when_the_crop_would_store_less_than_max_side():
+    # 2048 px wide: the 1/8 draft is exactly 256 px, and cropping the 400-px frame would leave 206 px.
+    # The packer decodes once more at 1/4, so the stored longer side is still max_side, with the
+    # geometry and pixels of a full-resolution decode (within resampling differences).
+    from shards.image import decode_gray, reduce_array
+
+    data = _framed_jpeg(1600, 2048, 400)
+    red = reduce_image_bytes(data, DEFAULT_MAX_SIDE)
+    full = reduce_array(decode_gray(data).gray, DEFAULT_MAX_SIDE)  # no draft: the reference
+    assert red.orig_size == [2048, 1600]
+    assert red.stored_size == full.stored_size and max(red.stored_size) == DEFAULT_MAX_SIDE
+    assert all(abs(a - b) <= 8 for a, b in zip(red.crop_box, full.crop_box))
+    assert np.abs(red.image.astype(int) - full.image.astype(int)).mean() < 2
+    # Without a frame the 1/8 draft is enough: the same stored size, one decode.
+    plain = reduce_image_bytes(_framed_jpeg(1600, 2048, 0), DEFAULT_MAX_SIDE)
+    assert plain.stored_size == [256, 200] and plain.scale == [0.125, 0.125]
+
+
+def test_one_chunk_decode_still_rejects_a_truncated_jpeg():
+    # The whole file goes to libjpeg in one call (decode_gray): a cut file must still be an error,
+    # never a gray-padded image.
+    data = _framed_jpeg(1600, 2048, 0)
+    with pytest.raises(OSError, match="truncated"):
+        reduce_image_bytes(data[: len(data) // 2], DEFAULT_MAX_SIDE)
