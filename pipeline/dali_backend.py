@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from pipeline.batch import (
+    BackendOptions,
     CorruptSampleError,
     HostBatch,
     LoaderStats,
@@ -111,9 +112,10 @@ class _Feed:
     and the drawn parameters of the columns the transform uses (`names`). Called by DALI in order,
     from the thread that runs the pipeline; `fed` keeps what the unpacking step needs, in order."""
 
-    def __init__(self, index: DatasetIndex, spec: TransformSpec, seed: int, bad: dict[int, str], load_masks: bool):
-        self.index, self.spec, self.seed, self.bad, self.load_masks = index, spec, seed, bad, load_masks
-        self.exts = ("jpg", "txt", "json") + (("png",) if load_masks else ())
+    def __init__(self, index: DatasetIndex, options: BackendOptions, bad: dict[int, str]):
+        spec, load_masks = options.spec, options.load_masks
+        self.index, self.spec, self.seed, self.bad, self.load_masks = index, spec, options.seed, bad, load_masks
+        self.exts = options.exts
         self.names = (
             ["jpg"]
             + (["png"] if load_masks else [])
@@ -298,31 +300,27 @@ class DaliBatches:
     def __init__(
         self,
         index: DatasetIndex,
-        spec: TransformSpec,
-        seed: int,
+        options: BackendOptions,
         tokenizer: BatchTokenizer | None,
-        keep_size: bool,
         bad: dict[int, str],
-        on_error: str,
-        num_threads: int,
-        prefetch: int,
-        batch_size: int,
-        device: torch.device,
-        use_gpu: bool,
-        load_masks: bool,
-        load_boxes: bool,
         stats: LoaderStats | None,
     ):
-        self.index, self.spec, self.seed, self.tokenizer = index, spec, seed, tokenizer
-        self.keep_size, self.bad, self.on_error = keep_size, bad, on_error
-        self.num_threads, self.prefetch, self.batch_size, self.device = num_threads, prefetch, batch_size, device
+        self.index, self.options, self.tokenizer, self.bad = index, options, tokenizer, bad
+        self.spec, self.seed, self.keep_size, self.on_error = (
+            options.spec,
+            options.seed,
+            options.keep_size,
+            options.on_error,
+        )
+        self.num_threads, self.prefetch, self.batch_size = options.workers, options.prefetch, options.batch_size
+        self.device = device = options.device
         self.device_id = None
-        if use_gpu and device.type == "cuda":
+        if options.gpu_decode and device.type == "cuda":
             self.device_id = device.index if device.index is not None else torch.cuda.current_device()
         # The loader's counters, not a callback into the loader: a Loader <-> DaliBatches cycle would
         # leave the pipeline to the garbage collector, which a forked worker may then run (segfault).
-        self.load_masks, self.load_boxes, self.stats = load_masks, load_boxes, stats
-        self.feed = _Feed(index, spec, seed, bad, load_masks)
+        self.load_masks, self.load_boxes, self.stats = options.load_masks, options.load_boxes, stats
+        self.feed = _Feed(index, options, bad)
         self._pipe = self._it = None
         self._open = False  # the iterator has run a pass (reset needed before the next)
         self.builds = 0  # pipelines built: 1 for the loader's lifetime unless DALI failed

@@ -24,11 +24,11 @@ import warnings
 from collections.abc import Iterator
 
 from common.dist import DistInfo
-from pipeline.batch import Batch, CorruptSampleError, HostBatch, LoaderStats
+from pipeline.batch import BackendOptions, Batch, CorruptSampleError, HostBatch, LoaderStats
 from pipeline.config import DataConfig
 from pipeline.plan import DatasetIndex, PlanArgs, RankPlan, num_batches
 from pipeline.text import BatchTokenizer
-from pipeline.transforms import build_spec, colour_normalise, colour_normalise_cpu
+from pipeline.transforms import CpuColourNormalise, build_spec, colour_normalise
 from shards.schema import STALE_INDEX, ManifestError
 
 
@@ -48,6 +48,22 @@ class Loader:
             else None
         )
         self.backend = self._choose_backend(cfg.backend, dist.device.type == "cuda")
+        cuda = dist.device.type == "cuda"
+        self.options = BackendOptions(  # what either backend needs to know, decided once
+            spec=self.spec,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size_per_gpu,
+            workers=cfg.num_workers,
+            prefetch=cfg.prefetch,
+            keep_size=cfg.drop_last,
+            on_error=cfg.on_error,
+            load_masks=cfg.load_masks,
+            load_boxes=cfg.load_boxes,
+            device=dist.device,
+            gpu_decode=cuda and (cfg.dali_decode == "auto" if self.backend == "dali" else cfg.torch_gpu_decode),
+            profile=profile,
+        )
+        self._cpu_colour = CpuColourNormalise(self.spec)  # the torch backend's device step without a GPU
         self.stats = LoaderStats()
         self.epoch = 0
         self._consumed = 0  # batches of `epoch` handed to the consumer
@@ -132,44 +148,17 @@ class Loader:
         return self.plan_args.make(self.index, self.epoch if epoch is None else epoch)
 
     def _host_batches(self, plan: RankPlan, first: int) -> Iterator[HostBatch]:
-        cfg, cuda = self.cfg, self.device.type == "cuda"
         if self.backend == "dali":
             if self._workers is None:
                 from pipeline.dali_backend import DaliBatches
 
-                self._workers = DaliBatches(
-                    self.index,
-                    self.spec,
-                    cfg.seed,
-                    self.tokenizer,
-                    cfg.drop_last,
-                    self._bad,
-                    cfg.on_error,
-                    cfg.num_workers,
-                    cfg.prefetch,
-                    cfg.batch_size_per_gpu,
-                    self.device,
-                    use_gpu=cuda and cfg.dali_decode == "auto",
-                    load_masks=cfg.load_masks,
-                    load_boxes=cfg.load_boxes,
-                    stats=self.stats,
-                )
+                self._workers = DaliBatches(self.index, self.options, self.tokenizer, self._bad, self.stats)
             return self._workers.iterate(plan, first)
         if self._workers is None:
             from pipeline.torch_backend import EpochBatches, TorchBatches
 
-            dataset = EpochBatches(
-                self.index,
-                self.plan_args,
-                self.spec,
-                self.tokenizer,
-                cfg.drop_last,
-                cfg.load_masks,
-                cfg.load_boxes,
-                gpu_decode=cfg.torch_gpu_decode and cuda,
-                profile=self.profile,
-            )
-            self._workers = TorchBatches(dataset, cfg.num_workers, cfg.prefetch, pin_memory=cuda, max_batches=len(plan))
+            dataset = EpochBatches(self.index, self.plan_args, self.options, self.tokenizer)
+            self._workers = TorchBatches(dataset, max_batches=len(plan))
         return self._workers.iterate(plan.epoch, first)
 
     def close(self) -> None:
@@ -248,7 +237,7 @@ class Loader:
         image = hb.image.to(device, non_blocking=nb)
         t_colour = time.thread_time() if self.profile else 0.0
         if not hb.normalised and device.type == "cpu":
-            image = colour_normalise_cpu(image, hb.colour, self.spec)  # [B, C, H, W] float32
+            image = self._cpu_colour(image, hb.colour)  # [B, C, H, W] float32
         elif not hb.normalised:
             colour = hb.colour.to(device, non_blocking=nb) if hb.colour is not None else None
             image = colour_normalise(image, colour, self.spec)  # [B, C, H, W] float32

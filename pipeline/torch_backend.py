@@ -2,14 +2,17 @@
 
 Each worker reads its samples with pread at the index's offsets (no tar parsing, nothing extracted;
 a batch's reads sorted by shard and offset, since a batch mixes shards), checks them (tar headers,
-CRCs), decodes with PIL (DCT-domain draft when the stored image is at least twice the needed size),
-applies the geometry (OpenCV warp / torchvision.transforms.v2.functional; masks nearest, boxes as
+CRCs), decodes (DCT-domain scaling when the stored image is at least twice the needed size; with an
+affine, OpenCV's imdecode straight to an array, else PIL), applies the geometry (one OpenCV warp
+written straight into the sample's row of the batch tensor, allocated in shared memory up front: no
+per-sample image, no collate copy / torchvision.transforms.v2.functional; masks nearest, boxes as
 BoundingBoxes), and tokenises the batch's reports. Images stay uint8 until the last step: a batch
 leaves the worker as uint8 [B, 1, H, W] with each sample's (brightness, contrast), 4x fewer bytes
 through shared memory (and over PCIe) than float, and no fresh float pages to fault in per batch;
 colour jitter + normalisation then run in the loader's device step, batched on the GPU
-(`transforms.colour_normalise`) or as per-sample lookup tables on a CPU
-(`transforms.colour_normalise_cpu`).
+(`transforms.colour_normalise`) or as per-sample lookup tables on a CPU, into recycled buffers
+(`transforms.CpuColourNormalise`). The small per-batch tensors (colour parameters, tokens) travel
+pickled inline (`HostBatch.__getstate__`), only the images through shared memory.
 
 Order: batch j of the plan is built by worker (j - first) % num_workers, and the DataLoader collects
 from workers round-robin, so batches arrive in plan order for any worker count (the output does not
@@ -39,10 +42,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.batch import (
+    BackendOptions,
     HostBatch,
     SampleError,
     SampleReader,
     boxes_of,
+    decode_gray,
     open_gray,
     peek_size,
     resolve_rows,
@@ -87,21 +92,9 @@ class EpochBatches(IterableDataset):
     every num_workers-th batch."""
 
     def __init__(
-        self,
-        index: DatasetIndex,
-        plan_args: PlanArgs,
-        spec: TransformSpec,
-        tokenizer: BatchTokenizer | None,
-        keep_size: bool,
-        load_masks: bool,
-        load_boxes: bool,
-        gpu_decode: bool,
-        profile: bool = False,
+        self, index: DatasetIndex, plan_args: PlanArgs, options: BackendOptions, tokenizer: BatchTokenizer | None
     ):
-        self.index, self.plan_args, self.spec, self.tokenizer = index, plan_args, spec, tokenizer
-        self.keep_size, self.load_masks, self.load_boxes = keep_size, load_masks, load_boxes
-        self.gpu_decode, self.profile = gpu_decode, profile
-        self.exts = ("jpg", "txt", "json") + (("png",) if load_masks else ())
+        self.index, self.plan_args, self.options, self.tokenizer = index, plan_args, options, tokenizer
         # Shared memory, created before the workers fork: they see every later write.
         self.position = torch.zeros(2, dtype=torch.int64).share_memory_()
 
@@ -121,44 +114,46 @@ class EpochBatches(IterableDataset):
             reader.close()
 
     def _draft_size(self, width: int, height: int) -> tuple[int, int]:
-        return resized_size(self.spec, width, height)
+        return resized_size(self.options.spec, width, height)
 
-    def _sample(self, shard: ShardIndex, row: int, epoch: int, reader: SampleReader, clock: StageClock) -> dict:
-        key = shard.keys[row]
-        members = reader.read_row(shard, row, self.exts)
+    def _sample(
+        self, shard: ShardIndex, row: int, epoch: int, reader: SampleReader, clock: StageClock, i: int, out: dict
+    ) -> dict:
+        """Read, check and decode one sample; its image (and mask) are warped straight into row `i` of
+        the batch arrays `out` ("image", "mask": [n, c, c] uint8 views of the batch tensors)."""
+        opt, spec = self.options, self.options.spec
+        members = reader.read_row(shard, row, opt.exts)
         clock.lap("read")
         text, meta = text_and_meta(members)
         clock.lap("check")
-        out = {"text": text, "meta": meta, "params": draw_params(self.spec, self.plan_args.seed, epoch, key)}
+        params = draw_params(spec, self.plan_args.seed, epoch, shard.keys[row])
+        sample = {"text": text, "meta": meta, "params": params}
         clock.lap("params")
-        if self.gpu_decode:
-            out["size"] = peek_size(members["jpg"], "jpg")
-            out["jpeg"] = torch.frombuffer(bytearray(members["jpg"]), dtype=torch.uint8)
+        if opt.gpu_decode:
+            sample["size"] = peek_size(members["jpg"], "jpg")
+            sample["jpeg"] = torch.frombuffer(bytearray(members["jpg"]), dtype=torch.uint8)
         else:
-            img, out["size"] = open_gray(members["jpg"], "jpg", self._draft_size)
+            # With an affine the warp takes the decoded array as it is; otherwise PIL's resize does.
+            decode = decode_gray if spec.has_affine else open_gray
+            img, sample["size"] = decode(members["jpg"], "jpg", self._draft_size)
             clock.lap("decode")
-            out["image"] = np.asarray(apply_geometry(img, self.spec, out["params"], *out["size"]))  # [H, W] u8
+            apply_geometry(img, spec, params, *sample["size"], out=out["image"][i])  # [c, c] uint8
             clock.lap("warp")
-        w, h = out["size"]
-        if self.load_masks:
+        w, h = sample["size"]
+        if opt.load_masks:
             mask, mask_size = open_gray(members["png"], "png")
             if mask_size != (w, h):
                 raise SampleError(f"png: mask is {mask_size}, image is {(w, h)}")
-            out["mask"] = np.asarray(apply_geometry(mask, self.spec, out["params"], w, h, nearest=True))
-        if self.load_boxes:
-            out["boxes"] = transform_boxes(boxes_of(out["meta"]), self.spec, out["params"], w, h)
+            apply_geometry(mask, spec, params, w, h, nearest=True, out=out["mask"][i])
+        if opt.load_boxes:
+            sample["boxes"] = transform_boxes(boxes_of(meta), spec, params, w, h)
         clock.lap("warp")
-        return out
-
-    @staticmethod
-    def _stack(arrays: list[np.ndarray], shared: bool) -> torch.Tensor:
-        out = _batch_tensor((len(arrays), 1) + arrays[0].shape, torch.uint8, shared)  # [n, 1, H, W]
-        np.stack(arrays, out=out.numpy()[:, 0])
-        return out
+        return sample
 
     def build(self, plan: RankPlan, j: int, reader: SampleReader) -> HostBatch:
         t0 = time.perf_counter()
-        clock = StageClock(self.profile)
+        opt = self.options
+        clock = StageClock(opt.profile)
         shared = get_worker_info() is not None
         batch = plan.batches[j]
         gids = batch.tolist()
@@ -166,13 +161,21 @@ class EpochBatches(IterableDataset):
         located = [(self.index.shards[s], g - int(self.index.shard_start[s])) for s, g in zip(sids.tolist(), gids)]
         keys = [shard.keys[row] for shard, row in located]
         shards = [shard.name for shard, _ in located]
+        # The batch tensors up front (shared memory in a worker), each sample warped into its row.
+        side = opt.spec.out_size
+        tensors = {
+            name: _batch_tensor((len(gids), 1, side, side), torch.uint8, shared)  # [n, 1, c, c]
+            for name, wanted in (("image", not opt.gpu_decode), ("mask", opt.load_masks))
+            if wanted
+        }
+        rows_out = {name: t.numpy()[:, 0] for name, t in tensors.items()}
         rows: list[dict | None] = [None] * len(gids)
         reasons: list[str | None] = [None] * len(gids)
         # Read in (shard, offset) order: global ids are shard-major in file order, and a batch draws
         # from many shards.
         for i in sorted(range(len(gids)), key=gids.__getitem__):
             try:
-                rows[i] = self._sample(*located[i], plan.epoch, reader, clock)
+                rows[i] = self._sample(*located[i], plan.epoch, reader, clock, i, rows_out)
             except SampleError as exc:
                 reasons[i] = exc.reason
         errors = [
@@ -180,7 +183,7 @@ class EpochBatches(IterableDataset):
             for g, k, s, r in zip(gids, keys, shards, reasons)
             if r is not None
         ]
-        keep, filled = resolve_rows([r is None for r in reasons], self.keep_size)
+        keep, filled = resolve_rows([r is None for r in reasons], opt.keep_size)
         picked = [rows[i] for i in keep]
         hb = HostBatch(
             index=j,
@@ -195,15 +198,13 @@ class EpochBatches(IterableDataset):
         )
         if picked:
             params = [r["params"] for r in picked]
-            if self.gpu_decode:
-                hb.colour = colour_params(params) if self.spec.has_jitter else None
+            hb.colour = colour_params(params) if opt.spec.has_jitter else None
+            if keep != list(range(len(gids))):  # bad samples: their rows dropped (or refilled)
+                tensors = {name: _select_rows(t, keep, shared) for name, t in tensors.items()}
+            hb.image, hb.mask = tensors.get("image"), tensors.get("mask")  # [n, 1, c, c] uint8
+            if opt.gpu_decode:
                 hb.jpeg, hb.sizes, hb.params = [r["jpeg"] for r in picked], [r["size"] for r in picked], params
-            else:
-                hb.colour = colour_params(params) if self.spec.has_jitter else None
-                hb.image = self._stack([r["image"] for r in picked], shared)  # [n, 1, H, W] uint8
-            if self.load_masks:
-                hb.mask = self._stack([r["mask"] for r in picked], shared)
-            if self.load_boxes:
+            if opt.load_boxes:
                 hb.boxes = [r["boxes"] for r in picked]
             clock.lap("collate")
             if self.tokenizer is not None:
@@ -222,6 +223,12 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> t
     proto = torch.empty(0, dtype=dtype)
     storage = proto._typed_storage()._new_shared(math.prod(shape))
     return proto.new(storage).view(shape)
+
+
+def _select_rows(t: torch.Tensor, rows: list[int], shared: bool) -> torch.Tensor:
+    """Rows `rows` of a batch tensor (repeats allowed), into a new batch tensor."""
+    out = _batch_tensor((len(rows),) + tuple(t.shape[1:]), t.dtype, shared)
+    return torch.index_select(t, 0, torch.as_tensor(rows, dtype=torch.long), out=out)
 
 
 def _identity(x):
@@ -244,9 +251,10 @@ class TorchBatches:
     """The loader's worker pool: one DataLoader with persistent workers for the loader's lifetime;
     `iterate(epoch, first)` is one pass. Workers are shut down by `close` (or with the loader)."""
 
-    def __init__(self, dataset: EpochBatches, num_workers: int, prefetch: int, pin_memory: bool, max_batches: int):
+    def __init__(self, dataset: EpochBatches, max_batches: int):
         self.dataset = dataset
-        self.workers = min(num_workers, max_batches)
+        opt = dataset.options
+        self.workers = min(opt.workers, max_batches)
         self.loader = None
         if self.workers > 0:
             if dataset.tokenizer is not None:
@@ -260,8 +268,8 @@ class TorchBatches:
                 dataset,
                 batch_size=None,
                 num_workers=self.workers,
-                prefetch_factor=prefetch,
-                pin_memory=pin_memory,
+                prefetch_factor=opt.prefetch,
+                pin_memory=opt.device.type == "cuda",
                 collate_fn=_identity,
                 persistent_workers=True,
                 generator=torch.Generator().manual_seed(0),

@@ -30,14 +30,15 @@ workers) or tensors (GPU decode); with one (g2d_train), a single warp by the com
 `apply_geometry`; OpenCV's warpAffine in the CPU workers, one batched grid_sample for GPU-decoded
 tensors), whose affine part reproduces torchvision's RandomAffine matrix (tested). Masks use
 nearest interpolation; boxes go through the torchvision calls as tv_tensors.BoundingBoxes. DALI
-applies the same steps with fn.resize / fn.crop / fn.warp_affine (matrix scaled to the decoded size
-with fn.transforms.scale/combine).
+applies the same steps with fn.resize / fn.crop / fn.warp_affine (the whole matrix computed by its
+feed with `geometry_matrix`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 
 import cv2
@@ -226,19 +227,52 @@ def geometry_matrix(spec: TransformSpec, params: SampleParams, decoded_w: int, d
     return (to_image @ np.vstack([warp_matrix(spec, params), [0.0, 0.0, 1.0]]))[:2]
 
 
-def _warp_array(img: np.ndarray, matrix: np.ndarray, out: int, nearest: bool) -> np.ndarray:
-    """[h, w] uint8 -> [out, out] uint8, the same map as `warp_tensors`, by OpenCV's warpAffine: 5x
-    faster than PIL's affine transform (0.26 vs 1.34 ms at 256 px), which was half of a g2d_train
-    sample's CPU cost. OpenCV puts pixel centres at integer coordinates, PIL/DALI/torchvision at +0.5:
-    the translation moves by A @ (0.5, 0.5) - 0.5. Bilinear weights are 1/32-pixel fixed point."""
+def _warp_array(
+    img: np.ndarray, matrix: np.ndarray, out: int, nearest: bool, dst: np.ndarray | None = None
+) -> np.ndarray:
+    """[h, w] uint8 -> [out, out] uint8 (into `dst` when given), the same map as `warp_tensors`, by
+    OpenCV's warpAffine: 5x faster than PIL's affine transform (0.26 vs 1.34 ms at 256 px), which was
+    half of a g2d_train sample's CPU cost. OpenCV puts pixel centres at integer coordinates,
+    PIL/DALI/torchvision at +0.5: the translation moves by A @ (0.5, 0.5) - 0.5. Bilinear weights are
+    1/32-pixel fixed point."""
     cv_matrix = matrix.astype(np.float64)  # [2, 3]: output pixel -> source pixel
     cv_matrix[:, 2] += cv_matrix[:, :2].sum(axis=1) * 0.5 - 0.5
+    return _warp_cv(img, cv_matrix, out, nearest, dst)
+
+
+def _warp_cv(img: np.ndarray, cv_matrix: np.ndarray, out: int, nearest: bool, dst: np.ndarray | None) -> np.ndarray:
     flags = (cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR) | cv2.WARP_INVERSE_MAP
-    return cv2.warpAffine(img, cv_matrix, (out, out), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return cv2.warpAffine(
+        img, cv_matrix, (out, out), dst=dst, flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
 
 
-def apply_geometry(img, spec: TransformSpec, params: SampleParams, width: int, height: int, nearest: bool = False):
-    """The geometry of one image (PIL image or [1, h, w] tensor) or mask (`nearest`).
+def opencv_matrix(spec: TransformSpec, params: SampleParams, decoded_w: int, decoded_h: int) -> np.ndarray:
+    """`geometry_matrix` in OpenCV's pixel convention (`_warp_array`), composed in plain floats: ~2 us,
+    where the numpy composition of small matrices costs ~12 us, 5% of a sample's warp."""
+    rot, sx = math.radians(params.angle), math.radians(params.shear)
+    cos, sin, tan = math.cos(rot), math.sin(rot), math.tan(sx)
+    a, b, c, d = cos - sin * tan, cos * tan + sin, -sin, cos  # inverse_affine_matrix's linear part
+    half = spec.size * 0.5  # about the centre, after the crop offset (warp_matrix)
+    t0 = half - (a + b) * half + a * params.crop_left + b * params.crop_top
+    t1 = half - (c + d) * half + c * params.crop_left + d * params.crop_top
+    fx, fy = decoded_w / spec.size, decoded_h / spec.size  # squashed S x S image -> decoded pixels
+    a, b, t0, c, d, t1 = a * fx, b * fx, t0 * fx, c * fy, d * fy, t1 * fy
+    return np.array([[a, b, t0 + (a + b) * 0.5 - 0.5], [c, d, t1 + (c + d) * 0.5 - 0.5]])
+
+
+def apply_geometry(
+    img,
+    spec: TransformSpec,
+    params: SampleParams,
+    width: int,
+    height: int,
+    nearest: bool = False,
+    out: np.ndarray | None = None,
+):
+    """The geometry of one image (PIL image, [1, h, w] tensor, or with an affine [h, w] uint8 array)
+    or mask (`nearest`). With `out` ([c, c] uint8; not for tensors): the result is written there (the
+    CPU workers' batch slot: no per-sample array, no collate copy) and `out` is returned.
 
     With an affine, resize + affine + crop run as ONE bilinear warp straight from the decoded image:
     PIL's bilinear warp costs as much as the antialiased resize, so this halves the CPU cost of
@@ -251,13 +285,18 @@ def apply_geometry(img, spec: TransformSpec, params: SampleParams, width: int, h
         if isinstance(img, torch.Tensor):
             matrix = geometry_matrix(spec, params, img.shape[-1], img.shape[-2])
             return warp_tensors([img], matrix[None], spec.out_size, nearest)[0]
-        return _warp_array(np.asarray(img), geometry_matrix(spec, params, *img.size), spec.out_size, nearest)
+        pixels = np.asarray(img)  # [h, w] uint8: a PIL image's copy, or the decoded array itself
+        matrix = opencv_matrix(spec, params, pixels.shape[1], pixels.shape[0])
+        return _warp_cv(pixels, matrix, spec.out_size, nearest, out)
     rw, rh = resized_size(spec, width, height)
     img = F.resize(img, [rh, rw], interpolation=interp, antialias=True)  # no-op for nearest (masks)
     if spec.resize == "longest_pad" and (rw, rh) != (spec.size, spec.size):
         img = F.pad(img, list(pad_box(spec, rw, rh)), fill=0)
     if spec.crop:
         img = F.crop(img, params.crop_top, params.crop_left, spec.crop, spec.crop)
+    if out is not None:
+        np.copyto(out, np.asarray(img))
+        return out
     return img
 
 
@@ -305,7 +344,9 @@ def colour_normalise(
     return torch.addcmul(shift, x, scale, out=out)  # [B, C, H, W] by broadcasting
 
 
-def colour_normalise_cpu(images: torch.Tensor, colour: torch.Tensor | None, spec: TransformSpec) -> torch.Tensor:
+def colour_normalise_cpu(
+    images: torch.Tensor, colour: torch.Tensor | None, spec: TransformSpec, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """`colour_normalise` for a CPU device: uint8 [B, 1, H, W] + (brightness, contrast) [B, 2] ->
     float32 [B, C, H, W], the same values (float rounding aside).
 
@@ -313,9 +354,10 @@ def colour_normalise_cpu(images: torch.Tensor, colour: torch.Tensor | None, spec
     they become one 256-entry table per sample and channel, applied by cv2.LUT (uint8 in, float32
     out): one read of the uint8 image and one write per output channel, where the float passes of
     `colour_normalise` read and write float images several times (0.55 -> ~0.12 ms per 256-px image
-    on one core, the largest single cost of a CPU-only sample)."""
+    on one core, the largest single cost of a CPU-only sample). `out` receives the result."""
     n = images.shape[0]
-    out = torch.empty((n, spec.channels) + tuple(images.shape[2:]), dtype=torch.float32)
+    if out is None:
+        out = torch.empty((n, spec.channels) + tuple(images.shape[2:]), dtype=torch.float32)
     pixels, target = images.numpy(), out.numpy()
     values = np.broadcast_to(np.arange(256, dtype=np.float64), (n, 256))  # [B, 256]
     if spec.has_jitter and colour is not None:
@@ -329,6 +371,38 @@ def colour_normalise_cpu(images: torch.Tensor, colour: torch.Tensor | None, spec
         for ch in range(spec.channels):
             cv2.LUT(pixels[i, 0], luts[i, ch], dst=target[i, ch])
     return out  # [B, C, H, W] float32
+
+
+class CpuColourNormalise:
+    """`colour_normalise_cpu` into recycled output buffers. A fresh float batch (25 MB at 32 x 3 x
+    256 x 256) is ~6,000 new pages the kernel faults in and zeroes: 0.17 ms per image, three times
+    the lookups themselves. A buffer is reused only once nothing refers to it any more (no tensor,
+    view or array made from the batch it went out in: the batch is a torch.from_numpy view, so its
+    numpy array's reference count says so), hence a consumer that keeps batches never sees one
+    overwritten; at most `keep` buffers are held, beyond that batches get fresh memory."""
+
+    def __init__(self, spec: TransformSpec, keep: int = 3):
+        self.spec, self.keep = spec, keep
+        self.buffers: list[np.ndarray] = []
+
+    def _buffer(self, shape: tuple[int, ...]) -> np.ndarray:
+        idle = None
+        for k in range(len(self.buffers)):  # (no loop variable: it would hold a reference itself)
+            if sys.getrefcount(self.buffers[k]) == 2:  # idle: referenced by the list and the call only
+                if self.buffers[k].shape == shape:
+                    return self.buffers[k]
+                idle = k
+        buf = np.empty(shape, dtype=np.float32)
+        if len(self.buffers) < self.keep:
+            self.buffers.append(buf)
+        elif idle is not None:  # an idle buffer of another batch shape (a short last batch) makes room
+            self.buffers[idle] = buf
+        return buf
+
+    def __call__(self, images: torch.Tensor, colour: torch.Tensor | None) -> torch.Tensor:
+        """uint8 [B, 1, H, W] + (brightness, contrast) [B, 2] -> float32 [B, C, H, W]."""
+        shape = (images.shape[0], self.spec.channels) + tuple(images.shape[2:])
+        return colour_normalise_cpu(images, colour, self.spec, out=torch.from_numpy(self._buffer(shape)))
 
 
 def colour_params(params: list[SampleParams]) -> torch.Tensor:

@@ -6,6 +6,8 @@ backends: DALI with device_id=None, torch DataLoader workers.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -390,12 +392,10 @@ def test_gpu_decode_path_matches_the_pil_path(tiny, name):
     args = PlanArgs(seed=7, rank=0, world_size=1, batch_size=8, shuffle=True, drop_last=True)
     plan = args.make(index, 0)
     spec = build_spec(cfg, name)
-    common = dict(
-        index=index, plan_args=args, spec=spec, tokenizer=None, keep_size=True, load_masks=False, load_boxes=False
-    )
+    loader = build_loader(cfg, "valid", CPU)
     reader = SampleReader(index)
-    pil = EpochBatches(gpu_decode=False, **common).build(plan, 1, reader)
-    raw = EpochBatches(gpu_decode=True, **common).build(plan, 1, reader)
+    pil = EpochBatches(index, args, loader.options, None).build(plan, 1, reader)
+    raw = EpochBatches(index, args, dataclasses.replace(loader.options, gpu_decode=True), None).build(plan, 1, reader)
     reader.close()
     assert raw.image is None and len(raw.jpeg) == 8
     assert gpu_decode(raw, spec, torch.device("cpu"), keep_size=True) == []
@@ -512,3 +512,95 @@ def test_cpu_colour_step_matches_the_batched_float_path():
             got = colour_normalise_cpu(images, colour if spec.has_jitter else None, spec)
             assert got.shape == want.shape == (5, channels, 32, 24)
             assert torch.allclose(got, want, atol=1e-5), name
+
+
+def test_cpu_colour_step_recycles_only_buffers_nothing_refers_to():
+    from pipeline.transforms import CpuColourNormalise, colour_normalise
+
+    spec = build_spec(DataConfig(), "g2d_train")
+    step = CpuColourNormalise(spec, keep=2)
+    gen = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8, generator=gen) for _ in range(4)]
+    colour = 0.8 + 0.4 * torch.rand(3, 2, generator=gen)
+
+    def buffer(t):  # where a batch's memory starts (views included)
+        return t.untyped_storage().data_ptr()
+
+    first = step(images[0], colour)
+    view = first[1:]  # a view keeps the buffer busy after `first` is gone
+    start = buffer(first)
+    del first
+    second = step(images[1], colour)
+    third = step(images[2], colour)  # both pooled buffers busy: fresh memory, not pooled
+    assert len({start, buffer(second), buffer(third)}) == 3 and buffer(view) == start
+    kept = view.clone()
+    del view
+    fourth = step(images[3], colour)
+    assert buffer(fourth) == start  # idle again: reused
+    assert torch.allclose(fourth, colour_normalise(images[3], colour, spec), atol=1e-5)
+    assert torch.allclose(second, colour_normalise(images[1], colour, spec), atol=1e-5)
+    assert torch.allclose(kept, colour_normalise(images[0], colour, spec)[1:], atol=1e-5)  # not overwritten
+
+
+def test_opencv_matrix_is_the_geometry_matrix_in_opencv_pixel_convention(tiny):
+    from pipeline.transforms import geometry_matrix, opencv_matrix
+
+    spec = build_spec(DataConfig(image_size=96), "g2d_train")
+    for key, (w, h) in zip(["a", "b", "c"], [(96, 96), (48, 60), (200, 130)]):
+        params = draw_params(spec, 3, 1, key)
+        want = geometry_matrix(spec, params, w, h)
+        want[:, 2] += want[:, :2].sum(axis=1) * 0.5 - 0.5
+        assert np.allclose(opencv_matrix(spec, params, w, h), want, atol=1e-9)
+
+
+@pytest.mark.parametrize("padding", ["longest", "max_length"])
+def test_batch_tokenizer_matches_the_transformers_call(tiny, tokenizer, padding):
+    from pipeline.text import BatchTokenizer
+
+    texts = all_texts(tiny[0])[:12] + ["", "a much longer report " * 40]
+    ids, mask, seconds = BatchTokenizer(tokenizer, 64, 8, padding)(texts)
+    want = tokenizer(texts, padding=padding, truncation=True, max_length=64, pad_to_multiple_of=8, return_tensors="pt")
+    assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
+    assert ids.dtype == mask.dtype == torch.int64 and ids.shape[1] == 64 and seconds >= 0
+
+
+def test_host_batch_sends_its_small_tensors_inline():
+    """Pickled for the trip from a worker, colour and tokens travel as numpy (no shared-memory segment
+    each); they come back as the same tensors."""
+    import pickle
+
+    from pipeline.batch import HostBatch
+
+    hb = HostBatch(index=0, gids=[1], keys=["k"], shards=["s"], texts=["t"], meta=[{}], image=torch.zeros(1, 1, 2, 2))
+    hb.colour, hb.input_ids = torch.tensor([[1.1, 0.9]]), torch.tensor([[2, 5, 3]])
+    hb.boxes = [torch.ones(1, 4)]
+    state = hb.__getstate__()
+    assert isinstance(state["colour"], np.ndarray) and isinstance(state["boxes"][0], np.ndarray)
+    assert isinstance(state["image"], torch.Tensor)  # the image stays a (shared-memory) tensor
+    back = pickle.loads(pickle.dumps(hb))
+    assert torch.equal(back.colour, hb.colour) and torch.equal(back.input_ids, hb.input_ids)
+    assert torch.equal(back.boxes[0], hb.boxes[0]) and back.attention_mask is None and back.keys == ["k"]
+
+
+def test_opencv_decode_is_pils_decode_and_bad_bytes_get_pils_reason(tiny):
+    """The torch workers' JPEG decode (OpenCV) gives PIL's pixels, sizes and DCT scaling, and every
+    JPEG it does not take (truncated, not a JPEG) fails exactly as PIL's decode does."""
+    from pipeline.batch import SampleError, SampleReader, decode_gray, jpeg_size, open_gray
+
+    root, _ = tiny
+    index = DatasetIndex(root, "train")
+    reader = SampleReader(index)
+    jpgs = [reader.read(g, ("jpg",))["jpg"] for g in range(8)]
+    reader.close()
+    for want in ((96, 96), (40, 40), (10, 10), (500, 500)):
+        for data in jpgs:
+            pixels, size = decode_gray(data, "jpg", lambda w, h, want=want: want)
+            img, pil_size = open_gray(data, "jpg", lambda w, h, want=want: want)
+            assert size == pil_size == jpeg_size(data) and np.array_equal(pixels, np.asarray(img))
+    for bad in (jpgs[0][: len(jpgs[0]) // 2], b"\xff\xd8not a frame\xff\xd9", b"GIF89a"):
+        with pytest.raises(SampleError) as ours:
+            decode_gray(bad, "jpg", lambda w, h: (96, 96))
+        with pytest.raises(SampleError) as pil:
+            open_gray(bad, "jpg", lambda w, h: (96, 96))
+        same = [re.sub(r"0x[0-9a-f]+", "", e.value.reason) for e in (ours, pil)]  # object addresses aside
+        assert same[0] == same[1] and same[0].startswith("jpg: cannot decode")

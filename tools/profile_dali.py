@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from common.io import atomic_write_json
+from pipeline.batch import BackendOptions
 from pipeline.config import DataConfig
 from pipeline.dali_backend import _build_pipeline, _Feed
 from pipeline.plan import DatasetIndex, PlanArgs
@@ -56,7 +57,20 @@ def build(stage: str, index: DatasetIndex, batch_size: int, threads: int, device
     from nvidia.dali import Pipeline, fn, types
 
     spec = build_spec(DataConfig(shards=str(index.root), transform="g2d_train", image_size=size), "g2d_train")
-    feed = LoopingFeed(index, spec, 0, {}, load_masks=False)
+    options = BackendOptions(
+        spec=spec,
+        seed=0,
+        batch_size=batch_size,
+        workers=threads,
+        prefetch=2,
+        keep_size=True,
+        on_error="raise",
+        load_masks=False,
+        load_boxes=False,
+        device=torch.device("cpu") if device_id is None else torch.device("cuda", device_id),
+        gpu_decode=device_id is not None,
+    )
+    feed = LoopingFeed(index, options, {})
     feed.start(
         PlanArgs(seed=0, rank=0, world_size=1, batch_size=batch_size, shuffle=True, drop_last=True).make(index, 0), 0
     )
