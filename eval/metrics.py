@@ -6,7 +6,8 @@
 - Segmentation (torch, any device): `dice_score`, `dice_positive_only`, `iou_score`, `segmentation_summary`.
 - Zero-shot grounding (torch): `pointing_game` (full-resolution maps), `grid_peak_hits` (the peak of
   the feature-grid map scored at its cell centre), `grounding_summary` (+ `MEDKLIP_GROUNDING` rule).
-- Detection (torch for boxes, numpy for the ranking): `box_iou`, `nms`, `average_precision`,
+- Detection (torch for boxes, numpy for the ranking): `box_iou`, `nms` (torchvision.ops, with MGCA's
+  "+1 pixel" IoU by a corner shift), `average_precision`,
   `map_over_thresholds` (VOC all-point), `coco_matches` + `coco_map` (COCO 101-point, numpy, with
   per-image weights for the bootstrap), `map_torchmetrics` (MGCA's exact metric call).
 
@@ -23,6 +24,7 @@ import math
 
 import numpy as np
 import torch
+import torchvision
 
 # ----------------------------------------------------------------------------------------------------
 # input checks
@@ -69,6 +71,10 @@ def _matrix_pair(Y, S) -> tuple[np.ndarray, np.ndarray]:
 # classification
 
 
+# Hand-written on purpose: scikit-learn is only a dev/test oracle here, and torchmetrics'
+# binary_auroc/binary_roc count positives in float32 (~1e-8 off sklearn on 1k samples) and apply a
+# sigmoid to scores outside [0, 1] (large logits become ties); the bootstrap's vectorised AUROC
+# and this one must agree to 1e-12 (tests/test_eval_bootstrap.py), which needs exact float64.
 def roc_auc(y_true, scores) -> float:
     """Binary AUROC as the Mann-Whitney statistic: the probability that a random positive scores
     above a random negative, ties counting one half (average ranks). Equals the trapezoidal area under
@@ -396,45 +402,38 @@ def grounding_summary(heatmaps, masks, threshold: float = 0.5, normalize: bool =
 # detection: boxes are (x1, y1, x2, y2) in pixels, one class
 
 
+def _boxes(x, name: str) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.dim() != 2 or x.shape[1] != 4:
+        raise ValueError(f"{name}: boxes must be [N, 4] (x1, y1, x2, y2), got {tuple(x.shape)}")
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _plus_one(boxes: torch.Tensor) -> torch.Tensor:
+    """Boxes whose torchvision widths are the "+1 pixel" ones: with (x2 + 1, y2 + 1) as the corners,
+    torchvision's (x2 - x1) area and overlap become (x2 - x1 + 1), the pixel-inclusive convention of
+    the YOLOv3 code MGCA's NMS uses, which torchvision has no switch for."""
+    return torch.cat([boxes[:, :2], boxes[:, 2:] + 1], dim=1)
+
+
 def box_iou(a, b, plus_one: bool = False) -> torch.Tensor:
-    """a: [N, 4], b: [M, 4] -> [N, M] IoU. Area is (x2 - x1) * (y2 - y1) (as torchvision and
-    pycocotools), or with `plus_one` (x2 - x1 + 1) * (y2 - y1 + 1), the pixel-inclusive convention of
-    the YOLOv3 code MGCA's NMS uses. Two zero-area boxes have IoU 0."""
-    a, b = torch.as_tensor(a), torch.as_tensor(b)
-    if a.dim() != 2 or a.shape[1] != 4 or b.dim() != 2 or b.shape[1] != 4:
-        raise ValueError(f"box_iou: boxes must be [N, 4] and [M, 4], got {tuple(a.shape)}, {tuple(b.shape)}")
-    a, b = a.to(torch.promote_types(a.dtype, torch.float32)), b.to(torch.promote_types(b.dtype, torch.float32))
-    one = 1.0 if plus_one else 0.0
-    area_a = (a[:, 2] - a[:, 0] + one).clamp_min(0) * (a[:, 3] - a[:, 1] + one).clamp_min(0)  # [N]
-    area_b = (b[:, 2] - b[:, 0] + one).clamp_min(0) * (b[:, 3] - b[:, 1] + one).clamp_min(0)  # [M]
-    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])  # [N, M, 2]
-    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])  # [N, M, 2]
-    wh = (bottom_right - top_left + one).clamp_min(0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp_min(torch.finfo(union.dtype).tiny), torch.zeros_like(inter))
+    """[N, 4] x [M, 4] (x1, y1, x2, y2) -> [N, M] IoU via torchvision.ops.box_iou. Area is
+    (x2 - x1) * (y2 - y1) (as torchvision and pycocotools), or with `plus_one` (x2 - x1 + 1) *
+    (y2 - y1 + 1) (`_plus_one`). Two zero-area boxes have IoU 0 (torchvision: 0/0 = nan)."""
+    a, b = _boxes(a, "box_iou a"), _boxes(b, "box_iou b")
+    if plus_one:
+        a, b = _plus_one(a), _plus_one(b)
+    return torchvision.ops.box_iou(a, b).nan_to_num(nan=0.0)
 
 
 def nms(boxes, scores, iou_threshold: float, plus_one: bool = False) -> torch.Tensor:
-    """Greedy non-maximum suppression: visit boxes by decreasing score, keep one unless it overlaps an
-    already kept box with IoU > iou_threshold (`box_iou`'s `plus_one` convention). Returns int64
-    indices of the kept boxes, by decreasing score (same contract as torchvision.ops.nms). Builds
-    the full [N, N] IoU matrix, so run it after the confidence filter (a few hundred boxes), not on
-    raw YOLO outputs.
-    """
-    boxes, scores = torch.as_tensor(boxes), torch.as_tensor(scores)
-    if boxes.dim() != 2 or boxes.shape[1] != 4 or scores.shape != (boxes.shape[0],):
+    """Greedy non-maximum suppression (torchvision.ops.nms): visit boxes by decreasing score, keep one
+    unless it overlaps an already kept box with IoU > iou_threshold (`box_iou`'s `plus_one`
+    convention). Returns int64 indices of the kept boxes, by decreasing score."""
+    boxes, scores = _boxes(boxes, "nms"), torch.as_tensor(scores)
+    if scores.shape != (boxes.shape[0],):
         raise ValueError(f"nms: boxes {tuple(boxes.shape)} must be [N, 4] and scores {tuple(scores.shape)} [N]")
-    order = scores.argsort(descending=True, stable=True)
-    overlaps = (box_iou(boxes[order], boxes[order], plus_one) > iou_threshold).cpu()  # [N, N], loop runs on CPU
-    suppressed = torch.zeros(order.numel(), dtype=torch.bool)
-    keep = []
-    for i in range(order.numel()):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        suppressed |= overlaps[i]
-    return order[torch.tensor(keep, dtype=torch.long, device=order.device)]
+    return torchvision.ops.nms(_plus_one(boxes) if plus_one else boxes, scores.to(boxes.dtype), iou_threshold)
 
 
 DEFAULT_IOU_THRESHOLDS = (0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70, 0.75)

@@ -34,6 +34,7 @@ from eval.tasks.detection import YOLOv3Head, build_targets, detect, scaled_ancho
 from model.export import export_unet_state_dicts
 from model.registry import build_model, model_config
 from model.text import build_tiny_text_model
+from shards import ensure as data_ensure
 from shards.downstream import DATASETS, convert
 from shards.synthetic.downstream import write_all
 from tools import eval as eval_cli
@@ -178,11 +179,11 @@ def test_cli_runs_a_task_and_fills_only_the_default_data_root(run_dir, data_root
     )
     assert "make shards DATASET=" in capsys.readouterr().err
     # ... while the default root is generated from the synthetic look-alikes (here shrunk to 8 images).
-    monkeypatch.setattr(eval_cli, "DEFAULT_DATA", str(tmp_path / "shards"))
-    monkeypatch.setattr(eval_cli, "DEFAULT_SRC", str(tmp_path / "src"))
-    monkeypatch.setattr(eval_cli, "SYNTH_N", 8)
-    monkeypatch.setattr(eval_cli, "MAX_SIDE", 64)
-    eval_cli.ensure_data(str(tmp_path / "shards"), ["covidx"], log=lambda *_: None)
+    monkeypatch.setattr(data_ensure, "DEFAULT_DOWNSTREAM", str(tmp_path / "shards"))
+    monkeypatch.setattr(data_ensure, "DEFAULT_DOWNSTREAM_SRC", str(tmp_path / "src"))
+    monkeypatch.setattr(data_ensure, "SYNTH_N", 8)
+    monkeypatch.setattr(data_ensure, "MAX_SIDE", 64)
+    data_ensure.ensure_data(str(tmp_path / "shards"), ["covidx"], log=lambda *_: None)
     manifest = json.loads((tmp_path / "shards" / "covidx" / "manifest.json").read_text())
     assert manifest["dataset"] == "covidx" and manifest["num_samples"] > 0
 
@@ -241,7 +242,10 @@ def test_yolo_target_assignment_and_decoding_hand_case():
     assert torch.allclose(targets[0]["txy"][0, 1, 1, 5], torch.tensor([45 / 8 - 5, 13 / 8 - 1]))
     # No-object mask: not at the positives, not at the ignored similar prior, yes at the dissimilar ones.
     assert targets[2]["noobj"][0, :, 0, 0].tolist() == [False, False, True]
-    assert targets[0]["noobj"][0, :, 1, 5].tolist() == [True, False, True]
+    # Box 2 at stride 8 vs prior (33, 23): in pixels 2.46 x 4.62 vs 5.08 x 3.54; with MGCA's +1
+    # (3.46 x 5.62 vs 6.08 x 4.54) the shape IoU is 15.71 / 31.31 = 0.502 > 0.5: ignored too
+    # (0.42 without the +1, which kept it in the no-object mask).
+    assert targets[0]["noobj"][0, :, 1, 5].tolist() == [True, False, False]
     assert int(targets[1]["noobj"].sum()) == 2 * 3 * 4 * 4 - 2 and int(targets[2]["noobj"][1].sum()) == 3 * 2 * 2
     # Predictions that encode exactly these targets decode back to the boxes (the three per box are
     # one box: NMS keeps one), objectness ~1.
@@ -672,3 +676,27 @@ def test_compare_two_runs_with_a_paired_interval(data_root, run_dir, tmp_path, c
     with pytest.raises(SystemExit) as done:
         run_main(compare_main, ["--a", run_a, "--b", run_a, "--task", "covidx_linear"], extra_errors=EVAL_USER_ERRORS)
     assert done.value.code == 2 and "is a 'rsna_linear' run" in capsys.readouterr().err
+
+
+def test_yolo_shape_iou_uses_plus_one_pixel_convention():
+    # Box 10 x 20 vs anchor 5 x 40, both centred at the origin, each side counting one pixel more:
+    # overlap (5+1)(20+1) = 126, areas 11*21 = 231 and 6*41 = 246 -> 126 / 351 (1/3 without the +1).
+    from eval.tasks.detection import _shape_iou
+
+    iou = _shape_iou(torch.tensor([[10.0, 20.0]]), torch.tensor([[5.0, 40.0], [10.0, 20.0]]))
+    torch.testing.assert_close(iou, torch.tensor([[126 / 351, 1.0]]))
+
+
+def test_detect_sends_every_confident_box_to_nms():
+    # 3,087 anchors at 224 px, all confident and far apart is impossible; instead all confident with
+    # one shape: NMS (not a cap) leaves one box per distinct location, and nothing is dropped before.
+    size = (224, 224)
+    anchors = scaled_anchors(size)
+    grids = [(28, 28), (14, 14), (7, 7)]
+    preds = [torch.zeros(1, 3, gh, gw, 6) for gh, gw in grids]
+    for p in preds:
+        p[..., 2:4] = -4.0  # tiny boxes (anchor * e^-4): no two cells overlap
+        p[..., 4] = 30.0
+    boxes, scores = detect(preds, anchors, size)[0]
+    assert boxes.shape[0] > 300  # the former 300-box cap would have cut this
+    assert torch.all(scores > 0.99)

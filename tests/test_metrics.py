@@ -388,3 +388,33 @@ def test_retrieval_topk_ranks_each_images_own_report():
     assert retrieval_topk(image, text, ks=(1, 2, 5)) == {"top1": 6 / 8, "top2": 1.0, "top5": 1.0}
     # Ties count in the model's favour: identical reports all rank first.
     assert retrieval_topk(image, torch.ones(8, 16) / 4, ks=(1,)) == {"top1": 1.0}
+
+
+def _greedy_nms_plus_one(boxes: list[list[float]], scores: list[float], threshold: float) -> list[int]:
+    """Independent reference: pure-Python greedy NMS with pixel-inclusive (+1) widths."""
+
+    def iou(a, b):
+        iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]) + 1)
+        ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]) + 1)
+        inter = iw * ih
+        area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+        return inter / (area(a) + area(b) - inter)
+
+    keep: list[int] = []
+    for i in sorted(range(len(scores)), key=lambda k: -scores[k]):
+        if all(iou(boxes[i], boxes[k]) <= threshold for k in keep):
+            keep.append(i)
+    return keep
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_torchvision_nms_with_shift_matches_plus_one_reference(seed):
+    # Integer-pixel boxes of 1-12 px, where the +1 matters most; distinct scores (no tie order).
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.randint(0, 30, (200, 2), generator=g).double()
+    wh = torch.randint(0, 12, (200, 2), generator=g).double()
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    scores = torch.randperm(200, generator=g).double() / 200
+    for threshold in (0.3, 0.5):
+        want = _greedy_nms_plus_one(boxes.tolist(), scores.tolist(), threshold)
+        assert M.nms(boxes, scores, threshold, plus_one=True).tolist() == want
