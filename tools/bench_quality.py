@@ -46,8 +46,11 @@ from eval.quality import (
 )
 from eval.runner import load_predictions, save_predictions
 from shards.downstream import convert
+from shards.ensure import ensure_synthetic
+from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD
 from shards.schema import read_manifest
 from shards.synthetic.downstream import write_all
+from shards.writer import default_workers
 from tools import make_tiny_bert, pack_shards, perfdoc, verify_shards
 from tools.eval import EVAL_USER_ERRORS
 
@@ -74,33 +77,23 @@ def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch
     data_inputs = {k: v for k, v in config_to_dict(scale).items() if k not in ("runs", "name")}
 
     def make_corpus(_done):
-        code = pack_shards.main(
-            [
-                "--synthetic",
-                str(corpus),
-                "--synth-n",
-                str(scale.studies),
-                "--synth-size",
-                str(scale.synth_size),
-                "--out",
-                str(shards),
-                "--max-side",
-                "256",
-                "--quality",
-                "95",
-                "--workers",
-                str(workers),
-                "--seed",
-                "0",
-            ]
+        root = ensure_synthetic(corpus, scale.studies, scale.synth_size, 0, workers)
+        pack_shards.pack(
+            root,
+            shards,
+            max_side=256,
+            quality=95,
+            samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD,
+            workers=workers,
+            seed=0,
         )
-        if code or verify_shards.main([str(shards)]):
+        if verify_shards.verify(shards, default_workers()):
             raise UserError(f"packing or verifying {shards} failed (see above)")
         splits = read_manifest(shards)["splits"]
         return {"shards": str(shards), "splits": {s: v["num_samples"] for s, v in splits.items()}}
 
     def make_bert(_done):
-        make_tiny_bert.main(["--shards", str(shards), "--out", str(bert)])
+        make_tiny_bert.build(shards, bert)
         return {"text_model": str(bert)}
 
     def make_downstream(_done):

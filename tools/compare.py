@@ -23,7 +23,8 @@ from common.io import atomic_write_json
 from eval.bootstrap import N_RESAMPLES, paired_difference
 from eval.runner import PREDICTIONS_NAME, clean_json, load_predictions, new_run_dir, resolve_for, run_eval
 from eval.tasks import get_task, load_task_config
-from tools.eval import EVAL_USER_ERRORS, ensure_data
+from shards.ensure import ensure_data
+from tools.eval import EVAL_USER_ERRORS
 
 
 def run_directory(spec: str) -> Path | None:

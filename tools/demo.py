@@ -23,8 +23,10 @@ from common.run_layout import checkpoint_path
 from eval.runner import run_all
 from model.registry import build_model
 from model.text import load_tokenizer
+from shards.ensure import ensure_data, ensure_synthetic
+from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD
+from shards.writer import default_workers
 from tools import make_tiny_bert, pack_shards, verify_shards
-from tools.eval import ensure_data
 from train.checkpoint import load_checkpoint
 from train.config import load_pretrain_config
 from train.pretrain import seed_everything, train
@@ -106,34 +108,22 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_pretrain_config(CONFIG, args.overrides)
     shards = cfg.data.shards
     stage("1/6 synthetic MIMIC-CXR-JPG corpus -> WebDataset shards")
-    code = pack_shards.main(
-        [
-            "--synthetic",
-            "data/synthetic_mimic_demo",
-            "--synth-n",
-            str(args.studies),
-            "--synth-size",
-            "512",
-            "--out",
-            shards,
-            "--max-side",
-            "256",
-            "--quality",
-            "95",
-            "--workers",
-            str(args.workers),
-            "--seed",
-            "0",
-        ]
+    corpus = ensure_synthetic(Path("data/synthetic_mimic_demo"), args.studies, 512, 0, args.workers)
+    pack_shards.pack(
+        corpus,
+        Path(shards),
+        max_side=256,
+        quality=95,
+        samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD,
+        workers=args.workers,
+        seed=0,
     )
-    if code:
-        raise SystemExit(code)
     stage("2/6 verify shards")
-    if verify_shards.main([shards]):
+    if verify_shards.verify(shards, default_workers()):
         raise SystemExit("shard verification failed")
     stage("3/6 tiny BERT + WordPiece tokenizer from the training reports")
     if not Path(cfg.model.text_model, "config.json").is_file():
-        make_tiny_bert.main(["--shards", shards, "--out", cfg.model.text_model])
+        make_tiny_bert.build(shards, cfg.model.text_model)
     else:
         print(f"using {cfg.model.text_model}")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from common.cli import run_main
 from common.config import ConfigError
@@ -33,39 +32,9 @@ from eval.checkpoint import (
 )
 from eval.runner import resolve_for, run_all, run_eval
 from eval.tasks import TASKS, UnknownTask, applicable_overrides, get_task, load_task_config
-from shards.downstream import convert
-from shards.downstream.common import format_summary
-from shards.schema import MANIFEST_NAME
-from shards.synthetic.downstream import write_all
-from shards.writer import default_workers
+from shards.ensure import DEFAULT_DOWNSTREAM, ensure_data
 
-DEFAULT_DATA = "data/shards/downstream"
-DEFAULT_SRC = "data/synthetic_downstream"
-SYNTH_N, SYNTH_SEED, MAX_SIDE = 120, 0, 512  # the Makefile's synth-downstream / shards defaults
-
-
-def ensure_data(data_root: str, datasets: list[str], log=print) -> None:
-    """Every dataset must be packed under data_root. Only the default root is filled automatically
-    (with the synthetic look-alikes); a user-given root missing a dataset is an error saying how to pack it."""
-    root = Path(data_root)
-    missing = [d for d in dict.fromkeys(datasets) if not (root / d / MANIFEST_NAME).is_file()]
-    if not missing:
-        return
-    if root.resolve() != Path(DEFAULT_DATA).resolve():
-        raise FileNotFoundError(
-            f"no packed shards for {missing} under {root} (expected {root}/<dataset>/{MANIFEST_NAME}); pack them "
-            f"with `make shards DATASET=<name> SRC=<native download> OUT={root}`, or leave DATA unset to use "
-            "the synthetic downstream shards"
-        )
-    src = Path(DEFAULT_SRC)
-    to_render = [d for d in missing if not (src / d).is_dir()]
-    if to_render:
-        log(f"[eval] writing synthetic downstream datasets {to_render} to {src} (n={SYNTH_N})")
-        write_all(src, SYNTH_N, SYNTH_SEED, workers=default_workers(), datasets=tuple(to_render))
-    for name in missing:
-        log(f"[eval] packing {src / name} -> {root / name}")
-        manifest = convert(name, src / name, root, max_side=MAX_SIDE, workers=default_workers(), seed=SYNTH_SEED)
-        log(format_summary(manifest))
+DEFAULT_DATA = DEFAULT_DOWNSTREAM
 
 
 def main(argv: list[str] | None = None) -> int:

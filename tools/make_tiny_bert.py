@@ -39,6 +39,14 @@ def shard_texts(shards_root: str | Path, split: str = "train") -> list[str]:
     return texts
 
 
+def build(shards_root: str | Path, out: str | Path, hidden: int = 64, layers: int = 2, vocab_size: int = 2000) -> Path:
+    """Train the tokenizer on the train split's reports and save the random BERT + tokenizer in `out`."""
+    texts = shard_texts(shards_root)
+    saved = build_tiny_text_model(out, texts, hidden=hidden, layers=layers, vocab_size=vocab_size)
+    print(f"tiny BERT ({layers} layers, hidden {hidden}) + tokenizer from {len(texts)} reports -> {saved}")
+    return Path(saved)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", default="data/shards/mimic", help="packed pretraining shards")
@@ -47,9 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=2000)
     args = parser.parse_args(argv)
-    texts = shard_texts(args.shards)
-    out = build_tiny_text_model(args.out, texts, hidden=args.hidden, layers=args.layers, vocab_size=args.vocab_size)
-    print(f"tiny BERT ({args.layers} layers, hidden {args.hidden}) + tokenizer from {len(texts)} reports -> {out}")
+    build(args.shards, args.out, hidden=args.hidden, layers=args.layers, vocab_size=args.vocab_size)
 
 
 if __name__ == "__main__":

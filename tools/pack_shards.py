@@ -12,12 +12,11 @@ packer holding --out, or nothing packed at all end in one line `error: ...` and 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from common.cli import ArgumentParser, UserError, run_main
+from shards.ensure import ensure_synthetic
 from shards.image import add_image_limit_arguments
-from shards.master import METADATA_CSV
 from shards.mimic import (
     DEFAULT_MAX_SIDE,
     DEFAULT_QUALITY,
@@ -26,33 +25,24 @@ from shards.mimic import (
     pack_mimic,
 )
 from shards.sections import DEFAULT_MAX_REPORT_BYTES
-from shards.synthetic.mimic import CORPUS_NAME, generate_mimic
 from shards.writer import default_workers
 
 
-def ensure_synthetic(root: Path, n: int, size: int, seed: int, workers: int) -> Path:
-    """Generate the synthetic MIMIC-CXR-JPG tree at `root` unless one is already there (an existing
-    corpus is packed as it is, even if made with other parameters: regenerating is `make synth`'s job)."""
-    marker = root / CORPUS_NAME
-    if (root / METADATA_CSV).is_file():
-        try:
-            made = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            made = {}  # a damaged marker only loses this informational line
-        made = made if isinstance(made, dict) else {}
-        if (made.get("n_studies"), made.get("size"), made.get("seed")) != (n, size, seed):
-            print(
-                f"synthetic corpus: {root} exists (n={made.get('n_studies')}, size={made.get('size')}, "
-                f"seed={made.get('seed')}); packing it as it is"
-            )
-        return root
-    print(f"synthetic corpus: generating {n} studies at {size} px in {root}")
-    try:
-        summary = generate_mimic(root, n=n, seed=seed, size=size, workers=workers)
-    except FileExistsError as exc:  # a non-empty folder that is not a corpus: never replaced
-        raise UserError(str(exc)) from exc
-    print(f"synthetic corpus: {summary['images']} images in {summary['seconds']:.1f} s")
-    return root
+def pack(root: Path, out: Path, **options) -> dict:
+    """pack_mimic(root, out, **options) plus this command's checks: nothing packed at all is a
+    UserError naming the manifest with the reasons; otherwise one summary line. Returns the manifest."""
+    manifest = pack_mimic(root, out, **options)
+    if manifest["num_samples"] == 0:
+        raise UserError(
+            f"nothing packed from {root}: {len(manifest['rejected'])} rows rejected, "
+            f"{sum(manifest.get('filtered', {}).values())} filtered (reasons in "
+            f"{out / 'manifest.json'})"
+        )
+    print(
+        f"pack_shards: {manifest['num_samples']} samples in {out} "
+        f"({len(manifest['rejected'])} rejected, listed in {out / 'manifest.json'})"
+    )
+    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         root = args.mimic
         per_shard = args.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
-    manifest = pack_mimic(
+    pack(
         root,
         args.out,
         reports_dir=args.reports,
@@ -111,16 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         min_side=args.min_side,
         max_pixels=args.max_pixels,
         max_report_bytes=args.max_report_bytes,
-    )
-    if manifest["num_samples"] == 0:
-        raise UserError(
-            f"nothing packed from {root}: {len(manifest['rejected'])} rows rejected, "
-            f"{sum(manifest.get('filtered', {}).values())} filtered (reasons in "
-            f"{args.out / 'manifest.json'})"
-        )
-    print(
-        f"pack_shards: {manifest['num_samples']} samples in {args.out} "
-        f"({len(manifest['rejected'])} rejected, listed in {args.out / 'manifest.json'})"
     )
     return 0
 
