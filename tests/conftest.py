@@ -22,7 +22,7 @@ def mimic_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory, mimic_shards) -> Path:
     from model.text import build_tiny_text_model
-    from tools.make_tiny_bert import shard_texts
+    from pipeline.reports import shard_texts
 
     return build_tiny_text_model(
         tmp_path_factory.mktemp("bert") / "tiny_bert",

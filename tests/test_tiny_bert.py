@@ -7,9 +7,9 @@ import tarfile
 import pytest
 
 from common.cli import UserError
+from pipeline.reports import shard_texts
 from shards.schema import read_manifest, split_shards
 from tests.pipeline_fixtures import corrupt_member, pack_tiny
-from tools.make_tiny_bert import shard_texts
 
 
 def _tar_texts(root, split):

@@ -55,6 +55,9 @@ from pipeline import DataConfig, build_loader
 from pipeline.batch import SampleReader, decode_meta, decode_text
 from pipeline.dali_backend import dali_available
 from pipeline.plan import DatasetIndex
+from shards.ensure import ensure_synthetic
+from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD
+from tools.pack_shards import pack
 from tools.perfdoc import update_section
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -116,16 +119,10 @@ class MGCAFiles(Dataset):
 def ensure_shards(shards: Path, workers: int) -> None:
     if (shards / "manifest.json").is_file():
         return
-    from tools.pack_shards import main as pack_main
 
     print(f"bench-pipeline: no shards at {shards}; packing the synthetic corpus (make shards defaults)")
-    if (
-        pack_main(
-            ["--synthetic", "data/synthetic_mimic", "--out", str(shards), "--workers", str(workers), "--seed", "0"]
-        )
-        != 0
-    ):
-        raise SystemExit("bench-pipeline: packing failed")
+    root = ensure_synthetic(Path("data/synthetic_mimic"), 400, 2048, 0, workers)
+    pack(root, shards, samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD, workers=workers, seed=0)
 
 
 def stored_samples(index: DatasetIndex) -> tuple[list[bytes], list[dict], list[str]]:

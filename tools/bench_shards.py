@@ -30,12 +30,12 @@ from PIL import Image
 
 from common.io import atomic_write_json
 from common.machine import cpu_model
+from shards.ensure import ensure_synthetic
 from shards.image import decode_gray, encode_jpeg, reduce_array
 from shards.master import METADATA_CSV
 from shards.mimic import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, pack_mimic
 from shards.schema import FRONTAL_VIEWS
 from shards.writer import default_workers
-from tools.pack_shards import ensure_synthetic
 from tools.perfdoc import update_section
 
 

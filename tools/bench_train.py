@@ -41,8 +41,8 @@ from model.registry import build_model, model_config
 from model.text import build_tiny_text_model, load_tokenizer
 from pipeline import build_loader
 from pipeline.config import DataConfig
+from pipeline.reports import shard_texts
 from shards.schema import read_manifest
-from tools.make_tiny_bert import shard_texts
 from tools.perfdoc import update_section
 from train.flops import count_step_flops, mfu, peak_flops
 from train.optim import OptimConfig, build_optimizer

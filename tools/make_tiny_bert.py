@@ -10,33 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.cli import ArgumentParser, UserError, run_main
+from common.cli import ArgumentParser, run_main
 from model.text import build_tiny_text_model
-from pipeline.batch import SampleError, SampleReader, text_and_meta
-from pipeline.plan import DatasetIndex
-
-
-def shard_texts(shards_root: str | Path, split: str = "train") -> list[str]:
-    """Every report of `split` in shard order, then index order (the tar's own member order).
-    A missing shard or index, or an index that does not match its tar, fails naming the file; a damaged
-    report (crc32 mismatch, not UTF-8) fails naming shard and key."""
-    index = DatasetIndex(shards_root, split)
-    reader = SampleReader(index)
-    texts = []
-    try:
-        for gid in range(index.num_samples):
-            try:
-                # json too: it holds the crc32 that tells a damaged report from a good one
-                text, _ = text_and_meta(reader.read(gid, ("txt", "json")))
-            except SampleError as exc:
-                shard, _ = index.locate(gid)
-                raise UserError(f"{shard.path}: sample {index.key(gid)}: {exc}; run `make verify-shards`") from exc
-            texts.append(text)
-    finally:
-        reader.close()
-    if not texts:
-        raise UserError(f"no reports (.txt members) in the {split} split of {shards_root}")
-    return texts
+from pipeline.reports import shard_texts
 
 
 def build(shards_root: str | Path, out: str | Path, hidden: int = 64, layers: int = 2, vocab_size: int = 2000) -> Path:
