@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlparse
 
 from common.config import ConfigError
 
@@ -29,9 +30,19 @@ TRANSFORM_NAMES = tuple(TRANSFORM_TABLE)
 CROPPING = tuple(name for name, row in TRANSFORM_TABLE.items() if row[1] is not None)
 
 
+def is_url(shards: str) -> bool:
+    """`data.shards` names remote shards (streamed, pipeline/stream.py) rather than a local dataset root:
+    a `pipe:` command or a URL with a scheme (https://, s3://, file://, ...). A Windows drive letter
+    (`C:/data`) is a path."""
+    return shards.startswith("pipe:") or len(urlparse(shards).scheme) > 1
+
+
 @dataclass
 class DataConfig:
-    shards: str = "data/shards/mimic"  # packed dataset root (holds manifest.json)
+    shards: str = "data/shards/mimic"  # packed dataset root (holds manifest.json), or a URL spec (streaming)
+    manifest: str | None = None  # streaming only: the manifest's URL (default: beside the shards)
+    stream_lanes: int = 8  # streaming: independent sequential readers per rank (workers divide it)
+    stream_buffer: int = 1000  # streaming: shuffle buffer per lane, in samples
     backend: Literal["auto", "dali", "torch"] = "auto"  # auto: dali with CUDA (if it imports), else torch
     batch_size_per_gpu: int = 128
     num_workers: int = 8  # torch: DataLoader worker processes; dali: CPU threads
@@ -49,7 +60,7 @@ class DataConfig:
     on_error: Literal["skip", "raise"] = "skip"  # a corrupt sample: skip it (recorded) or raise
     seed: int = 0  # shard order, sample order and augmentation draws
     shuffle: bool = True
-    shard_mix: int = 0  # shuffle within windows of k shards (0: the whole split); plan.py
+    shard_mix: int = 0  # shuffle within windows of k shards (0: the whole split; streaming: 4 at once)
     drop_last: bool = True  # training: every rank yields the same number of full batches
     subset: str | None = None  # data-efficiency fraction, e.g. "0.01": manifest["subsets"][split]
     subset_task: str | None = None  # take the subset from manifest["task_subsets"][task] instead
@@ -75,6 +86,8 @@ class DataConfig:
             "max_text_length",
             "text_pad_multiple",
             "prefetch",
+            "stream_lanes",
+            "stream_buffer",
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
@@ -90,5 +103,15 @@ class DataConfig:
                 )
         if self.std is not None and any(s <= 0 for s in self.std):
             raise ConfigError(f"data.std={self.std} must be positive")
+        if is_url(self.shards):
+            if self.backend == "dali":
+                raise ConfigError(
+                    f"data.backend=dali needs local shard files (DALI reads members by offset); "
+                    f"data.shards={self.shards!r} is streamed: use data.backend=torch (or auto)"
+                )
+        elif self.manifest is not None:
+            raise ConfigError(
+                f"data.manifest is for streamed shards; local shards read {self.shards}/manifest.json (unset it)"
+            )
         if self.subset_task is not None and self.subset is None:
             raise ConfigError("data.subset_task needs data.subset (the fraction, e.g. '0.01')")

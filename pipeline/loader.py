@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 from common.dist import DistInfo
 from pipeline.batch import BackendOptions, Batch, CorruptSampleError, HostBatch, LoaderStats
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, is_url
 from pipeline.plan import DatasetIndex, PlanArgs, RankPlan, num_batches
 from pipeline.text import BatchTokenizer
 from pipeline.transforms import CpuColourNormalise, build_spec, colour_normalise
@@ -40,7 +40,7 @@ class Loader:
     def __init__(self, cfg: DataConfig, split: str, dist: DistInfo, tokenizer=None, profile: bool = False):
         self.cfg, self.split, self.dist, self.profile = cfg, split, dist, profile
         self.device = dist.device
-        self.index = DatasetIndex(cfg.shards, split, cfg.subset, cfg.subset_task, need_masks=cfg.load_masks)
+        self.index = self._open_index()
         self.spec = build_spec(cfg, cfg.transform)
         self.tokenizer = (
             BatchTokenizer(tokenizer, cfg.max_text_length, cfg.text_pad_multiple, cfg.text_padding)
@@ -82,6 +82,10 @@ class Loader:
                 f"split {split!r} of {cfg.shards} has {self.index.num_selected} selected samples: "
                 f"not one full batch of {cfg.batch_size_per_gpu} per rank x {dist.world_size} ranks"
             )
+
+    def _open_index(self) -> DatasetIndex:
+        cfg = self.cfg
+        return DatasetIndex(cfg.shards, self.split, cfg.subset, cfg.subset_task, need_masks=cfg.load_masks)
 
     @staticmethod
     def _choose_backend(name: str, cuda: bool) -> str:
@@ -259,5 +263,10 @@ class Loader:
 
 def build_loader(cfg: DataConfig, split: str, dist: DistInfo, tokenizer=None, profile: bool = False) -> Loader:
     """The loader of `split` for this rank. Fails at once (naming the path) if the manifest, a shard
-    or an index it names is missing. `profile`: workers time each stage (stats.stage_s; costs ~1.5%)."""
+    or an index it names is missing. `profile`: workers time each stage (stats.stage_s; costs ~1.5%).
+    A URL spec in `data.shards` (https://, pipe:, s3://, ...) streams the tars (pipeline/stream.py)."""
+    if is_url(cfg.shards):
+        from pipeline.stream import StreamLoader  # imports this module
+
+        return StreamLoader(cfg, split, dist, tokenizer, profile)
     return Loader(cfg, split, dist, tokenizer, profile)
