@@ -46,7 +46,8 @@ from eval.paper_numbers import (
     TABLE4_RANDOM,
 )
 from eval.tasks import TASKS, TEXT_FAMILIES, applicable_overrides, get_task, load_task_config, run_task
-from eval.tasks.base import CHECKPOINT_VIEW, dataset_root, device_of, make_deterministic, resolved_view
+from eval.tasks.data import CHECKPOINT_VIEW, dataset_root, resolved_view
+from eval.tasks.fit import device_of, make_deterministic
 from model.registry import model_config
 from shards.schema import MANIFEST_NAME, read_manifest
 

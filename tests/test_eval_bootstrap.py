@@ -186,7 +186,7 @@ class _Loader:
 
 
 def test_fit_selects_on_the_validation_score_and_shows_a_bar_per_epoch(monkeypatch):
-    from eval.tasks import base
+    from eval.tasks import fit as fit_module
 
     bars = []
 
@@ -194,7 +194,7 @@ def test_fit_selects_on_the_validation_score_and_shows_a_bar_per_epoch(monkeypat
         bars.append((total, desc, kw.get("disable", "missing")))
         return iterable
 
-    monkeypatch.setattr(base, "tqdm", fake_tqdm)
+    monkeypatch.setattr(fit_module, "tqdm", fake_tqdm)
     head = torch.nn.Linear(1, 1)
     scores = iter([math.nan, 0.2, 0.5, 0.4, 0.5, 0.3, 0.9])  # best 0.5 at epoch 3; a tie later does not win
     weights_at = []
@@ -203,7 +203,7 @@ def test_fit_selects_on_the_validation_score_and_shows_a_bar_per_epoch(monkeypat
         weights_at.append(head.weight.detach().clone())
         return next(scores)
 
-    fitted = base.fit(
+    fitted = fit_module.fit(
         head,
         lambda b: head(b.image).pow(2).mean(),
         _Loader(3),

@@ -43,21 +43,10 @@ from torch import nn
 
 from eval.checkpoint import Pretrained
 from eval.metrics import DEFAULT_IOU_THRESHOLDS, map_torchmetrics, nms
-from eval.tasks.base import (
-    TaskConfig,
-    adamw,
-    autocast,
-    epochs_of,
-    fit,
-    freeze,
-    image_for_display,
-    make_loader,
-    panel_row,
-    plot_history,
-    sample_ids,
-    save_figure,
-    short_key,
-)
+from eval.plots import image_for_display, panel_row, plot_history, save_figure, short_key
+from eval.tasks.base import TaskConfig
+from eval.tasks.data import epochs_of, make_loader, sample_ids
+from eval.tasks.fit import adamw, autocast, fit, freeze
 
 # YOLOv3's priors (w, h) at 416 px, one triple per scale: stride 8, 16, 32.
 ANCHORS_416 = (((10, 13), (16, 30), (33, 23)), ((30, 61), (62, 45), (59, 119)), ((116, 90), (156, 198), (373, 326)))

@@ -16,8 +16,10 @@ import torch
 from torch import nn
 
 from eval.checkpoint import Pretrained
-from eval.tasks.base import TaskConfig, adamw, fit, make_loader, manifest_of, plot_history
-from eval.tasks.linear import LabelSpec, plot_roc, pooled_features, predict
+from eval.plots import plot_history, plot_roc
+from eval.tasks.base import TaskConfig
+from eval.tasks.data import LabelSpec, make_loader, manifest_of
+from eval.tasks.fit import adamw, fit, pooled_features, predict
 
 
 @dataclass
@@ -74,7 +76,13 @@ def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.d
     plots = []
     if cfg.plots:
         plots.append(
-            plot_roc(scores, target, spec, out_dir / "roc.png", f"{cfg.task} ({cfg.fraction} of train): test ROC")
+            plot_roc(
+                scores,
+                spec.onehot(target),
+                spec.names,
+                out_dir / "roc.png",
+                f"{cfg.task} ({cfg.fraction} of train): test ROC",
+            )
         )
         plots.append(plot_history(fitted.history, out_dir / "loss.png", f"{cfg.task}: fine-tuning loss"))
     return {

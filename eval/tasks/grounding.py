@@ -32,18 +32,10 @@ import torch.nn.functional as F
 
 from eval.checkpoint import Pretrained
 from eval.metrics import MEDKLIP_GROUNDING, grounding_per_image
-from eval.tasks.base import (
-    TaskConfig,
-    autocast,
-    epochs_of,
-    image_for_display,
-    make_loader,
-    panel_row,
-    sample_ids,
-    save_figure,
-    short_key,
-)
-from eval.tasks.segmentation import binary_mask
+from eval.plots import image_for_display, panel_row, save_figure, short_key
+from eval.tasks.base import TaskConfig
+from eval.tasks.data import binary_mask, epochs_of, make_loader, sample_ids
+from eval.tasks.fit import autocast
 from eval.zeroshot import prompt_embeddings
 from model.text import load_tokenizer
 

@@ -22,28 +22,15 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from eval.augment import moco_v2_colour
 from eval.checkpoint import Pretrained
-from eval.metrics import macro_auroc, multiclass_accuracy, roc_curve
-from eval.tasks.base import (
-    TaskConfig,
-    adamw,
-    autocast,
-    epochs_of,
-    fit,
-    freeze,
-    make_loader,
-    manifest_of,
-    plot_history,
-    plt_agg,
-    sample_ids,
-    save_figure,
-)
+from eval.plots import plot_history, plot_roc
+from eval.tasks.base import TaskConfig
+from eval.tasks.data import LabelSpec, epochs_of, make_loader, manifest_of, sample_ids
+from eval.tasks.fit import adamw, autocast, fit, freeze, pooled_features, predict
 
 
 @dataclass
@@ -57,127 +44,6 @@ class LinearSection:
 @dataclass
 class LinearConfig(TaskConfig):
     linear: LinearSection = field(default_factory=LinearSection)
-
-
-# ---------------------------------------------------------------------------------------------
-# labels, losses and metrics of the three label types (shared with the fine-tuning task)
-
-
-@dataclass
-class LabelSpec:
-    kind: str  # binary | multilabel | multiclass
-    names: list[str]  # label names (multiclass: class names by index)
-
-    @property
-    def outputs(self) -> int:
-        return len(self.names)
-
-    @classmethod
-    def from_manifest(cls, manifest: dict) -> LabelSpec:
-        kind = manifest.get("label_type")
-        if kind not in ("binary", "multilabel", "multiclass"):
-            raise ValueError(
-                f"manifest of {manifest.get('dataset')!r}: label_type {kind!r} is not binary, multilabel or multiclass"
-            )
-        names = manifest.get("classes") if kind == "multiclass" else manifest.get("label_names")
-        if not names:
-            raise ValueError(f"manifest of {manifest.get('dataset')!r} names no labels/classes")
-        return cls(kind, list(names))
-
-    def targets(self, meta: list[dict], device) -> torch.Tensor:
-        """multiclass: [B] class indices (json class_index); else [B, C] 0/1 floats from json labels."""
-        if self.kind == "multiclass":
-            try:
-                return torch.tensor([int(m["class_index"]) for m in meta], device=device)
-            except KeyError:
-                raise ValueError("a multiclass sample's json has no class_index") from None
-        rows = []
-        for m in meta:
-            labels = m.get("labels", {})
-            missing = [n for n in self.names if n not in labels]
-            if missing:
-                raise ValueError(f"sample {m.get('key')!r}: json labels lack {missing}")
-            rows.append([1.0 if labels[n] == 1.0 else 0.0 for n in self.names])
-        return torch.tensor(rows, device=device)
-
-    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if self.kind == "multiclass":
-            return F.cross_entropy(logits, target)
-        return F.binary_cross_entropy_with_logits(logits, target)
-
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.float().softmax(dim=1) if self.kind == "multiclass" else logits.float().sigmoid()
-
-    def metrics(self, scores: np.ndarray, target: np.ndarray) -> dict:
-        """multiclass: accuracy (+ one-vs-rest AUROCs); else mean AUROC + per class."""
-        if self.kind == "multiclass":
-            onehot = np.eye(self.outputs, dtype=np.int64)[target]
-            auc, per = macro_auroc(onehot, scores)
-            return {
-                "accuracy": multiclass_accuracy(target, scores),
-                "auroc_ovr": auc,
-                "auroc_ovr_per_class": dict(zip(self.names, per)),
-            }
-        auc, per = macro_auroc(target.astype(np.int64), scores)
-        return {"auroc": auc, "auroc_per_class": dict(zip(self.names, per))}
-
-    def predictions(self, ids: dict[str, np.ndarray], scores: np.ndarray, target: np.ndarray) -> dict:
-        """predictions.npz of a classification task: ids + label kind, names, targets, scores [n, C]."""
-        return {
-            **ids,
-            "kind": np.asarray(self.kind),
-            "names": np.asarray(self.names, dtype=str),
-            "targets": target,
-            "scores": scores,
-        }
-
-    @property
-    def headline(self) -> str:
-        return "accuracy" if self.kind == "multiclass" else "auroc"
-
-
-def pooled_features(encoder: nn.Module, image: torch.Tensor) -> torch.Tensor:
-    """[B,C,H,W] -> [B, D] global average of the last encoder map (D = 2048 for ResNet-50)."""
-    return encoder(image)[-1].float().mean(dim=(2, 3))
-
-
-@torch.no_grad()
-def predict(forward, loader, spec: LabelSpec, device, precision: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(scores [N, C], targets, sample_ids) over a split; forward(image) -> logits."""
-    scores, targets, keys, meta = [], [], [], []
-    for batch in epochs_of(loader, 0):
-        with autocast(device, precision):
-            logits = forward(batch.image)
-        scores.append(spec.scores(logits).cpu())
-        targets.append(spec.targets(batch.meta, "cpu"))
-        keys.extend(batch.keys)
-        meta.extend(batch.meta)
-    if not scores:
-        raise ValueError("the test split yielded no samples")
-    return torch.cat(scores).numpy(), torch.cat(targets).numpy(), sample_ids(keys, meta)
-
-
-def plot_roc(scores: np.ndarray, target: np.ndarray, spec: LabelSpec, path: Path, title: str) -> str:
-    """ROC curve per class (one-vs-rest for multiclass) on the test split."""
-    plt = plt_agg()
-    fig, ax = plt.subplots(figsize=(4.8, 4.2))
-    onehot = np.eye(spec.outputs, dtype=np.int64)[target] if spec.kind == "multiclass" else target.astype(np.int64)
-    for c, name in enumerate(spec.names):
-        y = onehot[:, c]
-        if 0 < y.sum() < y.size:
-            fpr, tpr, _ = roc_curve(y, scores[:, c])
-            ax.plot(fpr, tpr, lw=1.2, label=name)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("false positive rate")
-    ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
-    return save_figure(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def run(cfg: LinearConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
@@ -204,8 +70,8 @@ def run(cfg: LinearConfig, weights: Pretrained, out_dir: Path, device: torch.dev
         plots.append(
             plot_roc(
                 scores,
-                target,
-                spec,
+                spec.onehot(target),
+                spec.names,
                 out_dir / "roc.png",
                 f"{cfg.task} ({d.dataset}, {cfg.fraction} of train): test ROC",
             )

@@ -32,21 +32,10 @@ from torch import nn
 from eval.augment import shift_scale_rotate
 from eval.checkpoint import Pretrained
 from eval.metrics import dice_score, iou_score
-from eval.tasks.base import (
-    TaskConfig,
-    adamw,
-    autocast,
-    epochs_of,
-    fit,
-    freeze,
-    image_for_display,
-    make_loader,
-    panel_row,
-    plot_history,
-    sample_ids,
-    save_figure,
-    short_key,
-)
+from eval.plots import image_for_display, panel_row, plot_history, save_figure, short_key
+from eval.tasks.base import TaskConfig
+from eval.tasks.data import binary_mask, epochs_of, make_loader, sample_ids
+from eval.tasks.fit import adamw, autocast, fit, freeze
 
 VARIANTS = ("encoder", "encoder_decoder")
 
@@ -83,13 +72,6 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, focal_weight: 
     """focal_weight * focal(gamma) - log(soft Dice), in float32. logits, target [B,1,H,W]."""
     logits, target = logits.float(), target.float()
     return focal_weight * focal_loss(logits, target, gamma) - torch.log(soft_dice(logits, target))
-
-
-def binary_mask(batch) -> torch.Tensor:
-    """The loader's mask [B,1,H,W] (resampled with the image) -> {0,1} float."""
-    if batch.mask is None:
-        raise ValueError("the loader returned no masks (load_masks must be on for segmentation)")
-    return (batch.mask.float() > 0.5).float()
 
 
 def run(cfg: SegmentationConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:

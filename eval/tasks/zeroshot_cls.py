@@ -23,8 +23,9 @@ import torch
 
 from eval.checkpoint import Pretrained
 from eval.metrics import zero_shot_metrics
-from eval.tasks.base import TaskConfig, make_loader, sample_ids
-from eval.tasks.linear import LabelSpec, plot_roc
+from eval.plots import plot_roc
+from eval.tasks.base import TaskConfig
+from eval.tasks.data import make_loader, sample_ids
 from eval.zeroshot import embed_loader, zeroshot_probabilities
 from model.text import load_tokenizer
 
@@ -97,8 +98,8 @@ def run(cfg: ZeroShotConfig, weights: Pretrained, out_dir: Path, device: torch.d
         plots.append(
             plot_roc(
                 scores,
-                labels,
-                LabelSpec("multilabel", names),
+                labels.astype(np.int64),
+                names,
                 out_dir / "roc.png",
                 f"{cfg.task}: zero-shot ROC (test split)",
             )

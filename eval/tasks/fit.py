@@ -1,0 +1,190 @@
+"""Training a task's head: device and precision, determinism, the early-stopping loop, the
+optimiser, freezing, and prediction over a split."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from eval.tasks.base import TrainSection
+from eval.tasks.data import LabelSpec, epochs_of, sample_ids
+
+
+def device_of() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (the frozen ResNet's convolutions dominate eval time); fp32 on CPU."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_deterministic(seed: int) -> None:
+    """Same seed, same machine -> the same numbers: seeds Python/numpy/torch, asks torch for
+    deterministic kernels (warn_only: an op without a deterministic CUDA kernel warns instead of
+    failing; docs/method.md names the ones we hit) and pins cuDNN's algorithm choice. CPU kernels are
+    deterministic at a fixed thread count, which a machine keeps from run to run."""
+    seed_all(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS reductions
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    history: list[dict]
+    seconds: float
+    best_val_score: float | None = None  # the selection score of the kept epoch, when one is used
+
+
+def progress(iterable, total: int | None, desc: str):
+    """A tqdm bar with rate and ETA on an interactive terminal (stderr); a plain iterator in logs and
+    tests (tqdm's disable=None), where the per-epoch log line says the same."""
+    return tqdm(iterable, total=total, desc=desc, leave=False, disable=None, dynamic_ncols=True)
+
+
+def fit(
+    trainable: nn.Module,
+    loss_on_batch: Callable,
+    train_loader,
+    val_loader,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    patience: int,
+    set_train_mode: Callable[[], None],
+    device: torch.device,
+    precision: str,
+    log: Callable[[str], None] = print,
+    val_score: Callable[[], float] | None = None,
+    score_name: str = "score",
+) -> FitResult:
+    """Train for up to `epochs`, keep the weights of `trainable` from the best epoch, stop after
+    `patience` epochs without improvement, and restore the best weights. Best = lowest validation
+    loss, or with `val_score` (called after each epoch, modules in eval mode) the highest score (nan
+    ranks lowest; ties keep the earlier epoch), e.g. detection's validation mAP (MGCA's rule).
+
+    loss_on_batch(batch) -> scalar loss tensor (mean over the batch's samples). set_train_mode()
+    puts the modules in the right train/eval mix (a frozen encoder stays in eval mode)."""
+    best_key, best_epoch, best_state, bad, history = -math.inf, -1, None, 0, []
+    best_loss, best_score = math.inf, None
+    t0 = time.perf_counter()
+    for epoch in range(epochs):
+        set_train_mode()
+        train_sum = torch.zeros((), device=device)
+        n_train = 0
+        total = len(train_loader) if hasattr(train_loader, "__len__") else None
+        for batch in progress(epochs_of(train_loader, epoch), total, f"epoch {epoch + 1}/{epochs}"):
+            with autocast(device, precision):
+                loss = loss_on_batch(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            train_sum += loss.detach().float() * batch.image.shape[0]
+            n_train += batch.image.shape[0]
+        val_loss = evaluate_loss(trainable, loss_on_batch, val_loader, device, precision)
+        train_loss = float(train_sum) / max(n_train, 1)
+        entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
+        line = f"  epoch {epoch + 1}/{epochs}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+        if val_score is not None:
+            was = trainable.training
+            trainable.eval()
+            score = float(val_score())
+            trainable.train(was)
+            entry[f"val_{score_name}"] = score
+            line += f", val {score_name} {score:.4f}"
+            key = -math.inf if math.isnan(score) else score
+        else:
+            key = -val_loss
+        history.append(entry)
+        log(line)
+        if key > best_key or best_state is None:
+            best_key, best_epoch, bad = key, epoch, 0
+            best_loss, best_score = val_loss, entry.get(f"val_{score_name}")
+            best_state = copy.deepcopy(trainable.state_dict())
+        else:
+            bad += 1
+            if bad >= patience:
+                what = f"validation {score_name}" if val_score is not None else "validation loss"
+                log(f"  early stop: no better {what} for {patience} epochs (best epoch {best_epoch + 1})")
+                break
+    if best_state is None:
+        raise ValueError("no training epoch ran (train.epochs must be >= 1)")
+    trainable.load_state_dict(best_state)
+    return FitResult(best_epoch, best_loss, len(history), history, time.perf_counter() - t0, best_score)
+
+
+@torch.no_grad()
+def evaluate_loss(trainable: nn.Module, loss_on_batch: Callable, loader, device, precision: str) -> float:
+    """Sample-weighted mean loss over a split, every module in eval mode."""
+    was = trainable.training
+    trainable.eval()
+    total, n = torch.zeros((), device=device), 0
+    for batch in epochs_of(loader, 0):
+        with autocast(device, precision):
+            loss = loss_on_batch(batch)
+        total += loss.float() * batch.image.shape[0]
+        n += batch.image.shape[0]
+    trainable.train(was)
+    if n == 0:
+        raise ValueError("the validation split yielded no samples")
+    return float(total) / n
+
+
+def adamw(params, cfg: TrainSection, lr: float | None = None, weight_decay: float | None = None):
+    params = [p for p in params if p.requires_grad]
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.lr if lr is None else lr,
+        weight_decay=cfg.weight_decay if weight_decay is None else weight_decay,
+        betas=tuple(cfg.betas),
+    )
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    """Frozen = no gradients and eval mode (BatchNorm keeps the pretrained running statistics)."""
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def pooled_features(encoder: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """[B,C,H,W] -> [B, D] global average of the last encoder map (D = 2048 for ResNet-50)."""
+    return encoder(image)[-1].float().mean(dim=(2, 3))
+
+
+@torch.no_grad()
+def predict(forward, loader, spec: LabelSpec, device, precision: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(scores [N, C], targets, sample_ids) over a split; forward(image) -> logits."""
+    scores, targets, keys, meta = [], [], [], []
+    for batch in epochs_of(loader, 0):
+        with autocast(device, precision):
+            logits = forward(batch.image)
+        scores.append(spec.scores(logits).cpu())
+        targets.append(spec.targets(batch.meta, "cpu"))
+        keys.extend(batch.keys)
+        meta.extend(batch.meta)
+    if not scores:
+        raise ValueError("the test split yielded no samples")
+    return torch.cat(scores).numpy(), torch.cat(targets).numpy(), sample_ids(keys, meta)
