@@ -67,7 +67,7 @@ from common.cli import UserError
 from common.config import ConfigError
 from pipeline.batch import HostBatch
 from pipeline.loader import Loader
-from pipeline.plan import DatasetIndex, RankPlan, rank_block
+from pipeline.plan import DatasetIndex, PlanArgs, RankPlan, rank_block
 from pipeline.torch_backend import EpochBatches, TorchBatches
 from shards.schema import FORMAT_VERSION, KEY_RE, MANIFEST_NAME, MEMBER_ORDER, ManifestError
 
@@ -329,18 +329,14 @@ class StreamIndex:
 
 
 @dataclass(frozen=True)
-class StreamArgs:
-    """Everything a rank's streaming plan depends on besides the index and the epoch."""
+class StreamArgs(PlanArgs):
+    """The local plan's arguments (`shard_mix`: shards each lane reads at once) and the lanes'."""
 
-    seed: int
-    rank: int
-    world_size: int
-    batch_size: int
-    shuffle: bool
-    drop_last: bool
-    lanes: int
-    mix: int  # shards each lane reads at once
-    buffer: int  # shuffle buffer, samples per lane
+    lanes: int = 8
+    buffer: int = 1000  # shuffle buffer, samples per lane
+
+    def make(self, index: StreamIndex, epoch: int) -> StreamPlan:
+        return make_stream_plan(index, self, epoch)
 
 
 @dataclass
@@ -406,7 +402,7 @@ def make_stream_plan(index: StreamIndex, args: StreamArgs, epoch: int) -> Stream
         pos += len(chunk)
         if args.shuffle:
             cuts = np.flatnonzero(np.diff(index.shard_id(chunk))) + 1  # runs of one shard
-            arrivals = interleave(np.split(chunk, cuts) if len(chunk) else [], args.mix)
+            arrivals = interleave(np.split(chunk, cuts) if len(chunk) else [], args.shard_mix)
             order = shuffle_buffer(arrivals, args.buffer, np.random.default_rng([args.seed, epoch, args.rank, lane]))
         else:
             arrivals = order = chunk
@@ -536,10 +532,6 @@ class StreamBatches(EpochBatches):
     """`EpochBatches` whose samples come from the lanes' streams instead of pread; building a batch is
     the inherited `build` (checks, decode, geometry, tokenisation)."""
 
-    def __init__(self, index: StreamIndex, args: StreamArgs, options, tokenizer):
-        super().__init__(index, args, options, tokenizer)
-        self.args = args
-
     def _lane(self, plan: StreamPlan, lane: Lane, first: int) -> Iterator[tuple[int, dict]]:
         """(batch number, gid -> members) for the lane's batches >= first, in order."""
         wanted = [(j, plan.batches[j].tolist()) for j in lane.batches if j >= first]
@@ -573,11 +565,11 @@ class StreamBatches(EpochBatches):
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         epoch, first = self.position.tolist()
-        plan = make_stream_plan(self.index, self.args, epoch)
+        plan = self.plan_args.make(self.index, epoch)
         reader, lanes = MemoryReader(self.index), {}
         try:
             for j in range(first + worker, len(plan), workers):
-                lane = j % self.args.lanes
+                lane = j % self.plan_args.lanes
                 if lane not in lanes:
                     lanes[lane] = self._lane(plan, plan.lanes[lane], first)
                 built, reader.samples = next(lanes[lane])
@@ -614,16 +606,10 @@ class StreamLoader(Loader):
 
     def __init__(self, cfg, split, dist, tokenizer=None, profile=False):
         super().__init__(cfg, split, dist, tokenizer, profile)
-        self.stream_args = StreamArgs(
-            cfg.seed,
-            dist.rank,
-            dist.world_size,
-            cfg.batch_size_per_gpu,
-            cfg.shuffle,
-            cfg.drop_last,
-            cfg.stream_lanes,
-            cfg.shard_mix or DEFAULT_MIX,
-            cfg.stream_buffer,
+        self.plan_args = StreamArgs(
+            **{**dataclasses.asdict(self.plan_args), "shard_mix": cfg.shard_mix or DEFAULT_MIX},
+            lanes=cfg.stream_lanes,
+            buffer=cfg.stream_buffer,
         )
         if cfg.num_workers and stream_workers(cfg.stream_lanes, cfg.num_workers) != cfg.num_workers:
             warnings.warn(
@@ -642,12 +628,9 @@ class StreamLoader(Loader):
             raise ConfigError("data.backend=dali needs local shard files (DALI reads by offset); use torch")
         return "torch"
 
-    def plan(self, epoch: int | None = None) -> StreamPlan:
-        return make_stream_plan(self.index, self.stream_args, self.epoch if epoch is None else epoch)
-
     def _stream_state(self) -> dict:
-        a = self.stream_args
-        return {"lanes": a.lanes, "mix": a.mix, "buffer": a.buffer, "shards": self.index.fingerprint()}
+        a = self.plan_args
+        return {"lanes": a.lanes, "mix": a.shard_mix, "buffer": a.buffer, "shards": self.index.fingerprint()}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "stream": self._stream_state()}
@@ -664,8 +647,8 @@ class StreamLoader(Loader):
 
     def _host_batches(self, plan: StreamPlan, first: int) -> Iterator[HostBatch]:
         if self._workers is None:
-            workers = stream_workers(self.stream_args.lanes, min(self.cfg.num_workers, len(plan)))
+            workers = stream_workers(self.plan_args.lanes, min(self.cfg.num_workers, len(plan)))
             options = dataclasses.replace(self.options, workers=workers)
-            dataset = StreamBatches(self.index, self.stream_args, options, self.tokenizer)
+            dataset = StreamBatches(self.index, self.plan_args, options, self.tokenizer)
             self._workers = TorchBatches(dataset, max_batches=len(plan))
         return _raise_failures(self._workers.iterate(plan.epoch, first))
