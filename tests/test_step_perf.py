@@ -128,6 +128,15 @@ def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def image_only_pseudo_mask(model: torch.nn.Module) -> torch.nn.Module:
+    """A pseudo-mask target from the image alone. The real one thresholds the attention map at a
+    quantile, so a rounding-level difference (aot_eager's decomposed kernels vs eager, which differ
+    between CPUs) can flip a cell and move the PA loss and its gradients by far more than rounding;
+    with this target both runs see the same mask and the comparison is about the compiled parts."""
+    model.make_pseudo_mask = lambda attention, image: (image.mean(1, keepdim=True) > image.mean()).float()
+    return model
+
+
 def run_losses(step_fn, batches, start: int = 0) -> torch.Tensor:
     return torch.stack([step_fn([b], start + i)[0] for i, b in enumerate(batches)])  # [steps, 3]
 
@@ -187,11 +196,11 @@ def test_compiled_parts_train_identically_and_keep_state_dict_keys(tiny_bert):
 
     batches = [make_batch(tiny_bert, seed=s) for s in range(3)]
     ref_fn, ref_model = make_train_step(tiny_bert, pa_warmup_steps=1)
-    no_dropout(ref_model)
+    image_only_pseudo_mask(no_dropout(ref_model))
     keys = list(ref_model.state_dict())
     ref = grads_and_losses(ref_fn, batches)
     step_fn, model = make_train_step(tiny_bert, pa_warmup_steps=1)
-    no_dropout(model)
+    image_only_pseudo_mask(no_dropout(model))
     # aot_eager traces forward and backward exactly as inductor does, without the C++ codegen that
     # takes minutes on two shared cores (a 4-step demo run with inductor: ~6.5 min of compiling).
     graphs, note = compile_for_speed(
