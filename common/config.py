@@ -195,16 +195,12 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
-def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
-    """A YAML mapping with its `defaults:` parents merged in; every error names the file (and line)."""
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping; every error names the file (and line)."""
     path = Path(path)
     if not path.is_file():
-        via = f" (in the defaults of {_chain[-1]})" if _chain else ""
         what = "is a directory, not a config file" if path.is_dir() else "not found"
-        raise ConfigError(f"config file {what}: {path}{via}")
-    if path.resolve() in _chain:
-        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
-        raise ConfigError(f"{path}: `defaults:` includes itself ({cycle})")
+        raise ConfigError(f"config file {what}: {path}")
     try:
         with path.open("r", encoding="utf-8") as fh:
             data = yaml.load(fh, Loader=_NoDuplicateKeysLoader)  # safe: a SafeLoader subclass
@@ -217,16 +213,7 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path} is empty; a config file needs at least one key")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got a {type(data).__name__}")
-    # `defaults: [other.yaml]` lets a config extend another one (paths relative to this file).
-    parents = data.pop("defaults", None) or []
-    if isinstance(parents, str):
-        parents = [parents]
-    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
-        raise ConfigError(f"{path}: `defaults:` must be a file name or a list of file names, got {parents!r}")
-    merged: dict = {}
-    for parent in parents:
-        deep_merge(merged, read_yaml(path.parent / parent, (*_chain, path.resolve())))
-    return deep_merge(merged, data)
+    return data
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
