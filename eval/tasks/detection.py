@@ -374,11 +374,8 @@ def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.
         "n_predicted_boxes": sum(int(b.shape[0]) for b in pred_boxes),
         "conf_threshold": s.conf_threshold,
         "nms_iou": s.nms_iou,
-        "best_epoch": fitted.best_epoch + 1,
-        "epochs_run": fitted.epochs_run,
+        **fitted.summary(),
         "best_val_map_mgca": fitted.best_val_score,
-        "best_val_loss": fitted.best_val_loss,
-        "train_seconds": fitted.seconds,
     }
     predictions = {
         **sample_ids(found["keys"], found["meta"]),

@@ -67,10 +67,7 @@ def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.d
     metrics.update(
         {
             "n_test": int(len(target)),
-            "best_epoch": fitted.best_epoch + 1,
-            "epochs_run": fitted.epochs_run,
-            "best_val_loss": fitted.best_val_loss,
-            "train_seconds": fitted.seconds,
+            **fitted.summary(),
         }
     )
     plots = []

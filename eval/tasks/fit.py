@@ -59,6 +59,15 @@ class FitResult:
     seconds: float
     best_val_score: float | None = None  # the selection score of the kept epoch, when one is used
 
+    def summary(self) -> dict:
+        """The fit's entries of a task's metrics.json (best_epoch counted from 1)."""
+        return {
+            "best_epoch": self.best_epoch + 1,
+            "epochs_run": self.epochs_run,
+            "best_val_loss": self.best_val_loss,
+            "train_seconds": self.seconds,
+        }
+
 
 def progress(iterable, total: int | None, desc: str):
     """A tqdm bar with rate and ETA on an interactive terminal (stderr); a plain iterator in logs and

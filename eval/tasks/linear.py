@@ -123,10 +123,7 @@ def _faithful(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: P
         "test_ids": ids,
         "history": fitted.history,
         "mode": "faithful",
-        "best_epoch": fitted.best_epoch + 1,
-        "epochs_run": fitted.epochs_run,
-        "best_val_loss": fitted.best_val_loss,
-        "train_seconds": fitted.seconds,
+        **fitted.summary(),
     }
 
 

@@ -121,10 +121,7 @@ def run(cfg: SegmentationConfig, weights: Pretrained, out_dir: Path, device: tor
         {
             "variant": s.variant,
             "augment": s.augment,
-            "best_epoch": fitted.best_epoch + 1,
-            "epochs_run": fitted.epochs_run,
-            "best_val_loss": fitted.best_val_loss,
-            "train_seconds": fitted.seconds,
+            **fitted.summary(),
         }
     )
     plots = []
