@@ -17,7 +17,7 @@ import torch
 
 from common.cli import ArgumentParser, run_main
 from common.config import config_to_dict
-from common.dist import DistInfo
+from common.dist import DistInfo, seed_everything
 from common.io import atomic_write_json
 from common.run_layout import checkpoint_path
 from eval.runner import run_all
@@ -29,7 +29,7 @@ from shards.writer import default_workers
 from tools import make_tiny_bert, pack_shards, verify_shards
 from train.checkpoint import load_checkpoint
 from train.config import load_pretrain_config
-from train.pretrain import seed_everything, train
+from train.pretrain import train
 from train.validate import validate
 
 CONFIG = "configs/pretrain/demo.yaml"

@@ -16,21 +16,19 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import resource
 import signal
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common.cli import ArgumentParser, UserError, run_main
 from common.config import ConfigError, config_to_dict, save_config
-from common.dist import DistInfo, all_reduce_mean, cleanup, exit_with_launcher, init_distributed
+from common.dist import DistInfo, all_reduce_mean, cleanup, exit_with_launcher, init_distributed, seed_everything
 from common.io import atomic_open
 from common.log import get_logger, setup_logging
 from common.run_layout import checkpoint_path
@@ -65,12 +63,6 @@ logger = get_logger("train")
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def memory_mb(device: torch.device) -> float:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from common.dist import seed_everything
 from eval.tasks.base import TrainSection
 from eval.tasks.data import LabelSpec, epochs_of, sample_ids
 
@@ -32,18 +32,12 @@ def autocast(device: torch.device, precision: str):
     return nullcontext()
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def make_deterministic(seed: int) -> None:
     """Same seed, same machine -> the same numbers: seeds Python/numpy/torch, asks torch for
     deterministic kernels (warn_only: an op without a deterministic CUDA kernel warns instead of
     failing; docs/method.md names the ones we hit) and pins cuDNN's algorithm choice. CPU kernels are
     deterministic at a fixed thread count, which a machine keeps from run to run."""
-    seed_all(seed)
+    seed_everything(seed)
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS reductions
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
