@@ -275,7 +275,8 @@ class StreamIndex:
         where = {}  # name (and, for a flat layout, base name) -> (split, entry)
         for name, part in splits.items():
             for entry in part["shards"]:
-                where[entry["name"]] = where.setdefault(entry["name"].rpartition("/")[2], (name, entry))
+                where[entry["name"]] = (name, entry)
+                where.setdefault(entry["name"].rpartition("/")[2], (name, entry))  # tars listed flat
         chosen: list[tuple[dict, str]] = []  # (manifest entry, url)
         if listed is not None:
             found = {}
