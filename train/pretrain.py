@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import resource
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from tqdm import tqdm
 
 from common.cli import ArgumentParser, UserError, run_main
 from common.config import ConfigError, config_to_dict, save_config
-from common.dist import DistInfo, all_reduce_mean, cleanup, exit_with_launcher, init_distributed, seed_everything
+from common.dist import DistInfo, cleanup, exit_with_launcher, init_distributed, seed_everything
 from common.io import atomic_open
 from common.log import get_logger, setup_logging
 from common.run_layout import checkpoint_path
@@ -50,25 +48,16 @@ from train.checkpoint import (
     set_rng_state,
 )
 from train.config import PretrainConfig, load_pretrain_config
-from train.flops import count_step_flops, mfu, peak_flops
-from train.health import STAT_NAMES, build_health_check, embedding_stats
+from train.flops import count_step_flops, peak_flops
+from train.health import build_health_check
 from train.metrics_log import MetricsLog, require_wandb
 from train.optim import build_optimizer, build_scheduler
+from train.progress import NonFiniteLoss, Progress
 from train.step import TrainStep, compile_for_speed, make_scaler
 from train.validate import validate
 from train.visualize import save_attention_grid, save_loss_curves
 
 logger = get_logger("train")
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
-def memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
 
 
 def train(cfg: PretrainConfig, dist: DistInfo) -> dict:
@@ -159,25 +148,8 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
     scaler, fixed_scale = make_scaler(device, run.precision, run.nonfinite == "skip")
 
     # ---- resume -----------------------------------------------------------------------------
-    step, epoch = 0, 0
-    if found is not None:
-        path, ckpt = found
-        try:
-            unwrap(model).load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            loader.load_state_dict(ckpt["loader"])
-            step, epoch = int(ckpt["step"]), int(ckpt["loader"]["epoch"])
-            set_rng_state(ckpt["rng"][dist.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
-            # A checkpoint with the right keys but contents that do not fit (edited, or written by
-            # another version): name it instead of a deep traceback from load_state_dict.
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise CheckpointError(f"could not restore the run from {path}: {first}") from exc
-        if main:
-            logger.info("[resume] %s at step %d (epoch %d)", path, step, epoch)
-    else:
+    step, epoch = _restore(found, model, optimizer, scheduler, scaler, loader, dist) if found else (0, 0)
+    if found is None:
         loader.set_epoch(0)
 
     if dist.world_size > 1:
@@ -231,81 +203,19 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
         peak_source,
         f"; {compiled}" if compiled else "",
     )
-    sums = torch.zeros(3, device=device)  # loss, vla, pa summed since the last log step
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    skipped = torch.zeros((), dtype=torch.long, device=device)
-    n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
     bar = tqdm(total=max_steps, initial=step, disable=not (main and run.progress), unit="step")
+    progress = Progress(cfg, dist, log, health, bar, scheduler, accum * per_step, flops_per_sample, peak)
     model.train()
     while step < max_steps:
-        micro_batches = []
-        for _ in range(accum):
-            t0 = time.perf_counter()
-            micro_batches.append(next(stream))
-            wait_s += time.perf_counter() - t0
+        micro_batches = [progress.next_batch(stream) for _ in range(accum)]
         terms, out = train_step(micro_batches, step)
-        batch = micro_batches[-1]
-        finite = torch.isfinite(terms[0])
-        sums += torch.where(finite, terms, torch.zeros_like(terms))  # a skipped step logs as 0
-        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step + 1), first_bad)
-        skipped += (~finite).long()
         step += 1
-        n_since += 1
-        bar.update(1)
-
+        progress.add(terms, step)
         if step % run.log_every == 0 or step == max_steps:
-            # Logging step: the one place that syncs with the device.
-            bad = int(first_bad)
-            if bad >= 0 and run.nonfinite == "stop":
-                raise NonFiniteLoss(
-                    f"non-finite loss at step {bad} (train.nonfinite=stop; set train.nonfinite=skip to skip such steps)"
-                )
-            # Loss terms averaged over the steps since the last log and then over ranks, with the
-            # embedding statistics of this step's last micro-batch: one all-reduce of 7 floats.
-            stats = all_reduce_mean(torch.cat([sums / n_since, embedding_stats(out.image_emb, out.text_emb)]))
-            loss, vla, pa, *emb = stats.tolist()
-            dt = time.perf_counter() - t_log
-            record = {
-                "step": step,
-                "epoch": epoch,
-                "loss": loss,
-                "vla_loss": vla,
-                "pa_loss": pa,
-                "lr": scheduler.get_last_lr()[0],
-                "img_per_s": n_since * accum * per_step / dt,
-                "data_wait_frac": wait_s / dt,
-                "mem_mb": memory_mb(device),
-                "skipped_steps": int(skipped),
-                "pa_active": step - 1 >= cfg.model.pa_warmup_steps,
-            }
-            # MFU per device: samples/s on this rank x counted FLOPs / the device's peak.
-            record["mfu"] = mfu(flops_per_sample, record["img_per_s"] / dist.world_size, peak)
-            record["gflops_per_sample"] = flops_per_sample / 1e9
-            record["mem_mb_per_sample"] = record["mem_mb"] / run.batch_size_per_gpu
-            record.update(zip(STAT_NAMES, emb))
-            problems = health.problems(step, vla, record["img_emb_std"], record["txt_emb_std"])
-            if problems:
-                record["health"] = problems
-                if main:
-                    for problem in problems:
-                        logger.warning("[health] step %d: %s", step, problem)
-            log.write(record)
-            mfu_text = "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f}%"
-            bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{record['img_per_s']:.1f}", mfu=mfu_text)
-            # Every rank's file gets the line (the same global losses); the console only rank 0's,
-            # printed above the bar (common.log).
-            line = (
-                f"step {step} loss {loss:.4f} (vla {vla:.4f} pa {pa:.4f}) img/s {record['img_per_s']:.1f} "
-                f"mfu {mfu_text} mem/sample {record['mem_mb_per_sample']:.1f} MiB "
-                f"emb std img {record['img_emb_std']:.4f} txt {record['txt_emb_std']:.4f} "
-                f"cos pos {record['pos_cos']:.3f} neg {record['neg_cos']:.3f}"
-            )
-            logger.info(line)
-            sums.zero_()
-            n_since, wait_s, t_log = 0, 0.0, time.perf_counter()
+            progress.flush(step, epoch, out)  # the one place that syncs with the device
             if main and run.plot_every and (step % run.plot_every == 0 or step == max_steps):
+                batch = micro_batches[-1]
                 save_attention_grid(out_dir / "plots" / f"step_{step:08d}.png", batch.image, out, batch.keys)
-
         if run.val_every and step % run.val_every == 0 and step < max_steps:
             _validate_and_log(cfg, unwrap(model), tokenizer, dist, log, step)
             model.train()
@@ -326,6 +236,28 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
         except ValueError as exc:  # e.g. metrics.jsonl deleted before a resume: the weights still count
             logger.warning("[done] step %d; no loss curves: %s", step, exc)
     return {"step": step, "val": result}
+
+
+def _restore(found, model, optimizer, scheduler, scaler, loader, dist: DistInfo) -> tuple[int, int]:
+    """Load a resume checkpoint ((path, ckpt) from _resume_source) into the run's objects in place
+    -> (step, epoch) it stopped at."""
+    path, ckpt = found
+    try:
+        unwrap(model).load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        loader.load_state_dict(ckpt["loader"])
+        step, epoch = int(ckpt["step"]), int(ckpt["loader"]["epoch"])
+        set_rng_state(ckpt["rng"][dist.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
+        # A checkpoint with the right keys but contents that do not fit (edited, or written by
+        # another version): name it instead of a deep traceback from load_state_dict.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"could not restore the run from {path}: {first}") from exc
+    if dist.rank == 0:
+        logger.info("[resume] %s at step %d (epoch %d)", path, step, epoch)
+    return step, epoch
 
 
 def _validate_and_log(cfg, model, tokenizer, dist, log, step) -> dict:
