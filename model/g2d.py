@@ -116,6 +116,11 @@ class G2DModel(nn.Module):
         _features, dense, pooled, attention = self.image.encode(image)
         return F.normalize(pooled.float(), dim=-1), dense, attention
 
+    def value_map(self, dense: torch.Tensor) -> torch.Tensor:
+        """encode_image's dense map [B,128,h,w] -> [B,128,h,w] in the global embedding's space
+        (AttentionPool2d.value_map): grounding's `dense_map: attn_value` option."""
+        return self.image.attn_pool.value_map(dense)
+
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B,L] ids + mask -> [B,128] L2-normalised report/prompt embedding."""
         return F.normalize(self.text(input_ids, attention_mask).float(), dim=-1)

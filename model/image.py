@@ -76,6 +76,24 @@ class AttentionPool2d(nn.Module):
         attention = weights[:, :, 0, 1:].reshape(b, -1, h, w)  # [B, heads, h, w], CLS self-entry dropped
         return pooled, attention
 
+    def value_map(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, dim, h, w] tokens -> [B, dim, h, w]: every position sent through the pool's value, output
+        and c_proj maps (with its positional embedding), skipping the query-key attention (MaskCLIP's
+        dense CLIP features). These vectors live in the space of the global embedding: with one head
+        the pooled output is exactly their attention-weighted mean (plus the CLS token's share), so a
+        prompt's cosine with each position says how much that position pushes the global embedding
+        towards the prompt. The projector's map `x` itself is compared with text by nothing in
+        training. For grounding only (eval); the training step never calls it."""
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2) + self._positions(h, w)[1:].to(x.dtype)  # [B, hw, dim]
+        return self.token_values(tokens).transpose(1, 2).reshape(b, c, h, w)
+
+    def token_values(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[..., dim] tokens (positions already added) -> [..., dim]: value, output and c_proj maps."""
+        dim = self.attn.embed_dim
+        values = F.linear(tokens, self.attn.in_proj_weight[2 * dim :], self.attn.in_proj_bias[2 * dim :])
+        return self.c_proj(self.attn.out_proj(values))
+
 
 # ----------------------------------------------------------------------------------------------
 # Encoder initialisation: none | imagenet (torchvision) | a local state dict.

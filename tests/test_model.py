@@ -108,6 +108,24 @@ def test_encode_image_and_text(tiny_bert, batch):
     assert (total < 1).all() and (total > 0.5).all()
 
 
+def test_value_map_is_what_the_attention_pool_averages():
+    """With one head the pooled embedding is exactly the attention-weighted mean of value_map's
+    per-position vectors plus the CLS token's share: the map grounding compares with the prompt
+    is in the global embedding's space."""
+    torch.manual_seed(0)
+    pool = AttentionPool2d((4, 3), 16, 1).eval()
+    x = torch.randn(2, 16, 4, 3)
+    with torch.no_grad():
+        pooled, attention = pool(x)  # [2,16], [2,1,4,3]
+        values = pool.value_map(x)  # [2,16,4,3]
+        # the CLS token: the spatial mean plus its own positional entry
+        cls_value = pool.token_values(x.mean(dim=(2, 3)) + pool.positional_embedding[0])  # [2,16]
+    weights = attention[:, 0]  # [2,4,3]
+    expected = (values * weights[:, None]).sum(dim=(2, 3)) + (1 - weights.sum(dim=(1, 2)))[:, None] * cls_value
+    assert torch.allclose(pooled, expected, atol=1e-5)
+    assert values.shape == x.shape and not torch.allclose(values, x)
+
+
 def test_attention_pool_heads_must_divide_the_width():
     with pytest.raises(ValueError, match="must divide"):
         AttentionPool2d((8, 8), 128, 3)  # the paper's 3 heads are impossible at 128-d
