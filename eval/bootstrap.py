@@ -171,9 +171,9 @@ def _segmentation(p: dict, W: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _grounding(p: dict, W: np.ndarray) -> dict[str, np.ndarray]:
-    return {
-        k: weighted_mean(p[k], W) for k in ("pointing", "pointing_cell", "iou", "dice", "medklip_iou", "medklip_dice")
-    }
+    # pointing_chance, pointing_attn_value, pointing_projector: absent in older runs
+    keys = ("pointing", "pointing_cell", "pointing_chance", "pointing_attn_value", "pointing_projector", "iou", "dice")
+    return {k: weighted_mean(p[k], W) for k in (*keys, "medklip_iou", "medklip_dice") if k in p}
 
 
 def detection_lists(p: dict) -> tuple[list, list, list]:
@@ -268,6 +268,9 @@ def align(pred_a: dict, pred_b: dict) -> dict:
         "pred_area",
         "pointing",
         "pointing_cell",
+        "pointing_chance",
+        "pointing_attn_value",
+        "pointing_projector",
         "medklip_iou",
         "medklip_dice",
     }

@@ -313,10 +313,29 @@ def grid_peak_hits(grid_maps, masks) -> torch.Tensor:
     n, h, w = grid_maps.shape
     big_h, big_w = masks.shape[1:]
     peak = grid_maps.reshape(n, -1).argmax(1)  # [N], first maximum
-    row = (((peak // w).double() + 0.5) * big_h / h).floor().long().clamp(0, big_h - 1)
-    col = (((peak % w).double() + 0.5) * big_w / w).floor().long().clamp(0, big_w - 1)
+    rows, cols = _cell_centres(h, w, big_h, big_w)
     target = _flat_mask(masks, "masks").reshape(n, big_h, big_w)
-    return target[torch.arange(n), row, col]
+    return target[torch.arange(n), rows[peak // w], cols[peak % w]]
+
+
+def _cell_centres(h: int, w: int, big_h: int, big_w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The image pixel under each feature-grid cell's centre: rows [h], cols [w] (long)."""
+    rows = ((torch.arange(h, dtype=torch.float64) + 0.5) * big_h / h).floor().long().clamp(0, big_h - 1)
+    cols = ((torch.arange(w, dtype=torch.float64) + 0.5) * big_w / w).floor().long().clamp(0, big_w - 1)
+    return rows, cols
+
+
+def grid_chance(masks, h: int, w: int) -> torch.Tensor:
+    """masks [N, H, W] -> float64 [N]: the pointing game (`grid_peak_hits`) of a map whose peak is a
+    uniformly random cell of an h x w grid, i.e. the fraction of cell centres inside the mask. Its
+    mean over the scored images is the chance level a model's pointing game must beat."""
+    masks = torch.as_tensor(masks)
+    if masks.dim() != 3:
+        raise ValueError(f"masks {tuple(masks.shape)} must be [N, H, W]")
+    n, big_h, big_w = masks.shape
+    rows, cols = _cell_centres(h, w, big_h, big_w)
+    target = _flat_mask(masks, "masks").reshape(n, big_h, big_w)
+    return target[:, rows][:, :, cols].double().mean(dim=(1, 2))
 
 
 def grid_peak_cell_overlaps(grid_maps, masks) -> torch.Tensor:
@@ -347,7 +366,7 @@ def grounding_per_image(
     the full map), iou and dice of the map thresholded at > threshold (after a per-image min-max
     scaling to [0, 1] with `normalize`; a constant map becomes all 0). heatmaps, masks: [N, H, W];
     grid_maps: [N, h, w]. Also `positive` (bool [N]) and, with grid maps, `pointing_cell`
-    (`grid_peak_cell_overlaps`)."""
+    (`grid_peak_cell_overlaps`) and `pointing_chance` (`grid_chance`: a random peak cell's hit rate)."""
     heatmaps, masks = _same_shape(heatmaps, masks, "heatmaps and masks")
     if torch.isnan(heatmaps).any():
         raise ValueError("heatmaps contain nan")
@@ -362,11 +381,9 @@ def grounding_per_image(
     extra = {}
     if grid_maps is not None:
         hits = grid_peak_hits(grid_maps, masks)
-        extra["pointing_cell"] = torch.where(
-            positive,
-            grid_peak_cell_overlaps(grid_maps, masks).double(),
-            torch.full((n,), math.nan, dtype=torch.float64),
-        )
+        nan = torch.full((n,), math.nan, dtype=torch.float64)
+        extra["pointing_cell"] = torch.where(positive, grid_peak_cell_overlaps(grid_maps, masks).double(), nan)
+        extra["pointing_chance"] = torch.where(positive, grid_chance(masks, *grid_maps.shape[1:]), nan)
     else:
         peak = heatmaps.reshape(n, -1).argmax(1, keepdim=True)
         hits = _flat_mask(masks, "masks").gather(1, peak)[:, 0]

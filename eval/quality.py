@@ -240,6 +240,7 @@ def evaluate_run(
         "headline": rec["headline"]["name"],
         "value": rec["headline"]["value"],
         "ci95": rec["headline"]["ci95"],
+        "chance": rec["metrics"].get("pointing_chance"),  # grounding: a random peak cell's pointing game
         "seconds": rec["seconds"],
     }
 
@@ -324,6 +325,8 @@ def task_comparisons(evals: dict[str, dict], seed: int = 0) -> dict:
         "arms": {arm: {"value": e["value"], "ci95": e["ci95"], "results": e["results"]} for arm, e in evals.items()},
         "diffs": {},
     }
+    if first.get("chance") is not None:
+        out["chance"] = first["chance"]
     preds = {arm: load_predictions(e["predictions"]) for arm, e in evals.items()}
     for b, a in COMPARISONS:
         if a in preds and b in preds:
@@ -423,8 +426,9 @@ def markdown_table(quality: dict) -> str:
         for label, t in res["tasks"].items():
             h = t["headline"]
             cells = [_value_ci(t["arms"][a]["value"], t["arms"][a]["ci95"]) if a in t["arms"] else "-" for a in ARMS]
+            where = label + (f", chance {_pct(t['chance'])}" if "chance" in t else "")
             lines.append(
-                f"| {FAMILY_TITLES.get(t['family'], t['family'])} | {label} | {h} | "
+                f"| {FAMILY_TITLES.get(t['family'], t['family'])} | {where} | {h} | "
                 + " | ".join(cells)
                 + f" | {_diff_cell(t['diffs'].get('g2d-vla_only', {}).get(h))} | "
                 f"{_diff_cell(t['diffs'].get('g2d-random', {}).get(h))} |"

@@ -394,6 +394,9 @@ def test_task_runs_end_to_end_and_records_results(task, extra, data_root, run_di
     elif family == "grounding":
         assert all(in_unit(m[k]) for k in ("pointing", "pointing_cell", "iou", "dice", "medklip_iou", "medklip_dice"))
         assert m["n_positive"] >= 1 and m["threshold"] == 0.5
+        # the configured map (the projector's by default) is the headline; the other map's pointing game beside it
+        assert m["dense_map"] == "projector" and m["pointing"] == m["pointing_projector"]
+        assert in_unit(m["pointing_attn_value"]) and in_unit(m["pointing_chance"])
     # predictions.npz beside results.json recomputes every metric; every metric has its interval.
     pred = load_predictions(os.path.join(os.path.dirname(path), saved["predictions"]))
     assert len(pred["keys"]) == len(pred["patient_ids"]) == m["n_test"]

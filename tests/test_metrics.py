@@ -376,6 +376,22 @@ def test_pointing_game_at_the_peak_cell_not_the_image_edge():
     assert math.isnan(float(M.grounding_per_image(up[:1], empty, grid_maps=grid[:1])["pointing"][0]))
 
 
+def test_pointing_chance_is_a_random_peak_cells_hit_rate():
+    # Independent check: score every one of the 16 cells as the peak with grid_peak_hits and average.
+    masks = torch.zeros(2, 32, 32, dtype=torch.bool)
+    masks[0, 0:16, 0:16] = True  # the top-left quadrant: 4 of 16 cell centres
+    masks[1, 4, 4] = True  # exactly one cell centre (cell (0, 0))
+    masks[1, 0:3, 20:32] = True  # touches cells but no centre
+    by_enumeration = torch.stack(
+        [M.grid_peak_hits(torch.eye(16)[c].reshape(1, 4, 4).expand(2, 4, 4), masks).double() for c in range(16)]
+    ).mean(0)
+    assert M.grid_chance(masks, 4, 4).tolist() == by_enumeration.tolist() == [0.25, 1 / 16]
+    per = M.grounding_per_image(masks.double(), masks, grid_maps=torch.zeros(2, 4, 4))
+    assert per["pointing_chance"].tolist() == [0.25, 1 / 16]
+    with pytest.raises(ValueError, match=r"must be \[N, H, W\]"):
+        M.grid_chance(masks[0], 4, 4)
+
+
 def test_retrieval_topk_ranks_each_images_own_report():
     # The one retrieval metric (validation, eval, bench-quality): pairs 0 and 1 cross-matched, so
     # each ranks its own report second (cos 0.45 behind 0.89); unrelated pairs score exactly 0.
