@@ -111,7 +111,7 @@ def test_vla_only_differs_from_g2d_only_by_the_pa_weight():
     g2d = pretrain_command("python", "g2d", 0, scale, "s", "b", "out")
     vla = pretrain_command("python", "vla_only", 0, scale, "s", "b", "out")
     assert vla == g2d + ["model.pa_weight=0"]  # same steps, batch, resolution: equal compute
-    assert "train.max_steps=300" in g2d and "train.batch_size_per_gpu=32" in g2d
+    assert "train.max_steps=600" in g2d and "train.batch_size_per_gpu=32" in g2d
     with pytest.raises(ValueError):
         pretrain_command("python", "random", 0, scale, "s", "b", "out")
     assert variants_for("siim_segmentation", "g2d") == ["encoder", "encoder_decoder"]
