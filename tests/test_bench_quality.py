@@ -242,7 +242,16 @@ def test_markdown_table_marks_resolved_differences():
                         "headline": "auroc",
                         "arms": {a: ci for a in ARMS},
                         "diffs": {"g2d-random": {"auroc": {"diff": -0.2, "ci95": [-0.3, -0.1]}}},
-                    }
+                    },
+                    "siim_segmentation@0.1/encoder": {
+                        "family": "segmentation",
+                        "headline": "dice",
+                        "arms": {
+                            "g2d": {**ci, "secondary": {"dice_positive": {"value": 0.7, "ci95": [0.6, 0.8]}}},
+                            "random": ci,
+                        },
+                        "diffs": {"g2d-random": {"dice_positive": {"diff": 0.1, "ci95": [0.02, 0.2]}}},
+                    },
                 },
                 "pseudo_mask_iou": {
                     "num_images": 40,
@@ -261,6 +270,12 @@ def test_markdown_table_marks_resolved_differences():
     assert "+1.0 [-5.0, +7.0]" in table and "**+30.0 [+20.0, +40.0]**" in table  # only a CI excluding 0 is bold
     assert "| linear probe | rsna_linear@1.0 | auroc | 50.0 [40.0, 60.0]" in table
     assert "**-20.0 [-30.0, -10.0]**" in table
+    # Segmentation's Dice halves under the headline, for the arms that have them.
+    assert "| segmentation | siim_segmentation@0.1/encoder | dice | 50.0 [40.0, 60.0] | - | 50.0" in table
+    assert (
+        "| segmentation | siim_segmentation@0.1/encoder | dice_positive | 70.0 [60.0, 80.0] | - | - | - | "
+        "**+10.0 [+2.0, +20.0]** |"
+    ) in table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,6 +335,9 @@ def test_smoke_scale_runs_the_whole_chain_and_resumes(tmp_path):
     doc = (tmp_path / "quality.md").read_text()
     assert doc.startswith("# Quality benchmark results") and "## Results (smoke scale)" in doc
     assert "| linear probe | rsna_linear@0.01 | auroc |" in doc
+    seg = res["tasks"]["siim_segmentation@1.0/encoder"]["arms"]["g2d"]["secondary"]
+    assert set(seg) == {"dice_positive", "dice_negative_images"} and len(seg["dice_positive"]["ci95"]) == 2
+    assert "| segmentation | siim_segmentation@1.0/encoder | dice_positive |" in doc
 
     t0 = time.perf_counter()
     again = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
