@@ -436,7 +436,7 @@ def markdown_table(quality: dict) -> str:
         for label, t in res["tasks"].items():
             h = t["headline"]
             where = label + (f", chance {_pct(t['chance'])}" if "chance" in t else "")
-            rows = [(h, {a: t["arms"][a] for a in t["arms"]})]
+            rows = [(h, t["arms"])]
             for metric in TABLE_SECONDARY.get(t["family"], ()):
                 found = {a: e["secondary"][metric] for a, e in t["arms"].items() if metric in e.get("secondary", {})}
                 if found:
