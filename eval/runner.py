@@ -25,12 +25,15 @@ import platform
 import shutil
 import time
 import traceback
+import zipfile
+import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from common.cli import UserError
 from common.config import config_to_dict
 from common.io import atomic_open, atomic_write_json, atomic_write_text, sha256_file
 from eval.bootstrap import N_RESAMPLES, confidence_intervals
@@ -203,9 +206,28 @@ def save_predictions(path: Path, arrays: dict[str, np.ndarray]) -> None:
         fh.write(buffer.getvalue())
 
 
+class BadPredictions(UserError):
+    """A predictions.npz that is not a readable archive of plain arrays (truncated, not a zip, an
+    object array that would need unpickling): the message names the file and the reason."""
+
+
 def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """{name: array} of a predictions.npz. Never unpickles (allow_pickle=False): an object array is a
+    `BadPredictions` error, as is a truncated or damaged archive (zip CRCs are checked on read)."""
+    path = Path(path)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
+        raise BadPredictions(f"{path}: not a readable predictions archive ({type(exc).__name__}: {exc})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):  # a bare .npy under the .npz name
+        raise BadPredictions(f"{path}: not an .npz archive (a single array)")
+    with data:
+        try:
+            return {k: data[k] for k in data.files}
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as exc:
+            raise BadPredictions(f"{path}: not a readable predictions archive ({type(exc).__name__}: {exc})") from None
 
 
 def _has_patients(predictions: dict) -> bool:
