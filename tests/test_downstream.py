@@ -534,3 +534,68 @@ def test_fixtures_are_deterministic_for_a_seed(tmp_path):
     a, b, c = tree(tmp_path / "a"), tree(tmp_path / "b"), tree(tmp_path / "c")
     assert a == b
     assert a.keys() != c.keys() or any(a[k] != c[k] for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# ChestX-ray14 on real-download shapes: a partial tree, the v2020 label file name, a refused link
+
+
+def _cxr14_tree(root: Path, n_rows: int, present: set[int], entry: str = "Data_Entry_2017.csv") -> Path:
+    """A ChestX-ray14 tree whose label files list `n_rows` images (3 per patient, the last fifth in
+    test_list) and whose images_001/images/ holds only the PNGs numbered in `present` (the split is
+    drawn from the label files, so the PNGs are empty files here: nothing is packed)."""
+    images = root / "images_001" / "images"
+    images.mkdir(parents=True)
+    names = [f"{i // 3 + 1:08d}_{i % 3:03d}.png" for i in range(n_rows)]
+    with open(root / entry, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "View Position"])
+        for i, name in enumerate(names):
+            writer.writerow([name, "Effusion" if i % 4 == 0 else "No Finding", i % 3, i // 3 + 1, "PA"])
+    cut = n_rows * 4 // 5
+    (root / "train_val_list.txt").write_text("\n".join(names[:cut]) + "\n")
+    (root / "test_list.txt").write_text("\n".join(names[cut:]) + "\n")
+    for i in present:
+        (images / names[i]).touch()
+    return root
+
+
+def _split_of(index) -> dict[str, str]:
+    return {it.key: split for split, items in index.splits.items() for it in items}
+
+
+def test_chestxray14_split_depends_on_the_label_files_only(tmp_path):
+    """A partial download keeps every present image in the split the full download gives it."""
+    n = 600
+    full = _split_of(CONVERTERS["chestxray14"](_cxr14_tree(tmp_path / "full", n, set(range(n))), 0))
+    present = set(np.random.default_rng(0).choice(n, 40, replace=False).tolist())
+    index = CONVERTERS["chestxray14"](_cxr14_tree(tmp_path / "part", n, present), 0)
+    part = _split_of(index)
+    assert len(part) == 40 and {full[k] for k in part} >= {"train", "valid", "test"}
+    assert part == {k: full[k] for k in part}
+    missing = [r for r in index.rejected if "no such PNG" in r["reason"]]
+    assert len(missing) == n - 40 and len(part) + len(missing) == index.input_images
+    assert "refused" not in missing[0]["reason"]  # no link out of the root to name here
+
+
+def test_chestxray14_reads_the_v2020_label_file_name(fixtures, tmp_path):
+    src, _ = fixtures
+    root = _copy(src, "chestxray14", tmp_path)
+    (root / "Data_Entry_2017.csv").rename(root / "Data_Entry_2017_v2020.csv")
+    m = convert("chestxray14", root, tmp_path / "out", max_side=MAX_SIDE, samples_per_shard=8, progress=False)
+    assert m["num_samples"] > 0 and m["split_policy"].startswith("labels from Data_Entry_2017_v2020.csv;")
+    _assert_adds_up(m)
+    (root / "Data_Entry_2017_v2020.csv").unlink()
+    with pytest.raises(SourceError, match="no Data_Entry_2017_v2020.csv or Data_Entry_2017.csv"):
+        CONVERTERS["chestxray14"](root, 0)
+
+
+def test_chestxray14_names_the_image_folder_link_it_refused(tmp_path):
+    src = _cxr14_tree(tmp_path / "src", 12, set(range(12)))
+    elsewhere = tmp_path / "elsewhere"
+    (src / "images_001").rename(elsewhere)
+    (src / "images_001").symlink_to(elsewhere, target_is_directory=True)
+    index = CONVERTERS["chestxray14"](src, 0)
+    assert sum(len(v) for v in index.splits.values()) == 0 and len(index.rejected) == 12
+    expected = f"images_001 -> {elsewhere.resolve()} is a symlink out of {src}; refused"
+    assert all(expected in r["reason"] for r in index.rejected), index.rejected[0]

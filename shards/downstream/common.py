@@ -42,6 +42,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import re
 import zlib
 from collections.abc import Iterable, Sequence
@@ -64,7 +65,7 @@ from shards.image import (
     transform_boxes,
     transform_mask,
 )
-from shards.paths import find_files, outside_root
+from shards.paths import find_files, is_inside, outside_root
 from shards.writer import PackedSample, Rejected, clean_reason, output_lock, pack_splits
 
 FRACTIONS = ("0.01", "0.1", "1.0")
@@ -173,6 +174,26 @@ def file_map(root: Path, pattern: str) -> dict[str, Path]:
     for path in find_files(root, pattern):
         out.setdefault(path.name, path)
     return out
+
+
+def links_out_of(root: Path) -> list[str]:
+    """'<link> -> <where it leads>' (link relative to `root`) for every symlinked folder under `root`
+    that resolves outside it, sorted. `file_map` does not enter such folders, so an image missing from
+    the map may sit behind one: the converters name the link in that image's rejection."""
+    real_root = root.resolve()
+    seen: set[Path] = set()
+    out: list[str] = []
+    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+        real = Path(dirpath).resolve()
+        if real in seen or not is_inside(real, real_root):
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        for name in dirnames:
+            path = Path(dirpath) / name
+            if path.is_symlink() and not is_inside(path.resolve(), real_root):
+                out.append(f"{path.relative_to(root)} -> {path.resolve()}")
+    return sorted(out)
 
 
 def reject(key: str, source: str, reason: str) -> dict:
