@@ -48,6 +48,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from bench.perfdoc import update_section
 from common.dist import DistInfo
 from common.io import atomic_write_json, atomic_write_text
 from common.machine import cpu_model
@@ -58,7 +59,6 @@ from pipeline.plan import DatasetIndex
 from shards.ensure import ensure_synthetic
 from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD
 from tools.pack_shards import pack
-from tools.perfdoc import update_section
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
@@ -1035,9 +1035,3 @@ def main(argv: list[str] | None = None) -> int:
     body = doc_body(args, inputs, summary, costs, table, notes, disk, detail, machine, results)
     update_section(args.doc, "Data pipeline on a GPU" if cuda else "Data pipeline", body)
     return 0
-
-
-if __name__ == "__main__":
-    from common.cli import run_main
-
-    run_main(main)

@@ -198,9 +198,3 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.out, result)
     print(json.dumps(result))
     return 0
-
-
-if __name__ == "__main__":
-    from common.cli import run_main
-
-    run_main(main)

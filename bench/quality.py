@@ -20,12 +20,9 @@ from pathlib import Path
 
 import torch
 
-from common.cli import ArgumentParser, UserError, run_main
-from common.config import ConfigError, config_to_dict
-from common.io import atomic_write_json, atomic_write_text
-from common.run_layout import newest_checkpoint
-from eval.pseudo_mask_quality import pseudo_mask_predictions, pseudo_mask_summary
-from eval.quality import (
+from bench import perfdoc
+from bench.pseudo_mask_quality import pseudo_mask_predictions, pseudo_mask_summary
+from bench.quality_harness import (
     ARMS,
     TRAINED_ARMS,
     Stage,
@@ -44,6 +41,10 @@ from eval.quality import (
     stage_seconds,
     variants_for,
 )
+from common.cli import ArgumentParser, UserError
+from common.config import config_to_dict
+from common.io import atomic_write_json, atomic_write_text
+from common.run_layout import newest_checkpoint
 from eval.runner import load_predictions, save_predictions
 from shards.downstream import convert
 from shards.ensure import ensure_synthetic
@@ -51,8 +52,7 @@ from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD
 from shards.schema import read_manifest
 from shards.synthetic.downstream import write_all
 from shards.writer import default_workers
-from tools import make_tiny_bert, pack_shards, perfdoc, verify_shards
-from tools.eval import EVAL_USER_ERRORS
+from tools import make_tiny_bert, pack_shards, verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 DOWNSTREAM = ("rsna_pneumonia", "siim_pneumothorax")
@@ -267,7 +267,3 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; table -> {doc}" if doc else "")
     )
     return 0
-
-
-if __name__ == "__main__":
-    run_main(main, extra_errors=EVAL_USER_ERRORS + (ConfigError,))

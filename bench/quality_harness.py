@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.pseudo_mask_quality import COMPARISONS
 from common.config import ConfigError, config_from_dict, config_to_dict, load_config
 from common.dist import DistInfo
 from common.io import atomic_write_json
 from eval.bootstrap import N_RESAMPLES, paired_difference, percentile_ci, resample_weights
 from eval.checkpoint import Pretrained
-from eval.pseudo_mask_quality import COMPARISONS
 from eval.runner import PREDICTIONS_NAME, load_predictions, resolve_for, run_eval
 from eval.tasks import applicable_overrides, get_task, load_task_config
 from eval.zeroshot import embed_loader

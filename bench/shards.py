@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.perfdoc import update_section
 from common.io import atomic_write_json
 from common.machine import cpu_model
 from shards.ensure import ensure_synthetic
@@ -36,7 +37,6 @@ from shards.master import METADATA_CSV
 from shards.mimic import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, pack_mimic
 from shards.schema import FRONTAL_VIEWS
 from shards.writer import default_workers
-from tools.perfdoc import update_section
 
 
 def timed_pack(root: Path, out: Path, workers: int, samples_per_shard: int, repeats: int) -> tuple[float, float, dict]:
@@ -252,9 +252,3 @@ def main(argv: list[str] | None = None) -> int:
     update_section(args.doc, "Shard packing", body)
     print(json.dumps(result, indent=1))
     return 0
-
-
-if __name__ == "__main__":
-    from common.cli import run_main
-
-    run_main(main)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from bench.perfdoc import update_section
 from common.cli import UserError
 from common.dist import DistInfo
 from common.io import atomic_open, atomic_write_json
@@ -43,7 +44,6 @@ from pipeline import build_loader
 from pipeline.config import DataConfig
 from pipeline.reports import shard_texts
 from shards.schema import read_manifest
-from tools.perfdoc import update_section
 from train.flops import count_step_flops, mfu, peak_flops
 from train.optim import OptimConfig, build_optimizer
 from train.step import TrainStep, compile_for_speed, make_scaler
@@ -524,9 +524,3 @@ def main(argv: list[str] | None = None) -> None:
             + " (every epoch's loader startup inside the windows).\n"
         )
     update_section(Path("docs/performance.md"), SECTION[device.type], body)
-
-
-if __name__ == "__main__":
-    from common.cli import run_main
-
-    run_main(main)

@@ -1,4 +1,4 @@
-"""bench-pipeline's steady-rate bookkeeping and results contract; profile_dali's graph cuts (tiny data, CPU)."""
+"""bench-pipeline (bench/pipeline.py): steady-rate bookkeeping and the results contract (tiny data, CPU)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from bench.pipeline import Timing, main
 from tests.pipeline_fixtures import pack_tiny
-from tools.bench_pipeline import Timing, main
 
 
 def test_steady_rate_counts_only_batches_beyond_those_in_flight():
@@ -79,41 +79,3 @@ def test_bench_pipeline_writes_the_promised_results(tmp_path):
     text = doc.read_text()
     assert "## Data pipeline" in text and "G2D npy memmap" in text and "(target >= 5x" in text
     assert "| decode | " in text and "goal <= 1.5x" in text and "distinct shards per batch" in text
-
-
-def test_profile_dali_times_each_cut_of_the_graph(tmp_path):
-    from pipeline.dali_backend import dali_available
-    from tools.profile_dali import main as profile_main
-
-    if not dali_available():
-        pytest.skip("nvidia-dali not installed")
-    shards = tmp_path / "shards"
-    pack_tiny(shards, n_train=24, n_valid=8)
-    out = tmp_path / "profile.json"
-    assert (
-        profile_main(
-            [
-                "--shards",
-                str(shards),
-                "--device",
-                "cpu",
-                "--batch-size",
-                "8",
-                "--threads",
-                "1",
-                "--warmup",
-                "1",
-                "--iters",
-                "2",
-                "--stages",
-                "read",
-                "warp",
-                "full",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
-    stages = json.loads(out.read_text())["stages"]
-    assert list(stages) == ["read", "warp", "full"] and all(v["img_per_s"] > 0 for v in stages.values())

@@ -1,4 +1,4 @@
-"""make bench-quality (eval/quality.py, eval/pseudo_mask_quality.py, tools/bench_quality.py): resumable
+"""make bench-quality (bench/quality_harness.py, bench/pseudo_mask_quality.py, bench/quality.py): resumable
 stages, the statistics it reports, its scales, and the whole chain at smoke scale."""
 
 import json
@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import ConfigError
-from eval.pseudo_mask_quality import load_regions, pseudo_mask_summary, truth_mask
-from eval.quality import (
+from bench.pseudo_mask_quality import load_regions, pseudo_mask_summary, truth_mask
+from bench.quality_harness import (
     ARMS,
     Stage,
     fingerprint,
@@ -24,6 +23,7 @@ from eval.quality import (
     run_stages,
     variants_for,
 )
+from common.config import ConfigError
 from shards.downstream.rsna import SPLIT_WEIGHTS as RSNA_SPLITS
 from shards.downstream.siim import SPLIT_WEIGHTS as SIIM_SPLITS
 from shards.synthetic.render import encode_mask_rle
@@ -120,7 +120,7 @@ def test_vla_only_differs_from_g2d_only_by_the_pa_weight():
 
 
 def test_stage_fingerprints_follow_what_each_stage_depends_on(tmp_path):
-    from tools.bench_quality import build_stages
+    from bench.quality import build_stages
 
     def fingerprints(*overrides):
         stages = build_stages(load_scale("smoke", list(overrides)), [0], tmp_path, 1, torch.device("cpu"))

@@ -202,7 +202,7 @@ def test_sdpa_and_eager_attention_agree_on_gpu(step_bert):
 def test_max_batch_search_finds_the_oom_boundary(step_bert):
     """bench-train's max-batch search, on the tiny model with the GPU capped to a few GiB so the
     boundary is reached in seconds."""
-    from tools.bench_train import max_batch
+    from bench.train import max_batch
 
     texts = ["No acute cardiopulmonary process. Heart size is normal."] * 64
     total = torch.cuda.get_device_properties(0).total_memory

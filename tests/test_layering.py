@@ -1,12 +1,15 @@
 """Dependencies point one way: model -> (torch, common); pipeline -> (shards, common), never model;
-eval -> (model, pipeline, shards, common), never train; shards -> common. Checked on the import
+eval -> (model, pipeline, shards, common), never train; shards -> common. The lab (bench/: benchmarks
+and the quality harness) may import everything; no product package imports it. Checked on the import
 statements of every module, so a violation fails here rather than in review."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT = {"common", "shards", "pipeline", "model", "train", "eval", "tools"}
+PRODUCT = ("common", "shards", "pipeline", "model", "train", "eval")
+LAB = "bench"
+PROJECT = {*PRODUCT, LAB, "tools"}
 ALLOWED = {
     "common": {"common"},
     "shards": {"common", "shards"},
@@ -14,8 +17,11 @@ ALLOWED = {
     "model": {"common", "model"},
     "eval": {"common", "shards", "pipeline", "model", "eval"},
     "train": {"common", "shards", "pipeline", "model", "eval", "train"},
-    "tools": PROJECT - {"tools"} | {"tools"},
+    LAB: PROJECT,
+    "tools": PROJECT,
 }
+# Entry points stay thin: a tool that grows past this has library code that belongs in a package.
+TOOL_MAX_LINES = 200
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -37,6 +43,25 @@ def test_dependencies_point_one_way():
             if bad:
                 violations.append(f"{path.relative_to(ROOT)} imports {sorted(bad)}")
     assert not violations, "\n".join(violations)
+
+
+def test_no_product_package_imports_the_lab():
+    importers = [
+        str(path.relative_to(ROOT))
+        for package in PRODUCT
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if LAB in imported_packages(path)
+    ]
+    assert not importers, f"product code imports the lab package {LAB}: {importers}"
+
+
+def test_tools_are_thin_entry_points():
+    long = {}
+    for path in sorted((ROOT / "tools").glob("*.py")):
+        n_lines = len(path.read_text(encoding="utf-8").splitlines())
+        if n_lines > TOOL_MAX_LINES:
+            long[path.name] = n_lines
+    assert not long, f"tools/ files over {TOOL_MAX_LINES} lines (move the library code out): {long}"
 
 
 def test_model_does_not_use_distributed_setup():

@@ -9,7 +9,7 @@ import tomllib
 
 from tests.pipeline_fixtures import ROOT
 
-RUNTIME_PACKAGES = ("common", "shards", "pipeline", "model", "train", "eval", "tools")
+RUNTIME_PACKAGES = ("common", "shards", "pipeline", "model", "train", "eval", "bench", "tools")
 # requirements-dev.txt distribution -> the module it is imported as
 DEV_MODULES = {"pytest": "pytest", "ruff": "ruff", "scikit-learn": "sklearn"}
 
