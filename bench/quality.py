@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -68,47 +69,85 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch.device) -> list[Stage]:
-    corpus, shards, bert = out / "synthetic_mimic", out / "shards" / "mimic", out / "tiny_bert"
-    src, data = out / "downstream_src", out / "shards" / "downstream"
-    # What each stage's result depends on (its done-marker's fingerprint): change one and the stage
-    # and everything downstream of it runs again. Evaluations depend on every scale key but `runs`.
-    size_inputs = {"studies": scale.studies, "synth_size": scale.synth_size}
-    data_inputs = {k: v for k, v in config_to_dict(scale).items() if k not in ("runs", "name")}
+@dataclass(frozen=True)
+class Workspace:
+    """Where the stages write, under the working directory `out`."""
+
+    out: Path
+
+    @property
+    def corpus(self) -> Path:
+        return self.out / "synthetic_mimic"
+
+    @property
+    def shards(self) -> Path:
+        return self.out / "shards" / "mimic"
+
+    @property
+    def bert(self) -> Path:
+        return self.out / "tiny_bert"
+
+    @property
+    def src(self) -> Path:
+        return self.out / "downstream_src"
+
+    @property
+    def data(self) -> Path:
+        return self.out / "shards" / "downstream"
+
+
+# What each stage's result depends on (its done-marker's fingerprint): change one and the stage and
+# everything downstream of it runs again. Evaluations depend on every scale key but `runs`.
+def size_inputs(scale) -> dict:
+    return {"studies": scale.studies, "synth_size": scale.synth_size}
+
+
+def data_inputs(scale) -> dict:
+    return {k: v for k, v in config_to_dict(scale).items() if k not in ("runs", "name")}
+
+
+def data_stages(scale, ws: Workspace, workers: int) -> list[Stage]:
+    """The pretraining corpus packed + verified, its tiny BERT, the RSNA/SIIM look-alikes converted."""
 
     def make_corpus(_done):
-        root = ensure_synthetic(corpus, scale.studies, scale.synth_size, 0, workers)
+        root = ensure_synthetic(ws.corpus, scale.studies, scale.synth_size, 0, workers)
         pack_shards.pack(
             root,
-            shards,
+            ws.shards,
             max_side=256,
             quality=95,
             samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD,
             workers=workers,
             seed=0,
         )
-        if verify_shards.verify(shards, default_workers()):
-            raise UserError(f"packing or verifying {shards} failed (see above)")
-        splits = read_manifest(shards)["splits"]
-        return {"shards": str(shards), "splits": {s: v["num_samples"] for s, v in splits.items()}}
+        if verify_shards.verify(ws.shards, default_workers()):
+            raise UserError(f"packing or verifying {ws.shards} failed (see above)")
+        splits = read_manifest(ws.shards)["splits"]
+        return {"shards": str(ws.shards), "splits": {s: v["num_samples"] for s, v in splits.items()}}
 
     def make_bert(_done):
-        make_tiny_bert.build(shards, bert)
-        return {"text_model": str(bert)}
+        make_tiny_bert.build(ws.shards, ws.bert)
+        return {"text_model": str(ws.bert)}
 
     def make_downstream(_done):
         splits = {}
         for name, n in (("rsna_pneumonia", scale.rsna_images), ("siim_pneumothorax", scale.siim_images)):
-            write_all(src, n, seed=0, workers=workers, datasets=(name,))
+            write_all(ws.src, n, seed=0, workers=workers, datasets=(name,))
             manifest = convert(
-                name, src / name, data, max_side=scale.downstream_max_side, workers=workers, seed=0, progress=False
+                name,
+                ws.src / name,
+                ws.data,
+                max_side=scale.downstream_max_side,
+                workers=workers,
+                seed=0,
+                progress=False,
             )
             splits[name] = {s: v["num_samples"] for s, v in manifest["splits"].items()}
-        return {"data": str(data), "splits": splits}
+        return {"data": str(ws.data), "splits": splits}
 
-    stages = [
-        Stage("corpus", make_corpus, size_inputs),
-        Stage("tiny_bert", make_bert, size_inputs),
+    return [
+        Stage("corpus", make_corpus, size_inputs(scale)),
+        Stage("tiny_bert", make_bert, size_inputs(scale)),
         Stage(
             "downstream",
             make_downstream,
@@ -116,75 +155,97 @@ def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch
         ),
     ]
 
-    def pretrain(arm: str, seed: int):
-        inputs = {**size_inputs, "overrides": scale.pretrain_overrides, "seed": seed}
-        # The fingerprint in the folder name: a changed recipe starts a fresh run instead of resuming
-        # (train.resume=auto) a checkpoint trained with the old one.
-        run_dir = out / "pretrain" / f"{arm}_s{seed}_{fingerprint(inputs)[:8]}"
 
-        def run(_done):
-            cmd = pretrain_command(sys.executable, arm, seed, scale, str(shards), str(bert), str(run_dir))
-            print("[bench-quality] $ " + " ".join(cmd), flush=True)
-            env = {**os.environ, "PYTHONPATH": str(ROOT)}
-            code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
-            ckpt = newest_checkpoint(run_dir)
-            if code or ckpt is None:
-                raise UserError(
-                    f"pretraining arm {arm} (seed {seed}) failed with exit status {code}; "
-                    f"log: {run_dir}/metrics.jsonl; re-run to resume it"
-                )
-            return {"checkpoint": str(ckpt), "run_dir": str(run_dir)}
+def pretrain_stage(scale, ws: Workspace, arm: str, seed: int) -> Stage:
+    """One trained arm: train.pretrain in a subprocess, resumed from its checkpoints on a re-run."""
+    inputs = {**size_inputs(scale), "overrides": scale.pretrain_overrides, "seed": seed}
+    # The fingerprint in the folder name: a changed recipe starts a fresh run instead of resuming
+    # (train.resume=auto) a checkpoint trained with the old one.
+    run_dir = ws.out / "pretrain" / f"{arm}_s{seed}_{fingerprint(inputs)[:8]}"
 
-        return Stage(f"pretrain/{arm}/s{seed}", run, inputs)
-
-    def checkpoint_of(done: dict, arm: str, seed: int) -> str:
-        # The random arm takes the G2D checkpoint's architecture (and random weights).
-        return done[f"pretrain/{'g2d' if arm == 'random' else arm}/s{seed}"]["checkpoint"]
-
-    def evaluation(arm: str, seed: int, task: str, fraction: str, variant: str):
-        def run(done):
-            weights = arm_weights(checkpoint_of(done, arm, seed), arm, task, fraction, str(data))
-            return evaluate_run(
-                task, fraction, variant, weights, str(data), scale.eval_overrides, str(out / "eval" / f"{arm}_s{seed}")
+    def run(_done):
+        cmd = pretrain_command(sys.executable, arm, seed, scale, str(ws.shards), str(ws.bert), str(run_dir))
+        print("[bench-quality] $ " + " ".join(cmd), flush=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
+        ckpt = newest_checkpoint(run_dir)
+        if code or ckpt is None:
+            raise UserError(
+                f"pretraining arm {arm} (seed {seed}) failed with exit status {code}; "
+                f"log: {run_dir}/metrics.jsonl; re-run to resume it"
             )
+        return {"checkpoint": str(ckpt), "run_dir": str(run_dir)}
 
-        name = f"eval/{arm}/s{seed}/{run_label(task, fraction, variant)}"
-        return Stage(name, run, {**data_inputs, "seed": seed})
+    return Stage(f"pretrain/{arm}/s{seed}", run, inputs)
 
-    def per_image(kind: str, arm: str, seed: int):
-        """retrieval ranks / pseudo-mask IoU of one arm on the pretraining valid split -> an npz."""
-        path = out / kind / f"{arm}_s{seed}.npz"
 
-        def run(done):
-            ckpt = checkpoint_of(done, arm, seed)
-            weights = arm_weights(ckpt, arm, "zeroshot_rsna", "1.0", str(data))
-            pretrain_data = arm_weights(
-                checkpoint_of(done, "g2d", seed), "g2d", "zeroshot_rsna", "1.0", str(data)
-            ).data_cfg
-            if kind == "retrieval":
-                arrays = retrieval_predictions(weights, pretrain_data, str(bert), device)
-            else:
-                arrays = pseudo_mask_predictions(weights, pretrain_data, str(bert), corpus, device)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_predictions(path, arrays)
-            return {"predictions": str(path), "images": int(len(arrays["keys"]))}
+def checkpoint_of(done: dict, arm: str, seed: int) -> str:
+    # The random arm takes the G2D checkpoint's architecture (and random weights).
+    return done[f"pretrain/{'g2d' if arm == 'random' else arm}/s{seed}"]["checkpoint"]
 
-        return Stage(f"{kind}/{arm}/s{seed}", run, {**size_inputs, "pretrain": scale.pretrain_overrides, "seed": seed})
 
+def evaluation_stage(scale, ws: Workspace, arm: str, seed: int, task: str, fraction: str, variant: str) -> Stage:
+    """One downstream task (at one fraction, one variant) for one arm."""
+
+    def run(done):
+        weights = arm_weights(checkpoint_of(done, arm, seed), arm, task, fraction, str(ws.data))
+        return evaluate_run(
+            task,
+            fraction,
+            variant,
+            weights,
+            str(ws.data),
+            scale.eval_overrides,
+            str(ws.out / "eval" / f"{arm}_s{seed}"),
+        )
+
+    name = f"eval/{arm}/s{seed}/{run_label(task, fraction, variant)}"
+    return Stage(name, run, {**data_inputs(scale), "seed": seed})
+
+
+def per_image_stage(scale, ws: Workspace, kind: str, arm: str, seed: int, device: torch.device) -> Stage:
+    """retrieval ranks / pseudo-mask IoU of one arm on the pretraining valid split -> an npz."""
+    path = ws.out / kind / f"{arm}_s{seed}.npz"
+
+    def run(done):
+        ckpt = checkpoint_of(done, arm, seed)
+        weights = arm_weights(ckpt, arm, "zeroshot_rsna", "1.0", str(ws.data))
+        pretrain_data = arm_weights(
+            checkpoint_of(done, "g2d", seed), "g2d", "zeroshot_rsna", "1.0", str(ws.data)
+        ).data_cfg
+        if kind == "retrieval":
+            arrays = retrieval_predictions(weights, pretrain_data, str(ws.bert), device)
+        else:
+            arrays = pseudo_mask_predictions(weights, pretrain_data, str(ws.bert), ws.corpus, device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_predictions(path, arrays)
+        return {"predictions": str(path), "images": int(len(arrays["keys"]))}
+
+    inputs = {**size_inputs(scale), "pretrain": scale.pretrain_overrides, "seed": seed}
+    return Stage(f"{kind}/{arm}/s{seed}", run, inputs)
+
+
+def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch.device) -> list[Stage]:
+    ws = Workspace(out)
+    stages = data_stages(scale, ws, workers)
     # Order: each trained arm's pretraining is followed by its evaluations, and random init (which
     # does not depend on the seed, and takes the G2D checkpoint's architecture) follows the first
     # G2D arm. So the first answer, trained vs random init, lands before the second arm trains: a run
     # stopped early (a session's time limit) already has one complete comparison.
     for seed in seeds:
         for arm in TRAINED_ARMS:
-            stages.append(pretrain(arm, seed))
+            stages.append(pretrain_stage(scale, ws, arm, seed))
             evaluated = [arm] + (["random"] if arm == "g2d" and seed == seeds[0] else [])
             # The cheap per-image stages first, then the tasks in the scale's order (cheap ones first).
-            stages += [per_image(kind, a, seed) for kind in ("retrieval", "pseudo_mask") for a in evaluated]
+            stages += [
+                per_image_stage(scale, ws, kind, a, seed, device)
+                for kind in ("retrieval", "pseudo_mask")
+                for a in evaluated
+            ]
             for spec in scale.runs:
                 task, fraction = parse_run(spec)
                 for a in evaluated:
-                    stages += [evaluation(a, seed, task, fraction, v) for v in variants_for(task, a)]
+                    stages += [evaluation_stage(scale, ws, a, seed, task, fraction, v) for v in variants_for(task, a)]
     return stages
 
 

@@ -1,8 +1,8 @@
-"""`make bench-quality`: can the benchmark tell G2D from its ablations? Library side.
+"""`make bench-quality`: can the benchmark tell G2D from its ablations? Library side (stages + CLI: bench/quality.py).
 
     BenchScale                 one scale's sizes (configs/quality/{smoke,full}.yaml)
     run_stages(stages, dir)    resumable stage runner: a stage whose done-marker matches is skipped
-    pretrain_command(...)      argv of one pretraining arm (a subprocess: eval never imports train)
+    pretrain_command(...)      argv of one pretraining arm (run as a subprocess, as `make pretrain` runs it)
     evaluate_run(...)          one downstream task for one arm -> results.json + predictions.npz
     retrieval_predictions(...) image->report ranks on the pretraining valid split (per-image hits)
     assemble(...)              per task: each arm's headline + 95% CI, paired differences with CIs

@@ -385,7 +385,8 @@ def profile_step(step_fn, batch, device, out_stem: Path, rows: int = 25) -> dict
     return summary
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, tuple[str, ...]]:
+    """The options and the checked `--arms` list."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", default="data/shards/mimic")
     parser.add_argument("--steps", type=int, default=5)
@@ -403,82 +404,87 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         raise UserError(f"--arms: unknown {unknown}; choose from {list(ARMS)}")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29533")
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    models = ["g2d_tiny", *(["g2d_resnet50"] if cuda else [])] if args.models == "auto" else args.models.split(",")
-    tdist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
-    shards = args.shards if Path(args.shards, "manifest.json").is_file() else None
+    return args, arms
+
+
+def bench_texts(shards_arg: str) -> tuple[str | None, list[str]]:
+    """The packed shards (None when absent: data-included timings are skipped) and 256 report texts."""
+    shards = shards_arg if Path(shards_arg, "manifest.json").is_file() else None
     if shards:
         read_manifest(shards)
         texts = shard_texts(shards)
     else:
-        print(f"[bench-train] no shards at {args.shards}: data-included timings skipped (run `make shards`)")
+        print(f"[bench-train] no shards at {shards_arg}: data-included timings skipped (run `make shards`)")
         texts = ["No acute cardiopulmonary process. Heart size is normal. Lungs are clear."] * 256
-    texts = (texts * (1 + 256 // max(1, len(texts))))[:256]
-    results_dir = Path(args.results_dir) if args.results_dir else RESULTS[device.type].parent
-    results = results_dir / RESULTS[device.type].name
-    runs, extra = [], {}
-    with tempfile.TemporaryDirectory() as tmp:
-        berts = {
-            "g2d_tiny": lambda: str(build_tiny_text_model(Path(tmp) / "tiny_bert", texts)),
-            # The real model: a ClinicalBERT-sized text tower (12 layers, 768 wide) with random
-            # weights stands in for Bio_ClinicalBERT (no hub access); the FLOPs are the same.
-            "g2d_resnet50": lambda: str(
-                build_tiny_text_model(Path(tmp) / "bert_base", texts, hidden=768, layers=12, heads=12, vocab_size=28996)
-            ),
-        }
-        last = None
-        for name in models:
-            if name not in berts:
-                raise UserError(f"--models: {name!r} is not one of {sorted(berts)}")
-            bert = berts[name]()
-            sizes = [args.tiny_batch] if name == "g2d_tiny" else [int(b) for b in args.batch_sizes.split(",")]
-            for bs in sizes:
+    return shards, (texts * (1 + 256 // max(1, len(texts))))[:256]
 
-                def save(partial: dict) -> None:
-                    atomic_write_json(results, {"runs": [*runs, partial], "partial": True})
 
-                runs.append(
-                    bench_model(
-                        name, bert, bs, shards, args.steps, device, texts, arms, args.compile_backend, on_arm=save
-                    )
-                )
-                print(
-                    f"[bench-train] {name} batch {bs}: "
-                    + ", ".join(
-                        f"{a} {runs[-1][a]['data_excluded']['img_per_s']:.1f} img/s"
-                        for a in arms
-                        if "data_excluded" in runs[-1][a]
-                    ),
-                    flush=True,
-                )
-            last = (name, bert, sizes[-1])
-        if args.max_batch and last:
-            extra["max_batch"] = max_batch(last[0], last[1], "ours", device, texts, start=last[2])
-            print(f"[bench-train] max batch per GPU ({last[0]}, ours): {extra['max_batch']}")
-        if args.profile and last:
-            tokenizer = load_tokenizer(last[1])
-            step_fn, _, _, fixed, _, _ = prepare_arm(last[0], last[1], "ours", last[2], device, tokenizer, texts)
-            stem = results_dir / f"train_profile_{'gpu' if cuda else 'cpu'}"
-            summary = profile_step(step_fn, fixed, device, stem)
-            extra["profile"] = {
-                "model": last[0],
-                "batch_size": last[2],
-                "files": [str(stem) + ".json", str(stem) + ".txt"],
-                **{k: v for k, v in summary.items() if k != "top_ops"},
-                "top_ops": summary["top_ops"][:10],
-            }
-            print(f"[bench-train] profile of one step: {stem}.txt")
-    tdist.destroy_process_group()
-    machine = {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+def text_towers(tmp: str, texts: list[str]) -> dict:
+    """Per model name, a builder of its text tower (built only for the models benchmarked)."""
+    return {
+        "g2d_tiny": lambda: str(build_tiny_text_model(Path(tmp) / "tiny_bert", texts)),
+        # The real model: a ClinicalBERT-sized text tower (12 layers, 768 wide) with random
+        # weights stands in for Bio_ClinicalBERT (no hub access); the FLOPs are the same.
+        "g2d_resnet50": lambda: str(
+            build_tiny_text_model(Path(tmp) / "bert_base", texts, hidden=768, layers=12, heads=12, vocab_size=28996)
+        ),
     }
-    atomic_write_json(results, {"runs": runs, "machine": machine, **extra})
+
+
+def run_models(args, models, berts: dict, arms, shards, texts, device, results: Path) -> tuple[list, tuple | None]:
+    """Every model x batch size through every arm (results.json rewritten after each arm, marked
+    partial); also returns (model, text tower, last batch size) of the last model for the extras."""
+    runs, last = [], None
+    for name in models:
+        if name not in berts:
+            raise UserError(f"--models: {name!r} is not one of {sorted(berts)}")
+        bert = berts[name]()
+        sizes = [args.tiny_batch] if name == "g2d_tiny" else [int(b) for b in args.batch_sizes.split(",")]
+        for bs in sizes:
+
+            def save(partial: dict) -> None:
+                atomic_write_json(results, {"runs": [*runs, partial], "partial": True})
+
+            runs.append(
+                bench_model(name, bert, bs, shards, args.steps, device, texts, arms, args.compile_backend, on_arm=save)
+            )
+            print(
+                f"[bench-train] {name} batch {bs}: "
+                + ", ".join(
+                    f"{a} {runs[-1][a]['data_excluded']['img_per_s']:.1f} img/s"
+                    for a in arms
+                    if "data_excluded" in runs[-1][a]
+                ),
+                flush=True,
+            )
+        last = (name, bert, sizes[-1])
+    return runs, last
+
+
+def extras(args, last: tuple | None, device, texts: list[str], results_dir: Path) -> dict:
+    """`--max-batch` and `--profile`, on the last model benchmarked."""
+    extra = {}
+    if args.max_batch and last:
+        extra["max_batch"] = max_batch(last[0], last[1], "ours", device, texts, start=last[2])
+        print(f"[bench-train] max batch per GPU ({last[0]}, ours): {extra['max_batch']}")
+    if args.profile and last:
+        tokenizer = load_tokenizer(last[1])
+        step_fn, _, _, fixed, _, _ = prepare_arm(last[0], last[1], "ours", last[2], device, tokenizer, texts)
+        stem = results_dir / f"train_profile_{'gpu' if device.type == 'cuda' else 'cpu'}"
+        summary = profile_step(step_fn, fixed, device, stem)
+        extra["profile"] = {
+            "model": last[0],
+            "batch_size": last[2],
+            "files": [str(stem) + ".json", str(stem) + ".txt"],
+            **{k: v for k, v in summary.items() if k != "top_ops"},
+            "top_ops": summary["top_ops"][:10],
+        }
+        print(f"[bench-train] profile of one step: {stem}.txt")
+    return extra
+
+
+def results_table(runs: list[dict], arms: tuple[str, ...]) -> str:
+    """Markdown: one row per model x batch x arm, + the speedup row of ours vs official."""
     lines = [
         "| model | batch | device | arm | data excluded img/s | MFU | data included img/s | peak MiB/sample |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -501,10 +507,11 @@ def main(argv: list[str] | None = None) -> None:
             included = r.get("speedup_data_included")
             included = f"**{included:.2f}x**" if included is not None else "n/a"
             lines.append(f"| | | | **speedup** | **{r['speedup_data_excluded']:.2f}x** | | {included} | |")
-    table = "\n".join(lines)
-    print(table)
-    if args.no_doc:
-        return
+    return "\n".join(lines)
+
+
+def doc_body(machine: dict, results: Path, table: str, runs: list[dict]) -> str:
+    """docs/performance.md's training-step section: the machine, the table, how data was included."""
     body = (
         f"`make bench-train` on {machine['cpu_count']} CPU cores"
         f"{' + ' + machine['gpu'] if machine['gpu'] else ' (no GPU in this run)'}; "
@@ -523,4 +530,34 @@ def main(argv: list[str] | None = None) -> None:
             )
             + " (every epoch's loader startup inside the windows).\n"
         )
-    update_section(Path("docs/performance.md"), SECTION[device.type], body)
+    return body
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, arms = parse_args(argv)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    models = ["g2d_tiny", *(["g2d_resnet50"] if cuda else [])] if args.models == "auto" else args.models.split(",")
+    tdist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    shards, texts = bench_texts(args.shards)
+    results_dir = Path(args.results_dir) if args.results_dir else RESULTS[device.type].parent
+    results = results_dir / RESULTS[device.type].name
+    with tempfile.TemporaryDirectory() as tmp:
+        berts = text_towers(tmp, texts)
+        runs, last = run_models(args, models, berts, arms, shards, texts, device, results)
+        extra = extras(args, last, device, texts, results_dir)
+    tdist.destroy_process_group()
+    machine = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+    }
+    atomic_write_json(results, {"runs": runs, "machine": machine, **extra})
+    table = results_table(runs, arms)
+    print(table)
+    if args.no_doc:
+        return
+    update_section(Path("docs/performance.md"), SECTION[device.type], doc_body(machine, results, table, runs))
