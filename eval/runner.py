@@ -9,8 +9,10 @@
 
 results.json: task, family, dataset, fraction, metrics (undefined values are null), ci95 {metric:
 [low, high]} (95% bootstrap intervals, eval/bootstrap.py), headline {name, value, ci95}, checkpoint
-{kind, path, sha256, step, encoder}, data {root, manifest, manifest_sha256, splits, views: the image
-view each split really used}, seed, the resolved config, device, software versions, timing and the
+{kind, path, sha256, step, encoder}, data {root, manifest, manifest_sha256, splits (the manifest's
+counts), test_scored (== splits[test], checked), skipped_samples {split: {count, samples: [{key,
+shard, reason}]}} (unreadable train/valid samples left out; an unreadable TEST sample fails the run),
+views: the image view each split really used}, seed, the resolved config, device, software versions, timing and the
 PNG names. Beside it, predictions.npz: the test samples' keys, patient ids, targets and the model's
 scores (per family, eval/bootstrap.py reads them), from which every metric can be recomputed.
 A run that fails leaves no run directory behind.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 import math
 import platform
 import shutil
@@ -27,6 +30,7 @@ import time
 import traceback
 import zipfile
 import zlib
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,6 +40,7 @@ import torch
 from common.cli import UserError
 from common.config import config_to_dict
 from common.io import atomic_open, atomic_write_json, atomic_write_text, sha256_file
+from common.log import ROOT_LOGGER, setup_logging
 from eval.bootstrap import N_RESAMPLES, confidence_intervals
 from eval.checkpoint import NotApplicable, Pretrained, check_image_architecture, resolve_weights
 from eval.paper_numbers import (
@@ -49,10 +54,43 @@ from eval.paper_numbers import (
     TABLE4_RANDOM,
 )
 from eval.tasks import TASKS, TEXT_FAMILIES, applicable_overrides, get_task, load_task_config, run_task
-from eval.tasks.data import CHECKPOINT_VIEW, dataset_root, resolved_view
-from eval.tasks.fit import device_of, make_deterministic
+from eval.tasks.data import CHECKPOINT_VIEW, dataset_root, recording_loaders, resolved_view, skipped_samples
+from eval.tasks.fit import LOG, device_of, log_info, make_deterministic
 from model.registry import model_config
+from pipeline import CorruptSampleError
 from shards.schema import MANIFEST_NAME, read_manifest
+
+
+class DamagedData(UserError):
+    """The evaluation data cannot give an honest result (an unreadable test sample, fewer test images
+    scored than the manifest lists): the message names the task, and the shard, sample and reason."""
+
+
+class BadPredictions(UserError):
+    """A predictions.npz that is not a readable archive of plain arrays (truncated, not a zip, an
+    object array that would need unpickling): the message names the file and the reason."""
+
+
+def ensure_console_logging() -> None:
+    """The project's console logging (common/log.py, as training sets it up) unless the caller (an
+    entry point, a test) configured the "g2d" logger already."""
+    if not logging.getLogger(ROOT_LOGGER).handlers:
+        setup_logging(0)
+
+
+@contextmanager
+def run_log_file(path: Path):
+    """Copy the project's log lines to `path` while the block runs (each run directory keeps its own
+    account, as a training run's logs/rank0.log does)."""
+    root = logging.getLogger(ROOT_LOGGER)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def clean_json(value):
@@ -97,9 +135,12 @@ def run_eval(
     overrides: list[str] | None = None,
     output_root: str | None = None,
     weights: Pretrained | None = None,
-    log=print,
+    log=log_info,
 ) -> dict:
-    """Run one task; returns the record written to results.json (+ "results_path")."""
+    """Run one task; returns the record written to results.json (+ "results_path"). Logs through
+    `log` (default: the project's logger, console set up as training's when the caller has not) and
+    copies the run's lines to <run dir>/eval.log."""
+    ensure_console_logging()
     task = get_task(task_name)
     cfg = load_task_config(task_name, fraction, data_root, overrides)
     if output_root:
@@ -115,7 +156,8 @@ def run_eval(
     manifest = read_manifest(dataset_root(cfg))
     out_dir = new_run_dir(Path(cfg.output_root) / task_name / fraction)
     try:
-        record = _run_in(out_dir, task, cfg, weights, manifest, manifest_path, log)
+        with run_log_file(out_dir / "eval.log"):
+            record = _run_in(out_dir, task, cfg, weights, manifest, manifest_path, log)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # no half-written run directory survives a failure
         for parent in (out_dir.parent, out_dir.parent.parent):  # <task>/<fraction>/ if this run made them
@@ -141,10 +183,31 @@ def _run_in(out_dir: Path, task, cfg, weights: Pretrained, manifest: dict, manif
     )
     t0 = time.perf_counter()
     started = datetime.now(UTC).isoformat(timespec="seconds")
-    result = run_task(task, cfg, weights, out_dir, device, log)
+    with recording_loaders() as loaders:
+        try:
+            result = run_task(task, cfg, weights, out_dir, device, log)
+        except CorruptSampleError as exc:
+            raise DamagedData(
+                f"{task.name}: the {cfg.data.test_split} split has an unreadable sample, {exc}; a test set must "
+                "not shrink (the metric would move with it): re-pack or repair the dataset"
+            ) from None
+    skipped = skipped_samples(loaders)
+    for split, s in skipped.items():  # a warning whatever `log` the caller chose: data was left out
+        LOG.warning(
+            f"[eval] {task.name}: skipped {s['count']} unreadable {split} sample(s): "
+            f"{', '.join(x['key'] for x in s['samples'][:5])}{' ...' if s['count'] > 5 else ''} "
+            "(listed in results.json data.skipped_samples)"
+        )
     # Wall-clock time is not a metric: same seed, same machine must give identical `metrics`.
     train_seconds = result["metrics"].pop("train_seconds", None)
     predictions = result["predictions"]
+    test_listed = manifest["splits"].get(cfg.data.test_split, {}).get("num_samples")
+    test_scored = len(predictions["keys"])
+    if test_scored != test_listed:
+        raise DamagedData(
+            f"{task.name}: scored {test_scored} test images but {manifest_path} lists {test_listed} in split "
+            f"{cfg.data.test_split!r}; a test set must not shrink: re-pack the dataset"
+        )
     save_predictions(out_dir / PREDICTIONS_NAME, predictions)
     t_ci = time.perf_counter()
     ci95 = confidence_intervals(task.family, predictions, seed=cfg.seed)
@@ -175,6 +238,8 @@ def _run_in(out_dir: Path, task, cfg, weights: Pretrained, manifest: dict, manif
                 "manifest": str(manifest_path),
                 "manifest_sha256": sha256_file(manifest_path),
                 "splits": {s: v["num_samples"] for s, v in manifest["splits"].items()},
+                "test_scored": test_scored,
+                "skipped_samples": skipped,
                 "train_subset": _subset_size(manifest, cfg, task),
                 "views": views,
                 "checkpoint_view": d.eval_transform == CHECKPOINT_VIEW,
@@ -204,11 +269,6 @@ def save_predictions(path: Path, arrays: dict[str, np.ndarray]) -> None:
     np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
     with atomic_open(path, "wb") as fh:
         fh.write(buffer.getvalue())
-
-
-class BadPredictions(UserError):
-    """A predictions.npz that is not a readable archive of plain arrays (truncated, not a zip, an
-    object array that would need unpickling): the message names the file and the reason."""
 
 
 def load_predictions(path: str | Path) -> dict[str, np.ndarray]:
@@ -261,11 +321,12 @@ def run_all(
     output_root: str | None = None,
     with_random: bool = True,
     tasks: list[str] | None = None,
-    log=print,
+    log=log_info,
     weights: Pretrained | None = None,
 ) -> dict:
     """Every task (or `tasks`) for the checkpoint (+ random init of its architecture). A failing task
     is recorded with its error and the others still run; summary["failed"] lists them."""
+    ensure_console_logging()
     overrides = list(overrides or [])
     selected = [get_task(name) for name in (tasks or TASKS)]
     first = load_task_config(selected[0].name, fraction, data_root, applicable_overrides(selected[0], overrides)[0])
@@ -306,6 +367,7 @@ def run_all(
                             "status": "ok",
                             "metrics": rec["metrics"],
                             "ci95": rec["ci95"],
+                            "skipped_samples": rec["data"]["skipped_samples"],
                             "results_path": rec["results_path"],
                         }
                     )

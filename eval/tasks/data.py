@@ -4,7 +4,8 @@ the sample ids every predictions.npz starts with."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from common.dist import DistInfo
 from eval.checkpoint import Pretrained
 from eval.metrics import macro_auroc, multiclass_accuracy
 from eval.tasks.base import TaskConfig
-from pipeline import build_loader
+from pipeline import Loader, build_loader
 from pipeline.config import DataConfig
 from shards.schema import read_manifest
 
@@ -30,6 +31,38 @@ def manifest_of(cfg: TaskConfig) -> dict:
 
 
 CHECKPOINT_VIEW = "checkpoint"
+
+
+# Every loader `make_loader` builds inside a `recording_loaders()` block, as (split, loader).
+_RECORDERS: list[list[tuple[str, Loader]]] = []
+
+
+@contextmanager
+def recording_loaders() -> Iterator[list[tuple[str, Loader]]]:
+    """Collect (split, loader) of every `make_loader` call inside the block, so the runner can record
+    what each one skipped. A context rather than a parameter: the task modules build their loaders
+    themselves, and the run's bookkeeping need not pass through every task's signature."""
+    made: list[tuple[str, Loader]] = []
+    _RECORDERS.append(made)
+    try:
+        yield made
+    finally:
+        _RECORDERS.remove(made)
+
+
+def skipped_samples(made: list[tuple[str, Loader]]) -> dict[str, dict]:
+    """{split: {"count", "samples": [{key, shard, reason}]}} of the unreadable samples the loaders
+    left out, each sample once (a training loader meets the same bad sample every epoch)."""
+    out: dict[str, dict] = {}
+    for split, loader in made:
+        seen = out.setdefault(split, {"count": 0, "samples": []})
+        keys = {(s["shard"], s["key"]) for s in seen["samples"]}
+        for sample in loader.stats.skipped_samples:
+            if (sample["shard"], sample["key"]) not in keys:
+                keys.add((sample["shard"], sample["key"]))
+                seen["samples"].append({k: sample[k] for k in ("key", "shard", "reason")})
+        seen["count"] = len(seen["samples"])
+    return {split: v for split, v in out.items() if v["count"]}
 
 
 def make_loader(
@@ -46,7 +79,11 @@ def make_loader(
 ):
     """A `pipeline.build_loader` over one split of the task's dataset, with masks/boxes transformed
     with the image. Training loaders shuffle, use the training transform and the fraction's subset;
-    the others run once, in order, over the whole split. The channel count follows the model."""
+    the others run once, in order, over the whole split. The channel count follows the model.
+
+    An unreadable sample of the test split raises `pipeline.CorruptSampleError` (naming shard, key
+    and reason): a test set must never shrink silently, since the metric would move with it. Other
+    splits skip such a sample; the runner records each one in results.json (`skipped_samples`)."""
     d = cfg.data
     view = resolved_view(cfg, weights, transform or (d.train_transform if train else d.eval_transform))
     subset = cfg.fraction if (train and split == d.train_split) else None
@@ -69,9 +106,13 @@ def make_loader(
         shuffle=train,
         drop_last=False,
         seed=cfg.seed,
+        on_error="raise" if split == d.test_split else "skip",
     )
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
-    return build_loader(data_cfg, split, dist)
+    loader = build_loader(data_cfg, split, dist)
+    for made in _RECORDERS:
+        made.append((split, loader))
+    return loader
 
 
 def resolved_view(cfg: TaskConfig, weights: Pretrained, name: str) -> dict:

@@ -17,8 +17,17 @@ from torch import nn
 from tqdm import tqdm
 
 from common.dist import seed_everything
+from common.log import get_logger
 from eval.tasks.base import TrainSection
 from eval.tasks.data import LabelSpec, epochs_of, sample_ids
+
+LOG = get_logger("eval")  # "g2d.eval": formatted and routed like training's lines (common/log.py)
+
+
+def log_info(message: str) -> None:
+    """The evaluation's default `log` callable: one INFO line on the project's logger. Tasks take a
+    `log` callable (tests pass a silent one); this is what the runner and the CLI use."""
+    LOG.info(message)
 
 
 def device_of() -> torch.device:
@@ -80,7 +89,7 @@ def fit(
     set_train_mode: Callable[[], None],
     device: torch.device,
     precision: str,
-    log: Callable[[str], None] = print,
+    log: Callable[[str], None] = log_info,
     val_score: Callable[[], float] | None = None,
     score_name: str = "score",
 ) -> FitResult:
