@@ -5,7 +5,7 @@ test_pipeline.py / test_train.py; here the same contracts are asserted for what 
 DALI's "mixed" (nvJPEG) decode + GPU augmentation, torchvision's GPU decode, batches delivered on the
 device, the trainer in bf16 / fp16 + GradScaler with fused AdamW (with MFU and memory per sample
 logged), and the training step's levers: compiled parts and CUDA graphs, SDPA vs eager BERT attention,
-and bench-train's max-batch search (CPU twins in test_step_perf.py).
+and bench-train's max-batch search (CPU twins in test_step_perf.py, test_bench_train.py).
 """
 
 from __future__ import annotations

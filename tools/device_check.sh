@@ -3,8 +3,8 @@
 # (no venv needed: run it with the python that has torch). Every phase has its own time limit and
 # log, so one failure does not cost the others; results land in OUT_DIR:
 #   setup.log             GPU, driver, package versions, DALI / nvJPEG smoke test; corpus + packing
-#   pipeline_gpu.json     bench-pipeline with batches delivered on the GPU (tools/bench_pipeline.py)
-#   profile_dali.log      tools/profile_dali.py: our DALI graph cut after each stage (JSON last line)
+#   pipeline_gpu.json     bench-pipeline with batches delivered on the GPU (bench/pipeline.py)
+#   profile_dali.log      bench/profile_dali.py: our DALI graph cut after each stage (JSON last line)
 #   test_gpu.log          tests/test_gpu.py (DALI mixed + torchvision GPU decode agree with the CPU
 #                         path; the trainer in bf16 / fp16 on the GPU)
 #   train_gpu.json        bench-train: g2d_resnet50 at batch 128/256, ours vs the official recipe, data
