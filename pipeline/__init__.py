@@ -6,12 +6,14 @@
     for batch in loader: ...                                   # Batch: image [B, C, H, W] on device, ...
 
 Modules: config (DataConfig), plan (who reads what, per epoch and rank), transforms (the named
-augmentations, shared by both backends), dali_backend / torch_backend, text (per-batch tokenisation),
-batch (Batch, stats, bad-sample handling), loader (state, device step).
+augmentations, shared by both backends), backend (the interface a backend implements), dali_backend /
+torch_backend / stream (the backends), factory (build_loader: picks the backend), text (per-batch
+tokenisation), batch (Batch, stats, bad-sample handling), loader (state, device step).
 """
 
 from pipeline.batch import Batch, CorruptSampleError, LoaderStats
 from pipeline.config import DataConfig
-from pipeline.loader import CorruptSampleWarning, Loader, build_loader
+from pipeline.factory import build_loader
+from pipeline.loader import CorruptSampleWarning, Loader
 
 __all__ = ["Batch", "CorruptSampleError", "CorruptSampleWarning", "DataConfig", "Loader", "LoaderStats", "build_loader"]

@@ -25,6 +25,7 @@ from PIL import Image
 
 from pipeline.plan import EXT_COLUMN, DatasetIndex, ShardIndex
 from pipeline.transforms import TransformSpec
+from shards.image import DEFAULT_MAX_PIXELS
 from shards.schema import TAR_BLOCK, check_member_crcs, check_member_header, stale_index_message
 
 # What PIL, json and UTF-8 decoding raise for damaged bytes (JSONDecodeError and UnicodeDecodeError
@@ -60,6 +61,48 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class ImageBounds:
+    """What the stored-sample contract (shards/schema.py) allows an image header to say, checked before
+    any pixel is decoded: the packer reduced every stored image to a longer side of at most its
+    `max_side` (manifest "config"), from a source of at most `max_pixels`, and recorded the result in
+    the json's `stored_size`. A header beyond them is bad data, not a large image: a 10 KB JPEG can
+    claim 30000x30000 and cost seconds of decode (libjpeg fills the missing scans with grey)."""
+
+    max_side: int | None = None  # the packing's max_side; None: the manifest does not say
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @classmethod
+    def of_manifest(cls, manifest: dict) -> ImageBounds:
+        config = manifest.get("config")
+        config = config if isinstance(config, dict) else {}
+
+        def positive(name: str) -> int | None:
+            value = config.get(name)
+            return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+        return cls(positive("max_side"), positive("max_pixels") or DEFAULT_MAX_PIXELS)
+
+    def check(self, data: bytes, ext: str, meta: dict, expected: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The (w, h) the image header of member `ext` declares (no decode), or `SampleError` when it is
+        out of bounds, differs from the json's `stored_size` (jpg) or from `expected` (a mask)."""
+        size = (jpeg_size(data) if ext == "jpg" else None) or peek_size(data, ext)
+        w, h = size
+        stored = meta.get("stored_size") if ext == "jpg" else None
+        if stored is not None and list(stored) != [w, h]:
+            raise SampleError(f"{ext}: header says {w}x{h}, json stored_size says {stored}")
+        if self.max_side is not None and max(w, h) > self.max_side:
+            raise SampleError(
+                f"{ext}: header says {w}x{h}, beyond the packing's max_side {self.max_side} "
+                "(stored images are reduced to it)"
+            )
+        if w * h > self.max_pixels:
+            raise SampleError(f"{ext}: header says {w}x{h} = {w * h} pixels > max_pixels {self.max_pixels}")
+        if expected is not None and size != expected:
+            raise SampleError(f"{ext}: mask is {size}, image is {expected}")
+        return size
+
+
+@dataclass(frozen=True)
 class BackendOptions:
     """What the loader decides once, from its DataConfig and device, for either backend."""
 
@@ -75,6 +118,7 @@ class BackendOptions:
     device: torch.device
     gpu_decode: bool  # torch: nvJPEG in the loader (data.torch_gpu_decode); dali: "mixed" decode
     profile: bool = False  # workers time each stage (HostBatch.stage_s)
+    bounds: ImageBounds = ImageBounds()  # image headers, checked before decoding (the manifest's)
 
     @property
     def exts(self) -> tuple[str, ...]:
@@ -365,15 +409,17 @@ def peek_size(data: bytes, ext: str) -> tuple[int, int]:
         raise SampleError(f"{ext}: cannot decode ({type(exc).__name__}: {exc})") from None
 
 
-def check_sample(reader: SampleReader, gid: int, need_mask: bool) -> str | None:
+def check_sample(reader: SampleReader, gid: int, need_mask: bool, bounds: ImageBounds) -> str | None:
     """Full CPU decode of every member; the reason it is bad, or None. Finds the culprit when DALI
     fails a whole batch."""
     exts = ("jpg", "txt", "json") + (("png",) if need_mask else ())
     try:
         members = reader.read(gid, exts)
-        text_and_meta(members)
+        _, meta = text_and_meta(members)
+        size = bounds.check(members["jpg"], "jpg", meta)
         open_gray(members["jpg"], "jpg")
         if need_mask:
+            bounds.check(members["png"], "png", meta, expected=size)
             open_gray(members["png"], "png")
     except SampleError as exc:
         return exc.reason

@@ -43,6 +43,7 @@ class DataConfig:
     manifest: str | None = None  # streaming only: the manifest's URL (default: beside the shards)
     stream_lanes: int = 8  # streaming: independent sequential readers per rank (workers divide it)
     stream_buffer: int = 1000  # streaming: shuffle buffer per lane, in samples
+    stream_deadline_s: float = 1800.0  # streaming: seconds one http(s)/pipe: transfer (a shard) may take
     backend: Literal["auto", "dali", "torch"] = "auto"  # auto: dali with CUDA (if it imports), else torch
     batch_size_per_gpu: int = 128
     num_workers: int = 8  # torch: DataLoader worker processes; dali: CPU threads
@@ -91,6 +92,8 @@ class DataConfig:
         ):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
+        if not self.stream_deadline_s > 0:
+            raise ConfigError(f"data.stream_deadline_s={self.stream_deadline_s} must be > 0 (seconds)")
         if self.shard_mix < 0:
             raise ConfigError(f"data.shard_mix={self.shard_mix} must be >= 0 (0: shuffle the whole split)")
         if self.num_workers < 0:

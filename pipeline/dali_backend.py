@@ -52,6 +52,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from pipeline.backend import Backend
 from pipeline.batch import (
     BackendOptions,
     CorruptSampleError,
@@ -65,7 +66,8 @@ from pipeline.batch import (
     resolve_rows,
     text_and_meta,
 )
-from pipeline.plan import DatasetIndex, RankPlan
+from pipeline.config import DataConfig
+from pipeline.plan import DatasetIndex, PlanArgs, RankPlan
 from pipeline.text import BatchTokenizer
 from pipeline.transforms import SampleParams, TransformSpec, draw_params, geometry_matrix, transform_boxes
 
@@ -115,6 +117,7 @@ class _Feed:
     def __init__(self, index: DatasetIndex, options: BackendOptions, bad: dict[int, str]):
         spec, load_masks = options.spec, options.load_masks
         self.index, self.spec, self.seed, self.bad, self.load_masks = index, spec, options.seed, bad, load_masks
+        self.bounds = options.bounds
         self.exts = options.exts
         self.names = (
             ["jpg"]
@@ -154,6 +157,9 @@ class _Feed:
             try:
                 members[i] = self.reader.read_row(*located[i], self.exts)
                 texts[i], metas[i] = text_and_meta(members[i])
+                size = self.bounds.check(members[i]["jpg"], "jpg", metas[i])  # before DALI decodes it
+                if self.load_masks:
+                    self.bounds.check(members[i]["png"], "png", metas[i], expected=size)
             except SampleError as exc:
                 reasons[i] = exc.reason
         params = [draw_params(self.spec, self.seed, epoch, shard.keys[row]) for shard, row in located]
@@ -418,7 +424,7 @@ class DaliBatches:
                 found = {}
                 for gid in batch.tolist():
                     if gid not in self.bad and gid not in found:
-                        reason = check_sample(reader, gid, self.load_masks)
+                        reason = check_sample(reader, gid, self.load_masks, self.options.bounds)
                         if reason is not None:
                             found[gid] = reason
                 if found:
@@ -511,3 +517,25 @@ class DaliBatches:
     def close(self) -> None:
         self._discard()
         self.feed.close()
+
+
+class DaliBackend(Backend):
+    """Local shards decoded and augmented in a DALI graph (nvJPEG with `data.dali_decode=auto` and CUDA);
+    batches arrive normalised, so the device step has nothing of the backend's to do."""
+
+    name = "dali"
+
+    def gpu_decode(self, cfg: DataConfig, cuda: bool) -> bool:
+        return cuda and cfg.dali_decode == "auto"
+
+    def start(
+        self,
+        index: DatasetIndex,
+        plan_args: PlanArgs,
+        options: BackendOptions,
+        tokenizer: BatchTokenizer | None,
+        bad: dict[int, str],
+        stats: LoaderStats,
+        max_batches: int,
+    ) -> DaliBatches:
+        return DaliBatches(index, options, tokenizer, bad, stats)

@@ -1,15 +1,14 @@
-"""`build_loader(cfg, split, dist, tokenizer)` -> `Loader`: the one entry point training and eval use.
+"""`Loader`: the epoch/position state and the device step, the same whichever backend turns a plan into
+host batches (built by `pipeline.factory.build_loader`, the one entry point training and eval use):
 
-The loader owns the epoch/position state and the device step; the backends (DALI or torch) only turn
-a plan into host batches:
-
-    plan (pipeline/plan.py) -> backend -> HostBatch -> [device step] -> Batch
+    plan (pipeline/plan.py) -> backend (pipeline/backend.py) -> HostBatch -> [device step] -> Batch
 
 The device step moves what is still on the host to `dist.device` (non-blocking from pinned memory on
-CUDA), and for the torch backend applies colour jitter + normalisation there: batched on a GPU,
-per-sample lookup tables on a CPU (`transforms.colour_normalise_cpu`). DALI batches arrive
-normalised (on the GPU when DALI decodes there). The backend's workers (torch) or pipeline (DALI)
-persist across epochs; `close()` ends them.
+CUDA), lets the backend finish what it left for the device (`Backend.device_step`: the torch
+backend's nvJPEG decode), and for the torch backend applies colour jitter + normalisation there:
+batched on a GPU, per-sample lookup tables on a CPU (`transforms.colour_normalise_cpu`). DALI batches
+arrive normalised (on the GPU when DALI decodes there). The backend's workers (torch) or pipeline
+(DALI) persist across epochs; `close()` ends them.
 
 Iteration protocol (same as a DataLoader with a DistributedSampler): `set_epoch(e)` then iterate;
 `state_dict()` is {epoch, batches consumed}; after `load_state_dict` the next iteration yields exactly
@@ -23,10 +22,12 @@ import time
 import warnings
 from collections.abc import Iterator
 
+from common.config import ConfigError
 from common.dist import DistInfo
-from pipeline.batch import BackendOptions, Batch, CorruptSampleError, HostBatch, LoaderStats
-from pipeline.config import DataConfig, is_url
-from pipeline.plan import DatasetIndex, PlanArgs, RankPlan, num_batches
+from pipeline.backend import Backend, BatchPool
+from pipeline.batch import BackendOptions, Batch, CorruptSampleError, HostBatch, ImageBounds, LoaderStats
+from pipeline.config import DataConfig
+from pipeline.plan import PlanArgs, RankPlan, num_batches
 from pipeline.text import BatchTokenizer
 from pipeline.transforms import CpuColourNormalise, build_spec, colour_normalise
 from shards.schema import STALE_INDEX, ManifestError
@@ -37,18 +38,20 @@ class CorruptSampleWarning(UserWarning):
 
 
 class Loader:
-    def __init__(self, cfg: DataConfig, split: str, dist: DistInfo, tokenizer=None, profile: bool = False):
+    def __init__(
+        self, cfg: DataConfig, split: str, dist: DistInfo, backend: Backend, tokenizer=None, profile: bool = False
+    ):
         self.cfg, self.split, self.dist, self.profile = cfg, split, dist, profile
         self.device = dist.device
-        self.index = self._open_index()
+        self._backend = backend
+        self.backend = backend.name  # "torch" | "dali"
+        self.index = backend.open_index(cfg, split)
         self.spec = build_spec(cfg, cfg.transform)
         self.tokenizer = (
             BatchTokenizer(tokenizer, cfg.max_text_length, cfg.text_pad_multiple, cfg.text_padding)
             if tokenizer
             else None
         )
-        self.backend = self._choose_backend(cfg.backend, dist.device.type == "cuda")
-        cuda = dist.device.type == "cuda"
         self.options = BackendOptions(  # what either backend needs to know, decided once
             spec=self.spec,
             seed=cfg.seed,
@@ -60,8 +63,9 @@ class Loader:
             load_masks=cfg.load_masks,
             load_boxes=cfg.load_boxes,
             device=dist.device,
-            gpu_decode=cuda and (cfg.dali_decode == "auto" if self.backend == "dali" else cfg.torch_gpu_decode),
+            gpu_decode=backend.gpu_decode(cfg, dist.device.type == "cuda"),
             profile=profile,
+            bounds=ImageBounds.of_manifest(self.index.manifest),
         )
         self._cpu_colour = CpuColourNormalise(self.spec)  # the torch backend's device step without a GPU
         self.stats = LoaderStats()
@@ -70,37 +74,25 @@ class Loader:
         self._pass_done = False  # this process finished a pass over `epoch`
         self._bad: dict[int, str] = {}  # global id -> reason, for samples found unreadable
         self._warned: set[int] = set()
-        self.plan_args = PlanArgs(
-            cfg.seed, dist.rank, dist.world_size, cfg.batch_size_per_gpu, cfg.shuffle, cfg.drop_last, cfg.shard_mix
+        self.plan_args = backend.plan_args(
+            PlanArgs(
+                cfg.seed, dist.rank, dist.world_size, cfg.batch_size_per_gpu, cfg.shuffle, cfg.drop_last, cfg.shard_mix
+            ),
+            cfg,
         )
-        self._workers = None  # the backend's persistent part (TorchBatches | DaliBatches), on first use
+        self._workers: BatchPool | None = None  # the backend's persistent part, on first use
         self._length = num_batches(
             self.index.num_selected, dist.rank, dist.world_size, cfg.batch_size_per_gpu, cfg.drop_last
         )
         if self._length == 0 and cfg.drop_last:
-            raise ValueError(
-                f"split {split!r} of {cfg.shards} has {self.index.num_selected} selected samples: "
-                f"not one full batch of {cfg.batch_size_per_gpu} per rank x {dist.world_size} ranks"
+            # Training needs a full batch on every rank; the knob users set is train.batch_size_per_gpu
+            # (copied into data), and a smaller dataset than one batch is their data or their setting.
+            ranks = f" per rank x {dist.world_size} ranks" if dist.world_size > 1 else ""
+            raise ConfigError(
+                f"batch_size_per_gpu={cfg.batch_size_per_gpu}{ranks} needs at least "
+                f"{cfg.batch_size_per_gpu * dist.world_size} samples, but split {split!r} of {cfg.shards} has "
+                f"{self.index.num_selected}: lower train.batch_size_per_gpu (or give more data)"
             )
-
-    def _open_index(self) -> DatasetIndex:
-        cfg = self.cfg
-        return DatasetIndex(cfg.shards, self.split, cfg.subset, cfg.subset_task, need_masks=cfg.load_masks)
-
-    @staticmethod
-    def _choose_backend(name: str, cuda: bool) -> str:
-        from pipeline.dali_backend import dali_available
-
-        if name == "auto":
-            # DALI's strength is nvJPEG + GPU augmentation; its CPU operators are slower than PIL
-            # (CPU warp_affine ~5x, docs/performance.md), so without a GPU the torch workers win.
-            return "dali" if cuda and dali_available() else "torch"
-        if name == "dali" and not dali_available():
-            raise RuntimeError(
-                "data.backend=dali but nvidia.dali (with its PyTorch plugin) does not import; "
-                "install nvidia-dali-cuda130 or use data.backend=torch"
-            )
-        return name
 
     # ---- state --------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -112,6 +104,7 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {
+            **self._backend.resume_state(self.index, self.plan_args),
             "epoch": self.epoch,
             "batches": self._consumed,
             "world_size": self.dist.world_size,
@@ -144,6 +137,14 @@ class Loader:
                 stacklevel=2,
             )
             self._consumed = 0
+        for key, now in self._backend.resume_state(self.index, self.plan_args).items():
+            if self._consumed and state.get(key) != now:
+                warnings.warn(
+                    f"loader state saved with {key} settings {state.get(key)}, now {now}: restarting epoch "
+                    f"{self.epoch} from its first batch",
+                    stacklevel=2,
+                )
+                self._consumed = 0
         self._consumed = min(self._consumed, len(self))
 
     # ---- iteration ----------------------------------------------------------------------------
@@ -152,18 +153,11 @@ class Loader:
         return self.plan_args.make(self.index, self.epoch if epoch is None else epoch)
 
     def _host_batches(self, plan: RankPlan, first: int) -> Iterator[HostBatch]:
-        if self.backend == "dali":
-            if self._workers is None:
-                from pipeline.dali_backend import DaliBatches
-
-                self._workers = DaliBatches(self.index, self.options, self.tokenizer, self._bad, self.stats)
-            return self._workers.iterate(plan, first)
         if self._workers is None:
-            from pipeline.torch_backend import EpochBatches, TorchBatches
-
-            dataset = EpochBatches(self.index, self.plan_args, self.options, self.tokenizer)
-            self._workers = TorchBatches(dataset, max_batches=len(plan))
-        return self._workers.iterate(plan.epoch, first)
+            self._workers = self._backend.start(
+                self.index, self.plan_args, self.options, self.tokenizer, self._bad, self.stats, len(plan)
+            )
+        return self._workers.iterate(plan, first)
 
     def close(self) -> None:
         """Shut the worker processes down now (they otherwise live as long as the loader)."""
@@ -226,10 +220,8 @@ class Loader:
         self.stats.worker_s += hb.work_s
         self.stats.stage_s.update(hb.stage_s)
         device = self.device
-        if hb.jpeg is not None and len(hb):
-            from pipeline.torch_backend import gpu_decode
-
-            self._record_errors(gpu_decode(hb, self.spec, device, keep_size=self.cfg.drop_last))
+        if len(hb):
+            self._record_errors(self._backend.device_step(hb, self.spec, device, keep_size=self.cfg.drop_last))
         if len(hb) == 0:
             if self.cfg.drop_last:
                 raise CorruptSampleError(
@@ -259,14 +251,3 @@ class Loader:
         self.stats.samples += len(hb)
         self.stats.filled += hb.filled
         return batch
-
-
-def build_loader(cfg: DataConfig, split: str, dist: DistInfo, tokenizer=None, profile: bool = False) -> Loader:
-    """The loader of `split` for this rank. Fails at once (naming the path) if the manifest, a shard
-    or an index it names is missing. `profile`: workers time each stage (stats.stage_s; costs ~1.5%).
-    A URL spec in `data.shards` (https://, pipe:, s3://, ...) streams the tars (pipeline/stream.py)."""
-    if is_url(cfg.shards):
-        from pipeline.stream import StreamLoader  # imports this module
-
-        return StreamLoader(cfg, split, dist, tokenizer, profile)
-    return Loader(cfg, split, dist, tokenizer, profile)

@@ -35,9 +35,16 @@ streamed from its start with the consumed samples' bytes discarded undecoded.
 
 Samples are parsed with Python's tarfile in streaming mode (`r|`: members read in memory, never
 extracted), checked against the manifest's keys (another packing is a ManifestError) and by the same
-CRC checks and per-sample decode/geometry/tokenisation as local reads (`EpochBatches.build`). A bad
-sample is recorded and skipped like a local one; a stream that breaks is re-opened `RETRIES` times
-(re-streamed up to where it broke), then fails naming the URL.
+CRC checks, image-header bounds and per-sample decode/geometry/tokenisation as local reads
+(`EpochBatches.build`). A bad sample is recorded and skipped like a local one; a stream that breaks is
+re-opened `RETRIES` times (re-streamed up to where it broke), then fails naming the URL.
+
+The local loader's bounds hold here too: a manifest entry that leaves the dataset root ("../x.tar", an
+absolute path) is refused with the local loader's message; a tar header declaring a member (or a pax /
+long-name header) over `MAX_MEMBER_BYTES` fails naming shard and member before anything is read into
+memory; an http(s) or pipe: transfer that has not finished after `data.stream_deadline_s` (a server
+trickling bytes, each read within the 60 s read timeout) counts as a broken stream: retried, then an
+error naming the URL.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import posixpath
+import select
 import shlex
 import subprocess
 import tarfile
@@ -57,7 +66,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.client import HTTPException
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 import numpy as np
@@ -65,15 +74,20 @@ from torch.utils.data import get_worker_info
 
 from common.cli import UserError
 from common.config import ConfigError
-from pipeline.batch import HostBatch
-from pipeline.loader import Loader
+from pipeline.batch import BackendOptions, HostBatch, LoaderStats
+from pipeline.config import DataConfig
 from pipeline.plan import DatasetIndex, PlanArgs, RankPlan, rank_block
-from pipeline.torch_backend import EpochBatches, TorchBatches
+from pipeline.text import BatchTokenizer
+from pipeline.torch_backend import EpochBatches, TorchBackend, TorchBatches
 from shards.schema import FORMAT_VERSION, KEY_RE, MANIFEST_NAME, MEMBER_ORDER, ManifestError
 
 RETRIES = 2  # re-opens of a stream that broke (network), each re-streaming up to where it broke
 RETRY_DELAY_S = 0.5  # doubled per retry
-TIMEOUT_S = 60.0  # connect / read timeout of an http(s) request
+TIMEOUT_S = 60.0  # connect / read timeout of an http(s) request (one read; the transfer: Deadline)
+DEADLINE_S = 1800.0  # data.stream_deadline_s's default: the manifest's fetch uses it too
+# A stored member is a reduced image (a 4096-px max_side JPEG or PNG is < 20 MB), a report or a json:
+# a header declaring more is damage or an attack, and tarfile would read it all into memory.
+MAX_MEMBER_BYTES = 64 * 2**20
 DEFAULT_MIX = 4  # shards each lane reads at once when data.shard_mix is 0
 FSSPEC_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 # What a broken transfer raises: sockets and files (OSError, urllib's URLError), http.client (a short
@@ -85,6 +99,50 @@ class RemoteShardError(UserError, RuntimeError):
     """A URL could not be read (unreachable, HTTP error, command failed, stream cut short)."""
 
 
+class TransferTimeout(TimeoutError):
+    """A transfer outlived its deadline (an OSError: a broken stream, retried like one)."""
+
+
+class Deadline:
+    """The end of one transfer: `left()` is the time remaining, and raises `TransferTimeout` once none is."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+
+    def left(self) -> float:
+        remaining = self.end - time.monotonic()
+        if remaining <= 0:
+            raise self.timeout()
+        return remaining
+
+    def timeout(self) -> TransferTimeout:
+        return TransferTimeout(f"transfer not finished after {self.seconds:g} s (data.stream_deadline_s)")
+
+
+class MemberTooLarge(ManifestError):
+    """A tar header declares a member over MAX_MEMBER_BYTES (raised before its bytes are read)."""
+
+
+def check_member_size(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    if info.size > MAX_MEMBER_BYTES:
+        raise MemberTooLarge(
+            f"member {info.name!r} declares {info.size} bytes, over the {MAX_MEMBER_BYTES // 2**20} MiB "
+            "a stored member may have (a damaged or hostile tar)"
+        )
+    return info
+
+
+class CappedTarInfo(tarfile.TarInfo):
+    """tarfile's header parser with the size cap checked on every header block as it is parsed, so
+    neither a member nor a pax / GNU long-name header (which tarfile reads whole before yielding the
+    member) is read into memory when it claims more than MAX_MEMBER_BYTES. (A pax record can still
+    raise the next member's size: `ShardStream` checks each member again before reading it.)"""
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        return check_member_size(super().frombuf(buf, encoding, errors))
+
+
 # ---- opening URLs ---------------------------------------------------------------------------------
 
 
@@ -92,20 +150,33 @@ class PipeStream:
     """stdout of a `pipe:` command, run from its shlex-split argv without a shell. EOF with a non-zero
     exit status is an error (with the command's last stderr line); closing early ends the command."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, deadline: Deadline):
+        self.url, self.deadline = url, deadline
         argv = shlex.split(url[len("pipe:") :])
         if not argv:
             raise RemoteShardError(f"{url}: empty command")
         self._stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty command cannot block
         try:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL)
+            # Unbuffered: each read is one os.read, so the deadline is checked while a slow command writes.
+            self.proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL, bufsize=0
+            )
         except OSError as exc:
             self._stderr.close()
             raise RemoteShardError(f"{url}: cannot run {argv[0]!r} ({exc.strerror or exc})") from None
 
+    def _read_some(self, size: int) -> bytes:
+        """Up to `size` bytes, as soon as the command has written any (b"" at its end)."""
+        if not select.select([self.proc.stdout], [], [], self.deadline.left())[0]:
+            raise self.deadline.timeout()  # the command wrote nothing more before the deadline
+        return self.proc.stdout.read(size)
+
     def read(self, size: int = -1) -> bytes:
-        data = self.proc.stdout.read(size)
+        if size < 0:
+            chunks = iter(lambda: self._read_some(2**20), b"")
+            data = b"".join(chunks)
+        else:
+            data = self._read_some(size) if size else b""
         if not data and size != 0:
             status = self.proc.wait()
             if status != 0:
@@ -123,16 +194,32 @@ class PipeStream:
 
 
 class HttpStream:
-    """An http(s) response body that raises when it ends before its Content-Length: http.client
-    returns a short read silently, and a tar cut at a member boundary would look complete."""
+    """An http(s) response body that raises when it ends before its Content-Length (http.client
+    returns a short read silently, and a tar cut at a member boundary would look complete) or outlives
+    its deadline: `read1` returns after one socket read, so a server trickling a byte at a time (each
+    read well within TIMEOUT_S) meets the deadline check between reads."""
 
-    def __init__(self, url: str, response):
-        self.url, self.response = url, response
+    def __init__(self, url: str, response, deadline: Deadline):
+        self.url, self.response, self.deadline = url, response, deadline
         length = response.headers.get("Content-Length", "")
         self.remaining = int(length) if length.isdigit() else None
 
+    def _read_some(self, size: int) -> bytes:
+        self.deadline.left()
+        return self.response.read1(size)
+
     def read(self, size: int = -1) -> bytes:
-        data = self.response.read(size) if size >= 0 else self.response.read()
+        if size < 0:
+            data = b"".join(iter(lambda: self._read_some(2**20), b""))
+        else:
+            parts, want = [], size
+            while want > 0:  # a full read, as the caller asked (tarfile needs whole header blocks)
+                part = self._read_some(want)
+                if not part:
+                    break
+                parts.append(part)
+                want -= len(part)
+            data = b"".join(parts)
         if self.remaining is not None:
             self.remaining -= len(data)
             if not data and size != 0 and self.remaining > 0:
@@ -143,14 +230,18 @@ class HttpStream:
         self.response.close()
 
 
-def open_url(url: str):
-    """A binary stream of `url`: pipe: command, http(s) (urllib), file://, else fsspec (s3://, gs://)."""
+def open_url(url: str, deadline_s: float = DEADLINE_S):
+    """A binary stream of `url`: pipe: command, http(s) (urllib), file://, else fsspec (s3://, gs://).
+    An http(s) or pipe: transfer raises `TransferTimeout` once it has taken `deadline_s` (file:// is
+    local; fsspec has its own timeouts)."""
+    deadline = Deadline(deadline_s)
     if url.startswith("pipe:"):
-        return PipeStream(url)
+        return PipeStream(url, deadline)
     scheme = urlparse(url).scheme
     if scheme in ("http", "https"):
         try:
-            return HttpStream(url, urllib.request.urlopen(url, timeout=TIMEOUT_S))
+            response = urllib.request.urlopen(url, timeout=min(TIMEOUT_S, deadline.left()))
+            return HttpStream(url, response, deadline)
         except urllib.error.HTTPError as exc:
             raise RemoteShardError(f"{url}: HTTP {exc.code} {exc.reason}") from None
         except (urllib.error.URLError, OSError) as exc:
@@ -175,8 +266,8 @@ def open_url(url: str):
         raise RemoteShardError(f"{url}: {exc}") from None
 
 
-def fetch(url: str) -> bytes:
-    stream = open_url(url)
+def fetch(url: str, deadline_s: float = DEADLINE_S) -> bytes:
+    stream = open_url(url, deadline_s)
     try:
         return stream.read()
     except STREAM_ERRORS as exc:
@@ -232,6 +323,20 @@ def locate_tar(url: str) -> tuple[Locator, str]:
 # ---- the index ------------------------------------------------------------------------------------
 
 
+def check_inside_root(root: Locator, name: str, split: str, manifest_url: str) -> None:
+    """Refuse a manifest entry that leaves the dataset root ("../", an absolute path, or either spelled
+    with %-escapes that a server decodes), as the local loader refuses it (shards.schema.split_shards):
+    a manifest must not turn any file the URL's scheme or command can reach into training data."""
+    plain = unquote(name).replace("\\", "/")
+    inside = posixpath.normpath(posixpath.join("/root", plain))
+    if plain.startswith("/") or "://" in plain or not inside.startswith("/root/"):
+        resolved = f"{root}/{inside[len('/root/') :]}" if inside.startswith("/root/") else inside
+        raise ManifestError(
+            f"{manifest_url}: split {split!r} names {name!r}, which resolves to {resolved}, outside the shard "
+            f"root {root}"
+        )
+
+
 @dataclass
 class StreamShard:
     name: str  # relative to the dataset root, as the manifest names it
@@ -243,8 +348,8 @@ class StreamShard:
         return self.num_samples
 
 
-def load_manifest(url: str) -> dict:
-    data = fetch(url)
+def load_manifest(url: str, deadline_s: float = DEADLINE_S) -> dict:
+    data = fetch(url, deadline_s)
     try:
         manifest = json.loads(data.decode("utf-8"))
     except ValueError as exc:
@@ -258,10 +363,18 @@ class StreamIndex:
     """The shards of one split named by a URL spec, with what the manifest says about them: the
     interface of `plan.DatasetIndex` that the plan, the loader and `EpochBatches.build` use."""
 
-    def __init__(self, spec: str, split: str, manifest_url: str | None = None, subset=None, subset_task=None):
+    def __init__(
+        self,
+        spec: str,
+        split: str,
+        manifest_url: str | None = None,
+        subset=None,
+        subset_task=None,
+        deadline_s: float = DEADLINE_S,
+    ):
         from webdataset.shardlists import expand_urls  # braces and `::` exactly as webdataset expands them
 
-        self.split = split
+        self.split, self.deadline_s = split, deadline_s
         urls = expand_urls(spec)
         if len(urls) == 1 and not urls[0].endswith(".tar") and not urls[0].startswith("pipe:"):
             locator, listed = Locator(urls[0].rstrip("/")), None  # the dataset root
@@ -270,8 +383,10 @@ class StreamIndex:
             locator, listed = located[0][0], dict(zip(urls, (rel for _, rel in located)))
         self.root = locator
         self.manifest_url = manifest_url or locator.url(MANIFEST_NAME)
-        self.manifest = manifest = load_manifest(self.manifest_url)
+        self.manifest = manifest = load_manifest(self.manifest_url, deadline_s)
         splits = manifest["splits"]
+        for entry in splits.get(split, {}).get("shards", []):
+            check_inside_root(locator, entry["name"], split, self.manifest_url)
         where = {}  # name (and, for a flat layout, base name) -> (split, entry)
         for name, part in splits.items():
             for entry in part["shards"]:
@@ -423,20 +538,21 @@ class ShardStream:
     rows before it (read, not decoded). Members are checked later, in `EpochBatches.build` (CRCs,
     decode): a damaged one is a bad sample there, as in a local read."""
 
-    def __init__(self, shard: StreamShard, manifest_url: str):
-        self.shard, self.manifest_url = shard, manifest_url
+    def __init__(self, shard: StreamShard, manifest_url: str, deadline_s: float = DEADLINE_S):
+        self.shard, self.manifest_url, self.deadline_s = shard, manifest_url, deadline_s
         self.next_row = 0
         self._samples = None
 
     def _read(self) -> Iterator[tuple[str, dict[str, bytes]]]:
-        stream = open_url(self.shard.url)
+        stream = open_url(self.shard.url, self.deadline_s)
         try:
-            tar = tarfile.open(fileobj=stream, mode="r|")
+            tar = tarfile.open(fileobj=stream, mode="r|", tarinfo=CappedTarInfo)
             key, members = None, {}
             for info in tar:
                 tar.members = []  # streaming mode keeps every header otherwise
                 if not info.isfile():
                     continue
+                check_member_size(info)
                 stem, _, ext = info.name.partition(".")
                 if not KEY_RE.match(stem) or ext not in MEMBER_ORDER:
                     raise ManifestError(
@@ -449,6 +565,8 @@ class ShardStream:
                 members[ext] = tar.extractfile(info).read()  # in memory, never extracted
             if key is not None:
                 yield key, members
+        except MemberTooLarge as exc:
+            raise MemberTooLarge(f"{self.shard.url}: {exc}") from None
         finally:
             stream.close()
 
@@ -553,7 +671,7 @@ class StreamBatches(EpochBatches):
                     sid = int(self.index.shard_id(g))
                     shard, row = self.index.shards[sid], g - int(self.index.shard_start[sid])
                     if sid not in streams:
-                        streams[sid] = ShardStream(shard, self.index.manifest_url)
+                        streams[sid] = ShardStream(shard, self.index.manifest_url, self.index.deadline_s)
                     got[g] = streams[sid].take(row)
                     if row == last_row[sid]:
                         streams.pop(sid).close()
@@ -598,20 +716,22 @@ def _raise_failures(source: Iterator) -> Iterator[HostBatch]:
         yield item
 
 
-# ---- the loader -----------------------------------------------------------------------------------
+# ---- the backend ----------------------------------------------------------------------------------
 
 
-class StreamLoader(Loader):
-    """`Loader` over a URL spec: same interface (len, set_epoch, state_dict, iteration, stats, plan),
-    torch backend only."""
+class StreamPool(TorchBatches):
+    """The torch worker pool over `StreamBatches`; a worker's fatal error is re-raised here as the
+    one-line error it was."""
 
-    def __init__(self, cfg, split, dist, tokenizer=None, profile=False):
-        super().__init__(cfg, split, dist, tokenizer, profile)
-        self.plan_args = StreamArgs(
-            **{**dataclasses.asdict(self.plan_args), "shard_mix": cfg.shard_mix or DEFAULT_MIX},
-            lanes=cfg.stream_lanes,
-            buffer=cfg.stream_buffer,
-        )
+    def iterate(self, plan: StreamPlan, first: int) -> Iterator[HostBatch]:
+        return _raise_failures(super().iterate(plan, first))
+
+
+class StreamBackend(TorchBackend):
+    """The torch backend over a URL spec: the index from the manifest (`StreamIndex`), the plan with
+    lanes (`StreamArgs`), samples from the lanes' streams (`StreamBatches`)."""
+
+    def __init__(self, cfg: DataConfig):
         if cfg.num_workers and stream_workers(cfg.stream_lanes, cfg.num_workers) != cfg.num_workers:
             warnings.warn(
                 f"data.num_workers={cfg.num_workers} does not divide data.stream_lanes={cfg.stream_lanes}: "
@@ -619,37 +739,30 @@ class StreamLoader(Loader):
                 stacklevel=3,
             )
 
-    def _open_index(self) -> StreamIndex:
-        cfg = self.cfg
-        return StreamIndex(cfg.shards, self.split, cfg.manifest, cfg.subset, cfg.subset_task)
+    def open_index(self, cfg: DataConfig, split: str) -> StreamIndex:
+        return StreamIndex(cfg.shards, split, cfg.manifest, cfg.subset, cfg.subset_task, cfg.stream_deadline_s)
 
-    @staticmethod
-    def _choose_backend(name: str, cuda: bool) -> str:
-        if name == "dali":  # DataConfig refuses it too; a config built around the check still fails here
-            raise ConfigError("data.backend=dali needs local shard files (DALI reads by offset); use torch")
-        return "torch"
+    def plan_args(self, args: PlanArgs, cfg: DataConfig) -> StreamArgs:
+        return StreamArgs(
+            **{**dataclasses.asdict(args), "shard_mix": cfg.shard_mix or DEFAULT_MIX},
+            lanes=cfg.stream_lanes,
+            buffer=cfg.stream_buffer,
+        )
 
-    def _stream_state(self) -> dict:
-        a = self.plan_args
-        return {"lanes": a.lanes, "mix": a.shard_mix, "buffer": a.buffer, "shards": self.index.fingerprint()}
+    def start(
+        self,
+        index: StreamIndex,
+        plan_args: StreamArgs,
+        options: BackendOptions,
+        tokenizer: BatchTokenizer | None,
+        bad: dict[int, str],
+        stats: LoaderStats,
+        max_batches: int,
+    ) -> StreamPool:
+        workers = stream_workers(plan_args.lanes, min(options.workers, max_batches))
+        dataset = StreamBatches(index, plan_args, dataclasses.replace(options, workers=workers), tokenizer)
+        return StreamPool(dataset, max_batches)
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "stream": self._stream_state()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        if self._consumed and state.get("stream") != self._stream_state():
-            warnings.warn(
-                f"loader state saved with streaming settings {state.get('stream')}, now {self._stream_state()}: "
-                f"restarting epoch {self.epoch} from its first batch",
-                stacklevel=2,
-            )
-            self._consumed = 0
-
-    def _host_batches(self, plan: StreamPlan, first: int) -> Iterator[HostBatch]:
-        if self._workers is None:
-            workers = stream_workers(self.plan_args.lanes, min(self.cfg.num_workers, len(plan)))
-            options = dataclasses.replace(self.options, workers=workers)
-            dataset = StreamBatches(self.index, self.plan_args, options, self.tokenizer)
-            self._workers = TorchBatches(dataset, max_batches=len(plan))
-        return _raise_failures(self._workers.iterate(plan.epoch, first))
+    def resume_state(self, index: StreamIndex, plan_args: StreamArgs) -> dict:
+        a = plan_args
+        return {"stream": {"lanes": a.lanes, "mix": a.shard_mix, "buffer": a.buffer, "shards": index.fingerprint()}}

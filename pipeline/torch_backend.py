@@ -41,18 +41,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from pipeline.backend import Backend
 from pipeline.batch import (
     BackendOptions,
     HostBatch,
+    LoaderStats,
     SampleError,
     SampleReader,
     boxes_of,
     decode_gray,
     open_gray,
-    peek_size,
     resolve_rows,
     text_and_meta,
 )
+from pipeline.config import DataConfig
 from pipeline.plan import DatasetIndex, PlanArgs, RankPlan, ShardIndex
 from pipeline.text import BatchTokenizer
 from pipeline.transforms import (
@@ -129,8 +131,9 @@ class EpochBatches(IterableDataset):
         params = draw_params(spec, self.plan_args.seed, epoch, shard.keys[row])
         sample = {"text": text, "meta": meta, "params": params}
         clock.lap("params")
+        size = opt.bounds.check(members["jpg"], "jpg", meta)  # header only: nothing decoded out of bounds
         if opt.gpu_decode:
-            sample["size"] = peek_size(members["jpg"], "jpg")
+            sample["size"] = size
             sample["jpeg"] = torch.frombuffer(bytearray(members["jpg"]), dtype=torch.uint8)
         else:
             # With an affine the warp takes the decoded array as it is; otherwise PIL's resize does.
@@ -141,9 +144,8 @@ class EpochBatches(IterableDataset):
             clock.lap("warp")
         w, h = sample["size"]
         if opt.load_masks:
-            mask, mask_size = open_gray(members["png"], "png")
-            if mask_size != (w, h):
-                raise SampleError(f"png: mask is {mask_size}, image is {(w, h)}")
+            opt.bounds.check(members["png"], "png", meta, expected=(w, h))
+            mask, _ = open_gray(members["png"], "png")
             apply_geometry(mask, spec, params, w, h, nearest=True, out=out["mask"][i])
         if opt.load_boxes:
             sample["boxes"] = transform_boxes(boxes_of(meta), spec, params, w, h)
@@ -275,10 +277,11 @@ class TorchBatches:
                 generator=torch.Generator().manual_seed(0),
             )
 
-    def iterate(self, epoch: int, first: int) -> Iterator[HostBatch]:
-        """Batches first.. of `epoch`'s plan, in plan order. Stopping early is fine: the next pass
-        first drains what the workers still had in flight (DataLoader's reset)."""
-        self.dataset.set_position(epoch, first)
+    def iterate(self, plan: RankPlan, first: int) -> Iterator[HostBatch]:
+        """Batches first.. of `plan`, in plan order (workers compute the plan of `plan.epoch`
+        themselves). Stopping early is fine: the next pass first drains what the workers still had in
+        flight (DataLoader's reset)."""
+        self.dataset.set_position(plan.epoch, first)
         return iter(self.dataset if self.loader is None else self.loader)
 
     def close(self) -> None:
@@ -322,3 +325,33 @@ def gpu_decode(hb: HostBatch, spec: TransformSpec, device: torch.device, keep_si
         )
     hb.jpeg = None
     return errors
+
+
+class TorchBackend(Backend):
+    """Local shards read by DataLoader workers (`EpochBatches`); with `data.torch_gpu_decode` and CUDA the
+    workers ship JPEG bytes and the loader's device step decodes them (`gpu_decode`)."""
+
+    name = "torch"
+
+    def gpu_decode(self, cfg: DataConfig, cuda: bool) -> bool:
+        return cuda and cfg.torch_gpu_decode
+
+    def dataset(
+        self, index: DatasetIndex, plan_args: PlanArgs, options: BackendOptions, tokenizer: BatchTokenizer | None
+    ) -> EpochBatches:
+        return EpochBatches(index, plan_args, options, tokenizer)
+
+    def start(
+        self,
+        index: DatasetIndex,
+        plan_args: PlanArgs,
+        options: BackendOptions,
+        tokenizer: BatchTokenizer | None,
+        bad: dict[int, str],
+        stats: LoaderStats,
+        max_batches: int,
+    ) -> TorchBatches:
+        return TorchBatches(self.dataset(index, plan_args, options, tokenizer), max_batches)
+
+    def device_step(self, hb: HostBatch, spec: TransformSpec, device: torch.device, keep_size: bool) -> list[dict]:
+        return gpu_decode(hb, spec, device, keep_size) if hb.jpeg is not None else []

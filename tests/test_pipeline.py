@@ -604,3 +604,73 @@ def test_opencv_decode_is_pils_decode_and_bad_bytes_get_pils_reason(tiny):
             open_gray(bad, "jpg", lambda w, h: (96, 96))
         same = [re.sub(r"0x[0-9a-f]+", "", e.value.reason) for e in (ours, pil)]  # object addresses aside
         assert same[0] == same[1] and same[0].startswith("jpg: cannot decode")
+
+
+# ---- structure and user errors --------------------------------------------------------------------
+
+
+def pipeline_imports() -> dict[str, set[str]]:
+    """pipeline module -> the pipeline modules it imports (function-level imports included)."""
+    import ast
+
+    graph = {}
+    for path in sorted((ROOT / "pipeline").glob("*.py")):
+        name = "pipeline" if path.stem == "__init__" else f"pipeline.{path.stem}"
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name.split(".")[0] == "pipeline"}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("pipeline"):
+                # `from pipeline import x` imports the package (or its submodule x).
+                found |= {f"pipeline.{a.name}" for a in node.names} if node.module == "pipeline" else {node.module}
+        graph[name] = found & ({f"pipeline.{p.stem}" for p in (ROOT / "pipeline").glob("*.py")} | {"pipeline"})
+    return graph
+
+
+def test_pipeline_imports_form_no_cycle():
+    graph = pipeline_imports()
+    assert graph["pipeline.stream"] and "pipeline.loader" in graph["pipeline.factory"]  # the parse sees edges
+    state: dict[str, str] = {}  # module -> "open" (on the DFS path) | "done"
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for dep in sorted(graph.get(module, ())):
+            assert state.get(dep) != "open", "import cycle: " + " -> ".join(path[path.index(dep) :] + [module, dep])
+            if dep not in state:
+                visit(dep, path + [module])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])
+    # The backend-neutral loader knows backends only through their interface.
+    assert not graph["pipeline.loader"] & {"pipeline.torch_backend", "pipeline.dali_backend", "pipeline.stream"}
+
+
+def test_a_batch_larger_than_the_dataset_is_one_line_naming_batch_samples_and_split(mimic_shards, tiny_bert, capsys):
+    """`train.batch_size_per_gpu=64` on a smaller dataset, through the trainer's entry point."""
+    import train.pretrain as pretrain
+    from common.cli import run_main
+
+    n = DatasetIndex(mimic_shards, "train").num_selected
+    assert n < 64
+    with pytest.raises(SystemExit) as info:
+        run_main(
+            pretrain.main,
+            [
+                "--config",
+                "configs/pretrain/demo.yaml",
+                f"data.shards={mimic_shards}",
+                f"model.text_model={tiny_bert}",
+                "train.batch_size_per_gpu=64",
+                "train.global_batch_size=64",
+                "data.backend=torch",
+                "data.num_workers=0",
+                f"train.output_dir={mimic_shards.parent / 'run_batch64'}",
+            ],
+        )
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert info.value.code == 2 and "Traceback" not in err, err
+    assert lines[-1].startswith("error: batch_size_per_gpu=64 ") and f"has {n}" in lines[-1], lines[-1]
+    assert "split 'train'" in lines[-1] and "train.batch_size_per_gpu" in lines[-1], lines[-1]

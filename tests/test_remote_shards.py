@@ -2,7 +2,8 @@
 
 The guarantees of docs/streaming.md, each against the local loader or an uninterrupted run: the same
 samples decoded the same way, a plan independent of the URL form and of num_workers, exact resume,
-disjoint ranks, and a clear error (naming the URL) for every way a remote read can fail.
+disjoint ranks, a clear error (naming the URL) for every way a remote read can fail, and the local
+loader's bounds (paths inside the dataset root, member sizes, image headers, a deadline per transfer).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import functools
 import http.server
 import json
 import shutil
+import tarfile
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -22,19 +25,24 @@ import torch
 from common.config import ConfigError
 from common.dist import DistInfo
 from pipeline import CorruptSampleError, CorruptSampleWarning, DataConfig, build_loader, stream
+from pipeline.batch import ImageBounds, SampleError
 from pipeline.config import is_url
-from pipeline.stream import RemoteShardError, interleave, shuffle_buffer
-from shards.schema import ManifestError
-from tests.pipeline_fixtures import all_texts, corrupt_member, pack_tiny, tiny_tokenizer
+from pipeline.stream import MAX_MEMBER_BYTES, RemoteShardError, TransferTimeout, interleave, shuffle_buffer
+from shards.schema import MEMBER_CRC_FIELD, ManifestError, member_crc32
+from shards.writer import PackedSample, pack_splits
+from tests.pipeline_fixtures import Item, all_texts, build_sample, corrupt_member, pack_tiny, tiny_tokenizer
 
 CPU = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TRAIN_TARS = "train/train-{000000..000006}.tar"  # pack_tiny: 52 train samples, 8 per shard
 
 
 class Handler(http.server.SimpleHTTPRequestHandler):
-    """Static files; a path in `flaky` has its first transfer cut off halfway (a dropped connection)."""
+    """Static files; a path in `flaky` has its first transfer cut off halfway (a dropped connection), one
+    in `trickle` is sent a byte every 0.1 s (each read well within the read timeout; the transfer never
+    ends in time)."""
 
     flaky: set[str] = set()
+    trickle: set[str] = set()
     requests: list[str] = []
 
     def log_message(self, *args) -> None:
@@ -50,6 +58,20 @@ class Handler(http.server.SimpleHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
+            self.close_connection = True
+            return
+        if self.path in self.trickle:
+            data = Path(self.translate_path(self.path)).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            try:
+                for i in range(len(data)):
+                    self.wfile.write(data[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(0.1)
+            except OSError:  # the client gave up
+                pass
             self.close_connection = True
             return
         super().do_GET()
@@ -318,3 +340,161 @@ def test_masks_stream_and_a_manifest_without_key_lists_still_reads(served, tmp_p
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(collect(build_loader(bare, "valid", CPU))) == 2
+
+
+# ---- the local loader's bounds ------------------------------------------------------------------
+
+
+def test_a_manifest_entry_outside_the_root_is_refused_as_locally(served, tmp_path):
+    """`../outside/evil.tar` in the manifest: refused over http://, file:// and pipe: with the local
+    loader's message (the tar exists, so reading it would have worked)."""
+    top, base = served
+    evil = top / "evil"
+    if not evil.exists():
+        shutil.copytree(top / "tiny", evil)
+        (top / "outside").mkdir()
+        shutil.copy(evil / "valid" / "valid-000000.tar", top / "outside" / "evil.tar")
+        shutil.copy(evil / "valid" / "valid-000000.idx", top / "outside" / "evil.idx")
+        manifest = json.loads((evil / "manifest.json").read_text())
+        entry = manifest["splits"]["valid"]["shards"][0]
+        entry["name"], entry["index"] = "../outside/evil.tar", "../outside/evil.idx"
+        (evil / "manifest.json").write_text(json.dumps(manifest))
+    named = "split 'valid' names '../outside/evil.tar', which resolves to"
+    with pytest.raises(ManifestError, match=f"{evil}/manifest.json: {named} .*, outside the shard root"):
+        build_loader(config(evil), "valid", CPU)  # the local loader
+    tars = "train/train-{000000..000006}.tar"
+    for spec in (f"{base}/evil", f"file://{evil}", f"pipe:cat {evil}/{tars}", f"{base}/evil/{tars}"):
+        with pytest.raises(ManifestError, match=f"manifest.json: {named} .*, outside the shard root") as exc:
+            build_loader(config(spec), "valid", CPU)
+        assert "\n" not in str(exc.value)
+    # %-escaped dots decode to ".." on the server's side: refused too.
+    escaped = json.loads((evil / "manifest.json").read_text())
+    escaped["splits"]["valid"]["shards"][0]["name"] = "%2e%2e/outside/evil.tar"
+    (top / "escaped.json").write_text(json.dumps(escaped))
+    with pytest.raises(ManifestError, match="names '%2e%2e/outside/evil.tar'.*outside the shard root"):
+        build_loader(config(f"{base}/evil", manifest=f"{base}/escaped.json"), "valid", CPU)
+
+
+def test_a_member_header_claiming_a_gibibyte_fails_at_once_naming_shard_and_member(served):
+    """A tar header whose size field says 1 GiB: one error naming the shard and the member, before
+    anything of it is read (not retried: re-reading the same bytes cannot help)."""
+    top, base = served
+    huge = top / "huge"
+    if not huge.exists():
+        shutil.copytree(top / "tiny", huge)
+        tar_path = huge / "train" / "train-000000.tar"
+        out = bytearray()
+        with tarfile.open(tar_path) as tar:
+            for info in tar:
+                data = tar.extractfile(info).read()
+                header = info.tobuf(format=tarfile.USTAR_FORMAT)
+                if info.name == "tr0001.jpg":  # the header lies; the bytes that follow are the real ones
+                    info.size = 2**30
+                    header = info.tobuf(format=tarfile.USTAR_FORMAT)
+                out += header + data + bytes(-len(data) % 512)
+        tar_path.write_bytes(bytes(out) + bytes(1024))
+    Handler.requests = []
+    t0 = time.monotonic()
+    with pytest.raises(ManifestError) as exc:
+        collect(build_loader(config(f"{base}/huge", shuffle=False), "train", CPU))
+    message = str(exc.value)
+    assert message.startswith(f"{base}/huge/train/train-000000.tar: member 'tr0001.jpg' declares 1073741824 bytes")
+    assert f"over the {MAX_MEMBER_BYTES // 2**20} MiB" in message and time.monotonic() - t0 < 10
+    assert Handler.requests.count("/huge/train/train-000000.tar") == 1
+
+
+def sof_offset(jpeg: bytes) -> int:
+    """Offset of the JPEG's start-of-frame marker (its height and width follow at +5 and +7)."""
+    i = 2
+    while jpeg[i + 1] not in (0xC0, 0xC1, 0xC2):
+        i += 2 + int.from_bytes(jpeg[i + 2 : i + 4], "big")
+    return i
+
+
+def with_header_size(jpeg: bytes, width: int, height: int) -> bytes:
+    i = sof_offset(jpeg)
+    return jpeg[: i + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[i + 9 :]
+
+
+BOMBS = {"tr0003": "json agrees", "tr0010": "json disagrees"}  # keys whose JPEG header says 30000x30000
+
+
+def build_bomb_sample(item: Item) -> PackedSample:
+    """The tiny fixture's sample; for BOMBS keys the JPEG's header claims 30000x30000 (a ~3 KB file),
+    with the json's CRC recomputed (a consistent sample as a packer could write it)."""
+    sample = build_sample(item)
+    if item.key in BOMBS:
+        jpg = with_header_size(sample.members["jpg"], 30000, 30000)
+        meta = json.loads(sample.members["json"])
+        if BOMBS[item.key] == "json agrees":
+            meta["stored_size"] = [30000, 30000]
+        meta.pop(MEMBER_CRC_FIELD, None)
+        meta[MEMBER_CRC_FIELD] = {"jpg": member_crc32(jpg), "txt": member_crc32(sample.members["txt"])}
+        sample = PackedSample(item.key, {**sample.members, "jpg": jpg, "json": json.dumps(meta).encode()})
+    return sample
+
+
+def test_an_image_header_beyond_the_packing_bounds_is_a_recorded_bad_sample(served):
+    """A JPEG whose header says 30000x30000 (CRCs consistent) is rejected from its header, never
+    decoded, and recorded with its reason like any bad sample: streamed and local alike."""
+    top, base = served
+    bombs = top / "bombs"
+    if not bombs.exists():
+        items = {"train": [Item(f"tr{i:04d}", i, False) for i in range(16)]}
+        pack_splits(
+            bombs, items, build_bomb_sample, samples_per_shard=8, workers=1, config={"max_side": 128}, progress=False
+        )
+    for shards in (f"{base}/bombs", str(bombs)):
+        loader = build_loader(config(shards, num_workers=0), "train", CPU)
+        t0 = time.process_time()
+        with pytest.warns(CorruptSampleWarning):
+            batches = collect(loader)
+        assert time.process_time() - t0 < 5  # a 30000x30000 decode alone costs 1-2 s of CPU
+        seen = {k for b in batches for k in b.keys}
+        assert not seen & set(BOMBS) and len(seen) == 14 and all(b.image.shape[-1] == 256 for b in batches)
+        reasons = {s["key"]: s["reason"] for s in loader.stats.skipped_samples}
+        assert reasons["tr0003"] == "jpg: header says 30000x30000, beyond the packing's max_side 128 " + (
+            "(stored images are reduced to it)"
+        )
+        assert (
+            reasons["tr0010"]
+            == "jpg: header says 30000x30000, json stored_size says ["
+            + ", ".join(
+                str(v) for v in json.loads(build_sample(Item("tr0010", 10, False)).members["json"])["stored_size"]
+            )
+            + "]"
+        )
+        assert loader.stats.skipped_by_reason == {"jpg": 2}
+
+
+def test_image_bounds_without_a_max_side_fall_back_to_the_packers_max_pixels():
+    jpg = with_header_size(build_sample(Item("k", 1, False)).members["jpg"], 30000, 30000)
+    assert ImageBounds.of_manifest({"config": {"tiny": 0}}) == ImageBounds(None)
+    with pytest.raises(SampleError, match=r"jpg: header says 30000x30000 = 900000000 pixels > max_pixels 50000000"):
+        ImageBounds(None).check(jpg, "jpg", {})
+    assert ImageBounds(None).check(with_header_size(jpg, 100, 80), "jpg", {"stored_size": [100, 80]}) == (100, 80)
+
+
+def test_a_transfer_that_outlives_its_deadline_fails_naming_the_url(served, no_retry_delay):
+    """A server trickling a byte every 0.1 s never trips the 60 s read timeout; data.stream_deadline_s
+    bounds the whole transfer: retried, then one error naming the URL."""
+    top, base = served
+    Handler.trickle = {"/tiny/train/train-000004.tar"}
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RemoteShardError) as exc:
+            collect(build_loader(config(f"{base}/tiny", shuffle=False, stream_deadline_s=0.6), "train", CPU))
+        elapsed = time.monotonic() - t0
+    finally:
+        Handler.trickle = set()
+    message = str(exc.value)
+    assert message.startswith(f"{base}/tiny/train/train-000004.tar: stream broke at sample 0 of 8"), message
+    assert "transfer not finished after 0.6 s (data.stream_deadline_s)" in message and "2 retries failed" in message
+    assert elapsed < 15
+    # A pipe: command that writes nothing: the same deadline, without any read returning.
+    t0 = time.monotonic()
+    with pytest.raises(TransferTimeout, match="transfer not finished after 0.3 s"):
+        stream.open_url("pipe:sleep 30", deadline_s=0.3).read(512)
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(ConfigError, match="data.stream_deadline_s=0 must be > 0"):
+        config(f"{base}/tiny", stream_deadline_s=0)
