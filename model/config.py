@@ -60,6 +60,9 @@ class ModelConfig:
     pa_loss: Literal["paper", "code"] = "paper"  # 0.5*(soft Dice + BCE) | (1 - Dice on logits) + 0.2*BCE
     pa_weight: float = 1.0
     pa_warmup_steps: int = 200  # PA enters the total loss from this step on (code); 0 = from the start (paper)
+    # What the U-Net decoder is trained towards (paper Tab. 5a / Tab. 8 arms; model/g2d.py): the pseudo mask (G2D) |
+    # the input image (pixel MSE) | another image's pseudo mask | nothing (VLA only: the same as pa_weight=0)
+    decoder_target: Literal["pseudo_mask", "reconstruction", "shuffled_pseudo_mask", "none"] = "pseudo_mask"
 
 
 def changed_fields(saved: dict, current: ModelConfig) -> list[str]:

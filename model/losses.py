@@ -1,4 +1,5 @@
-"""G2D's two losses: vision-language alignment (symmetric InfoNCE) and pseudo segmentation.
+"""G2D's two losses: vision-language alignment (symmetric InfoNCE) and pseudo segmentation, plus the
+image-reconstruction loss of the decoder-target ablation (model.decoder_target=reconstruction).
 
 All reductions are tensor ops (no .item()), computed in float32 whatever the autocast dtype:
 logits of 1/0.07 ~ 14x cosine similarities and a Dice over 65k pixels both want the precision.
@@ -88,3 +89,13 @@ def pseudo_seg_loss(
     if variant == "code":
         return (1 - _dice_per_image(logits, target).mean()) + 0.2 * bce
     raise ValueError(f"pa_loss={variant!r}; choose 'paper' or 'code'")
+
+
+def reconstruction_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Decoder output [B,1,H,W] vs the normalised input image [B,1,H,W] -> scalar mean squared error.
+
+    MSE, not L1: the pixel loss of the reconstruction pretext tasks the ablation stands for
+    (autoencoders, MAE on normalised pixels), so the arm asks "a decoder trained on the image itself"
+    with its textbook loss rather than a tuned one. On unit-scale normalised pixels a decoder that
+    outputs 0 scores about the pixels' variance (~1), the scale of the PA loss at its start."""
+    return F.mse_loss(output.float(), target.float())

@@ -133,3 +133,21 @@ def pseudo_mask(
         # and smoothing may spill over the outline: neither may leave the body.
         mask = mask & body
     return mask.float()
+
+
+def derange(masks: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B,...] -> ([B,...] row i = masks[source[i]], source [B] long): every image gets another image's
+    mask (model.decoder_target=shuffled_pseudo_mask, paper Tab. 8).
+
+    A uniformly random B-cycle: the images are put in a random order and each takes the mask of the next
+    one (the last takes the first's), so for B >= 2 no image keeps its own. One randperm on the masks'
+    device from `generator` (default: the device's global generator, seeded by the run and saved in
+    checkpoints), so the permutation is deterministic given the step's RNG state and needs no host sync.
+    """
+    b = masks.shape[0]
+    if b < 2:
+        raise ValueError(f"shuffled pseudo masks need at least 2 images per batch on each rank, got {b}")
+    order = torch.randperm(b, device=masks.device, generator=generator)
+    source = torch.empty_like(order)
+    source[order] = order.roll(-1)
+    return masks[source], source

@@ -3,6 +3,8 @@ training loop and `make bench-train` so the benchmark times exactly what trainin
 
 No host sync: loss terms come back as a device tensor; with a GradScaler the fused optimiser skips
 a non-finite update on the device. The PA warm-up switch is read from the host step counter.
+Besides the loss terms each step returns the pseudo-masks' mean pairwise IoU (train.health), their
+collapse signal, also a device tensor.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model.export import unwrap
+from train.health import pairwise_mask_iou
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -77,16 +80,19 @@ class TrainStep:
         # PA warm-up as G2D's code runs it: the decoder gets no gradient at all, so AdamW keeps no
         # state for it and the first update after the switch has step-1 bias correction. The model
         # keeps PA in the graph at weight 0 (DDP needs every parameter used); dropping those zero
-        # grads before the update costs a loop over ~30 tensors on warm-up steps only.
+        # grads before the update costs a loop over ~30 tensors on the steps where the decoder does
+        # not train: the warm-up, and every step of a VLA-only run (decoder_target=none or
+        # pa_weight=0), whose decoder therefore stays exactly at its initialisation.
         core = unwrap(model)
-        self.pa_warmup_steps = core.cfg.pa_warmup_steps
-        self.pa_params = core.pa_parameters() if self.pa_warmup_steps > 0 else []
+        self.decoder_trains = core.decoder_trains
+        self.pa_params = core.pa_parameters()
         dtype = AMP_DTYPES[precision]
         device_type = next(model.parameters()).device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=dtype)) if dtype else contextlib.nullcontext
 
     def __call__(self, batches: list, step: int):
-        """Run one optimiser step over the micro-batches; returns ([loss, vla, pa] averaged, last output)."""
+        """Run one optimiser step over the micro-batches; returns ([loss, vla, pa, pseudo-mask IoU]
+        averaged over the micro-batches, last output)."""
         accum = len(batches)
         sums = None
         if self.cuda_graphs:
@@ -98,9 +104,10 @@ class TrainStep:
             with sync, self.autocast():
                 out = self.model(image, batch.input_ids, batch.attention_mask, step=step)
             self.scaler.scale(out.loss / accum).backward()
-            terms = torch.stack([out.loss, out.vla_loss, out.pa_loss]).detach().float() / accum
+            losses = torch.stack([out.loss, out.vla_loss, out.pa_loss]).detach().float()
+            terms = torch.cat([losses, pairwise_mask_iou(out.pseudo_mask)[None]]) / accum
             sums = terms if sums is None else sums + terms
-        if step < self.pa_warmup_steps:
+        if not self.decoder_trains(step):
             for p in self.pa_params:
                 p.grad = None
         if self.grad_clip > 0:
