@@ -7,6 +7,13 @@ step already returned (no extra forward; a [B, B] matmul and two std reductions 
 - spread: per-dimension std of the L2-normalised image and text embeddings, averaged over dims;
   isotropic unit vectors in D dims give about 1/sqrt(D), a collapsed tower gives ~0;
 - separation: mean cosine of the matched (positive) pairs vs the mean over unmatched (negative) pairs.
+And one signal of the pseudo masks, computed every step (a [B, B] matmul over the masks, on the device)
+and averaged over the log window:
+- collapse: mean IoU between the pseudo masks of different images of a batch. A mask that sits in the
+  same place on every image teaches the decoder position, not findings. Masks of 15% of the image
+  placed independently overlap by IoU ~0.08; attention drawn to shared anatomy (lungs, heart) raises
+  that, but an IoU above MASK_COLLAPSE_IOU = 0.8 means each mask shares ~89% of its pixels with every
+  other (I / (2A - I) = 0.8 -> I = 0.89 A): one region for all images, whatever they show.
 """
 
 from __future__ import annotations
@@ -19,6 +26,22 @@ import torch
 from train.optim import warmup_length
 
 STAT_NAMES = ("img_emb_std", "txt_emb_std", "pos_cos", "neg_cos")
+MASK_COLLAPSE_IOU = 0.8  # mean pairwise pseudo-mask IoU over a log window above which masks have collapsed
+
+
+def pairwise_mask_iou(masks: torch.Tensor) -> torch.Tensor:
+    """masks [B,1,H,W] (or [B,...]) {0,1} -> [] on their device: the mean IoU over the B(B-1) ordered
+    pairs of different images. Two empty masks count as identical (IoU 1); nan when B < 2 (no pair).
+    Float32 outside autocast: pixel counts up to H*W must stay exact. No host sync."""
+    b = masks.shape[0]
+    with torch.autocast(masks.device.type, enabled=False):
+        flat = masks.detach().flatten(1).float()  # [B, N]
+        inter = flat @ flat.T  # [B, B] shared pixels
+        area = flat.sum(dim=1)
+        union = area[:, None] + area[None, :] - inter
+        iou = torch.where(union > 0, inter / union.clamp_min(1.0), torch.ones_like(inter))
+        off_diagonal = iou.sum() - iou.diagonal().sum()
+        return off_diagonal / (b * (b - 1)) if b > 1 else torch.full((), float("nan"), device=masks.device)
 
 
 def embedding_stats(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
@@ -45,9 +68,13 @@ class HealthCheck:
     loss_margin: float  # "still at chance": vla >= (1 - margin) * chance_loss
     min_spread: float  # collapse: std < min_spread / sqrt(D), a fraction of isotropic spread
     dim: int  # embedding size D
+    max_mask_iou: float = MASK_COLLAPSE_IOU  # pseudo-mask collapse: window mean pairwise IoU above this
 
-    def problems(self, step: int, vla_loss: float, img_std: float, txt_std: float) -> list[str]:
-        """Human-readable reasons the run looks unhealthy at `step`; [] when it looks fine or is still warming up."""
+    def problems(
+        self, step: int, vla_loss: float, img_std: float, txt_std: float, mask_iou: float | None = None
+    ) -> list[str]:
+        """Human-readable reasons the run looks unhealthy at `step`; [] when it looks fine or is still
+        warming up. mask_iou: the log window's mean pairwise pseudo-mask IoU (None: not measured)."""
         if step < self.after_step:
             return []
         found = []
@@ -64,6 +91,12 @@ class HealthCheck:
                     f"{name} embeddings collapsed: per-dimension std {std:.4g} < {floor:.4g} "
                     f"({self.min_spread:g} of the isotropic 1/sqrt({self.dim}))"
                 )
+        if mask_iou is not None and mask_iou > self.max_mask_iou:
+            found.append(
+                f"pseudo masks collapsed: mean IoU between different images' masks {mask_iou:.3f} > "
+                f"{self.max_mask_iou:g} over the last log window: the masks sit in the same place on every "
+                "image, so a decoder trained on them learns a position, not findings"
+            )
         return found
 
 

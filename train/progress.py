@@ -8,6 +8,7 @@ health and updates the console.
 
 from __future__ import annotations
 
+import math
 import resource
 import time
 
@@ -46,10 +47,11 @@ class Progress:
         peak_flops: float | None,
     ):
         self.run, self.pa_warmup_steps = cfg.train, cfg.model.pa_warmup_steps
+        self.decoder_loss_on = cfg.model.decoder_target != "none" and cfg.model.pa_weight != 0  # else VLA only
         self.dist, self.log, self.health, self.bar, self.scheduler = dist, log, health, bar, scheduler
         self.samples_per_step, self.flops_per_sample, self.peak = samples_per_step, flops_per_sample, peak_flops
         device = dist.device
-        self.sums = torch.zeros(3, device=device)  # loss, vla, pa summed since the last log step
+        self.sums = torch.zeros(4, device=device)  # loss, vla, pa, pseudo-mask IoU summed since the last log step
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step
         self.skipped = torch.zeros((), dtype=torch.long, device=device)
         self.steps, self.wait_s, self.t_log = 0, 0.0, time.perf_counter()
@@ -62,7 +64,7 @@ class Progress:
         return batch
 
     def add(self, terms: torch.Tensor, step: int) -> None:
-        """terms [3] (loss, vla, pa) of step `step` (1-based). Device ops only: a skipped
+        """terms [4] (loss, vla, pa, pseudo-mask pairwise IoU) of step `step` (1-based). Device ops only: a skipped
         (non-finite) step adds 0 and is remembered on the device."""
         finite = torch.isfinite(terms[0])
         self.sums += torch.where(finite, terms, torch.zeros_like(terms))
@@ -82,9 +84,10 @@ class Progress:
             raise NonFiniteLoss(
                 f"non-finite loss at step {bad} (train.nonfinite=stop; set train.nonfinite=skip to skip such steps)"
             )
-        # One all-reduce of 7 floats: 3 loss terms and the 4 embedding statistics.
+        # One all-reduce of 8 floats: 3 loss terms, the pseudo-mask IoU and the 4 embedding statistics.
         stats = all_reduce_mean(torch.cat([self.sums / self.steps, embedding_stats(out.image_emb, out.text_emb)]))
-        loss, vla, pa, *emb = stats.tolist()
+        loss, vla, pa, mask_iou, *emb = stats.tolist()
+        mask_iou = mask_iou if math.isfinite(mask_iou) else None  # nan: one image per batch, no pair to compare
         dt = time.perf_counter() - self.t_log
         record = {
             "step": step,
@@ -97,14 +100,15 @@ class Progress:
             "data_wait_frac": self.wait_s / dt,
             "mem_mb": memory_mb(self.dist.device),
             "skipped_steps": int(self.skipped),
-            "pa_active": step - 1 >= self.pa_warmup_steps,
+            "pa_active": step - 1 >= self.pa_warmup_steps and self.decoder_loss_on,
+            "pseudo_mask_iou": mask_iou,
         }
         # MFU per device: samples/s on this rank x counted FLOPs / the device's peak.
         record["mfu"] = mfu(self.flops_per_sample, record["img_per_s"] / self.dist.world_size, self.peak)
         record["gflops_per_sample"] = self.flops_per_sample / 1e9
         record["mem_mb_per_sample"] = record["mem_mb"] / self.run.batch_size_per_gpu
         record.update(zip(STAT_NAMES, emb))
-        problems = self.health.problems(step, vla, record["img_emb_std"], record["txt_emb_std"])
+        problems = self.health.problems(step, vla, record["img_emb_std"], record["txt_emb_std"], mask_iou)
         if problems:
             record["health"] = problems
             if self.dist.rank == 0:
@@ -119,7 +123,8 @@ class Progress:
             f"step {step} loss {loss:.4f} (vla {vla:.4f} pa {pa:.4f}) img/s {record['img_per_s']:.1f} "
             f"mfu {mfu_text} mem/sample {record['mem_mb_per_sample']:.1f} MiB "
             f"emb std img {record['img_emb_std']:.4f} txt {record['txt_emb_std']:.4f} "
-            f"cos pos {record['pos_cos']:.3f} neg {record['neg_cos']:.3f}"
+            f"cos pos {record['pos_cos']:.3f} neg {record['neg_cos']:.3f} "
+            f"mask iou {'n/a' if mask_iou is None else f'{mask_iou:.3f}'}"
         )
         self.sums.zero_()
         self.steps, self.wait_s, self.t_log = 0, 0.0, time.perf_counter()
