@@ -1,7 +1,8 @@
 """Run evaluation tasks and record them.
 
     run_eval(task, ckpt, fraction, data_root, overrides) -> record
-        writes runs/eval/<task>/<fraction>/<timestamp>/results.json + the task's PNGs
+        writes runs/eval/<task>/<fraction>/<timestamp>/results.json + predictions.npz + the task's
+        PNGs + eval.log (the run's log lines)
     run_all(ckpt, fraction, data_root, overrides) -> summary
         every task for the checkpoint (both segmentation variants when it has a decoder) and for
         random init of the same architecture, then the paper-shaped tables (`format_tables`), written
