@@ -193,6 +193,15 @@ def test_damaged_run_files_are_one_line_errors(tmp_path, capsys):
     assert f"{npz}: not a readable predictions archive" in one_error_line(capsys)
 
 
+def test_odd_results_fields_do_not_break_the_comparison(tmp_path, capsys):
+    """results.json fields compare reads only for display (config, bootstrap) may be absent or odd."""
+    a = write_run(tmp_path / "a", classification(0))
+    b = write_run(tmp_path / "b", classification(1))
+    (b / "results.json").write_text(json.dumps({"task": "rsna_linear", "config": 5, "bootstrap": []}))
+    assert compare(a, b, tmp_path) == 0
+    assert "resamples of patients" in capsys.readouterr().out
+
+
 def test_load_predictions_refuses_a_bare_npy(tmp_path):
     path = tmp_path / "predictions.npz"
     with open(path, "wb") as fh:

@@ -60,8 +60,12 @@ def load_run(path: Path, task: str, family: str) -> tuple[dict, dict]:
     return results, predictions
 
 
-def _image_size(results: dict):
-    return (results.get("config") or {}).get("data", {}).get("image_size")
+def _field(results: dict, *path: str):
+    """results[path[0]][path[1]]..., None where a level is absent or not an object (old or odd runs)."""
+    value = results
+    for name in path:
+        value = value.get(name) if isinstance(value, dict) else None
+    return value
 
 
 def evaluate(spec: str, task: str, fraction: str, data: str, overrides: list[str], output_root: str | None) -> Path:
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         runs[label] = (path, *load_run(path, task.name, task.family))
     (path_a, res_a, pred_a), (path_b, res_b, pred_b) = runs["A"], runs["B"]
-    same_geometry = _image_size(res_a) == _image_size(res_b)
+    same_geometry = _field(res_a, "config", "data", "image_size") == _field(res_b, "config", "data", "image_size")
     difference = first_difference(pred_a, pred_b, same_geometry)
     if difference:
         raise UserError(f"A ({path_a}) and B ({path_b}) were not scored on the same test set: {difference}")
@@ -126,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         diffs = paired_difference(task.family, pred_a, pred_b, seed=args.seed)
     except ValueError as exc:  # different test images: a user error, named
         raise UserError(f"{path_a} vs {path_b}: {exc}") from exc
-    unit = "patient" if res_a.get("bootstrap", {}).get("unit") == "patient" else "image"
+    unit = "patient" if _field(res_a, "bootstrap", "unit") == "patient" else "image"
     print(format_comparison(task.name, str(path_a), str(path_b), diffs, unit))
     out_dir = Path(args.out) if args.out else new_run_dir(Path("runs/compare") / task.name)
     out_dir.mkdir(parents=True, exist_ok=True)
