@@ -25,7 +25,6 @@ from PIL import Image
 
 from pipeline.plan import EXT_COLUMN, DatasetIndex, ShardIndex
 from pipeline.transforms import TransformSpec
-from shards.image import DEFAULT_MAX_PIXELS
 from shards.schema import TAR_BLOCK, check_member_crcs, check_member_header, stale_index_message
 
 # What PIL, json and UTF-8 decoding raise for damaged bytes (JSONDecodeError and UnicodeDecodeError
@@ -68,8 +67,8 @@ class ImageBounds:
     the json's `stored_size`. A header beyond them is bad data, not a large image: a 10 KB JPEG can
     claim 30000x30000 and cost seconds of decode (libjpeg fills the missing scans with grey)."""
 
-    max_side: int | None = None  # the packing's max_side; None: the manifest does not say
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int | None  # the packing's max_side; None: the manifest does not say
+    max_pixels: int
 
     @classmethod
     def of_manifest(cls, manifest: dict) -> ImageBounds:
@@ -80,7 +79,13 @@ class ImageBounds:
             value = config.get(name)
             return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
-        return cls(positive("max_side"), positive("max_pixels") or DEFAULT_MAX_PIXELS)
+        max_pixels = positive("max_pixels")
+        if max_pixels is None:  # a packing that does not record its limits: the packer's default
+            # Imported here only: shards.image pulls in pydicom (0.8 s), which the loader never needs.
+            from shards.image import DEFAULT_MAX_PIXELS
+
+            max_pixels = DEFAULT_MAX_PIXELS
+        return cls(positive("max_side"), max_pixels)
 
     def check(self, data: bytes, ext: str, meta: dict, expected: tuple[int, int] | None = None) -> tuple[int, int]:
         """The (w, h) the image header of member `ext` declares (no decode), or `SampleError` when it is
@@ -118,7 +123,8 @@ class BackendOptions:
     device: torch.device
     gpu_decode: bool  # torch: nvJPEG in the loader (data.torch_gpu_decode); dali: "mixed" decode
     profile: bool = False  # workers time each stage (HostBatch.stage_s)
-    bounds: ImageBounds = ImageBounds()  # image headers, checked before decoding (the manifest's)
+    # Image headers, checked before decoding: the manifest's (Loader); without one, the packer's defaults.
+    bounds: ImageBounds = field(default_factory=lambda: ImageBounds.of_manifest({}))
 
     @property
     def exts(self) -> tuple[str, ...]:

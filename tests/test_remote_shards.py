@@ -25,9 +25,10 @@ import torch
 from common.config import ConfigError
 from common.dist import DistInfo
 from pipeline import CorruptSampleError, CorruptSampleWarning, DataConfig, build_loader, stream
-from pipeline.batch import ImageBounds, SampleError
+from pipeline.batch import BackendOptions, ImageBounds, SampleError
 from pipeline.config import is_url
 from pipeline.stream import MAX_MEMBER_BYTES, RemoteShardError, TransferTimeout, interleave, shuffle_buffer
+from shards.image import DEFAULT_MAX_PIXELS
 from shards.schema import MEMBER_CRC_FIELD, ManifestError, member_crc32
 from shards.writer import PackedSample, pack_splits
 from tests.pipeline_fixtures import Item, all_texts, build_sample, corrupt_member, pack_tiny, tiny_tokenizer
@@ -469,10 +470,18 @@ def test_an_image_header_beyond_the_packing_bounds_is_a_recorded_bad_sample(serv
 
 def test_image_bounds_without_a_max_side_fall_back_to_the_packers_max_pixels():
     jpg = with_header_size(build_sample(Item("k", 1, False)).members["jpg"], 30000, 30000)
-    assert ImageBounds.of_manifest({"config": {"tiny": 0}}) == ImageBounds(None)
+    packer_default = ImageBounds.of_manifest({"config": {"tiny": 0}})
+    assert (
+        packer_default
+        == ImageBounds(None, DEFAULT_MAX_PIXELS)
+        == BackendOptions.__dataclass_fields__["bounds"].default_factory()
+    )
     with pytest.raises(SampleError, match=r"jpg: header says 30000x30000 = 900000000 pixels > max_pixels 50000000"):
-        ImageBounds(None).check(jpg, "jpg", {})
-    assert ImageBounds(None).check(with_header_size(jpg, 100, 80), "jpg", {"stored_size": [100, 80]}) == (100, 80)
+        packer_default.check(jpg, "jpg", {})
+    assert packer_default.check(with_header_size(jpg, 100, 80), "jpg", {"stored_size": [100, 80]}) == (100, 80)
+    recorded = ImageBounds.of_manifest({"config": {"max_side": 512, "max_pixels": 10_000}})
+    with pytest.raises(SampleError, match=r"jpg: header says 200x100 = 20000 pixels > max_pixels 10000"):
+        recorded.check(with_header_size(jpg, 200, 100), "jpg", {})
 
 
 def test_a_transfer_that_outlives_its_deadline_fails_naming_the_url(served, no_retry_delay):
