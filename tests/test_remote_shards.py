@@ -507,3 +507,52 @@ def test_a_transfer_that_outlives_its_deadline_fails_naming_the_url(served, no_r
     assert time.monotonic() - t0 < 5
     with pytest.raises(ConfigError, match="data.stream_deadline_s=0 must be > 0"):
         config(f"{base}/tiny", stream_deadline_s=0)
+
+
+@pytest.mark.parametrize("damage", ["entry outside the root", "member header claiming 1 GiB"])
+def test_streaming_bounds_reach_the_trainer_as_one_line(damage, mimic_shards, tiny_bert, tmp_path, capsys):
+    """The same refusals through `python -m train.pretrain` (file:// shards): one `error:` line, exit 2."""
+    import train.pretrain as pretrain
+    from common.cli import run_main
+
+    root = tmp_path / "mimic"
+    shutil.copytree(mimic_shards, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    first = manifest["splits"]["train"]["shards"][0]
+    if damage == "entry outside the root":
+        (tmp_path / "outside").mkdir()
+        shutil.copy(root / first["name"], tmp_path / "outside" / "evil.tar")
+        first["name"] = "../outside/evil.tar"
+        (root / "manifest.json").write_text(json.dumps(manifest))
+        needles = ["split 'train' names '../outside/evil.tar'", "outside the shard root"]
+    else:
+        tar_path = root / first["name"]
+        with tarfile.open(tar_path) as tar:
+            infos = [(info, tar.extractfile(info).read()) for info in tar]
+        out = bytearray()
+        for n, (info, data) in enumerate(infos):
+            header = info.tobuf(format=tarfile.USTAR_FORMAT)
+            if n == 4:
+                info.size = 2**30
+                header = info.tobuf(format=tarfile.USTAR_FORMAT)
+            out += header + data + bytes(-len(data) % 512)
+        tar_path.write_bytes(bytes(out) + bytes(1024))
+        needles = [f"{first['name']}: member '{infos[4][0].name}' declares 1073741824 bytes"]
+    argv = [
+        "--config",
+        "configs/pretrain/demo.yaml",
+        f"data.shards=file://{root}",
+        f"model.text_model={tiny_bert}",
+        "train.batch_size_per_gpu=4",
+        "data.backend=torch",
+        "data.num_workers=0",
+        "data.shuffle=false",
+        "train.val_every=0",
+        f"train.output_dir={tmp_path / 'run'}",
+    ]
+    with pytest.raises(SystemExit) as info:
+        run_main(pretrain.main, argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert info.value.code == 2 and "Traceback" not in err and lines[-1].startswith("error: "), err
+    assert all(needle in lines[-1] for needle in needles), lines[-1]
