@@ -95,8 +95,9 @@ def weighted_auroc(y: np.ndarray, s: np.ndarray, W: np.ndarray) -> np.ndarray:
 
 def weighted_best_f1_accuracy(y: np.ndarray, s: np.ndarray, W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row of W: (best F1 over the thresholds, accuracy of s > that threshold), the rule of
-    eval.metrics.zero_shot_metrics (lowest threshold among equal F1; strict > for the accuracy).
-    Thresholds whose images were not drawn in a row are not candidates in that row."""
+    eval.metrics.zero_shot_metrics (MedKLIP's float F1 2rp/(r+p) and its first maximum in ascending
+    threshold order; strict > for the accuracy). Thresholds whose images were not drawn in a row
+    are not candidates in that row."""
     y, s = np.asarray(y).astype(bool), np.asarray(s, dtype=np.float64)
     order = np.argsort(-s, kind="stable")
     s_desc, pos = s[order], y[order]
@@ -109,9 +110,13 @@ def weighted_best_f1_accuracy(y: np.ndarray, s: np.ndarray, W: np.ndarray) -> tu
         n_pos, total = tp[:, -1:], tp[:, -1:] + fp[:, -1:]
         run_weight = np.diff(np.c_[np.zeros(len(w)), tp + fp], axis=1)  # [b, T]
         with np.errstate(invalid="ignore", divide="ignore"):
-            f1 = np.where(tp + fp + n_pos > 0, 2 * tp / (tp + fp + n_pos), 0.0)
+            precision = tp / (tp + fp)  # nan only before the first drawn threshold (masked below)
+            recall = np.where(n_pos > 0, tp / n_pos, 0.0)
+            denominator = recall + precision
+            # the float formula and operation order of eval.metrics.precision_recall_f1_curve
+            f1 = np.where(denominator > 0, 2 * recall * precision / denominator, 0.0)
         f1 = np.where(run_weight > 0, f1, -1.0)
-        best = f1.shape[1] - 1 - np.argmax(f1[:, ::-1], axis=1)  # lowest threshold of the max
+        best = f1.shape[1] - 1 - np.argmax(f1[:, ::-1], axis=1)  # first maximum in ascending order
         rows = np.arange(len(w))
         tp_above = np.where(best > 0, tp[rows, np.maximum(best - 1, 0)], 0.0)  # strictly above t
         fp_above = np.where(best > 0, fp[rows, np.maximum(best - 1, 0)], 0.0)

@@ -138,24 +138,27 @@ def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def precision_recall_f1_curve(y_true, scores):
     """(precision, recall, f1, thresholds) at every distinct score t (s >= t is positive), thresholds
-    decreasing. F1 is computed as 2TP / (TP + FP + n_positives), which equals the harmonic mean of
-    precision and recall and is 0 where TP = 0; this integer form makes equal F1 values compare equal
-    (2pr / (p + r) can differ in the last bit). Recall is 0 when there are no positives."""
+    decreasing. F1 is MedKLIP's float formula 2 * recall * precision / (recall + precision), 0 where
+    both are 0, evaluated in that order on scikit-learn's float precision and recall: two thresholds
+    whose F1 is equal in exact arithmetic can differ in the last bit, and that bit decides which one
+    `best_f1` picks, as in MedKLIP. Recall is 0 when there are no positives (MedKLIP: nan)."""
     y, s = _binary_pair(y_true, scores)
     thresholds, tps, fps = _counts_at_thresholds(y, s)
     n_pos = tps[-1]
     precision = tps / (tps + fps)  # tps + fps >= 1: every threshold is some sample's score
     recall = tps / n_pos if n_pos else np.zeros(tps.size)
-    f1 = 2 * tps / (tps + fps + n_pos)
+    denominator = recall + precision
+    f1 = np.divide(2 * recall * precision, denominator, out=np.zeros(tps.size), where=denominator != 0)
     return precision, recall, f1, thresholds
 
 
 def best_f1(y_true, scores) -> tuple[float, float]:
-    """(max F1 over all thresholds, that threshold). Among thresholds with equal F1 the lowest one
-    wins, which is what argmax over scikit-learn's ascending precision_recall_curve picks, i.e. the
-    threshold MedKLIP's numbers were computed with."""
+    """(max F1 over all thresholds, that threshold): numpy's argmax (first maximum) over the F1 of
+    scikit-learn's ASCENDING precision_recall_curve, i.e. MedKLIP's choice. Among float-equal F1
+    values the lowest threshold wins; an exact-arithmetic tie is decided by the float rounding of
+    `precision_recall_f1_curve`'s formula (tests/test_metrics.py::test_best_f1_exact_tie_...)."""
     _, _, f1, thresholds = precision_recall_f1_curve(y_true, scores)
-    best = f1.size - 1 - int(np.argmax(f1[::-1]))  # last maximum in decreasing-threshold order
+    best = f1.size - 1 - int(np.argmax(f1[::-1]))  # first maximum in ascending-threshold order
     return float(f1[best]), float(thresholds[best])
 
 
@@ -454,7 +457,10 @@ def nms(boxes, scores, iou_threshold: float, plus_one: bool = False) -> torch.Te
 
 
 DEFAULT_IOU_THRESHOLDS = (0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70, 0.75)
-COCO_RECALLS = np.linspace(0.0, 1.0, 101)  # COCO's 101 recall points (pycocotools' recThrs)
+# COCO's 101 recall points as torchmetrics hands them to pycocotools: torch.linspace in float32, then
+# float64. 0.3 becomes 0.30000001192..., so a recall of exactly 3/10 falls just below it; with numpy's
+# float64 grid the bootstrap's mAP differed from the headline by up to 0.002 on random sets.
+COCO_RECALLS = np.asarray(torch.linspace(0.0, 1.0, 101).tolist(), dtype=np.float64)
 COCO_MAX_DETECTIONS = 100  # per image: torchmetrics' largest max_detection_threshold
 
 
@@ -494,18 +500,25 @@ def map_torchmetrics(
     """mAP exactly as MGCA computes it: torchmetrics' MeanAveragePrecision (pycocotools backend; xyxy
     boxes, COCO 101-point interpolation, <= 100 detections per image, all areas) over IoU `thresholds`,
     one class, fed only the images `keep_image(.., skip)` admits. Pass the OBJECTNESS as scores (MGCA).
-    Returns {map, per_threshold {t: AP}, n_images_scored}; map is nan when no image is scored or no
-    ground truth is left (torchmetrics' -1)."""
+
+    Returns {map, per_threshold {t: AP}, n_images_scored, n_images_over_max_detections}. `map` is
+    pycocotools' own number (the mean of its precision table) in float64; torchmetrics rounds that
+    same number to float32 (~1e-8 off). nan when no image is scored or no ground truth is left
+    (torchmetrics' -1). An image with more than 100 boxes keeps its 100 highest-scored ones (COCO's
+    rule, part of MGCA's metric): torchmetrics warns about it on every such image, so the warning is
+    off here and the count is returned instead."""
     from torchmetrics.detection import MeanAveragePrecision  # imported here: ~2 s, detection only
 
     metric = MeanAveragePrecision(
         iou_thresholds=[float(t) for t in thresholds], backend="pycocotools", extended_summary=True
     )
-    n_scored = 0
+    metric.warn_on_many_detections = False
+    n_scored = n_over = 0
     for boxes, scores, gt in _detection_lists(pred_boxes_per_image, pred_scores_per_image, gt_boxes_per_image):
         if not keep_image(scores.size, gt.shape[0], skip):
             continue
         n_scored += 1
+        n_over += int(scores.size > COCO_MAX_DETECTIONS)
         metric.update(
             [
                 {
@@ -517,15 +530,17 @@ def map_torchmetrics(
             [{"boxes": gt.float(), "labels": torch.zeros(gt.shape[0], dtype=torch.long)}],
         )
     per_threshold = {round(float(t), 4): math.nan for t in thresholds}
+    out = {"map": math.nan, "per_threshold": per_threshold, "n_images_scored": n_scored}
+    out["n_images_over_max_detections"] = n_over
     if n_scored == 0:
-        return {"map": math.nan, "per_threshold": per_threshold, "n_images_scored": 0}
-    out = metric.compute()
-    precision = out["precision"].double()  # [T, R=101, K=1 class, A=4 areas, M=3 max-dets]
+        return out
+    precision = metric.compute()["precision"].double()  # [T, R=101, K=1 class, A=4 areas, M=3 max-dets]
+    table = precision[:, :, 0, 0, -1]  # [T, R]: area "all", 100 detections
     for i, t in enumerate(per_threshold):
-        p = precision[i, :, 0, 0, -1]  # area "all", 100 detections
-        per_threshold[t] = float(p.mean()) if (p > -1).all() else math.nan
-    value = float(out["map"])
-    return {"map": value if value > -1 else math.nan, "per_threshold": per_threshold, "n_images_scored": n_scored}
+        per_threshold[t] = float(table[i].mean()) if (table[i] > -1).all() else math.nan
+    defined = table[table > -1]  # pycocotools' summarize: the mean over the defined entries
+    out["map"] = float(defined.mean()) if defined.numel() else math.nan
+    return out
 
 
 def coco_matches(

@@ -222,15 +222,17 @@ def test_yolo_target_assignment_and_decoding_hand_case():
     anchors = scaled_anchors(size)  # 416-px priors x 64/416
     assert torch.allclose(anchors[2, 1], torch.tensor([156, 198]) * 64 / 416)
     grids = [(8, 8), (4, 4), (2, 2)]
-    # MGCA assigns per scale: every box is positive once at EACH scale, at that scale's best prior.
+    # MGCA assigns per scale: every box is positive once at EACH scale, at that scale's best prior, by
+    # the shape IoU in grid cells of that scale with +1 cell per side (see tests/test_reference_exact.py).
     # Box 1: 130 x 130 at 416 (20 x 20 px here), centre (22, 27.23). Shape IoUs per scale:
-    #   stride 8  (10,13) .008 (16,30) .028 (33,23) .045 -> anchor 2, cell row 3 col 2
-    #   stride 16 (30,61) .108 (62,45) .165 (59,119) .415 -> anchor 2, cell row 1 col 1
-    #   stride 32 (116,90) .62 -> anchor 0; (156,198) .55 > .5: ignored; (373,326) .14; cell (0, 0)
+    #   stride 8  (10,13) .122 (16,30) .168 (33,23) .192 -> anchor 2, cell row 3 col 2
+    #   stride 16 (30,61) .404 (62,45) .452 (59,119) .664 -> anchor 2, cell row 1 col 1
+    #   stride 32 (116,90) .845 -> anchor 0; (156,198) .773 > .5: ignored; (373,326) .368; cell (0, 0)
     big = [12, 17.23, 32, 37.23]
     # Box 2: exactly the prior (16, 30) at 416, centre (45, 13):
-    #   stride 8 anchor 1 (IoU 1) cell (1, 5); stride 16 (30,61) .26 best -> anchor 0 cell (0, 2);
-    #   stride 32 (116,90) .046 best -> anchor 0 cell (0, 1).
+    #   stride 8 anchor 1 (IoU 1; (10,13) .723 and (33,23) .744 ignored) cell (1, 5);
+    #   stride 16 (30,61) .727 best -> anchor 0 cell (0, 2), (62,45) .65 ignored, (59,119) .442;
+    #   stride 32 (116,90) .552 best -> anchor 0 cell (0, 1), the others .361 / .172.
     small = [45 - 16 * 32 / 416, 13 - 30 * 32 / 416, 45 + 16 * 32 / 416, 13 + 30 * 32 / 416]
     targets = build_targets([torch.tensor([big, small]), torch.zeros(0, 4)], grids, anchors, size)
     assert targets[0]["obj"].nonzero().tolist() == [[0, 1, 1, 5], [0, 2, 3, 2]]
@@ -240,13 +242,15 @@ def test_yolo_target_assignment_and_decoding_hand_case():
     assert torch.allclose(targets[2]["twh"][0, 0, 0, 0], torch.log(torch.tensor([130 / 116, 130 / 90])), atol=1e-5)
     assert torch.allclose(targets[0]["twh"][0, 1, 1, 5], torch.zeros(2), atol=1e-5)  # exact prior shape
     assert torch.allclose(targets[0]["txy"][0, 1, 1, 5], torch.tensor([45 / 8 - 5, 13 / 8 - 1]))
-    # No-object mask: not at the positives, not at the ignored similar prior, yes at the dissimilar ones.
+    # No-object mask: only anchors with shape IoU > .5 leave it. Box 1 at stride 8 is positive at an
+    # anchor of IoU .192, so that cell is a positive AND a no-object cell (MGCA).
     assert targets[2]["noobj"][0, :, 0, 0].tolist() == [False, False, True]
-    # Box 2 at stride 8 vs prior (33, 23): in pixels 2.46 x 4.62 vs 5.08 x 3.54; with MGCA's +1
-    # (3.46 x 5.62 vs 6.08 x 4.54) the shape IoU is 15.71 / 31.31 = 0.502 > 0.5: ignored too
-    # (0.42 without the +1, which kept it in the no-object mask).
-    assert targets[0]["noobj"][0, :, 1, 5].tolist() == [True, False, False]
-    assert int(targets[1]["noobj"].sum()) == 2 * 3 * 4 * 4 - 2 and int(targets[2]["noobj"][1].sum()) == 3 * 2 * 2
+    assert targets[2]["noobj"][0, :, 0, 1].tolist() == [False, True, True]
+    assert targets[0]["noobj"][0, :, 1, 5].tolist() == [False, False, False]
+    assert targets[0]["noobj"][0, :, 3, 2].tolist() == [True, True, True]
+    assert targets[1]["noobj"][0, :, 1, 1].tolist() == [True, True, False]
+    assert targets[1]["noobj"][0, :, 0, 2].tolist() == [False, False, True]
+    assert int(targets[1]["noobj"].sum()) == 2 * 3 * 4 * 4 - 3 and int(targets[2]["noobj"][1].sum()) == 3 * 2 * 2
     # Predictions that encode exactly these targets decode back to the boxes (the three per box are
     # one box: NMS keeps one), objectness ~1.
     preds = [torch.full((2, 3, gh, gw, 6), -30.0) for gh, gw in grids]
@@ -258,10 +262,12 @@ def test_yolo_target_assignment_and_decoding_hand_case():
     found = detect(preds, anchors, size, conf_threshold=0.5, nms_iou=0.5)
     boxes, scores = found[0]
     order = boxes[:, 0].argsort()
-    assert torch.allclose(boxes[order], torch.tensor([big, small]).clamp(0, 64), atol=1e-3)
+    assert torch.allclose(boxes[order], torch.tensor([big, small]), atol=1e-3)
     assert torch.all(scores > 0.99) and found[1][0].shape == (0, 4)
     # Loss forms: BCE on the centre offsets bottoms out at the targets' binary entropy (each term a mean
-    # over all B*A*h*w entries of its scale); wh, conf and cls vanish at these predictions.
+    # over all B*A*h*w entries of its scale); wh and cls vanish at these predictions. conf does not:
+    # box 1's stride-8 positive is also a no-object cell, so its objectness (logit 30) costs
+    # 0.5 x BCE(30, 0) = 0.5 x 30 over the 2 x 3 x 8 x 8 = 384 entries of that scale.
     total, terms = yolo_loss(preds, targets)
 
     def entropy(p):
@@ -269,7 +275,8 @@ def test_yolo_target_assignment_and_decoding_hand_case():
 
     floor_xy = sum(float(entropy(t["txy"][t["obj"]]).sum()) / t["obj"].numel() for t in targets)
     assert math.isclose(float(terms["xy"]), floor_xy, rel_tol=1e-4)
-    assert all(float(terms[k]) < 1e-6 for k in ("wh", "conf", "cls"))
+    assert all(float(terms[k]) < 1e-6 for k in ("wh", "cls"))
+    assert math.isclose(float(terms["conf"]), 0.5 * 30 / 384, rel_tol=1e-5)
     # Shift one box centre to sigmoid 0 -> 0.5: the xy term grows by (log 2 - H(22/32)) / 24 (stride-32
     # tensor: 2 x 3 x 2 x 2 entries), 2.5 x that in the total.
     preds[2][0, 0, 0, 0, 0] = 0.0
@@ -681,9 +688,10 @@ def test_compare_two_runs_with_a_paired_interval(data_root, run_dir, tmp_path, c
     assert done.value.code == 2 and "is a 'rsna_linear' run" in capsys.readouterr().err
 
 
-def test_yolo_shape_iou_uses_plus_one_pixel_convention():
-    # Box 10 x 20 vs anchor 5 x 40, both centred at the origin, each side counting one pixel more:
-    # overlap (5+1)(20+1) = 126, areas 11*21 = 231 and 6*41 = 246 -> 126 / 351 (1/3 without the +1).
+def test_yolo_shape_iou_uses_plus_one_convention():
+    # Sizes 10 x 20 vs 5 x 40 (in whatever unit: build_targets passes grid cells), both centred at the
+    # origin, each side counting one unit more: overlap (5+1)(20+1) = 126, areas 11*21 = 231 and
+    # 6*41 = 246 -> 126 / 351 (1/3 without the +1).
     from eval.tasks.detection import _shape_iou
 
     iou = _shape_iou(torch.tensor([[10.0, 20.0]]), torch.tensor([[5.0, 40.0], [10.0, 20.0]]))

@@ -64,12 +64,13 @@ def test_macro_auroc_skips_single_label_class():
 
 
 def sklearn_best_f1(y, s):
-    """Oracle: F1 over scikit-learn's ascending PR curve; among (near-)equal maxima the first one, i.e.
-    the lowest threshold (the argmax MedKLIP takes, made robust to rounding of 2PR/(P+R))."""
+    """Oracle: MedKLIP's rule, F1 = 2PR/(P+R) in float over scikit-learn's ascending PR curve and
+    numpy's argmax (the first maximum: the lowest of float-equal thresholds; exact-arithmetic ties are
+    decided by rounding, tests/test_reference_exact.py)."""
     p, r, t = skm.precision_recall_curve(y, s)
     p, r = p[:-1], r[:-1]  # the appended (1, 0) end point has no threshold
     f1 = np.divide(2 * p * r, p + r, out=np.zeros_like(p), where=(p + r) > 0)
-    best = np.flatnonzero(f1 >= f1.max() - 1e-12)[0]
+    best = int(np.argmax(f1))
     return f1[best], t[best]
 
 
@@ -78,8 +79,7 @@ def test_best_f1_and_curve_match_sklearn(seed):
     y, s = tied_binary(seed)
     f1, t = M.best_f1(y, s)
     sk_f1, sk_t = sklearn_best_f1(y, s)
-    assert f1 == pytest.approx(sk_f1, abs=1e-12)
-    assert t == sk_t
+    assert f1 == sk_f1 and t == sk_t
     assert f1 == pytest.approx(skm.f1_score(y, s >= t), abs=1e-12)
     precision, recall, f1_curve, thresholds = M.precision_recall_f1_curve(y, s)
     sk_p, sk_r, sk_t_all = skm.precision_recall_curve(y, s)
@@ -89,8 +89,10 @@ def test_best_f1_and_curve_match_sklearn(seed):
     assert M.accuracy_at_threshold(y, s, t) == pytest.approx(skm.accuracy_score(y, s > t))
 
 
-def test_best_f1_tie_takes_lowest_threshold():
-    # t=0.9: TP 1, FP 0 -> F1 = 2/(1+0+2) = 2/3; t=0.5: TP 2, FP 2 -> 4/(2+2+2) = 2/3; t=0.1: 4/(2+3+2)
+def test_best_f1_float_equal_tie_takes_lowest_threshold():
+    # t=0.9: TP 1, FP 0 -> F1 = 2/(1+0+2) = 2/3; t=0.5: TP 2, FP 2 -> 4/(2+2+2) = 2/3; t=0.1: 4/(2+3+2).
+    # In float both 2/3 are 0.6666666666666666 (p=1, r=.5 and p=.5, r=1: the same 1/1.5), so numpy's
+    # argmax over ascending thresholds takes the lower one.
     y, s = [1, 0, 0, 1, 0], [0.9, 0.5, 0.5, 0.5, 0.1]
     assert M.best_f1(y, s) == (pytest.approx(2 / 3), 0.5)
     # strict > 0.5 (MedKLIP): predictions 1,0,0,0,0 vs labels 1,0,0,1,0 -> 4 of 5 right (>= would give 3)

@@ -19,16 +19,19 @@ facts and the YOLOv3 paper, not from any implementation):
   Widths `head_width`, /2, /4 (512/256/128 in YOLOv3). Conv + BN + LeakyReLU(0.1).
 - Anchors: YOLOv3's nine COCO priors for a 416-px input, scaled by (input size / 416) per axis.
 - Targets, per scale and independently: a ground-truth box goes to the cell holding its centre and
-  to the best of THAT scale's three anchors by shape IoU (centres aligned), so every box has one
-  positive per scale. Anchors of that cell with shape IoU > `ignore_iou` leave the no-object mask.
-  Two boxes claiming one anchor and cell: the later one wins.
+  to the best of THAT scale's three anchors by shape IoU (centres aligned, sizes in grid cells of
+  that scale, each side + 1 cell), so every box has one positive per scale. Anchors of that cell
+  with shape IoU > `ignore_iou` leave the no-object mask; nothing else does, so an assigned anchor
+  with shape IoU <= `ignore_iou` is a positive AND a no-object cell (objectness target BCE(c, 1) +
+  0.5 x BCE(c, 0), as MGCA's; most positives at stride 8). Two boxes claiming one anchor and cell:
+  the later one wins.
 - Loss per scale, summed over scales: BCE of sigmoid(tx), sigmoid(ty) against the centre's offset in
-  its cell; MSE of raw (tw, th) against log(box / anchor); objectness BCE on positives + 0.5 x BCE
-  on no-object anchors; class BCE on positives. Every term is a mean over the WHOLE [B, A, h, w]
+  its cell; MSE of raw (tw, th) against log(box / anchor); objectness BCE against 1 on positives
+  + 0.5 x BCE against 0 on no-object anchors (positives among them included); class BCE on positives. Every term is a mean over the WHOLE [B, A, h, w]
   tensor (masked entries count as zeros), weights xy 2.5, wh 2.5, conf 1, cls 1.
-- Decoding: centre = (cell + sigmoid(t)) * stride, size = anchor * exp(t), boxes clipped to the
-  image; confidence = sigmoid(objectness) (MGCA thresholds, sorts, runs NMS and ranks by it); NMS
-  IoU with the "+1 pixel" convention.
+- Decoding: centre = (cell + sigmoid(t)) * stride, size = anchor * exp(t), NOT clipped to the image
+  (MGCA's boxes may cross the border, and NMS compares them so); confidence = sigmoid(objectness)
+  (MGCA thresholds, sorts, runs NMS and ranks by it); NMS IoU with the "+1 pixel" convention.
 """
 
 from __future__ import annotations
@@ -103,13 +106,23 @@ class YOLOv3Head(nn.Module):
 
 
 def _shape_iou(wh: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """[N, 2] box sizes vs [K, 2] anchor sizes, both centred at the origin -> [N, K] IoU, with the
-    "+1 pixel" convention of MGCA's IoU (every width and height counts one pixel more), as its
-    target assignment compares shapes."""
+    """[N, 2] box sizes vs [K, 2] anchor sizes, both centred at the origin and both in GRID CELLS of
+    one scale -> [N, K] IoU with MGCA's "+1" convention: every width and height counts one more, and
+    since MGCA compares the shapes in cells, that is one cell (the stride in pixels), not one pixel."""
     wh, anchors = wh + 1, anchors + 1
     inter = torch.minimum(wh[:, None, 0], anchors[None, :, 0]) * torch.minimum(wh[:, None, 1], anchors[None, :, 1])
     union = (wh[:, 0] * wh[:, 1])[:, None] + (anchors[:, 0] * anchors[:, 1])[None, :] - inter
     return inter / union.clamp_min(1e-9)
+
+
+def _empty_targets(n_img: int, n_anch: int, grid: tuple[int, int], device) -> dict[str, torch.Tensor]:
+    gh, gw = grid
+    return {
+        "obj": torch.zeros(n_img, n_anch, gh, gw, dtype=torch.bool, device=device),
+        "noobj": torch.ones(n_img, n_anch, gh, gw, dtype=torch.bool, device=device),
+        "txy": torch.zeros(n_img, n_anch, gh, gw, 2, device=device),
+        "twh": torch.zeros(n_img, n_anch, gh, gw, 2, device=device),
+    }
 
 
 def build_targets(
@@ -123,40 +136,32 @@ def build_targets(
     """Per scale: {obj [B,A,h,w] bool, noobj [B,A,h,w] bool, txy [B,A,h,w,2], twh [B,A,h,w,2]}.
 
     gt_boxes: per image [n_i, 4] (x1, y1, x2, y2) pixels of an image of (height, width) `image_size`.
-    grids: (h, w) per scale. anchors [S, A, 2] (w, h) pixels. Every box is positive once per scale."""
-    n_img = len(gt_boxes)
-    n_anch = anchors.shape[1]
-    out = []
-    for gh, gw in grids:
-        out.append(
-            {
-                "obj": torch.zeros(n_img, n_anch, gh, gw, dtype=torch.bool, device=device),
-                "noobj": torch.ones(n_img, n_anch, gh, gw, dtype=torch.bool, device=device),
-                "txy": torch.zeros(n_img, n_anch, gh, gw, 2, device=device),
-                "twh": torch.zeros(n_img, n_anch, gh, gw, 2, device=device),
-            }
-        )
+    grids: (h, w) per scale. anchors [S, A, 2] (w, h) pixels. Every box is positive once per scale.
+    `noobj` is cleared only where the shape IoU exceeds `ignore_iou`: a positive whose own anchor
+    fits worse stays a no-object cell too (MGCA)."""
+    n_img, n_anch = len(gt_boxes), anchors.shape[1]
+    out = [_empty_targets(n_img, n_anch, grid, device) for grid in grids]
     boxes = [torch.as_tensor(b, dtype=torch.float32, device=device).reshape(-1, 4) for b in gt_boxes]
     image_of = torch.cat([torch.full((len(b),), i, dtype=torch.long, device=device) for i, b in enumerate(boxes)])
     boxes = torch.cat(boxes) if boxes else torch.zeros(0, 4, device=device)
     if boxes.shape[0] == 0:
         return out
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2  # [N, 2] (x, y)
-    wh = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1e-3)  # [N, 2]
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2  # [N, 2] (x, y) pixels
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp_min(1e-3)  # [N, 2] pixels
     height, width = image_size
     for s, (gh, gw) in enumerate(grids):
         t = out[s]
-        scale_anchors = anchors[s].to(device)  # [A, 2]
-        iou = _shape_iou(wh, scale_anchors)  # [N, A]
+        stride = torch.tensor([width / gw, height / gh], device=device)  # (x, y) pixels per cell
+        scale_anchors = anchors[s].to(device)  # [A, 2] pixels
+        iou = _shape_iou(wh / stride, scale_anchors / stride)  # [N, A], shapes in cells
         best = iou.argmax(dim=1)  # [N]: this scale's best anchor
-        cx, cy = centre[:, 0] * gw / width, centre[:, 1] * gh / height  # in cells of this scale
+        cx, cy = centre[:, 0] / stride[0], centre[:, 1] / stride[1]  # in cells of this scale
         col = cx.floor().long().clamp(0, gw - 1)
         row = cy.floor().long().clamp(0, gh - 1)
         for a in range(n_anch):
             ignore = iou[:, a] > ignore_iou
             t["noobj"][image_of[ignore], a, row[ignore], col[ignore]] = False
         t["obj"][image_of, best, row, col] = True
-        t["noobj"][image_of, best, row, col] = False
         t["txy"][image_of, best, row, col] = torch.stack([cx - col, cy - row], dim=1)
         t["twh"][image_of, best, row, col] = torch.log(wh / scale_anchors[best])
     return out
@@ -179,12 +184,14 @@ def yolo_loss(
         cells = obj.numel()
         bce_xy = F.binary_cross_entropy_with_logits(p[..., 0:2], t["txy"], reduction="none")  # [B,A,h,w,2]
         se_wh = (p[..., 2:4] - t["twh"]) ** 2
-        bce_obj = F.binary_cross_entropy_with_logits(p[..., 4], obj, reduction="none")  # [B,A,h,w]
+        bce_obj = F.binary_cross_entropy_with_logits(p[..., 4], torch.ones_like(obj), reduction="none")  # [B,A,h,w]
+        # target 0 on every no-object cell, positives included (MGCA: BCE(c, 1) + 0.5 x BCE(c, 0) there)
+        bce_noobj = F.binary_cross_entropy_with_logits(p[..., 4], torch.zeros_like(obj), reduction="none")
         bce_cls = F.binary_cross_entropy_with_logits(p[..., 5:], torch.ones_like(p[..., 5:]), reduction="none")
         # x and y (w and h) are two terms, each a mean over [B, A, h, w]: their sum is sum / cells.
         terms["xy"] = terms["xy"] + (bce_xy * obj[..., None]).sum() / cells
         terms["wh"] = terms["wh"] + (se_wh * obj[..., None]).sum() / cells
-        terms["conf"] = terms["conf"] + (bce_obj * obj).sum() / cells + 0.5 * (bce_obj * noobj).sum() / cells
+        terms["conf"] = terms["conf"] + (bce_obj * obj).sum() / cells + 0.5 * (bce_noobj * noobj).sum() / cells
         terms["cls"] = terms["cls"] + (bce_cls * obj[..., None]).sum() / bce_cls.numel()
     total = sum(weights[k] * v for k, v in terms.items())
     return total, terms
@@ -194,7 +201,8 @@ def yolo_loss(
 def decode(
     predictions: list[torch.Tensor], anchors: torch.Tensor, image_size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (boxes [B, K, 4] x1y1x2y2 pixels clipped to the image, objectness [B, K]) over all anchors."""
+    """-> (boxes [B, K, 4] x1y1x2y2 pixels, NOT clipped to the image (MGCA), objectness [B, K]) over
+    all anchors."""
     height, width = image_size
     all_boxes, all_conf = [], []
     for s, p in enumerate(predictions):
@@ -206,17 +214,15 @@ def decode(
         cx = (p[..., 0].sigmoid() + cols) * stride_x
         cy = (p[..., 1].sigmoid() + rows) * stride_y
         anc = anchors[s].to(p.device).view(1, a, 1, 1, 2)
-        # exp of a large raw value overflows to inf; 10 allows boxes e^10 times the anchor already.
+        # exp of a large raw value overflows to inf (MGCA's would then be inf/nan boxes); 10 allows
+        # boxes e^10 = 22,026 times the anchor, so below that the boxes are MGCA's.
         w = anc[..., 0] * p[..., 2].clamp(max=10).exp()
         h = anc[..., 1] * p[..., 3].clamp(max=10).exp()
         conf = p[..., 4].sigmoid()  # MGCA: objectness alone (not obj x class)
         boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
         all_boxes.append(boxes.reshape(b, -1, 4))
         all_conf.append(conf.reshape(b, -1))
-    boxes = torch.cat(all_boxes, dim=1)
-    limit = torch.tensor([width, height, width, height], device=boxes.device, dtype=boxes.dtype)
-    boxes = torch.minimum(boxes.clamp_min(0), limit)
-    return boxes, torch.cat(all_conf, dim=1)
+    return torch.cat(all_boxes, dim=1), torch.cat(all_conf, dim=1)
 
 
 def detect(
@@ -288,79 +294,52 @@ def _image_index(per_image: list[torch.Tensor]) -> np.ndarray:
     return np.concatenate([np.full(len(x), i, dtype=np.int64) for i, x in enumerate(per_image)])
 
 
-def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
-    s, d = cfg.detection, cfg.data
-    model = FrozenEncoderYOLO(weights.build_encoder(), s.head_width).to(device)
-    weights_by_term = {"xy": s.loss_xy, "wh": s.loss_wh, "conf": s.loss_conf, "cls": s.loss_cls}
+def _anchors_for(image: torch.Tensor) -> torch.Tensor:
+    """[3, 3, 2] priors scaled to the network input [B, C, H, W] (224 in MGCA), on its device."""
+    return scaled_anchors(tuple(image.shape[-2:])).to(image.device)
 
-    def anchors_for(image: torch.Tensor) -> torch.Tensor:  # scaled to the network input (224 in MGCA)
-        return scaled_anchors(tuple(image.shape[-2:])).to(device)
 
-    def loss_on_batch(batch):
-        preds = model(batch.image)
-        grids = [tuple(p.shape[2:4]) for p in preds]
-        targets = build_targets(
-            _gt_boxes(batch), grids, anchors_for(batch.image), tuple(batch.image.shape[-2:]), s.ignore_iou, device
-        )
-        return yolo_loss(preds, targets, weights_by_term)[0]
+@torch.no_grad()
+def predict_split(model: FrozenEncoderYOLO, loader, s: DetectionSection, cfg, device, n_examples: int = 0) -> dict:
+    """Every image of `loader`: {boxes, scores (objectness-ranked, after NMS), gt: per-image lists;
+    keys, meta; examples: the first n_examples (key, image, gt, boxes, scores) for the plot}."""
+    out = {"boxes": [], "scores": [], "gt": [], "keys": [], "meta": [], "examples": []}
+    for batch in epochs_of(loader, 0):
+        with autocast(device, cfg.train.precision):
+            preds = model(batch.image)
+        size = tuple(batch.image.shape[-2:])
+        found = detect(preds, _anchors_for(batch.image), size, s.conf_threshold, s.nms_iou)
+        for i, ((boxes, scores), truth) in enumerate(zip(found, _gt_boxes(batch))):
+            out["boxes"].append(boxes)
+            out["scores"].append(scores)
+            out["gt"].append(truth.cpu())
+            if len(out["examples"]) < n_examples:
+                out["examples"].append((batch.keys[i], image_for_display(batch.image[i]), truth.cpu(), boxes, scores))
+        out["keys"].extend(batch.keys)
+        out["meta"].extend(batch.meta)
+    return out
 
-    def set_train_mode():
-        model.head.train()
-        model.encoder.eval()
 
-    def predict_split(loader, n_examples: int = 0):
-        """Objectness-ranked boxes per image after NMS, ground truth, keys, meta, plot examples."""
-        out = {"boxes": [], "scores": [], "gt": [], "keys": [], "meta": [], "examples": []}
-        with torch.no_grad():
-            for batch in epochs_of(loader, 0):
-                with autocast(device, cfg.train.precision):
-                    preds = model(batch.image)
-                found = detect(
-                    preds,
-                    anchors_for(batch.image),
-                    tuple(batch.image.shape[-2:]),
-                    s.conf_threshold,
-                    s.nms_iou,
-                )
-                for i, ((boxes, scores), truth) in enumerate(zip(found, _gt_boxes(batch))):
-                    out["boxes"].append(boxes)
-                    out["scores"].append(scores)
-                    out["gt"].append(truth.cpu())
-                    if len(out["examples"]) < n_examples:
-                        out["examples"].append(
-                            (batch.keys[i], image_for_display(batch.image[i]), truth.cpu(), boxes, scores)
-                        )
-                out["keys"].extend(batch.keys)
-                out["meta"].extend(batch.meta)
-        return out
-
-    def val_map() -> float:  # MGCA selects the head and stops early on this
-        v = predict_split(valid)
-        return map_torchmetrics(v["boxes"], v["scores"], v["gt"], s.iou_thresholds, skip="mgca")["map"]
-
-    train = make_loader(cfg, d.train_split, device, weights, train=True, boxes=True)
-    valid = make_loader(cfg, d.valid_split, device, weights, train=False, boxes=True)
-    test = make_loader(cfg, d.test_split, device, weights, train=False, boxes=True)
-    fitted = fit(
-        model.head,
-        loss_on_batch,
-        train,
-        valid,
-        adamw(model.head.parameters(), cfg.train),
-        cfg.train.epochs,
-        cfg.train.patience,
-        set_train_mode,
-        device,
-        cfg.train.precision,
-        log,
-        val_score=val_map,
-        score_name="map_mgca",
+def scored_images_text(split: str, found: dict, scored: dict, conf_threshold: float) -> str:
+    """One log line saying in words which images MGCA's mAP scored, and why it is undefined if none.
+    found: `predict_split`'s output; scored: `map_torchmetrics(.., skip="mgca")`'s."""
+    n = len(found["gt"])
+    with_box = sum(int(b.shape[0] > 0) for b in found["boxes"])
+    with_truth = sum(int(g.shape[0] > 0) for g in found["gt"])
+    text = (
+        f"{split}: {with_box} of {n} images kept a box at objectness >= {conf_threshold}, {with_truth} have "
+        f"ground truth; map_mgca scores the {scored['n_images_scored']} with both"
     )
-    model.eval()
-    found = predict_split(test, 4 * s.plot_images)
-    pred_boxes, pred_scores, gt, examples = found["boxes"], found["scores"], found["gt"], found["examples"]
-    if not gt:
-        raise ValueError("the test split yielded no samples")
+    if scored["n_images_scored"] == 0:
+        text += " -> mAP undefined (nan)"
+    if scored["n_images_over_max_detections"]:
+        text += f"; {scored['n_images_over_max_detections']} had > 100 boxes (COCO keeps each one's 100 best)"
+    return text
+
+
+def _test_metrics(found: dict, s: DetectionSection) -> tuple[dict, str]:
+    """(results.json's test metrics, the `scored_images_text` line for the log)."""
+    pred_boxes, pred_scores, gt = found["boxes"], found["scores"], found["gt"]
     mgca = map_torchmetrics(pred_boxes, pred_scores, gt, s.iou_thresholds, skip="mgca")
     every = map_torchmetrics(pred_boxes, pred_scores, gt, s.iou_thresholds, skip="none")
     metrics = {
@@ -370,34 +349,100 @@ def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.
         "map_all_images_per_threshold": every["per_threshold"],
         "n_test": len(gt),
         "n_test_with_boxes": sum(int(g.shape[0] > 0) for g in gt),
+        "n_test_with_prediction": sum(int(b.shape[0] > 0) for b in pred_boxes),
         "n_scored_mgca": mgca["n_images_scored"],
+        "n_test_over_100_predictions": every["n_images_over_max_detections"],
         "n_predicted_boxes": sum(int(b.shape[0]) for b in pred_boxes),
         "conf_threshold": s.conf_threshold,
         "nms_iou": s.nms_iou,
-        **fitted.summary(),
-        "best_val_map_mgca": fitted.best_val_score,
     }
-    predictions = {
+    return metrics, scored_images_text("test", found, mgca, s.conf_threshold)
+
+
+def _predictions_npz(found: dict, s: DetectionSection) -> dict:
+    """The flat arrays of predictions.npz (eval/bootstrap.py rebuilds the per-image lists)."""
+    return {
         **sample_ids(found["keys"], found["meta"]),
-        "pred_boxes": torch.cat(pred_boxes).reshape(-1, 4).numpy(),
-        "pred_scores": torch.cat(pred_scores).numpy(),
-        "pred_image": _image_index(pred_scores),
-        "gt_boxes": torch.cat(gt).reshape(-1, 4).numpy(),
-        "gt_image": _image_index(gt),
+        "pred_boxes": torch.cat(found["boxes"]).reshape(-1, 4).numpy(),
+        "pred_scores": torch.cat(found["scores"]).numpy(),
+        "pred_image": _image_index(found["scores"]),
+        "gt_boxes": torch.cat(found["gt"]).reshape(-1, 4).numpy(),
+        "gt_image": _image_index(found["gt"]),
         "iou_thresholds": np.asarray(s.iou_thresholds, dtype=np.float64),
     }
-    plots = []
-    if cfg.plots:
-        examples.sort(key=lambda e: e[2].shape[0] == 0)  # images with ground truth first
-        plots.append(
-            plot_boxes(
-                examples[: s.plot_images],
-                out_dir / "boxes.png",
-                f"{cfg.task}: ground truth (green) vs predicted (red, objectness >= {s.conf_threshold})",
-            )
-        )
-        plots.append(plot_history(fitted.history, out_dir / "loss.png", f"{cfg.task}: YOLOv3 head loss"))
-    return {"metrics": metrics, "headline": "map_mgca", "plots": plots, "predictions": predictions}
+
+
+def _plots(cfg: DetectionConfig, found: dict, history: list, out_dir: Path) -> list[str]:
+    s = cfg.detection
+    examples = sorted(found["examples"], key=lambda e: e[2].shape[0] == 0)  # images with ground truth first
+    title = f"{cfg.task}: ground truth (green) vs predicted (red, objectness >= {s.conf_threshold})"
+    return [
+        plot_boxes(examples[: s.plot_images], out_dir / "boxes.png", title),
+        plot_history(history, out_dir / "loss.png", f"{cfg.task}: YOLOv3 head loss"),
+    ]
+
+
+def _train_head(cfg: DetectionConfig, model: FrozenEncoderYOLO, loaders: tuple, device, log):
+    """MGCA's fit: AdamW on the head, model selection and early stopping on the validation map_mgca.
+    Returns (fit result, [n images scored per validation pass])."""
+    s, (train, valid) = cfg.detection, loaders
+    weights_by_term = {"xy": s.loss_xy, "wh": s.loss_wh, "conf": s.loss_conf, "cls": s.loss_cls}
+    val_scored: list[int] = []
+
+    def loss_on_batch(batch):
+        preds = model(batch.image)
+        grids = [tuple(p.shape[2:4]) for p in preds]
+        size = tuple(batch.image.shape[-2:])
+        targets = build_targets(_gt_boxes(batch), grids, _anchors_for(batch.image), size, s.ignore_iou, device)
+        return yolo_loss(preds, targets, weights_by_term)[0]
+
+    def set_train_mode():
+        model.head.train()
+        model.encoder.eval()
+
+    def val_map() -> float:  # MGCA selects the head and stops early on this
+        found = predict_split(model, valid, s, cfg, device)
+        scored = map_torchmetrics(found["boxes"], found["scores"], found["gt"], s.iou_thresholds, skip="mgca")
+        val_scored.append(scored["n_images_scored"])
+        if scored["n_images_scored"] == 0:  # say why the epoch line will read nan
+            log("  " + scored_images_text("validation", found, scored, s.conf_threshold))
+        return scored["map"]
+
+    optimiser = adamw(model.head.parameters(), cfg.train)
+    fitted = fit(
+        model.head,
+        loss_on_batch,
+        train,
+        valid,
+        optimiser,
+        cfg.train.epochs,
+        cfg.train.patience,
+        set_train_mode,
+        device,
+        cfg.train.precision,
+        log,
+        val_score=val_map,
+        score_name="map_mgca",
+    )
+    return fitted, val_scored
+
+
+def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
+    s, d = cfg.detection, cfg.data
+    model = FrozenEncoderYOLO(weights.build_encoder(), s.head_width).to(device)
+    train = make_loader(cfg, d.train_split, device, weights, train=True, boxes=True)
+    valid = make_loader(cfg, d.valid_split, device, weights, train=False, boxes=True)
+    test = make_loader(cfg, d.test_split, device, weights, train=False, boxes=True)
+    fitted, val_scored = _train_head(cfg, model, (train, valid), device, log)
+    model.eval()
+    found = predict_split(model, test, s, cfg, device, 4 * s.plot_images)
+    if not found["gt"]:
+        raise ValueError("the test split yielded no samples")
+    metrics, scored_text = _test_metrics(found, s)
+    log(scored_text)
+    metrics.update(fitted.summary(), best_val_map_mgca=fitted.best_val_score, val_n_scored_mgca_per_epoch=val_scored)
+    plots = _plots(cfg, found, fitted.history, out_dir) if cfg.plots else []
+    return {"metrics": metrics, "headline": "map_mgca", "plots": plots, "predictions": _predictions_npz(found, s)}
 
 
 def plot_boxes(examples: list[tuple], path: Path, title: str) -> str:
