@@ -84,7 +84,7 @@ from shards.schema import FORMAT_VERSION, KEY_RE, MANIFEST_NAME, MEMBER_ORDER, M
 RETRIES = 2  # re-opens of a stream that broke (network), each re-streaming up to where it broke
 RETRY_DELAY_S = 0.5  # doubled per retry
 TIMEOUT_S = 60.0  # connect / read timeout of an http(s) request (one read; the transfer: Deadline)
-DEADLINE_S = 1800.0  # data.stream_deadline_s's default: the manifest's fetch uses it too
+DEADLINE_S = DataConfig.stream_deadline_s  # the default of open_url / fetch callers without a config
 # A stored member is a reduced image (a 4096-px max_side JPEG or PNG is < 20 MB), a report or a json:
 # a header declaring more is damage or an attack, and tarfile would read it all into memory.
 MAX_MEMBER_BYTES = 64 * 2**20
@@ -329,8 +329,10 @@ def check_inside_root(root: Locator, name: str, split: str, manifest_url: str) -
     a manifest must not turn any file the URL's scheme or command can reach into training data."""
     plain = unquote(name).replace("\\", "/")
     inside = posixpath.normpath(posixpath.join("/root", plain))
-    if plain.startswith("/") or "://" in plain or not inside.startswith("/root/"):
-        resolved = f"{root}/{inside[len('/root/') :]}" if inside.startswith("/root/") else inside
+    absolute = plain.startswith("/") or "://" in plain
+    if absolute or not inside.startswith("/root/"):
+        scheme, sep, path = str(root).rpartition("://")
+        resolved = plain if absolute else scheme + sep + posixpath.normpath(f"{path}/{plain}")
         raise ManifestError(
             f"{manifest_url}: split {split!r} names {name!r}, which resolves to {resolved}, outside the shard "
             f"root {root}"
