@@ -617,6 +617,9 @@ def coco_map(matches: dict[str, np.ndarray], weights: np.ndarray | None = None, 
             for r in range(w.shape[0]):
                 if n_gt[r] == 0:
                     continue
+                if envelope.shape[1] == 0:  # ground truth but no detection anywhere: pycocotools' 0
+                    out[start + r, t] = 0.0
+                    continue
                 idx = np.searchsorted(recall[r], COCO_RECALLS, side="left")
                 hit = idx < envelope.shape[1]
                 out[start + r, t] = np.where(hit, envelope[r, np.minimum(idx, envelope.shape[1] - 1)], 0.0).mean()

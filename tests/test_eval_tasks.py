@@ -394,6 +394,8 @@ def test_task_runs_end_to_end_and_records_results(task, extra, data_root, run_di
             all(in_unit(m[k]) for k in ("map_all_images", "map_mgca")) and len(m["map_all_images_per_threshold"]) == 8
         )
         assert m["n_test_with_boxes"] >= 1 and "best_val_map_mgca" in m
+        assert m["n_scored_mgca"] <= m["n_test_with_prediction"] <= m["n_test"]
+        assert len(m["val_n_scored_mgca_per_epoch"]) == m["epochs_run"]
     elif family == "finetune":
         assert in_unit(m["auroc"]) and len(m["auroc_per_class"]) == 14
     elif family == "zeroshot_cls":
@@ -696,6 +698,30 @@ def test_yolo_shape_iou_uses_plus_one_convention():
 
     iou = _shape_iou(torch.tensor([[10.0, 20.0]]), torch.tensor([[5.0, 40.0], [10.0, 20.0]]))
     torch.testing.assert_close(iou, torch.tensor([[126 / 351, 1.0]]))
+
+
+def test_detection_says_why_map_is_undefined_when_no_box_passes(data_root, run_dir, tmp_path):
+    # Issue 29: after a few epochs on the demo data no image kept a box at objectness >= 0.5, so
+    # MGCA's rule scored nothing and the log only read "val map_mgca nan". A threshold no fresh head
+    # reaches (logit 9.2) gives the same situation in one epoch.
+    lines = []
+    rec = run_eval(
+        "rsna_detection",
+        str(run_dir),
+        "1.0",
+        data_root,
+        [*TINY, "detection.head_width=32", "detection.conf_threshold=0.9999"],
+        output_root=str(tmp_path),
+        log=lambda *a: lines.append(" ".join(str(x) for x in a)),
+    )
+    m = rec["metrics"]
+    assert m["map_mgca"] is None and m["n_scored_mgca"] == 0 and m["n_test_with_prediction"] == 0  # null: undefined
+    assert m["val_n_scored_mgca_per_epoch"] == [0] and m["n_test_over_100_predictions"] == 0
+    text = "\n".join(lines)
+    assert f"test: 0 of {m['n_test']} images kept a box at objectness >= 0.9999" in text
+    assert "validation: 0 of" in text and "map_mgca scores the 0 with both -> mAP undefined (nan)" in text
+    saved = strict_json(rec["results_path"])
+    assert saved["metrics"]["map_mgca"] is None and saved["metrics"]["n_scored_mgca"] == 0
 
 
 def test_detect_sends_every_confident_box_to_nms():

@@ -251,3 +251,15 @@ def test_more_than_100_boxes_are_counted_not_warned():
         high = M.map_torchmetrics(boxes, [np.r_[np.linspace(0.9, 0.5, 149), 0.99]], gt)
     assert low["map"] == 0.0 and high["map"] == pytest.approx(1.0)
     assert low["n_images_over_max_detections"] == 1 and low["n_images_scored"] == 1
+
+
+def test_no_detection_at_all_scores_zero_or_undefined_in_both_paths():
+    # Issue 29's situation: nothing passed the objectness threshold. MGCA's rule scores no image
+    # (nan); every image scored gives AP 0 (pycocotools: recall never reaches any of the 101 points).
+    gts = [torch.tensor([[0.0, 0, 10, 10]]), torch.zeros(0, 4)]
+    preds, scores = [torch.zeros(0, 4)] * 2, [np.zeros(0, dtype=np.float32)] * 2
+    assert math.isnan(M.map_torchmetrics(preds, scores, gts, skip="mgca")["map"])
+    assert M.map_torchmetrics(preds, scores, gts, skip="none")["map"] == 0.0
+    matches = M.coco_matches(preds, scores, gts, skip="none")
+    assert M.coco_map(matches).tolist() == [[0.0] * 8]
+    assert np.isnan(M.coco_map(M.coco_matches(preds, scores, gts, skip="mgca"))).all()
