@@ -40,6 +40,21 @@ DATA ?= $(DOWNSTREAM_SHARDS)
 .PHONY: setup synth shards verify-shards synth-downstream tiny-bert pretrain eval eval-all compare demo test \
         lint format bench-shards bench-pipeline bench-train bench-quality clean help
 
+# Every variable a user sets reaches the commands through the environment, exactly as typed: a recipe
+# reads it as bash's "$VAR" (one word) or, for ARGS, $ARGS under `set -f` (split into words on spaces
+# and nothing else: no brace expansion, globbing, `;` or command substitution). Pasting $(ARGS) into
+# the recipe's text let bash expand `train-{000000..000099}.tar` into 100 words and run `x; cmd`.
+# A value from the command line or the environment is taken raw ($(value): make expands no `$` in
+# it either); a Makefile default such as DATA's is expanded once.
+# synth-downstream's own default study count unless N= is given on the command line.
+SYNTH_N := $(if $(filter command line,$(origin N)),$(value N),120)
+USER_VARS := SYNTH_N ARGS CONFIG NGPU NNODES NODE_RANK MASTER_ADDR MASTER_PORT TASK CKPT FRACTION DATA VARIANT A B \
+        SCALE SEEDS STUDIES OUT N SEED SIZE WORKERS MIMIC REPORTS SRC DATASET SHARDS SHARDS_DIR SYNTH_DIR \
+        DOWNSTREAM_SRC DOWNSTREAM_SHARDS PRETRAIN_MAX_SIDE PRETRAIN_QUALITY DOWNSTREAM_MAX_SIDE DOWNSTREAM_QUALITY
+$(foreach v,$(USER_VARS),$(eval override $(v) := \
+        $$(if $$(filter command% environment%,$$(origin $(v))),$$(value $(v)),$$($(v))))$(eval export $(v)))
+NOGLOB := set -f;
+
 # Every target's rule line carries a `## ` description; `make help` lists them in file order.
 help:  ## list every target with a one-line description
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,44 +72,48 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 # `make synth OUT=<dir> N=<studies> SEED=<int> SIZE=<longer side>`
 synth: setup  ## render a synthetic MIMIC-CXR-JPG corpus: OUT= N= SEED= SIZE=
-	$(PY) -m tools.synth_mimic --out $(or $(OUT),$(SYNTH_DIR)) --n $(N) --seed $(SEED) --size $(SIZE) --workers $(WORKERS)
+	$(PY) -m tools.synth_mimic --out "$${OUT:-$$SYNTH_DIR}" --n "$$N" --seed "$$SEED" --size "$$SIZE" --workers "$$WORKERS"
 
 # `make shards` packs the synthetic corpus (generated if absent);
 # `make shards MIMIC=<root> OUT=<dir> [REPORTS=<dir>]` packs a real MIMIC-CXR-JPG root;
 # `make shards DATASET=<name> SRC=<root> OUT=<dir>` converts a downstream dataset.
 shards: setup  ## pack the synthetic corpus, a MIMIC=<root> or a DATASET=<name> SRC=<root> into shards
 ifdef DATASET
-	$(PY) -m tools.pack_downstream --dataset $(DATASET) --src $(or $(SRC),$(DOWNSTREAM_SRC)/$(DATASET)) \
-	  --out $(or $(OUT),$(DOWNSTREAM_SHARDS)) --max-side $(DOWNSTREAM_MAX_SIDE) --quality $(DOWNSTREAM_QUALITY) --workers $(WORKERS) --seed $(SEED)
+	$(PY) -m tools.pack_downstream --dataset "$$DATASET" --src "$${SRC:-$$DOWNSTREAM_SRC/$$DATASET}" \
+	  --out "$${OUT:-$$DOWNSTREAM_SHARDS}" --max-side "$$DOWNSTREAM_MAX_SIDE" --quality "$$DOWNSTREAM_QUALITY" \
+	  --workers "$$WORKERS" --seed "$$SEED"
 else
-	$(PY) -m tools.pack_shards $(if $(MIMIC),--mimic $(MIMIC),--synthetic $(SYNTH_DIR) --synth-n $(N) --synth-size $(SIZE)) \
-	  $(if $(REPORTS),--reports $(REPORTS)) --out $(or $(OUT),$(SHARDS_DIR)) --max-side $(PRETRAIN_MAX_SIDE) \
-	  --quality $(PRETRAIN_QUALITY) --workers $(WORKERS) --seed $(SEED)
+	$(PY) -m tools.pack_shards $(if $(MIMIC),--mimic "$$MIMIC",--synthetic "$$SYNTH_DIR" --synth-n "$$N" --synth-size "$$SIZE") \
+	  $(if $(REPORTS),--reports "$$REPORTS") --out "$${OUT:-$$SHARDS_DIR}" --max-side "$$PRETRAIN_MAX_SIDE" \
+	  --quality "$$PRETRAIN_QUALITY" --workers "$$WORKERS" --seed "$$SEED"
 endif
 
 verify-shards: setup  ## re-hash, checksum and decode every shard of OUT= against its manifest
-	$(PY) -m tools.verify_shards $(or $(OUT),$(SHARDS_DIR))
+	$(PY) -m tools.verify_shards "$${OUT:-$$SHARDS_DIR}"
 
 synth-downstream: setup  ## render look-alikes of the six downstream datasets in their formats: OUT= N=
-	$(PY) -m tools.synth_downstream --out $(or $(OUT),$(DOWNSTREAM_SRC)) --n $(if $(filter command line,$(origin N)),$(N),120) --seed $(SEED)
+	$(PY) -m tools.synth_downstream --out "$${OUT:-$$DOWNSTREAM_SRC}" --n "$$SYNTH_N" --seed "$$SEED"
 
 tiny-bert: setup  ## tiny BERT + WordPiece tokenizer from the pretraining shards' reports -> runs/tiny_bert
-	$(PY) -m tools.make_tiny_bert --shards $(SHARDS_DIR) --out runs/tiny_bert
+	$(PY) -m tools.make_tiny_bert --shards "$$SHARDS_DIR" --out runs/tiny_bert
 
-pretrain: setup  ## pretrain with torchrun: NGPU= CONFIG= ARGS= (NNODES= NODE_RANK= MASTER_ADDR= multi-node)
-	$(VENV)/bin/torchrun --nproc_per_node=$(NGPU) --nnodes=$(NNODES) --node_rank=$(NODE_RANK) \
-	  --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT) -m train.pretrain --config $(CONFIG) $(ARGS)
+# tools/launch.py is torchrun's elastic agent: one node picks a free rendezvous port itself (two jobs side
+# by side never collide); NNODES>1 meets at MASTER_ADDR:MASTER_PORT. A user error is one line, exit 2.
+pretrain: setup  ## pretrain with torchrun: NGPU= CONFIG= ARGS= (NNODES= NODE_RANK= MASTER_ADDR= MASTER_PORT= multi-node)
+	$(NOGLOB) $(PY) -m tools.launch --nproc "$$NGPU" --nnodes "$$NNODES" --node-rank "$$NODE_RANK" \
+	  --master-addr "$$MASTER_ADDR" --master-port "$$MASTER_PORT" train.pretrain --config "$$CONFIG" $$ARGS
 
 eval: setup  ## one downstream task: TASK= [CKPT=] [DATA=] [FRACTION=] [VARIANT=] [ARGS=]
-	$(PY) -m tools.eval --task "$(TASK)" --fraction $(FRACTION) --data $(DATA) $(if $(CKPT),--ckpt $(CKPT)) $(if $(VARIANT),segmentation.variant=$(VARIANT)) $(ARGS)
+	$(NOGLOB) $(PY) -m tools.eval --task "$$TASK" --fraction "$$FRACTION" --data "$$DATA" $(if $(CKPT),--ckpt "$$CKPT") \
+	  $(if $(VARIANT),"segmentation.variant=$$VARIANT") $$ARGS
 
 eval-all: setup  ## every downstream task + tables shaped like the paper's: [CKPT=] [FRACTION=]
-	$(PY) -m tools.eval --task all --fraction $(FRACTION) --data $(DATA) $(if $(CKPT),--ckpt $(CKPT)) $(ARGS)
+	$(NOGLOB) $(PY) -m tools.eval --task all --fraction "$$FRACTION" --data "$$DATA" $(if $(CKPT),--ckpt "$$CKPT") $$ARGS
 
 # `make compare A=<eval run dir or checkpoint> B=<...> TASK=<task>`: B - A per metric with its 95%
 # paired-bootstrap interval; a checkpoint is evaluated on TASK first (ARGS go to those runs).
 compare: setup  ## B - A per metric with its 95% paired-bootstrap interval: A= B= TASK=
-	$(PY) -m tools.compare --a "$(A)" --b "$(B)" --task "$(TASK)" --fraction $(FRACTION) --data $(DATA) $(ARGS)
+	$(NOGLOB) $(PY) -m tools.compare --a "$$A" --b "$$B" --task "$$TASK" --fraction "$$FRACTION" --data "$$DATA" $$ARGS
 
 demo: setup  ## set up, then run the whole job on the embedded synthetic corpus
 	$(PY) -m tools.demo
@@ -112,10 +131,10 @@ format: setup  ## apply ruff's safe fixes (imports, pyupgrade, ...) and format t
 	$(VENV)/bin/ruff format .
 
 bench-shards: setup  ## packing benchmark -> bench/results/shards.json, docs/performance.md
-	$(PY) -m tools.bench_shards --workers $(WORKERS)
+	$(PY) -m tools.bench_shards --workers "$$WORKERS"
 
 bench-pipeline: setup  ## loader benchmark (DALI/torch) -> bench/results/pipeline*.json: [SHARDS=]
-	$(PY) -m tools.bench_pipeline $(if $(SHARDS),--shards $(SHARDS))
+	$(PY) -m tools.bench_pipeline $(if $(SHARDS),--shards "$$SHARDS")
 
 bench-train: setup  ## training-step benchmark -> bench/results/train*.json
 	$(PY) -m tools.bench_train
@@ -123,8 +142,8 @@ bench-train: setup  ## training-step benchmark -> bench/results/train*.json
 # `make bench-quality [SCALE=full|smoke] [OUT=<dir>] [SEEDS=0,1] [STUDIES=<n>]`: ~4 h on 2 CPU cores at
 # full scale (docs/quality.md); a killed run continues where it stopped when started again.
 bench-quality: setup  ## G2D vs VLA-only vs random init, every task, 95% CIs -> bench/results/quality.json
-	$(PY) -m tools.bench_quality --scale $(or $(SCALE),full) --seeds $(or $(SEEDS),0) --workers $(WORKERS) \
-	  $(if $(OUT),--out $(OUT)) $(if $(STUDIES),--studies $(STUDIES)) $(ARGS)
+	$(NOGLOB) $(PY) -m tools.bench_quality --scale "$${SCALE:-full}" --seeds "$${SEEDS:-0}" --workers "$$WORKERS" \
+	  $(if $(OUT),--out "$$OUT") $(if $(STUDIES),--studies "$$STUDIES") $$ARGS
 
 clean:  ## remove data/, runs/ and .pytest_cache
 	rm -rf data runs .pytest_cache

@@ -8,14 +8,23 @@
 key or type, a missing file, a malformed checkpoint. They print `error: <message>` on stderr and exit 2,
 with no traceback. Anything else is a bug and keeps its traceback. `--debug` on the command line (it
 is removed before `main` sees argv) or `G2D_DEBUG=1` re-raises user errors too, with the traceback.
+
+Under tools/launch.py (`make pretrain`), which sets `G2D_LAUNCH_REPORTS` to a folder, a worker does
+not print its ending itself: it writes it to `<folder>/rank<RANK>.json` (`report_to_launcher`), and
+the launcher prints the first failed rank's report once. With N ranks failing alike, the user still
+reads one `error:` line (or one traceback, with its rank named) instead of N, and no torchrun trace.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import sys
+import tempfile
+import time
+import traceback
 from collections.abc import Callable, Sequence
 
 
@@ -44,6 +53,45 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see --help)")
 
 
+LAUNCH_REPORTS_ENV = "G2D_LAUNCH_REPORTS"
+
+
+def report_to_launcher(kind: str, text: str) -> bool:
+    """Hand this rank's ending (`kind` "user": the `error: ...` line; "crash": a traceback) to the
+    launcher that set G2D_LAUNCH_REPORTS; False when there is none (or the folder is unwritable), and
+    the caller prints it itself."""
+    folder = os.environ.get(LAUNCH_REPORTS_ENV)
+    if not folder:
+        return False
+    rank = os.environ.get("RANK", "0")
+    report = {"rank": rank, "kind": kind, "text": text, "time": time.time()}
+    try:
+        # Temp file + rename: the launcher never reads half a report.
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".rank{rank}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(report, fh)
+        os.replace(tmp, os.path.join(folder, f"rank{rank}.json"))
+    except OSError:
+        return False
+    return True
+
+
+def read_launch_reports(folder: str) -> list[dict]:
+    """The reports ranks left in `folder`, earliest first (ties: lowest rank)."""
+    reports = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("rank") and name.endswith(".json"):
+            with open(os.path.join(folder, name), encoding="utf-8") as fh:
+                reports.append(json.load(fh))
+    return sorted(reports, key=lambda r: (r["time"], int(r["rank"])))
+
+
+def _end_with_error(line: str, code: int) -> None:
+    if not report_to_launcher("user", line):
+        print(line, file=sys.stderr)
+    sys.exit(code)
+
+
 def debug_enabled(argv: Sequence[str] | None = None) -> bool:
     argv = sys.argv[1:] if argv is None else argv
     return "--debug" in argv or os.environ.get("G2D_DEBUG", "") not in ("", "0")
@@ -60,17 +108,18 @@ def run_main(
     argv = [a for a in argv if a != "--debug"]
     try:
         code = main(argv)
-    except USER_ERRORS + extra_errors as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as exc:
-        if debug or exc.errno not in ENVIRONMENT_ERRNOS:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:
+        user = isinstance(exc, USER_ERRORS + extra_errors) or (
+            isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS
+        )
+        if user and not debug:
+            _end_with_error(f"error: {exc}", 2)
+        # A bug (or --debug): under the launcher its traceback is printed once, by the launcher,
+        # naming the rank; otherwise Python prints it as usual.
+        if not report_to_launcher("crash", traceback.format_exc()):
+            raise
+        sys.exit(1)
     sys.exit(0 if code is None else int(code))

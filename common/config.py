@@ -23,6 +23,9 @@ from common.io import atomic_write_text
 
 T = TypeVar("T")
 _FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# A config (file or override value) holds a few hundred values; YAML aliases can make a short text
+# stand for billions (`&a [x,x] ... &b [*a,*a] ...`), which the schema check would walk and print.
+MAX_CONFIG_VALUES = 10_000
 
 
 class ConfigError(UserError, ValueError):
@@ -132,6 +135,24 @@ def config_to_dict(cfg: Any) -> dict:
     return plain(cfg)
 
 
+def check_size(data: Any, where: str) -> None:
+    """ConfigError if `data` counts more than MAX_CONFIG_VALUES keys and values, each alias counted
+    again (the walk stops there, so an exponential structure costs nothing)."""
+    count, stack = 0, [data]
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                f"{where} holds more than {MAX_CONFIG_VALUES} values (YAML aliases expanding?); a config is far smaller"
+            )
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=2e-4` -> (['train', 'lr'], 2e-4); the value is parsed as YAML (so 1e-3, true, [1,2])."""
     if "=" not in text:
@@ -144,6 +165,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+    check_size(value, f"override {key}=...")
     # YAML 1.1 reads 2e-4 as a string (no dot before the exponent); accept it as a float.
     if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
         value = float(value)
@@ -151,9 +173,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Merge `key.sub=value` strings into a nested dict (in place, returned)."""
+    """Merge `key.sub=value` strings into a nested dict (in place, returned).
+
+    A key given twice is an error naming it: letting the last one win once turned a shell's
+    brace-expanded `data.shards=...{000000..000099}.tar` into a run over the last shard alone."""
+    given: dict[tuple[str, ...], str] = {}
     for text in overrides:
         path, value = parse_override(text)
+        if tuple(path) in given:
+            key = ".".join(path)
+            raise ConfigError(
+                f"{key} is given twice on the command line ({given[tuple(path)]!r} and {text!r}); give it once"
+            )
+        given[tuple(path)] = text
         node = data
         for part in path[:-1]:
             nxt = node.setdefault(part, {})
@@ -213,6 +245,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path} is empty; a config file needs at least one key")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got a {type(data).__name__}")
+    check_size(data, str(path))
     return data
 
 

@@ -68,6 +68,8 @@ VALID = {"precision": ("bf16", "fp16", "fp32"), "nonfinite": ("stop", "skip")}
 # (checkpoint_every=0 used to die with ZeroDivisionError after step 1; epochs=0 trained nothing and
 # exited 0). (section.key, test, what the value must be). Every float must also be finite.
 RULES: tuple[tuple[str, object, str], ...] = (
+    # numpy's generators take seeds in [0, 2**32); rank r seeds seed + r, hence the margin.
+    ("train.seed", lambda v: 0 <= v < 2**31, "in [0, 2**31) (rank r seeds numpy with seed + r)"),
     ("train.epochs", lambda v: v >= 1, ">= 1"),
     ("train.max_steps", lambda v: v >= 0, ">= 0 (0 = epochs x steps per epoch)"),
     ("train.batch_size_per_gpu", lambda v: v >= 1, ">= 1"),
@@ -93,6 +95,8 @@ RULES: tuple[tuple[str, object, str], ...] = (
     ("optim.restart_period", lambda v: v >= 1, ">= 1"),
     ("model.image_size", lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32"),
     ("model.channels", lambda v: v in (1, 3), "1 or 3"),
+    # smp's U-Net decoder has one block per encoder stage; the encoder depth is fixed at 5.
+    ("model.decoder_channels", lambda v: len(v) == 5 and all(c >= 1 for c in v), "5 widths >= 1 (one per stage)"),
     ("model.proj_dim", lambda v: v >= 1, ">= 1"),
     ("model.attn_pool_heads", lambda v: v >= 1, ">= 1"),
     ("model.text_freeze_layers", lambda v: v >= 0, ">= 0"),
