@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_no_tool_calls_another_through_argv():
     calls = []
-    for package in ("tools", "eval", "train"):
+    for package in ("tools", "bench", "eval", "train"):
         for path in sorted((ROOT / package).rglob("*.py")):
             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if re.search(r"\b\w+\.main\(\[", line):
