@@ -543,6 +543,28 @@ def map_torchmetrics(
     return out
 
 
+def _coco_iou(dt: torch.Tensor, gt: torch.Tensor) -> np.ndarray:
+    """[k, 4] x [G, 4] xyxy -> [k, G] IoU as torchmetrics + pycocotools compute it: boxes to float32,
+    xywh in float32 (torchvision's box_convert), then pycocotools' bbIou in float64 (overlap from
+    x + w, area w * h). Bit-identical IoUs make the matches identical, not just within ~1e-7."""
+
+    def xywh(b):
+        b = b.float()
+        return torch.cat([b[:, :2], b[:, 2:] - b[:, :2]], dim=1).double().numpy()  # [n, 4]
+
+    d, g = xywh(dt), xywh(gt)
+    w = np.minimum(d[:, None, 0] + d[:, None, 2], g[None, :, 0] + g[None, :, 2]) - np.maximum(
+        d[:, None, 0], g[None, :, 0]
+    )
+    h = np.minimum(d[:, None, 1] + d[:, None, 3], g[None, :, 1] + g[None, :, 3]) - np.maximum(
+        d[:, None, 1], g[None, :, 1]
+    )
+    inter = np.where((w > 0) & (h > 0), w * h, 0.0)
+    union = (d[:, 2] * d[:, 3])[:, None] + (g[:, 2] * g[:, 3])[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(inter > 0, inter / union, 0.0)
+
+
 def coco_matches(
     pred_boxes_per_image,
     pred_scores_per_image,
@@ -567,7 +589,7 @@ def coco_matches(
             continue
         n_gt.append(gt.shape[0])
         order = np.argsort(-s, kind="stable")[:max_detections]
-        ious = box_iou(boxes[order], gt).numpy() if gt.shape[0] else np.zeros((order.size, 0))  # [k, G]
+        ious = _coco_iou(boxes[order], gt)  # [k, G]
         tp = np.zeros((thresholds.size, order.size), dtype=bool)
         for ti, t in enumerate(thresholds):
             free = np.ones(gt.shape[0], dtype=bool)
