@@ -10,9 +10,11 @@ The resolved config (defaults + file + overrides) is saved next to every run and
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,6 +32,31 @@ MAX_CONFIG_VALUES = 10_000
 
 class ConfigError(UserError, ValueError):
     """A config file or override does not match the dataclass schema (a user error: one line, exit 2)."""
+
+
+def checked(default: Any, domain: str, test: Callable[[Any], bool]) -> Any:
+    """A dataclass field with its range check declared beside it: `epochs: int = checked(50, ">= 1",
+    lambda v: v >= 1)`. `check_fields` reads it; the message says `<section>.<key>=<value> must be
+    <domain>`."""
+    return dataclasses.field(default=default, metadata={"check": (test, domain)})
+
+
+def at_least(low: int | float, default: Any, note: str = "") -> Any:
+    """`checked` for the commonest domain, `>= low` (`note` explains what `low` means, e.g. 0 = off)."""
+    return checked(default, f">= {low}{note}", lambda v: v >= low)
+
+
+def check_fields(cfg: Any, section: str, finite: bool = True) -> None:
+    """ConfigError naming the first field of dataclass `cfg` outside the domain its `checked` metadata
+    declares, or (`finite`) holding a non-finite float; the one validator of every section's ranges."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{section}.{f.name}"
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if finite and any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{key}={value} must be a finite number")
+        rule = f.metadata.get("check")
+        if rule is not None and value is not None and not rule[0](value):
+            raise ConfigError(f"{key}={value!r} must be {rule[1]}")
 
 
 def _type_name(tp: Any) -> str:

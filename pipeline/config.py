@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlparse
 
-from common.config import ConfigError
+from common.config import ConfigError, at_least, check_fields, checked
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,27 +41,29 @@ def is_url(shards: str) -> bool:
 class DataConfig:
     shards: str = "data/shards/mimic"  # packed dataset root (holds manifest.json), or a URL spec (streaming)
     manifest: str | None = None  # streaming only: the manifest's URL (default: beside the shards)
-    stream_lanes: int = 8  # streaming: independent sequential readers per rank (workers divide it)
-    stream_buffer: int = 1000  # streaming: shuffle buffer per lane, in samples
-    stream_deadline_s: float = 1800.0  # streaming: seconds one http(s)/pipe: transfer (a shard) may take
+    stream_lanes: int = at_least(1, 8)  # streaming: independent sequential readers per rank (workers divide it)
+    stream_buffer: int = at_least(1, 1000)  # streaming: shuffle buffer per lane, in samples
+    # Streaming: seconds one http(s)/pipe: transfer (a shard) may take.
+    stream_deadline_s: float = checked(1800.0, "> 0 (seconds)", lambda v: v > 0)
     backend: Literal["auto", "dali", "torch"] = "auto"  # auto: dali with CUDA (if it imports), else torch
-    batch_size_per_gpu: int = 128
-    num_workers: int = 8  # torch: DataLoader worker processes; dali: CPU threads
-    prefetch: int = 2  # batches in flight per worker (torch) / DALI queue depth
+    batch_size_per_gpu: int = at_least(1, 128)
+    num_workers: int = at_least(0, 8)  # torch: DataLoader worker processes; dali: CPU threads
+    prefetch: int = at_least(1, 2)  # batches in flight per worker (torch) / DALI queue depth
     transform: str = "g2d_train"  # training transform, one of TRANSFORM_NAMES
     eval_transform: str = "eval"  # used by validation/eval code that swaps it in
-    image_size: int = 256  # side of the resized (square) image
-    crop_size: int = 224  # output side of the cropping transforms (g2d_paper*, mgca_*)
+    image_size: int = at_least(1, 256)  # side of the resized (square) image
+    crop_size: int = at_least(1, 224)  # output side of the cropping transforms (g2d_paper*, mgca_*)
     channels: Literal[1, 3] = 3  # 3: the grey image replicated (G2D, ImageNet encoders)
     mean: list[float] | None = None  # per channel in [0, 1] units; None: the transform's own
     std: list[float] | None = None
-    max_text_length: int = 256  # tokens; batches are padded to their longest text, capped here
+    max_text_length: int = at_least(1, 256)  # tokens; batches are padded to their longest text, capped here
     text_padding: Literal["longest", "max_length"] = "longest"  # per batch | always max_length (G2D code)
-    text_pad_multiple: int = 8  # round the padded length up to this (tensor cores); 1 = off
+    text_pad_multiple: int = at_least(1, 8)  # round the padded length up to this (tensor cores); 1 = off
     on_error: Literal["skip", "raise"] = "skip"  # a corrupt sample: skip it (recorded) or raise
     seed: int = 0  # shard order, sample order and augmentation draws
     shuffle: bool = True
-    shard_mix: int = 0  # shuffle within windows of k shards (0: the whole split; streaming: 4 at once)
+    # Shuffle within windows of k shards (0: the whole split; streaming: 4 at once).
+    shard_mix: int = at_least(0, 0, " (0: shuffle the whole split)")
     drop_last: bool = True  # training: every rank yields the same number of full batches
     subset: str | None = None  # data-efficiency fraction, e.g. "0.01": manifest["subsets"][split]
     subset_task: str | None = None  # take the subset from manifest["task_subsets"][task] instead
@@ -71,6 +73,8 @@ class DataConfig:
     dali_decode: Literal["auto", "cpu"] = "auto"  # auto: nvJPEG ("mixed") when CUDA is available
 
     def __post_init__(self) -> None:
+        # Floats here were never required to be finite (stream_deadline_s=inf passes): ranges only.
+        check_fields(self, "data", finite=False)
         for key in ("transform", "eval_transform"):
             name = getattr(self, key)
             if name not in TRANSFORM_NAMES:
@@ -80,24 +84,6 @@ class DataConfig:
                     f"data.crop_size={self.crop_size} exceeds data.image_size={self.image_size} "
                     f"(data.{key}={name} crops)"
                 )
-        for key in (
-            "batch_size_per_gpu",
-            "image_size",
-            "crop_size",
-            "max_text_length",
-            "text_pad_multiple",
-            "prefetch",
-            "stream_lanes",
-            "stream_buffer",
-        ):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
-        if not self.stream_deadline_s > 0:
-            raise ConfigError(f"data.stream_deadline_s={self.stream_deadline_s} must be > 0 (seconds)")
-        if self.shard_mix < 0:
-            raise ConfigError(f"data.shard_mix={self.shard_mix} must be >= 0 (0: shuffle the whole split)")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
         for key in ("mean", "std"):
             value = getattr(self, key)
             if value is not None and len(value) not in (1, self.channels):

@@ -9,48 +9,70 @@ from that saved `model` section alone.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, read_yaml
+from common.config import (
+    ConfigError,
+    apply_overrides,
+    at_least,
+    check_fields,
+    checked,
+    config_from_dict,
+    config_to_dict,
+    read_yaml,
+)
 from model.config import ModelConfig
 from model.registry import MODEL_CONFIGS, model_config
 from pipeline.config import CROPPING, DataConfig
 from train.optim import OPTIMIZERS, SCHEDULES, OptimConfig
 
+PRECISIONS = ("bf16", "fp16", "fp32")
+NONFINITE = ("stop", "skip")
 
+
+def _one_of(default: str, choices: tuple[str, ...]):
+    return checked(default, f"one of {choices}", lambda v: v in choices)
+
+
+# Each range is declared on its field (`checked` / `at_least`) and read by common.config.check_fields
+# when the config loads, so a bad value fails before any model is built (checkpoint_every=0 used to die
+# with ZeroDivisionError after step 1; epochs=0 trained nothing and exited 0).
 @dataclass
 class RunConfig:
     output_dir: str = "runs/pretrain"
-    seed: int = 42
-    epochs: int = 50
-    max_steps: int = 0  # optimiser steps; 0 = epochs * steps per epoch
-    batch_size_per_gpu: int = 128  # the loader's batch; wins over data.batch_size_per_gpu
-    global_batch_size: int = 0  # >0: gradient accumulation to reach it (must divide evenly)
-    precision: str = "bf16"  # bf16 | fp16 (GradScaler) | fp32
-    grad_clip: float = 0.0  # max global grad norm; 0 = off (G2D does not clip)
+    # numpy's generators take seeds in [0, 2**32); rank r seeds seed + r, hence the margin.
+    seed: int = checked(42, "in [0, 2**31) (rank r seeds numpy with seed + r)", lambda v: 0 <= v < 2**31)
+    epochs: int = at_least(1, 50)
+    max_steps: int = at_least(0, 0, " (0 = epochs x steps per epoch)")  # optimiser steps
+    batch_size_per_gpu: int = at_least(1, 128)  # the loader's batch (the data section's is set from it)
+    global_batch_size: int = at_least(0, 0, " (0 = no gradient accumulation)")  # >0: accumulate to reach it
+    precision: str = _one_of("bf16", PRECISIONS)  # bf16 | fp16 (GradScaler) | fp32
+    grad_clip: float = at_least(0, 0.0, " (0 = off)")  # max global grad norm (G2D does not clip)
     channels_last: bool = True
     compile: bool = False  # torch.compile of image tower, BERT layers, PA loss (in place, inside DDP)
     cuda_graphs: bool = False  # CUDA only (compile mode reduce-overhead); on a CPU a logged no-op
     peak_tflops: float = 0.0  # device peak for MFU; 0 = train/flops.py's table (CPU: an estimate)
     sync_bn: bool = False  # G2D: plain per-GPU BatchNorm
     find_unused_parameters: bool = False
-    checkpoint_every: int = 500  # >= 1; the last step is always saved too
-    keep_last: int = 3  # >= 1 of this run's checkpoints are kept
+    checkpoint_every: int = at_least(1, 500)  # the last step is always saved too
+    keep_last: int = at_least(1, 3)  # of this run's checkpoints
     resume: str = "auto"  # auto | none | path to a checkpoint
-    log_every: int = 10  # >= 1; the last step is always logged too
-    plot_every: int = 500  # PNG grid of images + attention + pseudo-masks; 0 = off
-    val_every: int = 1000  # retrieval + zero-shot AUC on the valid split; 0 = only at end
-    val_batches: int = 50
+    log_every: int = at_least(1, 10)  # the last step is always logged too
+    plot_every: int = at_least(0, 500, " (0 = off)")  # PNG grid of images + attention + pseudo-masks
+    val_every: int = at_least(0, 1000, " (0 = only at the end)")  # retrieval + zero-shot AUC on valid
+    val_batches: int = at_least(0, 50, " (0 = the whole valid split)")
     tensorboard: bool = False  # event files under <output_dir>/tensorboard/ (same scalars as metrics.jsonl)
     wandb: bool = False  # Weights & Biases; needs `pip install wandb` (not a dependency)
     wandb_project: str = "g2d"
     log_all_ranks: bool = False  # every rank also logs to the console (all ranks always log to logs/rank<N>.log)
-    health_after_steps: int = 0  # health warnings from this step on; 0 = max(lr warm-up, min(run/3, 2000))
-    health_loss_margin: float = 0.03  # warn while the VLA loss is within this fraction of ln(negatives)
-    health_min_spread: float = 0.1  # warn when an embedding's per-dim std < this x 1/sqrt(proj_dim)
-    nonfinite: str = "stop"  # stop (raise naming the step) | skip (no update, counted)
+    # Health warnings from this step on.
+    health_after_steps: int = at_least(0, 0, " (0 = max(lr warm-up, min(a third of the run, 2000)))")
+    # Warn while the VLA loss is within this fraction of ln(negatives).
+    health_loss_margin: float = checked(0.03, "in [0, 1)", lambda v: 0 <= v < 1)
+    # Warn when an embedding's per-dim std < this x 1/sqrt(proj_dim).
+    health_min_spread: float = at_least(0, 0.1, " (0 = no collapse check)")
+    nonfinite: str = _one_of("stop", NONFINITE)  # stop (raise naming the step) | skip (no update, counted)
     progress: bool = True
 
 
@@ -62,28 +84,9 @@ class PretrainConfig:
     train: RunConfig = field(default_factory=RunConfig)
 
 
-VALID = {"precision": ("bf16", "fp16", "fp32"), "nonfinite": ("stop", "skip")}
-
-# Numeric domains checked when the config loads, so a bad value fails before any model is built
-# (checkpoint_every=0 used to die with ZeroDivisionError after step 1; epochs=0 trained nothing and
-# exited 0). (section.key, test, what the value must be). Every float must also be finite.
-RULES: tuple[tuple[str, object, str], ...] = (
-    # numpy's generators take seeds in [0, 2**32); rank r seeds seed + r, hence the margin.
-    ("train.seed", lambda v: 0 <= v < 2**31, "in [0, 2**31) (rank r seeds numpy with seed + r)"),
-    ("train.epochs", lambda v: v >= 1, ">= 1"),
-    ("train.max_steps", lambda v: v >= 0, ">= 0 (0 = epochs x steps per epoch)"),
-    ("train.batch_size_per_gpu", lambda v: v >= 1, ">= 1"),
-    ("train.global_batch_size", lambda v: v >= 0, ">= 0 (0 = no gradient accumulation)"),
-    ("train.grad_clip", lambda v: v >= 0, ">= 0 (0 = off)"),
-    ("train.checkpoint_every", lambda v: v >= 1, ">= 1"),
-    ("train.keep_last", lambda v: v >= 1, ">= 1"),
-    ("train.log_every", lambda v: v >= 1, ">= 1"),
-    ("train.plot_every", lambda v: v >= 0, ">= 0 (0 = off)"),
-    ("train.val_every", lambda v: v >= 0, ">= 0 (0 = only at the end)"),
-    ("train.val_batches", lambda v: v >= 0, ">= 0 (0 = the whole valid split)"),
-    ("train.health_after_steps", lambda v: v >= 0, ">= 0 (0 = max(lr warm-up, min(a third of the run, 2000)))"),
-    ("train.health_loss_margin", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("train.health_min_spread", lambda v: v >= 0, ">= 0 (0 = no collapse check)"),
+# OptimConfig (train/optim.py) declares no ranges on its fields; its checks are here, read by the
+# same loop. (section.key, test, what the value must be).
+OPTIM_RULES: tuple[tuple[str, object, str], ...] = (
     ("optim.name", lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
     ("optim.schedule", lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
     ("optim.lr", lambda v: v > 0, "> 0"),
@@ -93,39 +96,21 @@ RULES: tuple[tuple[str, object, str], ...] = (
     ("optim.warmup_steps", lambda v: v >= 0, ">= 0 (0 = 3% of the steps)"),
     ("optim.min_lr", lambda v: v >= 0, ">= 0"),
     ("optim.restart_period", lambda v: v >= 1, ">= 1"),
-    ("model.image_size", lambda v: v >= 32 and v % 32 == 0, "a positive multiple of 32"),
-    ("model.channels", lambda v: v in (1, 3), "1 or 3"),
-    # smp's U-Net decoder has one block per encoder stage; the encoder depth is fixed at 5.
-    ("model.decoder_channels", lambda v: len(v) == 5 and all(c >= 1 for c in v), "5 widths >= 1 (one per stage)"),
-    ("model.proj_dim", lambda v: v >= 1, ">= 1"),
-    ("model.attn_pool_heads", lambda v: v >= 1, ">= 1"),
-    ("model.text_freeze_layers", lambda v: v >= 0, ">= 0"),
-    ("model.max_text_length", lambda v: v >= 2, ">= 2 ([CLS] and [SEP])"),
-    ("model.temperature", lambda v: v > 0, "> 0"),
-    ("model.pseudo_mask_quantile", lambda v: 0 < v < 1, "in (0, 1)"),
-    ("model.bilateral_sigma_space", lambda v: v > 0, "> 0"),
-    ("model.bilateral_sigma_range", lambda v: v > 0, "> 0"),
-    ("model.pa_weight", lambda v: v >= 0, ">= 0"),
-    ("model.pa_warmup_steps", lambda v: v >= 0, ">= 0"),
 )
 
 
 def validate_pretrain_config(cfg: PretrainConfig) -> None:
-    """Raise ConfigError naming the first key outside its domain (see RULES) or a non-finite float."""
+    """Raise ConfigError naming the first key outside its declared domain or a non-finite float."""
     if not cfg.train.output_dir.strip():
         # Path("") is the current directory: checkpoints would land wherever the command ran.
         raise ConfigError("train.output_dir is empty; name the run's folder, e.g. runs/pretrain")
-    for section in ("train", "optim", "model"):
-        for f in dataclasses.fields(getattr(cfg, section)):
-            value = getattr(getattr(cfg, section), f.name)
-            values = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in values):
-                raise ConfigError(f"{section}.{f.name}={value} must be a finite number")
-    for key, ok, domain in RULES:
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+    check_fields(cfg.train, "train")
+    check_fields(cfg.optim, "optim")
+    for key, ok, domain in OPTIM_RULES:
+        value = getattr(cfg.optim, key.split(".")[1])
         if not ok(value):
             raise ConfigError(f"{key}={value!r} must be {domain}")
+    check_fields(cfg.model, "model")
 
 
 def _section(raw: dict, name: str) -> dict:
@@ -158,9 +143,6 @@ def build_pretrain_config(raw: dict) -> PretrainConfig:
                 f"data.{key}={data_raw[key]} conflicts with train.{key}="
                 f"{getattr(cfg.train, key)}; data.{key} is set from train.{key}"
             )
-    for key, allowed in VALID.items():
-        if getattr(cfg.train, key) not in allowed:
-            raise ConfigError(f"train.{key}={getattr(cfg.train, key)!r}; choose one of {allowed}")
     # Before the copy into the data section, whose own check would blame data.batch_size_per_gpu.
     validate_pretrain_config(cfg)
     cfg.data = dataclasses.replace(cfg.data, batch_size_per_gpu=cfg.train.batch_size_per_gpu, seed=cfg.train.seed)
