@@ -21,84 +21,68 @@
 
 The architecture is always rebuilt from the checkpoint's own saved `model` config (never from the
 eval config), with `encoder_weights` forced to "none" so nothing is downloaded: the weights come from
-the file. A state dict that does not fit that architecture raises `ArchitectureMismatch` listing the
-missing, unexpected and wrong-shape keys. Files are read with torch.load(weights_only=True).
+the file. This module only finds and reads the weights; model/ builds the architectures
+(model.registry.build_model, model.image.build_unet) and loads weights into them strictly
+(model.image.load_strict: `ArchitectureMismatch` listing the missing, unexpected and wrong-shape keys).
+Files are read with torch.load(weights_only=True).
+
+Integrity: a pretraining checkpoint carries a digest of its content (train/checkpoint.py), an export
+a `<file>.sha256` sidecar written beside it; a file that no longer matches is a BadCheckpoint. In a
+run directory (or the default run) a damaged newest checkpoint is skipped, with a warning, for the
+one before it. Files without a checksum (older runs, other programs' weights) load unchecked.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-import segmentation_models_pytorch as smp
 import torch
 import yaml
 from torch import nn
 
+from common.cli import UserError
 from common.config import config_from_dict, config_to_dict
-from common.io import sha256_file
-from common.run_layout import CKPT_RE, newest_checkpoint
+from common.io import DigestMismatch, pop_and_verify_digest, sha256_file, verify_sha256_sidecar
+from common.log import get_logger
+from common.run_layout import CHECKPOINT_DIR, CKPT_RE, list_checkpoints, newest_checkpoint
 from model.config import ModelConfig
-from model.g2d import G2DModel
-from model.image import ImageEncoderDecoder, encoder_state_dict, init_encoder
-from model.registry import MODEL_CONFIGS, model_config
+from model.image import (
+    ArchitectureMismatch,  # re-exported: what callers of this module catch
+    ImageEncoderDecoder,
+    UnreadableWeights,
+    WeightsUnavailable,  # re-exported
+    build_unet,
+    check_state_fits,
+    encoder_state_dict,
+    init_encoder,
+    load_strict,
+    read_weights_file,
+)
+from model.registry import MODEL_CONFIGS, build_model, model_config
 
 DEFAULT_RUNS_GLOBS = ("runs/pretrain*", "runs/*/pretrain*")
 EXPORT_FULL = "g2d_encoder_decoder.pth"  # what a run directory without checkpoints falls back to
 BASELINES = ("random", "imagenet")
+REBUILT = " rebuilt from its saved config"  # the end of every key report's "what"
 
 
-class ArchitectureMismatch(ValueError):
-    """Weights that do not fit the architecture they are loaded into; the message lists the keys."""
+logger = get_logger("eval")
 
 
 class CheckpointNotFound(FileNotFoundError):
     pass
 
 
-class BadCheckpoint(ValueError):
-    """A file given as CKPT that is not a readable checkpoint / state dict."""
+class BadCheckpoint(UserError, ValueError):
+    """A file given as CKPT that is not a readable checkpoint / state dict, or one damaged since it
+    was written (its checksum does not match)."""
 
 
 class NotApplicable(ValueError):
     """The task cannot run from these weights (zero-shot from image-only weights, the encoder-decoder
     variant without a pretrained decoder)."""
-
-
-class WeightsUnavailable(RuntimeError):
-    """CKPT=imagenet on a machine that cannot download the weights (and no local file was given)."""
-
-
-def mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, what: str) -> str:
-    """'' when `state` has exactly the keys and shapes of `own`, else a message listing every kind of
-    mismatch (missing, unexpected, wrong shape; 20 keys each)."""
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
-    )
-    if not (missing or unexpected or wrong):
-        return ""
-
-    def head(keys):
-        return f"{keys[:20]}{f' ... ({len(keys)} in all)' if len(keys) > 20 else ''}"
-
-    return (
-        f"{source}: weights do not match the {what} rebuilt from its saved config: missing {head(missing)}; "
-        f"unexpected {head(unexpected)}; wrong shape {head(wrong)}"
-    )
-
-
-def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
-    """load_state_dict(strict=True), raising ArchitectureMismatch with the full key report instead."""
-    problem = mismatch(module.state_dict(), state, source, what)
-    if problem:
-        raise ArchitectureMismatch(problem)
-    module.load_state_dict(state, strict=True)
 
 
 def model_config_from_saved(saved: dict, source: str) -> ModelConfig:
@@ -168,8 +152,8 @@ class Pretrained:
             out["keys"] = self.keys
         return out
 
-    def build_unet(self, pretrained_decoder: bool, decoder_channels: tuple[int, ...] | None = None) -> smp.Unet:
-        """An smp.Unet(encoder, classes=1) with the pretrained encoder; with `pretrained_decoder` the
+    def build_unet(self, pretrained_decoder: bool, decoder_channels: tuple[int, ...] | None = None) -> nn.Module:
+        """An smp U-Net (encoder, one class) with the pretrained encoder; with `pretrained_decoder` the
         pretrained decoder + head too (then the pretraining decoder widths are used), else a fresh
         decoder with `decoder_channels` (default: the pretraining widths)."""
         cfg = self.model_cfg
@@ -180,9 +164,9 @@ class Pretrained:
                 f"or an exported {EXPORT_FULL}"
             )
         widths = tuple(cfg.decoder_channels) if pretrained_decoder or not decoder_channels else tuple(decoder_channels)
-        unet = smp.Unet(cfg.encoder, encoder_weights=None, in_channels=cfg.channels, classes=1, decoder_channels=widths)
+        unet = build_unet(cfg, widths)
         if pretrained_decoder:
-            load_strict(unet, self.unet_state, self.source, f"smp.Unet({cfg.encoder}, decoder {widths})")
+            load_strict(unet, self.unet_state, self.source, f"smp U-Net ({cfg.encoder}, decoder {widths}){REBUILT}")
         else:
             self.load_encoder(unet.encoder)
         return unet
@@ -194,7 +178,7 @@ class Pretrained:
         state = self.encoder_state
         if state is None:
             state = encoder_state_dict(self.unet_state, self.source)
-        load_strict(encoder, state, self.source, f"smp {self.model_cfg.encoder} encoder")
+        load_strict(encoder, state, self.source, f"smp {self.model_cfg.encoder} encoder{REBUILT}")
 
     def build_encoder(self) -> nn.Module:
         """The smp encoder alone: forward(image [B,C,H,W]) -> 6 maps at strides 1, 2, 4, 8, 16, 32."""
@@ -210,10 +194,10 @@ class Pretrained:
                 "directory)"
             )
         cfg = dataclasses.replace(self.model_cfg, text_model=text_model) if text_model else self.model_cfg
-        model = G2DModel(cfg)
+        model = build_model(cfg)
         if self.kind == "random":
             return model
-        load_strict(model, self.state, self.source, f"G2DModel({cfg.name}, {cfg.encoder})")
+        load_strict(model, self.state, self.source, f"G2DModel({cfg.name}, {cfg.encoder}){REBUILT}")
         return model
 
 
@@ -235,28 +219,13 @@ def default_checkpoint(runs_globs: tuple[str, ...] = DEFAULT_RUNS_GLOBS, base: s
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
-def _read_tensor_file(path: Path) -> dict:
-    """torch.load(weights_only=True): tensors and plain containers only, so a file cannot run code.
-    Any failure (truncated, not a torch file, pickled Python objects) -> BadCheckpoint, one line."""
+def _read_tensor_file(path: Path) -> object:
+    """model.image.read_weights_file (tensors and plain containers only, so a file cannot run code);
+    an unreadable file is a BadCheckpoint, one line naming it."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # weights_only refused a Python object, or garbage bytes
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        reason = next(
-            (
-                line
-                for line in lines
-                if line.startswith(("Unsupported", "WeightsUnpickler error:")) and not line.endswith(":")
-            ),
-            lines[-1] if lines else "",
-        )
-        raise BadCheckpoint(
-            f"{path}: not a readable torch file (torch.load(weights_only=True) refused it: "
-            f"{reason.split('. ')[0][:200]})"
-        ) from exc
-    except Exception as exc:  # a truncated/corrupt/foreign file: say which one
-        reason = " ".join(str(exc).split())[:200]
-        raise BadCheckpoint(f"{path}: not a readable torch file ({type(exc).__name__}: {reason})") from exc
+        return read_weights_file(path)
+    except UnreadableWeights as exc:
+        raise BadCheckpoint(str(exc)) from exc
 
 
 def _top_prefixes(keys, n: int = 8) -> list[str]:
@@ -276,6 +245,14 @@ def _from_checkpoint(path: Path) -> Pretrained:
             f"{path}: not a pretraining checkpoint (needs 'model' and 'config' keys; "
             f"has {sorted(payload)[:20] if isinstance(payload, dict) else type(payload).__name__})"
         )
+    try:
+        checked = pop_and_verify_digest(payload)
+    except DigestMismatch as exc:
+        raise BadCheckpoint(
+            f"{path} is damaged: its content no longer matches the checksum written when it was saved ({exc})"
+        ) from exc
+    if not checked:
+        logger.warning("%s carries no checksum (written by an older version): loaded unchecked", path)
     cfg = model_config_from_saved(payload["config"].get("model"), str(path))
     state = {k.removeprefix("module."): v for k, v in payload["model"].items()}
     unet = {k.removeprefix("image.unet."): v for k, v in state.items() if k.startswith("image.unet.")}
@@ -309,26 +286,46 @@ def _from_export(path: Path, baseline: ModelConfig) -> Pretrained:
             "torchvision-layout ResNet); for a checkpoint holding the encoder under a key prefix "
             "give ckpt.prefix=..."
         )
+    digest = sha256_file(path)
+    try:
+        verify_sha256_sidecar(path, digest)
+    except DigestMismatch as exc:
+        raise BadCheckpoint(f"{path} is damaged: {exc} when it was exported") from exc
     config_yaml = path.parent / "config.yaml"
     saved = {}
     if config_yaml.is_file():
-        saved = yaml.safe_load(config_yaml.read_text(encoding="utf-8")) or {}
+        saved = _read_saved_config(config_yaml)
         cfg = model_config_from_saved(saved.get("model"), str(config_yaml))
     else:
         cfg = dataclasses.replace(baseline, encoder_weights="none")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("decoder.") for k in state):
-        return Pretrained(
-            "export_unet", str(path), sha256_file(path), cfg, unet_state=state, data_cfg=saved.get("data")
-        )
+        return Pretrained("export_unet", str(path), digest, cfg, unet_state=state, data_cfg=saved.get("data"))
     return Pretrained(
         "export_encoder",
         str(path),
-        sha256_file(path),
+        digest,
         cfg,
         encoder_state=encoder_state_dict(state, str(path)),
         data_cfg=saved.get("data"),
     )
+
+
+def _read_saved_config(config_yaml: Path) -> dict:
+    """The run's config.yaml beside an export: yaml.safe_load (a `!!python` tag stays refused), any
+    failure a BadCheckpoint naming the file (and the line, for a YAML error)."""
+    try:
+        saved = yaml.safe_load(config_yaml.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise BadCheckpoint(f"{config_yaml}{where}: not a readable run config ({problem})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadCheckpoint(f"{config_yaml}: not a readable run config ({exc})") from exc
+    if not isinstance(saved, dict):
+        raise BadCheckpoint(f"{config_yaml}: not a run config (its top level is a {type(saved).__name__})")
+    return saved
 
 
 def _from_prefixed(path: Path, prefix: str, baseline: ModelConfig) -> Pretrained:
@@ -369,10 +366,10 @@ def _imagenet(cfg: ModelConfig, weights: str) -> Pretrained:
             f"model.imagenet_weights={weights!r}: no such file (give 'imagenet' to download "
             "torchvision's weights, or a local torchvision/smp state dict)"
         )
-    encoder = smp.Unet(cfg.encoder, encoder_weights=None, in_channels=cfg.channels, classes=1).encoder
+    encoder = build_unet(cfg).encoder
     try:
         init_encoder(encoder, cfg.encoder, weights)
-    except RuntimeError as exc:  # model.image names the URL and the local-file alternative
+    except WeightsUnavailable as exc:  # model.image names the URL and the local-file alternative
         raise WeightsUnavailable(
             f'CKPT=imagenet: {exc} For eval, pass that file as ARGS="model.imagenet_weights=/path/to/file.pth".'
         ) from exc
@@ -399,14 +396,10 @@ def resolve_weights(
         return Pretrained("random", "random", None, dataclasses.replace(baseline, encoder_weights="none"))
     if spec == "imagenet":
         return _imagenet(dataclasses.replace(baseline, encoder_weights="none"), imagenet_weights)
-    path = Path(spec) if spec else default_checkpoint(base=runs_base)
+    # No CKPT: the newest run, read as a run directory (so a damaged newest checkpoint falls back too).
+    path = Path(spec) if spec else default_checkpoint(base=runs_base).parent.parent
     if path.is_dir():
-        ckpt = newest_checkpoint(path)
-        if ckpt is not None:
-            return _from_checkpoint(ckpt)
-        if (path / EXPORT_FULL).is_file():
-            return _from_export(path / EXPORT_FULL, baseline)
-        raise CheckpointNotFound(f"{path}: a directory without checkpoints/step_*.pt or {EXPORT_FULL}")
+        return _from_run_dir(path, baseline)
     if not path.is_file():
         raise CheckpointNotFound(
             f"checkpoint {spec!r} not found (expected a .pt checkpoint, a run "
@@ -419,6 +412,22 @@ def resolve_weights(
     return _from_export(path, baseline)
 
 
+def _from_run_dir(run: Path, baseline: ModelConfig) -> Pretrained:
+    """A run directory's newest checkpoint that reads and matches its checksum (a damaged or truncated
+    newer one is skipped with a warning, as `train.resume=auto` does), else its exported U-Net."""
+    checkpoints = list_checkpoints(run / CHECKPOINT_DIR)
+    for ckpt in reversed(checkpoints):
+        try:
+            return _from_checkpoint(ckpt)
+        except BadCheckpoint as exc:
+            logger.warning("skipping %s", exc)
+    if (run / EXPORT_FULL).is_file():
+        return _from_export(run / EXPORT_FULL, baseline)
+    if checkpoints:
+        raise BadCheckpoint(f"{run}: none of its {len(checkpoints)} checkpoint(s) is readable (see the warnings above)")
+    raise CheckpointNotFound(f"{run}: a directory without checkpoints/step_*.pt or {EXPORT_FULL}")
+
+
 def check_image_architecture(pre: Pretrained) -> None:
     """Fail early, before any data is read, when the image weights do not fit the saved architecture.
     The reference modules are built on the meta device: shapes only, no memory, no initialisation."""
@@ -427,21 +436,13 @@ def check_image_architecture(pre: Pretrained) -> None:
         if pre.state is not None:
             own = ImageEncoderDecoder(cfg).state_dict()
             state = {k.removeprefix("image."): v for k, v in pre.state.items() if k.startswith("image.")}
-            what = f"image encoder-decoder ({cfg.encoder}, decoder {tuple(cfg.decoder_channels)})"
+            what = f"image encoder-decoder ({cfg.encoder}, decoder {tuple(cfg.decoder_channels)}){REBUILT}"
         elif pre.unet_state is not None or pre.encoder_state is not None:
-            unet = smp.Unet(
-                cfg.encoder,
-                encoder_weights=None,
-                in_channels=cfg.channels,
-                classes=1,
-                decoder_channels=tuple(cfg.decoder_channels),
-            )
+            unet = build_unet(cfg)
             full = pre.unet_state is not None
             own = unet.state_dict() if full else unet.encoder.state_dict()
             state = pre.unet_state if full else pre.encoder_state
-            what = f"smp.Unet({cfg.encoder})" if full else f"smp {cfg.encoder} encoder"
+            what = (f"smp U-Net ({cfg.encoder})" if full else f"smp {cfg.encoder} encoder") + REBUILT
         else:
             return
-    problem = mismatch(own, state, pre.source, what)
-    if problem:
-        raise ArchitectureMismatch(problem)
+    check_state_fits(own, state, pre.source, what)

@@ -7,11 +7,17 @@ r"""Image side of G2D: an smp U-Net whose encoder feeds two heads.
 
 The U-Net is `segmentation_models_pytorch.Unet`, the class G2D and MGCA both build, so the exported
 encoder / encoder+decoder state dicts load into their downstream code unchanged (model/export.py).
+
+This module is also where weights meet a module, for training and evaluation alike: `build_unet`
+builds the bare U-Net (baselines, exports, downstream tasks), `read_weights_file` reads a state dict
+file safely, `load_strict` loads one strictly with a report of every missing, unexpected and
+wrong-shape key. Their errors are user errors (common.cli): one line naming the file.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -20,7 +26,88 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.cli import UserError
 from model.config import ModelConfig
+
+
+class ArchitectureMismatch(UserError, ValueError):
+    """Weights that do not fit the module they are loaded into; the message lists the keys."""
+
+
+class UnreadableWeights(UserError, ValueError):
+    """A weights file that is not a readable torch file of tensors (truncated, text, pickled objects)."""
+
+
+class WeightsUnavailable(UserError, RuntimeError):
+    """ImageNet weights that could not be downloaded (an offline machine) and no local file given."""
+
+
+def build_unet(cfg: ModelConfig, decoder_channels: tuple[int, ...] | None = None) -> smp.Unet:
+    """The bare smp U-Net of `cfg`: its encoder, cfg.channels in, one output class, and the decoder
+    widths `decoder_channels` (default cfg.decoder_channels). Random weights: encoder_weights=None,
+    so smp never downloads anything (init_encoder loads weights explicitly).
+    image [B,C,H,W] -> logits [B,1,H,W]; `.encoder(image)` -> 6 maps at strides 1, 2, 4, 8, 16, 32."""
+    return smp.Unet(
+        cfg.encoder,
+        encoder_weights=None,
+        in_channels=cfg.channels,
+        classes=1,
+        decoder_channels=tuple(decoder_channels or cfg.decoder_channels),
+    )
+
+
+def check_state_fits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """ArchitectureMismatch unless `state` has exactly the keys and shapes of `own` (a module's
+    state dict, possibly on the meta device); the message lists every kind of mismatch, 20 keys each."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    if not (missing or unexpected or wrong):
+        return
+
+    def head(keys):
+        return f"{keys[:20]}{f' ... ({len(keys)} in all)' if len(keys) > 20 else ''}"
+
+    raise ArchitectureMismatch(
+        f"{source}: weights do not match the {what}: missing {head(missing)}; "
+        f"unexpected {head(unexpected)}; wrong shape {head(wrong)}"
+    )
+
+
+def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
+    """module.load_state_dict(state, strict=True), with check_state_fits' key report instead of
+    torch's multi-line error."""
+    check_state_fits(module.state_dict(), state, source, what)
+    module.load_state_dict(state, strict=True)
+
+
+def read_weights_file(path: str | Path, label: str = "") -> object:
+    """torch.load(weights_only=True) on the CPU: tensors and plain containers only, so a file cannot
+    run code. Any failure (truncated, not a torch file, pickled Python objects) -> UnreadableWeights,
+    one line starting with `label` (e.g. "model.encoder_weights=") and the path."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a Python object, or garbage bytes
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        reason = next(
+            (
+                line
+                for line in lines
+                if line.startswith(("Unsupported", "WeightsUnpickler error:")) and not line.endswith(":")
+            ),
+            lines[-1] if lines else "",
+        )
+        raise UnreadableWeights(
+            f"{label}{path}: not a readable torch file (torch.load(weights_only=True) refused it: "
+            f"{reason.split('. ')[0][:200]})"
+        ) from exc
+    except Exception as exc:  # a truncated/corrupt/foreign file: say which one
+        reason = " ".join(str(exc).split())[:200]
+        raise UnreadableWeights(f"{label}{path}: not a readable torch file ({type(exc).__name__}: {reason})") from exc
 
 
 class Projector2d(nn.Module):
@@ -110,7 +197,7 @@ def _torchvision_resnet_weights(encoder: str):
         "resnet152": "ResNet152",
     }
     if encoder not in names:
-        raise ValueError(
+        raise WeightsUnavailable(
             f"encoder_weights='imagenet' is supported for {sorted(names)} (torchvision weights); "
             f"got encoder={encoder!r}. Pass a local state dict path instead."
         )
@@ -123,8 +210,9 @@ def _imagenet_state_dict(encoder: str) -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
-        raise RuntimeError(
-            f"could not download the ImageNet weights for {encoder} from {weights.url} ({exc}). "
+        reason = " ".join(str(exc).split())[:200]  # one line: a URLError's text can span several
+        raise WeightsUnavailable(
+            f"could not download the ImageNet weights for {encoder} from {weights.url} ({reason}). "
             "This machine looks offline: download that file elsewhere and set "
             "model.encoder_weights=/path/to/file.pth (a torchvision or smp-encoder state dict)."
         ) from exc
@@ -137,7 +225,7 @@ def encoder_state_dict(state: dict[str, torch.Tensor], source: str) -> dict[str,
     (`encoder.*` kept, decoder/head dropped), or any of those saved by DDP (`module.` prefix).
     """
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{source}: expected a flat state dict of tensors, got {type(state).__name__}")
+        raise UnreadableWeights(f"{source}: expected a flat state dict of tensors, got {type(state).__name__}")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if any(k.startswith("encoder.") for k in state):
         return {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
@@ -155,21 +243,7 @@ def load_encoder_state(encoder: nn.Module, state: dict[str, torch.Tensor], sourc
     first = "conv1.weight"
     if first in state and first in own and state[first].shape[1] == 3 and own[first].shape[1] == 1:
         state[first] = state[first].sum(dim=1, keepdim=True)
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong_shape = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if state[k].shape != own[k].shape
-    )
-    if missing or unexpected or wrong_shape:
-        raise ValueError(
-            f"{source}: state dict does not match the {type(encoder).__name__}: "
-            f"missing {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
-            f"unexpected {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}; "
-            f"wrong shape {wrong_shape[:20]}"
-        )
-    encoder.load_state_dict(state, strict=True)
+    load_strict(encoder, state, source, type(encoder).__name__)
 
 
 def init_encoder(encoder: nn.Module, encoder_name: str, weights: str) -> None:
@@ -181,7 +255,8 @@ def init_encoder(encoder: nn.Module, encoder_name: str, weights: str) -> None:
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"model.encoder_weights={weights!r}: not 'none', 'imagenet' or an existing file")
-    load_encoder_state(encoder, torch.load(path, map_location="cpu", weights_only=True), str(path))
+    label = "model.encoder_weights="
+    load_encoder_state(encoder, read_weights_file(path, label), f"{label}{path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,14 +267,7 @@ class ImageEncoderDecoder(nn.Module):
         super().__init__()
         if cfg.image_size % 32:
             raise ValueError(f"image_size={cfg.image_size} must be a multiple of 32 (U-Net stride)")
-        # encoder_weights=None: smp never downloads anything; init_encoder does it explicitly.
-        self.unet = smp.Unet(
-            cfg.encoder,
-            encoder_weights=None,
-            in_channels=cfg.channels,
-            classes=1,
-            decoder_channels=tuple(cfg.decoder_channels),
-        )
+        self.unet = build_unet(cfg)
         init_encoder(self.unet.encoder, cfg.encoder, cfg.encoder_weights)
         self.projector = Projector2d(self.unet.encoder.out_channels[-1], cfg.proj_dim)
         grid = cfg.image_size // 32

@@ -5,6 +5,10 @@ step, RNG states (python, numpy, torch CPU and CUDA), the loader's position and 
 It is written to a temp file and renamed, so a run killed while saving (SIGKILL included) leaves
 the previous checkpoint intact; `resume: auto` picks the newest one that loads.
 Everything stored is tensors/lists/dicts of plain types so `torch.load(weights_only=True)` reads it.
+Each checkpoint carries a sha256 digest of its content (common.io.payload_digest), checked at every
+load: `torch.load` does not check the zip's CRCs, so damaged tensor bytes would otherwise load and
+train on silently. A damaged newest checkpoint is skipped by `resume: auto` like a truncated one;
+a damaged file named explicitly is an error. Checkpoints written before the digest load with a warning.
 
 Each run has a `run_id` (a new one for a fresh start, the checkpoint's own when resuming), stored in
 every checkpoint. Pruning (`keep_last`) deletes only this run's readable checkpoints older than the
@@ -24,9 +28,17 @@ import numpy as np
 import torch
 
 from common.cli import UserError
-from common.io import DirectoryLock, atomic_open, remove_stale_temp_files
+from common.io import (
+    DigestMismatch,
+    DirectoryLock,
+    atomic_open,
+    pop_and_verify_digest,
+    remove_stale_temp_files,
+    with_digest,
+)
 from common.log import get_logger
 from common.run_layout import list_checkpoints
+from model.image import load_strict
 
 logger = get_logger("train")
 
@@ -75,6 +87,39 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class ModelState:
+    """The model as a checkpoint component: its state dict out, and in strictly (model.image.load_strict),
+    so weights that do not fit name the missing, unexpected and wrong-shape keys in one line."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model  # the bare model (no DDP / compile wrapper): its keys are the checkpoint's
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_strict(self.model, state, "its model weights", f"{type(self.model).__name__} built from this run's config")
+
+
+class RngState:
+    """Every rank's RNG streams as one checkpoint component, so a resumed multi-rank run continues each
+    stream exactly. state_dict() gathers them from all ranks (a collective: call it on every rank);
+    load_state_dict() sets this rank's (a checkpoint of a single-process run holds one dict)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def state_dict(self) -> list[dict]:
+        if self.world_size == 1:
+            return [rng_state()]
+        states = [None] * self.world_size
+        torch.distributed.all_gather_object(states, rng_state())
+        return states
+
+    def load_state_dict(self, state: list[dict] | dict) -> None:
+        set_rng_state(state[self.rank] if isinstance(state, list) else state)
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any], keep_last: int) -> list[Path]:
     """Write `payload` (with "run_id" and "step") atomically to `path`, then prune; returns the pruned.
 
@@ -83,7 +128,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any], keep_last: int) -> list
     """
     try:
         with atomic_open(path, "wb") as fh:
-            torch.save(payload, fh)
+            torch.save(with_digest(payload), fh)
     except OSError as exc:
         raise CheckpointError(
             f"could not write checkpoint {path}: {exc.strerror or exc}; nothing partial "
@@ -108,8 +153,9 @@ def prune_checkpoints(newest: Path, run_id: str, step: int, keep_last: int) -> l
     return doomed
 
 
-def _read(path: Path, map_location, mmap: bool) -> dict:
-    """torch.load with weights_only, every failure turned into a CheckpointError naming `path`."""
+def _read(path: Path, map_location, mmap: bool) -> tuple[dict, bool]:
+    """torch.load with weights_only and the digest checked -> (checkpoint, whether it carried a
+    digest); every failure, damage included, turned into a CheckpointError naming `path`."""
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path}")
     if path.is_dir():
@@ -144,18 +190,31 @@ def _read(path: Path, map_location, mmap: bool) -> dict:
         raise CheckpointError(
             f"{path} is not a pretraining checkpoint (step {ckpt['step']!r}, run_id {ckpt.get('run_id')!r})"
         )
-    return ckpt
+    try:
+        checked = pop_and_verify_digest(ckpt)
+    except DigestMismatch as exc:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged: its content no longer matches the checksum written when it was "
+            f"saved ({exc}); resume from an earlier checkpoint"
+        ) from exc
+    return ckpt, checked
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """A pretraining checkpoint (dict with REQUIRED_KEYS); CheckpointError naming the file otherwise."""
-    return _read(Path(path), map_location, mmap=False)
+    """A pretraining checkpoint (dict with REQUIRED_KEYS) whose digest matches; CheckpointError naming
+    the file otherwise. One written before checkpoints carried a digest loads with a warning."""
+    path = Path(path)
+    ckpt, checked = _read(path, map_location, mmap=False)
+    if not checked:
+        logger.warning("[checkpoint] %s carries no checksum (written by an older version): loaded unchecked", path)
+    _META_CACHE[_meta_key(path)] = str(ckpt.get("run_id", LEGACY_RUN_ID)), int(ckpt["step"])
+    return ckpt
 
 
-# (path, mtime_ns, size) -> (run_id, step) or None. Reading a checkpoint's metadata means unpickling
-# its index (~1.2 s for a 1.6 GiB g2d_resnet50 checkpoint, memory-mapped); with the cache each file
-# is read once per process, and the files this process writes are entered when written, so pruning
-# at every save costs a few stat calls.
+# (path, mtime_ns, size) -> (run_id, step) or None. Reading a checkpoint's metadata means loading it
+# and checking its digest (a damaged file counts as unreadable: never resumed from, never blocking a
+# resume from the one before it); with the cache each file is read once per process, and the files
+# this process writes or loads are entered then, so pruning at every save costs a few stat calls.
 _META_CACHE: dict[tuple[str, int, int], tuple[str, int] | None] = {}
 
 
@@ -172,7 +231,7 @@ def checkpoint_meta(path: Path) -> tuple[str, int] | None:
         return None
     if key not in _META_CACHE:
         try:
-            ckpt = _read(path, "cpu", mmap=True)
+            ckpt, _ = _read(path, "cpu", mmap=True)
             _META_CACHE[key] = str(ckpt.get("run_id", LEGACY_RUN_ID)), int(ckpt["step"])
         except CheckpointError:
             _META_CACHE[key] = None
@@ -180,7 +239,8 @@ def checkpoint_meta(path: Path) -> tuple[str, int] | None:
 
 
 def find_resume_checkpoint(output_dir: str | Path) -> tuple[Path, dict] | None:
-    """Newest checkpoint under `<output_dir>/checkpoints` that loads; damaged ones are skipped."""
+    """Newest checkpoint under `<output_dir>/checkpoints` that loads and matches its checksum;
+    truncated or damaged ones are skipped with a warning."""
     for path in reversed(list_checkpoints(Path(output_dir) / "checkpoints")):
         try:
             return path, load_checkpoint(path)

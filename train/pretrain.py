@@ -18,7 +18,9 @@ import itertools
 import json
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -27,25 +29,25 @@ from tqdm import tqdm
 from common.cli import ArgumentParser, UserError, run_main
 from common.config import ConfigError, config_to_dict, save_config
 from common.dist import DistInfo, cleanup, exit_with_launcher, init_distributed, seed_everything
-from common.io import atomic_open
+from common.io import atomic_open, sidecar_path, write_sha256_sidecar
 from common.log import get_logger, setup_logging
 from common.run_layout import checkpoint_path
 from model.config import changed_fields
-from model.export import export_unet_state_dicts, unwrap
+from model.export import export_unet_state_dicts
 from model.registry import build_model
 from model.text import load_tokenizer
 from pipeline import build_loader
 from train.checkpoint import (
     LEGACY_RUN_ID,
     CheckpointError,
+    ModelState,
+    RngState,
     RunDirLock,
     claim_checkpoint_dir,
     find_resume_checkpoint,
     load_checkpoint,
     new_run_id,
-    rng_state,
     save_checkpoint,
-    set_rng_state,
 )
 from train.config import PretrainConfig, load_pretrain_config
 from train.flops import count_step_flops, peak_flops
@@ -113,16 +115,71 @@ def _resume_source(cfg: PretrainConfig, out_dir: Path) -> tuple[str, tuple[Path,
     return run_id, found
 
 
+@dataclass
+class _Run:
+    """What a run trains with, built once by _build: the bare model (before DDP / compile), its data,
+    the optimiser and its step bookkeeping, and the stateful components a checkpoint holds."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    fixed_scale: bool
+    accum: int  # micro-batches per optimiser step
+    per_step: int  # samples per micro-batch over all ranks
+    max_steps: int
+    # name -> object with state_dict() / load_state_dict(): _save and _restore both iterate it, in order.
+    states: dict[str, Any]
+
+
 def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
-    run, device = cfg.train, dist.device
-    main = dist.rank == 0
+    """Build (or resume) the run, train it to its last step, validate, export."""
+    run = cfg.train
     run_id, found = _resume_source(cfg, out_dir)
-    if main:
+    if dist.rank == 0:
         save_config(cfg, out_dir / "config.yaml")
     seed_everything(run.seed + dist.rank)
+    r = _build(cfg, dist)
+    step, epoch = _restore(found, r.states, dist) if found else (0, 0)
+    if found is None:
+        r.loader.set_epoch(0)
+    model = r.model
+    if dist.world_size > 1:
+        model = DDP(
+            model,
+            device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            find_unused_parameters=run.find_unused_parameters,
+            gradient_as_bucket_view=True,
+        )
+    train_step = TrainStep(
+        model, r.optimizer, r.scheduler, r.scaler, r.fixed_scale, run.precision, run.grad_clip, run.channels_last
+    )
+    log = MetricsLog(
+        out_dir / "metrics.jsonl",
+        step,
+        dist.rank == 0,
+        run.tensorboard,
+        run.wandb,
+        run.wandb_project,
+        run_id,
+        config_to_dict(cfg),
+    )
+    health = build_health_check(cfg, dist.world_size, r.max_steps)
+    step = _loop(cfg, dist, out_dir, run_id, r, train_step, log, health, step, epoch)
+    result = _validate_and_log(cfg, r.model, r.tokenizer, dist, log, step)
+    log.close()
+    if dist.rank == 0:
+        _export(r.model, out_dir, step)
+    return {"step": step, "val": result}
 
-    # ---- model, data, optimiser -------------------------------------------------------------
-    model = build_model(cfg.model).to(device)
+
+def _build(cfg: PretrainConfig, dist: DistInfo) -> _Run:
+    """Model, tokenizer, loader, optimiser, scheduler and scaler, in this order (the seeded RNG
+    draws of a run depend on it), and the checkpoint components over them."""
+    run = cfg.train
+    model = build_model(cfg.model).to(dist.device)
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if run.sync_bn and dist.world_size > 1:
@@ -145,56 +202,67 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
     max_steps = run.max_steps or run.epochs * steps_per_epoch
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, max_steps)
-    scaler, fixed_scale = make_scaler(device, run.precision, run.nonfinite == "skip")
+    scaler, fixed_scale = make_scaler(dist.device, run.precision, run.nonfinite == "skip")
+    states = {
+        "model": ModelState(model),
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "scaler": scaler,
+        "loader": loader,
+        "rng": RngState(dist.rank, dist.world_size),
+    }
+    return _Run(model, tokenizer, loader, optimizer, scheduler, scaler, fixed_scale, accum, per_step, max_steps, states)
 
-    # ---- resume -----------------------------------------------------------------------------
-    step, epoch = _restore(found, model, optimizer, scheduler, scaler, loader, dist) if found else (0, 0)
-    if found is None:
-        loader.set_epoch(0)
 
-    if dist.world_size > 1:
-        model = DDP(
-            model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=run.find_unused_parameters,
-            gradient_as_bucket_view=True,
-        )
-    train_step = TrainStep(
-        model, optimizer, scheduler, scaler, fixed_scale, run.precision, run.grad_clip, run.channels_last
-    )
-    log = MetricsLog(
-        out_dir / "metrics.jsonl",
-        step,
-        main,
-        run.tensorboard,
-        run.wandb,
-        run.wandb_project,
-        run_id,
-        config_to_dict(cfg),
-    )
-    health = build_health_check(cfg, dist.world_size, max_steps)
+def _loop(cfg, dist: DistInfo, out_dir: Path, run_id: str, r: _Run, train_step, log, health, step, epoch) -> int:
+    """Train from `step` to r.max_steps: log, plot, validate and checkpoint on their schedules.
+    -> the last step."""
+    run, main, model = cfg.train, dist.rank == 0, train_step.model
 
-    # ---- loop -------------------------------------------------------------------------------
     def batches():
         nonlocal epoch
         while True:
-            yield from loader
+            yield from r.loader
             epoch += 1
-            loader.set_epoch(epoch)
+            r.loader.set_epoch(epoch)
 
-    stream = batches()
-    # Model FLOPs per sample, counted once on the run's first batch (its padded text length) with the
-    # plain model, before compiling; state is restored, so the run is unchanged (train/flops.py).
+    stream, flops_per_sample, peak = _count_flops_and_compile(cfg, dist, r, train_step, batches(), step)
+    bar = tqdm(total=r.max_steps, initial=step, disable=not (main and run.progress), unit="step")
+    progress = Progress(cfg, dist, log, health, bar, r.scheduler, r.accum * r.per_step, flops_per_sample, peak)
+    model.train()
+    while step < r.max_steps:
+        micro_batches = [progress.next_batch(stream) for _ in range(r.accum)]
+        terms, out = train_step(micro_batches, step)
+        step += 1
+        progress.add(terms, step)
+        if step % run.log_every == 0 or step == r.max_steps:
+            progress.flush(step, epoch, out)  # the one place that syncs with the device
+            if main and run.plot_every and (step % run.plot_every == 0 or step == r.max_steps):
+                batch = micro_batches[-1]
+                save_attention_grid(out_dir / "plots" / f"step_{step:08d}.png", batch.image, out, batch.keys)
+        if run.val_every and step % run.val_every == 0 and step < r.max_steps:
+            _validate_and_log(cfg, r.model, r.tokenizer, dist, log, step)
+            model.train()
+        if step % run.checkpoint_every == 0 or step == r.max_steps:
+            _save(cfg, r.states, step, dist, out_dir, run_id)
+    bar.close()
+    return step
+
+
+def _count_flops_and_compile(cfg, dist: DistInfo, r: _Run, train_step, stream, step: int):
+    """Model FLOPs per sample, counted once on the run's first batch (its padded text length) with the
+    plain model, before compiling; state is restored, so the run is unchanged (train/flops.py). Then
+    compile as train.compile / train.cuda_graphs ask.
+    -> (the batch stream with that first batch put back, FLOPs per sample, peak FLOP/s or 0)."""
+    run = cfg.train
     flops_per_sample, flops_len = 0.0, 0
-    if step < max_steps:
+    if step < r.max_steps:
         first = next(stream)
         stream = itertools.chain([first], stream)
-        flops_per_sample = (
-            count_step_flops(unwrap(model), first, step, train_step.autocast, run.channels_last) / first.image.shape[0]
-        )
-        flops_len = first.input_ids.shape[1]
-    peak, peak_source = peak_flops(device, run.precision, run.peak_tflops)
-    train_step.cuda_graphs, compiled = compile_for_speed(model, run.compile, run.cuda_graphs, device)
+        flops = count_step_flops(r.model, first, step, train_step.autocast, run.channels_last)
+        flops_per_sample, flops_len = flops / first.image.shape[0], first.input_ids.shape[1]
+    peak, peak_source = peak_flops(dist.device, run.precision, run.peak_tflops)
+    train_step.cuda_graphs, compiled = compile_for_speed(train_step.model, run.compile, run.cuda_graphs, dist.device)
     logger.info(
         "[step] %.2f GFLOP per sample (forward + backward, text padded to %d); peak %s (%s)%s",
         flops_per_sample / 1e9,
@@ -203,53 +271,33 @@ def _train(cfg: PretrainConfig, dist: DistInfo, out_dir: Path) -> dict:
         peak_source,
         f"; {compiled}" if compiled else "",
     )
-    bar = tqdm(total=max_steps, initial=step, disable=not (main and run.progress), unit="step")
-    progress = Progress(cfg, dist, log, health, bar, scheduler, accum * per_step, flops_per_sample, peak)
-    model.train()
-    while step < max_steps:
-        micro_batches = [progress.next_batch(stream) for _ in range(accum)]
-        terms, out = train_step(micro_batches, step)
-        step += 1
-        progress.add(terms, step)
-        if step % run.log_every == 0 or step == max_steps:
-            progress.flush(step, epoch, out)  # the one place that syncs with the device
-            if main and run.plot_every and (step % run.plot_every == 0 or step == max_steps):
-                batch = micro_batches[-1]
-                save_attention_grid(out_dir / "plots" / f"step_{step:08d}.png", batch.image, out, batch.keys)
-        if run.val_every and step % run.val_every == 0 and step < max_steps:
-            _validate_and_log(cfg, unwrap(model), tokenizer, dist, log, step)
-            model.train()
-        if step % run.checkpoint_every == 0 or step == max_steps:
-            _save(cfg, model, optimizer, scheduler, scaler, loader, step, dist, out_dir, run_id)
-    bar.close()
-
-    result = _validate_and_log(cfg, unwrap(model), tokenizer, dist, log, step)
-    log.close()
-    if main:
-        encoder_sd, unet_sd = export_unet_state_dicts(unwrap(model))
-        for name, sd in (("g2d_encoder.pth", encoder_sd), ("g2d_encoder_decoder.pth", unet_sd)):
-            with atomic_open(out_dir / name, "wb") as fh:
-                torch.save(sd, fh)
-        try:
-            curves = save_loss_curves(out_dir / "metrics.jsonl", out_dir / "plots" / "loss_curves.png")
-            logger.info("[done] step %d; loss curves: %s", step, curves)
-        except ValueError as exc:  # e.g. metrics.jsonl deleted before a resume: the weights still count
-            logger.warning("[done] step %d; no loss curves: %s", step, exc)
-    return {"step": step, "val": result}
+    return stream, flops_per_sample, peak
 
 
-def _restore(found, model, optimizer, scheduler, scaler, loader, dist: DistInfo) -> tuple[int, int]:
-    """Load a resume checkpoint ((path, ckpt) from _resume_source) into the run's objects in place
-    -> (step, epoch) it stopped at."""
+def _export(model: torch.nn.Module, out_dir: Path, step: int) -> None:
+    """The encoder and U-Net state dicts for downstream code (model/export.py), each with a
+    `<file>.sha256` sidecar (a key inside would break their strict loading elsewhere), and the loss curves."""
+    encoder_sd, unet_sd = export_unet_state_dicts(model)
+    for name, sd in (("g2d_encoder.pth", encoder_sd), ("g2d_encoder_decoder.pth", unet_sd)):
+        sidecar_path(out_dir / name).unlink(missing_ok=True)  # never a stale sidecar beside a new file
+        with atomic_open(out_dir / name, "wb") as fh:
+            torch.save(sd, fh)
+        write_sha256_sidecar(out_dir / name)
+    try:
+        curves = save_loss_curves(out_dir / "metrics.jsonl", out_dir / "plots" / "loss_curves.png")
+        logger.info("[done] step %d; loss curves: %s", step, curves)
+    except ValueError as exc:  # e.g. metrics.jsonl deleted before a resume: the weights still count
+        logger.warning("[done] step %d; no loss curves: %s", step, exc)
+
+
+def _restore(found: tuple[Path, dict], states: dict[str, Any], dist: DistInfo) -> tuple[int, int]:
+    """Load a resume checkpoint ((path, ckpt) from _resume_source) into the run's stateful components
+    in place -> (step, epoch) it stopped at."""
     path, ckpt = found
     try:
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        loader.load_state_dict(ckpt["loader"])
+        for name, component in states.items():
+            component.load_state_dict(ckpt[name])
         step, epoch = int(ckpt["step"]), int(ckpt["loader"]["epoch"])
-        set_rng_state(ckpt["rng"][dist.rank] if isinstance(ckpt["rng"], list) else ckpt["rng"])
     except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
         # A checkpoint with the right keys but contents that do not fit (edited, or written by
         # another version): name it instead of a deep traceback from load_state_dict.
@@ -267,27 +315,13 @@ def _validate_and_log(cfg, model, tokenizer, dist, log, step) -> dict:
     return metrics
 
 
-def _save(cfg, model, optimizer, scheduler, scaler, loader, step, dist, out_dir, run_id) -> None:
-    # Every rank's RNG state is kept so a resumed multi-rank run continues each stream exactly.
-    states = [None] * dist.world_size
-    if dist.world_size > 1:
-        torch.distributed.all_gather_object(states, rng_state())
-    else:
-        states = [rng_state()]
-    if dist.rank != 0:
-        return
-    payload = {
-        "model": unwrap(model).state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "step": step,
-        "loader": loader.state_dict(),
-        "rng": states,
-        "config": config_to_dict(cfg),
-        "run_id": run_id,
-    }
-    save_checkpoint(checkpoint_path(out_dir, step), payload, cfg.train.keep_last)
+def _save(cfg, states: dict[str, Any], step: int, dist: DistInfo, out_dir: Path, run_id: str) -> None:
+    # Every rank takes the state dicts (cheap: references, except the RNG component's all-gather,
+    # which every rank must join); rank 0 writes them.
+    payload = {name: component.state_dict() for name, component in states.items()}
+    if dist.rank == 0:
+        payload.update(step=step, config=config_to_dict(cfg), run_id=run_id)
+        save_checkpoint(checkpoint_path(out_dir, step), payload, cfg.train.keep_last)
 
 
 def _stop_on_sigterm(signum, frame) -> None:
