@@ -503,7 +503,8 @@ def test_checkpoint_that_does_not_fit_the_model_is_one_line(mimic_shards, tiny_b
     torch.save(payload(5, "x", config=config_to_dict(cfg)), path)
     args = run_overrides(tmp_path / "run", mimic_shards, tiny_bert, **{"train.resume": path})
     code, err = exit_of(pretrain_main, ["--config", DEMO, *args], capsys)
-    assert_one_line_error(code, err, f"could not restore the run from {path}", "state_dict")
+    # The one line names the keys (model.image.load_strict), not torch's multi-line report's first line.
+    assert_one_line_error(code, err, f"could not restore the run from {path}", "unexpected ['w']", "missing ['image.")
 
 
 def test_tilde_in_output_dir_means_home(pretrain_main, capsys, tmp_path, monkeypatch):
@@ -516,3 +517,64 @@ def test_tilde_in_output_dir_means_home(pretrain_main, capsys, tmp_path, monkeyp
     )
     assert_one_line_error(code, err, "nope")  # stops at the missing text model, after creating the run
     assert (tmp_path / "home" / "run" / "config.yaml").is_file() and not (tmp_path / "~").exists()
+
+
+# ---- reusable artefacts: the tiny BERT records the reports it was built from (issue #29) ------
+
+
+class _StopBeforeTraining(Exception):
+    pass
+
+
+def test_demo_reuses_the_tiny_bert_only_when_built_from_the_same_reports(tmp_path, monkeypatch, capsys):
+    from pipeline.reports import shard_texts
+    from tests.pipeline_fixtures import pack_tiny
+    from tools import demo, make_tiny_bert, pack_shards, verify_shards
+
+    shards = {name: tmp_path / name for name in ("a", "b")}
+    for seed, root in enumerate(shards.values()):
+        pack_tiny(root, n_train=20, n_valid=4, per_shard=10, seed=seed)
+    bert, run = tmp_path / "bert", tmp_path / "run"
+    # Stages 1-2 (render + pack the demo corpus) are not what this is about; stage 4 stops the demo.
+    monkeypatch.setattr(demo, "ensure_synthetic", lambda *a, **k: tmp_path / "corpus")
+    monkeypatch.setattr(pack_shards, "pack", lambda *a, **k: None)
+    monkeypatch.setattr(verify_shards, "verify", lambda *a, **k: 0)
+
+    def stop(cfg, dist):
+        raise _StopBeforeTraining(cfg.model.text_model)
+
+    monkeypatch.setattr(demo, "train", stop)
+    monkeypatch.chdir(ROOT)
+
+    def demo_on(name: str) -> str:
+        with pytest.raises(_StopBeforeTraining):
+            demo.main([f"data.shards={shards[name]}", f"model.text_model={bert}", f"train.output_dir={run}"])
+        return capsys.readouterr().out
+
+    def fingerprint(name: str) -> str:
+        return make_tiny_bert.reports_fingerprint(shard_texts(shards[name]))
+
+    assert "tiny BERT" in demo_on("a")
+    assert make_tiny_bert.recorded_fingerprint(bert)["reports_sha256"] == fingerprint("a")
+    built = (bert / "config.json").stat().st_mtime_ns
+    assert f"using {bert}" in demo_on("a")
+    assert (bert / "config.json").stat().st_mtime_ns == built  # reused, not rebuilt
+    # Built from other shards (`make tiny-bert SHARDS_DIR=<other>`): rebuilt, and the output says why.
+    out = demo_on("b")
+    assert f"rebuilding {bert}: it was built from other reports" in out and str(shards["a"]) in out
+    assert make_tiny_bert.recorded_fingerprint(bert)["reports_sha256"] == fingerprint("b")
+    # A pretraining run made with the previous BERT is not continued with the rebuilt one.
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({}, checkpoint_path(run, 1))
+    code, err = exit_of(
+        demo.main, [f"data.shards={shards['a']}", f"model.text_model={bert}", f"train.output_dir={run}"], capsys
+    )
+    assert_one_line_error(code, err, str(run), "previous", str(bert))
+    # A text model with no record (an older tiny BERT, or a real model put there) is never overwritten.
+    (bert / make_tiny_bert.FINGERPRINT_FILE).unlink()
+    before = (bert / "config.json").read_bytes()
+    code, err = exit_of(
+        demo.main, [f"data.shards={shards['b']}", f"model.text_model={bert}", f"train.output_dir={run}"], capsys
+    )
+    assert_one_line_error(code, err, str(bert), "no record of the reports", "tools.make_tiny_bert")
+    assert (bert / "config.json").read_bytes() == before

@@ -4,7 +4,8 @@ synthetic corpus -> shards (+ verify) -> tiny BERT -> pretrain g2d_tiny -> evalu
 AND the same model at random init, measured the same way: retrieval and zero-shot AUC on the
 pretraining valid split, then small downstream tasks (zero-shot classification, grounding, a linear
 probe, a segmentation) on synthetic RSNA/SIIM look-alikes -> tables + plot paths.
-Every stage is idempotent: a rerun reuses the corpus, the shards and a finished pretraining run.
+Every stage is idempotent: a rerun reuses the corpus, the shards, the tiny BERT (only when it was
+built from these shards' reports: its recorded fingerprint) and a finished pretraining run.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from common.cli import ArgumentParser, run_main
+from common.cli import ArgumentParser, UserError, run_main
 from common.config import config_to_dict
 from common.dist import DistInfo, seed_everything
 from common.io import atomic_write_json
-from common.run_layout import checkpoint_path
+from common.run_layout import CHECKPOINT_DIR, checkpoint_path, list_checkpoints
 from eval.runner import run_all
 from model.registry import build_model
 from model.text import load_tokenizer
@@ -122,14 +123,18 @@ def main(argv: list[str] | None = None) -> None:
     if verify_shards.verify(shards, default_workers()):
         raise SystemExit("shard verification failed")
     stage("3/6 tiny BERT + WordPiece tokenizer from the training reports")
-    if not Path(cfg.model.text_model, "config.json").is_file():
-        make_tiny_bert.build(shards, cfg.model.text_model)
-    else:
-        print(f"using {cfg.model.text_model}")
+    # Reused only when built from these very reports (its recorded fingerprint), else rebuilt.
+    _, rebuilt = make_tiny_bert.ensure(shards, cfg.model.text_model)
 
     stage("4/6 pretrain g2d_tiny (G2D: VLA + pseudo-segmentation)")
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     out_dir = Path(cfg.train.output_dir)
+    if rebuilt and list_checkpoints(out_dir / CHECKPOINT_DIR):
+        # Its checkpoints hold the old BERT's weights, which the new tokenizer's ids no longer fit.
+        raise UserError(
+            f"{out_dir} holds a pretraining run made with the previous {cfg.model.text_model}; move it away "
+            "(or give train.output_dir=<new folder>) to pretrain with the rebuilt one"
+        )
     checkpoint = checkpoint_path(out_dir, train(cfg, dist)["step"])  # this run's own last checkpoint
 
     stage("5/6 evaluate: trained vs random init (valid split, same code path)")
