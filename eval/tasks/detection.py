@@ -27,8 +27,9 @@ facts and the YOLOv3 paper, not from any implementation):
   the later one wins.
 - Loss per scale, summed over scales: BCE of sigmoid(tx), sigmoid(ty) against the centre's offset in
   its cell; MSE of raw (tw, th) against log(box / anchor); objectness BCE against 1 on positives
-  + 0.5 x BCE against 0 on no-object anchors (positives among them included); class BCE on positives. Every term is a mean over the WHOLE [B, A, h, w]
-  tensor (masked entries count as zeros), weights xy 2.5, wh 2.5, conf 1, cls 1.
+  + 0.5 x BCE against 0 on no-object anchors (positives among them included); class BCE on
+  positives. Every term is a mean over the WHOLE [B, A, h, w] tensor (masked entries count as
+  zeros), weights xy 2.5, wh 2.5, conf 1, cls 1.
 - Decoding: centre = (cell + sigmoid(t)) * stride, size = anchor * exp(t), NOT clipped to the image
   (MGCA's boxes may cross the border, and NMS compares them so); confidence = sigmoid(objectness)
   (MGCA thresholds, sorts, runs NMS and ranks by it); NMS IoU with the "+1 pixel" convention.
