@@ -14,10 +14,9 @@ N ?= 400
 SEED ?= 0
 SIZE ?= 2048
 WORKERS ?= $(shell nproc)
-# Stored image size: pretraining shards 256 px / q90 (what G2D trains on), downstream shards 512 px /
-# q95 (segmentation/detection labels live at that scale). MAX_SIDE= / QUALITY= override either.
-PRETRAIN_MAX_SIDE := $(or $(MAX_SIDE),256)
-PRETRAIN_QUALITY := $(or $(QUALITY),90)
+# Stored image size: pretraining shards 256 px / q90 (what G2D trains on: tools/pack_shards.py PackOptions),
+# downstream shards 512 px / q95 (segmentation/detection labels live at that scale). MAX_SIDE= / QUALITY=
+# override either.
 DOWNSTREAM_MAX_SIDE := $(or $(MAX_SIDE),512)
 DOWNSTREAM_QUALITY := $(or $(QUALITY),95)
 SHARDS_DIR ?= data/shards/mimic
@@ -50,7 +49,11 @@ DATA ?= $(DOWNSTREAM_SHARDS)
 SYNTH_N := $(if $(filter command line,$(origin N)),$(value N),120)
 USER_VARS := SYNTH_N ARGS CONFIG NGPU NNODES NODE_RANK MASTER_ADDR MASTER_PORT TASK CKPT FRACTION DATA VARIANT A B \
         SCALE SEEDS STUDIES OUT N SEED SIZE WORKERS MIMIC REPORTS SRC DATASET SHARDS SHARDS_DIR SYNTH_DIR \
-        DOWNSTREAM_SRC DOWNSTREAM_SHARDS PRETRAIN_MAX_SIDE PRETRAIN_QUALITY DOWNSTREAM_MAX_SIDE DOWNSTREAM_QUALITY
+        DOWNSTREAM_SRC DOWNSTREAM_SHARDS MAX_SIDE QUALITY DOWNSTREAM_MAX_SIDE DOWNSTREAM_QUALITY
+# The variables this command line (or the environment) sets, before the override below renames
+# their origin: `make shards` passes packing options only when set (tools/pack_shards.py PackOptions
+# holds the defaults).
+USER_SET := $(foreach v,$(USER_VARS),$(if $(filter command% environment%,$(origin $(v))),$(v)))
 $(foreach v,$(USER_VARS),$(eval override $(v) := \
         $$(if $$(filter command% environment%,$$(origin $(v))),$$(value $(v)),$$($(v))))$(eval export $(v)))
 NOGLOB := set -f;
@@ -83,9 +86,11 @@ ifdef DATASET
 	  --out "$${OUT:-$$DOWNSTREAM_SHARDS}" --max-side "$$DOWNSTREAM_MAX_SIDE" --quality "$$DOWNSTREAM_QUALITY" \
 	  --workers "$$WORKERS" --seed "$$SEED"
 else
-	$(PY) -m tools.pack_shards $(if $(MIMIC),--mimic "$$MIMIC",--synthetic "$$SYNTH_DIR" --synth-n "$$N" --synth-size "$$SIZE") \
-	  $(if $(REPORTS),--reports "$$REPORTS") --out "$${OUT:-$$SHARDS_DIR}" --max-side "$$PRETRAIN_MAX_SIDE" \
-	  --quality "$$PRETRAIN_QUALITY" --workers "$$WORKERS" --seed "$$SEED"
+	$(PY) -m tools.pack_shards $(if $(MIMIC),--mimic "$$MIMIC",--synthetic "$$SYNTH_DIR") \
+	  $(if $(REPORTS),--reports "$$REPORTS") --out "$${OUT:-$$SHARDS_DIR}" --seed "$$SEED" \
+	  $(if $(filter N,$(USER_SET)),--synth-n "$$N") $(if $(filter SIZE,$(USER_SET)),--synth-size "$$SIZE") \
+	  $(if $(filter MAX_SIDE,$(USER_SET)),--max-side "$$MAX_SIDE") $(if $(filter QUALITY,$(USER_SET)),--quality "$$QUALITY") \
+	  $(if $(filter WORKERS,$(USER_SET)),--workers "$$WORKERS")
 endif
 
 verify-shards: setup  ## re-hash, checksum and decode every shard of OUT= against its manifest

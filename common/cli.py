@@ -18,6 +18,7 @@ reads one `error:` line (or one traceback, with its rank named) instead of N, an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import os
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import traceback
+import typing
 from collections.abc import Callable, Sequence
 
 
@@ -90,6 +92,28 @@ def _end_with_error(line: str, code: int) -> None:
     if not report_to_launcher("user", line):
         print(line, file=sys.stderr)
     sys.exit(code)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One `--<field-name>` option per field of dataclass `cls`, so a command's options and their
+    defaults live in one dataclass: the type from the annotation (`int | None` -> int), the default
+    from the field, the help from `metadata["help"]`; a bool field is a store_true flag."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_text = f.metadata.get("help")
+        tp = hints[f.name]
+        if tp is bool:
+            parser.add_argument(flag, action="store_true", default=default, help=help_text)
+            continue
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        parser.add_argument(flag, type=args[0] if args else tp, default=default, help=help_text)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace):
+    """`cls` filled from the options `add_dataclass_arguments` added."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def debug_enabled(argv: Sequence[str] | None = None) -> bool:

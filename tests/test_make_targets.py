@@ -246,3 +246,34 @@ def test_launcher_prints_each_ending_once():
     assert_one_line(done.returncode, done.stderr, "rank 1 was killed by SIGKILL", status=137)
     done = launch("ok")
     assert done.returncode == 0 and sorted(done.stdout.split("\n"))[-2:] == ["rank 0 ok", "rank 1 ok"], done
+
+
+# ---- packing options: one home (tools/pack_shards.py PackOptions) ----------------------------
+
+
+def make_argv(tmp_path: Path, *words: str) -> list[str]:
+    """The argv a make target gives its command (PY= replaced by a script that prints it)."""
+    echo = tmp_path / "echo_argv"
+    echo.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    echo.chmod(0o755)
+    done = make("-s", *words, f"PY={echo}")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_make_shards_takes_the_packing_defaults_from_pack_options(tmp_path):
+    from common.cli import dataclass_from_args
+    from tools.pack_shards import PackOptions, build_parser
+
+    def options(*words: str) -> PackOptions:
+        argv = make_argv(tmp_path, "shards", *words)
+        assert argv[:2] == ["-m", "tools.pack_shards"], argv
+        return dataclass_from_args(PackOptions, build_parser().parse_args(argv[2:]))
+
+    # What the Makefile used to pass explicitly (--max-side 256 --quality 90 --seed 0 --synth-n 400
+    # --synth-size 2048): the same options, so `make shards` writes the same bytes.
+    got = options()
+    assert (got.max_side, got.quality, got.seed, got.synth_n, got.synth_size) == (256, 90, 0, 400, 2048)
+    assert got == PackOptions(seed=0)  # every other default is the dataclass's
+    got = options("MAX_SIDE=300", "QUALITY=80", "N=7", "SIZE=512", "WORKERS=1", "SEED=5")
+    assert (got.max_side, got.quality, got.synth_n, got.synth_size, got.workers, got.seed) == (300, 80, 7, 512, 1, 5)
