@@ -233,13 +233,18 @@ def _top_prefixes(keys, n: int = 8) -> list[str]:
     return sorted({".".join(k.split(".")[:2]) + "." for k in keys})[:n]
 
 
-def _from_checkpoint(path: Path) -> Pretrained:
-    payload = _read_tensor_file(path)
+def _refuse_unprefixed_lightning(path: Path, payload: object) -> None:
+    """A Lightning-style file ({"state_dict": ...}) given without ckpt.prefix: say which prefix to give."""
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         raise BadCheckpoint(
             f"{path}: a Lightning-style checkpoint ('state_dict'); name the image encoder's key "
             f"prefix with ckpt.prefix=..., e.g. one of {_top_prefixes(payload['state_dict'])}"
         )
+
+
+def _from_checkpoint(path: Path) -> Pretrained:
+    payload = _read_tensor_file(path)
+    _refuse_unprefixed_lightning(path, payload)
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise BadCheckpoint(
             f"{path}: not a pretraining checkpoint (needs 'model' and 'config' keys; "
@@ -275,11 +280,7 @@ def _from_checkpoint(path: Path) -> Pretrained:
 
 def _from_export(path: Path, baseline: ModelConfig) -> Pretrained:
     state = _read_tensor_file(path)
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        raise BadCheckpoint(
-            f"{path}: a Lightning-style checkpoint ('state_dict'); name the image encoder's key "
-            f"prefix with ckpt.prefix=..., e.g. one of {_top_prefixes(state['state_dict'])}"
-        )
+    _refuse_unprefixed_lightning(path, state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BadCheckpoint(
             f"{path}: expected a flat state dict of tensors (an exported encoder or U-Net, or a "

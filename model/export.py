@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from model.image import load_encoder_state
+from model.image import load_encoder_state, read_weights_file
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -38,14 +38,15 @@ def export_unet_state_dicts(model: nn.Module) -> tuple[dict[str, torch.Tensor], 
 def load_encoder_into_unet(path_or_sd: str | Path | dict[str, torch.Tensor], unet: nn.Module) -> nn.Module:
     """Load pretrained encoder weights into an smp U-Net's encoder, strictly; returns `unet`.
 
-    Accepts a file (torch.load weights_only) or a dict, in encoder, whole-U-Net, torchvision-ResNet
-    or DDP-prefixed layout. A mismatch raises ValueError listing missing/unexpected/wrong-shape keys.
+    Accepts a file (model.image.read_weights_file: weights_only) or a dict, in encoder, whole-U-Net,
+    torchvision-ResNet or DDP-prefixed layout. A mismatch raises ArchitectureMismatch (a ValueError)
+    listing missing/unexpected/wrong-shape keys; an unreadable file UnreadableWeights.
     """
     if isinstance(path_or_sd, (str, Path)):
         source = str(path_or_sd)
         if not Path(source).is_file():
             raise FileNotFoundError(f"encoder weights not found: {source}")
-        state = torch.load(source, map_location="cpu", weights_only=True)
+        state = read_weights_file(source)
     else:
         source, state = "state dict", path_or_sd
     load_encoder_state(unet.encoder, dict(state), source)

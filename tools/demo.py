@@ -22,6 +22,7 @@ from common.dist import DistInfo, seed_everything
 from common.io import atomic_write_json
 from common.run_layout import CHECKPOINT_DIR, checkpoint_path, list_checkpoints
 from eval.runner import run_all
+from model.image import load_strict
 from model.registry import build_model
 from model.text import load_tokenizer
 from shards.ensure import ensure_data, ensure_synthetic
@@ -63,7 +64,7 @@ def pretraining_metrics(cfg, dist: DistInfo, checkpoint: Path | None) -> dict:
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(dist.device)
     if checkpoint is not None:
-        model.load_state_dict(load_checkpoint(checkpoint)["model"])
+        load_strict(model, load_checkpoint(checkpoint)["model"], str(checkpoint), "g2d_tiny model of the demo config")
     tokenizer = load_tokenizer(cfg.model.text_model)
     return validate(model, cfg, tokenizer, dist)
 
