@@ -277,3 +277,24 @@ def test_make_shards_takes_the_packing_defaults_from_pack_options(tmp_path):
     assert got == PackOptions(seed=0)  # every other default is the dataclass's
     got = options("MAX_SIDE=300", "QUALITY=80", "N=7", "SIZE=512", "WORKERS=1", "SEED=5")
     assert (got.max_side, got.quality, got.synth_n, got.synth_size, got.workers, got.seed) == (300, 80, 7, 512, 1, 5)
+
+
+def test_launcher_arguments_and_the_multi_node_rendezvous(tmp_path):
+    from tools.launch import build_parser, torchrun_argv
+
+    done = make("pretrain", "NGPU=0")  # refused before torch is imported
+    assert_one_line(done.returncode, done.stderr, "argument --nproc: expected a positive integer, got '0'")
+    one = build_parser().parse_args(["--nproc", "2", "train.pretrain", "--config", "c.yaml", "a=1"])
+    assert torchrun_argv(one) == [
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "train.pretrain",
+        "--config",
+        "c.yaml",
+        "a=1",
+    ]
+    many = build_parser().parse_args(
+        ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29600", "m"]
+    )
+    assert torchrun_argv(many)[:4] == ["--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29600"]

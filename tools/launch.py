@@ -16,6 +16,7 @@ common.cli.run_main) is named with its exit status.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -31,13 +32,10 @@ SELF_REPORTED = frozenset({2, 3, 130, 128 + signal.SIGTERM, 128 + signal.SIGINT}
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise UserError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise UserError(f"expected a positive integer, got {text!r}")
-    return value
+    """argparse type: argparse names the option in its message (`argument --nproc: ...`)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
 
 
 def torchrun_argv(args) -> list[str]:
@@ -75,7 +73,7 @@ def failure_ending(reports: list[dict], failures: dict) -> tuple[str, int]:
     return f"error: rank {rank} exited with status {code} (its output is above)", code
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=positive_int, default=1, help="processes (GPUs) on this node")
     parser.add_argument("--nnodes", type=positive_int, default=1)
@@ -84,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master-port", type=positive_int, default=29500, help="multi-node only")
     parser.add_argument("module", help="the entry point's module, e.g. train.pretrain")
     parser.add_argument("module_args", nargs="...", help="its arguments, as given")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     # Imported here: torch's import is seconds, and a usage error above should not wait for it.
     from torch.distributed import run as torchrun
