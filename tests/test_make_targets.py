@@ -224,6 +224,25 @@ def test_readme_streaming_row_reads_every_shard(served_mimic, mimic_shards, tiny
 # ---- the launcher's endings (a light worker: no torch import in the ranks) ------------------
 
 
+def test_a_stopped_launcher_prints_no_agent_log(tmp_path):
+    """SIGTERM (or Ctrl-C) on the launcher: torchrun stops the ranks; none of the agent's log lines."""
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "tools.launch", "--nproc", "2", "tests.launch_worker", "wait", str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=child_env(G2D_DEBUG=""),
+    )
+    deadline = time.time() + 120
+    while not ((tmp_path / "rank0").exists() and (tmp_path / "rank1").exists()):
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+        time.sleep(0.1)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 128 + signal.SIGTERM and "torch/distributed" not in err, err
+
+
 def launch(mode: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "tools.launch", "--nproc", "2", "tests.launch_worker", mode],

@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     # The agent logs every worker failure (and the shutdown of its peers) as it sees it; the
-    # ending below says what matters once.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    # ending below says what matters once. Its loggers set their own level (torch's get_logger reads
+    # LOGLEVEL), so each one is quietened, not just their parent.
+    for name in [*logging.root.manager.loggerDict, "torch.distributed.elastic"]:
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     if args.nproc > 1:
         # What torchrun does when it is unset (one thread per rank, not one per core per rank),
         # without its four-line banner in front of every message.
