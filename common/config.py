@@ -10,6 +10,7 @@ The resolved config (defaults + file + overrides) is saved next to every run and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
@@ -46,17 +47,44 @@ def at_least(low: int | float, default: Any, note: str = "") -> Any:
     return checked(default, f">= {low}{note}", lambda v: v >= low)
 
 
+def one_of(default: Any, choices: tuple) -> Any:
+    """`checked` for a value from a fixed tuple of names (a `str` field whose choices a module lists)."""
+    return checked(default, f"one of {choices}", lambda v: v in choices)
+
+
+@functools.cache
+def _declared_checks(cls: type) -> dict[str, tuple[Callable[[Any], bool], str]]:
+    """field name -> (test, domain) of dataclass `cls`: its `checked` metadata, or for a `Literal[...]`
+    annotation, membership in the literal's values (the annotation is the declaration)."""
+    hints = typing.get_type_hints(cls)
+    rules = {}
+    for f in dataclasses.fields(cls):
+        if "check" in f.metadata:
+            rules[f.name] = f.metadata["check"]
+        elif typing.get_origin(hints[f.name]) is typing.Literal:
+            allowed = typing.get_args(hints[f.name])
+            rules[f.name] = (lambda v, allowed=allowed: v in allowed, f"one of {list(allowed)}")
+    return rules
+
+
+def check_field(cls: type, name: str, value: Any, section: str) -> None:
+    """ConfigError if `value` is outside the domain field `name` of dataclass `cls` declares: the check
+    for a function that takes one such value as a plain argument (no config object at hand)."""
+    rule = _declared_checks(cls).get(name)
+    if rule is not None and value is not None and not rule[0](value):
+        raise ConfigError(f"{section}.{name}={value!r} must be {rule[1]}")
+
+
 def check_fields(cfg: Any, section: str, finite: bool = True) -> None:
     """ConfigError naming the first field of dataclass `cfg` outside the domain its `checked` metadata
-    declares, or (`finite`) holding a non-finite float; the one validator of every section's ranges."""
+    (or `Literal` annotation) declares, or (`finite`) holding a non-finite float; the one validator of
+    every section's ranges."""
     for f in dataclasses.fields(cfg):
         value, key = getattr(cfg, f.name), f"{section}.{f.name}"
         values = value if isinstance(value, (tuple, list)) else (value,)
         if finite and any(isinstance(v, float) and not math.isfinite(v) for v in values):
             raise ConfigError(f"{key}={value} must be a finite number")
-        rule = f.metadata.get("check")
-        if rule is not None and value is not None and not rule[0](value):
-            raise ConfigError(f"{key}={value!r} must be {rule[1]}")
+        check_field(type(cfg), f.name, value, section)
 
 
 def _type_name(tp: Any) -> str:

@@ -4,7 +4,8 @@ switch away. docs/method.md tabulates every such choice with its key.
 
 Loaded strictly with `common.config.config_from_dict(ModelConfig, dict)`; registered named variants
 live in model/registry.py. Each range is declared on its field (`checked` / `at_least`) and checked by
-`common.config.check_fields` when a pretraining config loads.
+`common.config.check_fields` when a pretraining config loads and again when G2DModel is built (a
+config made in code); the `Literal` annotations are the declared choices.
 """
 
 from __future__ import annotations

@@ -17,19 +17,22 @@ The decoder target (paper Tab. 5a / Tab. 8 arms; every arm runs the same forward
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import check_fields
 from model.config import ModelConfig
 from model.image import ImageEncoderDecoder
 from model.losses import ContrastiveLoss, pseudo_seg_loss, reconstruction_loss
 from model.pseudo_mask import derange, pseudo_mask
 from model.text import TextEncoder
 
-DECODER_TARGETS = ("pseudo_mask", "reconstruction", "shuffled_pseudo_mask", "none")
+# The arms model.decoder_target may name, as its Literal annotation declares them.
+DECODER_TARGETS: tuple[str, ...] = typing.get_args(typing.get_type_hints(ModelConfig)["decoder_target"])
 
 
 def reconstruction_target(image: torch.Tensor) -> torch.Tensor:
@@ -60,18 +63,12 @@ class G2DOutput:
 class G2DModel(nn.Module):
     def __init__(self, cfg: ModelConfig, text_backbone: nn.Module | None = None):
         super().__init__()
+        # A config built in code (not loaded from YAML) meets its fields' declared ranges here.
+        check_fields(cfg, "model")
         self.cfg = cfg
         self.image = ImageEncoderDecoder(cfg)
         self.text = TextEncoder(cfg, bert=text_backbone)
         self.vla = ContrastiveLoss(cfg.temperature, cfg.learnable_temperature, cfg.gather_negatives, cfg.vla_reduction)
-        if cfg.pseudo_mask_mode not in ("paper", "code"):
-            raise ValueError(f"pseudo_mask_mode={cfg.pseudo_mask_mode!r}; choose 'paper' or 'code'")
-        if cfg.pa_loss not in ("paper", "code"):
-            raise ValueError(f"pa_loss={cfg.pa_loss!r}; choose 'paper' or 'code'")
-        if not 0.0 < cfg.pseudo_mask_quantile < 1.0:
-            raise ValueError(f"pseudo_mask_quantile={cfg.pseudo_mask_quantile} must be in (0, 1)")
-        if cfg.decoder_target not in DECODER_TARGETS:
-            raise ValueError(f"decoder_target={cfg.decoder_target!r}; choose one of {', '.join(DECODER_TARGETS)}")
         # Replaced by their compiled versions in compile_parts().
         self.pa_loss_fn = pseudo_seg_loss
         self.reconstruction_loss_fn = reconstruction_loss

@@ -18,6 +18,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from common.config import check_field
+from model.config import ModelConfig
+
 _BINS = 256
 
 
@@ -113,8 +116,9 @@ def pseudo_mask(
 
     sigma_space is in attention cells (H/h pixels each); body_mask/smoothing apply in paper mode only.
     """
-    if mode not in ("paper", "code"):
-        raise ValueError(f"pseudo_mask_mode={mode!r}; choose 'paper' or 'code'")
+    # Called without a config too (tests, the quality harness): the ModelConfig fields' own declarations.
+    check_field(ModelConfig, "pseudo_mask_mode", mode, "model")
+    check_field(ModelConfig, "pseudo_mask_quantile", quantile, "model")
     att = attention.detach().float().mean(dim=1, keepdim=True)  # [B,1,h,w] head mean
     size = tuple(image.shape[-2:])
     if mode == "code":

@@ -65,3 +65,29 @@ def test_yaml_problems_name_the_file(tmp_path):
         load_config(Root, None, ["opt.betas=[1"])
     with pytest.raises(ConfigError, match="opt is not a section"):
         load_config(Root, None, ["opt=3", "opt.lr=1"])
+
+
+def test_declared_checks_cover_literals_and_configs_built_in_code():
+    """One declaration per check: a field's `checked` metadata or its `Literal` annotation, read by
+    check_fields (loaded configs, G2DModel on a config built in code) and by check_field (pseudo_mask,
+    which takes the values as plain arguments)."""
+    import torch
+
+    from common.config import check_fields
+    from model.config import ModelConfig
+    from model.g2d import G2DModel
+    from model.pseudo_mask import pseudo_mask
+    from train.optim import OptimConfig
+
+    with pytest.raises(ConfigError, match=r"model\.pa_loss='x' must be one of \['paper', 'code'\]"):
+        G2DModel(ModelConfig(pa_loss="x"))  # refused before any tower (or BERT) is built
+    with pytest.raises(ConfigError, match=r"model\.pseudo_mask_quantile=1\.0 must be in \(0, 1\)"):
+        G2DModel(ModelConfig(pseudo_mask_quantile=1.0))
+    with pytest.raises(ConfigError, match=r"model\.pseudo_mask_quantile=0\.0 must be in \(0, 1\)"):
+        pseudo_mask(torch.rand(1, 4, 2, 2), torch.zeros(1, 3, 64, 64), quantile=0.0)
+    with pytest.raises(ConfigError, match=r"optim\.schedule='step' must be one of"):
+        check_fields(OptimConfig(schedule="step"), "optim")
+    with pytest.raises(ConfigError, match=r"optim\.betas=\(0\.9, 1\.0\) must be two values in \[0, 1\)"):
+        check_fields(OptimConfig(betas=(0.9, 1.0)), "optim")
+    check_fields(OptimConfig(), "optim")
+    check_fields(ModelConfig(), "model")

@@ -17,24 +17,27 @@ import torch
 from torch import nn
 
 from common.cli import UserError
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"  # adamw | apex_fused_adam | apex_fused_lamb
-    lr: float = 2e-4  # paper 2e-4; official code 2e-5
-    weight_decay: float = 1e-8
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    fused: bool = True  # torch AdamW(fused=True); falls back to foreach if unsupported
-    schedule: str = "warmup_cosine"  # warmup_cosine (paper) | cosine_restarts (code) | constant
-    warmup_steps: int = 0  # linear warm-up length (warmup_cosine); 0 = 3% of max_steps
-    min_lr: float = 1e-8
-    restart_period: int = 200  # T_0 of CosineAnnealingWarmRestarts, in optimiser steps
-
+from common.config import at_least, checked, one_of
 
 OPTIMIZERS = ("adamw", "apex_fused_adam", "apex_fused_lamb")
 SCHEDULES = ("warmup_cosine", "cosine_restarts", "constant")
+
+
+# Each range is declared on its field and read by common.config.check_fields when the config loads.
+@dataclass
+class OptimConfig:
+    name: str = one_of("adamw", OPTIMIZERS)
+    lr: float = checked(2e-4, "> 0", lambda v: v > 0)  # paper 2e-4; official code 2e-5
+    weight_decay: float = at_least(0, 1e-8)
+    betas: tuple[float, float] = checked((0.9, 0.999), "two values in [0, 1)", lambda v: all(0 <= b < 1 for b in v))
+    eps: float = checked(1e-8, "> 0", lambda v: v > 0)
+    fused: bool = True  # torch AdamW(fused=True); falls back to foreach if unsupported
+    schedule: str = one_of("warmup_cosine", SCHEDULES)  # warmup_cosine (paper) | cosine_restarts (code) | constant
+    warmup_steps: int = at_least(0, 0, " (0 = 3% of the steps)")  # linear warm-up length (warmup_cosine)
+    min_lr: float = at_least(0, 1e-8)
+    restart_period: int = at_least(1, 200)  # T_0 of CosineAnnealingWarmRestarts, in optimiser steps
+
+
 NO_DECAY_HINTS = ("bias", "norm", "bn", "embed", "positional", "pos_emb", "logit_scale", "temperature")
 
 
