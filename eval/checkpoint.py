@@ -20,8 +20,10 @@
                        (downloaded, or `imagenet_weights=<local state dict>`)
 
 The architecture is always rebuilt from the checkpoint's own saved `model` config (never from the
-eval config), with `encoder_weights` forced to "none" so nothing is downloaded: the weights come from
-the file. This module only finds and reads the weights; model/ builds the architectures
+eval config), image_size and max_text_length re-derived from its saved `data` section where a
+pretraining config stores them (saved_model_fields; an older config's own model.* copy is kept),
+with `encoder_weights` forced to "none" so nothing is downloaded: the weights come from the file.
+This module only finds and reads the weights; model/ builds the architectures
 (model.registry.build_model, model.image.build_unet) and loads weights into them strictly
 (model.image.load_strict: `ArchitectureMismatch` listing the missing, unexpected and wrong-shape keys).
 Files are read with torch.load(weights_only=True).
@@ -43,11 +45,11 @@ import yaml
 from torch import nn
 
 from common.cli import UserError
-from common.config import config_from_dict, config_to_dict
+from common.config import ConfigError, config_from_dict, config_to_dict
 from common.io import DigestMismatch, pop_and_verify_digest, sha256_file, verify_sha256_sidecar
 from common.log import get_logger
 from common.run_layout import CHECKPOINT_DIR, CKPT_RE, list_checkpoints, newest_checkpoint
-from model.config import ModelConfig
+from model.config import DATA_DERIVED_FIELDS, ModelConfig, data_derived_fields
 from model.image import (
     ArchitectureMismatch,  # re-exported: what callers of this module catch
     ImageEncoderDecoder,
@@ -61,6 +63,7 @@ from model.image import (
     read_weights_file,
 )
 from model.registry import MODEL_CONFIGS, build_model, model_config
+from pipeline.config import DataConfig
 
 DEFAULT_RUNS_GLOBS = ("runs/pretrain*", "runs/*/pretrain*")
 EXPORT_FULL = "g2d_encoder_decoder.pth"  # what a run directory without checkpoints falls back to
@@ -85,14 +88,37 @@ class NotApplicable(ValueError):
     variant without a pretrained decoder)."""
 
 
-def model_config_from_saved(saved: dict, source: str) -> ModelConfig:
-    """A saved `model` section (possibly from an older run with fewer keys) -> ModelConfig, starting
-    from the registered config it names. encoder_weights is forced to 'none': weights come from the file."""
-    if not isinstance(saved, dict):
+def saved_model_fields(saved: dict, source: str) -> dict:
+    """A run's saved config (a checkpoint's `config` or a config.yaml) -> its `model` fields as a dict,
+    with the fields the data section decides (model.config.DATA_DERIVED_FIELDS: image_size,
+    max_text_length) re-derived from its saved `data` section, where a pretraining config stores them.
+
+    Older configs also stored them in `model`; such a key is kept as saved (the value the model was built
+    with; every run since the derivation stored the very value re-derived here), and a config without a
+    `data` section keeps the registry's."""
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(model, dict):
         raise BadCheckpoint(f"{source}: the saved config has no `model` mapping")
-    name = saved.get("name", ModelConfig.name)
+    data, missing = saved.get("data"), [k for k in DATA_DERIVED_FIELDS if k not in model]
+    if not missing or not isinstance(data, dict):
+        return dict(model)
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    try:
+        data_cfg = config_from_dict(DataConfig, {k: v for k, v in data.items() if k in known})
+    except ConfigError as exc:
+        raise BadCheckpoint(f"{source}: its saved data section does not load ({exc})") from None
+    derived = data_derived_fields(data_cfg)
+    return {**model, **{k: derived[k] for k in missing}}
+
+
+def model_config_from_saved(saved: dict, source: str) -> ModelConfig:
+    """A run's saved config (possibly from an older run with fewer keys) -> the ModelConfig it was built
+    with, starting from the registered config it names. encoder_weights is forced to 'none': weights
+    come from the file."""
+    model = saved_model_fields(saved, source)
+    name = model.get("name", ModelConfig.name)
     base = config_to_dict(model_config(name)) if name in MODEL_CONFIGS else {}
-    return config_from_dict(ModelConfig, {**base, **saved, "encoder_weights": "none"})
+    return config_from_dict(ModelConfig, {**base, **model, "encoder_weights": "none"})
 
 
 @dataclass
@@ -258,7 +284,7 @@ def _from_checkpoint(path: Path) -> Pretrained:
         ) from exc
     if not checked:
         logger.warning("%s carries no checksum (written by an older version): loaded unchecked", path)
-    cfg = model_config_from_saved(payload["config"].get("model"), str(path))
+    cfg = model_config_from_saved(payload["config"], str(path))
     state = {k.removeprefix("module."): v for k, v in payload["model"].items()}
     unet = {k.removeprefix("image.unet."): v for k, v in state.items() if k.startswith("image.unet.")}
     if not unet:
@@ -296,7 +322,7 @@ def _from_export(path: Path, baseline: ModelConfig) -> Pretrained:
     saved = {}
     if config_yaml.is_file():
         saved = _read_saved_config(config_yaml)
-        cfg = model_config_from_saved(saved.get("model"), str(config_yaml))
+        cfg = model_config_from_saved(saved, str(config_yaml))
     else:
         cfg = dataclasses.replace(baseline, encoder_weights="none")
     state = {k.removeprefix("module."): v for k, v in state.items()}

@@ -73,6 +73,17 @@ class ModelConfig:
     decoder_target: Literal["pseudo_mask", "reconstruction", "shuffled_pseudo_mask", "none"] = "pseudo_mask"
 
 
+def data_derived_fields(data) -> dict:
+    """The fields a run's data section decides, from `data` (its pipeline.config.DataConfig, which model/
+    does not import): image_size = the side the training transform yields (it sizes the attention pool's
+    positional table, so another value would resample it on every forward) and max_text_length = the
+    token cap (checked against BERT's positions). A pretraining config stores them once, in `data`."""
+    return {"image_size": data.train_side, "max_text_length": data.max_text_length}
+
+
+DATA_DERIVED_FIELDS = ("image_size", "max_text_length")  # the keys of data_derived_fields
+
+
 def changed_fields(saved: dict, current: ModelConfig) -> list[str]:
     """Names of the fields in which `current` differs from a checkpoint's saved model config.
 

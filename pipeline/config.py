@@ -72,6 +72,11 @@ class DataConfig:
     torch_gpu_decode: bool = False  # torch backend + CUDA: nvJPEG via torchvision.io.decode_jpeg
     dali_decode: Literal["auto", "cpu"] = "auto"  # auto: nvJPEG ("mixed") when CUDA is available
 
+    @property
+    def train_side(self) -> int:
+        """Side of the images the training transform yields: crop_size for the cropping transforms."""
+        return self.crop_size if self.transform in CROPPING else self.image_size
+
     def __post_init__(self) -> None:
         # Floats here were never required to be finite (stream_deadline_s=inf passes): ranges only.
         check_fields(self, "data", finite=False)

@@ -285,7 +285,7 @@ def test_code_mode_config_pads_to_256_so_text_embeddings_equal_the_official_ones
     )
     assert ids.shape == (4, 256)
     torch.manual_seed(0)
-    encoder = TextEncoder(cfg.model).train()
+    encoder = TextEncoder(cfg.resolved_model).train()
     encoder.bert.eval()  # dropout off; the projector BN stays in training mode
     # The official computation: BertModel over 256-padded tokens, then Conv1d -> BatchNorm1d over all positions.
     ref = tok(REPORTS, padding="max_length", truncation=True, max_length=256, return_tensors="pt")

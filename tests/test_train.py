@@ -126,7 +126,7 @@ def test_smoke_run_writes_every_artefact(mimic_shards, tiny_bert, tmp_path):
     assert steps[0]["pa_active"] is False and steps[-1]["pa_active"] is True
     assert any("val/retrieval_top5" in r for r in rows)
     cfg = load_pretrain_config(out / "config.yaml", [])
-    assert cfg.train.max_steps == 5 and cfg.model.image_size == 64
+    assert cfg.train.max_steps == 5 and cfg.resolved_model.image_size == 64
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000004.pt", "step_00000005.pt"]
     ckpt = torch.load(out / "checkpoints" / "step_00000005.pt", weights_only=True)
     assert ckpt["step"] == 5 and ckpt["config"]["model"]["name"] == "g2d_tiny"
@@ -244,7 +244,7 @@ def test_config_errors():
         load_pretrain_config("configs/pretrain/demo.yaml", ["train.precision=fp8"])
     for name in ("g2d_paper", "g2d_code", "demo"):
         cfg = load_pretrain_config(f"configs/pretrain/{name}.yaml", [])
-        assert cfg.data.batch_size_per_gpu == cfg.train.batch_size_per_gpu
+        assert cfg.resolved_data.batch_size_per_gpu == cfg.train.batch_size_per_gpu
 
 
 @pytest.mark.parametrize("name", ["demo", "g2d_code", "g2d_paper"])
@@ -259,13 +259,19 @@ def test_model_view_is_derived_from_data_and_configs_keep_their_meaning(name):
     # As it resolved before: the registry base updated with the YAML's model keys.
     before = {**config_to_dict(model_config(raw["model"]["name"])), **raw["model"]}
     cfg = load_pretrain_config(path, [])
-    after = config_to_dict(cfg.model)
+    after = config_to_dict(cfg.resolved_model)
     changed = {k: (before[k], after[k]) for k in after if before[k] != after[k]}
     # The one intended change: the paper recipe's model is built for the 224 crop it receives.
     assert changed == ({"image_size": (256, 224)} if name == "g2d_paper" else {}), changed
     side = cfg.data.crop_size if name == "g2d_paper" else cfg.data.image_size
-    assert cfg.model.image_size == side and cfg.model.max_text_length == cfg.data.max_text_length
-    assert (cfg.data.batch_size_per_gpu, cfg.data.seed) == (cfg.train.batch_size_per_gpu, cfg.train.seed)
+    model, data = cfg.resolved_model, cfg.resolved_data
+    assert model.image_size == side and model.max_text_length == cfg.data.max_text_length
+    assert (data.batch_size_per_gpu, data.seed) == (cfg.train.batch_size_per_gpu, cfg.train.seed)
+    # Each value is stored once: the sections hold no copy to go stale, and the saved config repeats none.
+    saved = config_to_dict(cfg)
+    assert not {"image_size", "max_text_length"} & set(saved["model"]), saved["model"]
+    assert not {"batch_size_per_gpu", "seed"} & set(saved["data"]), saved["data"]
+    assert not hasattr(cfg.data, "seed") and not hasattr(cfg.model, "image_size")
 
 
 def test_conflicting_duplicated_knobs_name_both_keys(tmp_path):
@@ -288,7 +294,36 @@ def test_conflicting_duplicated_knobs_name_both_keys(tmp_path):
         load_pretrain_config(demo, ["data.seed=1"])
     # One knob moves both; the saved resolved config shows the derived values and loads back as is.
     cfg = load_pretrain_config(demo, ["data.image_size=96", "data.max_text_length=64", "train.seed=7"])
-    assert (cfg.model.image_size, cfg.model.max_text_length, cfg.data.seed) == (96, 64, 7)
+    model = cfg.resolved_model
+    assert (model.image_size, model.max_text_length, cfg.resolved_data.seed) == (96, 64, 7)
     save_config(cfg, tmp_path / "config.yaml")
     saved = load_pretrain_config(tmp_path / "config.yaml", [])
-    assert (saved.model.image_size, saved.model.max_text_length) == (96, 64) and saved == cfg
+    assert saved.resolved_model == model and saved == cfg
+
+
+def test_saved_configs_of_older_runs_still_load(tmp_path):
+    """Older runs saved the derived copies (data.batch_size_per_gpu/seed, model.image_size/max_text_length):
+    resume (load_pretrain_config, the checkpoint's model comparison) and eval (model_config_from_saved)
+    read both layouts to the same resolved model."""
+    import dataclasses
+
+    import yaml
+
+    from common.config import config_to_dict
+    from eval.checkpoint import model_config_from_saved, saved_model_fields
+
+    cfg = load_pretrain_config("configs/pretrain/g2d_paper.yaml", ["train.seed=3"])
+    new = config_to_dict(cfg)
+    old = config_to_dict(cfg)
+    old["data"].update(batch_size_per_gpu=128, seed=3)
+    old["model"].update(image_size=224, max_text_length=256)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert load_pretrain_config(tmp_path / "config.yaml", []) == cfg
+    expected = dataclasses.replace(cfg.resolved_model, encoder_weights="none")
+    assert model_config_from_saved(new, "new") == expected == model_config_from_saved(old, "old")
+    assert saved_model_fields(new, "new") == config_to_dict(cfg.resolved_model)
+    # A run from before the derivation keeps the size its model was built with (its weights' shapes).
+    older = {**old, "model": {**old["model"], "image_size": 256}}
+    assert model_config_from_saved(older, "older").image_size == 256
+    with pytest.raises(ConfigError, match=r"data.seed=4 conflicts with train.seed=3"):
+        load_pretrain_config(tmp_path / "config.yaml", ["data.seed=4"])

@@ -62,7 +62,7 @@ def stage(title: str) -> None:
 def pretraining_metrics(cfg, dist: DistInfo, checkpoint: Path | None) -> dict:
     """Validation metrics of the g2d_tiny model: trained weights from `checkpoint`, or random init."""
     seed_everything(cfg.train.seed)
-    model = build_model(cfg.model).to(dist.device)
+    model = build_model(cfg.resolved_model).to(dist.device)
     if checkpoint is not None:
         load_strict(model, load_checkpoint(checkpoint)["model"], str(checkpoint), "g2d_tiny model of the demo config")
     tokenizer = load_tokenizer(cfg.model.text_model)

@@ -2,13 +2,16 @@
 
 YAML files in configs/pretrain/ fill it; `key.sub=value` arguments override it; the resolved result
 is saved as `<output_dir>/config.yaml` and inside every checkpoint, and eval rebuilds the model
-from that saved `model` section alone.
+from that saved `model` section and the image side and token cap its `data` section gives.
+Each value is stored once (the `data` and `model` sections lack the fields another section decides);
+the loader and the model take the derived views `resolved_data` / `resolved_model`.
 `model.name` picks a registered base config (model/registry.py); the other `model.*` keys override it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +19,7 @@ from common.config import (
     ConfigError,
     apply_overrides,
     at_least,
+    check_field,
     check_fields,
     checked,
     config_from_dict,
@@ -23,7 +27,7 @@ from common.config import (
     one_of,
     read_yaml,
 )
-from model.config import ModelConfig
+from model.config import DATA_DERIVED_FIELDS, ModelConfig, data_derived_fields
 from model.registry import MODEL_CONFIGS, model_config
 from pipeline.config import CROPPING, DataConfig
 from train.optim import OptimConfig
@@ -42,7 +46,7 @@ class RunConfig:
     seed: int = checked(42, "in [0, 2**31) (rank r seeds numpy with seed + r)", lambda v: 0 <= v < 2**31)
     epochs: int = at_least(1, 50)
     max_steps: int = at_least(0, 0, " (0 = epochs x steps per epoch)")  # optimiser steps
-    batch_size_per_gpu: int = at_least(1, 128)  # the loader's batch (the data section's is set from it)
+    batch_size_per_gpu: int = at_least(1, 128)  # the loader's batch (resolved_data carries it)
     global_batch_size: int = at_least(0, 0, " (0 = no gradient accumulation)")  # >0: accumulate to reach it
     precision: str = one_of("bf16", PRECISIONS)  # bf16 | fp16 (GradScaler) | fp32
     grad_clip: float = at_least(0, 0.0, " (0 = off)")  # max global grad norm (G2D does not clip)
@@ -73,12 +77,51 @@ class RunConfig:
     progress: bool = True
 
 
+def _stored_section(cls: type, derived: tuple[str, ...], name: str) -> type:
+    """Dataclass `cls` without the fields `derived` (another section decides them): the section as a
+    pretraining config stores it, so those keys are stored once and a reader cannot take a stale copy.
+    Defaults and declared checks are `cls`'s own."""
+    hints = typing.get_type_hints(cls)
+    fields = [
+        (f.name, hints[f.name], field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+        for f in dataclasses.fields(cls)
+        if f.name not in derived
+    ]
+    return dataclasses.make_dataclass(name, fields, namespace={"__module__": __name__})
+
+
+# The loader's batch size and seed are train.batch_size_per_gpu / train.seed; the model's image_size and
+# max_text_length follow from the data section (model.config.data_derived_fields).
+DATA_FROM_TRAIN = ("batch_size_per_gpu", "seed")
+DataSection = _stored_section(DataConfig, DATA_FROM_TRAIN, "DataSection")
+ModelSection = _stored_section(ModelConfig, DATA_DERIVED_FIELDS, "ModelSection")
+
+
+def _fields_of(section) -> dict:
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+
+
 @dataclass
 class PretrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    """Each value once. `resolved_data` / `resolved_model` are the views the loader and the model take,
+    derived on every read (never stored, so never stale)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def resolved_data(self) -> DataConfig:
+        """The loader's config: the data section with train.batch_size_per_gpu and train.seed."""
+        return DataConfig(
+            **_fields_of(self.data), batch_size_per_gpu=self.train.batch_size_per_gpu, seed=self.train.seed
+        )
+
+    @property
+    def resolved_model(self) -> ModelConfig:
+        """The model's config: the model section with the fields the data section decides."""
+        return ModelConfig(**_fields_of(self.model), **data_derived_fields(self.resolved_data))
 
 
 def validate_pretrain_config(cfg: PretrainConfig) -> None:
@@ -88,7 +131,6 @@ def validate_pretrain_config(cfg: PretrainConfig) -> None:
         raise ConfigError("train.output_dir is empty; name the run's folder, e.g. runs/pretrain")
     check_fields(cfg.train, "train")
     check_fields(cfg.optim, "optim")
-    check_fields(cfg.model, "model")
 
 
 def _section(raw: dict, name: str) -> dict:
@@ -101,57 +143,58 @@ def _section(raw: dict, name: str) -> dict:
     return value
 
 
+def _drop_derived(section: dict, keys: tuple[str, ...]) -> tuple[dict, dict]:
+    """(section without `keys`, the ones it gave): a derived key is not stored, only checked."""
+    return {k: v for k, v in section.items() if k not in keys}, {k: section[k] for k in keys if k in section}
+
+
 def build_pretrain_config(raw: dict) -> PretrainConfig:
+    """A PretrainConfig from a nested dict (defaults <- file <- overrides), checked.
+
+    A derived key (data.batch_size_per_gpu, data.seed, model.image_size, model.max_text_length) is not
+    a setting: saved configs of older runs carry it, so it is accepted when it equals the value it is
+    derived from and dropped; another value is a ConfigError naming both keys."""
     raw = dict(raw)
-    model_raw = dict(_section(raw, "model"))
-    raw.pop("model", None)
+    model_raw, model_given = _drop_derived(_section(raw, "model"), DATA_DERIVED_FIELDS)
+    data_raw, data_given = _drop_derived(_section(raw, "data"), DATA_FROM_TRAIN)
     name = model_raw.get("name", ModelConfig.name)
     if not isinstance(name, str) or name not in MODEL_CONFIGS:
         raise ConfigError(f"model.name={name!r} is not a registered model; choose one of {sorted(MODEL_CONFIGS)}")
-    base = model_config(name)
-    merged_model = config_to_dict(base)
-    merged_model.update(model_raw)
-    cfg = config_from_dict(PretrainConfig, {**raw, "model": merged_model})
-    # One source of truth: the loader's batch size and seed come from the train section (a saved
-    # resolved config repeats them; a different value there is a conflict).
-    data_raw = _section(raw, "data")
-    for key in ("batch_size_per_gpu", "seed"):
-        if key in data_raw and data_raw[key] != getattr(cfg.train, key):
+    base, _ = _drop_derived(config_to_dict(model_config(name)), DATA_DERIVED_FIELDS)
+    cfg = config_from_dict(PretrainConfig, {**raw, "model": {**base, **model_raw}, "data": data_raw})
+    for key, value in data_given.items():
+        if value != getattr(cfg.train, key):
             raise ConfigError(
-                f"data.{key}={data_raw[key]} conflicts with train.{key}="
-                f"{getattr(cfg.train, key)}; data.{key} is set from train.{key}"
+                f"data.{key}={value} conflicts with train.{key}={getattr(cfg.train, key)}; "
+                f"data.{key} is set from train.{key}"
             )
-    # Before the copy into the data section, whose own check would blame data.batch_size_per_gpu.
+    # The train section first: a bad batch size is train.batch_size_per_gpu's fault.
     validate_pretrain_config(cfg)
-    cfg.data = dataclasses.replace(cfg.data, batch_size_per_gpu=cfg.train.batch_size_per_gpu, seed=cfg.train.seed)
-    cfg.model = dataclasses.replace(cfg.model, **_model_view_of_data(cfg.data, model_raw))
+    _check_model_view(cfg.resolved_data, model_given)
+    check_fields(cfg.resolved_model, "model")
     return cfg
 
 
-def _model_view_of_data(data: DataConfig, model_raw: dict) -> dict:
-    """The model fields that the data section decides: the side of the images the training transform
-    feeds (`data.crop_size` for the cropping transforms, else `data.image_size`; it sizes the attention
-    pool's positional table, so a mismatch would resample it on every forward) and the token cap
-    (`data.max_text_length`; the model checks it against BERT's positions). A model.* key set to
-    another value is a ConfigError naming both keys; the resolved config shows the derived values."""
+def _check_model_view(data: DataConfig, model_given: dict) -> None:
+    """A model.* key the data section decides must match it (named with both keys), and the training
+    side must suit the image tower's stride."""
     side_key = "data.crop_size" if data.transform in CROPPING else "data.image_size"
-    derived = {
-        "image_size": (side_key, data.crop_size if data.transform in CROPPING else data.image_size),
-        "max_text_length": ("data.max_text_length", data.max_text_length),
-    }
-    for name, (source, value) in derived.items():
-        if name in model_raw and model_raw[name] != value:
+    derived = data_derived_fields(data)
+    sources = {"image_size": side_key, "max_text_length": "data.max_text_length"}
+    for name, value in model_given.items():
+        check_field(ModelConfig, name, value, "model")
+        if value != derived[name]:
+            source = sources[name]
             raise ConfigError(
-                f"model.{name}={model_raw[name]} conflicts with {source}={value}"
+                f"model.{name}={value} conflicts with {source}={derived[name]}"
                 + (f" (data.transform={data.transform} crops)" if source == "data.crop_size" else "")
                 + f"; model.{name} is set from {source}: set that one, or both to one value"
             )
-    if derived["image_size"][1] % 32:
+    if derived["image_size"] % 32:
         raise ConfigError(
-            f"{side_key}={derived['image_size'][1]} must be a multiple of 32 "
+            f"{side_key}={derived['image_size']} must be a multiple of 32 "
             "(the image tower's stride; the model is built for the training input side)"
         )
-    return {name: value for name, (_source, value) in derived.items()}
 
 
 def load_pretrain_config(path: str | Path | None, overrides: list[str]) -> PretrainConfig:

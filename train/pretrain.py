@@ -32,6 +32,7 @@ from common.dist import DistInfo, cleanup, exit_with_launcher, init_distributed,
 from common.io import atomic_open, sidecar_path, write_sha256_sidecar
 from common.log import get_logger, setup_logging
 from common.run_layout import checkpoint_path
+from eval.checkpoint import BadCheckpoint, saved_model_fields
 from model.config import changed_fields
 from model.export import export_unet_state_dicts
 from model.registry import build_model
@@ -101,10 +102,11 @@ def _resume_source(cfg: PretrainConfig, out_dir: Path) -> tuple[str, tuple[Path,
     run_id, step = new_run_id(), 0
     if found is not None:
         path, ckpt = found
-        saved = ckpt["config"].get("model") if isinstance(ckpt["config"], dict) else None
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"{path} has no saved model config; it cannot resume a run")
-        changed = changed_fields(saved, cfg.model)
+        try:
+            saved = saved_model_fields(ckpt["config"], str(path))
+        except BadCheckpoint as exc:
+            raise CheckpointError(f"{exc}; it cannot resume a run") from None
+        changed = changed_fields(saved, cfg.resolved_model)
         if changed:
             raise CheckpointError(
                 f"{path} was trained with a different model config ({', '.join(changed)}); "
@@ -179,13 +181,13 @@ def _build(cfg: PretrainConfig, dist: DistInfo) -> _Run:
     """Model, tokenizer, loader, optimiser, scheduler and scaler, in this order (the seeded RNG
     draws of a run depend on it), and the checkpoint components over them."""
     run = cfg.train
-    model = build_model(cfg.model).to(dist.device)
+    model = build_model(cfg.resolved_model).to(dist.device)
     if run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if run.sync_bn and dist.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     tokenizer = load_tokenizer(cfg.model.text_model)
-    loader = build_loader(cfg.data, "train", dist, tokenizer=tokenizer)
+    loader = build_loader(cfg.resolved_data, "train", dist, tokenizer=tokenizer)
     per_step = run.batch_size_per_gpu * dist.world_size
     accum = 1 if run.global_batch_size <= 0 else run.global_batch_size // per_step
     if accum < 1 or accum * per_step != (run.global_batch_size or per_step):

@@ -15,13 +15,8 @@ def validate(model, cfg, tokenizer, dist: DistInfo, max_batches: int = 0, split:
     if dist.rank != 0:
         return {}
     single = DistInfo(rank=0, world_size=1, local_rank=dist.local_rank, device=dist.device)
-    data_cfg = dataclasses.replace(
-        cfg.data,
-        transform=cfg.data.eval_transform,
-        shuffle=False,
-        drop_last=False,
-        batch_size_per_gpu=cfg.train.batch_size_per_gpu,
-    )
+    data = cfg.resolved_data
+    data_cfg = dataclasses.replace(data, transform=data.eval_transform, shuffle=False, drop_last=False)
     loader = build_loader(data_cfg, split, single, tokenizer=tokenizer)
     loader.set_epoch(0)
     emb = embed_loader(model, loader, max_batches)
