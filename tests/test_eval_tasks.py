@@ -367,7 +367,10 @@ FAMILY_RUNS = [
 
 @pytest.mark.parametrize("task,extra", FAMILY_RUNS, ids=[t for t, _ in FAMILY_RUNS])
 def test_task_runs_end_to_end_and_records_results(task, extra, data_root, run_dir, tmp_path):
-    rec = run_eval(task, str(run_dir), "1.0", data_root, TINY + extra, output_root=str(tmp_path), log=lambda *_: None)
+    # A key is given once on a command line (apply_overrides refuses repeats): extra replaces TINY's value.
+    replaced = {o.split("=", 1)[0] for o in extra}
+    overrides = [o for o in TINY if o.split("=", 1)[0] not in replaced] + extra
+    rec = run_eval(task, str(run_dir), "1.0", data_root, overrides, output_root=str(tmp_path), log=lambda *_: None)
     path = rec["results_path"]
     assert path.startswith(str(tmp_path / task / "1.0"))
     saved = strict_json(path)  # nan is written as null, never NaN
