@@ -13,6 +13,7 @@ Under tools/launch.py (`make pretrain`), which sets `G2D_LAUNCH_REPORTS` to a fo
 not print its ending itself: it writes it to `<folder>/rank<RANK>.json` (`report_to_launcher`), and
 the launcher prints the first failed rank's report once. With N ranks failing alike, the user still
 reads one `error:` line (or one traceback, with its rank named) instead of N, and no torchrun trace.
+A rank that torchrun stops (SIGTERM) because a peer failed says nothing (`stop_on_signal`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import errno
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -86,6 +88,34 @@ def read_launch_reports(folder: str) -> list[dict]:
             with open(os.path.join(folder, name), encoding="utf-8") as fh:
                 reports.append(json.load(fh))
     return sorted(reports, key=lambda r: (r["time"], int(r["rank"])))
+
+
+def peer_reported() -> bool:
+    """Whether, under the launcher, another rank has already handed over its ending: torchrun then
+    stops this rank (SIGTERM) because that peer failed, and the peer's report is what the user needs."""
+    folder = os.environ.get(LAUNCH_REPORTS_ENV)
+    if not folder:
+        return False
+    own = f"rank{os.environ.get('RANK', '0')}.json"
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    return any(n.startswith("rank") and n.endswith(".json") and n != own for n in names)
+
+
+def stop_on_signal(note: str) -> Callable:
+    """A SIGTERM handler: raise SystemExit(128 + signum) in the main thread (between bytecodes, so
+    `finally` blocks and atomic writers clean up, as for Ctrl-C's KeyboardInterrupt), after the line
+    `error: stopped by <SIGNAL>; <note>`. Quiet when a peer rank already reported: the launcher prints
+    that rank's line, and this one would come before it."""
+
+    def handler(signum, frame) -> None:
+        if not peer_reported():
+            print(f"error: stopped by {signal.Signals(signum).name}; {note}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
+
+    return handler
 
 
 def _end_with_error(line: str, code: int) -> None:

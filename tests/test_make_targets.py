@@ -243,9 +243,9 @@ def test_a_stopped_launcher_prints_no_agent_log(tmp_path):
     assert launcher.returncode == 128 + signal.SIGTERM and "torch/distributed" not in err, err
 
 
-def launch(mode: str) -> subprocess.CompletedProcess:
+def launch(mode: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "tools.launch", "--nproc", "2", "tests.launch_worker", mode],
+        [sys.executable, "-m", "tools.launch", "--nproc", "2", "tests.launch_worker", mode, *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -265,6 +265,15 @@ def test_launcher_prints_each_ending_once():
     assert_one_line(done.returncode, done.stderr, "rank 1 was killed by SIGKILL", status=137)
     done = launch("ok")
     assert done.returncode == 0 and sorted(done.stdout.split("\n"))[-2:] == ["rank 0 ok", "rank 1 ok"], done
+
+
+def test_rank_stopped_for_a_failed_peer_stays_quiet(tmp_path):
+    """Only rank 0 fails: torchrun stops rank 1 with SIGTERM, and rank 1's trainer handler (which
+    says `error: stopped by SIGTERM; ...` when the user stops a run) adds no line before rank 0's."""
+    done = launch("first", str(tmp_path))
+    assert (tmp_path / "rank1").exists()  # rank 1 had its handler before rank 0 failed
+    assert_one_line(done.returncode, done.stderr, "bad input seen by rank 0 only")
+    assert "stopped by SIGTERM" not in done.stderr, done.stderr
 
 
 # ---- packing options: one home (tools/pack_shards.py PackOptions) ----------------------------

@@ -26,7 +26,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common.cli import ArgumentParser, UserError, run_main
+from common.cli import ArgumentParser, UserError, run_main, stop_on_signal
 from common.config import ConfigError, config_to_dict, save_config
 from common.dist import DistInfo, cleanup, exit_with_launcher, init_distributed, seed_everything
 from common.io import atomic_open, sidecar_path, write_sha256_sidecar
@@ -326,26 +326,15 @@ def _save(cfg, states: dict[str, Any], step: int, dist: DistInfo, out_dir: Path,
         save_checkpoint(checkpoint_path(out_dir, step), payload, cfg.train.keep_last)
 
 
-def _stop_on_sigterm(signum, frame) -> None:
-    # Raised in the main thread between bytecodes: `atomic_open` deletes a half-written checkpoint
-    # and the finally blocks run (lock, process group), as for Ctrl-C's KeyboardInterrupt.
-    # The command's last line in the house's one-line `error: ...` form (common.cli), not a log record.
-    print(
-        f"error: stopped by {signal.Signals(signum).name}; every finished checkpoint is intact, "
-        "resume with train.resume=auto",
-        file=sys.stderr,
-        flush=True,
-    )
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML under configs/pretrain/")
     parser.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.max_steps=100")
     args = parser.parse_args(argv)
     cfg = load_pretrain_config(args.config, args.overrides)
-    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)  # restored below for in-process callers
+    # The command's last line in the house's one-line `error: ...` form; a half-written checkpoint is deleted.
+    stop = stop_on_signal("every finished checkpoint is intact, resume with train.resume=auto")
+    previous = signal.signal(signal.SIGTERM, stop)  # restored below for in-process callers
     exit_with_launcher()
     try:
         dist = init_distributed()
