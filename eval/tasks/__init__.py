@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common.config import ConfigError, apply_overrides, config_from_dict, deep_merge, read_yaml
 from eval.tasks.base import FRACTIONS
+from eval.tasks.fit import log_info
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
 
@@ -114,5 +115,5 @@ def load_task_config(
     return config_from_dict(config_class(task), raw)
 
 
-def run_task(task: Task, cfg, weights, out_dir: Path, device, log=print) -> dict:
+def run_task(task: Task, cfg, weights, out_dir: Path, device, log=log_info) -> dict:
     return task.module.run(cfg, weights, out_dir, device, log)

@@ -50,7 +50,7 @@ from eval.metrics import DEFAULT_IOU_THRESHOLDS, map_torchmetrics, nms
 from eval.plots import image_for_display, panel_row, plot_history, save_figure, short_key
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import epochs_of, make_loader, sample_ids
-from eval.tasks.fit import adamw, autocast, fit, freeze
+from eval.tasks.fit import adamw, autocast, fit, freeze, log_info
 
 # YOLOv3's priors (w, h) at 416 px, one triple per scale: stride 8, 16, 32.
 ANCHORS_416 = (((10, 13), (16, 30), (33, 23)), ((30, 61), (62, 45), (59, 119)), ((116, 90), (156, 198), (373, 326)))
@@ -428,7 +428,7 @@ def _train_head(cfg: DetectionConfig, model: FrozenEncoderYOLO, loaders: tuple, 
     return fitted, val_scored
 
 
-def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
+def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=log_info) -> dict:
     s, d = cfg.detection, cfg.data
     model = FrozenEncoderYOLO(weights.build_encoder(), s.head_width).to(device)
     train = make_loader(cfg, d.train_split, device, weights, train=True, boxes=True)

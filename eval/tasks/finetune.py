@@ -19,7 +19,7 @@ from eval.checkpoint import Pretrained
 from eval.plots import plot_history, plot_roc
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import LabelSpec, make_loader, manifest_of
-from eval.tasks.fit import adamw, fit, pooled_features, predict
+from eval.tasks.fit import adamw, fit, log_info, pooled_features, predict
 
 
 @dataclass
@@ -36,7 +36,7 @@ class EncoderClassifier(nn.Module):
         return self.head(pooled_features(self.encoder, image))
 
 
-def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
+def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=log_info) -> dict:
     d = cfg.data
     spec = LabelSpec.from_manifest(manifest_of(cfg))
     encoder = weights.build_encoder()

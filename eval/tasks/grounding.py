@@ -50,7 +50,7 @@ from eval.metrics import MEDKLIP_GROUNDING, grid_peak_hits, grounding_per_image
 from eval.plots import image_for_display, panel_row, save_figure, short_key
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import binary_mask, epochs_of, make_loader, sample_ids
-from eval.tasks.fit import autocast
+from eval.tasks.fit import autocast, log_info
 from eval.zeroshot import prompt_embeddings
 from model.text import load_tokenizer
 
@@ -94,7 +94,7 @@ def upsample(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(grid[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def run(cfg: GroundingConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
+def run(cfg: GroundingConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=log_info) -> dict:
     g, d = cfg.grounding, cfg.data
     if not g.prompts:
         raise ValueError("grounding.prompts: no prompt templates configured")

@@ -43,7 +43,7 @@ from eval.checkpoint import Pretrained
 from eval.plots import plot_history, plot_roc
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import LabelSpec, epochs_of, make_loader, manifest_of, sample_ids
-from eval.tasks.fit import adamw, autocast, fit, freeze, pooled_features, predict
+from eval.tasks.fit import adamw, autocast, fit, freeze, log_info, pooled_features, predict
 
 
 @dataclass
@@ -65,7 +65,7 @@ class LinearConfig(TaskConfig):
     linear: LinearSection = field(default_factory=LinearSection)
 
 
-def run(cfg: LinearConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
+def run(cfg: LinearConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=log_info) -> dict:
     spec = LabelSpec.from_manifest(manifest_of(cfg))
     encoder = freeze(weights.build_encoder().to(device))
     d = cfg.data

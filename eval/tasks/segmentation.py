@@ -1,6 +1,6 @@
 """Semantic segmentation (SIIM pneumothorax, RSNA pneumonia boxes as masks): MGCA's protocol.
 
-    image [B,C,H,W] -> smp.Unet(encoder, classes=1): FROZEN pretrained encoder -> decoder -> logits [B,1,H,W]
+    image [B,C,H,W] -> smp U-Net (encoder, 1 class): FROZEN pretrained encoder -> decoder -> logits [B,1,H,W]
 
 `segmentation.variant`:
 - encoder: the pretrained encoder + a new, randomly initialised U-Net decoder (MGCA / G2D "encoder").
@@ -35,7 +35,7 @@ from eval.metrics import dice_score, iou_score
 from eval.plots import image_for_display, panel_row, plot_history, save_figure, short_key
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import binary_mask, epochs_of, make_loader, sample_ids
-from eval.tasks.fit import adamw, autocast, fit, freeze
+from eval.tasks.fit import adamw, autocast, fit, freeze, log_info
 
 VARIANTS = ("encoder", "encoder_decoder")
 
@@ -74,7 +74,7 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, focal_weight: 
     return focal_weight * focal_loss(logits, target, gamma) - torch.log(soft_dice(logits, target))
 
 
-def run(cfg: SegmentationConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
+def run(cfg: SegmentationConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=log_info) -> dict:
     s, d = cfg.segmentation, cfg.data
     if s.variant not in VARIANTS:
         raise ValueError(f"segmentation.variant={s.variant!r}; choose one of {VARIANTS}")

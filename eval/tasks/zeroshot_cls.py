@@ -26,6 +26,7 @@ from eval.metrics import zero_shot_metrics
 from eval.plots import plot_roc
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import make_loader, sample_ids
+from eval.tasks.fit import log_info
 from eval.zeroshot import embed_loader, zeroshot_probabilities
 from model.text import load_tokenizer
 
@@ -65,7 +66,7 @@ def label_matrix(meta: list[dict], names: list[str]) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(len(meta), len(names))
 
 
-def run(cfg: ZeroShotConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=print) -> dict:
+def run(cfg: ZeroShotConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=log_info) -> dict:
     z, d = cfg.zeroshot, cfg.data
     check_prompts(z.prompts, "zeroshot.prompts")
     model = weights.build_g2d(cfg.model.text_model).to(device).eval()
