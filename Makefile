@@ -14,7 +14,7 @@ N ?= 400
 SEED ?= 0
 SIZE ?= 2048
 WORKERS ?= $(shell nproc)
-# Stored image size: pretraining shards 256 px / q90 (what G2D trains on: tools/pack_shards.py PackOptions),
+# Stored image size: pretraining shards 256 px / q90 (what G2D trains on: shards.mimic.PackOptions),
 # downstream shards 512 px / q95 (segmentation/detection labels live at that scale). MAX_SIDE= / QUALITY=
 # override either.
 DOWNSTREAM_MAX_SIDE := $(or $(MAX_SIDE),512)
@@ -51,8 +51,8 @@ USER_VARS := SYNTH_N ARGS CONFIG NGPU NNODES NODE_RANK MASTER_ADDR MASTER_PORT T
         SCALE SEEDS STUDIES OUT N SEED SIZE WORKERS MIMIC REPORTS SRC DATASET SHARDS SHARDS_DIR SYNTH_DIR \
         DOWNSTREAM_SRC DOWNSTREAM_SHARDS MAX_SIDE QUALITY DOWNSTREAM_MAX_SIDE DOWNSTREAM_QUALITY
 # The variables this command line (or the environment) sets, before the override below renames
-# their origin: `make shards` passes packing options only when set (tools/pack_shards.py PackOptions
-# holds the defaults).
+# their origin: `make shards` passes packing options only when set (shards.mimic.PackOptions and
+# tools/pack_shards.py ShardsOptions hold the defaults).
 USER_SET := $(foreach v,$(USER_VARS),$(if $(filter command% environment%,$(origin $(v))),$(v)))
 $(foreach v,$(USER_VARS),$(eval override $(v) := \
         $$(if $$(filter command% environment%,$$(origin $(v))),$$(value $(v)),$$($(v))))$(eval export $(v)))

@@ -49,7 +49,7 @@ from common.run_layout import newest_checkpoint
 from eval.runner import load_predictions, save_predictions
 from shards.downstream import convert
 from shards.ensure import ensure_synthetic
-from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD
+from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD, PackOptions
 from shards.schema import read_manifest
 from shards.synthetic.downstream import write_all
 from shards.writer import default_workers
@@ -111,15 +111,10 @@ def data_stages(scale, ws: Workspace, workers: int) -> list[Stage]:
 
     def make_corpus(_done):
         root = ensure_synthetic(ws.corpus, scale.studies, scale.synth_size, 0, workers)
-        pack_shards.pack(
-            root,
-            ws.shards,
-            max_side=256,
-            quality=95,
-            samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD,
-            workers=workers,
-            seed=0,
+        options = PackOptions(
+            max_side=256, quality=95, samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD, workers=workers, seed=0
         )
+        pack_shards.pack(root, ws.shards, options)
         if verify_shards.verify(ws.shards, default_workers()):
             raise UserError(f"packing or verifying {ws.shards} failed (see above)")
         splits = read_manifest(ws.shards)["splits"]

@@ -34,7 +34,7 @@ from common.machine import cpu_model
 from shards.ensure import ensure_synthetic
 from shards.image import decode_gray, encode_jpeg, reduce_array
 from shards.master import METADATA_CSV
-from shards.mimic import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, pack_mimic
+from shards.mimic import DEFAULT_MAX_SIDE, DEFAULT_QUALITY, PackOptions, pack_mimic
 from shards.schema import FRONTAL_VIEWS
 from shards.writer import default_workers
 
@@ -46,7 +46,8 @@ def timed_pack(root: Path, out: Path, workers: int, samples_per_shard: int, repe
     for _ in range(repeats):
         shutil.rmtree(out, ignore_errors=True)  # from scratch: no shard may be skipped as intact
         wall, cpu = time.perf_counter(), time.process_time()
-        manifest = pack_mimic(root, out, samples_per_shard=samples_per_shard, workers=workers, progress=False)
+        options = PackOptions(samples_per_shard=samples_per_shard, workers=workers)
+        manifest = pack_mimic(root, out, options, progress=False)
         best_wall = min(best_wall, time.perf_counter() - wall)
         best_cpu = min(best_cpu, time.process_time() - cpu)
     return best_wall, best_cpu, manifest

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,33 @@ DEFAULT_QUALITY = 90
 # The synthetic corpus (400 studies by default) has ~400 usable images, ~10% of them in valid:
 # 16 per shard still gives valid several shards (and train ~20).
 SYNTHETIC_SAMPLES_PER_SHARD = 16
+
+
+def _option(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass(frozen=True)
+class PackOptions:
+    """How pack_mimic packs, in one place (the manifest's `config` records each; output bytes depend on
+    the inputs and these, not on `workers`). `help` is the option's text in `make shards` /
+    tools/pack_shards.py, which builds its `--<name>` options from these fields. Ranges are checked by
+    pack_mimic (shards.writer.check_pack_params)."""
+
+    max_side: int = _option(DEFAULT_MAX_SIDE, "stored images' longer side")
+    quality: int = _option(DEFAULT_QUALITY, "JPEG quality of stored images")
+    workers: int = _option(1, "packing processes")
+    seed: int = _option(42, "shuffle seed (also the synthetic corpus seed)")
+    samples_per_shard: int = _option(DEFAULT_SAMPLES_PER_SHARD, "samples per tar shard")
+    keep_test: bool = _option(False, "keep `test` as its own split (MGCA merges it into valid)")
+    crop_threshold: int = _option(0, "pixels <= this count as black border")
+    min_side: int = _option(DEFAULT_MIN_SIDE, "reject source images with a side shorter than this (pixels)")
+    max_pixels: int = _option(
+        DEFAULT_MAX_PIXELS, "reject source images with more pixels than this (checked before decoding)"
+    )
+    max_report_bytes: int = _option(DEFAULT_MAX_REPORT_BYTES, "reject reports (and training texts) larger than this")
+
+
 MASTER_CSV_NAME = "master.csv"
 SECTIONED_CSV_NAME = "mimic_cxr_sectioned.csv"
 
@@ -207,40 +234,23 @@ def _fingerprint(split_items: dict[str, list[MimicItem]]) -> str:
 def pack_mimic(
     root: str | Path,
     out: str | Path,
+    options: PackOptions = PackOptions(),
+    *,
     reports_dir: str | Path | None = None,
     master_csv: str | Path | None = None,
-    max_side: int = DEFAULT_MAX_SIDE,
-    quality: int = DEFAULT_QUALITY,
-    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD,
-    workers: int = 1,
-    seed: int = 42,
-    keep_test: bool = False,
-    crop_threshold: int = 0,
     progress: bool = True,
-    min_side: int = DEFAULT_MIN_SIDE,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES,
 ) -> dict:
-    """Pack a MIMIC-CXR-JPG root into `out` and return the manifest (also at `out/manifest.json`).
+    """Pack a MIMIC-CXR-JPG root into `out` with `options` and return the manifest (also at
+    `out/manifest.json`).
 
     root         MIMIC-CXR-JPG 2.0.0 root (csvs, plain or .gz, and `files/`)
     reports_dir  report tree (`s<study>.txt` files); default `<root>/files` as MGCA expects
     master_csv   use this MGCA master.csv instead of metadata + split csvs + reports
-    min_side, max_pixels, max_report_bytes   bounds: sources outside them are recorded rejections
+    options.min_side, max_pixels, max_report_bytes   bounds: sources outside them are recorded rejections
     Writes `out/master.csv` and `out/mimic_cxr_sectioned.csv` when built from the reports.
-    Output bytes depend on the inputs and these parameters only (not on `workers`).
     Holds `out`'s packer lock for the whole run (a second packer on `out` fails at once).
     """
-    check_pack_params(
-        samples_per_shard=samples_per_shard,
-        quality=quality,
-        max_side=max_side,
-        workers=workers,
-        min_side=min_side,
-        max_pixels=max_pixels,
-        max_report_bytes=max_report_bytes,
-        crop_threshold=crop_threshold,
-    )
+    check_pack_params(**{k: v for k, v in asdict(options).items() if k not in ("seed", "keep_test")})
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise RuntimeError(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated JPEGs would be packed "
@@ -249,22 +259,7 @@ def pack_mimic(
     root = check_root(root)
     out = Path(out)
     with output_lock(out):
-        return _pack_mimic_locked(
-            root,
-            out,
-            reports_dir,
-            master_csv,
-            max_side,
-            quality,
-            samples_per_shard,
-            workers,
-            seed,
-            keep_test,
-            crop_threshold,
-            progress,
-            ImageLimits(min_side, max_pixels),
-            max_report_bytes,
-        )
+        return _pack_mimic_locked(root, out, reports_dir, master_csv, options, progress)
 
 
 def _pack_mimic_locked(
@@ -272,57 +267,49 @@ def _pack_mimic_locked(
     out: Path,
     reports_dir: str | Path | None,
     master_csv: str | Path | None,
-    max_side: int,
-    quality: int,
-    samples_per_shard: int,
-    workers: int,
-    seed: int,
-    keep_test: bool,
-    crop_threshold: int,
+    o: PackOptions,
     progress: bool,
-    limits: ImageLimits,
-    max_report_bytes: int,
 ) -> dict:
     chexpert_path = find_csv(root, CHEXPERT_CSV)
     check_columns(chexpert_path, ("subject_id", "study_id") + CHEXPERT_LABELS)
     if master_csv is not None:
-        master = read_master_csv(master_csv, keep_test)
+        master = read_master_csv(master_csv, o.keep_test)
     else:
         master = build_master(
-            root, reports_dir, keep_test, sectioned_csv=out / SECTIONED_CSV_NAME, max_report_bytes=max_report_bytes
+            root, reports_dir, o.keep_test, sectioned_csv=out / SECTIONED_CSV_NAME, max_report_bytes=o.max_report_bytes
         )
         write_master_csv(master.rows, out / MASTER_CSV_NAME)
     labels = read_chexpert_labels(chexpert_path)
-    split_items = shuffle_splits(_items(master, root, labels), seed, keep_test)
+    split_items = shuffle_splits(_items(master, root, labels), o.seed, o.keep_test)
 
     config = {
         "dataset": "mimic_cxr",
         "root": str(root),
         "reports_dir": None if reports_dir is None else str(reports_dir),
         "master_csv": None if master_csv is None else str(master_csv),
-        "max_side": max_side,
-        "quality": quality,
-        "samples_per_shard": samples_per_shard,
-        "seed": seed,
-        "keep_test": keep_test,
-        "crop_threshold": crop_threshold,
-        "min_side": limits.min_side,
-        "max_pixels": limits.max_pixels,
-        "max_report_bytes": max_report_bytes,
+        "max_side": o.max_side,
+        "quality": o.quality,
+        "samples_per_shard": o.samples_per_shard,
+        "seed": o.seed,
+        "keep_test": o.keep_test,
+        "crop_threshold": o.crop_threshold,
+        "min_side": o.min_side,
+        "max_pixels": o.max_pixels,
+        "max_report_bytes": o.max_report_bytes,
         "inputs_sha256": _fingerprint(split_items),
     }
     builder = functools.partial(
         build_sample,
-        max_side=max_side,
-        quality=quality,
-        crop_threshold=crop_threshold,
-        limits=limits,
+        max_side=o.max_side,
+        quality=o.quality,
+        crop_threshold=o.crop_threshold,
+        limits=ImageLimits(o.min_side, o.max_pixels),
         image_roots=(str(root.resolve()), str((root / "files").resolve())),
-        max_report_bytes=max_report_bytes,
+        max_report_bytes=o.max_report_bytes,
     )
     extra = {"filtered": master.filtered, "report_problems": master.report_problems}
     manifest = pack_splits(
-        out, split_items, builder, samples_per_shard, workers, config, extra_manifest=extra, progress=progress
+        out, split_items, builder, o.samples_per_shard, o.workers, config, extra_manifest=extra, progress=progress
     )
 
     counts = {

@@ -10,12 +10,13 @@ import pytest
 
 @pytest.fixture(scope="session")
 def mimic_shards(tmp_path_factory) -> Path:
-    from shards.mimic import pack_mimic
+    from shards.mimic import PackOptions, pack_mimic
     from shards.synthetic.mimic import generate_mimic
 
     root = tmp_path_factory.mktemp("mimic")
     generate_mimic(root / "corpus", n=60, seed=3, size=256, workers=2)
-    pack_mimic(root / "corpus", root / "shards", max_side=96, samples_per_shard=16, workers=2, seed=0, progress=False)
+    options = PackOptions(max_side=96, samples_per_shard=16, workers=2, seed=0)
+    pack_mimic(root / "corpus", root / "shards", options, progress=False)
     return root / "shards"
 
 

@@ -276,7 +276,7 @@ def test_rank_stopped_for_a_failed_peer_stays_quiet(tmp_path):
     assert "stopped by SIGTERM" not in done.stderr, done.stderr
 
 
-# ---- packing options: one home (tools/pack_shards.py PackOptions) ----------------------------
+# ---- packing options: one home (shards.mimic.PackOptions) ----------------------------
 
 
 def make_argv(tmp_path: Path, *words: str) -> list[str]:
@@ -291,18 +291,21 @@ def make_argv(tmp_path: Path, *words: str) -> list[str]:
 
 def test_make_shards_takes_the_packing_defaults_from_pack_options(tmp_path):
     from common.cli import dataclass_from_args
-    from tools.pack_shards import PackOptions, build_parser
+    from shards.mimic import PackOptions
+    from tools.pack_shards import ShardsOptions, build_parser
 
-    def options(*words: str) -> PackOptions:
+    def options(*words: str) -> ShardsOptions:
         argv = make_argv(tmp_path, "shards", *words)
         assert argv[:2] == ["-m", "tools.pack_shards"], argv
-        return dataclass_from_args(PackOptions, build_parser().parse_args(argv[2:]))
+        return dataclass_from_args(ShardsOptions, build_parser().parse_args(argv[2:]))
 
     # What the Makefile used to pass explicitly (--max-side 256 --quality 90 --seed 0 --synth-n 400
     # --synth-size 2048): the same options, so `make shards` writes the same bytes.
     got = options()
     assert (got.max_side, got.quality, got.seed, got.synth_n, got.synth_size) == (256, 90, 0, 400, 2048)
-    assert got == PackOptions(seed=0)  # every other default is the dataclass's
+    assert got == ShardsOptions(seed=0)  # every other default is the dataclass's
+    # What pack_mimic receives: PackOptions' own defaults but the command's (shard size by source).
+    assert got.packing(16) == PackOptions(seed=0, workers=got.workers, samples_per_shard=16)
     got = options("MAX_SIDE=300", "QUALITY=80", "N=7", "SIZE=512", "WORKERS=1", "SEED=5")
     assert (got.max_side, got.quality, got.synth_n, got.synth_size, got.workers, got.seed) == (300, 80, 7, 512, 1, 5)
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from shards.image import reduce_image_bytes
 from shards.master import MASTER_COLUMNS
-from shards.mimic import DEFAULT_MAX_SIDE, pack_mimic
+from shards.mimic import DEFAULT_MAX_SIDE, PackOptions, pack_mimic
 from shards.schema import CHEXPERT_LABELS, read_manifest, split_shards
 from shards.verify import ShardError, verify_dataset
 from tools.verify_shards import main as verify_main
@@ -119,7 +119,7 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("mimic") / "2.0.0"
     info = make_corpus(root)
     out = root.parent / "shards_w1"
-    manifest = pack_mimic(root, out, samples_per_shard=SPS, workers=1, seed=3, progress=False)
+    manifest = pack_mimic(root, out, PackOptions(samples_per_shard=SPS, workers=1, seed=3), progress=False)
     return {"root": root, "out": out, "manifest": manifest, **info}
 
 
@@ -251,12 +251,13 @@ def test_webdataset_and_dali_read_the_same_bytes(corpus):
 
 def test_same_bytes_for_1_and_2_workers(corpus, tmp_path):
     out2 = tmp_path / "w2"
-    pack_mimic(corpus["root"], out2, samples_per_shard=SPS, workers=2, seed=3, progress=False)
+    pack_mimic(corpus["root"], out2, PackOptions(samples_per_shard=SPS, workers=2, seed=3), progress=False)
     assert tree_bytes(out2) == tree_bytes(corpus["out"])
 
 
 def test_seed_changes_the_order_only(corpus, tmp_path):
-    other = pack_mimic(corpus["root"], tmp_path / "s4", samples_per_shard=SPS, workers=1, seed=4, progress=False)
+    options = PackOptions(samples_per_shard=SPS, workers=1, seed=4)
+    other = pack_mimic(corpus["root"], tmp_path / "s4", options, progress=False)
     assert other["counts"] == corpus["manifest"]["counts"]
     assert sorted(tar_samples(tmp_path / "s4")) == sorted(tar_samples(corpus["out"]))
     first = lambda m: m["_shard_records"][0]["keys"]  # noqa: E731
@@ -271,7 +272,7 @@ def test_rerun_rebuilds_only_the_missing_shard(corpus, tmp_path):
     victim = out / names[1]
     victim.unlink()
     mtimes = {n: os.stat(out / n).st_mtime_ns for n in names if n != names[1]}
-    pack_mimic(corpus["root"], out, samples_per_shard=SPS, workers=1, seed=3, progress=False)
+    pack_mimic(corpus["root"], out, PackOptions(samples_per_shard=SPS, workers=1, seed=3), progress=False)
     assert tree_bytes(out) == before
     assert {n: os.stat(out / n).st_mtime_ns for n in mtimes} == mtimes
 
@@ -287,10 +288,8 @@ def test_existing_master_csv_input(corpus, tmp_path):
     manifest = pack_mimic(
         corpus["root"],
         tmp_path / "from_master",
+        PackOptions(samples_per_shard=SPS, workers=1, seed=3),
         master_csv=master,
-        samples_per_shard=SPS,
-        workers=1,
-        seed=3,
         progress=False,
     )
     reasons = {r["key"]: r["reason"] for r in manifest["rejected"]}
@@ -348,7 +347,7 @@ def test_synthetic_corpus_packs_and_verifies(tmp_path):
     root = tmp_path / "synthetic"
     generate_mimic(root, n=24, seed=1, size=256, workers=1)
     manifest = pack_mimic(
-        root, tmp_path / "out", samples_per_shard=4, workers=1, seed=0, keep_test=True, progress=False
+        root, tmp_path / "out", PackOptions(samples_per_shard=4, workers=1, seed=0, keep_test=True), progress=False
     )
     assert list(manifest["splits"]) == ["train", "valid", "test"]
     assert all(manifest["splits"][s]["num_samples"] > 0 for s in manifest["splits"])

@@ -27,7 +27,7 @@ from shards.dicom import DicomError, percentile_window, read_dicom, unit_to_uint
 from shards.downstream import convert
 from shards.downstream.common import read_image_file
 from shards.image import ImageLimits, ImageRejected, decode_gray, reduce_image_bytes
-from shards.mimic import pack_mimic
+from shards.mimic import PackOptions, pack_mimic
 from shards.schema import CHEXPERT_LABELS, MEMBER_CRC_FIELD, ManifestError, read_manifest, split_shards
 from shards.synthetic.downstream import write_all, write_dicom
 from shards.verify import ShardError, verify_dataset
@@ -97,9 +97,9 @@ def mini_mimic(root: Path, n: int = 6, images: dict | None = None, reports: dict
     return ids
 
 
-def pack(root: Path, out: Path, **kw) -> dict:
-    kw.setdefault("samples_per_shard", 4)
-    return pack_mimic(root, out, workers=1, seed=0, progress=False, **kw)
+def pack(root: Path, out: Path, master_csv=None, **options) -> dict:
+    options.setdefault("samples_per_shard", 4)
+    return pack_mimic(root, out, PackOptions(workers=1, seed=0, **options), master_csv=master_csv, progress=False)
 
 
 def rejected_by_key(manifest: dict) -> dict[str, str]:
@@ -737,7 +737,7 @@ SLOW_PACK = (
     "import sys, time\nimport shards.mimic as m\norig = m.build_sample\n"
     "def slow(*a, **k):\n    time.sleep(0.03)\n    return orig(*a, **k)\n"
     "m.build_sample = slow\n"
-    "m.pack_mimic(sys.argv[1], sys.argv[2], samples_per_shard=2, workers=1, seed=0, progress=False)\n"
+    "m.pack_mimic(sys.argv[1], sys.argv[2], m.PackOptions(samples_per_shard=2, workers=1, seed=0), progress=False)\n"
 )
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from common.cli import UserError
 from shards.ensure import ensure_data, ensure_synthetic
-from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD
+from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD, PackOptions
 from tools import make_tiny_bert, pack_shards, verify_shards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,9 +43,8 @@ def test_ensure_data_names_the_missing_dataset_under_a_user_root(tmp_path):
 def test_library_functions_pack_verify_and_build_the_tiny_bert(tmp_path, capsys):
     corpus = ensure_synthetic(tmp_path / "corpus", 12, 64, 0, 1)
     out = tmp_path / "shards"
-    manifest = pack_shards.pack(
-        corpus, out, max_side=64, quality=90, samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD, workers=1, seed=0
-    )
+    options = PackOptions(max_side=64, quality=90, samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD, workers=1, seed=0)
+    manifest = pack_shards.pack(corpus, out, options)
     assert manifest["num_samples"] > 0
     assert f"pack_shards: {manifest['num_samples']} samples in {out}" in capsys.readouterr().out
     assert verify_shards.verify(out, 1) == 0

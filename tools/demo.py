@@ -26,7 +26,7 @@ from model.image import load_strict
 from model.registry import build_model
 from model.text import load_tokenizer
 from shards.ensure import ensure_data, ensure_synthetic
-from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD
+from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD, PackOptions
 from shards.writer import default_workers
 from tools import make_tiny_bert, pack_shards, verify_shards
 from train.checkpoint import load_checkpoint
@@ -111,15 +111,10 @@ def main(argv: list[str] | None = None) -> None:
     shards = cfg.data.shards
     stage("1/6 synthetic MIMIC-CXR-JPG corpus -> WebDataset shards")
     corpus = ensure_synthetic(Path("data/synthetic_mimic_demo"), args.studies, 512, 0, args.workers)
-    pack_shards.pack(
-        corpus,
-        Path(shards),
-        max_side=256,
-        quality=95,
-        samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD,
-        workers=args.workers,
-        seed=0,
+    options = PackOptions(
+        max_side=256, quality=95, samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD, workers=args.workers, seed=0
     )
+    pack_shards.pack(corpus, Path(shards), options)
     stage("2/6 verify shards")
     if verify_shards.verify(shards, default_workers()):
         raise SystemExit("shard verification failed")

@@ -12,56 +12,41 @@ packer holding --out, or nothing packed at all end in one line `error: ...` and 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.cli import ArgumentParser, UserError, add_dataclass_arguments, dataclass_from_args, run_main
 from shards.ensure import ensure_synthetic
-from shards.image import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIDE
-from shards.mimic import (
-    DEFAULT_MAX_SIDE,
-    DEFAULT_QUALITY,
-    DEFAULT_SAMPLES_PER_SHARD,
-    SYNTHETIC_SAMPLES_PER_SHARD,
-    pack_mimic,
-)
-from shards.sections import DEFAULT_MAX_REPORT_BYTES
+from shards.mimic import DEFAULT_SAMPLES_PER_SHARD, SYNTHETIC_SAMPLES_PER_SHARD, PackOptions, pack_mimic
 from shards.writer import default_workers
 
 
-def _option(default, help_text: str, **kw):
-    return field(default=default, metadata={"help": help_text}, **kw)
+@dataclass(frozen=True)
+class ShardsOptions(PackOptions):
+    """This command's options: shards.mimic.PackOptions (the packing, with its defaults and help) with two
+    defaults of its own (every core; the shard size by source) and the synthetic corpus's size. argparse
+    builds `--<name>` from these fields (common.cli.add_dataclass_arguments) and the Makefile passes only
+    the variables a user set, so every default is the one here or in PackOptions."""
 
-
-@dataclass
-class PackOptions:
-    """The packing options of `make shards` and this command, in one place: argparse builds its
-    `--<name>` options from these fields (common.cli.add_dataclass_arguments) and the Makefile passes
-    only the variables a user set, so every default is the one here. Ranges are checked by
-    shards.mimic.pack_mimic (and `synth_*` below)."""
-
-    max_side: int = _option(DEFAULT_MAX_SIDE, "stored images' longer side")
-    quality: int = _option(DEFAULT_QUALITY, "JPEG quality of stored images")
     workers: int = field(default_factory=default_workers, metadata={"help": "packing processes"})
-    seed: int = _option(42, "shuffle seed (also the synthetic corpus seed)")
-    samples_per_shard: int | None = _option(
-        None, f"default {DEFAULT_SAMPLES_PER_SHARD} (real) / {SYNTHETIC_SAMPLES_PER_SHARD} (synthetic)"
+    samples_per_shard: int | None = field(
+        default=None,
+        metadata={"help": f"default {DEFAULT_SAMPLES_PER_SHARD} (real) / {SYNTHETIC_SAMPLES_PER_SHARD} (synthetic)"},
     )
-    keep_test: bool = _option(False, "keep `test` as its own split (MGCA merges it into valid)")
-    crop_threshold: int = _option(0, "pixels <= this count as black border")
-    min_side: int = _option(DEFAULT_MIN_SIDE, "reject source images with a side shorter than this (pixels)")
-    max_pixels: int = _option(
-        DEFAULT_MAX_PIXELS, "reject source images with more pixels than this (checked before decoding)"
-    )
-    max_report_bytes: int = _option(DEFAULT_MAX_REPORT_BYTES, "reject reports (and training texts) larger than this")
-    synth_n: int = _option(400, "synthetic studies to generate (--synthetic)")
-    synth_size: int = _option(2048, "synthetic image longer side (--synthetic)")
+    synth_n: int = field(default=400, metadata={"help": "synthetic studies to generate (--synthetic)"})
+    synth_size: int = field(default=2048, metadata={"help": "synthetic image longer side (--synthetic)"})
+
+    def packing(self, samples_per_shard: int) -> PackOptions:
+        """The PackOptions these stand for, the shard size resolved for the source."""
+        kept = {f.name: getattr(self, f.name) for f in dataclasses.fields(PackOptions)}
+        return PackOptions(**{**kept, "samples_per_shard": self.samples_per_shard or samples_per_shard})
 
 
-def pack(root: Path, out: Path, **options) -> dict:
-    """pack_mimic(root, out, **options) plus this command's checks: nothing packed at all is a
+def pack(root: Path, out: Path, options: PackOptions, **inputs) -> dict:
+    """pack_mimic(root, out, options, **inputs) plus this command's checks: nothing packed at all is a
     UserError naming the manifest with the reasons; otherwise one summary line. Returns the manifest."""
-    manifest = pack_mimic(root, out, **options)
+    manifest = pack_mimic(root, out, options, **inputs)
     if manifest["num_samples"] == 0:
         raise UserError(
             f"nothing packed from {root}: {len(manifest['rejected'])} rows rejected, "
@@ -83,30 +68,23 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--reports", type=Path, help="report tree (default: <root>/files, as MGCA expects)")
     parser.add_argument("--master-csv", type=Path, help="use this MGCA master.csv instead of the csvs + reports")
     parser.add_argument("--out", type=Path, default=Path("data/shards/mimic"))
-    add_dataclass_arguments(parser, PackOptions)
+    add_dataclass_arguments(parser, ShardsOptions)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = dataclass_from_args(PackOptions, args)
+    opts = dataclass_from_args(ShardsOptions, args)
     if opts.synth_n < 1 or opts.synth_size < 1:
         raise UserError(f"--synth-n {opts.synth_n} / --synth-size {opts.synth_size}: both must be >= 1")
 
     if args.synthetic is not None:
         root = ensure_synthetic(args.synthetic, opts.synth_n, opts.synth_size, opts.seed, opts.workers)
-        per_shard = opts.samples_per_shard or SYNTHETIC_SAMPLES_PER_SHARD
+        packing = opts.packing(SYNTHETIC_SAMPLES_PER_SHARD)
     else:
         root = args.mimic
-        per_shard = opts.samples_per_shard or DEFAULT_SAMPLES_PER_SHARD
-    packing = {k: v for k, v in vars(opts).items() if not k.startswith("synth_")}
-    pack(
-        root,
-        args.out,
-        reports_dir=args.reports,
-        master_csv=args.master_csv,
-        **{**packing, "samples_per_shard": per_shard},
-    )
+        packing = opts.packing(DEFAULT_SAMPLES_PER_SHARD)
+    pack(root, args.out, packing, reports_dir=args.reports, master_csv=args.master_csv)
     return 0
 
 
