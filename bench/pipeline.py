@@ -57,7 +57,7 @@ from pipeline.batch import SampleReader, decode_meta, decode_text
 from pipeline.dali_backend import dali_available
 from pipeline.plan import DatasetIndex
 from shards.ensure import ensure_synthetic
-from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD
+from shards.mimic import SYNTHETIC_SAMPLES_PER_SHARD, PackOptions
 from tools.pack_shards import pack
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -122,7 +122,7 @@ def ensure_shards(shards: Path, workers: int) -> None:
 
     print(f"bench-pipeline: no shards at {shards}; packing the synthetic corpus (make shards defaults)")
     root = ensure_synthetic(Path("data/synthetic_mimic"), 400, 2048, 0, workers)
-    pack(root, shards, samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD, workers=workers, seed=0)
+    pack(root, shards, PackOptions(samples_per_shard=SYNTHETIC_SAMPLES_PER_SHARD, workers=workers, seed=0))
 
 
 def stored_samples(index: DatasetIndex) -> tuple[list[bytes], list[dict], list[str]]:
