@@ -136,18 +136,18 @@ format: setup  ## apply ruff's safe fixes (imports, pyupgrade, ...) and format t
 	$(VENV)/bin/ruff format .
 
 bench-shards: setup  ## packing benchmark -> bench/results/shards.json, docs/performance.md
-	$(PY) -m tools.bench_shards --workers "$$WORKERS"
+	$(PY) -m bench.shards --workers "$$WORKERS"
 
 bench-pipeline: setup  ## loader benchmark (DALI/torch) -> bench/results/pipeline*.json: [SHARDS=]
-	$(PY) -m tools.bench_pipeline $(if $(SHARDS),--shards "$$SHARDS")
+	$(PY) -m bench.pipeline $(if $(SHARDS),--shards "$$SHARDS")
 
 bench-train: setup  ## training-step benchmark -> bench/results/train*.json
-	$(PY) -m tools.bench_train
+	$(PY) -m bench.train
 
 # `make bench-quality [SCALE=full|smoke] [OUT=<dir>] [SEEDS=0,1] [STUDIES=<n>]`: ~4 h on 2 CPU cores at
 # full scale (docs/quality.md); a killed run continues where it stopped when started again.
 bench-quality: setup  ## G2D vs VLA-only vs random init, every task, 95% CIs -> bench/results/quality.json
-	$(NOGLOB) $(PY) -m tools.bench_quality --scale "$${SCALE:-full}" --seeds "$${SEEDS:-0}" --workers "$$WORKERS" \
+	$(NOGLOB) $(PY) -m bench.quality --scale "$${SCALE:-full}" --seeds "$${SEEDS:-0}" --workers "$$WORKERS" \
 	  $(if $(OUT),--out "$$OUT") $(if $(STUDIES),--studies "$$STUDIES") $$ARGS
 
 clean:  ## remove data/, runs/ and .pytest_cache

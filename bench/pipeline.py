@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from bench.perfdoc import update_section
+from common.cli import run_main
 from common.dist import DistInfo
 from common.io import atomic_write_json, atomic_write_text
 from common.machine import cpu_model
@@ -1035,3 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
     body = doc_body(args, inputs, summary, costs, table, notes, disk, detail, machine, results)
     update_section(args.doc, "Data pipeline on a GPU" if cuda else "Data pipeline", body)
     return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -16,7 +16,7 @@ adds one stage to the previous:
     normalise    + grey -> 3 channels + crop_mirror_normalize: our image output
     full         `dali_backend._build_pipeline` itself (adds the decoded-shape output)
 
-Usage: python -m tools.profile_dali [--shards data/shards/mimic] [--device cuda|cpu] [--out FILE]
+Usage: python -m bench.profile_dali [--shards data/shards/mimic] [--device cuda|cpu] [--out FILE]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from common.cli import run_main
 from common.io import atomic_write_json
 from pipeline.batch import BackendOptions
 from pipeline.config import DataConfig
@@ -198,3 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(args.out, result)
     print(json.dumps(result))
     return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,6 +1,6 @@
 """`make bench-quality`: a quality benchmark that can tell G2D from its ablations (docs/quality.md).
 
-    python -m tools.bench_quality --scale full|smoke [--out DIR] [--seeds 0,1] [--studies N]
+    python -m bench.quality --scale full|smoke [--out DIR] [--seeds 0,1] [--studies N]
                                   [--results quality.json] [--doc docs/quality.md] [scale.key=value ...]
 
 synthetic MIMIC corpus -> shards (+ verify) -> tiny BERT -> synthetic RSNA/SIIM look-alikes -> pretrain
@@ -42,8 +42,8 @@ from bench.quality_harness import (
     stage_seconds,
     variants_for,
 )
-from common.cli import ArgumentParser, UserError
-from common.config import config_to_dict
+from common.cli import ArgumentParser, UserError, run_main
+from common.config import ConfigError, config_to_dict
 from common.io import atomic_write_json, atomic_write_text
 from common.run_layout import newest_checkpoint
 from eval.runner import load_predictions, save_predictions
@@ -54,6 +54,7 @@ from shards.schema import read_manifest
 from shards.synthetic.downstream import write_all
 from shards.writer import default_workers
 from tools import make_tiny_bert, pack_shards, verify_shards
+from tools.eval import EVAL_USER_ERRORS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOWNSTREAM = ("rsna_pneumonia", "siim_pneumothorax")
@@ -323,3 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f"; table -> {doc}" if doc else "")
     )
     return 0
+
+
+if __name__ == "__main__":
+    run_main(main, extra_errors=EVAL_USER_ERRORS + (ConfigError,))

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from bench.perfdoc import update_section
+from common.cli import run_main
 from common.io import atomic_write_json
 from common.machine import cpu_model
 from shards.ensure import ensure_synthetic
@@ -253,3 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     update_section(args.doc, "Shard packing", body)
     print(json.dumps(result, indent=1))
     return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

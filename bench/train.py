@@ -34,7 +34,7 @@ import torch.distributed as tdist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bench.perfdoc import update_section
-from common.cli import UserError
+from common.cli import UserError, run_main
 from common.dist import DistInfo
 from common.io import atomic_open, atomic_write_json
 from model.export import unwrap
@@ -561,3 +561,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_doc:
         return
     update_section(Path("docs/performance.md"), SECTION[device.type], doc_body(machine, results, table, runs))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -303,7 +303,7 @@ def test_smoke_scale_runs_the_whole_chain_and_resumes(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "tools.bench_quality",
+        "bench.quality",
         "--scale",
         "smoke",
         "--out",

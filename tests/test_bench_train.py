@@ -18,7 +18,7 @@ def test_bench_train_reports_mfu_profile_and_lever_arms_on_cpu(tmp_path):
         [
             sys.executable,
             "-m",
-            "tools.bench_train",
+            "bench.train",
             "--shards",
             str(tmp_path / "none"),
             "--steps",

@@ -413,9 +413,11 @@ def test_tool_entry_points_are_one_line(capsys, tmp_path):
     (empty / "manifest.json").write_text('{"format": "nope"}')
     code, err = exit_of(make_tiny_bert.main, ["--shards", str(empty), "--out", str(tmp_path / "b")], capsys)
     assert_one_line_error(code, err, "manifest.json")
-    for tool in ("bench_train", "bench_pipeline", "bench_shards", "profile_dali", "demo", "make_tiny_bert"):
-        tail = (ROOT / "tools" / f"{tool}.py").read_text().rstrip().splitlines()[-1]
-        assert tail.strip() == "run_main(main)", tool
+    entry_points = ["tools/demo.py", "tools/make_tiny_bert.py"]
+    entry_points += [f"bench/{name}.py" for name in ("train", "pipeline", "shards", "profile_dali")]
+    for path in entry_points:
+        tail = (ROOT / path).read_text().rstrip().splitlines()[-1]
+        assert tail.strip() == "run_main(main)", path
 
 
 # ---- 4. step settings and other numeric domains ------------------------------------------------

@@ -1,6 +1,7 @@
-"""Tools are thin wiring over library functions: the demo and benches call the same typed functions
-the CLIs parse their argv into (shards.ensure, pack_shards.pack, verify_shards.verify,
-make_tiny_bert.build), and no tool drives another through its argv."""
+"""Tools are thin wiring over library functions: the demo and the benchmarks (bench/, run by the
+Makefile as `python -m bench.<name>`) call the same typed functions the CLIs parse their argv into
+(shards.ensure, pack_shards.pack, verify_shards.verify, make_tiny_bert.build), and no tool drives
+another through its argv."""
 
 import re
 from pathlib import Path

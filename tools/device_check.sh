@@ -76,19 +76,19 @@ run_phase() {
   timeout "$limit" "$@" > "$OUT_DIR/$log" 2>&1
   echo "$name rc=$?"; tail -25 "$OUT_DIR/$log"; collect
 }
-run_phase pipeline bench_pipeline.log 40 $PY -m tools.bench_pipeline --device cuda --shards data/shards/mimic \
+run_phase pipeline bench_pipeline.log 40 $PY -m bench.pipeline --device cuda --shards data/shards/mimic \
   --batch-size 64 --epochs 1 --runs 2 --workers "$CORES"
-run_phase profile profile_dali.log 30 $PY -m tools.profile_dali --device cuda --shards data/shards/mimic
+run_phase profile profile_dali.log 30 $PY -m bench.profile_dali --device cuda --shards data/shards/mimic
 run_phase tests test_gpu.log 90 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
 # ours vs official at 128, data excluded + included; the largest batch per GPU; one profiled step.
-run_phase train bench_train.log 150 $PY -m tools.bench_train --models g2d_resnet50 --batch-sizes 128 \
+run_phase train bench_train.log 150 $PY -m bench.train --models g2d_resnet50 --batch-sizes 128 \
   --shards data/shards/mimic --steps 5 --max-batch --profile
 if want train; then cat bench/results/train_profile_gpu.txt >> "$OUT_DIR/bench_train.log" 2>/dev/null; fi
 # The levers at batch 256, data excluded, cheap arms first (compile time counts against this phase
 # only; results are saved after every arm): merged into train_gpu.json as "levers".
 if want levers; then
   phase levers
-  timeout 70 $PY -m tools.bench_train --models g2d_resnet50 --batch-sizes 256 --shards none --steps 5 \
+  timeout 70 $PY -m bench.train --models g2d_resnet50 --batch-sizes 256 --shards none --steps 5 \
     --arms ours,eager_attn,bucket16,compile,graphs --no-doc --results-dir bench/results/levers >> "$OUT_DIR/bench_train.log" 2>&1
   echo "levers rc=$?"; tail -12 "$OUT_DIR/bench_train.log"
   $PY - <<'EOF'
