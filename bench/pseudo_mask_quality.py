@@ -6,8 +6,11 @@ pathological region, the model's pseudo-mask (model.make_pseudo_mask: attention 
 mask -> 85% quantile -> bilateral smoothing, exactly the PA training target) is compared with the
 union of the true regions, both in the eval view the model sees:
 
-    iou       |pseudo & truth| / |pseudo | truth|
-    pointing  1 if the attention's peak cell centre lies inside the truth (chance = truth area share)
+    iou           |pseudo & truth| / |pseudo | truth|
+    pointing      1 if the attention's peak cell centre lies inside the truth (chance = truth area share)
+    collapse_iou  mean IoU of this image's pseudo-mask with every other scored image's (issue 27 item 7:
+                  a mask that sits in one place on every image teaches position, not findings; masks
+                  placed independently overlap little, one region for all images gives ~1)
 
 This is the direct evidence behind the Table 5a question: PA can only improve dense transfer if the
 pseudo-masks it trains on carry location. Random init gives the chance-level reference.
@@ -15,6 +18,7 @@ Support devices are left out of the truth: they are drawn and reported, but they
 
     pseudo_mask_predictions(weights, pretrain_data, text_model, corpus_root, device) -> per-image arrays
     pseudo_mask_summary({arm: predictions}) -> per arm mean + 95% CI, paired differences
+    collapse_iou(masks) -> per image: mean IoU with the other images' pseudo-masks
 """
 
 from __future__ import annotations
@@ -69,10 +73,17 @@ def truth_mask(regions: list[dict], meta: dict, size: tuple[int, int]) -> torch.
 
 @torch.no_grad()
 def pseudo_mask_predictions(
-    weights: Pretrained, pretrain_data: dict, text_model: str, corpus_root: str | Path, device, batch_size: int = 32
+    weights: Pretrained,
+    pretrain_data: dict,
+    text_model: str,
+    corpus_root: str | Path,
+    device,
+    batch_size: int = 32,
+    seed: int = 0,
 ) -> dict:
-    """-> {keys, iou, pointing, truth_frac, findings} over the valid-split images that have a finding
-    (numpy arrays; findings: '+'-joined finding names per image)."""
+    """-> {keys, iou, pointing, truth_frac, findings, collapse_iou} over the valid-split images that have
+    a finding (numpy arrays; findings: '+'-joined finding names per image). `seed` draws the random
+    arm's weights (one draw per pretraining seed)."""
     regions = load_regions(corpus_root)
     data_cfg = config_from_dict(DataConfig, pretrain_data)
     data_cfg = dataclasses.replace(
@@ -83,7 +94,7 @@ def pseudo_mask_predictions(
         batch_size_per_gpu=batch_size,
         num_workers=0,
     )
-    torch.manual_seed(0)  # the random arm's weights: the same draw every time
+    torch.manual_seed(seed)  # the random arm's weights: the same draw for the same seed
     model = weights.build_g2d(text_model).to(device).eval()
     loader = build_loader(
         data_cfg,
@@ -92,7 +103,7 @@ def pseudo_mask_predictions(
         tokenizer=load_tokenizer(text_model),
     )
     loader.set_epoch(0)
-    keys, iou, pointing, frac, findings = [], [], [], [], []
+    keys, iou, pointing, frac, findings, kept = [], [], [], [], [], []
     try:
         for batch in loader:
             _emb, _dense, attention = model.encode_image(batch.image)  # attention [B,heads,h,w]
@@ -118,6 +129,7 @@ def pseudo_mask_predictions(
                 pointing.append(float(truth[py, px]))
                 frac.append(truth.float().mean().item())
                 findings.append("+".join(sorted({r["finding"] for r in found})))
+                kept.append(pred.cpu())
     finally:
         loader.close()
     if not keys:
@@ -128,16 +140,44 @@ def pseudo_mask_predictions(
         "pointing": np.asarray(pointing),
         "truth_frac": np.asarray(frac),
         "findings": np.asarray(findings, dtype=str),
+        "collapse_iou": collapse_iou(torch.stack(kept)),
     }
 
 
-# (b, a) pairs reported as b - a: the Table 5a question, then trained vs random for both trained arms.
-COMPARISONS = (("g2d", "vla_only"), ("g2d", "random"), ("vla_only", "random"))
+def collapse_iou(masks: torch.Tensor) -> np.ndarray:
+    """masks [N,H,W] bool -> [N] float64: each mask's mean IoU with the N-1 others (two empty masks
+    count as identical, IoU 1, as train/health.py's batch signal counts them); the mean over images is
+    the mean pairwise IoU. One image: nan (no pair)."""
+    n = masks.shape[0]
+    if n < 2:
+        return np.full(n, np.nan)
+    flat = masks.flatten(1).double()  # [N, P]; float64 keeps pixel counts exact
+    inter = flat @ flat.T  # [N, N] shared pixels
+    area = flat.sum(dim=1)
+    union = area[:, None] + area[None, :] - inter
+    pair = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+    pair.fill_diagonal_(0.0)
+    return (pair.sum(dim=1) / (n - 1)).numpy()
+
+
+# (b, a) pairs reported as b - a: every arm against G2D (Table 5a / Table 8's question), then every
+# trained arm against random init (the floor). The first three were the two-arm benchmark's pairs.
+COMPARISONS = (
+    ("g2d", "vla_only"),
+    ("g2d", "random"),
+    ("vla_only", "random"),
+    ("g2d", "reconstruction"),
+    ("g2d", "g2d_shuffled"),
+    ("reconstruction", "random"),
+    ("g2d_shuffled", "random"),
+)
+# Per-image metrics summarised per arm (collapse_iou: absent from predictions written before it existed).
+PER_IMAGE_METRICS = ("iou", "pointing", "collapse_iou")
 
 
 def pseudo_mask_summary(preds: dict[str, dict], seed: int = 0) -> dict:
-    """{arm: predictions} (same images) -> {num_images, pointing_chance, arms: {arm: {iou, pointing:
-    {value, ci95}, per_finding_iou}}, diffs: {"b-a": {diff, ci95, p_b_better}} of the mean IoU}."""
+    """{arm: predictions} (same images) -> {num_images, pointing_chance, arms: {arm: {iou, pointing,
+    collapse_iou: {value, ci95}, per_finding_iou}}, diffs: {"b-a": {diff, ci95, p_b_better}} of the mean IoU}."""
     arms = list(preds)
     base = preds[arms[0]]["keys"]
     for arm in arms:
@@ -152,7 +192,9 @@ def pseudo_mask_summary(preds: dict[str, dict], seed: int = 0) -> dict:
             sel = p["findings"] == name
             per_finding[name] = {"n": int(sel.sum()), "iou": float(p["iou"][sel].mean())}
         out["arms"][arm] = {
-            m: {"value": float(p[m].mean()), "ci95": percentile_ci(W @ p[m] / W.sum(1))} for m in ("iou", "pointing")
+            m: {"value": float(p[m].mean()), "ci95": percentile_ci(W @ p[m] / W.sum(1))}
+            for m in PER_IMAGE_METRICS
+            if m in p
         }
         out["arms"][arm]["per_finding_iou"] = per_finding
     for b, a in COMPARISONS:

@@ -1,12 +1,15 @@
 """`make bench-quality`: a quality benchmark that can tell G2D from its ablations (docs/quality.md).
 
-    python -m bench.quality --scale full|smoke [--out DIR] [--seeds 0,1] [--studies N]
-                                  [--results quality.json] [--doc docs/quality.md] [scale.key=value ...]
+    python -m bench.quality --scale full|smoke [--out DIR] [--seeds 0,1,2] [--arms g2d,vla_only,...]
+                            [--studies N] [--results quality.json] [--doc docs/quality.md] [scale.key=value ...]
 
-synthetic MIMIC corpus -> shards (+ verify) -> tiny BERT -> synthetic RSNA/SIIM look-alikes -> pretrain
-the G2D and VLA-only arms (subprocesses of train.pretrain, equal compute) -> every downstream task for
-G2D, VLA-only and random init -> retrieval and pseudo-mask IoU on the pretraining valid split ->
-quality.json (per arm/task: headline metric with its 95% CI; paired differences with CIs) + a table.
+synthetic MIMIC corpus -> shards (+ verify) -> tiny BERT -> synthetic RSNA/SIIM/ChestX-ray14 look-alikes
+-> per pretraining seed: pretrain each trained arm (vla_only, reconstruction, g2d, g2d_shuffled: one
+model.decoder_target each, subprocesses of train.pretrain, equal steps and compute) -> every downstream
+task for each arm and random init (downstream seed 42 + the pretraining seed) -> retrieval and
+pseudo-mask IoU / collapse on the pretraining valid split -> quality.json (per arm/task/seed: headline
+with its 95% CI and paired differences; across seeds: mean +- std per arm, per-seed paired differences
+with a t-interval and a finding/undecided verdict; Table 5a; collapse) + the tables.
 Every stage writes a done-marker under <out>/stages/ when it finishes: a killed run, started again
 with the same arguments, continues with the first unfinished stage (pretraining from its checkpoints).
 """
@@ -24,11 +27,11 @@ import torch
 from bench import perfdoc
 from bench.pseudo_mask_quality import pseudo_mask_predictions, pseudo_mask_summary
 from bench.quality_harness import (
-    ARMS,
     TRAINED_ARMS,
     Stage,
     arm_weights,
     assemble,
+    check_arms,
     evaluate_run,
     fingerprint,
     load_scale,
@@ -40,6 +43,7 @@ from bench.quality_harness import (
     run_label,
     run_stages,
     stage_seconds,
+    training_mask_iou,
     variants_for,
 )
 from common.cli import ArgumentParser, UserError, run_main
@@ -57,7 +61,14 @@ from tools import make_tiny_bert, pack_shards, verify_shards
 from tools.eval import EVAL_USER_ERRORS
 
 ROOT = Path(__file__).resolve().parents[1]
-DOWNSTREAM = ("rsna_pneumonia", "siim_pneumothorax")
+# The evaluation seed of the runs under pretraining seed s: TaskConfig's default (42) at seed 0, so every
+# arm of one seed shares its downstream randomness (a paired comparison) and each seed draws its own.
+EVAL_SEED_BASE = 42
+
+
+def parse_arms(text: str) -> list[str]:
+    """--arms 'g2d,vla_only,random' -> the arms in table order (bench/quality_harness.ARMS)."""
+    return check_arms([a.strip() for a in text.split(",") if a.strip()])
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -98,17 +109,20 @@ class Workspace:
 
 
 # What each stage's result depends on (its done-marker's fingerprint): change one and the stage and
-# everything downstream of it runs again. Evaluations depend on every scale key but `runs`.
+# everything downstream of it runs again. Evaluations depend on every scale key but the run list, the
+# seed and arm selections and the report's Table 5a columns (and on their own run's run_overrides only).
 def size_inputs(scale) -> dict:
     return {"studies": scale.studies, "synth_size": scale.synth_size}
 
 
 def data_inputs(scale) -> dict:
-    return {k: v for k, v in config_to_dict(scale).items() if k not in ("runs", "name")}
+    skip = ("runs", "name", "seeds", "arms", "table5a", "run_overrides")
+    return {k: v for k, v in config_to_dict(scale).items() if k not in skip}
 
 
 def data_stages(scale, ws: Workspace, workers: int) -> list[Stage]:
-    """The pretraining corpus packed + verified, its tiny BERT, the RSNA/SIIM look-alikes converted."""
+    """The pretraining corpus packed + verified, its tiny BERT, the RSNA/SIIM/ChestX-ray14 look-alikes
+    converted (ChestX-ray14 when cxr14_images > 0)."""
 
     def make_corpus(_done):
         root = ensure_synthetic(ws.corpus, scale.studies, scale.synth_size, 0, workers)
@@ -127,7 +141,12 @@ def data_stages(scale, ws: Workspace, workers: int) -> list[Stage]:
 
     def make_downstream(_done):
         splits = {}
-        for name, n in (("rsna_pneumonia", scale.rsna_images), ("siim_pneumothorax", scale.siim_images)):
+        sizes = (
+            ("rsna_pneumonia", scale.rsna_images),
+            ("siim_pneumothorax", scale.siim_images),
+            ("chestxray14", scale.cxr14_images),
+        )
+        for name, n in (size for size in sizes if size[1] > 0):
             write_all(ws.src, n, seed=0, workers=workers, datasets=(name,))
             manifest = convert(
                 name,
@@ -147,7 +166,13 @@ def data_stages(scale, ws: Workspace, workers: int) -> list[Stage]:
         Stage(
             "downstream",
             make_downstream,
-            {"rsna": scale.rsna_images, "siim": scale.siim_images, "max_side": scale.downstream_max_side},
+            {
+                "rsna": scale.rsna_images,
+                "siim": scale.siim_images,
+                "max_side": scale.downstream_max_side,
+                # Absent when 0, so a scale without ChestX-ray14 keeps the two-dataset stage's fingerprint.
+                **({"cxr14": scale.cxr14_images} if scale.cxr14_images else {}),
+            },
         ),
     ]
 
@@ -175,44 +200,52 @@ def pretrain_stage(scale, ws: Workspace, arm: str, seed: int) -> Stage:
     return Stage(f"pretrain/{arm}/s{seed}", run, inputs)
 
 
-def checkpoint_of(done: dict, arm: str, seed: int) -> str:
-    # The random arm takes the G2D checkpoint's architecture (and random weights).
-    return done[f"pretrain/{'g2d' if arm == 'random' else arm}/s{seed}"]["checkpoint"]
+def architecture_arm(arms: list[str]) -> str:
+    """The trained arm whose checkpoint gives random init its architecture (and the pretraining data
+    config of the per-image stages): G2D when it runs, else the first trained arm selected."""
+    return "g2d" if "g2d" in arms else next(a for a in arms if a in TRAINED_ARMS)
 
 
-def evaluation_stage(scale, ws: Workspace, arm: str, seed: int, task: str, fraction: str, variant: str) -> Stage:
-    """One downstream task (at one fraction, one variant) for one arm."""
+def checkpoint_of(done: dict, arm: str, seed: int, arms: list[str]) -> str:
+    # The random arm takes a trained checkpoint's architecture (and random weights).
+    return done[f"pretrain/{architecture_arm(arms) if arm == 'random' else arm}/s{seed}"]["checkpoint"]
+
+
+def evaluation_stage(scale, ws: Workspace, arm: str, seed: int, spec: str, variant: str, arms: list[str]) -> Stage:
+    """One downstream task (at one fraction, one variant) for one arm, with the seed's evaluation seed."""
+    task, fraction = parse_run(spec)
+    overrides = [*scale.eval_overrides, *scale.run_overrides.get(spec, []), f"seed={EVAL_SEED_BASE + seed}"]
 
     def run(done):
-        weights = arm_weights(checkpoint_of(done, arm, seed), arm, task, fraction, str(ws.data))
+        weights = arm_weights(checkpoint_of(done, arm, seed, arms), arm, task, fraction, str(ws.data))
         return evaluate_run(
-            task,
-            fraction,
-            variant,
-            weights,
-            str(ws.data),
-            scale.eval_overrides,
-            str(ws.out / "eval" / f"{arm}_s{seed}"),
+            task, fraction, variant, weights, str(ws.data), overrides, str(ws.out / "eval" / f"{arm}_s{seed}")
         )
 
     name = f"eval/{arm}/s{seed}/{run_label(task, fraction, variant)}"
-    return Stage(name, run, {**data_inputs(scale), "seed": seed})
+    inputs = {**data_inputs(scale), "seed": seed}
+    if scale.run_overrides.get(spec):
+        inputs["run_overrides"] = scale.run_overrides[spec]
+    return Stage(name, run, inputs)
 
 
-def per_image_stage(scale, ws: Workspace, kind: str, arm: str, seed: int, device: torch.device) -> Stage:
-    """retrieval ranks / pseudo-mask IoU of one arm on the pretraining valid split -> an npz."""
+def per_image_stage(
+    scale, ws: Workspace, kind: str, arm: str, seed: int, device: torch.device, arms: list[str]
+) -> Stage:
+    """retrieval ranks / pseudo-mask IoU and collapse of one arm on the pretraining valid split -> an npz."""
     path = ws.out / kind / f"{arm}_s{seed}.npz"
 
     def run(done):
-        ckpt = checkpoint_of(done, arm, seed)
+        ckpt = checkpoint_of(done, arm, seed, arms)
         weights = arm_weights(ckpt, arm, "zeroshot_rsna", "1.0", str(ws.data))
+        base = architecture_arm(arms)
         pretrain_data = arm_weights(
-            checkpoint_of(done, "g2d", seed), "g2d", "zeroshot_rsna", "1.0", str(ws.data)
+            checkpoint_of(done, base, seed, arms), base, "zeroshot_rsna", "1.0", str(ws.data)
         ).data_cfg
         if kind == "retrieval":
-            arrays = retrieval_predictions(weights, pretrain_data, str(ws.bert), device)
+            arrays = retrieval_predictions(weights, pretrain_data, str(ws.bert), device, seed=seed)
         else:
-            arrays = pseudo_mask_predictions(weights, pretrain_data, str(ws.bert), ws.corpus, device)
+            arrays = pseudo_mask_predictions(weights, pretrain_data, str(ws.bert), ws.corpus, device, seed=seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_predictions(path, arrays)
         return {"predictions": str(path), "images": int(len(arrays["keys"]))}
@@ -221,65 +254,73 @@ def per_image_stage(scale, ws: Workspace, kind: str, arm: str, seed: int, device
     return Stage(f"{kind}/{arm}/s{seed}", run, inputs)
 
 
-def build_stages(scale, seeds: list[int], out: Path, workers: int, device: torch.device) -> list[Stage]:
+def build_stages(
+    scale, seeds: list[int], out: Path, workers: int, device: torch.device, arms: list[str] | None = None
+) -> list[Stage]:
+    arms = check_arms(list(arms or scale.arms))
     ws = Workspace(out)
     stages = data_stages(scale, ws, workers)
-    # Order: each trained arm's pretraining is followed by its evaluations, and random init (which
-    # does not depend on the seed, and takes the G2D checkpoint's architecture) follows the first
-    # G2D arm. So the first answer, trained vs random init, lands before the second arm trains: a run
-    # stopped early (a session's time limit) already has one complete comparison.
+    # Order: seed by seed (a stopped run has whole seeds to compare); within a seed each trained arm's
+    # pretraining is followed by its evaluations, and random init (its weights and downstream seed
+    # drawn per pretraining seed, its architecture a trained checkpoint's) follows the first trained
+    # arm. So the first answer, trained vs random init, lands before the second arm trains.
     for seed in seeds:
-        for arm in TRAINED_ARMS:
+        trained = [a for a in arms if a in TRAINED_ARMS]
+        for arm in trained:
             stages.append(pretrain_stage(scale, ws, arm, seed))
-            evaluated = [arm] + (["random"] if arm == "g2d" and seed == seeds[0] else [])
+            evaluated = [arm] + (["random"] if arm == trained[0] and "random" in arms else [])
             # The cheap per-image stages first, then the tasks in the scale's order (cheap ones first).
             stages += [
-                per_image_stage(scale, ws, kind, a, seed, device)
+                per_image_stage(scale, ws, kind, a, seed, device, arms)
                 for kind in ("retrieval", "pseudo_mask")
                 for a in evaluated
             ]
             for spec in scale.runs:
-                task, fraction = parse_run(spec)
+                task = parse_run(spec)[0]
                 for a in evaluated:
-                    stages += [evaluation_stage(scale, ws, a, seed, task, fraction, v) for v in variants_for(task, a)]
+                    stages += [evaluation_stage(scale, ws, a, seed, spec, v, arms) for v in variants_for(task, a)]
     return stages
 
 
-def per_image_arrays(done: dict, kind: str, arm: str, seed: int, first_seed: int) -> dict:
-    """The npz a retrieval / pseudo_mask stage wrote (random init ran once, under the first seed)."""
-    return load_predictions(done[f"{kind}/{arm}/s{first_seed if arm == 'random' else seed}"]["predictions"])
-
-
-def report(scale, seeds: list[int], done: dict, state_dir: Path) -> dict:
-    """quality.json from the finished stages (random init, run once, joins every seed)."""
+def report(scale, seeds: list[int], arm_names: list[str], done: dict, state_dir: Path) -> dict:
+    """quality.json from the finished stages."""
     evals, retrieval, pseudo = {}, {}, {}
-    first = seeds[0]
     for seed in seeds:
         evals[seed] = {}
         for name, result in done.items():
             parts = name.split("/", 3)
-            if parts[0] != "eval":
-                continue
-            arm, run_seed, label = parts[1], int(parts[2][1:]), parts[3]
-            if run_seed == seed or (arm == "random" and run_seed == first):
-                evals[seed].setdefault(label, {})[arm] = result
+            if parts[0] == "eval" and int(parts[2][1:]) == seed:
+                evals[seed].setdefault(parts[3], {})[parts[1]] = result
         retrieval[seed] = retrieval_summary(
-            {arm: per_image_arrays(done, "retrieval", arm, seed, first) for arm in ARMS}
+            {arm: load_predictions(done[f"retrieval/{arm}/s{seed}"]["predictions"]) for arm in arm_names}
         )
         pseudo[seed] = pseudo_mask_summary(
-            {arm: per_image_arrays(done, "pseudo_mask", arm, seed, first) for arm in ARMS}
+            {arm: load_predictions(done[f"pseudo_mask/{arm}/s{seed}"]["predictions"]) for arm in arm_names}
         )
-    arms = {f"{arm}/s{seed}": done[f"pretrain/{arm}/s{seed}"]["checkpoint"] for seed in seeds for arm in TRAINED_ARMS}
+    trained = [(arm, seed) for seed in seeds for arm in arm_names if arm in TRAINED_ARMS]
+    checkpoints = {f"{arm}/s{seed}": done[f"pretrain/{arm}/s{seed}"]["checkpoint"] for arm, seed in trained}
+    logged = {f"{arm}/s{seed}": training_mask_iou(done[f"pretrain/{arm}/s{seed}"]["run_dir"]) for arm, seed in trained}
     data = {k: done[k] for k in ("corpus", "downstream")}
     timing = stage_seconds(state_dir, list(done))
-    return {**assemble(scale, seeds, evals, retrieval, pseudo, arms, timing), "data": data}
+    quality = assemble(scale, seeds, evals, retrieval, pseudo, checkpoints, timing, arm_names, logged)
+    return {**quality, "data": data}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="full", help="smoke | full (configs/quality/<scale>.yaml) or a YAML path")
     ap.add_argument("--out", default=None, help="working directory (default runs/bench_quality/<scale>)")
-    ap.add_argument("--seeds", default="0", help="pretraining seeds, comma-separated (each adds two arms)")
+    ap.add_argument(
+        "--seeds",
+        default=None,
+        help="pretraining seeds, comma-separated (default: the scale's `seeds`; full: 0,1,2)",
+    )
+    ap.add_argument(
+        "--arms",
+        default=None,
+        help="arms, comma-separated, of g2d, vla_only, reconstruction, g2d_shuffled, random "
+        "(default: the scale's `arms`, all five)",
+    )
     ap.add_argument("--studies", type=int, default=None, help="synthetic training corpus size (overrides the scale)")
     ap.add_argument(
         "--results",
@@ -299,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     scale = load_scale(args.scale, overrides)
     if scale.studies < 20:
         raise UserError(f"studies={scale.studies}: at least 20 (every split needs a study)")
-    seeds = parse_seeds(args.seeds)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else list(scale.seeds)
+    arm_names = parse_arms(args.arms) if args.arms is not None else check_arms(scale.arms)
     full = scale.name == "full"
     # Absolute: the pretraining subprocesses run from the repository root, whatever our cwd is.
     out = Path(args.out or f"runs/bench_quality/{scale.name}").resolve()
@@ -308,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, args.workers))
     state_dir = out / "stages"
-    done = run_stages(build_stages(scale, seeds, out, args.workers, device), state_dir)
-    quality = report(scale, seeds, done, state_dir)
+    done = run_stages(build_stages(scale, seeds, out, args.workers, device, arm_names), state_dir)
+    quality = report(scale, seeds, arm_names, done, state_dir)
     quality["device"] = str(device)
     atomic_write_json(results, quality)
     table = markdown_table(quality)

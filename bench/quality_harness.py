@@ -5,14 +5,19 @@
     pretrain_command(...)      argv of one pretraining arm (run as a subprocess, as `make pretrain` runs it)
     evaluate_run(...)          one downstream task for one arm -> results.json + predictions.npz
     retrieval_predictions(...) image->report ranks on the pretraining valid split (per-image hits)
-    assemble(...)              per task: each arm's headline + 95% CI, paired differences with CIs
-    markdown_table(...)        the table for docs/quality.md
+    assemble(...)              per task: each arm's headline + 95% CI, paired differences with CIs;
+                               across seeds: per arm mean +- std, per pair the per-seed differences,
+                               their t-interval and verdict (bench/seed_stats.py); Table 5a; collapse
+    markdown_table(...)        the tables for docs/quality.md
 
-Arms: `g2d` (VLA + PA), `vla_only` (model.pa_weight=0: same forward, pseudo-mask and decoder, so the
-same compute; only the PA gradient is gone) and `random` (the g2d architecture at random init, text
-tower included, as eval/runner.run_all builds it). Paired differences resample the same test
-patients for both arms (eval/bootstrap.paired_difference), so they resolve much smaller gaps than
-two overlapping per-arm intervals suggest.
+Arms (Table 5a and Table 8 of the paper; `model.decoder_target`, docs/method.md): `vla_only` (none:
+PA weight 0), `reconstruction` (the decoder rebuilds its input image), `g2d` (pseudo_mask),
+`g2d_shuffled` (shuffled_pseudo_mask: another image's mask) and `random` (the g2d architecture at
+random init, text tower included, as eval/runner.run_all builds it). Every trained arm runs the same
+forward pass, pseudo-mask and decoder with the same steps, so the compute per step is equal; only
+the decoder's target (or its weight) differs. Paired differences resample the same test patients
+for both arms (eval/bootstrap.paired_difference), so they resolve much smaller gaps than two
+overlapping per-arm intervals suggest.
 """
 
 from __future__ import annotations
@@ -29,21 +34,56 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.pseudo_mask_quality import COMPARISONS
+from bench.pseudo_mask_quality import COMPARISONS, PER_IMAGE_METRICS
+from bench.seed_stats import across_seeds, paired_across_seeds
 from common.config import ConfigError, config_from_dict, config_to_dict, load_config
 from common.dist import DistInfo
 from common.io import atomic_write_json
 from eval.bootstrap import N_RESAMPLES, paired_difference, percentile_ci, resample_weights
 from eval.checkpoint import Pretrained
+from eval.paper_numbers import TABLE1_RANDOM, TABLE3_RANDOM
 from eval.runner import PREDICTIONS_NAME, load_predictions, resolve_for, run_eval
 from eval.tasks import applicable_overrides, get_task, load_task_config
 from eval.zeroshot import embed_loader
 from model.text import load_tokenizer
 from pipeline import DataConfig, build_loader
 
-ARMS = ("g2d", "vla_only", "random")
-TRAINED_ARMS = ("g2d", "vla_only")
-ARM_LABELS = {"g2d": "G2D (VLA+PA)", "vla_only": "VLA only", "random": "random init"}
+# Table order: G2D first (every comparison is against it), random init last (the floor).
+ARMS = ("g2d", "vla_only", "reconstruction", "g2d_shuffled", "random")
+# Each trained arm's model.decoder_target (the pretraining switch, usable outside the bench too).
+DECODER_TARGET_OF_ARM = {
+    "g2d": "pseudo_mask",
+    "vla_only": "none",
+    "reconstruction": "reconstruction",
+    "g2d_shuffled": "shuffled_pseudo_mask",
+}
+TRAINED_ARMS = tuple(DECODER_TARGET_OF_ARM)
+# The two-arm benchmark's quality.json (before issue 27) names no arms: these are the ones it ran.
+LEGACY_ARMS = ("g2d", "vla_only", "random")
+ARM_LABELS = {
+    "g2d": "G2D (VLA+PA)",
+    "vla_only": "VLA only",
+    "reconstruction": "reconstruction",
+    "g2d_shuffled": "G2D, shuffled masks",
+    "random": "random init",
+}
+DIFF_LABELS = {"vla_only": "VLA", "reconstruction": "reconstruction", "g2d_shuffled": "shuffled", "random": "random"}
+# The paper's Table 5a (decoder loss ablation) and Table 8 (shuffled masks), mean +- std over runs at
+# 1% data, percent (/work/shared/reference/g2d-method.md); random init: Table 1 / Table 3's 1% rows
+# (eval/paper_numbers.py: SIIM with the encoder only, no std). Columns: SIIM Dice, RSNA mAP, CXR14 AUC.
+TABLE5A_COLUMNS = ("siim_dice", "rsna_map", "cxr14_auc")
+TABLE5A_TITLES = {"siim_dice": "SIIM Dice", "rsna_map": "RSNA mAP", "cxr14_auc": "CXR14 AUC"}
+PAPER_TABLE5A = {
+    "vla_only": {"siim_dice": (49.2, 1.5), "rsna_map": (11.7, 1.2), "cxr14_auc": (77.1, 1.5)},
+    "reconstruction": {"siim_dice": (53.4, 1.3), "rsna_map": (13.0, 0.9), "cxr14_auc": (77.3, 2.1)},
+    "g2d": {"siim_dice": (65.6, 1.7), "rsna_map": (15.9, 0.8), "cxr14_auc": (79.1, 1.2)},
+    "g2d_shuffled": {"siim_dice": (50.9, 2.4), "rsna_map": (7.6, 1.2), "cxr14_auc": (63.7, 2.1)},
+    "random": {
+        "siim_dice": (TABLE1_RANDOM[("siim_segmentation", "encoder")]["0.01"], None),
+        "rsna_map": (TABLE1_RANDOM[("rsna_detection", "")]["0.01"], None),
+        "cxr14_auc": (TABLE3_RANDOM[("chestxray14_finetune", "")]["0.01"], None),
+    },
+}
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "quality"
 PRETRAIN_CONFIG = CONFIG_DIR / "pretrain.yaml"
 FAMILY_TITLES = {
@@ -68,10 +108,17 @@ class BenchScale:
     synth_size: int = 256  # rendered longer side of the corpus images
     rsna_images: int = 60  # RSNA look-alike images (test split ~20%)
     siim_images: int = 60  # SIIM look-alike images (test split ~15%)
+    cxr14_images: int = 0  # ChestX-ray14 look-alike images (test split ~25%); 0 = not built
     downstream_max_side: int = 256  # stored downstream image side (the tasks read <= 256 px)
     pretrain_overrides: list[str] = field(default_factory=list)
     eval_overrides: list[str] = field(default_factory=list)  # every task (keys a task lacks are dropped)
     runs: list[str] = field(default_factory=list)  # "task@fraction"
+    # Per run (its "task@fraction"), overrides after eval_overrides: the low-data columns' epochs.
+    run_overrides: dict[str, list[str]] = field(default_factory=dict)
+    # Table 5a's columns -> the run label that fills each (task@fraction[/variant]); {} = no Table 5a.
+    table5a: dict[str, str] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0])  # pretraining seeds when --seeds is not given
+    arms: list[str] = field(default_factory=lambda: list(ARMS))  # arms when --arms is not given
 
 
 def load_scale(name_or_path: str, overrides: list[str] | None = None) -> BenchScale:
@@ -85,7 +132,28 @@ def load_scale(name_or_path: str, overrides: list[str] | None = None) -> BenchSc
     scale = load_config(BenchScale, path, overrides)
     for spec in scale.runs:
         parse_run(spec)  # a typo fails here, not after hours of pretraining
+    for spec in scale.run_overrides:
+        if spec not in scale.runs:
+            raise ConfigError(f"bench run_overrides: {spec!r} is not one of runs {scale.runs}")
+    for column, label in scale.table5a.items():
+        if column not in TABLE5A_COLUMNS:
+            raise ConfigError(f"bench table5a: column {column!r} is not one of {list(TABLE5A_COLUMNS)}")
+        if label.partition("/")[0] not in scale.runs:
+            raise ConfigError(f"bench table5a.{column}: {label!r} is not one of runs {scale.runs}")
+    check_arms(scale.arms)
+    if not scale.seeds or len(set(scale.seeds)) != len(scale.seeds):
+        raise ConfigError(f"bench seeds {scale.seeds}: give one or more distinct seeds")
     return scale
+
+
+def check_arms(arms: list[str]) -> list[str]:
+    """The arms to run, in table order; at least one trained arm (random init borrows its architecture)."""
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or len(set(arms)) != len(arms):
+        raise ConfigError(f"bench arms {list(arms)}: choose distinct arms among {list(ARMS)}")
+    if not any(a in TRAINED_ARMS for a in arms):
+        raise ConfigError(f"bench arms {list(arms)}: name at least one trained arm of {list(TRAINED_ARMS)}")
+    return [a for a in ARMS if a in arms]
 
 
 def parse_run(spec: str) -> tuple[str, str]:
@@ -169,11 +237,11 @@ def stage_seconds(state_dir: str | Path, names: list[str]) -> dict[str, float]:
 
 
 def arm_overrides(arm: str) -> list[str]:
-    if arm == "g2d":
-        return []
-    if arm == "vla_only":
-        return ["model.pa_weight=0"]
-    raise ValueError(f"arm {arm!r} is not pretrained; trained arms: {TRAINED_ARMS}")
+    """A trained arm's one difference from the shared recipe: its decoder target. vla_only's `none` is
+    the run `model.pa_weight=0` gave before (same forward, losses and updates: tests/test_decoder_targets.py)."""
+    if arm not in DECODER_TARGET_OF_ARM:
+        raise ValueError(f"arm {arm!r} is not pretrained; trained arms: {TRAINED_ARMS}")
+    return [f"model.decoder_target={DECODER_TARGET_OF_ARM[arm]}"]
 
 
 def pretrain_command(
@@ -252,7 +320,7 @@ def evaluate_run(
 
 @torch.no_grad()
 def retrieval_predictions(
-    weights: Pretrained, pretrain_data: dict, text_model: str, device, batch_size: int = 32
+    weights: Pretrained, pretrain_data: dict, text_model: str, device, batch_size: int = 32, seed: int = 0
 ) -> dict:
     """Image->report retrieval on the pretraining valid split. -> {keys, rank} (rank 0 = own report
     first; ties count in the model's favour, as eval/zeroshot.retrieval_topk), so top-k hits are
@@ -267,7 +335,7 @@ def retrieval_predictions(
         num_workers=0,
     )
     tokenizer = load_tokenizer(text_model)
-    torch.manual_seed(0)  # the random arm's weights: the same draw every time
+    torch.manual_seed(seed)  # the random arm's weights: the same draw for the same seed
     model = weights.build_g2d(text_model).to(device).eval()
     loader = build_loader(
         data_cfg, "valid", DistInfo(rank=0, world_size=1, local_rank=0, device=device), tokenizer=tokenizer
@@ -351,6 +419,125 @@ def run_label(task: str, fraction: str, variant: str) -> str:
     return f"{task}@{fraction}" + (f"/{variant}" if variant else "")
 
 
+def training_mask_iou(run_dir: str | Path) -> dict | None:
+    """The pretraining log's collapse signal (train/health.py): the last logged window's mean pairwise
+    pseudo-mask IoU of a batch -> {value, step}; None when the log has no such value."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill: the windows before it still count
+        if isinstance(rec, dict) and rec.get("pseudo_mask_iou") is not None and "step" in rec:
+            last = {"value": float(rec["pseudo_mask_iou"]), "step": int(rec["step"])}
+    return last
+
+
+def seed_rows(res: dict) -> dict[str, dict]:
+    """One seed's results -> {"<run label>:<metric>": {family, task, metric, arms: {arm: {value, ci95}},
+    diffs: {"b-a": {diff, ci95}}}}: every number the across-seed statistics pool."""
+    rows: dict[str, dict] = {}
+
+    def add(task: str, family: str, metric: str, arms: dict, diffs: dict) -> None:
+        rows[f"{task}:{metric}"] = {"family": family, "task": task, "metric": metric, "arms": arms, "diffs": diffs}
+
+    rt = res.get("retrieval") or {}
+    for k in rt.get("chance", {}):
+        arms = {a: v[k] for a, v in rt["arms"].items()}
+        add("retrieval", "retrieval", k, arms, {p: d[k] for p, d in rt["diffs"].items() if k in d})
+    for label, t in res["tasks"].items():
+        add(
+            label,
+            t["family"],
+            t["headline"],
+            t["arms"],
+            {p: d[t["headline"]] for p, d in t["diffs"].items() if t["headline"] in d},
+        )
+        for metric in TABLE_SECONDARY.get(t["family"], ()):
+            arms = {a: e["secondary"][metric] for a, e in t["arms"].items() if metric in e.get("secondary", {})}
+            if arms:
+                add(label, t["family"], metric, arms, {p: d[metric] for p, d in t["diffs"].items() if metric in d})
+    pm = res.get("pseudo_mask_iou") or {}
+    for metric in PER_IMAGE_METRICS:
+        arms = {a: v[metric] for a, v in pm.get("arms", {}).items() if metric in v}
+        if arms:
+            add("pseudo_mask", "pseudo_mask", metric, arms, pm["diffs"] if metric == "iou" else {})
+    return rows
+
+
+def across_seed_summary(per_seed: dict, arms: list[str]) -> dict:
+    """per_seed: {seed: results} -> {row: {..., arms: {arm: across_seeds + runs [{seed, value, ci95}]},
+    pairs: {"b-a": paired_across_seeds + per_seed [{seed, diff, ci95}]}}}. A pair's per-seed difference is
+    b's value minus a's at that seed (both pretrained and evaluated with it); its ci95 is that seed's
+    paired bootstrap interval over test images where one was computed."""
+    rows_by_seed = {seed: seed_rows(res) for seed, res in per_seed.items()}
+    keys = list(dict.fromkeys(k for rows in rows_by_seed.values() for k in rows))
+    out = {}
+    for key in keys:
+        present = {seed: rows[key] for seed, rows in rows_by_seed.items() if key in rows}
+        first = next(iter(present.values()))
+        row = {"family": first["family"], "task": first["task"], "metric": first["metric"], "arms": {}, "pairs": {}}
+        for arm in arms:
+            runs = [
+                {"seed": int(seed), "value": r["arms"][arm]["value"], "ci95": r["arms"][arm].get("ci95")}
+                for seed, r in present.items()
+                if arm in r["arms"]
+            ]
+            if runs:
+                row["arms"][arm] = {**across_seeds([r["value"] for r in runs]), "runs": runs}
+        for b, a in COMPARISONS:
+            per = []
+            for seed, r in present.items():
+                if a in r["arms"] and b in r["arms"]:
+                    vb, va = r["arms"][b]["value"], r["arms"][a]["value"]
+                    diff = None if vb is None or va is None else vb - va
+                    boot = r["diffs"].get(f"{b}-{a}", {})
+                    per.append({"seed": int(seed), "diff": diff, "ci95": boot.get("ci95")})
+            if per:
+                row["pairs"][f"{b}-{a}"] = {**paired_across_seeds([p["diff"] for p in per]), "per_seed": per}
+        out[key] = row
+    return out
+
+
+def table5a_summary(columns: dict[str, str], across: dict) -> dict:
+    """Table 5a / Table 8 from the across-seed rows: per column the run and its headline metric, per arm
+    the across-seed mean/std, per pair the verdict; the paper's numbers beside them."""
+    out = {"columns": {}, "arms": {}, "pairs": {}, "paper": PAPER_TABLE5A}
+    for column in TABLE5A_COLUMNS:
+        label = columns.get(column)
+        # The headline row of that run: the first metric recorded for the label (seed_rows adds it first).
+        key = next((k for k, r in across.items() if r["task"] == label), None)
+        if key is None:
+            continue
+        row = across[key]
+        out["columns"][column] = {"run": label, "metric": row["metric"]}
+        for arm, stats_ in row["arms"].items():
+            out["arms"].setdefault(arm, {})[column] = {k: stats_[k] for k in ("mean", "std", "n", "values")}
+        for pair, paired in row["pairs"].items():
+            out["pairs"].setdefault(pair, {})[column] = {k: v for k, v in paired.items() if k != "per_seed"}
+    return out
+
+
+def collapse_summary(per_seed: dict, training: dict) -> dict:
+    """{arm: {seed: {pairwise_iou, truth_iou, training_pairwise_iou, training_step}}}: the pseudo-masks'
+    mean IoU between different test images (collapse) beside their IoU with the drawn regions, and the
+    pretraining log's last window of the same collapse signal. training: {"<arm>/s<seed>": training_mask_iou}."""
+    out: dict = {}
+    for seed, res in per_seed.items():
+        for arm, v in (res.get("pseudo_mask_iou") or {}).get("arms", {}).items():
+            logged = training.get(f"{arm}/s{seed}")
+            out.setdefault(arm, {})[str(seed)] = {
+                "pairwise_iou": v.get("collapse_iou", {}).get("value"),
+                "truth_iou": v["iou"]["value"],
+                "training_pairwise_iou": logged["value"] if logged else None,
+                "training_step": logged["step"] if logged else None,
+            }
+    return out
+
+
 def assemble(
     scale: BenchScale,
     seeds: list[int],
@@ -359,9 +546,14 @@ def assemble(
     pseudo_masks: dict,
     arms: dict,
     timing: dict,
+    arm_names: list[str] | None = None,
+    training_mask: dict | None = None,
 ) -> dict:
     """quality.json. eval_results: {seed: {run_label: {arm: evaluate_run result}}};
-    retrieval: {seed: retrieval_summary}; pseudo_masks: {seed: {arm: summary}}."""
+    retrieval: {seed: retrieval_summary}; pseudo_masks: {seed: {arm: summary}}; arms: {"<arm>/s<seed>":
+    checkpoint}; arm_names: the arms that ran (table order); training_mask: {"<arm>/s<seed>":
+    training_mask_iou}."""
+    arm_names = list(arm_names or LEGACY_ARMS)
     per_seed = {}
     for seed in seeds:
         tasks = {}
@@ -375,14 +567,19 @@ def assemble(
                     evals = {**evals, "random": fallback}
             tasks[label] = task_comparisons(evals, seed=0)
         per_seed[str(seed)] = {"tasks": tasks, "retrieval": retrieval[seed], "pseudo_mask_iou": pseudo_masks[seed]}
+    across = across_seed_summary(per_seed, arm_names)
     return {
         "benchmark": "bench-quality",
         "scale": config_to_dict(scale),
         "seeds": seeds,
+        "arm_names": arm_names,
         "arms": arms,
-        "comparisons": [f"{b}-{a}" for b, a in COMPARISONS],
+        "comparisons": [f"{b}-{a}" for b, a in COMPARISONS if a in arm_names and b in arm_names],
         "bootstrap_resamples": N_RESAMPLES,
         "results": per_seed,
+        "across_seeds": across,
+        "table5a": table5a_summary(scale.table5a, across),
+        "collapse": collapse_summary(per_seed, training_mask or {}),
         "timing_seconds": timing,
     }
 
@@ -407,13 +604,147 @@ def _diff_cell(d: dict | None) -> str:
     return text
 
 
+def _mean_std(s: dict | None) -> str:
+    """{mean, std, n} in fractions -> '52.1 +- 3.0' (percent); a single seed has no std."""
+    if not s or s.get("mean") is None:
+        return "-"
+    std = f" +- {100 * s['std']:.1f}" if s.get("std") is not None else " (1 seed)"
+    return f"{100 * s['mean']:.1f}{std}"
+
+
+def _paper_cell(value_std: tuple | None) -> str:
+    if not value_std or value_std[0] is None:
+        return "-"
+    value, std = value_std
+    return f"{value:.1f}" + (f" +- {std:.1f}" if std is not None else "")
+
+
+def _paired_cell(p: dict) -> str:
+    """A pair's across-seed line: mean [t-interval] verdict (points)."""
+    if p.get("mean") is None:
+        return "-"
+    ci = p.get("ci95")
+    interval = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
+    return f"{100 * p['mean']:+.1f}{interval} {p['verdict']}"
+
+
+def table5a_markdown(quality: dict) -> list[str]:
+    t5 = quality.get("table5a") or {}
+    columns = [c for c in TABLE5A_COLUMNS if c in t5.get("columns", {})]
+    if not columns:
+        return []
+    runs = ", ".join(f"{TABLE5A_TITLES[c]} = {t5['columns'][c]['run']} ({t5['columns'][c]['metric']})" for c in columns)
+    lines = [
+        "### Table 5a / Table 8: ours beside the paper's",
+        "",
+        f"Ours: mean +- sample std over pretraining seeds {quality['seeds']}, percent ({runs}); the paper: "
+        "mean +- std over its runs at 1% of the real datasets (random init: Table 1 / 3, no std). "
+        "Orientation only: a synthetic miniature, not a reproduction.",
+        "",
+        "| decoder target | "
+        + " | ".join(f"{TABLE5A_TITLES[c]} (ours)" for c in columns)
+        + " | "
+        + " | ".join(f"{TABLE5A_TITLES[c]} (paper)" for c in columns)
+        + " |",
+        "| --- | " + " | ".join("---" for _ in columns * 2) + " |",
+    ]
+    for arm in quality["arm_names"]:
+        ours = [_mean_std(t5["arms"].get(arm, {}).get(c)) for c in columns]
+        paper = [_paper_cell(t5["paper"].get(arm, {}).get(c)) for c in columns]
+        lines.append(f"| {ARM_LABELS.get(arm, arm)} | " + " | ".join(ours + paper) + " |")
+    pairs = [p for p in quality["comparisons"] if p in t5.get("pairs", {})]
+    if pairs:
+        lines += [
+            "",
+            "Across-seed paired differences (points): mean [95% t-interval over seeds], finding only when "
+            "every seed agrees in sign and the interval excludes 0.",
+            "",
+            "| pair | " + " | ".join(TABLE5A_TITLES[c] for c in columns) + " |",
+            "| --- | " + " | ".join("---" for _ in columns) + " |",
+        ]
+        for pair in pairs:
+            cells = [_paired_cell(t5["pairs"][pair][c]) if c in t5["pairs"][pair] else "-" for c in columns]
+            lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def across_markdown(quality: dict) -> list[str]:
+    """Per row: each arm's mean +- std over seeds beside its runs' values [95% bootstrap CI]; then every
+    compared pair's per-seed differences, their t-interval and the verdict."""
+    arms = quality["arm_names"]
+    lines = [
+        "### Every row across seeds",
+        "",
+        "Per arm: mean +- sample std over seeds, then each seed's run: value [95% bootstrap CI], percent. "
+        "The linear probe is `linear.protocol=lbfgs` where the scale says so (its headline is the mean "
+        "over redrawn subsets).",
+        "",
+        "| task | metric | " + " | ".join(ARM_LABELS.get(a, a) for a in arms) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in arms) + " |",
+    ]
+    for row in quality["across_seeds"].values():
+        cells = []
+        for arm in arms:
+            s = row["arms"].get(arm)
+            runs = "; ".join(f"s{r['seed']} {_value_ci(r['value'], r['ci95'])}" for r in s["runs"]) if s else ""
+            cells.append(f"{_mean_std(s)} ({runs})" if s else "-")
+        lines.append(f"| {row['task']} | {row['metric']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Paired differences b - a (points): per seed value [paired-bootstrap 95% CI over test images]; "
+        "across seeds: mean [95% t-interval], verdict.",
+        "",
+        "| task | metric | pair | per seed | across seeds |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in quality["across_seeds"].values():
+        for pair, p in row["pairs"].items():
+            per = "; ".join(f"s{d['seed']} {_diff_cell(d)}" for d in p["per_seed"])
+            lines.append(f"| {row['task']} | {row['metric']} | {pair} | {per} | {_paired_cell(p)} |")
+    return lines + [""]
+
+
+def collapse_markdown(quality: dict) -> list[str]:
+    collapse = quality.get("collapse") or {}
+    if not collapse:
+        return []
+    lines = [
+        "### Pseudo-mask collapse per arm and seed",
+        "",
+        "Mean IoU between the pseudo-masks of different pretraining-valid images with a finding (1 = one "
+        "region for every image), beside their IoU with the drawn regions, and the pretraining log's last "
+        "window of the same batch signal (`pseudo_mask_iou`, train/health.py), percent.",
+        "",
+        "| arm | seed | IoU between images | IoU with drawn regions | training log (step) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for arm in quality["arm_names"]:
+        for seed, c in collapse.get(arm, {}).items():
+            logged = f"{_pct(c['training_pairwise_iou'])} ({c['training_step']})" if c["training_step"] else "-"
+            lines.append(
+                f"| {ARM_LABELS.get(arm, arm)} | {seed} | {_pct(c['pairwise_iou'])} | "
+                f"{_pct(c['truth_iou'])} | {logged} |"
+            )
+    return lines + [""]
+
+
 def markdown_table(quality: dict) -> str:
-    """One table per seed: family | run | metric | each arm [95% CI] | G2D-VLA | G2D-random (percent
-    points, paired 95% CI; bold = the interval excludes 0), + retrieval and pseudo-mask IoU rows."""
+    """Table 5a beside the paper's, every row across seeds with the verdicts, the collapse figure (when
+    quality.json has them), then one table per seed: family | run | metric | each arm [95% CI] | G2D - each
+    other arm (percent points, paired 95% CI; bold = the interval excludes 0), + retrieval and pseudo-mask
+    rows. A quality.json from before issue 27 (no arm_names) prints its three arms as it did."""
     lines = []
+    if "across_seeds" in quality:
+        lines += table5a_markdown(quality) + across_markdown(quality) + collapse_markdown(quality)
+    arms = [a for a in ARMS if a in quality.get("arm_names", LEGACY_ARMS)]
+    pairs = [f"g2d-{a}" for a in arms if a != "g2d" and "g2d" in arms]
     head = (
-        "| family | task | metric | G2D (VLA+PA) | VLA only | random init | G2D - VLA | G2D - random |\n"
-        "| --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| family | task | metric | "
+        + " | ".join(ARM_LABELS[a] for a in arms)
+        + "".join(f" | G2D - {DIFF_LABELS[p[4:]]}" for p in pairs)
+        + " |\n| --- | --- | --- | "
+        + " | ".join("---" for _ in arms + pairs)
+        + " |"
     )
     for seed, res in quality["results"].items():
         lines += [
@@ -425,13 +756,12 @@ def markdown_table(quality: dict) -> str:
         rt = res["retrieval"]
         for k in ("top1", "top5"):
             cells = [
-                _value_ci(rt["arms"][a][k]["value"], rt["arms"][a][k]["ci95"]) if a in rt["arms"] else "-" for a in ARMS
+                _value_ci(rt["arms"][a][k]["value"], rt["arms"][a][k]["ci95"]) if a in rt["arms"] else "-" for a in arms
             ]
+            diffs = [_diff_cell(rt["diffs"].get(p, {}).get(k)) for p in pairs]
             lines.append(
                 f"| retrieval | pretraining valid ({rt['num_images']} images, chance "
-                f"{_pct(rt['chance'][k])}) | {k} | " + " | ".join(cells) + " | "
-                f"{_diff_cell(rt['diffs'].get('g2d-vla_only', {}).get(k))} | "
-                f"{_diff_cell(rt['diffs'].get('g2d-random', {}).get(k))} |"
+                f"{_pct(rt['chance'][k])}) | {k} | " + " | ".join(cells + diffs) + " |"
             )
         for label, t in res["tasks"].items():
             h = t["headline"]
@@ -442,31 +772,31 @@ def markdown_table(quality: dict) -> str:
                 if found:
                     rows.append((metric, found))
             for metric, per_arm in rows:
-                cells = [_value_ci(per_arm[a]["value"], per_arm[a]["ci95"]) if a in per_arm else "-" for a in ARMS]
+                cells = [_value_ci(per_arm[a]["value"], per_arm[a]["ci95"]) if a in per_arm else "-" for a in arms]
+                diffs = [_diff_cell(t["diffs"].get(p, {}).get(metric)) for p in pairs]
                 lines.append(
                     f"| {FAMILY_TITLES.get(t['family'], t['family'])} | {where} | {metric} | "
-                    + " | ".join(cells)
-                    + f" | {_diff_cell(t['diffs'].get('g2d-vla_only', {}).get(metric))} | "
-                    f"{_diff_cell(t['diffs'].get('g2d-random', {}).get(metric))} |"
+                    + " | ".join(cells + diffs)
+                    + " |"
                 )
         pm = res["pseudo_mask_iou"]
         if pm:
             for metric, where in (
                 ("iou", f"{pm['num_images']} valid images with a finding"),
                 ("pointing", f"peak cell in a region; chance {_pct(pm['pointing_chance'])}"),
+                ("collapse_iou", "mean IoU with the other images' masks"),
             ):
+                if not any(metric in v for v in pm["arms"].values()):
+                    continue  # collapse_iou: not in a quality.json from before issue 27
                 cells = [
-                    _value_ci(pm["arms"][a][metric]["value"], pm["arms"][a][metric]["ci95"]) if a in pm["arms"] else "-"
-                    for a in ARMS
+                    _value_ci(pm["arms"][a][metric]["value"], pm["arms"][a][metric]["ci95"])
+                    if metric in pm["arms"].get(a, {})
+                    else "-"
+                    for a in arms
                 ]
-                diffs = [
-                    _diff_cell(pm["diffs"].get(pair)) if metric == "iou" else "-"
-                    for pair in ("g2d-vla_only", "g2d-random")
-                ]
+                diffs = [_diff_cell(pm["diffs"].get(p)) if metric == "iou" else "-" for p in pairs]
                 lines.append(
-                    f"| pseudo-mask vs true regions | {where} | {metric} | "
-                    + " | ".join(cells)
-                    + f" | {diffs[0]} | {diffs[1]} |"
+                    f"| pseudo-mask vs true regions | {where} | {metric} | " + " | ".join(cells + diffs) + " |"
                 )
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

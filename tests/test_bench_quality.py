@@ -10,10 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from bench.pseudo_mask_quality import load_regions, pseudo_mask_summary, truth_mask
+from bench.pseudo_mask_quality import collapse_iou, load_regions, pseudo_mask_summary, truth_mask
 from bench.quality_harness import (
     ARMS,
+    DECODER_TARGET_OF_ARM,
+    TRAINED_ARMS,
     Stage,
+    across_seed_summary,
+    collapse_summary,
     fingerprint,
     load_scale,
     markdown_table,
@@ -21,9 +25,13 @@ from bench.quality_harness import (
     pretrain_command,
     retrieval_summary,
     run_stages,
+    table5a_summary,
+    training_mask_iou,
     variants_for,
 )
 from common.config import ConfigError
+from model.g2d import DECODER_TARGETS
+from shards.downstream.chestxray14 import SPLIT_WEIGHTS as CXR14_SPLITS
 from shards.downstream.rsna import SPLIT_WEIGHTS as RSNA_SPLITS
 from shards.downstream.siim import SPLIT_WEIGHTS as SIIM_SPLITS
 from shards.synthetic.render import encode_mask_rle
@@ -93,10 +101,27 @@ def test_full_scale_meets_the_issue_sizes_and_smoke_is_small():
     # Expected held-out test images from the converters' split proportions: >= 500 per dataset.
     assert full.rsna_images * RSNA_SPLITS["test"] / sum(RSNA_SPLITS.values()) >= 500
     assert full.siim_images * SIIM_SPLITS["test"] / sum(SIIM_SPLITS.values()) >= 500
+    # ChestX-ray14's test list holds ~25% of the look-alike's images, the rest is split train/valid.
+    assert full.cxr14_images * 0.25 >= 500 and set(CXR14_SPLITS) == {"train", "valid"}
     families = {spec.split("@")[0] for spec in full.runs}
-    assert {"zeroshot_rsna", "grounding_rsna", "siim_segmentation", "rsna_segmentation", "rsna_detection"} <= families
+    assert {
+        "zeroshot_rsna",
+        "grounding_rsna",
+        "siim_segmentation",
+        "rsna_detection",
+        "chestxray14_finetune",
+    } <= families
     assert {"rsna_linear@0.01", "rsna_linear@1.0"} <= set(full.runs)
+    assert "linear.protocol=lbfgs" in full.eval_overrides  # the converging probe, not MGCA's
+    # Table 5a's three columns in the low-data regime; >= 3 seeds of all five arms by default.
+    assert full.table5a == {
+        "siim_dice": "siim_segmentation@0.1/encoder_decoder",
+        "rsna_map": "rsna_detection@0.1",
+        "cxr14_auc": "chestxray14_finetune@0.1",
+    }
+    assert len(full.seeds) >= 3 and tuple(full.arms) == ARMS
     assert smoke.studies < 200 and set(smoke.runs) >= {"rsna_linear@0.01", "rsna_detection@1.0"}
+    assert set(smoke.table5a) == set(full.table5a)
 
 
 def test_bad_scale_input_is_named():
@@ -104,14 +129,46 @@ def test_bad_scale_input_is_named():
         load_scale("smoke", ["runs=[rsna_linear@0.5]"])
     with pytest.raises(FileNotFoundError, match="nope"):
         load_scale("nope")
+    with pytest.raises(ConfigError, match="table5a.siim_dice"):
+        load_scale("smoke", ["table5a={siim_dice: siim_segmentation@0.1/encoder_decoder}"])
+    with pytest.raises(ConfigError, match="run_overrides"):
+        load_scale("smoke", ["run_overrides={rsna_linear@0.1: [train.epochs=2]}"])
+    with pytest.raises(ConfigError, match="choose distinct arms"):
+        load_scale("smoke", ["arms=[g2d,pa_only]"])
+    with pytest.raises(ConfigError, match="at least one trained arm"):
+        load_scale("smoke", ["arms=[random]"])
 
 
-def test_vla_only_differs_from_g2d_only_by_the_pa_weight():
+def test_arms_option_and_the_scale_seeds_reach_the_stages(tmp_path):
+    """--arms picks arms (today's names g2d / vla_only / random unchanged); no --seeds takes the scale's list."""
+    from bench.quality import parse_arms, parse_seeds
+
+    assert parse_arms("random, g2d,vla_only") == ["g2d", "vla_only", "random"]  # table order
+    with pytest.raises(ConfigError, match="pa_only"):
+        parse_arms("g2d,pa_only")
+    assert parse_seeds("0,1,2") == [0, 1, 2]
+    for argv in (["--arms", "bogus"], ["--seeds", "0,0"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.quality", "--scale", "smoke", "--out", str(tmp_path), *argv],
+            cwd=ROOT,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+        assert out.stderr.startswith("error: ") and argv[1] in out.stderr
+
+
+def test_trained_arms_differ_only_by_their_decoder_target():
     scale = load_scale("full")
-    g2d = pretrain_command("python", "g2d", 0, scale, "s", "b", "out")
-    vla = pretrain_command("python", "vla_only", 0, scale, "s", "b", "out")
-    assert vla == g2d + ["model.pa_weight=0"]  # same steps, batch, resolution: equal compute
-    assert "train.max_steps=600" in g2d and "train.batch_size_per_gpu=32" in g2d
+    commands = {arm: pretrain_command("python", arm, 0, scale, "s", "b", "out") for arm in TRAINED_ARMS}
+    base = commands["g2d"][:-1]
+    for arm, cmd in commands.items():
+        # Same recipe, steps, batch and resolution: equal compute per step and equal steps.
+        assert cmd == base + [f"model.decoder_target={DECODER_TARGET_OF_ARM[arm]}"], arm
+    assert sorted(DECODER_TARGET_OF_ARM.values()) == sorted(DECODER_TARGETS)  # every switch has an arm
+    assert "train.max_steps=600" in base and "train.batch_size_per_gpu=32" in base
     with pytest.raises(ValueError):
         pretrain_command("python", "random", 0, scale, "s", "b", "out")
     assert variants_for("siim_segmentation", "g2d") == ["encoder", "encoder_decoder"]
@@ -133,10 +190,20 @@ def test_stage_fingerprints_follow_what_each_stage_depends_on(tmp_path):
         "downstream",
         "pretrain/g2d/s0",
         "pretrain/vla_only/s0",
+        "pretrain/reconstruction/s0",
+        "pretrain/g2d_shuffled/s0",
         "eval/random/s0/rsna_detection@1.0",
+        "eval/g2d_shuffled/s0/chestxray14_finetune@1.0",
         "retrieval/random/s0",
         "pseudo_mask/g2d/s0",
     } <= set(base)
+    # Three seeds: every arm, random init included (its weights and downstream seed per pretraining
+    # seed), once per seed; a subset of arms only those.
+    three = build_stages(load_scale("smoke"), [0, 1, 2], tmp_path, 1, torch.device("cpu"), ["vla_only", "random"])
+    names = [s.name for s in three]
+    assert {n for n in names if n.startswith("pretrain/")} == {f"pretrain/vla_only/s{s}" for s in (0, 1, 2)}
+    assert {f"eval/random/s{s}/zeroshot_rsna@1.0" for s in (0, 1, 2)} <= set(names)
+    assert not any("/g2d/" in n for n in names)
     assert not any(n.startswith("pretrain/random") for n in base)
     more_rsna = fingerprints("rsna_images=80")
     changed = {n for n in base if base[n] != more_rsna[n]}
@@ -278,6 +345,111 @@ def test_markdown_table_marks_resolved_differences():
     ) in table
 
 
+def test_collapse_iou_is_the_mean_pairwise_iou_between_images():
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[0, :2, :2] = True  # 4 pixels
+    masks[1, :2, :] = True  # 8 pixels, 4 shared with mask 0: IoU 0.5
+    # mask 2 empty: IoU 0 with the others
+    assert collapse_iou(masks) == pytest.approx([0.25, 0.25, 0.0])
+    same = torch.ones(4, 4, 4, dtype=torch.bool)
+    assert collapse_iou(same) == pytest.approx([1.0] * 4)  # one region for every image: collapsed
+    assert collapse_iou(torch.zeros(2, 3, 3, dtype=torch.bool)) == pytest.approx([1.0, 1.0])  # as health.py
+    assert np.isnan(collapse_iou(masks[:1])).all()
+
+
+def test_training_mask_iou_reads_the_last_logged_window(tmp_path):
+    lines = [
+        {"step": 10, "pseudo_mask_iou": 0.2},
+        {"step": 20, "pseudo_mask_iou": 0.35},
+        {"step": 30, "pseudo_mask_iou": None},  # one image per batch: no pair
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + '\n{"step": 4')
+    assert training_mask_iou(tmp_path) == {"value": 0.35, "step": 20}
+    assert training_mask_iou(tmp_path / "missing") is None
+
+
+def _task_result(values: dict, diffs: dict) -> dict:
+    return {
+        "family": "linear",
+        "headline": "auroc",
+        "arms": {a: {"value": v, "ci95": [v - 0.05, v + 0.05]} for a, v in values.items()},
+        "diffs": {p: {"auroc": {"diff": d, "ci95": [d - 0.01, d + 0.01]}} for p, d in diffs.items()},
+    }
+
+
+def test_across_seed_report_table5a_and_collapse_from_three_seeds():
+    """Three seeds' results (task_comparisons' layout): per arm mean +- sample std, per pair the per-seed
+    differences with their t-interval and verdict, Table 5a beside the paper's, the collapse figure; the
+    tables print them."""
+    arms = ["g2d", "vla_only", "random"]
+    g2d, vla, rnd = [0.70, 0.72, 0.74], [0.60, 0.61, 0.59], [0.50, 0.52, 0.60]
+    ci = {"value": 0.1, "ci95": [0.0, 0.2]}
+    per_seed = {}
+    for i in range(3):
+        values = {"g2d": g2d[i], "vla_only": vla[i], "random": rnd[i]}
+        diffs = {"g2d-vla_only": g2d[i] - vla[i], "g2d-random": g2d[i] - rnd[i]}
+        per_seed[str(i)] = {
+            "tasks": {"chestxray14_finetune@0.1": _task_result(values, diffs)},
+            "retrieval": {
+                "num_images": 9,
+                "chance": {"top1": 0.1, "top5": 0.5},
+                "arms": {a: {"top1": ci, "top5": ci} for a in arms},
+                "diffs": {},
+            },
+            "pseudo_mask_iou": {
+                "num_images": 9,
+                "pointing_chance": 0.1,
+                "arms": {
+                    a: {"iou": ci, "pointing": ci, "collapse_iou": {"value": 0.3, "ci95": [0.2, 0.4]}} for a in arms
+                },
+                "diffs": {},
+            },
+        }
+    across = across_seed_summary(per_seed, arms)
+    quality = {
+        "seeds": [0, 1, 2],
+        "arm_names": arms,
+        "comparisons": ["g2d-vla_only", "g2d-random", "vla_only-random"],
+        "bootstrap_resamples": 1000,
+        "results": per_seed,
+        "across_seeds": across,
+        "table5a": table5a_summary({"cxr14_auc": "chestxray14_finetune@0.1"}, across),
+        "collapse": collapse_summary(per_seed, {"g2d/s0": {"value": 0.9, "step": 600}}),
+    }
+    row = quality["across_seeds"]["chestxray14_finetune@0.1:auroc"]
+    assert row["arms"]["g2d"]["mean"] == pytest.approx(0.72) and row["arms"]["g2d"]["std"] == pytest.approx(0.02)
+    assert [r["seed"] for r in row["arms"]["vla_only"]["runs"]] == [0, 1, 2]
+    vs_vla = row["pairs"]["g2d-vla_only"]
+    # diffs 0.10, 0.11, 0.15: mean 0.12, sd 0.02646, t_{0.975,2} 4.303 -> 0.12 +- 0.0657 -> finding
+    assert vs_vla["diffs"] == pytest.approx([0.10, 0.11, 0.15])
+    assert vs_vla["ci95"] == pytest.approx(
+        [0.12 - 4.3027 * 0.026458 / 3**0.5, 0.12 + 4.3027 * 0.026458 / 3**0.5], abs=1e-4
+    )
+    assert vs_vla["verdict"] == "finding" and vs_vla["per_seed"][0]["ci95"] == pytest.approx([0.09, 0.11])
+    vs_random = row["pairs"]["g2d-random"]  # 0.20, 0.20, 0.14: every seed positive, interval [0.105, 0.255]
+    assert vs_random["verdict"] == "finding"
+    vla_random = row["pairs"]["vla_only-random"]  # 0.10, 0.09, -0.01: signs disagree
+    assert vla_random["verdict"] == "undecided"
+    t5 = quality["table5a"]
+    assert t5["columns"] == {"cxr14_auc": {"run": "chestxray14_finetune@0.1", "metric": "auroc"}}
+    assert t5["arms"]["g2d"]["cxr14_auc"]["mean"] == pytest.approx(0.72)
+    assert t5["pairs"]["g2d-vla_only"]["cxr14_auc"]["verdict"] == "finding"
+    assert quality["collapse"]["g2d"]["0"] == {
+        "pairwise_iou": 0.3,
+        "truth_iou": 0.1,
+        "training_pairwise_iou": 0.9,
+        "training_step": 600,
+    }
+    table = markdown_table(quality)
+    assert "| G2D (VLA+PA) | 72.0 +- 2.0 | 79.1 +- 1.2 |" in table  # ours beside the paper's
+    assert "| VLA only | 60.0 +- 1.0 | 77.1 +- 1.5 |" in table
+    assert "| g2d-vla_only | +12.0 [+5.4, +18.6] finding |" in table
+    assert "| vla_only-random | " in table and "undecided |" in table
+    assert "72.0 +- 2.0 (s0 70.0 [65.0, 75.0]; s1 72.0 [67.0, 77.0]; s2 74.0 [69.0, 79.0])" in table
+    assert "| G2D (VLA+PA) | 0 | 30.0 | 10.0 | 90.0 (600) |" in table
+    assert "linear.protocol=lbfgs" in table
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole chain
 
@@ -288,17 +460,24 @@ TEST_SCALE = [
     "studies=60",
     "rsna_images=40",
     "siim_images=40",
+    "cxr14_images=40",
     "pretrain_overrides=[train.max_steps=2,train.batch_size_per_gpu=4,train.checkpoint_every=1,"
     "model.pa_warmup_steps=1,optim.warmup_steps=1,data.num_workers=0]",
-    "runs=[zeroshot_rsna@1.0,grounding_siim@1.0,rsna_linear@0.01,siim_segmentation@1.0,rsna_detection@1.0]",
+    "runs=[zeroshot_rsna@1.0,grounding_siim@1.0,rsna_linear@0.01,siim_segmentation@1.0,rsna_detection@1.0,"
+    "chestxray14_finetune@1.0]",
 ]
+# Three of the five arms (a new one, G2D, random init) at the smoke scale's one seed: each further arm
+# costs a pretraining subprocess and every evaluation. Every decoder target trains at tiny size in
+# tests/test_decoder_targets.py (test_every_decoder_target_trains_a_step_with_finite_losses), and
+# test_trained_arms_differ_only_by_their_decoder_target checks each arm's switch.
+TEST_ARMS = ("g2d", "reconstruction", "random")
 
 
 def test_smoke_scale_runs_the_whole_chain_and_resumes(tmp_path):
-    """SCALE=smoke end to end (render, pack, tiny BERT, two pretraining arms, every task family for
-    three arms, retrieval, pseudo-mask IoU, report), trimmed by TEST_SCALE; then a re-run skips every
-    stage. The slowest test of this file: 6 min measured on 2 cores shared with four other jobs (load
-    average ~9); about a quarter of that on an idle machine."""
+    """SCALE=smoke end to end (render, pack, tiny BERT, two pretraining arms, every task family and
+    Table 5a's columns for three arms, retrieval, pseudo-mask IoU and collapse, the across-seed report),
+    trimmed by TEST_SCALE / TEST_ARMS; then a re-run skips every stage. The slowest test of this file:
+    6 min measured with two arms on 2 cores shared with four other jobs (load average ~9)."""
     out = tmp_path / "bench"
     cmd = [
         sys.executable,
@@ -314,6 +493,8 @@ def test_smoke_scale_runs_the_whole_chain_and_resumes(tmp_path):
         str(tmp_path / "quality.json"),
         "--doc",
         str(tmp_path / "quality.md"),
+        "--arms",
+        ",".join(TEST_ARMS),
         *TEST_SCALE,
     ]
     first = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=1200)
@@ -323,18 +504,25 @@ def test_smoke_scale_runs_the_whole_chain_and_resumes(tmp_path):
     scale = load_scale("smoke", TEST_SCALE)
     expected = {f"{spec}/{v}" if v else spec for spec in scale.runs for v in variants_for(spec.split("@")[0], "g2d")}
     assert set(res["tasks"]) == expected
+    assert quality["seeds"] == [0] and quality["arm_names"] == list(TEST_ARMS)  # the scale's seeds, --arms
     for label, task in res["tasks"].items():
-        assert set(task["arms"]) == set(ARMS), label  # encoder_decoder borrows random's encoder run
-        assert set(task["diffs"]) == {"g2d-vla_only", "g2d-random", "vla_only-random"}, label
-        assert task["headline"] in task["diffs"]["g2d-random"], label
-    for arm in ARMS:
+        assert set(task["arms"]) == set(TEST_ARMS), label  # encoder_decoder borrows random's encoder run
+        assert set(task["diffs"]) == {"g2d-reconstruction", "g2d-random", "reconstruction-random"}, label
+        # lbfgs's headline is the mean over redrawn subsets; the paired bootstrap scores the first draw.
+        assert task["headline"] in task["diffs"]["g2d-random"] or task["family"] == "linear", label
+    assert res["tasks"]["rsna_linear@0.01"]["headline"] == "auroc_mean"  # linear.protocol=lbfgs
+    for arm in TEST_ARMS:
         assert 0.0 <= res["retrieval"]["arms"][arm]["top1"]["value"] <= 1.0
         assert 0.0 <= res["pseudo_mask_iou"]["arms"][arm]["iou"]["value"] <= 1.0
+        assert 0.0 <= quality["collapse"][arm]["0"]["pairwise_iou"] <= 1.0
     assert res["pseudo_mask_iou"]["num_images"] > 0
-    assert quality["timing_seconds"]["pretrain/g2d/s0"] > 0
+    assert quality["timing_seconds"]["pretrain/reconstruction/s0"] > 0
+    assert set(quality["table5a"]["columns"]) == {"siim_dice", "rsna_map", "cxr14_auc"}
+    assert quality["table5a"]["pairs"]["g2d-reconstruction"]["cxr14_auc"]["verdict"] == "undecided"  # one seed
     doc = (tmp_path / "quality.md").read_text()
     assert doc.startswith("# Quality benchmark results") and "## Results (smoke scale)" in doc
-    assert "| linear probe | rsna_linear@0.01 | auroc |" in doc
+    assert "### Table 5a / Table 8: ours beside the paper's" in doc and "### Pseudo-mask collapse" in doc
+    assert "| linear probe | rsna_linear@0.01 | auroc_mean |" in doc
     seg = res["tasks"]["siim_segmentation@1.0/encoder"]["arms"]["g2d"]["secondary"]
     assert set(seg) == {"dice_positive", "dice_negative_images"} and len(seg["dice_positive"]["ci95"]) == 2
     assert "| segmentation | siim_segmentation@1.0/encoder | dice_positive |" in doc
