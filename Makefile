@@ -144,10 +144,11 @@ bench-pipeline: setup  ## loader benchmark (DALI/torch) -> bench/results/pipelin
 bench-train: setup  ## training-step benchmark -> bench/results/train*.json
 	$(PY) -m bench.train
 
-# `make bench-quality [SCALE=full|smoke] [OUT=<dir>] [SEEDS=0,1] [STUDIES=<n>]`: ~4 h on 2 CPU cores at
-# full scale (docs/quality.md); a killed run continues where it stopped when started again.
-bench-quality: setup  ## G2D vs VLA-only vs random init, every task, 95% CIs -> bench/results/quality.json
-	$(NOGLOB) $(PY) -m bench.quality --scale "$${SCALE:-full}" --seeds "$${SEEDS:-0}" --workers "$$WORKERS" \
+# `make bench-quality [SCALE=full|smoke] [OUT=<dir>] [SEEDS=0,1,2] [STUDIES=<n>]`: the seeds default to the
+# scale's list (full: 0,1,2; ~14 h estimated on 2 CPU cores, docs/quality.md); a killed run continues
+# where it stopped when started again.
+bench-quality: setup  ## Table 5a/8 arms x seeds + random init, every task, 95% CIs -> bench/results/quality.json
+	$(NOGLOB) $(PY) -m bench.quality --scale "$${SCALE:-full}" $(if $(SEEDS),--seeds "$$SEEDS") --workers "$$WORKERS" \
 	  $(if $(OUT),--out "$$OUT") $(if $(STUDIES),--studies "$$STUDIES") $$ARGS
 
 clean:  ## remove data/, runs/ and .pytest_cache
