@@ -71,6 +71,20 @@ def truth_mask(regions: list[dict], meta: dict, size: tuple[int, int]) -> torch.
     return F.interpolate(crop, size=size, mode="nearest")[0, 0] > 0.5
 
 
+def eval_data_config(pretrain_data: dict, batch_size: int) -> DataConfig:
+    """A pretraining run's saved data section read the way its evaluation reads it: the eval transform,
+    every sample once in order, in the main process."""
+    data_cfg = config_from_dict(DataConfig, pretrain_data)
+    return dataclasses.replace(
+        data_cfg,
+        transform=data_cfg.eval_transform,
+        shuffle=False,
+        drop_last=False,
+        batch_size_per_gpu=batch_size,
+        num_workers=0,
+    )
+
+
 @torch.no_grad()
 def pseudo_mask_predictions(
     weights: Pretrained,
@@ -85,15 +99,7 @@ def pseudo_mask_predictions(
     a finding (numpy arrays; findings: '+'-joined finding names per image). `seed` draws the random
     arm's weights (one draw per pretraining seed)."""
     regions = load_regions(corpus_root)
-    data_cfg = config_from_dict(DataConfig, pretrain_data)
-    data_cfg = dataclasses.replace(
-        data_cfg,
-        transform=data_cfg.eval_transform,
-        shuffle=False,
-        drop_last=False,
-        batch_size_per_gpu=batch_size,
-        num_workers=0,
-    )
+    data_cfg = eval_data_config(pretrain_data, batch_size)
     torch.manual_seed(seed)  # the random arm's weights: the same draw for the same seed
     model = weights.build_g2d(text_model).to(device).eval()
     loader = build_loader(

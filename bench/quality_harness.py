@@ -22,7 +22,6 @@ overlapping per-arm intervals suggest.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -34,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.pseudo_mask_quality import COMPARISONS, PER_IMAGE_METRICS
+from bench.pseudo_mask_quality import COMPARISONS, PER_IMAGE_METRICS, eval_data_config
 from bench.seed_stats import across_seeds, paired_across_seeds
-from common.config import ConfigError, config_from_dict, config_to_dict, load_config
+from common.config import ConfigError, config_to_dict, load_config
 from common.dist import DistInfo
 from common.io import atomic_write_json
 from eval.bootstrap import N_RESAMPLES, paired_difference, percentile_ci, resample_weights
@@ -46,7 +45,7 @@ from eval.runner import PREDICTIONS_NAME, load_predictions, resolve_for, run_eva
 from eval.tasks import applicable_overrides, get_task, load_task_config
 from eval.zeroshot import embed_loader
 from model.text import load_tokenizer
-from pipeline import DataConfig, build_loader
+from pipeline import build_loader
 
 # Table order: G2D first (every comparison is against it), random init last (the floor).
 ARMS = ("g2d", "vla_only", "reconstruction", "g2d_shuffled", "random")
@@ -325,15 +324,7 @@ def retrieval_predictions(
     """Image->report retrieval on the pretraining valid split. -> {keys, rank} (rank 0 = own report
     first; ties count in the model's favour, as eval/zeroshot.retrieval_topk), so top-k hits are
     `rank < k` per image and bootstrap over images works on them."""
-    data_cfg = config_from_dict(DataConfig, pretrain_data)
-    data_cfg = dataclasses.replace(
-        data_cfg,
-        transform=data_cfg.eval_transform,
-        shuffle=False,
-        drop_last=False,
-        batch_size_per_gpu=batch_size,
-        num_workers=0,
-    )
+    data_cfg = eval_data_config(pretrain_data, batch_size)
     tokenizer = load_tokenizer(text_model)
     torch.manual_seed(seed)  # the random arm's weights: the same draw for the same seed
     model = weights.build_g2d(text_model).to(device).eval()

@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from eval.metrics import coco_map, coco_matches
+from eval.pairing import PER_IMAGE
 
 N_RESAMPLES = 1000
 CHUNK = 100  # bootstrap rows per vectorised block
@@ -260,25 +261,7 @@ def align(pred_a: dict, pred_b: dict) -> dict:
         return pred_b
     pos_a, pos_b = {k: i for i, k in enumerate(keys_a)}, {k: i for i, k in enumerate(keys_b)}
     index = np.array([pos_b[k] for k in keys_a])  # A's order, as positions in B
-    per_image = {
-        "keys",
-        "patient_ids",
-        "targets",
-        "scores",
-        "dice",
-        "dice_raw",
-        "iou",
-        "positive",
-        "gt_area",
-        "pred_area",
-        "pointing",
-        "pointing_cell",
-        "pointing_chance",
-        "pointing_attn_value",
-        "pointing_projector",
-        "medklip_iou",
-        "medklip_dice",
-    }
+    per_image = {"keys", *PER_IMAGE}
     out = {k: (np.asarray(v)[index] if k in per_image else v) for k, v in pred_b.items()}
     if "pred_image" in pred_b:  # detection: boxes name their image by number
         renumber = np.array([pos_a[k] for k in keys_b])
