@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from common.dist import DistInfo
 from eval.checkpoint import Pretrained
 from eval.metrics import macro_auroc, multiclass_accuracy
+from eval.plots import plot_history, plot_roc
 from eval.tasks.base import TaskConfig
 from pipeline import Loader, build_loader
 from pipeline.config import DataConfig
@@ -241,3 +242,31 @@ class LabelSpec:
     @property
     def headline(self) -> str:
         return "accuracy" if self.kind == "multiclass" else "auroc"
+
+
+def classification_result(
+    spec: LabelSpec,
+    ids: dict[str, np.ndarray],
+    scores: np.ndarray,
+    target: np.ndarray,
+    metrics: dict,
+    headline: str,
+    plots_to: Path | None,
+    roc_title: str,
+    history: list[dict],
+    history_title: str,
+) -> dict:
+    """A classification task's result (linear probing, fine-tuning): its metrics and headline, the
+    test ROC and (where a head was trained by epochs) loss-history figures in `plots_to` (None: no
+    figures), and the predictions.npz arrays."""
+    plots = []
+    if plots_to is not None:
+        plots.append(plot_roc(scores, spec.onehot(target), spec.names, plots_to / "roc.png", roc_title))
+        if history:
+            plots.append(plot_history(history, plots_to / "loss.png", history_title))
+    return {
+        "metrics": metrics,
+        "headline": headline,
+        "plots": plots,
+        "predictions": spec.predictions(ids, scores, target),
+    }

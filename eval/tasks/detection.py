@@ -50,7 +50,7 @@ from eval.metrics import DEFAULT_IOU_THRESHOLDS, map_torchmetrics, nms
 from eval.plots import image_for_display, panel_row, plot_history, save_figure, short_key
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import epochs_of, make_loader, sample_ids
-from eval.tasks.fit import adamw, autocast, fit, freeze, log_info
+from eval.tasks.fit import autocast, fit, freeze, log_info
 
 # YOLOv3's priors (w, h) at 416 px, one triple per scale: stride 8, 16, 32.
 ANCHORS_416 = (((10, 13), (16, 30), (33, 23)), ((30, 61), (62, 45), (59, 119)), ((116, 90), (156, 198), (373, 326)))
@@ -409,18 +409,14 @@ def _train_head(cfg: DetectionConfig, model: FrozenEncoderYOLO, loaders: tuple, 
             log("  " + scored_images_text("validation", found, scored, s.conf_threshold))
         return scored["map"]
 
-    optimiser = adamw(model.head.parameters(), cfg.train)
     fitted = fit(
         model.head,
         loss_on_batch,
         train,
         valid,
-        optimiser,
-        cfg.train.epochs,
-        cfg.train.patience,
+        cfg.train,
         set_train_mode,
         device,
-        cfg.train.precision,
         log,
         val_score=val_map,
         score_name="map_mgca",

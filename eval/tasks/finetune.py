@@ -16,10 +16,9 @@ import torch
 from torch import nn
 
 from eval.checkpoint import Pretrained
-from eval.plots import plot_history, plot_roc
 from eval.tasks.base import TaskConfig
-from eval.tasks.data import LabelSpec, make_loader, manifest_of
-from eval.tasks.fit import adamw, fit, log_info, pooled_features, predict
+from eval.tasks.data import LabelSpec, classification_result, make_loader, manifest_of
+from eval.tasks.fit import fit, log_info, pooled_features, predict
 
 
 @dataclass
@@ -48,19 +47,7 @@ def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.d
     def loss_on_batch(batch):
         return spec.loss(model(batch.image), spec.targets(batch.meta, device))
 
-    fitted = fit(
-        model,
-        loss_on_batch,
-        train,
-        valid,
-        adamw(model.parameters(), cfg.train),
-        cfg.train.epochs,
-        cfg.train.patience,
-        model.train,
-        device,
-        cfg.train.precision,
-        log,
-    )
+    fitted = fit(model, loss_on_batch, train, valid, cfg.train, model.train, device, log)
     model.eval()
     scores, target, ids = predict(model, test, spec, device, cfg.train.precision)
     metrics = spec.metrics(scores, target)
@@ -70,21 +57,15 @@ def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.d
             **fitted.summary(),
         }
     )
-    plots = []
-    if cfg.plots:
-        plots.append(
-            plot_roc(
-                scores,
-                spec.onehot(target),
-                spec.names,
-                out_dir / "roc.png",
-                f"{cfg.task} ({cfg.fraction} of train): test ROC",
-            )
-        )
-        plots.append(plot_history(fitted.history, out_dir / "loss.png", f"{cfg.task}: fine-tuning loss"))
-    return {
-        "metrics": metrics,
-        "headline": spec.headline,
-        "plots": plots,
-        "predictions": spec.predictions(ids, scores, target),
-    }
+    return classification_result(
+        spec,
+        ids,
+        scores,
+        target,
+        metrics,
+        spec.headline,
+        out_dir if cfg.plots else None,
+        f"{cfg.task} ({cfg.fraction} of train): test ROC",
+        fitted.history,
+        f"{cfg.task}: fine-tuning loss",
+    )

@@ -83,23 +83,23 @@ def fit(
     loss_on_batch: Callable,
     train_loader,
     val_loader,
-    optimizer: torch.optim.Optimizer,
-    epochs: int,
-    patience: int,
+    schedule: TrainSection,
     set_train_mode: Callable[[], None],
     device: torch.device,
-    precision: str,
     log: Callable[[str], None] = log_info,
     val_score: Callable[[], float] | None = None,
     score_name: str = "score",
 ) -> FitResult:
-    """Train for up to `epochs`, keep the weights of `trainable` from the best epoch, stop after
-    `patience` epochs without improvement, and restore the best weights. Best = lowest validation
-    loss, or with `val_score` (called after each epoch, modules in eval mode) the highest score (nan
-    ranks lowest; ties keep the earlier epoch), e.g. detection's validation mAP (MGCA's rule).
+    """Train the parameters of `trainable` with AdamW (`schedule`'s lr, weight decay, betas) for up to
+    `schedule.epochs`, keep the weights from the best epoch, stop after `schedule.patience` epochs
+    without improvement, and restore the best weights. Best = lowest validation loss, or with
+    `val_score` (called after each epoch, modules in eval mode) the highest score (nan ranks lowest;
+    ties keep the earlier epoch), e.g. detection's validation mAP (MGCA's rule).
 
     loss_on_batch(batch) -> scalar loss tensor (mean over the batch's samples). set_train_mode()
     puts the modules in the right train/eval mix (a frozen encoder stays in eval mode)."""
+    optimizer = adamw(trainable.parameters(), schedule)
+    epochs, patience, precision = schedule.epochs, schedule.patience, schedule.precision
     best_key, best_epoch, best_state, bad, history = -math.inf, -1, None, 0, []
     best_loss, best_score = math.inf, None
     t0 = time.perf_counter()

@@ -40,10 +40,9 @@ from torch import nn
 
 from eval.augment import moco_v2_colour
 from eval.checkpoint import Pretrained
-from eval.plots import plot_history, plot_roc
 from eval.tasks.base import TaskConfig
-from eval.tasks.data import LabelSpec, epochs_of, make_loader, manifest_of, sample_ids
-from eval.tasks.fit import adamw, autocast, fit, freeze, log_info, pooled_features, predict
+from eval.tasks.data import LabelSpec, classification_result, epochs_of, make_loader, manifest_of, sample_ids
+from eval.tasks.fit import autocast, fit, freeze, log_info, pooled_features, predict
 
 
 @dataclass
@@ -92,25 +91,18 @@ def run(cfg: LinearConfig, weights: Pretrained, out_dir: Path, device: torch.dev
     faithful = cfg.linear.protocol == "mgca" and cfg.linear.mode == "faithful"
     metrics["augment"] = cfg.linear.augment if faithful else "none"
     metrics["n_test"] = int(len(target))
-    plots = []
-    if cfg.plots:
-        plots.append(
-            plot_roc(
-                scores,
-                spec.onehot(target),
-                spec.names,
-                out_dir / "roc.png",
-                f"{cfg.task} ({d.dataset}, {cfg.fraction} of train): test ROC",
-            )
-        )
-        if history:
-            plots.append(plot_history(history, out_dir / "loss.png", f"{cfg.task}: linear head loss"))
-    return {
-        "metrics": metrics,
-        "headline": headline,
-        "plots": plots,
-        "predictions": spec.predictions(ids, scores, target),
-    }
+    return classification_result(
+        spec,
+        ids,
+        scores,
+        target,
+        metrics,
+        headline,
+        out_dir if cfg.plots else None,
+        f"{cfg.task} ({d.dataset}, {cfg.fraction} of train): test ROC",
+        history,
+        f"{cfg.task}: linear head loss",
+    )
 
 
 def _faithful(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pretrained, device, log) -> dict:
@@ -129,19 +121,7 @@ def _faithful(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: P
             feats = pooled_features(encoder, image)
         return spec.loss(head(feats), spec.targets(batch.meta, device))
 
-    fitted = fit(
-        head,
-        loss_on_batch,
-        train,
-        valid,
-        adamw(head.parameters(), cfg.train),
-        cfg.train.epochs,
-        cfg.train.patience,
-        head.train,
-        device,
-        cfg.train.precision,
-        log,
-    )
+    fitted = fit(head, loss_on_batch, train, valid, cfg.train, head.train, device, log)
     head.eval()
     scores, target, ids = predict(lambda x: head(pooled_features(encoder, x)), test, spec, device, cfg.train.precision)
     return {

@@ -35,7 +35,7 @@ from eval.metrics import dice_score, iou_score
 from eval.plots import image_for_display, panel_row, plot_history, save_figure, short_key
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import binary_mask, epochs_of, make_loader, sample_ids
-from eval.tasks.fit import adamw, autocast, fit, freeze, log_info
+from eval.tasks.fit import autocast, fit, freeze, log_info
 
 VARIANTS = ("encoder", "encoder_decoder")
 
@@ -102,19 +102,7 @@ def run(cfg: SegmentationConfig, weights: Pretrained, out_dir: Path, device: tor
 
     valid = make_loader(cfg, d.valid_split, device, weights, train=False, masks=True)
     test = make_loader(cfg, d.test_split, device, weights, train=False, masks=True)
-    fitted = fit(
-        trainable,
-        loss_on_batch,
-        train,
-        valid,
-        adamw(trainable.parameters(), cfg.train),
-        cfg.train.epochs,
-        cfg.train.patience,
-        set_train_mode,
-        device,
-        cfg.train.precision,
-        log,
-    )
+    fitted = fit(trainable, loss_on_batch, train, valid, cfg.train, set_train_mode, device, log)
     unet.eval()
     metrics, examples, predictions = _test(unet, test, s, device, cfg.train.precision)
     metrics.update(
