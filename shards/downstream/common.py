@@ -254,6 +254,16 @@ def shuffled(items: Sequence[Item], seed: int, salt: str) -> list[Item]:
     return [ordered[i] for i in rng.permutation(len(ordered))]
 
 
+def shuffled_splits(splits: dict[str, list[Item]], seed: int, name: str) -> dict[str, list[Item]]:
+    """Each split in its seeded packing order (salted with the dataset and split name)."""
+    return {s: shuffled(v, seed, name + s) for s, v in splits.items()}
+
+
+def patient_splits(items: Sequence[Item], weights: dict[str, float], seed: int, name: str) -> dict[str, list[Item]]:
+    """The datasets without an official test list: every split drawn by patient, each shuffled."""
+    return shuffled_splits(split_by_patient(items, weights, seed, name), seed, name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Subsets
 
@@ -265,7 +275,7 @@ def official_test_splits(
     patient into `weights` (train/valid), the official list becomes `test`, each split shuffled."""
     splits = split_by_patient(train_items, weights, seed, name)
     splits["test"] = list(test_items)
-    return {s: shuffled(v, seed, name + s) for s, v in splits.items()}
+    return shuffled_splits(splits, seed, name)
 
 
 def subset_indices(n: int, fraction: float, style: str, positive: Sequence[bool], seed: int = SUBSET_SEED) -> list[int]:

@@ -21,11 +21,10 @@ from shards.downstream.common import (
     Item,
     SourceError,
     merge_groups,
+    patient_splits,
     read_csv_rows,
     reject,
     safe_key,
-    shuffled,
-    split_by_patient,
 )
 
 NAME = "rsna_pneumonia"
@@ -97,10 +96,9 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
                 positive=bool(target),
             )
         )
-    splits = split_by_patient(items, SPLIT_WEIGHTS, seed, NAME)
     return DatasetIndex(
         dataset=NAME,
-        splits={s: shuffled(v, seed, NAME + s) for s, v in splits.items()},
+        splits=patient_splits(items, SPLIT_WEIGHTS, seed, NAME),
         label_names=[LABEL],
         label_type="binary",
         tasks=["classification", "detection", "segmentation"],

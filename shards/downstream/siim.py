@@ -26,11 +26,10 @@ from shards.downstream.common import (
     SourceError,
     file_map,
     merge_groups,
+    patient_splits,
     read_csv_rows,
     reject,
     safe_key,
-    shuffled,
-    split_by_patient,
 )
 
 NAME = "siim_pneumothorax"
@@ -82,10 +81,9 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
                 positive=bool(runs),
             )
         )
-    splits = split_by_patient(items, SPLIT_WEIGHTS, seed, NAME)
     return DatasetIndex(
         dataset=NAME,
-        splits={s: shuffled(v, seed, NAME + s) for s, v in splits.items()},
+        splits=patient_splits(items, SPLIT_WEIGHTS, seed, NAME),
         label_names=[LABEL],
         label_type="binary",
         tasks=["segmentation"],
