@@ -34,7 +34,7 @@ from common.cli import run_main
 from common.io import atomic_write_json
 from pipeline.batch import BackendOptions
 from pipeline.config import DataConfig
-from pipeline.dali_backend import _build_pipeline, _Feed
+from pipeline.dali_backend import _build_pipeline, _Feed, _jitter, _normalise, _warp
 from pipeline.plan import DatasetIndex, PlanArgs
 from pipeline.transforms import build_spec
 
@@ -54,7 +54,6 @@ class LoopingFeed(_Feed):
 
 
 def build(stage: str, index: DatasetIndex, batch_size: int, threads: int, device_id: int | None, size: int):
-    import nvidia.dali.math as dmath
     from nvidia.dali import Pipeline, fn, types
 
     spec = build_spec(DataConfig(shards=str(index.root), transform="g2d_train", image_size=size), "g2d_train")
@@ -90,42 +89,15 @@ def build(stage: str, index: DatasetIndex, batch_size: int, threads: int, device
             img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.GRAY)
             outputs = [img]
         if level == STAGES.index("warp_const"):
-            outputs = [
-                fn.warp_affine(
-                    img,
-                    matrix=[1.1, 0.1, 2.0, -0.1, 1.1, 3.0],
-                    size=[spec.out_size] * 2,
-                    fill_value=0,
-                    interp_type=types.INTERP_LINEAR,
-                    inverse_map=True,
-                )
-            ]
+            outputs = [_warp(img, [1.1, 0.1, 2.0, -0.1, 1.1, 3.0], spec, types.INTERP_LINEAR)]
         if level >= STAGES.index("warp"):
-            img = fn.warp_affine(
-                img,
-                matrix=params["matrix"],
-                size=[spec.out_size] * 2,
-                fill_value=0,
-                interp_type=types.INTERP_LINEAR,
-                inverse_map=True,
-            )
+            img = _warp(img, params["matrix"], spec, types.INTERP_LINEAR)
             outputs = [img]
         if level >= STAGES.index("jitter"):
-            b, c = params["brightness"], params["contrast"]
-            if gpu:  # arithmetic operands must share the image's device
-                b, c = b.gpu(), c.gpu()
-            mean = fn.reductions.mean(img)
-            img = dmath.clamp(b * (c * img + (1.0 - c) * mean), 0.0, 255.0)
+            img = _jitter(img, params["brightness"], params["contrast"], gpu)
             outputs = [img]
         if level >= STAGES.index("normalise"):
-            img = fn.cat(img, img, img, axis=2)
-            img = fn.crop_mirror_normalize(
-                img,
-                dtype=types.FLOAT,
-                output_layout="CHW",
-                mean=[255.0 * m for m in spec.mean],
-                std=[255.0 * s for s in spec.std],
-            )
+            img = _normalise(img, spec)
             outputs = [img]
         pipe.set_outputs(*outputs)
     pipe.build()

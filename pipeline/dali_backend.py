@@ -213,6 +213,42 @@ class _Feed:
         self.reader.close()
 
 
+def _warp(x, matrix, spec: TransformSpec, interp):
+    """One affine warp of the decoded image to [out, out, 1], as transforms.apply_geometry does;
+    `matrix` maps output pixels to input pixels (the feed's per-sample matrix or a constant)."""
+    from nvidia.dali import fn
+
+    return fn.warp_affine(
+        x, matrix=matrix, size=[spec.out_size, spec.out_size], fill_value=0, interp_type=interp, inverse_map=True
+    )
+
+
+def _jitter(img, brightness, contrast, gpu: bool):
+    """Brightness/contrast jitter of a uint8-range image around its per-sample mean, clamped to [0, 255]."""
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn
+
+    if gpu:  # arithmetic operands must share the image's device
+        brightness, contrast = brightness.gpu(), contrast.gpu()
+    mean = fn.reductions.mean(img)  # per-sample scalar, float
+    return dmath.clamp(brightness * (contrast * img + (1.0 - contrast) * mean), 0.0, 255.0)
+
+
+def _normalise(img, spec: TransformSpec):
+    """[c, c, 1] grey -> [C, c, c] float, replicated to spec.channels and normalised with its mean/std."""
+    from nvidia.dali import fn, types
+
+    if spec.channels == 3:
+        img = fn.cat(img, img, img, axis=2)  # grey replicated: [c, c, 3]
+    return fn.crop_mirror_normalize(
+        img,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255.0 * m for m in spec.mean],
+        std=[255.0 * s for s in spec.std],
+    )
+
+
 def _build_pipeline(
     feed: _Feed,
     spec: TransformSpec,
@@ -223,7 +259,6 @@ def _build_pipeline(
     seed: int,
     with_mask: bool,
 ):
-    import nvidia.dali.math as dmath
     from nvidia.dali import Pipeline, fn, types
 
     gpu = device_id is not None
@@ -242,15 +277,7 @@ def _build_pipeline(
 
         def geometry(x, interp):
             if spec.has_affine:
-                # One warp from the decoded image, as in transforms.apply_geometry (the feed's matrix).
-                return fn.warp_affine(
-                    x,
-                    matrix=params["matrix"],
-                    size=[spec.out_size, spec.out_size],
-                    fill_value=0,
-                    interp_type=interp,
-                    inverse_map=True,
-                )  # [out, out, 1] uint8
+                return _warp(x, params["matrix"], spec, interp)  # [out, out, 1] uint8
             if spec.resize == "squash":
                 x = fn.resize(x, size=[spec.size, spec.size], interp_type=interp, antialias=interp != types.INTERP_NN)
             else:
@@ -272,20 +299,8 @@ def _build_pipeline(
         stored = img.shape()  # (h, w, 1), on the CPU
         img = geometry(img, types.INTERP_LINEAR)
         if spec.has_jitter:
-            b, c = params["brightness"], params["contrast"]
-            if gpu:  # arithmetic operands must share the image's device
-                b, c = b.gpu(), c.gpu()
-            mean = fn.reductions.mean(img)  # per-sample scalar, float
-            img = dmath.clamp(b * (c * img + (1.0 - c) * mean), 0.0, 255.0)
-        if spec.channels == 3:
-            img = fn.cat(img, img, img, axis=2)  # grey replicated: [c, c, 3]
-        img = fn.crop_mirror_normalize(
-            img,
-            dtype=types.FLOAT,
-            output_layout="CHW",
-            mean=[255.0 * m for m in spec.mean],
-            std=[255.0 * s for s in spec.std],
-        )
+            img = _jitter(img, params["brightness"], params["contrast"], gpu)
+        img = _normalise(img, spec)  # [C, c, c] float
         outputs = [img, stored]
         if with_mask:
             mask = fn.decoders.image(png, device=decode_device, output_type=types.GRAY)
