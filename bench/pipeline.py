@@ -260,9 +260,19 @@ class Timing:
         }
 
 
-def time_ours(
-    backend: str, shards: Path, workers: int, batch: int, epochs: int, seed: int, device: torch.device, **data
-) -> dict:
+def bench_loader(
+    backend: str,
+    shards: Path,
+    workers: int,
+    batch: int,
+    seed: int,
+    device: torch.device,
+    tokenizer=None,
+    profile: bool = False,
+    **data,
+):
+    """The loader every timing of ours runs: the train split of `shards` through g2d_train at 256 px,
+    in one process (rank 0 of 1); `data`: further DataConfig fields of a variant."""
     cfg = DataConfig(
         shards=str(shards),
         backend=backend,
@@ -273,9 +283,16 @@ def time_ours(
         seed=seed,
         **data,
     )
-    loader = build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+    return build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0, device=device), tokenizer, profile)
+
+
+def time_ours(
+    backend: str, shards: Path, workers: int, batch: int, epochs: int, seed: int, device: torch.device, **data
+) -> dict:
+    loader = bench_loader(backend, shards, workers, batch, seed, device, **data)
+    prefetch = loader.cfg.prefetch
     # DALI: its prefetch queue + the unpacking thread's queue; torch: every worker's prefetch.
-    timing = Timing(device, 2 * cfg.prefetch if loader.backend == "dali" else max(1, workers) * cfg.prefetch)
+    timing = Timing(device, 2 * prefetch if loader.backend == "dali" else max(1, workers) * prefetch)
     warm = None
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -309,18 +326,9 @@ def time_dali_graph(shards: Path, workers: int, batch: int, epochs: int, seed: i
     the loader's unpacking of keys/text/labels and its prefetch thread: how much the graph gives."""
     from pipeline.dali_backend import DaliBatches
 
-    cfg = DataConfig(
-        shards=str(shards),
-        backend="dali",
-        batch_size_per_gpu=batch,
-        num_workers=workers,
-        transform="g2d_train",
-        image_size=256,
-        seed=seed,
-    )
-    loader = build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+    loader = bench_loader("dali", shards, workers, batch, seed, device)
     run = DaliBatches(loader.index, dataclasses.replace(loader.options, on_error="raise"), None, {}, None)
-    timing = Timing(device, cfg.prefetch)
+    timing = Timing(device, loader.cfg.prefetch)
     for epoch in range(epochs):
         plan = loader.plan(epoch)
         t = time.perf_counter()
@@ -393,22 +401,7 @@ def stage_breakdown(shards: Path, batch: int, epochs: int, seed: int, tokenizer)
     profiled (`build_loader(profile=True)`: thread CPU time per stage, ~1.5% overhead), tokenising
     with `tokenizer`, after a warm-up epoch; "other" is what the stages leave unexplained of the
     whole CPU time (worker glue, IPC, the consumer's side)."""
-    cfg = DataConfig(
-        shards=str(shards),
-        backend="torch",
-        batch_size_per_gpu=batch,
-        num_workers=1,
-        transform="g2d_train",
-        image_size=256,
-        seed=seed,
-    )
-    loader = build_loader(
-        cfg,
-        "train",
-        DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
-        tokenizer=tokenizer,
-        profile=True,
-    )
+    loader = bench_loader("torch", shards, 1, batch, seed, torch.device("cpu"), tokenizer, profile=True)
     loader.set_epoch(0)
     for _ in loader:  # warm-up: the worker's start (fork, imports) is not a per-image cost
         pass
@@ -462,17 +455,7 @@ def inprocess_cpu_ms(shards: Path, batch: int, epochs: int, seed: int, shard_mix
     """CPU ms per image of the torch backend run in this process (no workers, no tokeniser), after a
     warm-up epoch: a load-independent price of a plan setting (wall-clock rates on shared cores vary
     by tens of percent from round to round)."""
-    cfg = DataConfig(
-        shards=str(shards),
-        backend="torch",
-        batch_size_per_gpu=batch,
-        num_workers=0,
-        transform="g2d_train",
-        image_size=256,
-        seed=seed,
-        shard_mix=shard_mix,
-    )
-    loader = build_loader(cfg, "train", DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    loader = bench_loader("torch", shards, 0, batch, seed, torch.device("cpu"), shard_mix=shard_mix)
     loader.set_epoch(0)
     for _ in loader:
         pass
