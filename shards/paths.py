@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -33,18 +34,28 @@ def outside_root(path: Path, *roots: Path) -> str:
     return f"{path} resolves to {real}, outside the dataset root {where} (symlink): refused"
 
 
-def find_files(root: Path, pattern: str) -> list[Path]:
-    """Every file under `root` whose name matches `pattern` (fnmatch, case-sensitive), sorted by
-    path. Descends into symlinked folders that resolve inside `root`, each real folder once (a link
-    back up the tree does not loop); folder links that leave the root are not entered."""
+def walk_inside(root: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """os.walk of `root` that descends into symlinked folders resolving inside `root`, each real
+    folder once (a link back up the tree does not loop); folder links that leave the root are not
+    entered. Yields (folder as reached from `root`, its sub-folder names, its file names)."""
     real_root = root.resolve()
     seen: set[Path] = set()
-    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = Path(dirpath).resolve()
         if real in seen or not is_inside(real, real_root):
             dirnames[:] = []
             continue
         seen.add(real)
-        found.extend(Path(dirpath) / name for name in filenames if fnmatch.fnmatchcase(name, pattern))
+        yield Path(dirpath), dirnames, filenames
+
+
+def find_files(root: Path, pattern: str) -> list[Path]:
+    """Every file under `root` whose name matches `pattern` (fnmatch, case-sensitive), sorted by
+    path, symlinked folders inside `root` included (walk_inside)."""
+    found = [
+        folder / name
+        for folder, _, filenames in walk_inside(root)
+        for name in filenames
+        if fnmatch.fnmatchcase(name, pattern)
+    ]
     return sorted(found, key=str)

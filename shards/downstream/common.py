@@ -42,7 +42,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import re
 import zlib
 from collections.abc import Iterable, Sequence
@@ -65,7 +64,7 @@ from shards.image import (
     transform_boxes,
     transform_mask,
 )
-from shards.paths import find_files, is_inside, outside_root
+from shards.paths import find_files, is_inside, outside_root, walk_inside
 from shards.writer import PackedSample, Rejected, clean_reason, output_lock, pack_splits
 
 FRACTIONS = ("0.01", "0.1", "1.0")
@@ -181,16 +180,10 @@ def links_out_of(root: Path) -> list[str]:
     that resolves outside it, sorted. `file_map` does not enter such folders, so an image missing from
     the map may sit behind one: the converters name the link in that image's rejection."""
     real_root = root.resolve()
-    seen: set[Path] = set()
     out: list[str] = []
-    for dirpath, dirnames, _ in os.walk(root, followlinks=True):
-        real = Path(dirpath).resolve()
-        if real in seen or not is_inside(real, real_root):
-            dirnames[:] = []
-            continue
-        seen.add(real)
+    for folder, dirnames, _ in walk_inside(root):
         for name in dirnames:
-            path = Path(dirpath) / name
+            path = folder / name
             if path.is_symlink() and not is_inside(path.resolve(), real_root):
                 out.append(f"{path.relative_to(root)} -> {path.resolve()}")
     return sorted(out)
