@@ -155,6 +155,19 @@ def read_lines(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def image_folder(path: Path) -> Path:
+    """`path`, a dataset's image directory; a SourceError naming it when it is not there."""
+    if not path.is_dir():
+        raise SourceError(f"{path}: image directory not found")
+    return path
+
+
+def plain_file_name(name: str) -> bool:
+    """True for a bare file name a list or csv may name (no folder part, not empty, not . or ..),
+    so that joining it to the image folder cannot leave that folder."""
+    return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
+
+
 def safe_key(raw: str) -> str:
     """A shard key from a file name/id: extension dropped, other characters than [A-Za-z0-9_-]
     replaced by '_'; when anything was replaced a short hash of `raw` keeps keys distinct."""

@@ -13,7 +13,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shards.downstream.common import DatasetIndex, Item, SourceError, official_test_splits, read_lines, reject, safe_key
+from shards.downstream.common import (
+    DatasetIndex,
+    Item,
+    image_folder,
+    official_test_splits,
+    plain_file_name,
+    read_lines,
+    reject,
+    safe_key,
+)
 
 NAME = "covidx"
 CLASSES = ("normal", "pneumonia", "COVID-19")
@@ -24,9 +33,7 @@ SPLIT_WEIGHTS = {"train": 80, "valid": 20}
 def _items(src: Path, which: str, order0: int, rejected: list) -> tuple[list[Item], int]:
     list_name = LISTS[which]
     lines = read_lines(src / list_name)
-    image_dir = src / which
-    if not image_dir.is_dir():
-        raise SourceError(f"{image_dir}: image directory not found")
+    image_dir = image_folder(src / which)
     items = []
     for i, line in enumerate(lines):
         fields = line.split()
@@ -45,7 +52,7 @@ def _items(src: Path, which: str, order0: int, rejected: list) -> tuple[list[Ite
         if cls not in CLASSES:
             rejected.append(reject(key, list_name, f"{where}: unknown class {cls!r} (expected one of {list(CLASSES)})"))
             continue
-        if "/" in filename or "\\" in filename or filename in (".", ".."):
+        if not plain_file_name(filename):
             rejected.append(reject(key, list_name, f"{where}: filename {filename!r} is not a plain file name"))
             continue
         index = CLASSES.index(cls)

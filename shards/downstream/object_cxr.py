@@ -19,8 +19,9 @@ from pathlib import Path
 from shards.downstream.common import (
     DatasetIndex,
     Item,
-    SourceError,
+    image_folder,
     official_test_splits,
+    plain_file_name,
     read_csv_rows,
     reject,
     safe_key,
@@ -62,14 +63,12 @@ def parse_annotation(text: str) -> tuple[list[list[float]], list[str]]:
 def _items(src: Path, which: str, order0: int, rejected: list) -> tuple[list[Item], int]:
     csv_name = CSVS[which]
     rows = read_csv_rows(src / csv_name, ("image_name", "annotation"))
-    image_dir = src / which
-    if not image_dir.is_dir():
-        raise SourceError(f"{image_dir}: image directory not found")
+    image_dir = image_folder(src / which)
     items = []
     for i, row in enumerate(rows):
         name = row["image_name"].strip()
         key = safe_key(f"{which}_{name}")
-        if not name or "/" in name or "\\" in name or name in (".", ".."):
+        if not plain_file_name(name):
             rejected.append(reject(key, csv_name, f"row {i + 2}: image_name {name!r} is not a plain file name"))
             continue
         try:

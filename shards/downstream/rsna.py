@@ -19,7 +19,7 @@ from pathlib import Path
 from shards.downstream.common import (
     DatasetIndex,
     Item,
-    SourceError,
+    image_folder,
     merge_groups,
     patient_splits,
     read_csv_rows,
@@ -64,9 +64,7 @@ def index_dataset(src: Path, seed: int) -> DatasetIndex:
     src = Path(src)
     csv_path = src / LABEL_CSV
     rows = read_csv_rows(csv_path, COLUMNS)
-    image_dir = src / IMAGE_DIR
-    if not image_dir.is_dir():
-        raise SourceError(f"{image_dir}: image directory not found")
+    image_folder(src / IMAGE_DIR)  # a missing folder fails here, not as one rejection per row
     groups = merge_groups((row["patientId"].strip(), row) for row in rows)
     items, rejected = [], []
     for order, (pid, prows) in enumerate(groups.items()):

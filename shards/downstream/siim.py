@@ -23,8 +23,8 @@ from shards.dicom import read_patient_id
 from shards.downstream.common import (
     DatasetIndex,
     Item,
-    SourceError,
     file_map,
+    image_folder,
     merge_groups,
     patient_splits,
     read_csv_rows,
@@ -43,9 +43,7 @@ NEGATIVE = "-1"
 def index_dataset(src: Path, seed: int) -> DatasetIndex:
     src = Path(src)
     rows = read_csv_rows(src / LABEL_CSV, ("ImageId", "EncodedPixels"), strip=True)
-    image_dir = src / IMAGE_DIR
-    if not image_dir.is_dir():
-        raise SourceError(f"{image_dir}: image directory not found")
+    image_dir = image_folder(src / IMAGE_DIR)
     dicoms = file_map(image_dir, "*.dcm")
     groups = merge_groups((row["ImageId"], row) for row in rows)
     items, rejected = [], []
