@@ -187,6 +187,7 @@ class _Loader:
 
 def test_fit_selects_on_the_validation_score_and_shows_a_bar_per_epoch(monkeypatch):
     from eval.tasks import fit as fit_module
+    from eval.tasks.base import TrainSection
 
     bars = []
 
@@ -208,12 +209,9 @@ def test_fit_selects_on_the_validation_score_and_shows_a_bar_per_epoch(monkeypat
         lambda b: head(b.image).pow(2).mean(),
         _Loader(3),
         _Loader(1),
-        torch.optim.SGD(head.parameters(), lr=0.1),
-        epochs=7,
-        patience=3,
+        TrainSection(epochs=7, patience=3, lr=0.1, precision="fp32"),  # fit builds AdamW from it
         set_train_mode=head.train,
         device=torch.device("cpu"),
-        precision="fp32",
         log=lambda *_: None,
         val_score=val_score,
         score_name="map_mgca",

@@ -138,7 +138,7 @@ def image_only_pseudo_mask(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def run_losses(step_fn, batches, start: int = 0) -> torch.Tensor:
-    return torch.stack([step_fn([b], start + i)[0] for i, b in enumerate(batches)])  # [steps, 3]
+    return torch.stack([step_fn([b], start + i)[0] for i, b in enumerate(batches)])  # [steps, 4]: 3 losses + mask IoU
 
 
 def grads_and_losses(step_fn, batches) -> tuple[dict, torch.Tensor]:
@@ -162,7 +162,9 @@ def assert_equivalent(a: tuple[dict, torch.Tensor], b: tuple[dict, torch.Tensor]
     for name in ga:
         assert torch.allclose(ga[name], gb[name], rtol=1e-3, atol=1e-5 * overall), name
     assert torch.allclose(la[0], lb[0], atol=1e-5), (la, lb)
-    assert torch.allclose(la, lb, rtol=1e-2), (la, lb)
+    assert torch.allclose(la[:, :3], lb[:, :3], rtol=1e-2), (la, lb)
+    # The 4th column, the pseudo masks' pairwise IoU, counts cells: one flipped cell moves it by ~0.01.
+    assert torch.allclose(la[:, 3], lb[:, 3], atol=0.05), (la, lb)
 
 
 def test_sdpa_and_eager_bert_attention_train_identically(tiny_bert):
