@@ -50,10 +50,11 @@ SYNTH_N := $(if $(filter command line,$(origin N)),$(value N),120)
 USER_VARS := SYNTH_N ARGS CONFIG NGPU NNODES NODE_RANK MASTER_ADDR MASTER_PORT TASK CKPT FRACTION DATA VARIANT A B \
         SCALE SEEDS STUDIES OUT N SEED SIZE WORKERS MIMIC REPORTS SRC DATASET SHARDS SHARDS_DIR SYNTH_DIR \
         DOWNSTREAM_SRC DOWNSTREAM_SHARDS MAX_SIDE QUALITY DOWNSTREAM_MAX_SIDE DOWNSTREAM_QUALITY
-# The variables this command line (or the environment) sets, before the override below renames
-# their origin: `make shards` passes packing options only when set (shards.mimic.PackOptions and
-# tools/pack_shards.py ShardsOptions hold the defaults).
-USER_SET := $(foreach v,$(USER_VARS),$(if $(filter command% environment%,$(origin $(v))),$(v)))
+# The variables this command line (or the environment) sets to a non-empty value, before the
+# override below renames their origin: `make shards` passes packing options only when set
+# (shards.mimic.PackOptions and tools/pack_shards.py ShardsOptions hold the defaults). An empty one
+# counts as unset: a make started by a recipe inherits every exported variable, empty ones included.
+USER_SET := $(foreach v,$(USER_VARS),$(if $(and $(filter command% environment%,$(origin $(v))),$(value $(v))),$(v)))
 $(foreach v,$(USER_VARS),$(eval override $(v) := \
         $$(if $$(filter command% environment%,$$(origin $(v))),$$(value $(v)),$$($(v))))$(eval export $(v)))
 NOGLOB := set -f;

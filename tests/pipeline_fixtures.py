@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,24 @@ def child_env(**extra: str) -> dict[str, str]:
     PYTHONPATH, which may hold the packages themselves (as on the lent GPU machine)."""
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def make_variables() -> set[str]:
+    """The variables the Makefile exports to its recipes (USER_VARS)."""
+    text = (ROOT / "Makefile").read_text(encoding="utf-8")
+    block = re.search(r"^USER_VARS := ((?:.*\\\n)*.*)$", text, re.M)
+    return set(block.group(1).replace("\\\n", " ").split()) if block else set()
+
+
+def shell_env(**extra: str) -> dict[str, str]:
+    """child_env as a user's shell has it: without what an enclosing make (`make test`, as CI runs the
+    suite) exports to its recipes, so a make the test starts sees only the variables the test sets."""
+    drop = make_variables() | {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES"}
+    return {k: v for k, v in child_env(**extra).items() if k not in drop or k in extra}
+
+
+# make's own closing line after a failed recipe: `make: *** [...] Error 2` (`make[1]: ...` when nested).
+MAKE_ERROR_LINE = re.compile(r"^make(\[\d+\])?: \*\*\*")
 
 
 WORDS = (

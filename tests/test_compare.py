@@ -6,7 +6,6 @@ The run directories are written here as evaluations write them (eval.runner.save
 results.json), so each case costs milliseconds."""
 
 import json
-import os
 import subprocess
 import zipfile
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 from common.cli import run_main
 from eval.runner import BadPredictions, load_predictions, save_predictions
+from tests.pipeline_fixtures import MAKE_ERROR_LINE, shell_env
 from tools.compare import main as compare_main
 from tools.eval import EVAL_USER_ERRORS
 
@@ -223,8 +223,8 @@ def test_make_compare_prints_one_line_for_flipped_labels(tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env={**os.environ, "G2D_DEBUG": ""},
+        env=shell_env(G2D_DEBUG=""),
     )
-    lines = [line for line in done.stderr.splitlines() if not line.startswith("make: ***")]
+    lines = [line for line in done.stderr.splitlines() if not MAKE_ERROR_LINE.match(line)]
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: A (") and "key 'k0' has targets [0] in A, [1] in B" in lines[0]

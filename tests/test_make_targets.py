@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from common.run_layout import list_checkpoints
-from tests.pipeline_fixtures import ROOT, child_env, pack_tiny
+from tests.pipeline_fixtures import MAKE_ERROR_LINE, ROOT, child_env, pack_tiny, shell_env
 from tests.test_reliability_train import payload, run_overrides
 from tests.test_remote_shards import Handler
 
@@ -40,7 +40,7 @@ def make(*words: str, timeout: float = 300) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=child_env(OMP_NUM_THREADS="1", G2D_DEBUG=""),
+        env=shell_env(OMP_NUM_THREADS="1", G2D_DEBUG=""),
     )
 
 
@@ -52,7 +52,7 @@ def start_make(*words: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=child_env(OMP_NUM_THREADS="1", G2D_DEBUG=""),
+        env=shell_env(OMP_NUM_THREADS="1", G2D_DEBUG=""),
         start_new_session=True,
     )
 
@@ -66,7 +66,7 @@ def assert_one_line(code: int, stderr: str, *needles: str, status: int = 2) -> s
     """One `error: ...` line holding every needle, last but for make's own `make: ***` line; before
     it only the run's log records (a warning about the input may precede the error), no traceback."""
     lines = [ln.rsplit("\r", 1)[-1] for ln in stderr.splitlines()]  # a tqdm bar's last state
-    lines = [ln for ln in lines if ln.strip() and not ln.startswith("make: ***")]
+    lines = [ln for ln in lines if ln.strip() and not MAKE_ERROR_LINE.match(ln)]
     assert code == status and lines and lines[-1].startswith("error: "), stderr[-3000:]
     assert all(LOG_RECORD.match(ln) for ln in lines[:-1]), stderr[-3000:]
     for needle in needles:

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 import tomllib
 
-from tests.pipeline_fixtures import ROOT
+from tests.pipeline_fixtures import ROOT, shell_env
 
 RUNTIME_PACKAGES = ("common", "shards", "pipeline", "model", "train", "eval", "bench", "tools")
 # requirements-dev.txt distribution -> the module it is imported as
@@ -21,7 +21,7 @@ def _pins(path):
 
 def _make(*args, cwd=ROOT):
     return subprocess.run(
-        ["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True, check=True
+        ["make", "--no-print-directory", *args], cwd=cwd, capture_output=True, text=True, check=True, env=shell_env()
     ).stdout
 
 

@@ -16,7 +16,7 @@ import torch
 
 from common.config import ConfigError
 from common.dist import DistInfo
-from tests.pipeline_fixtures import ROOT, child_env
+from tests.pipeline_fixtures import ROOT, child_env, shell_env
 from train.config import load_pretrain_config
 
 PY = sys.executable
@@ -189,6 +189,7 @@ def test_two_gloo_ranks_under_torchrun(mimic_shards, tiny_bert, tmp_path):
         cwd=ROOT,
         capture_output=True,
         text=True,
+        env=shell_env(),
         check=True,
     ).stdout
     assert '-m tools.launch --nproc "$NGPU"' in dry and ' train.pretrain --config "$CONFIG" $ARGS' in dry
