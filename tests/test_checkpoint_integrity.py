@@ -320,3 +320,19 @@ def test_imagenet_weights_offline_is_one_line(tmp_path, capsys, monkeypatch):
     args = run_args("unused", "unused", tmp_path / "run", **{"model.encoder_weights": "imagenet"})
     code, err = exit_of(pretrain_main, ["--config", DEMO, *args], capsys)
     assert_one_line(code, err, "could not download the ImageNet weights", "model.encoder_weights=/path/to/file.pth")
+
+
+def test_damaged_checkpoint_through_the_make_targets_is_one_line(trained, mimic_shards, tiny_bert, tmp_path):
+    """The same two refusals as users meet them: `make pretrain ARGS="train.resume=<file>"` and
+    `make eval CKPT=<file>` print one `error:` line (make's own Error line may follow) and exit 2."""
+    from tests.test_make_targets import assert_one_line as assert_one_make_line
+    from tests.test_make_targets import make
+
+    bad = checkpoint_path(damaged_copy(trained, tmp_path / "run"), 4)
+    args = run_args(mimic_shards, tiny_bert, tmp_path / "new", **{"train.resume": bad, "train.max_steps": 6})
+    done = make("pretrain", f"CONFIG={DEMO}", "ARGS=" + " ".join(args))
+    assert_one_make_line(done.returncode, done.stderr, str(bad), "is damaged")
+    assert not list((tmp_path / "new").glob("checkpoints/*.pt"))
+    no_data = tmp_path / "no_data"
+    done = make("eval", "TASK=rsna_linear", f"CKPT={bad}", f"DATA={no_data}", "ARGS=model.baseline=g2d_tiny")
+    assert_one_make_line(done.returncode, done.stderr, str(bad), "is damaged")
