@@ -24,6 +24,7 @@ from common.run_layout import checkpoint_path
 from eval.checkpoint import resolve_weights
 from model.registry import model_config
 from tests.pipeline_fixtures import ROOT, child_env
+from tests.test_reliability_train import run_overrides
 from tools.eval import EVAL_USER_ERRORS
 from tools.eval import main as eval_cli_main
 from train.checkpoint import CheckpointError, find_resume_checkpoint, load_checkpoint, save_checkpoint
@@ -124,26 +125,8 @@ def test_checkpoint_without_a_checksum_loads_with_a_warning(tmp_path, caplog):
 
 
 def run_args(shards, bert, out, **extra) -> list[str]:
-    args = {
-        "data.shards": shards,
-        "model.text_model": bert,
-        "train.output_dir": out,
-        "data.backend": "torch",
-        "data.num_workers": 0,
-        "data.image_size": 64,
-        "model.image_size": 64,
-        "train.batch_size_per_gpu": 4,
-        "train.log_every": 1,
-        "train.checkpoint_every": 2,
-        "train.max_steps": 4,
-        "train.plot_every": 0,
-        "train.val_every": 0,
-        "train.val_batches": 1,
-        "train.progress": False,
-        "optim.schedule": "constant",
-    }
-    args.update(extra)
-    return [f"{k}={v}" for k, v in args.items()]
+    """The reliability tests' tiny run, checkpointed at steps 2 and 4."""
+    return run_overrides(out, shards, bert, **{"train.checkpoint_every": 2, "train.max_steps": 4, **extra})
 
 
 @pytest.fixture(scope="module")
