@@ -264,7 +264,8 @@ def test_launcher_prints_each_ending_once():
     done = launch("kill")  # no report: the rank and its signal, not the peer the agent stopped
     assert_one_line(done.returncode, done.stderr, "rank 1 was killed by SIGKILL", status=137)
     done = launch("ok")
-    assert done.returncode == 0 and sorted(done.stdout.split("\n"))[-2:] == ["rank 0 ok", "rank 1 ok"], done
+    # each rank's line once; the ranks share stdout, so only the counts are certain, not the order
+    assert done.returncode == 0 and [done.stdout.count(f"rank {r} ok") for r in (0, 1)] == [1, 1], done
 
 
 def test_rank_stopped_for_a_failed_peer_stays_quiet(tmp_path):
