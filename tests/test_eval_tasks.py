@@ -432,6 +432,26 @@ def test_task_runs_end_to_end_and_records_results(task, extra, data_root, run_di
         assert saved["data"]["views"]["test"]["image_size"] == 64 and "train" not in saved["data"]["views"]
 
 
+def test_cpu_bf16_channels_last_runs_every_family(data_root, run_dir, tmp_path):
+    """train.cpu_bf16 + train.channels_last (the quality bench's fast CPU path): every family that trains
+    or extracts features runs under bf16 autocast with NHWC models and scores in float; off by default."""
+    from eval.tasks.base import TrainSection
+
+    assert TrainSection().autocast_precision(torch.device("cpu")) == "fp32"
+    assert TrainSection(cpu_bf16=True).autocast_precision(torch.device("cpu")) == "bf16"
+    assert TrainSection(precision="fp32", cpu_bf16=True).autocast_precision(torch.device("cpu")) == "fp32"
+    for task, extra in FAMILY_RUNS:
+        if task in ("zeroshot_chexpert", "covidx_linear"):
+            continue  # no training (zero-shot) / the linear family's other dataset: same code as rsna_linear
+        replaced = {o.split("=", 1)[0] for o in extra}
+        overrides = [o for o in TINY if o.split("=", 1)[0] not in replaced] + extra
+        overrides += ["train.cpu_bf16=true", "train.channels_last=true"]
+        rec = run_eval(task, str(run_dir), "1.0", data_root, overrides, output_root=str(tmp_path), log=lambda *_: None)
+        saved = strict_json(rec["results_path"])
+        assert saved["config"]["train"]["cpu_bf16"] is True and saved["config"]["train"]["channels_last"] is True
+        assert in_unit(saved["headline"]["value"]), (task, saved["headline"])
+
+
 def test_baselines_random_and_imagenet_from_a_local_file(data_root, tmp_path):
     quiet = dict(output_root=str(tmp_path), log=lambda *_: None)
     rec = run_eval("rsna_linear", "random", "0.1", data_root, TINY, **quiet)

@@ -40,7 +40,15 @@ class TrainSection:
     lr: float = 5e-4
     weight_decay: float = 1e-6
     betas: tuple[float, float] = (0.9, 0.999)
-    precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; CPU always runs fp32
+    precision: Literal["bf16", "fp32"] = "bf16"  # autocast dtype on CUDA; on CPU only with cpu_bf16
+    # bf16 autocast on CPU too: oneDNN's AMX / AVX512-BF16 kernels, 2-3x faster per step on CPUs that
+    # have them (docs/quality.md, "Cost"), much slower on CPUs that do not; off, CPU runs fp32.
+    cpu_bf16: bool = False
+    channels_last: bool = False  # NHWC models: oneDNN's fast path for bf16 convolutions (and cuDNN's)
+
+    def autocast_precision(self, device) -> str:
+        """The precision the task runs at on `device`: bf16 on CUDA, and on CPU only with cpu_bf16."""
+        return self.precision if device.type == "cuda" or self.cpu_bf16 else "fp32"
 
 
 @dataclass

@@ -50,7 +50,7 @@ from eval.metrics import DEFAULT_IOU_THRESHOLDS, map_torchmetrics, nms
 from eval.plots import image_for_display, panel_row, plot_history, save_figure, short_key
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import epochs_of, make_loader, sample_ids
-from eval.tasks.fit import autocast, fit, freeze, log_info
+from eval.tasks.fit import autocast, fit, freeze, log_info, place
 
 # YOLOv3's priors (w, h) at 416 px, one triple per scale: stride 8, 16, 32.
 ANCHORS_416 = (((10, 13), (16, 30), (33, 23)), ((30, 61), (62, 45), (59, 119)), ((116, 90), (156, 198), (373, 326)))
@@ -94,7 +94,7 @@ class YOLOv3Head(nn.Module):
 
     def _shape(self, x: torch.Tensor) -> torch.Tensor:  # [B, A*(5+C), h, w] -> [B, A, h, w, 5+C]
         b, _, h, w = x.shape
-        return x.view(b, self.num_anchors, 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2).contiguous()
+        return x.reshape(b, self.num_anchors, 5 + self.num_classes, h, w).permute(0, 1, 3, 4, 2).contiguous()
 
     def forward(self, c3: torch.Tensor, c4: torch.Tensor, c5: torch.Tensor) -> list[torch.Tensor]:
         """-> [p8, p16, p32], each [B, 3, h, w, 5 + classes] raw (tx, ty, tw, th, obj, cls...)."""
@@ -306,7 +306,7 @@ def predict_split(model: FrozenEncoderYOLO, loader, s: DetectionSection, cfg, de
     keys, meta; examples: the first n_examples (key, image, gt, boxes, scores) for the plot}."""
     out = {"boxes": [], "scores": [], "gt": [], "keys": [], "meta": [], "examples": []}
     for batch in epochs_of(loader, 0):
-        with autocast(device, cfg.train.precision):
+        with autocast(device, cfg.train.autocast_precision(device)):
             preds = model(batch.image)
         size = tuple(batch.image.shape[-2:])
         found = detect(preds, _anchors_for(batch.image), size, s.conf_threshold, s.nms_iou)
@@ -426,7 +426,7 @@ def _train_head(cfg: DetectionConfig, model: FrozenEncoderYOLO, loaders: tuple, 
 
 def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=log_info) -> dict:
     s, d = cfg.detection, cfg.data
-    model = FrozenEncoderYOLO(weights.build_encoder(), s.head_width).to(device)
+    model = place(FrozenEncoderYOLO(weights.build_encoder(), s.head_width), device, cfg.train)
     train = make_loader(cfg, d.train_split, device, weights, train=True, boxes=True)
     valid = make_loader(cfg, d.valid_split, device, weights, train=False, boxes=True)
     test = make_loader(cfg, d.test_split, device, weights, train=False, boxes=True)

@@ -18,7 +18,7 @@ from torch import nn
 from eval.checkpoint import Pretrained
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import LabelSpec, classification_result, make_loader, manifest_of
-from eval.tasks.fit import fit, log_info, pooled_features, predict
+from eval.tasks.fit import fit, log_info, place, pooled_features, predict
 
 
 @dataclass
@@ -39,7 +39,7 @@ def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.d
     d = cfg.data
     spec = LabelSpec.from_manifest(manifest_of(cfg))
     encoder = weights.build_encoder()
-    model = EncoderClassifier(encoder, encoder.out_channels[-1], spec.outputs).to(device)
+    model = place(EncoderClassifier(encoder, encoder.out_channels[-1], spec.outputs), device, cfg.train)
     train = make_loader(cfg, d.train_split, device, weights, train=True)
     valid = make_loader(cfg, d.valid_split, device, weights, train=False)
     test = make_loader(cfg, d.test_split, device, weights, train=False)
@@ -49,7 +49,7 @@ def run(cfg: FinetuneConfig, weights: Pretrained, out_dir: Path, device: torch.d
 
     fitted = fit(model, loss_on_batch, train, valid, cfg.train, model.train, device, log)
     model.eval()
-    scores, target, ids = predict(model, test, spec, device, cfg.train.precision)
+    scores, target, ids = predict(model, test, spec, device, cfg.train.autocast_precision(device))
     metrics = spec.metrics(scores, target)
     metrics.update(
         {

@@ -35,10 +35,18 @@ def device_of() -> torch.device:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA (the frozen ResNet's convolutions dominate eval time); fp32 on CPU."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast when `precision` (TrainSection.autocast_precision: fp32 on CPU unless cpu_bf16)
+    says so: the frozen ResNet's convolutions dominate eval time."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def place(model: nn.Module, device: torch.device, schedule: TrainSection) -> nn.Module:
+    """`model` on `device`, NHWC when train.channels_last (inputs stay NCHW: a convolution whose
+    weight is channels_last runs channels_last)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if schedule.channels_last else model
 
 
 def make_deterministic(seed: int) -> None:
@@ -99,7 +107,7 @@ def fit(
     loss_on_batch(batch) -> scalar loss tensor (mean over the batch's samples). set_train_mode()
     puts the modules in the right train/eval mix (a frozen encoder stays in eval mode)."""
     optimizer = adamw(trainable.parameters(), schedule)
-    epochs, patience, precision = schedule.epochs, schedule.patience, schedule.precision
+    epochs, patience, precision = schedule.epochs, schedule.patience, schedule.autocast_precision(device)
     best_key, best_epoch, best_state, bad, history = -math.inf, -1, None, 0, []
     best_loss, best_score = math.inf, None
     t0 = time.perf_counter()

@@ -106,7 +106,7 @@ def run(cfg: GroundingConfig, weights: Pretrained, out_dir: Path, device: torch.
     examples, keys, meta = [], [], []
     with torch.no_grad():
         for batch in epochs_of(loader, 0):
-            with autocast(device, cfg.train.precision):
+            with autocast(device, cfg.train.autocast_precision(device)):
                 _global, projected, _attn = model.encode_image(batch.image)  # [B,128,h,w]
                 maps = {"projector": projected, "attn_value": model.value_map(projected)}
             grids = {name: prompt_cosine(dense, text).cpu() for name, dense in maps.items()}  # [B,h,w]

@@ -42,7 +42,7 @@ from eval.augment import moco_v2_colour
 from eval.checkpoint import Pretrained
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import LabelSpec, classification_result, epochs_of, make_loader, manifest_of, sample_ids
-from eval.tasks.fit import autocast, fit, freeze, log_info, pooled_features, predict
+from eval.tasks.fit import autocast, fit, freeze, log_info, place, pooled_features, predict
 
 
 @dataclass
@@ -66,7 +66,7 @@ class LinearConfig(TaskConfig):
 
 def run(cfg: LinearConfig, weights: Pretrained, out_dir: Path, device: torch.device, log=log_info) -> dict:
     spec = LabelSpec.from_manifest(manifest_of(cfg))
-    encoder = freeze(weights.build_encoder().to(device))
+    encoder = freeze(place(weights.build_encoder(), device, cfg.train))
     d = cfg.data
     if cfg.linear.augment not in ("none", "moco_v2"):
         raise ValueError(f"linear.augment={cfg.linear.augment!r}; choose none or moco_v2")
@@ -123,7 +123,9 @@ def _faithful(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: P
 
     fitted = fit(head, loss_on_batch, train, valid, cfg.train, head.train, device, log)
     head.eval()
-    scores, target, ids = predict(lambda x: head(pooled_features(encoder, x)), test, spec, device, cfg.train.precision)
+    scores, target, ids = predict(
+        lambda x: head(pooled_features(encoder, x)), test, spec, device, cfg.train.autocast_precision(device)
+    )
     return {
         "test_scores": scores,
         "test_target": target,
@@ -159,7 +161,7 @@ def _fast(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pretr
         make_loader(cfg, d.test_split, device, weights, train=False),
     )
     (x_tr, y_tr, _), (x_va, y_va, _), (x_te, y_te, test_ids) = (
-        _cache(encoder, ld, spec, device, t.precision) for ld in loaders
+        _cache(encoder, ld, spec, device, t.autocast_precision(device)) for ld in loaders
     )
     grid = [(lr, wd) for lr in cfg.linear.lrs for wd in cfg.linear.weight_decays]
     if not grid:
@@ -243,7 +245,13 @@ def _lbfgs(cfg: LinearConfig, spec: LabelSpec, encoder: nn.Module, weights: Pret
     # The whole training split, in order, through the evaluation transform: the draws pick from it.
     splits = [d.train_split, d.valid_split, d.test_split]
     cached = [
-        _cache(encoder, make_loader(cfg, s, device, weights, train=False), spec, device, cfg.train.precision)
+        _cache(
+            encoder,
+            make_loader(cfg, s, device, weights, train=False),
+            spec,
+            device,
+            cfg.train.autocast_precision(device),
+        )
         for s in splits
     ]
     (x_tr, y_tr, _), (x_va, y_va, _), (x_te, y_te, test_ids) = cached

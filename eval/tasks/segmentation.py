@@ -35,7 +35,7 @@ from eval.metrics import dice_score, iou_score
 from eval.plots import image_for_display, panel_row, plot_history, save_figure, short_key
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import binary_mask, epochs_of, make_loader, sample_ids
-from eval.tasks.fit import autocast, fit, freeze, log_info
+from eval.tasks.fit import autocast, fit, freeze, log_info, place
 
 VARIANTS = ("encoder", "encoder_decoder")
 
@@ -78,9 +78,13 @@ def run(cfg: SegmentationConfig, weights: Pretrained, out_dir: Path, device: tor
     s, d = cfg.segmentation, cfg.data
     if s.variant not in VARIANTS:
         raise ValueError(f"segmentation.variant={s.variant!r}; choose one of {VARIANTS}")
-    unet = weights.build_unet(
-        pretrained_decoder=s.variant == "encoder_decoder", decoder_channels=tuple(s.decoder_channels)
-    ).to(device)
+    unet = place(
+        weights.build_unet(
+            pretrained_decoder=s.variant == "encoder_decoder", decoder_channels=tuple(s.decoder_channels)
+        ),
+        device,
+        cfg.train,
+    )
     freeze(unet.encoder)
     trainable = nn.ModuleList([unet.decoder, unet.segmentation_head])
 
@@ -104,7 +108,7 @@ def run(cfg: SegmentationConfig, weights: Pretrained, out_dir: Path, device: tor
     test = make_loader(cfg, d.test_split, device, weights, train=False, masks=True)
     fitted = fit(trainable, loss_on_batch, train, valid, cfg.train, set_train_mode, device, log)
     unet.eval()
-    metrics, examples, predictions = _test(unet, test, s, device, cfg.train.precision)
+    metrics, examples, predictions = _test(unet, test, s, device, cfg.train.autocast_precision(device))
     metrics.update(
         {
             "variant": s.variant,
