@@ -170,7 +170,7 @@ def test_trained_arms_differ_only_by_their_decoder_target():
         # Same recipe, steps, batch and resolution: equal compute per step and equal steps.
         assert cmd == base + [f"model.decoder_target={DECODER_TARGET_OF_ARM[arm]}"], arm
     assert sorted(DECODER_TARGET_OF_ARM.values()) == sorted(DECODER_TARGETS)  # every switch has an arm
-    assert {"train.max_steps=400", "train.batch_size_per_gpu=32", "data.image_size=224"} <= set(base)
+    assert {"train.max_steps=600", "train.batch_size_per_gpu=32", "train.precision=bf16"} <= set(base)
     with pytest.raises(ValueError):
         pretrain_command("python", "random", 0, scale, "s", "b", "out")
     assert variants_for("siim_segmentation", "g2d") == ["encoder", "encoder_decoder"]
