@@ -317,6 +317,15 @@ def test_peak_flops_table_override_and_mfu(monkeypatch):
     assert peak_flops(gpu, "bf16", override_tflops=100.0) == (1e14, "train.peak_tflops")
     cpu_peak, why = peak_flops(torch.device("cpu"), "fp32")
     assert cpu_peak > 1e9 and "cpu estimate" in why
+    # bf16 autocast on a CPU: AMX tiles (1024 FLOP/cycle) or AVX512-BF16 (128), else the fp32 bound.
+    from train.flops import _cpu_peak
+
+    threads = torch.get_num_threads()
+    cpuinfo = "cpu MHz\t\t: 2000.000\nflags\t\t: fma avx2 avx512f {}\n"
+    assert _cpu_peak("bf16", cpuinfo.format("amx_bf16 avx512_bf16"))[0] == pytest.approx(threads * 2e9 * 1024)
+    assert _cpu_peak("bf16", cpuinfo.format("avx512_bf16"))[0] == pytest.approx(threads * 2e9 * 128)
+    assert _cpu_peak("bf16", cpuinfo.format(""))[0] == _cpu_peak("fp32", cpuinfo.format("amx_bf16"))[0]
+    assert "AMX bf16" in _cpu_peak("bf16", cpuinfo.format("amx_bf16"))[1]
     assert mfu(2e9, 100.0, 1e12) == pytest.approx(0.2) and mfu(2e9, 100.0, None) is None
 
 

@@ -45,19 +45,29 @@ PEAK_TFLOPS: dict[str, tuple[float, float]] = {
 }
 
 
-def _cpu_fp32_peak() -> tuple[float, str]:
-    """threads x clock x fp32 FLOPs per cycle (2 FMA units x vector lanes x 2): an upper bound."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
+def _cpu_peak(precision: str, info: str | None = None) -> tuple[float, str]:
+    """threads x clock x FLOPs per cycle per core, an upper bound. fp32: 2 FMA units x vector lanes x 2.
+    bf16 (autocast): AMX tiles, 1024 FLOP/cycle (Intel's figure for AMX-BF16), else AVX512-BF16's dot
+    products, 128; a CPU with neither runs bf16 no faster than fp32."""
+    if info is None:
+        try:
+            info = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            info = ""
     mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)]
     ghz_name = re.search(r"@\s*([\d.]+)GHz", info)
     ghz = max(mhz) / 1000 if mhz else float(ghz_name.group(1)) if ghz_name else 2.5
     flags = set(re.search(r"^flags\s*:(.*)$", info, re.M).group(1).split()) if "flags" in info else set()
     per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8
+    unit = "fp32"
+    if precision == "bf16" and "amx_bf16" in flags:
+        per_cycle, unit = 1024, "AMX bf16"
+    elif precision == "bf16" and "avx512_bf16" in flags:
+        per_cycle, unit = 128, "AVX512-BF16"
     threads = torch.get_num_threads()
-    return threads * ghz * 1e9 * per_cycle, f"cpu estimate: {threads} threads x {ghz:.2f} GHz x {per_cycle} FLOP/cycle"
+    return threads * ghz * 1e9 * per_cycle, (
+        f"cpu estimate: {threads} threads x {ghz:.2f} GHz x {per_cycle} {unit} FLOP/cycle"
+    )
 
 
 def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.0) -> tuple[float | None, str]:
@@ -65,7 +75,7 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float = 0.
     if override_tflops > 0:
         return override_tflops * 1e12, "train.peak_tflops"
     if device.type != "cuda":
-        return _cpu_fp32_peak()
+        return _cpu_peak(precision)
     name = torch.cuda.get_device_name(device)
     for fragment in sorted(PEAK_TFLOPS, key=len, reverse=True):
         if fragment.lower() in name.lower():
