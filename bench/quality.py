@@ -50,7 +50,7 @@ from bench.quality_harness import (
     variants_for,
 )
 from common.cli import ArgumentParser, UserError, run_main
-from common.config import ConfigError, config_to_dict
+from common.config import ConfigError, config_to_dict, layered_overrides
 from common.io import atomic_write_json, atomic_write_text
 from common.run_layout import newest_checkpoint
 from eval.runner import load_predictions, save_predictions
@@ -218,10 +218,16 @@ def checkpoint_of(done: dict, arm: str, seed: int, arms: list[str]) -> str:
     return done[f"pretrain/{architecture_arm(arms) if arm == 'random' else arm}/s{seed}"]["checkpoint"]
 
 
+def eval_overrides_for(scale, spec: str, seed: int) -> list[str]:
+    """The evaluation overrides of one run: the scale's, then the run's own (its epochs replace the
+    scale's), then the seed's downstream seed."""
+    return layered_overrides(scale.eval_overrides, scale.run_overrides.get(spec, []), [f"seed={EVAL_SEED_BASE + seed}"])
+
+
 def evaluation_stage(scale, ws: Workspace, arm: str, seed: int, spec: str, variant: str, arms: list[str]) -> Stage:
     """One downstream task (at one fraction, one variant) for one arm, with the seed's evaluation seed."""
     task, fraction = parse_run(spec)
-    overrides = [*scale.eval_overrides, *scale.run_overrides.get(spec, []), f"seed={EVAL_SEED_BASE + seed}"]
+    overrides = eval_overrides_for(scale, spec, seed)
 
     def run(done):
         weights = arm_weights(checkpoint_of(done, arm, seed, arms), arm, task, fraction, str(ws.data))

@@ -36,7 +36,7 @@ import torch
 
 from bench.pseudo_mask_quality import COMPARISONS, PER_IMAGE_METRICS, eval_data_config
 from bench.seed_stats import across_seeds, paired_across_seeds
-from common.config import ConfigError, config_to_dict, load_config
+from common.config import ConfigError, config_to_dict, layered_overrides, load_config
 from common.dist import DistInfo
 from common.io import atomic_write_json
 from eval.bootstrap import N_RESAMPLES, paired_difference, percentile_ci, resample_weights
@@ -317,9 +317,10 @@ def pretrain_command(
         f"model.text_model={text_model}",
         f"train.output_dir={output_dir}",
         f"train.seed={seed}",
-        *text_tower_overrides(scale.text_tower, Path(text_model)),
-        *scale.pretrain_overrides,
-        *arm_overrides(arm),
+        # The tower's freezing, then the scale's recipe, then the arm's switch: a later layer's key wins.
+        *layered_overrides(
+            text_tower_overrides(scale.text_tower, Path(text_model)), scale.pretrain_overrides, arm_overrides(arm)
+        ),
     ]
 
 

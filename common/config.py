@@ -227,6 +227,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def layered_overrides(*layers: list[str]) -> list[str]:
+    """One command line from layers of `key=value` strings, general to specific: a later layer's key
+    replaces an earlier layer's (a bench recipe's evaluation overrides, then one run's own epochs).
+    A key twice within one layer stays an error, as on a command line (apply_overrides)."""
+    merged: dict[tuple[str, ...], str] = {}
+    for layer in layers:
+        seen: set[tuple[str, ...]] = set()
+        for text in layer:
+            key = tuple(parse_override(text)[0])
+            if key in seen:
+                raise ConfigError(f"{'.'.join(key)} is given twice in {list(layer)}; give it once")
+            seen.add(key)
+            merged.pop(key, None)  # re-inserted last: the order a reader expects
+            merged[key] = text
+    return list(merged.values())
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Merge `key.sub=value` strings into a nested dict (in place, returned).
 

@@ -216,6 +216,29 @@ def test_stage_fingerprints_follow_what_each_stage_depends_on(tmp_path):
     assert changed == {n for n in base if n.startswith("eval/")}  # no re-pretraining for an eval change
 
 
+def test_every_run_of_each_scale_loads_its_task_config(tmp_path):
+    """The scale's eval_overrides, then a run's own run_overrides (its epochs replace the scale's: a key
+    given twice on one command line is an error since issue 29), then the seed: every run's config loads."""
+    from bench.quality import EVAL_SEED_BASE, eval_overrides_for
+    from eval.tasks import applicable_overrides, get_task, load_task_config
+
+    for name in ("full", "smoke"):
+        scale = load_scale(name)
+        for spec in scale.runs:
+            task, fraction = spec.split("@")
+            overrides = eval_overrides_for(scale, spec, 1)
+            keep, _ = applicable_overrides(get_task(task), overrides)
+            cfg = load_task_config(task, fraction, str(tmp_path), keep)
+            assert cfg.seed == EVAL_SEED_BASE + 1
+            epochs = [o for o in scale.run_overrides.get(spec, []) if o.startswith("train.epochs=")]
+            assert cfg.train.epochs == int((epochs or ["train.epochs=" + str(cfg.train.epochs)])[0].split("=")[1])
+            if name == "full":
+                assert cfg.train.cpu_bf16 and cfg.train.channels_last, spec
+    full = load_scale("full")
+    keep, _ = applicable_overrides(get_task("rsna_detection"), eval_overrides_for(full, "rsna_detection@0.1", 0))
+    assert load_task_config("rsna_detection", "0.1", str(tmp_path), keep).train.epochs == 15
+
+
 def test_text_tower_switch_loads_freezes_and_fingerprints(tmp_path, monkeypatch):
     """text_tower (issue 27 item 5): a pretrained tower from the minilm package or a directory, loaded by
     from_pretrained, frozen like the paper's (embeddings + 3/4 of the layers); the tiny tower's stage
@@ -251,7 +274,11 @@ def test_text_tower_switch_loads_freezes_and_fingerprints(tmp_path, monkeypatch)
     assert text_tower_overrides("tiny", tmp_path) == []
     scale = load_scale("full", [f"text_tower={bert}"])
     cmd = pretrain_command("python", "g2d", 0, scale, "s", str(bert), "out")
-    assert cmd.index(overrides[-1]) < cmd.index(scale.pretrain_overrides[0])  # the scale may override
+    assert cmd.index(overrides[-1]) < cmd.index(scale.pretrain_overrides[0])
+    # The scale's recipe may set the freezing itself: its value replaces the tower's, once on the line.
+    own = load_scale("full", [f"text_tower={bert}", "pretrain_overrides=[model.text_freeze_layers=2]"])
+    line = pretrain_command("python", "g2d", 0, own, "s", str(bert), "out")
+    assert [a for a in line if a.startswith("model.text_freeze_layers=")] == ["model.text_freeze_layers=2"]
     # The pretraining config those overrides give builds a model whose frozen part is the paper's share.
     cfg = load_pretrain_config(cmd[cmd.index("--config") + 1], cmd[cmd.index("--config") + 2 :])
     text = build_model(cfg.resolved_model).text

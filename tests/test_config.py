@@ -91,3 +91,13 @@ def test_declared_checks_cover_literals_and_configs_built_in_code():
         check_fields(OptimConfig(betas=(0.9, 1.0)), "optim")
     check_fields(OptimConfig(), "optim")
     check_fields(ModelConfig(), "model")
+
+
+def test_layered_overrides_let_a_later_layer_replace_a_key():
+    from common.config import layered_overrides
+
+    merged = layered_overrides(["train.epochs=5", "train.lr=1e-3"], ["train.epochs=15"], ["seed=43"])
+    assert merged == ["train.lr=1e-3", "train.epochs=15", "seed=43"]
+    assert layered_overrides([], ["a.b=1"]) == ["a.b=1"]
+    with pytest.raises(ConfigError, match="train.epochs is given twice"):
+        layered_overrides(["train.epochs=5", "train.epochs=6"])
