@@ -9,7 +9,9 @@ the official code uses:
               embeddings trained (autograd through every frozen layer), DDP find_unused_parameters=True
 Lever arms (`--arms`) are "ours" plus one change each: compile (torch.compile of the image tower,
 BERT layers and PA loss), graphs (compile + CUDA graphs + text lengths bucketed to 16; CUDA only),
-bucket16, eager_attn (BERT attention without SDPA, to see what SDPA pays). Every arm reports model
+bucket16, eager_attn (BERT attention without SDPA, to see what SDPA pays), and the CPU precision levers
+bf16 (bf16 autocast: oneDNN's AMX / AVX512-BF16 kernels where the CPU has them), nchw and bf16_nchw
+(each without channels_last). Every arm reports model
 FLOPs per sample (FlopCounterMode, once), MFU against the device's peak (train/flops.py) and, on a
 GPU, peak memory per sample; `--max-batch` finds the largest batch per GPU that fits (binary search
 over OOMs, CUDA only) and `--profile` saves a torch.profiler summary of one step of "ours".
@@ -58,6 +60,10 @@ LEVER_ARMS = {
     "graphs": {"compile": True, "cuda_graphs": True, "pad_multiple": 16},  # static shapes for replay
     "bucket16": {"pad_multiple": 16},
     "eager_attn": {"attn": "eager"},
+    # CPU precision levers (on a GPU "ours" is bf16 already): bf16 autocast, and each without channels_last.
+    "bf16": {"precision": "bf16"},
+    "nchw": {"channels_last": False},
+    "bf16_nchw": {"precision": "bf16", "channels_last": False},
 }
 ARMS = ("ours", "official", *LEVER_ARMS)
 
@@ -95,11 +101,12 @@ def arm_settings(arm: str, device: torch.device) -> dict:
     }
 
 
-def make_step(model_name: str, text_model: str, arm: str, device: torch.device):
+def make_step(model_name: str, text_model: str, arm: str, device: torch.device, image_size: int = 0):
     s = arm_settings(arm, device)
     # G2D's max_length of 256 for both arms: ours pads each batch to its longest report instead.
     cfg = model_config(
         model_name,
+        **({"image_size": image_size} if image_size else {}),
         text_model=text_model,
         text_freeze_embeddings=s["freeze_embeddings"],
         max_text_length=256,
@@ -173,10 +180,11 @@ def prepare_arm(
     tokenizer,
     texts,
     compile_backend: str = "inductor",
+    image_size: int = 0,
 ):
     """-> (step, cfg, settings, the fixed synthetic batch, FLOPs per sample, compile note). FLOPs are
     counted on the plain model before it is compiled (FlopCounterMode does not see inside compiled code)."""
-    step_fn, cfg, s = make_step(model_name, text_model, arm, device)
+    step_fn, cfg, s = make_step(model_name, text_model, arm, device, image_size)
     fixed = synthetic_batch(cfg, tokenizer, texts, batch_size, s["pad"], device, s["pad_multiple"])
     flops = count_step_flops(unwrap(step_fn.model), fixed, 1000, step_fn.autocast, s["channels_last"]) / batch_size
     step_fn.cuda_graphs, note = compile_for_speed(
@@ -196,6 +204,7 @@ def bench_model(
     arms=("ours", "official"),
     compile_backend: str = "inductor",
     on_arm=None,
+    image_size: int = 0,
 ) -> dict:
     """One model at one batch size, every arm. `on_arm(result so far)` after each arm: the caller
     saves partial results, so a time limit that cuts a slow (compiling) arm keeps the earlier ones."""
@@ -207,7 +216,7 @@ def bench_model(
             result[arm] = {"settings": s, "skipped": "CUDA graphs need a CUDA device"}
             continue
         step_fn, cfg, s, fixed, flops, note = prepare_arm(
-            model_name, text_model, arm, batch_size, device, tokenizer, texts, compile_backend
+            model_name, text_model, arm, batch_size, device, tokenizer, texts, compile_backend, image_size
         )
         peak, peak_source = peak_flops(device, s["precision"])
         if device.type == "cuda":
@@ -221,6 +230,7 @@ def bench_model(
                 "mfu": mfu(flops, batch_size / sec, peak),
             },
             "gflops_per_sample": flops / 1e9,
+            "image_size": cfg.image_size,
             "text_length": fixed.input_ids.shape[1],
             "peak_tflops": peak / 1e12 if peak else None,
             "peak_source": peak_source,
@@ -391,6 +401,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, tuple[str, .
     parser.add_argument("--shards", default="data/shards/mimic")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--tiny-batch", type=int, default=16)
+    parser.add_argument("--image-size", type=int, default=0, help="input side (0: each model's own; multiple of 32)")
     parser.add_argument("--batch-sizes", default="64,128", help="g2d_resnet50 batches (CUDA only)")
     parser.add_argument("--models", default="auto", help="auto (g2d_tiny; + g2d_resnet50 on CUDA) or a comma list")
     parser.add_argument("--arms", default="ours,official", help=f"comma list of {', '.join(ARMS)}")
@@ -446,7 +457,19 @@ def run_models(args, models, berts: dict, arms, shards, texts, device, results: 
                 atomic_write_json(results, {"runs": [*runs, partial], "partial": True})
 
             runs.append(
-                bench_model(name, bert, bs, shards, args.steps, device, texts, arms, args.compile_backend, on_arm=save)
+                bench_model(
+                    name,
+                    bert,
+                    bs,
+                    shards,
+                    args.steps,
+                    device,
+                    texts,
+                    arms,
+                    args.compile_backend,
+                    on_arm=save,
+                    image_size=args.image_size,
+                )
             )
             print(
                 f"[bench-train] {name} batch {bs}: "

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from bench.train import search_max_batch
 from tests.pipeline_fixtures import ROOT, child_env
 
@@ -26,7 +28,9 @@ def test_bench_train_reports_mfu_profile_and_lever_arms_on_cpu(tmp_path):
             "--tiny-batch",
             "4",
             "--arms",
-            "ours,graphs",
+            "ours,graphs,bf16_nchw",
+            "--image-size",
+            "64",
             "--profile",
             "--max-batch",
             "--no-doc",
@@ -46,6 +50,11 @@ def test_bench_train_reports_mfu_profile_and_lever_arms_on_cpu(tmp_path):
     assert row["gflops_per_sample"] > 0.1 and 0 < row["data_excluded"]["mfu"] < 1
     assert row["peak_mem_mb_per_sample"] is None  # CPU: n/a
     assert run["graphs"]["skipped"] == "CUDA graphs need a CUDA device"
+    # The CPU precision lever arms: ours with bf16 autocast and NCHW; --image-size reaches the model.
+    lever = run["bf16_nchw"]
+    assert (lever["settings"]["precision"], lever["settings"]["channels_last"]) == ("bf16", False)
+    assert row["settings"]["channels_last"] and lever["image_size"] == row["image_size"] == 64
+    assert lever["gflops_per_sample"] == pytest.approx(row["gflops_per_sample"], rel=1e-6)
     assert result["max_batch"]["max_batch"] is None and "CUDA only" in result["max_batch"]["note"]
     profile = json.loads((tmp_path / "train_profile_cpu.json").read_text())
     assert profile["top_ops"] and profile["top_ops"][0]["self_ms"] > 0
