@@ -330,3 +330,12 @@ def test_launcher_arguments_and_the_multi_node_rendezvous(tmp_path):
         ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29600", "m"]
     )
     assert torchrun_argv(many)[:4] == ["--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29600"]
+
+
+def test_bench_quality_text_tower_errors_are_one_line(tmp_path):
+    """The README's `make bench-quality TEXT_TOWER=...`: a tower directory without a config.json is
+    one line naming it, before any corpus is built (nothing written under OUT)."""
+    out = tmp_path / "bq"
+    done = make("bench-quality", "SCALE=smoke", f"OUT={out}", f"TEXT_TOWER={tmp_path / 'no_such_model'}")
+    assert_one_line(done.returncode, done.stderr, "text_tower=", "no_such_model", "no config.json")
+    assert not out.exists()
