@@ -30,6 +30,16 @@ TRANSFORM_NAMES = tuple(TRANSFORM_TABLE)
 CROPPING = tuple(name for name, row in TRANSFORM_TABLE.items() if row[1] is not None)
 
 
+def is_deterministic(transform: str) -> bool:
+    """True when `transform` maps one stored image to the same tensor every epoch (no random crop,
+    rotation, shear or colour change), so whatever a frozen network computes from it can be kept.
+    A name outside the table (e.g. an evaluation's `checkpoint` view, resolved later) counts as not."""
+    if transform not in TRANSFORM_TABLE:
+        return False
+    _, crop, *amounts = TRANSFORM_TABLE[transform][:6]
+    return crop != "random" and not any(amounts)
+
+
 def is_url(shards: str) -> bool:
     """`data.shards` names remote shards (streamed, pipeline/stream.py) rather than a local dataset root:
     a `pipe:` command or a URL with a scheme (https://, s3://, file://, ...). A Windows drive letter

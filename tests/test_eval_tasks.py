@@ -760,3 +760,127 @@ def test_detect_sends_every_confident_box_to_nms():
     boxes, scores = detect(preds, anchors, size)[0]
     assert boxes.shape[0] > 300  # the former 300-box cap would have cut this
     assert torch.all(scores > 0.99)
+
+
+def _detection_parts(data_root, run_dir, overrides=()):
+    """(cfg, model, train loader, valid loader) of rsna_detection as eval/tasks/detection.run builds them."""
+    from eval.runner import resolve_for
+    from eval.tasks.data import make_loader
+    from eval.tasks.detection import FrozenEncoderYOLO
+
+    cfg = load_task_config("rsna_detection", "1.0", data_root, [*TINY, "detection.head_width=32", *overrides])
+    weights = resolve_for(cfg, str(run_dir))
+    torch.manual_seed(0)
+    model = FrozenEncoderYOLO(weights.build_encoder(), cfg.detection.head_width)
+    train = make_loader(cfg, "train", torch.device("cpu"), weights, train=True, boxes=True)
+    valid = make_loader(cfg, "valid", torch.device("cpu"), weights, train=False, boxes=True)
+    return cfg, model, train, valid
+
+
+def test_detection_feature_cache_serves_the_streamed_maps(data_root, run_dir):
+    # The frozen encoder runs once per split: every cached map equals the map the streaming loop computes
+    # for that sample, the head's loss on a cached batch equals its loss on the loader batch, each epoch
+    # serves every training sample once in a (seed, epoch)-determined order, validation keeps its order.
+    from eval.tasks.detection import build_targets, cache_features, head_inputs
+
+    cfg, model, train, valid = _detection_parts(data_root, run_dir)
+    cpu = torch.device("cpu")
+    streamed = {}
+    for batch in valid:
+        feats, size = head_inputs(model, batch)
+        for i, key in enumerate(batch.keys):
+            streamed[key] = (tuple(f[i] for f in feats), batch.boxes[i], size)
+    cached = cache_features(model, valid, cfg, cpu, 2**30, batch_size=3, shuffle=False)
+    assert cached.keys == list(streamed) and len(cached) == math.ceil(len(streamed) / 3)
+    served = [b for b in cached]
+    assert [k for b in served for k in b.keys] == list(streamed)
+    for b in served:
+        assert b.image_size == (64, 64)
+        for i, key in enumerate(b.keys):
+            want_feats, want_boxes, want_size = streamed[key]
+            assert want_size == b.image_size and torch.equal(b.boxes[i], torch.as_tensor(want_boxes).reshape(-1, 4))
+            for got, want in zip(b.features, want_feats):
+                assert torch.equal(got[i], want)
+    # the head's loss: a loader batch and the cached batch of the same samples agree
+    model.head.eval()
+    loader_batch = next(iter(valid))
+    cached_batch = next(
+        iter(cache_features(model, valid, cfg, cpu, 2**30, batch_size=len(loader_batch), shuffle=False))
+    )
+    losses = []
+    for b in (loader_batch, cached_batch):
+        feats, size = head_inputs(model, b)
+        preds = model.head(*feats)
+        grids = [tuple(p.shape[2:4]) for p in preds]
+        boxes = [torch.as_tensor(x).reshape(-1, 4) for x in b.boxes]
+        losses.append(yolo_loss(preds, build_targets(boxes, grids, scaled_anchors(size), size))[0])
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-6)
+    # training: each epoch is a permutation of the subset; epochs differ; the same epoch repeats
+    shuffled = cache_features(model, train, cfg, cpu, 2**30, batch_size=4, shuffle=True)
+    orders = []
+    for epoch in (0, 1, 0):
+        shuffled.set_epoch(epoch)
+        orders.append([k for b in shuffled for k in b.keys])
+    assert sorted(orders[0]) == sorted(shuffled.keys) and len(set(orders[0])) == len(shuffled.keys)
+    assert orders[0] != orders[1] and orders[0] == orders[2]
+    # a cap below one split's maps: no cache (the caller streams)
+    assert cache_features(model, valid, cfg, cpu, 1000, batch_size=3, shuffle=False) is None
+
+
+@pytest.mark.parametrize(
+    "overrides,expect",
+    [
+        ([], ["validation images: frozen encoder run once", "training images: frozen encoder run once"]),
+        (
+            ["detection.feature_cache_gib=0.000001"],
+            ["validation images: encoder maps pass", "training images: encoder maps pass"],
+        ),
+        (["data.train_transform=g2d_train"], ["data.train_transform=g2d_train augments"]),
+    ],
+    ids=["cached", "over_the_cap", "augmenting_transform"],
+)
+def test_detection_runs_with_and_without_the_feature_cache(overrides, expect, data_root, run_dir, tmp_path):
+    # The cache is an implementation detail of the same protocol: each way yields a complete result, and
+    # the log says which way ran and why.
+    lines = []
+    rec = run_eval(
+        "rsna_detection",
+        str(run_dir),
+        "1.0",
+        data_root,
+        [
+            *(o for o in TINY if not o.startswith("train.epochs=")),
+            "train.epochs=2",
+            "detection.head_width=32",
+            *overrides,
+        ],
+        output_root=str(tmp_path),
+        log=lambda *a: lines.append(" ".join(str(x) for x in a)),
+    )
+    text = "\n".join(lines)
+    assert all(e in text for e in expect), text
+    m = rec["metrics"]
+    assert m["epochs_run"] == 2 and len(m["val_n_scored_mgca_per_epoch"]) == 2 and m["n_test"] > 0
+
+
+def test_is_deterministic_names_the_augmenting_transforms():
+    from pipeline.config import TRANSFORM_NAMES, is_deterministic
+
+    assert {t for t in TRANSFORM_NAMES if is_deterministic(t)} == {"eval", "g2d_paper_eval", "mgca_eval"}
+    assert not is_deterministic("checkpoint")
+
+
+def test_detection_select_on_is_checked_and_recorded(data_root, run_dir, tmp_path):
+    with pytest.raises(ConfigError, match="select_on"):
+        load_task_config("rsna_detection", "1.0", data_root, ["detection.select_on=map_best"])
+    rec = run_eval(
+        "rsna_detection",
+        str(run_dir),
+        "1.0",
+        data_root,
+        [*TINY, "detection.head_width=32", "detection.select_on=map_all_images"],
+        output_root=str(tmp_path),
+        log=lambda *_: None,
+    )
+    m = rec["metrics"]
+    assert m["selected_on"] == "map_all_images" and "best_val_map_all_images" in m and "best_val_map_mgca" not in m

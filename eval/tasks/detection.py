@@ -5,7 +5,10 @@
       -> yolo_loss (training) | decode -> objectness >= 0.5 -> NMS 0.5 (evaluation)
 
 Only the head trains (AdamW wd 1e-6; lr and batch per data fraction in the task YAML). Model
-selection and early stopping on the VALIDATION mAP (MGCA's rule, patience from the config). Test
+selection and early stopping on the VALIDATION mAP (MGCA's rule, patience from the config; the
+`select_on` key picks map_mgca, MGCA's, or map_all_images). The frozen encoder's maps of the
+training and validation images are computed once and kept (`feature_cache_gib`): with a frozen
+encoder and the deterministic `eval` transform every epoch would recompute the same maps. Test
 metrics (eval.metrics.map_torchmetrics: torchmetrics' MeanAveragePrecision, COCO 101-point, IoU
 0.40:0.05:0.75, scores = objectness): `map_mgca` scores only the images with a predicted box AND a
 ground-truth box (MGCA's loop skips the rest; the headline), `map_all_images` scores every test
@@ -37,8 +40,11 @@ facts and the YOLOv3 paper, not from any implementation):
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -51,6 +57,7 @@ from eval.plots import image_for_display, panel_row, plot_history, save_figure, 
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import epochs_of, make_loader, sample_ids
 from eval.tasks.fit import autocast, fit, freeze, log_info, place
+from pipeline.config import is_deterministic
 
 # YOLOv3's priors (w, h) at 416 px, one triple per scale: stride 8, 16, 32.
 ANCHORS_416 = (((10, 13), (16, 30), (33, 23)), ((30, 61), (62, 45), (59, 119)), ((116, 90), (156, 198), (373, 326)))
@@ -262,6 +269,14 @@ class DetectionSection:
     loss_conf: float = 1.0
     loss_cls: float = 1.0
     plot_images: int = 6  # test images drawn in boxes.png (with ground truth first)
+    # The frozen encoder's maps of the training subset and the validation split are kept (on the
+    # device) when together they fit this many GiB, and the encoder runs once instead of every epoch;
+    # above it (e.g. ResNet-50 on all of RSNA: ~1.4 MB per image in bf16) or at 0 it runs every epoch.
+    feature_cache_gib: float = 4.0
+    # The validation mAP that keeps the best epoch and stops early. map_mgca (MGCA's rule) scores only
+    # the images where the head kept a box, which for a weak head early in training can be 1-2 images,
+    # so the kept epoch is then chance; map_all_images scores every validation image (issue 27).
+    select_on: Literal["map_mgca", "map_all_images"] = "map_mgca"
 
 
 @dataclass
@@ -278,10 +293,133 @@ class FrozenEncoderYOLO(nn.Module):
         c3, c4, c5 = encoder.out_channels[-3:]
         self.head = YOLOv3Head((c3, c4, c5), num_classes=1, width=width)
 
+    @torch.no_grad()
+    def features(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B,C,H,W] -> C3 [B,c3,H/8,W/8], C4 [B,c4,H/16,W/16], C5 [B,c5,H/32,W/32] (no gradients)."""
+        feats = self.encoder(image)  # 6 maps, strides 1..32
+        return tuple(feats[-3:])
+
     def forward(self, image: torch.Tensor) -> list[torch.Tensor]:
-        with torch.no_grad():
-            feats = self.encoder(image)  # 6 maps, strides 1..32
-        return self.head(*feats[-3:])
+        return self.head(*self.features(image))
+
+
+@dataclass
+class FeatureBatch:
+    """A batch of `CachedFeatures`: what the head needs of a loader batch, with the frozen encoder's
+    maps in place of the image."""
+
+    features: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # C3, C4, C5 as FrozenEncoderYOLO.features
+    boxes: list[torch.Tensor]  # B x [n_i, 4] (x1, y1, x2, y2) pixels of the network input
+    keys: list[str]
+    meta: list[dict]
+    image_size: tuple[int, int]  # (H, W) of the network input, for the anchors and the decoding
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class CachedFeatures:
+    """One split's frozen-encoder maps, computed once and served as batches every epoch.
+
+    Exact for detection because nothing upstream of the head changes between epochs: the encoder is
+    frozen in eval mode and the transform is deterministic (`eval`: resize, no augmentation). The
+    streaming loop decodes and runs the encoder over the training subset once per epoch and over the
+    validation split TWICE per epoch (loss, then mAP), 50 epochs in MGCA's schedule; this runs it
+    once per split. Training batches are reshuffled per epoch from (seed, epoch)."""
+
+    def __init__(self, batches: list, batch_size: int, shuffle: bool, seed: int):
+        self.features = tuple(torch.cat([b.features[i] for b in batches]) for i in range(3))  # [N, ...] each
+        self.boxes = [box for b in batches for box in b.boxes]
+        self.keys = [k for b in batches for k in b.keys]
+        self.meta = [m for b in batches for m in b.meta]
+        self.image_size = batches[0].image_size
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.numel() * f.element_size() for f in self.features)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:  # batches per epoch (drop_last off, like the loaders)
+        return math.ceil(len(self.keys) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.keys)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        else:
+            order = torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            picked = idx.tolist()
+            feats = tuple(f[idx.to(f.device)] for f in self.features)
+            yield FeatureBatch(
+                feats,
+                [self.boxes[i] for i in picked],
+                [self.keys[i] for i in picked],
+                [self.meta[i] for i in picked],
+                self.image_size,
+            )
+
+
+@torch.no_grad()
+def cache_features(model: FrozenEncoderYOLO, loader, cfg, device, max_bytes: int, *, batch_size: int, shuffle: bool):
+    """The split of `loader` as `CachedFeatures` (on `device`, in the autocast dtype the head sees), or
+    None when its maps would pass `max_bytes`: the caller then streams, as without a cache."""
+    batches, total = [], 0
+    for batch in epochs_of(loader, 0):
+        with autocast(device, cfg.train.autocast_precision(device)):
+            feats = model.features(batch.image)
+        total += sum(f.numel() * f.element_size() for f in feats)
+        if total > max_bytes:
+            return None
+        size = tuple(batch.image.shape[-2:])
+        batches.append(FeatureBatch(feats, [b.cpu() for b in _gt_boxes(batch)], batch.keys, batch.meta, size))
+    if not batches:
+        raise ValueError("a split for the detection head yielded no samples")
+    return CachedFeatures(batches, batch_size, shuffle, cfg.seed)
+
+
+def cached_splits(cfg: DetectionConfig, model: FrozenEncoderYOLO, train, valid, device, log) -> tuple:
+    """(train, valid), each as `CachedFeatures` when its maps fit what is left of
+    `detection.feature_cache_gib`, else the loader unchanged; the log says which, and why. The
+    validation split goes first: every epoch runs it twice (loss, then mAP), the training subset once."""
+    budget = int(cfg.detection.feature_cache_gib * 2**30)
+    if budget <= 0:
+        return train, valid
+    if not is_deterministic(cfg.data.train_transform):
+        log(f"  data.train_transform={cfg.data.train_transform} augments: the frozen encoder runs every epoch")
+        return train, valid
+    out = {}
+    for name, loader, batch_size, shuffle in (
+        ("validation", valid, cfg.data.eval_batch_size, False),
+        ("training", train, cfg.data.batch_size, True),
+    ):
+        t0 = time.perf_counter()
+        cached = cache_features(model, loader, cfg, device, budget, batch_size=batch_size, shuffle=shuffle)
+        if cached is None:
+            log(
+                f"  {name} images: encoder maps pass what is left of detection.feature_cache_gib="
+                f"{cfg.detection.feature_cache_gib:g}; the frozen encoder runs on them every epoch"
+            )
+            out[name] = loader
+            continue
+        budget -= cached.nbytes
+        out[name] = cached
+        log(
+            f"  {name} images: frozen encoder run once, maps of {len(cached.keys)} images cached "
+            f"({cached.nbytes / 2**20:.0f} MiB, {time.perf_counter() - t0:.1f} s)"
+        )
+    return out["training"], out["validation"]
+
+
+def head_inputs(model: FrozenEncoderYOLO, batch) -> tuple[tuple[torch.Tensor, ...], tuple[int, int]]:
+    """((C3, C4, C5), (H, W) of the network input) of a loader batch or a `FeatureBatch`."""
+    if isinstance(batch, FeatureBatch):
+        return batch.features, batch.image_size
+    return model.features(batch.image), tuple(batch.image.shape[-2:])
 
 
 def _gt_boxes(batch) -> list[torch.Tensor]:
@@ -295,9 +433,9 @@ def _image_index(per_image: list[torch.Tensor]) -> np.ndarray:
     return np.concatenate([np.full(len(x), i, dtype=np.int64) for i, x in enumerate(per_image)])
 
 
-def _anchors_for(image: torch.Tensor) -> torch.Tensor:
-    """[3, 3, 2] priors scaled to the network input [B, C, H, W] (224 in MGCA), on its device."""
-    return scaled_anchors(tuple(image.shape[-2:])).to(image.device)
+def _anchors_for(image_size: tuple[int, int], device) -> torch.Tensor:
+    """[3, 3, 2] priors scaled to the network input of (H, W) `image_size` (224 in MGCA), on `device`."""
+    return scaled_anchors(image_size).to(device)
 
 
 @torch.no_grad()
@@ -307,9 +445,9 @@ def predict_split(model: FrozenEncoderYOLO, loader, s: DetectionSection, cfg, de
     out = {"boxes": [], "scores": [], "gt": [], "keys": [], "meta": [], "examples": []}
     for batch in epochs_of(loader, 0):
         with autocast(device, cfg.train.autocast_precision(device)):
-            preds = model(batch.image)
-        size = tuple(batch.image.shape[-2:])
-        found = detect(preds, _anchors_for(batch.image), size, s.conf_threshold, s.nms_iou)
+            feats, size = head_inputs(model, batch)
+            preds = model.head(*feats)
+        found = detect(preds, _anchors_for(size, device), size, s.conf_threshold, s.nms_iou)
         for i, ((boxes, scores), truth) in enumerate(zip(found, _gt_boxes(batch))):
             out["boxes"].append(boxes)
             out["scores"].append(scores)
@@ -391,21 +529,22 @@ def _train_head(cfg: DetectionConfig, model: FrozenEncoderYOLO, loaders: tuple, 
     val_scored: list[int] = []
 
     def loss_on_batch(batch):
-        preds = model(batch.image)
+        feats, size = head_inputs(model, batch)
+        preds = model.head(*feats)
         grids = [tuple(p.shape[2:4]) for p in preds]
-        size = tuple(batch.image.shape[-2:])
-        targets = build_targets(_gt_boxes(batch), grids, _anchors_for(batch.image), size, s.ignore_iou, device)
+        targets = build_targets(_gt_boxes(batch), grids, _anchors_for(size, device), size, s.ignore_iou, device)
         return yolo_loss(preds, targets, weights_by_term)[0]
 
     def set_train_mode():
         model.head.train()
         model.encoder.eval()
 
-    def val_map() -> float:  # MGCA selects the head and stops early on this
+    def val_map() -> float:  # MGCA selects the head and stops early on its validation map_mgca
         found = predict_split(model, valid, s, cfg, device)
-        scored = map_torchmetrics(found["boxes"], found["scores"], found["gt"], s.iou_thresholds, skip="mgca")
-        val_scored.append(scored["n_images_scored"])
-        if scored["n_images_scored"] == 0:  # say why the epoch line will read nan
+        skip = "mgca" if s.select_on == "map_mgca" else "none"
+        scored = map_torchmetrics(found["boxes"], found["scores"], found["gt"], s.iou_thresholds, skip=skip)
+        val_scored.append(sum(int(b.shape[0] > 0 and g.shape[0] > 0) for b, g in zip(found["boxes"], found["gt"])))
+        if skip == "mgca" and scored["n_images_scored"] == 0:  # say why the epoch line will read nan
             log("  " + scored_images_text("validation", found, scored, s.conf_threshold))
         return scored["map"]
 
@@ -419,7 +558,7 @@ def _train_head(cfg: DetectionConfig, model: FrozenEncoderYOLO, loaders: tuple, 
         device,
         log,
         val_score=val_map,
-        score_name="map_mgca",
+        score_name=s.select_on,
     )
     return fitted, val_scored
 
@@ -430,14 +569,15 @@ def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.
     train = make_loader(cfg, d.train_split, device, weights, train=True, boxes=True)
     valid = make_loader(cfg, d.valid_split, device, weights, train=False, boxes=True)
     test = make_loader(cfg, d.test_split, device, weights, train=False, boxes=True)
-    fitted, val_scored = _train_head(cfg, model, (train, valid), device, log)
+    fitted, val_scored = _train_head(cfg, model, cached_splits(cfg, model, train, valid, device, log), device, log)
     model.eval()
     found = predict_split(model, test, s, cfg, device, 4 * s.plot_images)
     if not found["gt"]:
         raise ValueError("the test split yielded no samples")
     metrics, scored_text = _test_metrics(found, s)
     log(scored_text)
-    metrics.update(fitted.summary(), best_val_map_mgca=fitted.best_val_score, val_n_scored_mgca_per_epoch=val_scored)
+    metrics.update(fitted.summary(), selected_on=s.select_on, val_n_scored_mgca_per_epoch=val_scored)
+    metrics[f"best_val_{s.select_on}"] = fitted.best_val_score
     plots = _plots(cfg, found, fitted.history, out_dir) if cfg.plots else []
     return {"metrics": metrics, "headline": "map_mgca", "plots": plots, "predictions": _predictions_npz(found, s)}
 

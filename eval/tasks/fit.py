@@ -122,8 +122,8 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            train_sum += loss.detach().float() * batch.image.shape[0]
-            n_train += batch.image.shape[0]
+            train_sum += loss.detach().float() * len(batch)
+            n_train += len(batch)
         val_loss = evaluate_loss(trainable, loss_on_batch, val_loader, device, precision)
         train_loss = float(train_sum) / max(n_train, 1)
         entry = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss}
@@ -165,8 +165,8 @@ def evaluate_loss(trainable: nn.Module, loss_on_batch: Callable, loader, device,
     for batch in epochs_of(loader, 0):
         with autocast(device, precision):
             loss = loss_on_batch(batch)
-        total += loss.float() * batch.image.shape[0]
-        n += batch.image.shape[0]
+        total += loss.float() * len(batch)
+        n += len(batch)
     trainable.train(was)
     if n == 0:
         raise ValueError("the validation split yielded no samples")
