@@ -236,7 +236,9 @@ def test_every_run_of_each_scale_loads_its_task_config(tmp_path):
                 assert cfg.train.cpu_bf16 and cfg.train.channels_last, spec
     full = load_scale("full")
     keep, _ = applicable_overrides(get_task("rsna_detection"), eval_overrides_for(full, "rsna_detection@0.1", 0))
-    assert load_task_config("rsna_detection", "0.1", str(tmp_path), keep).train.epochs == 15
+    det = load_task_config("rsna_detection", "0.1", str(tmp_path), keep)
+    assert det.train.epochs == det.train.patience == 50 and det.detection.select_on == "map_all_images"
+    assert det.train.cpu_bf16 and det.detection.head_width == 128  # the scale's eval_overrides still apply
 
 
 def test_text_tower_switch_loads_freezes_and_fingerprints(tmp_path, monkeypatch):
@@ -608,6 +610,8 @@ def test_smoke_scale_runs_the_whole_chain_and_resumes(tmp_path):
     seg = res["tasks"]["siim_segmentation@1.0/encoder"]["arms"]["g2d"]["secondary"]
     assert set(seg) == {"dice_positive", "dice_negative_images"} and len(seg["dice_positive"]["ci95"]) == 2
     assert "| segmentation | siim_segmentation@1.0/encoder | dice_positive |" in doc
+    det = res["tasks"]["rsna_detection@1.0"]["arms"]["g2d"]["secondary"]
+    assert set(det) == {"map_all_images"} and "| detection | rsna_detection@1.0 | map_all_images |" in doc
 
     t0 = time.perf_counter()
     again = subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=300)
