@@ -723,24 +723,31 @@ def test_yolo_shape_iou_uses_plus_one_convention():
     torch.testing.assert_close(iou, torch.tensor([[126 / 351, 1.0]]))
 
 
-def test_detection_says_why_map_is_undefined_when_no_box_passes(data_root, run_dir, tmp_path):
-    # Issue 29: after a few epochs on the demo data no image kept a box at objectness >= 0.5, so
-    # MGCA's rule scored nothing and the log only read "val map_mgca nan". A threshold no fresh head
-    # reaches (logit 9.2) gives the same situation in one epoch.
+def run_detection(data_root, run_dir, out, *overrides: str) -> tuple[dict, str]:
+    """rsna_detection on the tiny data with a 32-wide head and `overrides` (replacing TINY's keys)
+    -> (the run's record, its log as one text)."""
+    replaced = {o.split("=", 1)[0] for o in overrides}
     lines = []
     rec = run_eval(
         "rsna_detection",
         str(run_dir),
         "1.0",
         data_root,
-        [*TINY, "detection.head_width=32", "detection.conf_threshold=0.9999"],
-        output_root=str(tmp_path),
+        [*(o for o in TINY if o.split("=", 1)[0] not in replaced), "detection.head_width=32", *overrides],
+        output_root=str(out),
         log=lambda *a: lines.append(" ".join(str(x) for x in a)),
     )
+    return rec, "\n".join(lines)
+
+
+def test_detection_says_why_map_is_undefined_when_no_box_passes(data_root, run_dir, tmp_path):
+    # Issue 29: after a few epochs on the demo data no image kept a box at objectness >= 0.5, so
+    # MGCA's rule scored nothing and the log only read "val map_mgca nan". A threshold no fresh head
+    # reaches (logit 9.2) gives the same situation in one epoch.
+    rec, text = run_detection(data_root, run_dir, tmp_path, "detection.conf_threshold=0.9999")
     m = rec["metrics"]
     assert m["map_mgca"] is None and m["n_scored_mgca"] == 0 and m["n_test_with_prediction"] == 0  # null: undefined
     assert m["val_n_scored_mgca_per_epoch"] == [0] and m["n_test_over_100_predictions"] == 0
-    text = "\n".join(lines)
     assert f"test: 0 of {m['n_test']} images kept a box at objectness >= 0.9999" in text
     assert "validation: 0 of" in text and "map_mgca scores the 0 with both -> mAP undefined (nan)" in text
     saved = strict_json(rec["results_path"])
@@ -842,22 +849,7 @@ def test_detection_feature_cache_serves_the_streamed_maps(data_root, run_dir):
 def test_detection_runs_with_and_without_the_feature_cache(overrides, expect, data_root, run_dir, tmp_path):
     # The cache is an implementation detail of the same protocol: each way yields a complete result, and
     # the log says which way ran and why.
-    lines = []
-    rec = run_eval(
-        "rsna_detection",
-        str(run_dir),
-        "1.0",
-        data_root,
-        [
-            *(o for o in TINY if not o.startswith("train.epochs=")),
-            "train.epochs=2",
-            "detection.head_width=32",
-            *overrides,
-        ],
-        output_root=str(tmp_path),
-        log=lambda *a: lines.append(" ".join(str(x) for x in a)),
-    )
-    text = "\n".join(lines)
+    rec, text = run_detection(data_root, run_dir, tmp_path, "train.epochs=2", *overrides)
     assert all(e in text for e in expect), text
     m = rec["metrics"]
     assert m["epochs_run"] == 2 and len(m["val_n_scored_mgca_per_epoch"]) == 2 and m["n_test"] > 0
@@ -873,14 +865,5 @@ def test_is_deterministic_names_the_augmenting_transforms():
 def test_detection_select_on_is_checked_and_recorded(data_root, run_dir, tmp_path):
     with pytest.raises(ConfigError, match="select_on"):
         load_task_config("rsna_detection", "1.0", data_root, ["detection.select_on=map_best"])
-    rec = run_eval(
-        "rsna_detection",
-        str(run_dir),
-        "1.0",
-        data_root,
-        [*TINY, "detection.head_width=32", "detection.select_on=map_all_images"],
-        output_root=str(tmp_path),
-        log=lambda *_: None,
-    )
-    m = rec["metrics"]
+    m = run_detection(data_root, run_dir, tmp_path, "detection.select_on=map_all_images")[0]["metrics"]
     assert m["selected_on"] == "map_all_images" and "best_val_map_all_images" in m and "best_val_map_mgca" not in m
