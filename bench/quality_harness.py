@@ -678,7 +678,8 @@ def _paired_cell(p: dict) -> str:
         return "-"
     ci = p.get("ci95")
     interval = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
-    return f"{100 * p['mean']:+.1f}{interval} {p['verdict']}"
+    undefined = f" ({p['undefined']} seed(s) undefined)" if p.get("undefined") else ""
+    return f"{100 * p['mean']:+.1f}{interval} {p['verdict']}{undefined}"
 
 
 def table5a_markdown(quality: dict) -> list[str]:

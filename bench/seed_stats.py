@@ -7,7 +7,8 @@ seeds (as the paper's Table 5a reports them). Per compared pair: the per-seed pa
 mean +- t_{0.975, n-1} * sd / sqrt(n), and a verdict:
 
     finding     every seed's difference has the same sign (none is 0) AND the interval excludes 0
-    undecided   otherwise (fewer than 2 seeds included: no interval)
+    undecided   otherwise (fewer than 2 seeds included: no interval; a seed whose difference is
+                undefined, e.g. an undefined mAP, has not agreed, so its pair stays undecided)
 
     across_seeds([v_s0, v_s1, ...])   -> {values, n, mean, std}
     paired_across_seeds([d_s0, ...])  -> {diffs, n, mean, std, ci95, same_sign, verdict}
@@ -49,18 +50,23 @@ def t_interval(vals: list[float], level: float = 0.95) -> list[float] | None:
 
 def paired_across_seeds(diffs) -> dict:
     """Per-seed paired differences (b - a, one per pretraining seed) -> their mean, sd, 95% t-interval
-    over seeds and the verdict (finding only when every seed agrees in sign and the interval excludes 0)."""
+    over seeds and the verdict (finding only when every seed agrees in sign and the interval excludes 0).
+    The mean, std and interval use the seeds with a number; `undefined` counts the others, and any of
+    them keeps the verdict undecided."""
+    diffs = list(diffs)
     vals = _finite(diffs)
     summary = across_seeds(vals)
     ci = t_interval(vals)
     same_sign = bool(vals) and (all(v > 0 for v in vals) or all(v < 0 for v in vals))
     excludes_zero = ci is not None and (ci[0] > 0 or ci[1] < 0)
+    undefined = len(diffs) - len(vals)
     return {
         "diffs": vals,
+        "undefined": undefined,
         "n": summary["n"],
         "mean": summary["mean"],
         "std": summary["std"],
         "ci95": ci,
         "same_sign": same_sign,
-        "verdict": FINDING if same_sign and excludes_zero else UNDECIDED,
+        "verdict": FINDING if same_sign and excludes_zero and not undefined else UNDECIDED,
     }

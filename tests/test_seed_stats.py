@@ -48,3 +48,18 @@ def test_one_seed_against_the_others_keeps_it_undecided():
     single = paired_across_seeds([5.0])
     assert single["ci95"] is None and single["verdict"] == "undecided"
     assert t_interval([1.0]) is None
+
+
+def test_a_seed_without_a_number_keeps_the_pair_undecided():
+    # Seeds 2, 3, 4 are a finding (above); a fourth seed whose difference is undefined (an undefined
+    # mAP on either side) has not agreed: the statistics use the three, the verdict stays undecided.
+    out = paired_across_seeds([2.0, None, 3.0, 4.0])
+    assert out["n"] == 3 and out["undefined"] == 1 and out["mean"] == 3.0
+    assert out["ci95"] == pytest.approx([0.516, 5.484], abs=1e-3) and out["verdict"] == "undecided"
+    assert paired_across_seeds([2.0, float("nan"), 3.0, 4.0])["verdict"] == "undecided"
+    assert paired_across_seeds([2.0, 3.0, 4.0])["undefined"] == 0
+    from bench.quality_harness import _paired_cell
+
+    cell = _paired_cell(paired_across_seeds([0.02, None, 0.03, 0.04]))
+    assert cell == "+3.0 [+0.5, +5.5] undecided (1 seed(s) undefined)"
+    assert _paired_cell(paired_across_seeds([0.02, 0.03, 0.04])) == "+3.0 [+0.5, +5.5] finding"
