@@ -38,13 +38,13 @@ from bench.quality_harness import (
     markdown_table,
     parse_run,
     pretrain_command,
+    recipe_inputs,
     retrieval_predictions,
     retrieval_summary,
     run_label,
     run_stages,
     stage_seconds,
     text_tower_dir,
-    tower_inputs,
     tower_label,
     training_mask_iou,
     variants_for,
@@ -124,7 +124,7 @@ def size_inputs(scale) -> dict:
 
 def data_inputs(scale) -> dict:
     skip = ("runs", "name", "seeds", "arms", "table5a", "run_overrides", "text_tower")
-    return {**{k: v for k, v in config_to_dict(scale).items() if k not in skip}, **tower_inputs(scale)}
+    return {**{k: v for k, v in config_to_dict(scale).items() if k not in skip}, **recipe_inputs(scale)}
 
 
 def data_stages(scale, ws: Workspace, workers: int) -> list[Stage]:
@@ -186,7 +186,7 @@ def data_stages(scale, ws: Workspace, workers: int) -> list[Stage]:
 
 def pretrain_stage(scale, ws: Workspace, arm: str, seed: int) -> Stage:
     """One trained arm: train.pretrain in a subprocess, resumed from its checkpoints on a re-run."""
-    inputs = {**size_inputs(scale), "overrides": scale.pretrain_overrides, "seed": seed, **tower_inputs(scale)}
+    inputs = {**size_inputs(scale), "overrides": scale.pretrain_overrides, "seed": seed, **recipe_inputs(scale)}
     # The fingerprint in the folder name: a changed recipe starts a fresh run instead of resuming
     # (train.resume=auto) a checkpoint trained with the old one.
     run_dir = ws.out / "pretrain" / f"{arm}_s{seed}_{fingerprint(inputs)[:8]}"
@@ -263,7 +263,7 @@ def per_image_stage(
         save_predictions(path, arrays)
         return {"predictions": str(path), "images": int(len(arrays["keys"]))}
 
-    inputs = {**size_inputs(scale), "pretrain": scale.pretrain_overrides, "seed": seed, **tower_inputs(scale)}
+    inputs = {**size_inputs(scale), "pretrain": scale.pretrain_overrides, "seed": seed, **recipe_inputs(scale)}
     return Stage(f"{kind}/{arm}/s{seed}", run, inputs)
 
 

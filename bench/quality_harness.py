@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from bench.pseudo_mask_quality import COMPARISONS, PER_IMAGE_METRICS, eval_data_config
 from bench.seed_stats import across_seeds, paired_across_seeds
@@ -177,6 +178,20 @@ def tower_inputs(scale) -> dict:
     """The text tower's part of a stage's fingerprint: nothing for the tiny tower, so the stages of the
     runs made before the switch existed keep their fingerprints (and are reused)."""
     return {} if scale.text_tower == "tiny" else {"text_tower": scale.text_tower}
+
+
+# The parsed recipe (configs/quality/pretrain.yaml; comments do not count) that every run made before
+# the recipe entered the fingerprints was trained with, as `fingerprint` of its yaml.safe_load.
+BASE_RECIPE = "a1f0b3aa3109bae9"
+
+
+def recipe_inputs(scale) -> dict:
+    """What a pretrained arm depends on beyond the scale's overrides and seed: the text tower and the
+    shared recipe file. The recipe adds its fingerprint only when it differs from BASE_RECIPE, so an
+    edited recipe runs every pretraining and everything evaluated from it again, and the runs made with
+    the base recipe keep their fingerprints (and are reused)."""
+    recipe = fingerprint(yaml.safe_load(PRETRAIN_CONFIG.read_text(encoding="utf-8")))
+    return {**tower_inputs(scale), **({} if recipe == BASE_RECIPE else {"recipe": recipe})}
 
 
 def load_scale(name_or_path: str, overrides: list[str] | None = None) -> BenchScale:

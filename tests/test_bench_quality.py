@@ -298,6 +298,32 @@ def test_text_tower_switch_loads_freezes_and_fingerprints(tmp_path, monkeypatch)
     assert changed == {n for n in tiny if n not in ("corpus", "tiny_bert", "downstream")}
 
 
+def test_an_edited_recipe_reruns_the_pretrainings_and_what_is_evaluated_from_them(tmp_path, monkeypatch):
+    """configs/quality/pretrain.yaml is part of what a pretrained arm depends on: the recipe every run
+    so far used adds nothing (their fingerprints and folders stay, so they are reused), a comment-only
+    edit changes nothing, and a changed value re-runs every stage but the data ones."""
+    import bench.quality_harness as harness
+    from bench.quality import build_stages
+
+    def fingerprints():
+        stages = build_stages(load_scale("smoke"), [0], tmp_path / "out", 1, torch.device("cpu"))
+        return {s.name: (fingerprint(s.inputs), s.inputs) for s in stages}
+
+    base = fingerprints()
+    assert not any("recipe" in inputs for _, inputs in base.values())
+    text = harness.PRETRAIN_CONFIG.read_text(encoding="utf-8")
+    edited = tmp_path / "pretrain.yaml"
+    monkeypatch.setattr(harness, "PRETRAIN_CONFIG", edited)
+    edited.write_text("# a comment added\n" + text, encoding="utf-8")
+    assert fingerprints() == base
+    assert "  lr: 1.0e-3\n" in text
+    edited.write_text(text.replace("  lr: 1.0e-3\n", "  lr: 2.0e-3\n"), encoding="utf-8")
+    changed = fingerprints()
+    assert {n for n in base if base[n][0] != changed[n][0]} == {
+        n for n in base if n not in ("corpus", "tiny_bert", "downstream")
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # statistics
 
