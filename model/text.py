@@ -12,7 +12,9 @@ additive attention mask, which tests/test_model.py checks against BertModel's ow
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import re
 from pathlib import Path
 
@@ -21,7 +23,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.cli import UserError
+from common.log import get_logger
 from model.config import ModelConfig
+
+LOG = get_logger("model")
 
 _OFFLINE_HINT = (
     "Offline, pass a local directory written by save_pretrained (`make tiny-bert` -> "
@@ -97,6 +102,60 @@ def load_tokenizer(name_or_dir: str):
         ) from exc
 
 
+# Checkpoint keys G2D does not load on purpose: the pooler (never used) and the pretraining heads of a
+# BertForPreTraining checkpoint such as Bio_ClinicalBERT (masked-LM / next-sentence, `cls.*`).
+_UNUSED_KEYS = re.compile(r"^(bert\.)?(pooler|cls)\.")
+
+
+@contextlib.contextmanager
+def _held_load_messages():
+    """transformers' own output of one from_pretrained, held back: its "Loading weights" bar and its
+    LOAD REPORT table, which it prints as a warning for every checkpoint with a pooler or pretraining
+    head (all of them). Yields the held messages; `load_bert` says in one line what matters instead."""
+    from transformers.utils import logging as hf_logging
+
+    held: list[str] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(record.getMessage())
+
+    logger = hf_logging.get_logger("transformers.modeling_utils")
+    handler, propagate, bar = Hold(), logger.propagate, hf_logging.is_progress_bar_enabled()
+    logger.addHandler(handler)
+    logger.propagate = False
+    hf_logging.disable_progress_bar()
+    try:
+        yield held
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def _check_loaded(name_or_dir: str, info: dict, held: list[str]) -> None:
+    """A text model whose checkpoint lacks some of its weights would train them from random values
+    unnoticed: that is an error naming them. Checkpoint keys the model has no place for, beyond the
+    pooler and pretraining heads, get one warning line; the other held messages are passed on."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise TextModelError(
+            f"text model {name_or_dir!r}: the checkpoint lacks {len(missing)} of the model's weights "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), which would start random; "
+            "is it a BERT checkpoint of this architecture?"
+        )
+    unused = sorted(k for k in info.get("unexpected_keys") or () if not _UNUSED_KEYS.match(k))
+    if unused:
+        LOG.warning(
+            f"text model {name_or_dir!r}: {len(unused)} checkpoint weights have no place in the model and "
+            f"are ignored ({', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''})"
+        )
+    for message in held:
+        if "LOAD REPORT" not in message:
+            LOG.warning(message)
+
+
 def load_bert(name_or_dir: str, attn_implementation: str = "sdpa") -> nn.Module:
     from transformers import AutoModel
 
@@ -106,17 +165,26 @@ def load_bert(name_or_dir: str, attn_implementation: str = "sdpa") -> nn.Module:
         raise ValueError(f"model.text_attn_implementation={attn_implementation!r}; choose 'sdpa' or 'eager'")
 
     source, kwargs = _from_pretrained_args(name_or_dir)
-    try:
-        # No pooler: G2D never uses it, and DDP rejects parameters that get no gradient.
-        # sdpa (F.scaled_dot_product_attention: fused kernels) or eager (matmul + softmax): the
-        # additive float mask built below is the format both accept; results agree to rounding.
-        bert = AutoModel.from_pretrained(
-            source, add_pooling_layer=False, attn_implementation=attn_implementation, **kwargs
-        )
-    except (OSError, ValueError) as exc:
-        raise TextModelError(
-            f"could not load the text model {name_or_dir!r}: {' '.join(str(exc).split())} {_OFFLINE_HINT}"
-        ) from exc
+    with _held_load_messages() as held:
+        try:
+            # No pooler: G2D never uses it, and DDP rejects parameters that get no gradient.
+            # sdpa (F.scaled_dot_product_attention: fused kernels) or eager (matmul + softmax): the
+            # additive float mask built below is the format both accept; results agree to rounding.
+            bert, info = AutoModel.from_pretrained(
+                source,
+                add_pooling_layer=False,
+                attn_implementation=attn_implementation,
+                output_loading_info=True,
+                **kwargs,
+            )
+        except (OSError, ValueError, RuntimeError) as exc:
+            # A size mismatch raises after the held report, which then holds the detail.
+            report = " ".join(" ".join(m.split()) for m in held if "LOAD REPORT" in m)
+            raise TextModelError(
+                f"could not load the text model {name_or_dir!r}: {' '.join(str(exc).split())}"
+                f"{' (' + report + ')' if report else ''} {_OFFLINE_HINT}"
+            ) from exc
+    _check_loaded(name_or_dir, info, held)
     if not (hasattr(bert, "embeddings") and hasattr(getattr(bert, "encoder", None), "layer")):
         raise TextModelError(
             f"text model {name_or_dir!r} ({type(bert).__name__}) is not BERT-like "

@@ -213,6 +213,57 @@ def test_tiny_bert_directory_loads_with_auto_classes(tiny_bert):
     assert bert.config.hidden_size == 32 and len(bert.encoder.layer) == 2
 
 
+def _bert_checkpoint(path, cls_name: str = "BertModel", **config):
+    """A tiny BERT-family checkpoint written by save_pretrained (class `cls_name`) -> its directory."""
+    import transformers
+
+    sizes = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    cfg = transformers.BertConfig(**{**sizes, "intermediate_size": 64, **config})
+    torch.manual_seed(0)
+    getattr(transformers, cls_name)(cfg).save_pretrained(path)
+    return path
+
+
+def _edit_config(path, **changes):
+    import json
+
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+
+def test_load_bert_is_quiet_about_unused_heads_and_strict_about_missing_weights(tmp_path, caplog, capfd):
+    from model.text import TextModelError
+
+    # A BertForPreTraining checkpoint (Bio_ClinicalBERT's kind): pooler and pretraining heads are not
+    # loaded on purpose, so transformers' LOAD REPORT table and progress bar are held back.
+    bert = load_bert(str(_bert_checkpoint(tmp_path / "pretraining", "BertForPreTraining")))
+    assert len(bert.encoder.layer) == 2
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "Loading weights" not in out + err
+    assert not [r for r in caplog.records if r.levelno >= 30]
+    # Fewer layers in the checkpoint than in its config: the model's weights would start random.
+    short = _bert_checkpoint(tmp_path / "short")
+    _edit_config(short, num_hidden_layers=3)
+    with pytest.raises(TextModelError, match=r"lacks \d+ of the model's weights \(encoder\.layer\.2\."):
+        load_bert(str(short))
+    # More: the extra weights are ignored with one warning line naming them.
+    long = _bert_checkpoint(tmp_path / "long", num_hidden_layers=3)
+    _edit_config(long, num_hidden_layers=2)
+    caplog.clear()
+    assert len(load_bert(str(long)).encoder.layer) == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= 30]
+    assert len(warned) == 1 and "checkpoint weights have no place" in warned[0] and "encoder.layer.2." in warned[0]
+    # A shape mismatch is a one-line user error, not a traceback.
+    wide = _bert_checkpoint(tmp_path / "wide")
+    _edit_config(wide, intermediate_size=48)
+    with pytest.raises(TextModelError, match="could not load the text model"):
+        load_bert(str(wide))
+    # transformers' own switches are as they were.
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def _image_cfg(**overrides) -> ModelConfig:
     return ModelConfig(encoder="resnet18", decoder_channels=(32, 16, 8, 8, 4), image_size=64, **overrides)
 
