@@ -38,7 +38,9 @@ from bench.quality_harness import (
     markdown_table,
     parse_run,
     pretrain_command,
+    readme_bullet,
     recipe_inputs,
+    replace_readme_bullet,
     retrieval_predictions,
     retrieval_summary,
     run_label,
@@ -346,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
         help="markdown file whose '## Results' section gets the table "
         "(default: docs/quality.md at full scale, none otherwise)",
     )
+    ap.add_argument(
+        "--readme",
+        default=None,
+        help="file whose bench-quality block gets the quality bullet written from quality.json "
+        "(default: README.md at full scale with the tiny text tower, none otherwise)",
+    )
     ap.add_argument("--workers", type=int, default=max(1, min(os.cpu_count() or 1, 8)))
     ap.add_argument("overrides", nargs="*", help="scale overrides, e.g. eval_overrides=[train.epochs=2]")
     args = ap.parse_args(argv)
@@ -363,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     text_tower_dir(scale.text_tower, out / "tiny_bert")  # a missing tower fails now, not after the corpus
     results = Path(args.results or (f"bench/results/quality{tower}.json" if full else out / "quality.json"))
     doc = args.doc or ("docs/quality.md" if full else None)
+    readme = Path(args.readme) if args.readme else (ROOT / "README.md" if full and not tower else None)
+    if readme is not None:  # checked now, not after hours of stages
+        try:
+            replace_readme_bullet(readme.read_text(encoding="utf-8"), "")
+        except (OSError, ValueError) as exc:
+            raise UserError(f"--readme {readme}: {exc}") from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(max(1, args.workers))
     state_dir = out / "stages"
@@ -376,11 +390,15 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(Path(doc), "# Quality benchmark results (`make bench-quality`)\n")
         section = f"Results ({scale.name} scale{', text tower ' + tower[1:] if tower else ''})"
         perfdoc.update_section(Path(doc), section, table)
+    if readme is not None:
+        text = replace_readme_bullet(readme.read_text(encoding="utf-8"), readme_bullet(quality))
+        atomic_write_text(readme, text)
     total = sum(quality["timing_seconds"].values())
     print("\n" + table)
     print(
         f"[bench-quality] {results} ({len(done)} stages, {total / 60:.1f} min of stage time)"
         + (f"; table -> {doc}" if doc else "")
+        + (f"; bullet -> {readme}" if readme is not None else "")
     )
     return 0
 

@@ -22,10 +22,12 @@ overlapping per-arm intervals suggest.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import re
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ import torch
 import yaml
 
 from bench.pseudo_mask_quality import COMPARISONS, PER_IMAGE_METRICS, eval_data_config
-from bench.seed_stats import across_seeds, paired_across_seeds
+from bench.seed_stats import FINDING, across_seeds, paired_across_seeds
 from common.config import ConfigError, config_to_dict, layered_overrides, load_config
 from common.dist import DistInfo
 from common.io import atomic_write_json
@@ -795,6 +797,89 @@ def collapse_markdown(quality: dict) -> list[str]:
                 f"{_pct(c['truth_iou'])} | {logged} |"
             )
     return lines + [""]
+
+
+README_BEGIN = "<!-- bench-quality:begin: a full `make bench-quality` run rewrites this from its quality.json -->"
+README_END = "<!-- bench-quality:end -->"
+README_FINDINGS = 12  # findings the bullet names (Table 5a's columns first); the rest are counted
+
+
+def _pair_words(pair: str) -> str:
+    b, a = pair.split("-", 1)
+    return f"{ARM_LABELS.get(b, b)} - {ARM_LABELS.get(a, a)}"
+
+
+def readme_bullet(quality: dict) -> str:
+    """The README's quality bullet, written from quality.json's across-seed table alone: Table 5a per
+    arm (mean +- std over seeds), the differences that are findings (every seed agrees in sign and the
+    95% interval over seeds excludes 0) and, per Table 5a pair, whether our sign is the paper's."""
+    t5, seeds = quality.get("table5a") or {}, quality["seeds"]
+    columns = [c for c in TABLE5A_COLUMNS if c in t5.get("columns", {})]
+    titles = " / ".join(TABLE5A_TITLES[c] for c in columns)
+    per_arm = "; ".join(
+        f"{ARM_LABELS.get(arm, arm)} " + " / ".join(_mean_std(t5["arms"].get(arm, {}).get(c)) for c in columns)
+        for arm in quality["arm_names"]
+    )
+    lines = [
+        f"- **Quality** (`make bench-quality`, {len(seeds)} pretraining seed(s) {seeds} per arm; "
+        f"generated from bench/results/quality.json, details in docs/quality.md). Table 5a / Table 8 in "
+        f"miniature, mean +- std over seeds, percent ({titles}): {per_arm}."
+    ]
+    findings = []
+    table5a_runs = {t5["columns"][c]["run"] for c in columns}
+    rows = sorted(quality["across_seeds"].values(), key=lambda r: r["task"] not in table5a_runs)  # Table 5a first
+    for row in rows:
+        for pair, paired in row["pairs"].items():
+            if paired["verdict"] == FINDING:
+                ci = paired["ci95"]
+                findings.append(
+                    f"{_pair_words(pair)} on {row['task']} {row['metric']}: {100 * paired['mean']:+.1f} "
+                    f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+                )
+    if findings:
+        shown = findings[:README_FINDINGS]
+        more = f"; and {len(findings) - len(shown)} more in docs/quality.md" if len(findings) > len(shown) else ""
+        lines.append(
+            f"  Findings (every seed agrees in sign, the 95% interval over seeds excludes 0; {len(findings)} "
+            "of them, points): " + "; ".join(shown) + more + ". Every other difference is undecided."
+        )
+    else:
+        lines.append("  No difference between two arms holds on every seed: every comparison is undecided.")
+    same, opposite, undecided = [], [], []
+    for pair, cells in t5.get("pairs", {}).items():
+        b, a = pair.split("-", 1)
+        for c in columns:
+            paper_b, paper_a = (t5["paper"].get(x, {}).get(c, (None, None))[0] for x in (b, a))
+            ours = cells.get(c)
+            if paper_b is None or paper_a is None or ours is None or paper_b == paper_a:
+                continue
+            words = f"{_pair_words(pair)} {TABLE5A_TITLES[c]}"
+            if ours["verdict"] != FINDING:
+                undecided.append(words)
+            elif (ours["mean"] > 0) == (paper_b > paper_a):
+                same.append(words)
+            else:
+                opposite.append(words)
+    total = len(same) + len(opposite) + len(undecided)
+    if total:
+        text = f"  Against the paper's Table 5a / 8 signs ({total} arm pairs x columns): {len(same)} agree as findings"
+        text += f" ({'; '.join(same)})" if same else ""
+        text += f", {len(opposite)} are findings of the opposite sign"
+        text += f" ({'; '.join(opposite)})" if opposite else ""
+        text += f", {len(undecided)} undecided."
+        lines.append(text)
+    # The README's own line width; a bullet's continuation lines are indented two spaces.
+    wrap = functools.partial(textwrap.fill, width=104, subsequent_indent="  ", break_on_hyphens=False)
+    return "\n".join(wrap(line) for line in lines)
+
+
+def replace_readme_bullet(readme: str, bullet: str) -> str:
+    """`readme` with the text between README_BEGIN and README_END replaced by `bullet`; a README without
+    the markers is an error (the bullet has one home, which a person places)."""
+    start, end = readme.find(README_BEGIN), readme.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"the README has no '{README_BEGIN}' ... '{README_END}' block for the quality bullet")
+    return readme[: start + len(README_BEGIN)] + "\n" + bullet.rstrip() + "\n" + readme[end:]
 
 
 def markdown_table(quality: dict) -> str:

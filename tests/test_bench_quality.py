@@ -559,6 +559,52 @@ def test_across_seed_report_table5a_and_collapse_from_three_seeds():
     assert "| G2D (VLA+PA) | 0 | 30.0 | 10.0 | 90.0 (600) |" in table
     assert "linear.protocol=lbfgs" in table
 
+    # The README bullet, written from the same numbers: Table 5a per arm, the findings, the paper's signs.
+    from bench.quality_harness import README_BEGIN, README_END, readme_bullet, replace_readme_bullet
+
+    wrapped = readme_bullet(quality)
+    assert max(len(line) for line in wrapped.splitlines()) <= 104
+    bullet = " ".join(wrapped.split())  # the wrapping aside
+    assert bullet.startswith("- **Quality** (`make bench-quality`, 3 pretraining seed(s) [0, 1, 2] per arm;")
+    assert "percent (CXR14 AUC): G2D (VLA+PA) 72.0 +- 2.0; VLA only 60.0 +- 1.0; random init 54.0 +- 5.3." in bullet
+    assert (
+        "2 of them, points): G2D (VLA+PA) - VLA only on chestxray14_finetune@0.1 auroc: +12.0 [+5.4, +18.6]" in bullet
+    )
+    assert "G2D (VLA+PA) - random init on chestxray14_finetune@0.1 auroc: +18.0 [" in bullet
+    assert "Every other difference is undecided." in bullet
+    # paper: G2D 79.1 > VLA only 77.1 > random 58.1; ours agree as findings on two pairs, the third undecided
+    assert "(3 arm pairs x columns): 2 agree as findings (G2D (VLA+PA) - VLA only CXR14 AUC; G2D (VLA+PA) - " in bullet
+    assert "0 are findings of the opposite sign, 1 undecided." in bullet
+    one_seed = {**quality, "seeds": [0], "across_seeds": across_seed_summary({"0": per_seed["0"]}, arms)}
+    one_seed["table5a"] = table5a_summary({"cxr14_auc": "chestxray14_finetune@0.1"}, one_seed["across_seeds"])
+    assert "every comparison is undecided" in readme_bullet(one_seed) and "G2D (VLA+PA) 70.0 (1 seed)" in readme_bullet(
+        one_seed
+    )
+    readme = f"# X\n\n- a bullet\n{README_BEGIN}\n- old\n  text\n{README_END}\n- next\n"
+    assert (
+        replace_readme_bullet(readme, wrapped)
+        == f"# X\n\n- a bullet\n{README_BEGIN}\n{wrapped}\n{README_END}\n- next\n"
+    )
+    with pytest.raises(ValueError, match="no '<!-- bench-quality:begin"):
+        replace_readme_bullet("# X\n", bullet)
+
+
+def test_a_readme_without_the_quality_block_is_refused_before_any_stage(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no block here\n")
+    cmd = [sys.executable, "-m", "bench.quality", "--scale", "smoke", "--out", str(tmp_path / "out")]
+    done = subprocess.run([*cmd, "--readme", str(readme)], cwd=ROOT, env=child_env(), capture_output=True, text=True)
+    assert (
+        done.returncode == 2
+        and done.stderr.strip().startswith("error: --readme ")
+        and "bench-quality:begin" in done.stderr
+    )
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "out" / "stages").exists()
+    # The project's README has its block.
+    from bench.quality_harness import replace_readme_bullet
+
+    assert "- new" in replace_readme_bullet((ROOT / "README.md").read_text(encoding="utf-8"), "- new")
+
 
 # ---------------------------------------------------------------------------------------------
 # the whole chain
