@@ -723,17 +723,22 @@ def test_yolo_shape_iou_uses_plus_one_convention():
     torch.testing.assert_close(iou, torch.tensor([[126 / 351, 1.0]]))
 
 
+def tiny_detection(*overrides: str) -> list[str]:
+    """TINY + a 32-wide detection head, `overrides` replacing their keys (a key is given once)."""
+    replaced = {o.split("=", 1)[0] for o in overrides}
+    return [*(o for o in TINY if o.split("=", 1)[0] not in replaced), "detection.head_width=32", *overrides]
+
+
 def run_detection(data_root, run_dir, out, *overrides: str) -> tuple[dict, str]:
     """rsna_detection on the tiny data with a 32-wide head and `overrides` (replacing TINY's keys)
     -> (the run's record, its log as one text)."""
-    replaced = {o.split("=", 1)[0] for o in overrides}
     lines = []
     rec = run_eval(
         "rsna_detection",
         str(run_dir),
         "1.0",
         data_root,
-        [*(o for o in TINY if o.split("=", 1)[0] not in replaced), "detection.head_width=32", *overrides],
+        tiny_detection(*overrides),
         output_root=str(out),
         log=lambda *a: lines.append(" ".join(str(x) for x in a)),
     )
@@ -775,7 +780,7 @@ def _detection_parts(data_root, run_dir, overrides=()):
     from eval.tasks.data import make_loader
     from eval.tasks.detection import FrozenEncoderYOLO
 
-    cfg = load_task_config("rsna_detection", "1.0", data_root, [*TINY, "detection.head_width=32", *overrides])
+    cfg = load_task_config("rsna_detection", "1.0", data_root, tiny_detection(*overrides))
     weights = resolve_for(cfg, str(run_dir))
     torch.manual_seed(0)
     model = FrozenEncoderYOLO(weights.build_encoder(), cfg.detection.head_width)
@@ -830,8 +835,30 @@ def test_detection_feature_cache_serves_the_streamed_maps(data_root, run_dir):
         orders.append([k for b in shuffled for k in b.keys])
     assert sorted(orders[0]) == sorted(shuffled.keys) and len(set(orders[0])) == len(shuffled.keys)
     assert orders[0] != orders[1] and orders[0] == orders[2]
-    # a cap below one split's maps: no cache (the caller streams)
+    # a cap below one split's maps: no cache (the caller streams), known from the first batch
     assert cache_features(model, valid, cfg, cpu, 1000, batch_size=3, shuffle=False) is None
+    cfg1, _, _, single = _detection_parts(data_root, run_dir, ["data.eval_batch_size=1"])
+    assert len(single) >= 3
+
+    class Counting:
+        def __init__(self, loader):
+            self.loader, self.served = loader, 0
+
+        def __len__(self):
+            return len(self.loader)
+
+        def set_epoch(self, epoch):
+            self.loader.set_epoch(epoch)
+
+        def __iter__(self):
+            for batch in self.loader:
+                self.served += 1
+                yield batch
+
+    counting = Counting(single)
+    per_image = cached.nbytes // len(cached.keys)
+    assert cache_features(model, counting, cfg1, cpu, 2 * per_image, batch_size=1, shuffle=False) is None
+    assert counting.served == 1
 
 
 @pytest.mark.parametrize(

@@ -367,13 +367,16 @@ class CachedFeatures:
 @torch.no_grad()
 def cache_features(model: FrozenEncoderYOLO, loader, cfg, device, max_bytes: int, *, batch_size: int, shuffle: bool):
     """The split of `loader` as `CachedFeatures` (on `device`, in the autocast dtype the head sees), or
-    None when its maps would pass `max_bytes`: the caller then streams, as without a cache."""
+    None when its maps would pass `max_bytes` (judged from the first batch, before the pass goes on):
+    the caller then streams, as without a cache."""
     batches, total = [], 0
     for batch in epochs_of(loader, 0):
         with autocast(device, cfg.train.autocast_precision(device)):
             feats = model.features(batch.image)
-        total += sum(f.numel() * f.element_size() for f in feats)
-        if total > max_bytes:
+        nbytes = sum(f.numel() * f.element_size() for f in feats)
+        total += nbytes
+        # Known after the first batch (len(loader) batches of at most this size): stop before the pass.
+        if total > max_bytes or (not batches and nbytes * len(loader) > max_bytes):
             return None
         size = tuple(batch.image.shape[-2:])
         batches.append(FeatureBatch(feats, [b.cpu() for b in _gt_boxes(batch)], batch.keys, batch.meta, size))
