@@ -170,6 +170,9 @@ class _Batch:
     def __init__(self, x):
         self.image = x
 
+    def __len__(self):  # samples in the batch, as pipeline.Batch and detection's FeatureBatch say
+        return self.image.shape[0]
+
 
 class _Loader:
     def __init__(self, n):

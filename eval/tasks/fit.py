@@ -104,7 +104,8 @@ def fit(
     `val_score` (called after each epoch, modules in eval mode) the highest score (nan ranks lowest;
     ties keep the earlier epoch), e.g. detection's validation mAP (MGCA's rule).
 
-    loss_on_batch(batch) -> scalar loss tensor (mean over the batch's samples). set_train_mode()
+    loss_on_batch(batch) -> scalar loss tensor (mean over the batch's samples; len(batch) = samples,
+    which weights the epoch means). set_train_mode()
     puts the modules in the right train/eval mix (a frozen encoder stays in eval mode)."""
     optimizer = adamw(trainable.parameters(), schedule)
     epochs, patience, precision = schedule.epochs, schedule.patience, schedule.autocast_precision(device)
