@@ -327,12 +327,10 @@ class CachedFeatures:
     validation split TWICE per epoch (loss, then mAP), 50 epochs in MGCA's schedule; this runs it
     once per split. Training batches are reshuffled per epoch from (seed, epoch)."""
 
-    def __init__(self, batches: list, batch_size: int, shuffle: bool, seed: int):
-        self.features = tuple(torch.cat([b.features[i] for b in batches]) for i in range(3))  # [N, ...] each
-        self.boxes = [box for b in batches for box in b.boxes]
-        self.keys = [k for b in batches for k in b.keys]
-        self.meta = [m for b in batches for m in b.meta]
-        self.image_size = batches[0].image_size
+    def __init__(self, split: FeatureBatch, batch_size: int, shuffle: bool, seed: int):
+        """split: the whole split as one FeatureBatch (features [N, ...] each)."""
+        self.features, self.boxes, self.keys, self.meta = split.features, split.boxes, split.keys, split.meta
+        self.image_size = split.image_size
         self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
 
     @property
@@ -369,20 +367,28 @@ def cache_features(model: FrozenEncoderYOLO, loader, cfg, device, max_bytes: int
     """The split of `loader` as `CachedFeatures` (on `device`, in the autocast dtype the head sees), or
     None when its maps would pass `max_bytes` (judged from the first batch, before the pass goes on):
     the caller then streams, as without a cache."""
-    batches, total = [], 0
+    levels, boxes, keys, meta, total, size = ([], [], []), [], [], [], 0, None
     for batch in epochs_of(loader, 0):
         with autocast(device, cfg.train.autocast_precision(device)):
             feats = model.features(batch.image)
         nbytes = sum(f.numel() * f.element_size() for f in feats)
         total += nbytes
         # Known after the first batch (len(loader) batches of at most this size): stop before the pass.
-        if total > max_bytes or (not batches and nbytes * len(loader) > max_bytes):
+        if total > max_bytes or (not keys and nbytes * len(loader) > max_bytes):
             return None
+        for level, f in zip(levels, feats):
+            level.append(f)
+        boxes += [b.cpu() for b in _gt_boxes(batch)]
+        keys += batch.keys
+        meta += batch.meta
         size = tuple(batch.image.shape[-2:])
-        batches.append(FeatureBatch(feats, [b.cpu() for b in _gt_boxes(batch)], batch.keys, batch.meta, size))
-    if not batches:
+    if not keys:
         raise ValueError("a split for the detection head yielded no samples")
-    return CachedFeatures(batches, batch_size, shuffle, cfg.seed)
+    joined = []
+    for level in levels:  # one level at a time: the cache and one level's copy, never two caches
+        joined.append(torch.cat(level))
+        level.clear()
+    return CachedFeatures(FeatureBatch(tuple(joined), boxes, keys, meta, size), batch_size, shuffle, cfg.seed)
 
 
 def cached_splits(cfg: DetectionConfig, model: FrozenEncoderYOLO, train, valid, device, log) -> tuple:
