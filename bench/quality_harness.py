@@ -689,14 +689,18 @@ def _paper_cell(value_std: tuple | None) -> str:
     return f"{value:.1f}" + (f" +- {std:.1f}" if std is not None else "")
 
 
+def _points(p: dict) -> str:
+    """A pair's across-seed mean [t-interval], in points: '+12.0 [+5.4, +18.6]'."""
+    ci = p.get("ci95")
+    return f"{100 * p['mean']:+.1f}" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else "")
+
+
 def _paired_cell(p: dict) -> str:
     """A pair's across-seed line: mean [t-interval] verdict (points)."""
     if p.get("mean") is None:
         return "-"
-    ci = p.get("ci95")
-    interval = f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci else ""
     undefined = f" ({p['undefined']} seed(s) undefined)" if p.get("undefined") else ""
-    return f"{100 * p['mean']:+.1f}{interval} {p['verdict']}{undefined}"
+    return f"{_points(p)} {p['verdict']}{undefined}"
 
 
 def table5a_markdown(quality: dict) -> list[str]:
@@ -809,6 +813,27 @@ def _pair_words(pair: str) -> str:
     return f"{ARM_LABELS.get(b, b)} - {ARM_LABELS.get(a, a)}"
 
 
+def _against_paper(t5: dict, columns: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """Table 5a's (pair, column) cells where the paper's two arms differ, as words, split into ours
+    agreeing with the paper's sign as a finding, a finding of the opposite sign, and undecided."""
+    same, opposite, undecided = [], [], []
+    for pair, cells in t5.get("pairs", {}).items():
+        b, a = pair.split("-", 1)
+        for c in columns:
+            paper_b, paper_a = (t5["paper"].get(x, {}).get(c, (None, None))[0] for x in (b, a))
+            ours = cells.get(c)
+            if paper_b is None or paper_a is None or ours is None or paper_b == paper_a:
+                continue
+            words = f"{_pair_words(pair)} {TABLE5A_TITLES[c]}"
+            if ours["verdict"] != FINDING:
+                undecided.append(words)
+            elif (ours["mean"] > 0) == (paper_b > paper_a):
+                same.append(words)
+            else:
+                opposite.append(words)
+    return same, opposite, undecided
+
+
 def readme_bullet(quality: dict) -> str:
     """The README's quality bullet, written from quality.json's across-seed table alone: Table 5a per
     arm (mean +- std over seeds), the differences that are findings (every seed agrees in sign and the
@@ -831,11 +856,7 @@ def readme_bullet(quality: dict) -> str:
     for row in rows:
         for pair, paired in row["pairs"].items():
             if paired["verdict"] == FINDING:
-                ci = paired["ci95"]
-                findings.append(
-                    f"{_pair_words(pair)} on {row['task']} {row['metric']}: {100 * paired['mean']:+.1f} "
-                    f"[{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
-                )
+                findings.append(f"{_pair_words(pair)} on {row['task']} {row['metric']}: {_points(paired)}")
     if findings:
         shown = findings[:README_FINDINGS]
         more = f"; and {len(findings) - len(shown)} more in docs/quality.md" if len(findings) > len(shown) else ""
@@ -845,21 +866,7 @@ def readme_bullet(quality: dict) -> str:
         )
     else:
         lines.append("  No difference between two arms holds on every seed: every comparison is undecided.")
-    same, opposite, undecided = [], [], []
-    for pair, cells in t5.get("pairs", {}).items():
-        b, a = pair.split("-", 1)
-        for c in columns:
-            paper_b, paper_a = (t5["paper"].get(x, {}).get(c, (None, None))[0] for x in (b, a))
-            ours = cells.get(c)
-            if paper_b is None or paper_a is None or ours is None or paper_b == paper_a:
-                continue
-            words = f"{_pair_words(pair)} {TABLE5A_TITLES[c]}"
-            if ours["verdict"] != FINDING:
-                undecided.append(words)
-            elif (ours["mean"] > 0) == (paper_b > paper_a):
-                same.append(words)
-            else:
-                opposite.append(words)
+    same, opposite, undecided = _against_paper(t5, columns)
     total = len(same) + len(opposite) + len(undecided)
     if total:
         text = f"  Against the paper's Table 5a / 8 signs ({total} arm pairs x columns): {len(same)} agree as findings"

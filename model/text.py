@@ -105,6 +105,7 @@ def load_tokenizer(name_or_dir: str):
 # Checkpoint keys G2D does not load on purpose: the pooler (never used) and the pretraining heads of a
 # BertForPreTraining checkpoint such as Bio_ClinicalBERT (masked-LM / next-sentence, `cls.*`).
 _UNUSED_KEYS = re.compile(r"^(bert\.)?(pooler|cls)\.")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @contextlib.contextmanager
@@ -134,6 +135,10 @@ def _held_load_messages():
             hf_logging.enable_progress_bar()
 
 
+def _first_keys(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
 def _check_loaded(name_or_dir: str, info: dict, held: list[str]) -> None:
     """A text model whose checkpoint lacks some of its weights would train them from random values
     unnoticed: that is an error naming them. Checkpoint keys the model has no place for, beyond the
@@ -142,14 +147,14 @@ def _check_loaded(name_or_dir: str, info: dict, held: list[str]) -> None:
     if missing:
         raise TextModelError(
             f"text model {name_or_dir!r}: the checkpoint lacks {len(missing)} of the model's weights "
-            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}), which would start random; "
+            f"({_first_keys(missing)}), which would start random; "
             "is it a BERT checkpoint of this architecture?"
         )
     unused = sorted(k for k in info.get("unexpected_keys") or () if not _UNUSED_KEYS.match(k))
     if unused:
         LOG.warning(
             f"text model {name_or_dir!r}: {len(unused)} checkpoint weights have no place in the model and "
-            f"are ignored ({', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''})"
+            f"are ignored ({_first_keys(unused)})"
         )
     for message in held:
         if "LOAD REPORT" not in message:
@@ -178,11 +183,13 @@ def load_bert(name_or_dir: str, attn_implementation: str = "sdpa") -> nn.Module:
                 **kwargs,
             )
         except (OSError, ValueError, RuntimeError) as exc:
-            # A size mismatch raises after the held report, which then holds the detail.
-            report = " ".join(" ".join(m.split()) for m in held if "LOAD REPORT" in m)
+            # A size mismatch raises after the held report, which then holds the detail (its table
+            # has terminal colour codes); the offline hint is for a model that could not be found.
+            report = " ".join(" ".join(_ANSI.sub("", m).split()) for m in held if "LOAD REPORT" in m)
+            hint = _OFFLINE_HINT if isinstance(exc, OSError) else ""
             raise TextModelError(
                 f"could not load the text model {name_or_dir!r}: {' '.join(str(exc).split())}"
-                f"{' (' + report + ')' if report else ''} {_OFFLINE_HINT}"
+                f"{' (' + report + ')' if report else ''} {hint}".rstrip()
             ) from exc
     _check_loaded(name_or_dir, info, held)
     if not (hasattr(bert, "embeddings") and hasattr(getattr(bert, "encoder", None), "layer")):

@@ -256,8 +256,11 @@ def test_load_bert_is_quiet_about_unused_heads_and_strict_about_missing_weights(
     # A shape mismatch is a one-line user error, not a traceback.
     wide = _bert_checkpoint(tmp_path / "wide")
     _edit_config(wide, intermediate_size=48)
-    with pytest.raises(TextModelError, match="could not load the text model"):
+    with pytest.raises(TextModelError, match="could not load the text model") as failed:
         load_bert(str(wide))
+    message = str(failed.value)
+    assert "intermediate" in message and "\x1b" not in message and "Offline" not in message
+    assert "\n" not in message
     # transformers' own switches are as they were.
     from transformers.utils import logging as hf_logging
 

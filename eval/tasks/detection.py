@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eval.checkpoint import Pretrained
-from eval.metrics import DEFAULT_IOU_THRESHOLDS, map_torchmetrics, nms
+from eval.metrics import DEFAULT_IOU_THRESHOLDS, keep_image, map_torchmetrics, nms
 from eval.plots import image_for_display, panel_row, plot_history, save_figure, short_key
 from eval.tasks.base import TaskConfig
 from eval.tasks.data import epochs_of, make_loader, sample_ids
@@ -548,11 +548,11 @@ def _train_head(cfg: DetectionConfig, model: FrozenEncoderYOLO, loaders: tuple, 
         model.head.train()
         model.encoder.eval()
 
-    def val_map() -> float:  # MGCA selects the head and stops early on its validation map_mgca
+    def val_map() -> float:  # the head is kept and stopped on this (s.select_on; MGCA: map_mgca)
         found = predict_split(model, valid, s, cfg, device)
         skip = "mgca" if s.select_on == "map_mgca" else "none"
         scored = map_torchmetrics(found["boxes"], found["scores"], found["gt"], s.iou_thresholds, skip=skip)
-        val_scored.append(sum(int(b.shape[0] > 0 and g.shape[0] > 0) for b, g in zip(found["boxes"], found["gt"])))
+        val_scored.append(sum(keep_image(b.shape[0], g.shape[0], "mgca") for b, g in zip(found["boxes"], found["gt"])))
         if skip == "mgca" and scored["n_images_scored"] == 0:  # say why the epoch line will read nan
             log("  " + scored_images_text("validation", found, scored, s.conf_threshold))
         return scored["map"]
