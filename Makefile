@@ -37,7 +37,7 @@ FRACTION ?= 1.0
 DATA ?= $(DOWNSTREAM_SHARDS)
 
 .PHONY: setup synth shards verify-shards synth-downstream tiny-bert pretrain eval eval-all compare demo test \
-        lint format bench-shards bench-pipeline bench-train bench-quality clean help
+        lint format bench-shards bench-pipeline bench-train bench-detection bench-quality clean help
 
 # Every variable a user sets reaches the commands through the environment, exactly as typed: a recipe
 # reads it as bash's "$VAR" (one word) or, for ARGS, $ARGS under `set -f` (split into words on spaces
@@ -144,6 +144,9 @@ bench-pipeline: setup  ## loader benchmark (DALI/torch) -> bench/results/pipelin
 
 bench-train: setup  ## training-step benchmark -> bench/results/train*.json
 	$(PY) -m bench.train
+
+bench-detection: setup  ## detection's frozen encoder streamed vs cached -> bench/results/detection_cache.json: [CKPT=] [DATA=] [ARGS=]
+	$(NOGLOB) $(PY) -m bench.detection_cache --data "$$DATA" $(if $(CKPT),--ckpt "$$CKPT") $$ARGS
 
 # `make bench-quality [SCALE=full|smoke] [OUT=<dir>] [SEEDS=0,1,2] [STUDIES=<n>] [TEXT_TOWER=tiny|minilm|<dir>]`:
 # the seeds default to the scale's list (full: 0,1,2; docs/quality.md "Cost"); a killed run continues

@@ -894,3 +894,25 @@ def test_detection_select_on_is_checked_and_recorded(data_root, run_dir, tmp_pat
         load_task_config("rsna_detection", "1.0", data_root, ["detection.select_on=map_best"])
     m = run_detection(data_root, run_dir, tmp_path, "detection.select_on=map_all_images")[0]["metrics"]
     assert m["selected_on"] == "map_all_images" and "best_val_map_all_images" in m and "best_val_map_mgca" not in m
+
+
+def test_bench_detection_times_both_arms_and_writes_its_section(data_root, run_dir, tmp_path):
+    # make bench-detection's module on the tiny data: both arms run every epoch (no early stop), the
+    # cached one records its fill, JSON and the docs/performance.md section are written.
+    from bench import detection_cache
+
+    results, doc = tmp_path / "detection_cache.json", tmp_path / "performance.md"
+    argv = ["--ckpt", str(run_dir), "--data", data_root, "--fraction", "1.0", "--epochs", "2"]
+    argv += ["--results", str(results), "--doc", str(doc), "--output-root", str(tmp_path / "runs")]
+    assert detection_cache.main([*argv, *tiny_detection()]) == 0
+    saved = strict_json(results)
+    streaming, cached = saved["arms"]["streaming"], saved["arms"]["cached"]
+    assert streaming["epochs_run"] == cached["epochs_run"] == 2 and streaming["feature_cache"] == {}
+    assert (
+        set(cached["feature_cache"]) == {"validation", "training"} and cached["feature_cache"]["training"]["images"] > 0
+    )
+    assert saved["train_speedup"] == pytest.approx(streaming["train_seconds"] / cached["train_seconds"])
+    text = doc.read_text()
+    assert (
+        "## Detection: the frozen encoder once per split" in text and "| streaming |" in text and "| cached |" in text
+    )

@@ -339,3 +339,13 @@ def test_bench_quality_text_tower_errors_are_one_line(tmp_path):
     done = make("bench-quality", "SCALE=smoke", f"OUT={out}", f"TEXT_TOWER={tmp_path / 'no_such_model'}")
     assert_one_line(done.returncode, done.stderr, "text_tower=", "no_such_model", "no config.json")
     assert not out.exists()
+
+
+def test_bench_detection_errors_are_one_line(tmp_path):
+    """`make bench-detection CKPT=...` (README): a checkpoint that does not exist is one line naming
+    it, before any data is generated; --epochs 0 is one line too."""
+    done = make("bench-detection", f"CKPT={tmp_path / 'missing.pt'}", f"DATA={tmp_path / 'data'}")
+    assert_one_line(done.returncode, done.stderr, "missing.pt")
+    assert not (tmp_path / "data").exists()
+    done = make("bench-detection", f"CKPT={tmp_path / 'missing.pt'}", "ARGS=--epochs 0")
+    assert_one_line(done.returncode, done.stderr, "--epochs 0")

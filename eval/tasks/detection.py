@@ -392,16 +392,17 @@ def cache_features(model: FrozenEncoderYOLO, loader, cfg, device, max_bytes: int
 
 
 def cached_splits(cfg: DetectionConfig, model: FrozenEncoderYOLO, train, valid, device, log) -> tuple:
-    """(train, valid), each as `CachedFeatures` when its maps fit what is left of
-    `detection.feature_cache_gib`, else the loader unchanged; the log says which, and why. The
-    validation split goes first: every epoch runs it twice (loss, then mAP), the training subset once."""
+    """(train, valid, info): each split as `CachedFeatures` when its maps fit what is left of
+    `detection.feature_cache_gib`, else the loader unchanged; the log says which, and why, and info
+    (results.json's `feature_cache`) records per cached split {images, mib, seconds}. The validation
+    split goes first: every epoch runs it twice (loss, then mAP), the training subset once."""
     budget = int(cfg.detection.feature_cache_gib * 2**30)
     if budget <= 0:
-        return train, valid
+        return train, valid, {}
     if not is_deterministic(cfg.data.train_transform):
         log(f"  data.train_transform={cfg.data.train_transform} augments: the frozen encoder runs every epoch")
-        return train, valid
-    out = {}
+        return train, valid, {}
+    out, info = {}, {}
     for name, loader, batch_size, shuffle in (
         ("validation", valid, cfg.data.eval_batch_size, False),
         ("training", train, cfg.data.batch_size, True),
@@ -417,11 +418,12 @@ def cached_splits(cfg: DetectionConfig, model: FrozenEncoderYOLO, train, valid, 
             continue
         budget -= cached.nbytes
         out[name] = cached
+        info[name] = {"images": len(cached.keys), "mib": cached.nbytes / 2**20, "seconds": time.perf_counter() - t0}
         log(
-            f"  {name} images: frozen encoder run once, maps of {len(cached.keys)} images cached "
-            f"({cached.nbytes / 2**20:.0f} MiB, {time.perf_counter() - t0:.1f} s)"
+            f"  {name} images: frozen encoder run once, maps of {info[name]['images']} images cached "
+            f"({info[name]['mib']:.0f} MiB, {info[name]['seconds']:.1f} s)"
         )
-    return out["training"], out["validation"]
+    return out["training"], out["validation"], info
 
 
 def head_inputs(model: FrozenEncoderYOLO, batch) -> tuple[tuple[torch.Tensor, ...], tuple[int, int]]:
@@ -578,7 +580,8 @@ def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.
     train = make_loader(cfg, d.train_split, device, weights, train=True, boxes=True)
     valid = make_loader(cfg, d.valid_split, device, weights, train=False, boxes=True)
     test = make_loader(cfg, d.test_split, device, weights, train=False, boxes=True)
-    fitted, val_scored = _train_head(cfg, model, cached_splits(cfg, model, train, valid, device, log), device, log)
+    train, valid, cache_info = cached_splits(cfg, model, train, valid, device, log)
+    fitted, val_scored = _train_head(cfg, model, (train, valid), device, log)
     model.eval()
     found = predict_split(model, test, s, cfg, device, 4 * s.plot_images)
     if not found["gt"]:
@@ -586,6 +589,7 @@ def run(cfg: DetectionConfig, weights: Pretrained, out_dir: Path, device: torch.
     metrics, scored_text = _test_metrics(found, s)
     log(scored_text)
     metrics.update(fitted.summary(), selected_on=s.select_on, val_n_scored_mgca_per_epoch=val_scored)
+    metrics["feature_cache"] = cache_info  # {} when the encoder ran every epoch
     metrics[f"best_val_{s.select_on}"] = fitted.best_val_score
     plots = _plots(cfg, found, fitted.history, out_dir) if cfg.plots else []
     return {"metrics": metrics, "headline": "map_mgca", "plots": plots, "predictions": _predictions_npz(found, s)}
