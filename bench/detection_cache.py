@@ -49,7 +49,7 @@ def run_arms(ckpt: str | None, data: str, fraction: str, epochs: int, overrides:
             "seconds": rec["seconds"],
             "epochs_run": m["epochs_run"],
             "headline": {"name": rec["headline"]["name"], "value": rec["headline"]["value"]},
-            "feature_cache": m["feature_cache"],
+            "feature_cache": rec["feature_cache"],
         }
     return arms
 

@@ -252,6 +252,7 @@ def _run_in(out_dir: Path, task, cfg, weights: Pretrained, manifest: dict, manif
             "started_at": started,
             "seconds": time.perf_counter() - t0,
             "train_seconds": train_seconds,
+            **result.get("record", {}),  # a task's own notes on how it ran (detection: feature_cache)
             "plots": result["plots"],
             "predictions": PREDICTIONS_NAME,
         }
