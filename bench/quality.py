@@ -119,13 +119,14 @@ class Workspace:
 
 # What each stage's result depends on (its done-marker's fingerprint): change one and the stage and
 # everything downstream of it runs again. Evaluations depend on every scale key but the run list, the
-# seed and arm selections and the report's Table 5a columns (and on their own run's run_overrides only).
+# seed, arm and segmentation-variant selections and the report's Table 5a columns (and on their own
+# run's run_overrides only).
 def size_inputs(scale) -> dict:
     return {"studies": scale.studies, "synth_size": scale.synth_size}
 
 
 def data_inputs(scale) -> dict:
-    skip = ("runs", "name", "seeds", "arms", "table5a", "run_overrides", "text_tower")
+    skip = ("runs", "name", "seeds", "arms", "table5a", "run_overrides", "text_tower", "segmentation_variants")
     return {**{k: v for k, v in config_to_dict(scale).items() if k not in skip}, **recipe_inputs(scale)}
 
 
@@ -293,7 +294,10 @@ def build_stages(
             for spec in scale.runs:
                 task = parse_run(spec)[0]
                 for a in evaluated:
-                    stages += [evaluation_stage(scale, ws, a, seed, spec, v, arms) for v in variants_for(task, a)]
+                    stages += [
+                        evaluation_stage(scale, ws, a, seed, spec, v, arms)
+                        for v in variants_for(task, a, scale.segmentation_variants)
+                    ]
     return stages
 
 

