@@ -77,6 +77,9 @@ class DataConfig:
     drop_last: bool = True  # training: every rank yields the same number of full batches
     subset: str | None = None  # data-efficiency fraction, e.g. "0.01": manifest["subsets"][split]
     subset_task: str | None = None  # take the subset from manifest["task_subsets"][task] instead
+    # At most this many samples of the split (after the subset): those whose keys hash lowest, the same
+    # ones for every seed and backend (plan.DatasetIndex.cap). 0 = all. E.g. a cheaper validation pass.
+    max_samples: int = at_least(0, 0, " (0: the whole split)")
     load_masks: bool = False  # `<key>.png` -> Batch.mask, warped like the image
     load_boxes: bool = False  # json "boxes" -> Batch.boxes, transformed like the image
     torch_gpu_decode: bool = False  # torch backend + CUDA: nvJPEG via torchvision.io.decode_jpeg

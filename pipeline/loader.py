@@ -46,6 +46,8 @@ class Loader:
         self._backend = backend
         self.backend = backend.name  # "torch" | "dali"
         self.index = backend.open_index(cfg, split)
+        if cfg.max_samples:
+            self.index.cap(cfg.max_samples)
         self.spec = build_spec(cfg, cfg.transform)
         self.tokenizer = (
             BatchTokenizer(tokenizer, cfg.max_text_length, cfg.text_pad_multiple, cfg.text_padding)

@@ -14,7 +14,9 @@ backend-independent:
                     (shard order permuted first): each batch then draws from ~k shards, and a pass
                     holds only k shards open at a time (for storage where random reads across
                     the whole split are slow). Readers sort each batch's reads by shard and offset.
-                    Without shuffle (evaluation): manifest order. The subset (if any) is applied here.
+                    Without shuffle (evaluation): manifest order. The subset (if any) is applied here,
+                    then `data.max_samples` (at most that many of the selected samples: those whose
+                    keys hash lowest, so the pick depends on the keys alone, not on seed or order).
     rank blocks     the epoch order cut into `world_size` contiguous blocks. With drop_last every rank
                     gets floor(N / world / B) full batches - the same count on every rank, so no rank
                     waits at the epoch end in a collective the others never reach. Without drop_last
@@ -27,6 +29,7 @@ Global sample ids number the samples shard-major in manifest order.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,6 +185,18 @@ class DatasetIndex:
                 f"shards, e.g. {sorted(wanted - known)[:3]}"
             )
         return mask
+
+    def cap(self, max_samples: int) -> None:
+        """Keep at most `max_samples` of the selected samples: those whose keys' SHA-1 is lowest. The
+        pick depends on the keys alone (not on the seed, the shard layout or the order), so every run,
+        arm and backend over the split keeps the same samples."""
+        gids = np.flatnonzero(self.selected)
+        if gids.size <= max_samples:
+            return
+        digests = [hashlib.sha1(self.key(int(g)).encode("utf-8")).digest() for g in gids]
+        keep = gids[sorted(range(gids.size), key=digests.__getitem__)[:max_samples]]
+        self.selected = np.zeros_like(self.selected)
+        self.selected[keep] = True
 
     def locate(self, gid: int) -> tuple[ShardIndex, int]:
         """(shard, row in shard) of a global sample id."""

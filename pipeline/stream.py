@@ -438,6 +438,11 @@ class StreamIndex:
     key = DatasetIndex.key
     num_selected = DatasetIndex.num_selected
 
+    def cap(self, max_samples: int) -> None:
+        if any(isinstance(s.keys, dict) for s in self.shards):
+            raise ManifestError(f"{self.manifest_url}: data.max_samples needs the shards' key lists (_shard_records)")
+        DatasetIndex.cap(self, max_samples)
+
     def fingerprint(self) -> str:
         """Which shards, in which order (the plan depends on it)."""
         return hashlib.sha256("\n".join(s.name for s in self.shards).encode()).hexdigest()[:16]

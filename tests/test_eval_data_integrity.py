@@ -135,10 +135,33 @@ def test_an_intact_run_records_no_skips_and_scores_the_whole_test_split(packed, 
     (results_path,) = out.rglob("results.json")
     results = json.loads(results_path.read_text())
     assert results["data"]["skipped_samples"] == {}
+    assert results["data"]["valid_images"] == results["data"]["splits"]["valid"] == 4  # no cap: all of it
     keys = load_predictions(results_path.parent / "predictions.npz")["keys"]
     manifest = json.loads((packed / DATASET / "manifest.json").read_text())
     test_keys = next(r["keys"] for r in manifest["_shard_records"] if r["name"].startswith("test/"))
     assert sorted(keys.tolist()) == sorted(test_keys) and np.unique(keys).size == results["data"]["test_scored"]
+
+
+def test_valid_max_images_caps_the_validation_loader_only(packed, tmp_path, monkeypatch):
+    """data.valid_max_images=2: the validation loader reads 2 of the 4 valid images, the training
+    and test loaders are untouched, and results.json says how many validated."""
+    import eval.tasks.data as task_data
+
+    selected = {}
+
+    def recording(cfg, split, dist):
+        loader = build_loader(cfg, split, dist)
+        selected[split] = loader.index.num_selected
+        return loader
+
+    build_loader = task_data.build_loader
+    monkeypatch.setattr(task_data, "build_loader", recording)
+    out = tmp_path / "runs"
+    assert run("rsna_linear", packed, out, FAST_LINEAR + ["data.valid_max_images=2"]) == 0
+    results = json.loads(next(out.rglob("results.json")).read_text())
+    assert selected == {"train": 12, "valid": 2, "test": 4}
+    assert results["data"]["valid_images"] == 2 and results["data"]["splits"]["valid"] == 4
+    assert results["config"]["data"]["valid_max_images"] == 2
 
 
 def test_fewer_test_images_than_the_manifest_lists_is_an_error(packed, tmp_path, capsys):

@@ -7,6 +7,7 @@ backends: DALI with device_id=None, torch DataLoader workers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.config import ConfigError
 from common.dist import DistInfo
 from pipeline import CorruptSampleError, CorruptSampleWarning, DataConfig, build_loader
 from pipeline.plan import DatasetIndex, make_plan, num_batches
@@ -112,6 +114,31 @@ def test_subset_reads_only_its_keys_with_both_backends(tiny):
     assert set(keys["torch"]) <= wanted and len(keys["torch"]) == (len(wanted) // 4) * 4
     with pytest.raises(ManifestError, match="no subset '0.2'"):
         build_loader(config(root, subset="0.2"), "train", CPU)
+
+
+def test_max_samples_keeps_the_lowest_key_hashes_whatever_the_seed_or_backend(tiny):
+    """data.max_samples: the same samples for every seed and backend (the keys' SHA-1 order), applied
+    after the subset; 0 or a cap above the split keeps everything."""
+    root, manifest = tiny
+
+    def read(backend, **kw):
+        cfg = config(
+            root, backend=backend, transform="eval", shuffle=False, drop_last=False, batch_size_per_gpu=4, **kw
+        )
+        return [k for b in build_loader(cfg, "train", CPU) for k in b.keys]
+
+    everything = read("torch")
+    lowest = sorted(everything, key=lambda k: hashlib.sha1(k.encode()).digest())[:5]
+    capped = {(backend, seed): read(backend, max_samples=5, seed=seed) for backend in BACKENDS for seed in (0, 7)}
+    for keys in capped.values():
+        assert keys == [k for k in everything if k in lowest]  # the pick, in the split's order
+    assert read("torch", max_samples=len(everything) + 3) == everything
+    subset = set(manifest["subsets"]["train"]["0.5"])
+    in_subset = read("torch", subset="0.5", max_samples=3)
+    assert len(in_subset) == 3 and set(in_subset) <= subset
+    assert set(in_subset) == set(sorted(subset, key=lambda k: hashlib.sha1(k.encode()).digest())[:3])
+    with pytest.raises(ConfigError, match="max_samples"):
+        config(root, max_samples=-1)
 
 
 def test_missing_shard_or_index_fails_at_start_with_its_path(tiny, tmp_path):
@@ -411,6 +438,7 @@ def test_workers_do_not_deadlock_after_the_parent_used_opencv(tiny, tmp_path):
     script = tmp_path / "fork_after_warp.py"
     script.write_text(f"""
 import numpy as np, torch
+from common.config import ConfigError
 from common.dist import DistInfo
 from pipeline import DataConfig, build_loader
 from pipeline.transforms import _warp_array

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.config import at_least
+
 
 @dataclass
 class DataSection:
@@ -31,6 +33,11 @@ class DataSection:
     train_split: str = "train"
     valid_split: str = "valid"
     test_split: str = "test"
+    # Validate (early stopping, the kept epoch) on at most this many images of the valid split, the
+    # same ones for every seed and checkpoint (data.max_samples' key-hash pick); 0 = all, as MGCA.
+    # A validation pass runs every epoch, so on a large valid split and a small training subset it is
+    # most of a run's cost.
+    valid_max_images: int = at_least(0, 0, " (0: the whole valid split)")
 
 
 @dataclass

@@ -80,7 +80,8 @@ def make_loader(
 ):
     """A `pipeline.build_loader` over one split of the task's dataset, with masks/boxes transformed
     with the image. Training loaders shuffle, use the training transform and the fraction's subset;
-    the others run once, in order, over the whole split. The channel count follows the model.
+    the others run once, in order, over the whole split (validation: at most data.valid_max_images).
+    The channel count follows the model.
 
     An unreadable sample of the test split raises `pipeline.CorruptSampleError` (naming shard, key
     and reason): a test set must never shrink silently, since the metric would move with it. Other
@@ -104,6 +105,7 @@ def make_loader(
         load_boxes=boxes,
         subset=subset,
         subset_task=(d.subset_task or None) if subset else None,
+        max_samples=d.valid_max_images if split == d.valid_split else 0,
         shuffle=train,
         drop_last=False,
         seed=cfg.seed,
