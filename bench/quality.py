@@ -325,6 +325,12 @@ def report(scale, seeds: list[int], arm_names: list[str], done: dict, state_dir:
     return {**quality, "data": data}
 
 
+def repo_relative(path: Path) -> str:
+    """`path` as the README names it: relative to the repository when inside it."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", default="full", help="smoke | full (configs/quality/<scale>.yaml) or a YAML path")
@@ -395,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         section = f"Results ({scale.name} scale{', text tower ' + tower[1:] if tower else ''})"
         perfdoc.update_section(Path(doc), section, table)
     if readme is not None:
-        text = replace_readme_bullet(readme.read_text(encoding="utf-8"), readme_bullet(quality))
+        shown = [repo_relative(Path(p)) for p in (results, doc or results)]  # where the bullet points to
+        text = replace_readme_bullet(readme.read_text(encoding="utf-8"), readme_bullet(quality, *shown))
         atomic_write_text(readme, text)
     total = sum(quality["timing_seconds"].values())
     print("\n" + table)

@@ -860,10 +860,11 @@ def _against_paper(t5: dict, columns: list[str]) -> tuple[list[str], list[str], 
     return same, opposite, undecided
 
 
-def readme_bullet(quality: dict) -> str:
+def readme_bullet(quality: dict, results: str = "bench/results/quality.json", doc: str = "docs/quality.md") -> str:
     """The README's quality bullet, written from quality.json's across-seed table alone: Table 5a per
     arm (mean +- std over seeds), the differences that are findings (every seed agrees in sign and the
-    95% interval over seeds excludes 0) and, per Table 5a pair, whether our sign is the paper's."""
+    95% interval over seeds excludes 0) and, per Table 5a pair, whether our sign is the paper's.
+    `results` / `doc`: where the bullet says the numbers and their details are."""
     t5, seeds = quality.get("table5a") or {}, quality["seeds"]
     columns = [c for c in TABLE5A_COLUMNS if c in t5.get("columns", {})]
     titles = " / ".join(TABLE5A_TITLES[c] for c in columns)
@@ -873,7 +874,7 @@ def readme_bullet(quality: dict) -> str:
     )
     lines = [
         f"- **Quality** (`make bench-quality`, {len(seeds)} pretraining seed(s) {seeds} per arm; "
-        f"generated from bench/results/quality.json, details in docs/quality.md). Table 5a / Table 8 in "
+        f"generated from {results}, details in {doc}). Table 5a / Table 8 in "
         f"miniature, mean +- std over seeds, percent ({titles}): {per_arm}."
     ]
     findings = []

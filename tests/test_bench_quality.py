@@ -619,6 +619,9 @@ def test_across_seed_report_table5a_and_collapse_from_three_seeds():
     )
     assert "G2D (VLA+PA) - random init on chestxray14_finetune@0.1 auroc: +18.0 [" in bullet
     assert "Every other difference is undecided." in bullet
+    assert "generated from bench/results/quality.json, details in docs/quality.md)" in bullet  # the defaults
+    elsewhere = " ".join(readme_bullet(quality, "/tmp/q/quality.json", "/tmp/q/quality.md").split())
+    assert "generated from /tmp/q/quality.json, details in /tmp/q/quality.md)" in elsewhere
     # paper: G2D 79.1 > VLA only 77.1 > random 58.1; ours agree as findings on two pairs, the third undecided
     assert "(3 arm pairs x columns): 2 agree as findings (G2D (VLA+PA) - VLA only CXR14 AUC; G2D (VLA+PA) - " in bullet
     assert "0 are findings of the opposite sign, 1 undecided." in bullet
