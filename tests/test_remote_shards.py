@@ -203,6 +203,11 @@ def test_epochs_reshuffle_and_a_subset_streams_only_its_keys(served):
     half = build_loader(config(f"{base}/tiny", subset="0.5", drop_last=False), "train", CPU)
     keys = [k for b in half for k in b.keys]
     assert sorted(keys) == [f"tr{i:04d}" for i in range(0, 52, 2)]
+    # data.max_samples picks the same samples streamed as read locally (the keys' hashes alone).
+    capped = dict(shuffle=False, drop_last=False, max_samples=7)
+    streamed = [k for b in build_loader(config(f"{base}/tiny", **capped), "train", CPU) for k in b.keys]
+    local = [k for b in build_loader(config(str(top / "tiny"), **capped), "train", CPU) for k in b.keys]
+    assert len(streamed) == 7 and streamed == local
 
 
 # ---- resume and ranks -----------------------------------------------------------------------------
@@ -338,6 +343,8 @@ def test_masks_stream_and_a_manifest_without_key_lists_still_reads(served, tmp_p
     assert [b.keys for b in build_loader(bare, "train", CPU)] == [b.keys for b in streamed]
     with pytest.raises(ManifestError, match="data.subset needs the shards' key lists"):
         build_loader(DataConfig(**{**bare.__dict__, "subset": "0.5"}), "train", CPU)
+    with pytest.raises(ManifestError, match="data.max_samples needs the shards' key lists"):
+        build_loader(DataConfig(**{**bare.__dict__, "max_samples": 5}), "train", CPU)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(collect(build_loader(bare, "valid", CPU))) == 2
