@@ -211,6 +211,10 @@ def test_task_configs_carry_the_paper_hyperparameters():
         load_task_config("rsna_linear", overrides=["linear.moed=fast"])
     with pytest.raises(ConfigError, match="fraction"):
         load_task_config("rsna_linear", "0.5")
+    # Every section's declared ranges are checked when the config loads, naming the key.
+    with pytest.raises(ConfigError, match=r"data.valid_max_images=-1 must be >= 0"):
+        load_task_config("siim_segmentation", overrides=["data.valid_max_images=-1"])
+    assert load_task_config("siim_segmentation", overrides=["data.valid_max_images=150"]).data.valid_max_images == 150
 
 
 # ---------------------------------------------------------------------------------------------

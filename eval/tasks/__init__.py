@@ -13,10 +13,10 @@ configs/eval/<name>.yaml; the family module's docstring states the protocol.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 
-from common.config import ConfigError, apply_overrides, config_from_dict, deep_merge, read_yaml
+from common.config import ConfigError, apply_overrides, check_fields, config_from_dict, deep_merge, read_yaml
 from eval.tasks.base import FRACTIONS
 from eval.tasks.fit import log_info
 
@@ -112,7 +112,12 @@ def load_task_config(
     apply_overrides(raw, list(overrides or []))
     if raw.get("task") != name or raw["data"].get("dataset") != task.dataset:
         raise ConfigError("task and data.dataset are fixed by the task name; pick another task instead")
-    return config_from_dict(config_class(task), raw)
+    cfg = config_from_dict(config_class(task), raw)
+    for f in fields(cfg):  # every section's declared ranges, e.g. data.valid_max_images >= 0
+        section = getattr(cfg, f.name)
+        if is_dataclass(section):
+            check_fields(section, f.name)
+    return cfg
 
 
 def run_task(task: Task, cfg, weights, out_dir: Path, device, log=log_info) -> dict:
