@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from bench.pseudo_mask_quality import COMPARISONS, PER_IMAGE_METRICS, eval_data_config
-from bench.seed_stats import FINDING, across_seeds, paired_across_seeds
+from bench.seed_stats import FINDING, across_seeds, paired_across_seeds, rank_relation
 from common.config import ConfigError, config_to_dict, layered_overrides, load_config
 from common.dist import DistInfo
 from common.io import atomic_write_json
@@ -588,18 +588,42 @@ def across_seed_summary(per_seed: dict, arms: list[str]) -> dict:
     return out
 
 
+def table5a_rows(columns: dict[str, str], across: dict) -> dict:
+    """{column: its across-seed row}: each Table 5a column's run label -> that run's headline row (the
+    first metric recorded for the label; seed_rows adds it first), in TABLE5A_COLUMNS order."""
+    rows = {}
+    for column in TABLE5A_COLUMNS:
+        key = next((k for k, r in across.items() if r["task"] == columns.get(column)), None)
+        if key is not None:
+            rows[column] = across[key]
+    return rows
+
+
+def collapse_relation(columns: dict[str, str], across: dict, collapse: dict) -> dict:
+    """Does pseudo-mask collapse explain the trained arms' Table 5a differences? Per column, Spearman's
+    rho between a run's collapse (mean IoU between different images' pseudo-masks) and its value, over
+    the trained arms' runs, pooled and within each seed, with its permutation p-value and verdict
+    (seed_stats.rank_relation). Random init is left out: its masks come from untrained attention, and
+    trained vs untrained would pass for a relation with collapse."""
+    out = {}
+    for column, row in table5a_rows(columns, across).items():
+        points: dict[str, list] = {}
+        for arm, stats_ in row["arms"].items():
+            if arm not in TRAINED_ARMS:
+                continue
+            for run in stats_.get("runs", []):
+                x = collapse.get(arm, {}).get(str(run["seed"]), {}).get("pairwise_iou")
+                points.setdefault(str(run["seed"]), []).append((x, run["value"]))
+        out[column] = rank_relation(points)
+    return out
+
+
 def table5a_summary(columns: dict[str, str], across: dict) -> dict:
     """Table 5a / Table 8 from the across-seed rows: per column the run and its headline metric, per arm
     the across-seed mean/std, per pair the verdict; the paper's numbers beside them."""
     out = {"columns": {}, "arms": {}, "pairs": {}, "paper": PAPER_TABLE5A}
-    for column in TABLE5A_COLUMNS:
-        label = columns.get(column)
-        # The headline row of that run: the first metric recorded for the label (seed_rows adds it first).
-        key = next((k for k, r in across.items() if r["task"] == label), None)
-        if key is None:
-            continue
-        row = across[key]
-        out["columns"][column] = {"run": label, "metric": row["metric"]}
+    for column, row in table5a_rows(columns, across).items():
+        out["columns"][column] = {"run": row["task"], "metric": row["metric"]}
         for arm, stats_ in row["arms"].items():
             out["arms"].setdefault(arm, {})[column] = {k: stats_[k] for k in ("mean", "std", "n", "values")}
         for pair, paired in row["pairs"].items():
@@ -664,6 +688,7 @@ def assemble(
         tasks = {label: task_comparisons(evals, seed=0) for label, evals in table_rows(eval_results[seed]).items()}
         per_seed[str(seed)] = {"tasks": tasks, "retrieval": retrieval[seed], "pseudo_mask_iou": pseudo_masks[seed]}
     across = across_seed_summary(per_seed, arm_names)
+    collapse = collapse_summary(per_seed, training_mask or {})
     return {
         "benchmark": "bench-quality",
         "scale": config_to_dict(scale),
@@ -675,7 +700,8 @@ def assemble(
         "results": per_seed,
         "across_seeds": across,
         "table5a": table5a_summary(scale.table5a, across),
-        "collapse": collapse_summary(per_seed, training_mask or {}),
+        "collapse": collapse,
+        "collapse_vs_table5a": collapse_relation(scale.table5a, across, collapse),
         "timing_seconds": timing,
     }
 
@@ -826,6 +852,24 @@ def collapse_markdown(quality: dict) -> list[str]:
                 f"| {ARM_LABELS.get(arm, arm)} | {seed} | {_pct(c['pairwise_iou'])} | "
                 f"{_pct(c['truth_iou'])} | {logged} |"
             )
+    relation = quality.get("collapse_vs_table5a") or {}
+    if relation:
+        lines += [
+            "",
+            "Does collapse explain the trained arms' Table 5a differences? Spearman's rho between a run's "
+            "collapse (IoU between images above) and its Table 5a value over the trained arms' runs (random "
+            "init left out: untrained attention), pooled and within each seed, with a one-sided permutation "
+            "p-value (values permuted within seeds); a relation is a finding only when every seed's rho has "
+            "the pooled sign and p < 0.05.",
+            "",
+            "| column | rho (runs) | rho per seed | p | verdict |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for column, r in relation.items():
+            rho = "n/a" if r["rho"] is None else f"{r['rho']:+.2f}"
+            per = "; ".join(f"s{s} " + ("n/a" if v is None else f"{v:+.2f}") for s, v in r["per_seed"].items())
+            p = "-" if r["p_value"] is None else f"{r['p_value']:.3f}"
+            lines.append(f"| {TABLE5A_TITLES[column]} | {rho} ({r['n']}) | {per or '-'} | {p} | {r['verdict']} |")
     return lines + [""]
 
 

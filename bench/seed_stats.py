@@ -12,21 +12,28 @@ mean +- t_{0.975, n-1} * sd / sqrt(n), and a verdict:
 
     across_seeds([v_s0, v_s1, ...])   -> {values, n, mean, std}
     paired_across_seeds([d_s0, ...])  -> {diffs, n, mean, std, ci95, same_sign, verdict}
+    rank_relation({seed: [(x, y), ...]}) -> {rho, n, per_seed, p_value, same_sign, verdict}: does y
+                                         follow x across runs (e.g. a Table 5a column and collapse)?
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 from scipy import stats
 
 FINDING, UNDECIDED = "finding", "undecided"
 
 
+def _defined(v) -> bool:
+    return v is not None and math.isfinite(float(v))
+
+
 def _finite(values) -> list[float]:
     # A run that produced no number (e.g. an undefined mAP) drops out: the statistics use the seeds
     # that have one, and `n` says how many that was.
-    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return [float(v) for v in values if _defined(v)]
 
 
 def across_seeds(values) -> dict:
@@ -69,4 +76,42 @@ def paired_across_seeds(diffs) -> dict:
         "ci95": ci,
         "same_sign": same_sign,
         "verdict": FINDING if same_sign and excludes_zero and not undefined else UNDECIDED,
+    }
+
+
+def _spearman(x, y) -> float | None:
+    """Spearman's rank correlation (ties share their mean rank); None when either side is constant."""
+    rx, ry = stats.rankdata(x), stats.rankdata(y)
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def rank_relation(points: dict, permutations: int = 10_000, seed: int = 0) -> dict:
+    """Does y follow x across runs? points: {seed: [(x, y), ...]}, one pair per run (e.g. one arm's
+    pseudo-mask collapse and its Table 5a value). Spearman's rho over every run (pooled) and within each
+    seed, and a one-sided permutation p-value of the pooled rho in its own direction, permuting y within
+    each seed (what one seed's pretraining shares does not count as a relation). Verdict: finding when
+    every seed's rho has the pooled rho's sign and p < 0.05; otherwise undecided."""
+    runs = {s: [(float(x), float(y)) for x, y in pts if _defined(x) and _defined(y)] for s, pts in points.items()}
+    runs = {s: pts for s, pts in runs.items() if pts}
+    xs = np.array([x for pts in runs.values() for x, _ in pts])
+    ys = [np.array([y for _, y in pts]) for pts in runs.values()]
+    rho = _spearman(xs, np.concatenate(ys)) if ys else None
+    per_seed = {str(s): _spearman([x for x, _ in pts], [y for _, y in pts]) for s, pts in runs.items()}
+    p_value = None
+    if rho is not None:
+        rng = np.random.default_rng(seed)
+        drawn = np.array(
+            [_spearman(xs, np.concatenate([rng.permutation(y) for y in ys])) or 0.0 for _ in range(permutations)]
+        )
+        p_value = float((1 + np.sum(drawn * np.sign(rho) >= abs(rho) - 1e-12)) / (1 + permutations))
+    same_sign = rho is not None and rho != 0 and all(r is not None and r * rho > 0 for r in per_seed.values())
+    return {
+        "rho": rho,
+        "n": int(xs.size),
+        "per_seed": per_seed,
+        "p_value": p_value,
+        "same_sign": same_sign,
+        "verdict": FINDING if same_sign and p_value is not None and p_value < 0.05 else UNDECIDED,
     }

@@ -606,6 +606,21 @@ def test_across_seed_report_table5a_and_collapse_from_three_seeds():
     assert "| G2D (VLA+PA) | 0 | 30.0 | 10.0 | 90.0 (600) |" in table
     assert "linear.protocol=lbfgs" in table
 
+    # Collapse against Table 5a: G2D collapses less (0.2 vs 0.4) and scores higher at every seed. Over
+    # the 6 trained runs the collapse ranks are 2, 2, 2 | 5, 5, 5 and the AUROC ranks 4, 5, 6 | 2, 3, 1:
+    # rho = -(13.5 / 6) / (1.5 * sqrt(17.5 / 6)) = -0.878; within a seed (2 runs) -1. Permuting within
+    # seeds gives 2^3 orderings, of which only the observed one is as low: p = 1/8, undecided.
+    from bench.quality_harness import collapse_relation
+
+    collapse = {a: {str(i): {"pairwise_iou": x} for i in range(3)} for a, x in (("g2d", 0.2), ("vla_only", 0.4))}
+    collapse["random"] = {str(i): {"pairwise_iou": 0.9} for i in range(3)}  # left out: untrained attention
+    relation = collapse_relation({"cxr14_auc": "chestxray14_finetune@0.1"}, across, collapse)["cxr14_auc"]
+    assert relation["rho"] == pytest.approx(-0.8783, abs=1e-4) and relation["n"] == 6
+    assert relation["per_seed"] == {"0": pytest.approx(-1.0), "1": pytest.approx(-1.0), "2": pytest.approx(-1.0)}
+    assert relation["p_value"] == pytest.approx(1 / 8, abs=0.02) and relation["verdict"] == "undecided"
+    shown = markdown_table({**quality, "collapse_vs_table5a": {"cxr14_auc": relation}})
+    assert "| CXR14 AUC | -0.88 (6) | s0 -1.00; s1 -1.00; s2 -1.00 | 0.1" in shown
+
     # The README bullet, written from the same numbers: Table 5a per arm, the findings, the paper's signs.
     from bench.quality_harness import README_BEGIN, README_END, readme_bullet, replace_readme_bullet
 

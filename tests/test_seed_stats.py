@@ -63,3 +63,29 @@ def test_a_seed_without_a_number_keeps_the_pair_undecided():
     cell = _paired_cell(paired_across_seeds([0.02, None, 0.03, 0.04]))
     assert cell == "+3.0 [+0.5, +5.5] undecided (1 seed(s) undefined)"
     assert _paired_cell(paired_across_seeds([0.02, 0.03, 0.04])) == "+3.0 [+0.5, +5.5] finding"
+
+
+def test_rank_relation_on_worked_numbers():
+    from bench.seed_stats import rank_relation
+
+    # One seed, x = 1..4, y ranks 1, 3, 2, 4: rho = 1 - 6 * (0 + 1 + 1 + 0) / (4 * 15) = 0.8.
+    one = rank_relation({0: [(1, 1), (2, 3), (3, 2), (4, 4)]}, permutations=2000)
+    assert one["rho"] == pytest.approx(0.8) and one["per_seed"] == {"0": pytest.approx(0.8)} and one["n"] == 4
+    # 24 orderings of y: rho >= 0.8 for 4 of them (the identity, and the three single adjacent swaps).
+    assert one["p_value"] == pytest.approx(4 / 24, abs=0.02)
+    assert one["verdict"] == "undecided"  # p > 0.05 however many permutations
+    # Three seeds, y rising with x in each: rho 1 pooled and per seed; only the identity in every
+    # seed reaches it ((1/24)^3 = 7e-5), so p is about 1 / (1 + permutations): a finding.
+    rising = {s: [(x + s / 10, 10 * x + s) for x in (1, 2, 3, 4)] for s in range(3)}
+    found = rank_relation(rising, permutations=2000)
+    assert found["rho"] == pytest.approx(1.0) and found["same_sign"] and found["verdict"] == "finding"
+    assert found["p_value"] < 0.005 and found["n"] == 12
+    # One seed falls instead: the seeds disagree in sign, undecided.
+    mixed = {**rising, 2: [(x, -x) for x in (1, 2, 3, 4)]}
+    assert rank_relation(mixed, permutations=500)["verdict"] == "undecided"
+    assert rank_relation(mixed, permutations=500)["per_seed"]["2"] == pytest.approx(-1.0)
+    # Undefined values drop out (n counts the rest); a constant y has no rank correlation.
+    dropped = rank_relation({0: [(1, 1), (2, None), (3, 3), (4, float("nan")), (5, 5)]}, permutations=100)
+    assert dropped["n"] == 3 and dropped["rho"] == pytest.approx(1.0)
+    flat = rank_relation({0: [(1, 2), (2, 2), (3, 2)]}, permutations=100)
+    assert flat["rho"] is None and flat["p_value"] is None and flat["verdict"] == "undecided"
