@@ -242,7 +242,7 @@ def _run_in(out_dir: Path, task, cfg, weights: Pretrained, manifest: dict, manif
                 "test_scored": test_scored,
                 "skipped_samples": skipped,
                 "train_subset": _subset_size(manifest, cfg, task),
-                "valid_images": _valid_size(manifest, cfg, task),
+                "valid_images": _selected(loaders, cfg.data.valid_split),  # data.valid_max_images caps it
                 "views": views,
                 "checkpoint_view": d.eval_transform == CHECKPOINT_VIEW,
             },
@@ -302,14 +302,10 @@ def _ci_text(ci) -> str:
     return "" if not ci else f"[{_pct(ci[0])}, {_pct(ci[1])}]"
 
 
-def _valid_size(manifest: dict, cfg, task) -> int | None:
-    """How many validation images the run scored (data.valid_max_images caps the split); None for the
-    tasks that do not train."""
-    if task.family in TEXT_FAMILIES:
-        return None
-    listed = manifest["splits"].get(cfg.data.valid_split, {}).get("num_samples")
-    cap = cfg.data.valid_max_images
-    return min(listed, cap) if listed is not None and cap else listed
+def _selected(loaders: list, split: str) -> int | None:
+    """How many samples the run's loader over `split` selected (after the subset and data.max_samples;
+    unreadable ones it skipped are in skipped_samples); None when the task read no such split."""
+    return next((loader.index.num_selected for name, loader in loaders if name == split), None)
 
 
 def _subset_size(manifest: dict, cfg, task) -> dict | None:
