@@ -349,3 +349,21 @@ def test_bench_detection_errors_are_one_line(tmp_path):
     assert not (tmp_path / "data").exists()
     done = make("bench-detection", f"CKPT={tmp_path / 'missing.pt'}", "ARGS=--epochs 0")
     assert_one_line(done.returncode, done.stderr, "--epochs 0")
+
+
+def test_new_range_and_variant_errors_are_one_line_through_make(tmp_path):
+    """`make eval ARGS=data.valid_max_images=-1` names that key (not the pipeline's data.max_samples)
+    before any data is rendered; `make bench-quality ARGS=segmentation_variants=[...]` with a variant
+    that does not exist, or without the one Table 5a's SIIM column reads, is one line before any stage."""
+    data, out = tmp_path / "data", tmp_path / "bq"
+    done = in_parallel(
+        {
+            "eval": ("eval", "TASK=siim_segmentation", "CKPT=random", f"DATA={data}", "ARGS=data.valid_max_images=-1"),
+            "unknown": ("bench-quality", "SCALE=smoke", f"OUT={out}", "ARGS=segmentation_variants=[decoder]"),
+            "table5a": ("bench-quality", "SCALE=smoke", f"OUT={out}", "ARGS=segmentation_variants=[encoder]"),
+        }
+    )
+    assert_one_line(done["eval"].returncode, done["eval"].stderr, "data.valid_max_images=-1 must be >= 0")
+    assert_one_line(done["unknown"].returncode, done["unknown"].stderr, "segmentation_variants ['decoder']")
+    assert_one_line(done["table5a"].returncode, done["table5a"].stderr, "names a variant the trained arms do not run")
+    assert not data.exists() and not out.exists()
