@@ -155,16 +155,18 @@ def run_eval(
         )
     manifest_path = dataset_root(cfg) / MANIFEST_NAME
     manifest = read_manifest(dataset_root(cfg))
-    out_dir = new_run_dir(Path(cfg.output_root) / task_name / fraction)
+    runs_dir = Path(cfg.output_root) / task_name / fraction
+    made = [p for p in (runs_dir, runs_dir.parent, runs_dir.parent.parent) if not p.exists()]  # innermost first
+    out_dir = new_run_dir(runs_dir)
     try:
         with run_log_file(out_dir / "eval.log"):
             record = _run_in(out_dir, task, cfg, weights, manifest, manifest_path, log)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # no half-written run directory survives a failure
-        for parent in (out_dir.parent, out_dir.parent.parent):  # <task>/<fraction>/ if this run made them
+        for parent in made:  # <root>/<task>/<fraction> as far as this run made them
             try:
                 parent.rmdir()
-            except OSError:  # not empty: other runs live there
+            except OSError:  # not empty: another run wrote there meanwhile
                 break
         raise
     log(

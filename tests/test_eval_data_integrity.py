@@ -104,7 +104,7 @@ def test_a_damaged_test_sample_fails_the_run_naming_it(packed, tmp_path, capsys,
     assert all(" g2d.eval: " in line for line in err[:-1]) and "Traceback" not in "\n".join(err), err
     assert err[-1].startswith(f"error: {task}: the test split has an unreadable sample"), err
     assert f"{shard}: sample {key}: {reason}" in err[-1]
-    assert not out.exists() or not any(out.rglob("results.json"))  # no run directory survives
+    assert not out.exists()  # no run directory survives, nor the output root this run made
 
 
 def test_damaged_training_samples_are_skipped_and_recorded(packed, tmp_path, capsys):
